@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   the main job: the demo on the embedded default store
+#   make test   lint, type-check and the whole test suite (starts Redis/Postgres if needed)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck services bench clean
+
+$(STAMP): pyproject.toml requirements-dev.txt $(wildcard stores/*/pyproject.toml)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e . $(foreach d,$(wildcard stores/*/pyproject.toml),-e $(dir $(d))) -r requirements-dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/factorial-tokens demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy factorial_tokens $(wildcard stores/*/factorial_tokens_*)
+
+services:
+	bash scripts/ensure-services.sh
+
+test: $(STAMP) lint typecheck services
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

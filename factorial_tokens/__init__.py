@@ -1,0 +1,87 @@
+"""factorial-tokens: keep Factorial HR OAuth tokens valid for many companies at once,
+across many worker processes and hosts, without ever breaking a company's grant."""
+
+from ._client import TenantSession
+from ._codec import JsonCodec, PayloadCodec
+from ._errors import (
+    CodeReused,
+    ConfigurationError,
+    ExchangeInDoubt,
+    FactorialTokensError,
+    InvalidCallback,
+    InvalidState,
+    InvalidTenant,
+    ManagerClosed,
+    ProviderError,
+    ReauthorizationRequired,
+    RefreshTimeout,
+    RequestInDoubt,
+    RotationLost,
+    StoreUnavailable,
+    TenantNotConnected,
+    TokenSealError,
+)
+from ._events import EventKind, TokenEvent
+from ._manager import TenantInfo, TokenManager
+from ._memory import MemoryStore
+from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
+from ._store import (
+    Acquisition,
+    ClaimState,
+    CodeClaim,
+    Lease,
+    Notifier,
+    Record,
+    Store,
+    TenantKey,
+    TenantStatus,
+    Update,
+    Watch,
+    store_from_url,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Acquisition",
+    "ClaimState",
+    "CodeClaim",
+    "CodeReused",
+    "ConfigurationError",
+    "Credentials",
+    "EventKind",
+    "ExchangeInDoubt",
+    "FactorialApp",
+    "FactorialTokensError",
+    "InvalidCallback",
+    "InvalidState",
+    "InvalidTenant",
+    "JsonCodec",
+    "Lease",
+    "ManagerClosed",
+    "MemoryStore",
+    "Notifier",
+    "PayloadCodec",
+    "ProviderError",
+    "ReauthorizationRequired",
+    "Record",
+    "RefreshTimeout",
+    "RequestInDoubt",
+    "RotationLost",
+    "Store",
+    "StoreUnavailable",
+    "TenantInfo",
+    "TenantKey",
+    "TenantNotConnected",
+    "TenantSession",
+    "TenantStatus",
+    "TokenEvent",
+    "TokenManager",
+    "TokenSealError",
+    "TokenSet",
+    "Update",
+    "Watch",
+    "fingerprint",
+    "store_from_url",
+    "validate_tenant",
+]

@@ -1,0 +1,108 @@
+"""TenantSession: an API session for one tenant that sends its Bearer token."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from ._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._manager import TokenManager
+
+__all__ = ["TenantSession"]
+
+
+class _RequestContext:
+    """Awaitable for a response, or an async context manager that releases it."""
+
+    __slots__ = ("_coro", "_response")
+
+    def __init__(self, coro: Coroutine[Any, Any, aiohttp.ClientResponse]) -> None:
+        self._coro = coro
+        self._response: aiohttp.ClientResponse | None = None
+
+    def __await__(self) -> Generator[Any, None, aiohttp.ClientResponse]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        self._response = await self._coro
+        return self._response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._response is not None:
+            self._response.release()
+
+
+class TenantSession:
+    """Requests to Factorial's API on behalf of one tenant.
+
+    Paths are joined to the app's ``base_url``; absolute URLs to any other origin are
+    refused, so the token never leaves for another host. On a 401 the session reloads
+    the token (or forces a refresh if the store has nothing newer) and retries once.
+    The body must be resendable (bytes, str, dict, ``json=``) for that retry.
+    """
+
+    def __init__(
+        self, manager: TokenManager, tenant: str, session: aiohttp.ClientSession, base_url: str
+    ) -> None:
+        self._manager = manager
+        self._session = session
+        self.tenant = tenant
+        self.base_url = base_url
+
+    def __repr__(self) -> str:
+        return f"TenantSession(tenant={self.tenant!r}, base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> TenantSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None  # the HTTP session belongs to the manager
+
+    def request(self, method: str, path: str, **kwargs: Any) -> _RequestContext:
+        """Send ``method path`` with the tenant's token; see the class docstring."""
+        return _RequestContext(self._request(method, path, kwargs))
+
+    def get(self, path: str, **kwargs: Any) -> _RequestContext:
+        """GET ``path``."""
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> _RequestContext:
+        """POST ``path``."""
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> _RequestContext:
+        """PUT ``path``."""
+        return self.request("PUT", path, **kwargs)
+
+    def patch(self, path: str, **kwargs: Any) -> _RequestContext:
+        """PATCH ``path``."""
+        return self.request("PATCH", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> _RequestContext:
+        """DELETE ``path``."""
+        return self.request("DELETE", path, **kwargs)
+
+    def _url(self, path: str) -> str:
+        url = urljoin(self.base_url + "/", path)
+        base, target = urlsplit(self.base_url), urlsplit(url)
+        if (target.scheme, target.netloc) != (base.scheme, base.netloc):
+            raise ConfigurationError(f"refusing to send {self.tenant!r}'s token to another origin")
+        return url
+
+    async def _request(self, method: str, path: str, kwargs: dict[str, Any]) -> aiohttp.ClientResponse:
+        url = self._url(path)
+        headers = dict(kwargs.pop("headers", None) or {})
+        token = await self._manager.access_token(self.tenant)
+        headers["Authorization"] = f"Bearer {token}"
+        response = await self._session.request(method, url, headers=headers, **kwargs)
+        if response.status != 401:
+            return response
+        response.release()
+        await self._manager._reload_after_401(self.tenant, token)
+        headers["Authorization"] = f"Bearer {await self._manager.access_token(self.tenant)}"
+        return await self._session.request(method, url, headers=headers, **kwargs)

@@ -1,0 +1,689 @@
+"""TokenManager: cached, single-flight, lease-fenced token management for many tenants.
+
+Data flows one way: caller -> TokenManager -> (Store, OAuthClient).
+
+* Hot path: a cached token fresh beyond the leeway is returned with no I/O.
+* In-process single-flight: one task per tenant (per code) does the work; callers await
+  it through ``asyncio.shield``, so a cancelled caller never cancels a refresh in flight.
+* Across processes: the store's lease (with a fencing number) picks one refresher; the
+  others wait for the store's announcement and read the result. No refresh ever happens
+  without the lease (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+import aiohttp
+import attrs
+
+from ._client import TenantSession
+from ._codec import JsonCodec, PayloadCodec
+from ._errors import (
+    CodeReused,
+    ConfigurationError,
+    ExchangeInDoubt,
+    FactorialTokensError,
+    InvalidCallback,
+    ManagerClosed,
+    ProviderError,
+    ReauthorizationRequired,
+    RefreshTimeout,
+    RequestInDoubt,
+    RotationLost,
+    StoreUnavailable,
+    TenantNotConnected,
+    TokenSealError,
+)
+from ._events import EventKind, TokenEvent
+from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
+from ._oauth import OAuthClient
+from ._state import StateSigner
+from ._store import (
+    ClaimState,
+    CodeClaim,
+    Lease,
+    Record,
+    Store,
+    TenantKey,
+    TenantStatus,
+    Update,
+    store_from_url,
+)
+
+__all__ = ["TenantInfo", "TokenManager"]
+
+log = logging.getLogger("factorial_tokens")
+
+T = TypeVar("T")
+
+_MAX_CODE = 2048
+
+
+@attrs.frozen
+class TenantInfo:
+    """A tenant as listed by :meth:`TokenManager.tenants` (metadata only, no tokens)."""
+
+    tenant: str
+    status: TenantStatus
+    expires_at: float | None
+    refreshed_at: float
+    version: int
+
+    @property
+    def needs_reauthorization(self) -> bool:
+        """True when the company must connect again."""
+        return self.status is TenantStatus.NEEDS_REAUTH
+
+
+@attrs.frozen
+class _Entry:
+    tokens: TokenSet
+    version: int
+    due: float
+
+
+class TokenManager:
+    """Keeps OAuth tokens valid for many Factorial tenants across processes and hosts.
+
+    Args:
+        app: the OAuth application.
+        store: a store URL (``memory://``, ``sqlite:///path``, ``redis://``, ...) or a Store.
+            A store built from a URL is closed with the manager; an injected one is not.
+        leeway: refresh this many seconds before expiry (at most half the token's lifetime).
+        lease_ttl: how long a refresher's lease lives without renewal.
+        provider_timeout: the longest one HTTP attempt may take.
+        refresh_deadline: the whole budget of one refresh or exchange, retries included;
+            default two thirds of ``lease_ttl``.
+        wait_timeout: the longest a caller waits for another worker's refresh; default
+            ``2 * lease_ttl``.
+        state_ttl: how long an authorization ``state`` stays valid.
+        session: an aiohttp session to use for Factorial (not closed by the manager).
+        codec: how token sets are written to the store (plain JSON by default).
+        on_event: called with every :class:`TokenEvent`; exceptions it raises are logged.
+
+    The time budgets must nest: ``provider_timeout <= refresh_deadline < lease_ttl <
+    wait_timeout``, else ConfigurationError.
+
+    Limitations: a worker paused for longer than its lease (a stopped VM, a debugger) may
+    still have one request in flight; fencing keeps it from overwriting newer tokens, but
+    the provider may have rotated the token it sent.
+    """
+
+    def __init__(
+        self,
+        app: FactorialApp,
+        store: str | Store = "memory://",
+        *,
+        leeway: float = 60.0,
+        lease_ttl: float = 30.0,
+        provider_timeout: float = 10.0,
+        refresh_deadline: float | None = None,
+        wait_timeout: float | None = None,
+        state_ttl: float = 600.0,
+        session: aiohttp.ClientSession | None = None,
+        codec: PayloadCodec | None = None,
+        on_event: Callable[[TokenEvent], object] | None = None,
+    ) -> None:
+        refresh_deadline = lease_ttl * 2 / 3 if refresh_deadline is None else refresh_deadline
+        wait_timeout = lease_ttl * 2 if wait_timeout is None else wait_timeout
+        if leeway < 0:
+            raise ConfigurationError("leeway must not be negative")
+        if not 0 < provider_timeout <= refresh_deadline < lease_ttl < wait_timeout:
+            raise ConfigurationError(
+                "time budgets must nest: 0 < provider_timeout <= refresh_deadline < lease_ttl "
+                f"< wait_timeout (got {provider_timeout}, {refresh_deadline}, {lease_ttl}, {wait_timeout})"
+            )
+        self.app = app
+        self.leeway = leeway
+        self.lease_ttl = lease_ttl
+        self.refresh_deadline = refresh_deadline
+        self.wait_timeout = wait_timeout
+        self._owns_store = isinstance(store, str)
+        self._store: Store = store_from_url(store) if isinstance(store, str) else store
+        self._oauth = OAuthClient(app, session=session, timeout=provider_timeout)
+        self._codec: PayloadCodec = codec or JsonCodec()
+        self._signer = StateSigner(app, state_ttl)
+        self._listeners: list[Callable[[TokenEvent], object]] = [on_event] if on_event else []
+        self._cache: dict[str, _Entry] = {}
+        self._digests: dict[str, str] = {}
+        self._flights: dict[str, asyncio.Task[_Entry]] = {}
+        self._exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"TokenManager(client_id={self.app.client_id!r}, store={self._store!r})"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> TokenManager:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Check the store answers and subscribe to its change announcements."""
+        self._check_open()
+        await self._store.check()
+        if self._unsubscribe is None:
+            self._unsubscribe = self._store.on_change(self._on_change)
+
+    async def aclose(self) -> None:
+        """Let work in flight finish, then close what the manager created. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.wait_timeout)
+        for task in self._tasks:
+            task.cancel()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        await self._oauth.aclose()
+        if self._owns_store:
+            await self._store.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosed("this TokenManager is closed; create a new one")
+
+    @property
+    def store(self) -> Store:
+        """The store this manager uses."""
+        return self._store
+
+    # -- authorization ---------------------------------------------------------------
+
+    def authorization_url(self, tenant: str, *, company: bool = False, scope: str | None = None) -> str:
+        """The Factorial URL that lets ``tenant``'s admin grant access, with a signed state.
+
+        ``company=True`` asks for a company token (``resource_owner_type=company``).
+        """
+        validate_tenant(tenant)
+        return self._oauth.authorization_url(self._signer.sign(tenant), company=company, scope=scope)
+
+    def tenant_from_state(self, state: object) -> str:
+        """The tenant a callback's ``state`` was issued for; raises InvalidState."""
+        return self._signer.verify(state)[0]
+
+    def verify_state(self, state: object) -> tuple[str, str]:
+        """``(tenant, nonce)`` of a valid state; raises InvalidState."""
+        return self._signer.verify(state)
+
+    # -- the hot path ----------------------------------------------------------------
+
+    async def access_token(self, tenant: str) -> str:
+        """A valid access token for ``tenant``, fresh for at least the leeway.
+
+        Costs no I/O while the cached token is fresh. Raises TenantNotConnected,
+        ReauthorizationRequired, ProviderError, StoreUnavailable (only when no cached
+        token is still valid), RefreshTimeout.
+        """
+        entry = self._cache.get(tenant)
+        if entry is not None and time.time() < entry.due and not self._closed:
+            return entry.tokens.access_token
+        return (await self._current(tenant)).tokens.access_token
+
+    async def token_set(self, tenant: str) -> TokenSet:
+        """Like :meth:`access_token`, but the whole token set."""
+        entry = self._cache.get(tenant)
+        if entry is not None and time.time() < entry.due and not self._closed:
+            return entry.tokens
+        return (await self._current(tenant)).tokens
+
+    async def _current(self, tenant: str) -> _Entry:
+        self._check_open()
+        validate_tenant(tenant)
+        try:
+            return await self._obtain(tenant, newer_than=None)
+        except StoreUnavailable:
+            stale = self._cache.get(tenant)
+            if stale is not None and not stale.tokens.is_expired():
+                log.warning("store unavailable; serving tenant %r's cached token until it expires", tenant)
+                return stale
+            raise
+
+    async def refresh(self, tenant: str) -> TokenSet:
+        """Force a new token set (single-flight, under the lease).
+
+        If another worker refreshed since this process last saw the tenant, its result is
+        returned instead of refreshing again.
+        """
+        self._check_open()
+        validate_tenant(tenant)
+        entry = self._cache.get(tenant)
+        if entry is None:
+            record = await self._store.read(self._key(tenant))
+            entry = self._usable(tenant, record) if record else None
+        seen = entry.version if entry else 0
+        return (await self._obtain(tenant, newer_than=seen)).tokens
+
+    async def tokens(self, tenant: str) -> TokenSet:
+        """The stored token set, read from the store without refreshing it."""
+        self._check_open()
+        validate_tenant(tenant)
+        record = await self._store.read(self._key(tenant))
+        return self._usable(tenant, record).tokens
+
+    # -- single-flight ---------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _obtain(self, tenant: str, *, newer_than: int | None) -> _Entry:
+        """Join (or start) the tenant's flight until it yields an acceptable entry."""
+        while True:
+            flight = self._flights.get(tenant)
+            if flight is None:
+                flight = self._spawn(self._fly(tenant, newer_than))
+                self._flights[tenant] = flight
+                flight.add_done_callback(functools.partial(self._land, tenant))
+            entry = await asyncio.shield(flight)
+            if newer_than is None or entry.version > newer_than or not _renewable(entry.tokens):
+                return entry
+
+    def _land(self, tenant: str, flight: asyncio.Task[_Entry]) -> None:
+        """Forget a finished flight (unless a newer one took its place)."""
+        if self._flights.get(tenant) is flight:
+            del self._flights[tenant]
+        if not flight.cancelled():
+            flight.exception()  # mark retrieved: callers that awaited it got it already
+
+    def _acceptable(self, entry: _Entry, newer_than: int | None) -> bool:
+        if newer_than is not None:
+            return entry.version > newer_than
+        return time.time() < entry.due
+
+    async def _fly(self, tenant: str, newer_than: int | None) -> _Entry:
+        """Across processes: read; if stale, take the lease or wait for whoever has it."""
+        key = self._key(tenant)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        while True:
+            async with self._store.watch(key) as watch:
+                entry = self._usable(tenant, await self._store.read(key))
+                if self._acceptable(entry, newer_than):
+                    return self._remember(tenant, entry)
+                owner = secrets.token_hex(16)
+                won = await self._store.acquire(key, owner, self.lease_ttl)
+                if won.lease is not None:
+                    result = await self._refresh_holding(won.lease, won.record, newer_than)
+                    if result is not None:
+                        return self._remember(tenant, result)
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RefreshTimeout(
+                        f"tenant {tenant!r}: another worker held the refresh lease for over "
+                        f"{self.wait_timeout:g}s"
+                    )
+                log.debug("tenant %r: waiting for another worker's refresh", tenant)
+                await watch.wait(remaining)
+
+    async def _refresh_holding(
+        self, lease: Lease, record: Record | None, newer_than: int | None
+    ) -> _Entry | None:
+        """Refresh while holding ``lease``; ``None`` means "start over" (lease lost)."""
+        tenant = lease.key.tenant
+        committed = False
+        lost = asyncio.Event()
+        watchdog = self._spawn(self._renew(lease, lost))
+        try:
+            entry = self._usable(tenant, record)
+            if self._acceptable(entry, newer_than):
+                return entry  # someone refreshed between our read and our acquire
+            old = entry.tokens
+            assert record is not None  # _usable raised otherwise
+            if not _renewable(old):
+                return entry  # a company token that never expires: nothing to refresh
+            if old.refresh_token is None:
+                error = await self._mark_dead(lease, record, "no refresh token to renew an expiring token")
+                committed = True
+                raise error
+            deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+            if lost.is_set():
+                return None
+            try:
+                new = await self._oauth.refresh(old.refresh_token, deadline=deadline)
+            except RequestInDoubt as exc:
+                log.warning(
+                    "tenant %r: refresh of %s in doubt (%s); re-reading, then one more try",
+                    tenant,
+                    fingerprint(old.refresh_token),
+                    exc.error,
+                )
+                current = await self._store.read(lease.key)
+                if current is None or record is None or current.version != record.version:
+                    return None
+                try:
+                    new = await self._oauth.refresh(old.refresh_token, deadline=deadline)
+                except ProviderError as again:
+                    if again.error != "invalid_grant":
+                        raise
+                    error = await self._mark_dead(
+                        lease,
+                        record,
+                        "the refresh token was rotated by a request whose answer was lost",
+                        error=RotationLost,
+                    )
+                    committed = True
+                    raise error from None
+            except ProviderError as exc:
+                if exc.error != "invalid_grant":
+                    raise
+                # Lost race or dead grant? Dead only if the store still holds what we sent.
+                current = await self._store.read(lease.key)
+                if current is None or record is None or current.version != record.version:
+                    return None
+                error = await self._mark_dead(
+                    lease, record, "Factorial refused the refresh token (invalid_grant)"
+                )
+                committed = True
+                raise error from None
+            stored = await self._store.commit(lease, self._update(lease.key, new))
+            committed = True
+            if stored is None:
+                log.error(
+                    "tenant %r: lease lost before writing refreshed tokens %s; they are discarded",
+                    tenant,
+                    new.fingerprint,
+                )
+                return None
+            log.info(
+                "tenant %r: refreshed, access token %s, expires in %s",
+                tenant,
+                new.fingerprint,
+                "never" if new.lifetime is None else f"{new.lifetime:.0f}s",
+            )
+            self._emit(TokenEvent(EventKind.REFRESHED, tenant, new.fingerprint, stored.version))
+            return _Entry(new, stored.version, new.refresh_due_at(self.leeway))
+        finally:
+            watchdog.cancel()
+            if not committed:
+                # Shielded: the lease must go back even if this task is being cancelled.
+                with contextlib.suppress(FactorialTokensError):
+                    await asyncio.shield(self._store.release(lease))
+
+    async def _mark_dead(
+        self,
+        lease: Lease,
+        record: Record,
+        reason: str,
+        *,
+        error: type[ReauthorizationRequired] = ReauthorizationRequired,
+    ) -> ReauthorizationRequired:
+        """Record (fenced) that the tenant needs re-authorization; return the error to raise."""
+        tenant = lease.key.tenant
+        update = Update(record.payload, TenantStatus.NEEDS_REAUTH, record.expires_at, record.updated_at)
+        await self._store.commit(lease, update)
+        self._forget_cached(tenant)
+        log.error("tenant %r needs re-authorization: %s", tenant, reason)
+        self._emit(TokenEvent(EventKind.REAUTHORIZATION_REQUIRED, tenant, detail=reason))
+        return error(tenant, reason)
+
+    async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
+        """Watchdog: keep the lease alive while its holder works."""
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                if not await self._store.extend(lease, self.lease_ttl):
+                    lost.set()
+                    return
+            except StoreUnavailable:
+                log.warning("tenant %r: could not renew the lease; retrying", lease.key.tenant)
+
+    # -- code exchange ---------------------------------------------------------------
+
+    async def exchange_code(self, tenant: str, code: str) -> TokenSet:
+        """Exchange an authorization code for ``tenant``'s tokens, exactly once per code.
+
+        Concurrent and repeated calls with one code return the tenant's tokens after a
+        single provider exchange. Raises CodeReused if the code was claimed for another
+        tenant, ProviderError if Factorial refused it (every caller gets the same error),
+        ExchangeInDoubt if it was sent but its answer was lost.
+        """
+        self._check_open()
+        validate_tenant(tenant)
+        if not isinstance(code, str) or not code or len(code) > _MAX_CODE or not code.isprintable():
+            raise InvalidCallback("the authorization code is missing or malformed")
+        code_hash = hmac.new(self.app.client_secret.encode(), code.encode(), hashlib.sha256).hexdigest()
+        existing = self._exchanges.get(code_hash)
+        if existing is None:
+            flight = self._spawn(self._exchange(self._key(tenant), code, code_hash))
+            self._exchanges[code_hash] = (tenant, flight)
+            flight.add_done_callback(lambda _: self._exchanges.pop(code_hash, None))
+        elif existing[0] != tenant:
+            raise CodeReused(
+                f"this authorization code was already presented for another tenant, not {tenant!r}"
+            )
+        else:
+            flight = existing[1]
+        return await asyncio.shield(flight)
+
+    async def _exchange(self, key: TenantKey, code: str, code_hash: str) -> TokenSet:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        owner = secrets.token_hex(16)
+        while True:
+            async with self._store.watch(key) as watch:
+                claim = await self._store.claim_code(key, code_hash, owner, self.lease_ttl)
+                if claim.key != key:
+                    raise CodeReused(
+                        f"this code was already presented for another tenant, not {key.tenant!r}"
+                    )
+                if claim.won:
+                    if await self._store.advance_code(claim, ClaimState.SENT, self.lease_ttl):
+                        return await self._exchange_holding(claim, code)
+                    continue
+                if claim.state is ClaimState.DONE:
+                    return self._usable(key.tenant, await self._store.read(key)).tokens
+                if claim.state is ClaimState.FAILED:
+                    raise _claim_error(key.tenant, claim.outcome)
+                if claim.expired and claim.state is ClaimState.SENT:
+                    raise ExchangeInDoubt(
+                        key.tenant, "the code was sent by a worker that died before storing the answer"
+                    )
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RefreshTimeout(f"tenant {key.tenant!r}: another worker's exchange took too long")
+                await watch.wait(remaining)
+
+    async def _exchange_holding(self, claim: CodeClaim, code: str) -> TokenSet:
+        key = claim.key
+        deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+        try:
+            tokens = await self._oauth.exchange_code(code, deadline=deadline)
+        except RequestInDoubt as exc:
+            await self._store.advance_code(
+                claim, ClaimState.FAILED, self.lease_ttl, json.dumps({"in_doubt": True})
+            )
+            log.error(
+                "tenant %r: code exchange in doubt (%s); the company must connect again",
+                key.tenant,
+                exc.error,
+            )
+            raise ExchangeInDoubt(
+                key.tenant, f"the code was sent but the answer was lost ({exc.error})"
+            ) from None
+        except ProviderError as exc:
+            outcome = {"status": exc.status, "error": exc.error, "description": exc.description}
+            await self._store.advance_code(claim, ClaimState.FAILED, self.lease_ttl, json.dumps(outcome))
+            raise
+        await self._store.replace(key, self._update(key, tokens))
+        await self._store.advance_code(claim, ClaimState.DONE, self.lease_ttl)
+        self._forget_cached(key.tenant)
+        log.info("tenant %r: code exchanged, access token %s", key.tenant, tokens.fingerprint)
+        self._emit(TokenEvent(EventKind.EXCHANGED, key.tenant, tokens.fingerprint))
+        return tokens
+
+    # -- other operations ------------------------------------------------------------
+
+    async def credentials(self, tenant: str) -> Credentials:
+        """Who granted ``tenant``'s token (Factorial's credentials endpoint)."""
+        for attempt in (1, 2):
+            token = await self.access_token(tenant)
+            deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+            try:
+                return await self._oauth.credentials(token, deadline=deadline)
+            except ProviderError as exc:
+                if exc.status != 401 or attempt == 2:
+                    raise
+                await self._reload_after_401(tenant, token)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _reload_after_401(self, tenant: str, rejected: str) -> None:
+        """After a 401: use a newer stored token if there is one, else force a refresh."""
+        self._forget_cached(tenant)
+        entry = await self._current(tenant)
+        if entry.tokens.access_token == rejected:
+            await self._obtain(tenant, newer_than=entry.version)
+
+    def client(self, tenant: str) -> TenantSession:
+        """An API session for ``tenant``: base URL, Bearer token, one retry after a 401.
+
+        Use as ``async with tm.client("acme") as api: resp = await api.get("/api/...")``.
+        """
+        self._check_open()
+        validate_tenant(tenant)
+        return TenantSession(self, tenant, self._oauth.session, self.app.base_url)
+
+    async def revoke(self, tenant: str) -> None:
+        """Revoke ``tenant``'s grant at Factorial, then forget it (under the lease)."""
+        self._check_open()
+        validate_tenant(tenant)
+        key = self._key(tenant)
+        async with self._lease(key) as record:
+            tokens = self._codec.decode(key, record.payload)
+            deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+            await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
+            await self._store.replace(key, None)
+        self._forget_cached(tenant)
+        log.info("tenant %r: revoked and forgotten", tenant)
+        self._emit(TokenEvent(EventKind.REVOKED, tenant, tokens.fingerprint))
+
+    async def forget(self, tenant: str) -> None:
+        """Remove ``tenant``'s tokens from the store (without revoking them at Factorial)."""
+        self._check_open()
+        validate_tenant(tenant)
+        await self._store.replace(self._key(tenant), None)
+        self._forget_cached(tenant)
+        self._emit(TokenEvent(EventKind.FORGOTTEN, tenant))
+
+    async def tenants(self) -> list[TenantInfo]:
+        """Every tenant of this app in the store, with its status (no tokens)."""
+        self._check_open()
+        records = await self._store.tenants(self.app.client_id)
+        return sorted(
+            (TenantInfo(r.key.tenant, r.status, r.expires_at, r.updated_at, r.version) for r in records),
+            key=lambda info: info.tenant,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lease(self, key: TenantKey) -> AsyncIterator[Record]:
+        """Hold ``key``'s lease for a block that ends with ``replace`` (which releases it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        while True:
+            async with self._store.watch(key) as watch:
+                won = await self._store.acquire(key, secrets.token_hex(16), self.lease_ttl)
+                if won.lease is not None:
+                    break
+                if loop.time() >= deadline:
+                    raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
+                await watch.wait(deadline - loop.time())
+        try:
+            if won.record is None:
+                raise TenantNotConnected(key.tenant)
+            yield won.record
+        finally:
+            with contextlib.suppress(FactorialTokensError):
+                await asyncio.shield(self._store.release(won.lease))
+
+    # -- events, cache, records ------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[TokenEvent], object]) -> Callable[[], None]:
+        """Call ``callback`` with every event; returns a function that removes it."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def _emit(self, event: TokenEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed on %s", event.kind.value)
+
+    def _on_change(self, digest: str) -> None:
+        tenant = self._digests.get(digest)
+        if tenant is not None:
+            self._cache.pop(tenant, None)
+
+    def _forget_cached(self, tenant: str) -> None:
+        self._cache.pop(tenant, None)
+
+    def _remember(self, tenant: str, entry: _Entry) -> _Entry:
+        self._cache[tenant] = entry
+        self._digests.setdefault(self._key(tenant).digest, tenant)
+        return entry
+
+    def _key(self, tenant: str) -> TenantKey:
+        return TenantKey(self.app.client_id, tenant)
+
+    def _update(self, key: TenantKey, tokens: TokenSet) -> Update:
+        return Update(
+            self._codec.encode(key, tokens), TenantStatus.ACTIVE, tokens.expires_at, tokens.obtained_at
+        )
+
+    def _entry(self, record: Record) -> _Entry:
+        tokens = self._codec.decode(record.key, record.payload)
+        return _Entry(tokens, record.version, tokens.refresh_due_at(self.leeway))
+
+    def _usable(self, tenant: str, record: Record | None) -> _Entry:
+        """The record's entry, or the error that tells why there is none."""
+        if record is None:
+            raise TenantNotConnected(tenant)
+        if record.status is TenantStatus.NEEDS_REAUTH:
+            raise ReauthorizationRequired(tenant, "the grant was refused earlier; connect again")
+        try:
+            return self._entry(record)
+        except TokenSealError as exc:
+            self._emit(TokenEvent(EventKind.SEAL_ERROR, tenant, detail=str(exc)))
+            raise
+
+
+def _renewable(tokens: TokenSet) -> bool:
+    """False for tokens that never expire and cannot be refreshed (company tokens)."""
+    return tokens.refresh_token is not None or tokens.expires_at is not None
+
+
+def _claim_error(tenant: str, outcome: str | None) -> FactorialTokensError:
+    """Rebuild the error a failed code claim recorded, for callers that did not send it."""
+    try:
+        data = json.loads(outcome or "{}")
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict) or data.get("in_doubt"):
+        return ExchangeInDoubt(tenant, "the code was sent but the answer was lost")
+    status = data.get("status")
+    return ProviderError(
+        status if isinstance(status, int) else None,
+        str(data.get("error", "exchange_failed")),
+        str(data.get("description", "")),
+    )

@@ -1,0 +1,172 @@
+"""MemoryStore: the store contract in a dict, for one process.
+
+Limitations: nothing is shared between processes and nothing survives a restart. Use it
+for tests, scripts and single-process services; use ``sqlite:///`` for several processes
+on one host, Redis or Postgres across hosts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import attrs
+
+from ._store import (
+    CLAIM_RETENTION,
+    Acquisition,
+    ClaimState,
+    CodeClaim,
+    Lease,
+    Notifier,
+    Record,
+    TenantKey,
+    Update,
+    Watch,
+)
+
+__all__ = ["MemoryStore"]
+
+
+@attrs.define
+class _Slot:
+    record: Record | None = None
+    version: int = 0
+    fence: int = 0
+    lease_owner: str | None = None
+    lease_expires: float = 0.0
+
+
+@attrs.define
+class _Claim:
+    key: TenantKey
+    owner: str
+    state: ClaimState
+    expires: float
+    outcome: str | None = None
+
+
+class MemoryStore:
+    """A token store held in this process's memory (``memory://``). One process only."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._slots: dict[str, _Slot] = {}
+        self._claims: dict[tuple[str, str], _Claim] = {}
+        self._notifier = Notifier()
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStore:
+        """Build from ``memory://`` (the URL carries no options)."""
+        return cls()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(tenants={len(self._slots)})"
+
+    def _slot(self, key: TenantKey) -> _Slot:
+        return self._slots.setdefault(key.digest, _Slot())
+
+    async def read(self, key: TenantKey) -> Record | None:
+        slot = self._slots.get(key.digest)
+        return slot.record if slot else None
+
+    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        slot = self._slot(key)
+        now = self._clock()
+        if slot.lease_owner is not None and slot.lease_expires > now:
+            return Acquisition(None, slot.record)
+        slot.fence += 1
+        slot.lease_owner, slot.lease_expires = owner, now + ttl
+        return Acquisition(Lease(key, owner, slot.fence), slot.record)
+
+    def _holds(self, lease: Lease) -> _Slot | None:
+        slot = self._slots.get(lease.key.digest)
+        if slot and slot.fence == lease.fence and slot.lease_owner == lease.owner:
+            return slot
+        return None
+
+    async def extend(self, lease: Lease, ttl: float) -> bool:
+        slot = self._holds(lease)
+        if slot is None:
+            return False
+        slot.lease_expires = self._clock() + ttl
+        return True
+
+    async def release(self, lease: Lease) -> bool:
+        slot = self._holds(lease)
+        if slot is None:
+            return False
+        slot.lease_owner = None
+        self._notifier.notify(lease.key.digest)
+        return True
+
+    def _write(self, key: TenantKey, slot: _Slot, update: Update | None) -> Record | None:
+        slot.version += 1
+        slot.record = (
+            None
+            if update is None
+            else Record(
+                key=key,
+                payload=update.payload,
+                status=update.status,
+                version=slot.version,
+                expires_at=update.expires_at,
+                updated_at=update.updated_at,
+            )
+        )
+        slot.lease_owner = None
+        self._notifier.notify(key.digest)
+        return slot.record
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        slot = self._holds(lease)
+        if slot is None:
+            return None
+        return self._write(lease.key, slot, update)
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        slot = self._slot(key)
+        slot.fence += 1  # fences out whoever holds the lease now
+        self._write(key, slot, update)
+
+    async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
+        now = self._clock()
+        self._claims = {k: c for k, c in self._claims.items() if c.expires > now - CLAIM_RETENTION}
+        ident = (key.namespace, code_hash)
+        claim = self._claims.get(ident)
+        if claim is None or (claim.state is ClaimState.CLAIMED and claim.expires <= now):
+            claim = self._claims[ident] = _Claim(key, owner, ClaimState.CLAIMED, now + ttl)
+            return CodeClaim(key, code_hash, owner, claim.state, won=True)
+        expired = claim.state in (ClaimState.CLAIMED, ClaimState.SENT) and claim.expires <= now
+        return CodeClaim(
+            claim.key, code_hash, owner, claim.state, claim.owner == owner, expired, claim.outcome
+        )
+
+    async def advance_code(
+        self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
+    ) -> bool:
+        held = self._claims.get((claim.key.namespace, claim.code_hash))
+        if held is None or held.owner != claim.owner or held.state in (ClaimState.DONE, ClaimState.FAILED):
+            return False
+        if state is ClaimState.SENT and held.state is not ClaimState.CLAIMED:
+            return False
+        held.state, held.outcome = state, outcome
+        held.expires = self._clock() + (ttl if state is ClaimState.SENT else CLAIM_RETENTION)
+        self._notifier.notify(held.key.digest)
+        return True
+
+    async def tenants(self, namespace: str) -> list[Record]:
+        return [s.record for s in self._slots.values() if s.record and s.record.key.namespace == namespace]
+
+    def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
+        return self._notifier.watch(key)
+
+    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        return self._notifier.on_change(callback)
+
+    async def check(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,291 @@
+"""The Factorial OAuth client: authorize URL, code exchange, refresh, revoke, credentials.
+
+It knows nothing of stores. Every call has a deadline. Rules for retries:
+
+* 429, 500 and 503 are retried with jittered exponential backoff inside the deadline,
+  honouring ``Retry-After`` (the request was refused before any grant was processed);
+* for token requests (exchange, refresh) a read timeout, a dropped connection, 502/504
+  or a success body that cannot be read may mean the grant *was* processed: that is
+  raised as :class:`RequestInDoubt` and never retried here;
+* revoke and credentials are idempotent and retried on those too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+
+from ._errors import ProviderError, RequestInDoubt
+from ._models import Credentials, FactorialApp, TokenSet
+
+__all__ = ["OAuthClient"]
+
+_MAX_BODY = 1 << 20
+_RETRYABLE = frozenset({429, 500, 503})
+_GATEWAY = frozenset({502, 504})
+_SECRETISH = re.compile(r"[A-Za-z0-9_\-+/=.]{20,}")
+
+
+def _excerpt(body: bytes, *secrets: str | None) -> str:
+    """A short, whitespace-folded excerpt of a body with anything token-like removed."""
+    text = body[:2000].decode("utf-8", "replace")
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _SECRETISH.sub("[redacted]", " ".join(text.split()))
+    return text[:160] + ("…" if len(text) > 160 else "")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):
+        return None
+
+
+class OAuthClient:
+    """Talks to Factorial's OAuth endpoints for one app over one shared aiohttp session.
+
+    ``session`` may be injected (it is then never closed here); otherwise one is created
+    on first use and closed by :meth:`aclose`. ``timeout`` bounds each HTTP attempt;
+    each call's ``deadline`` (``loop.time()`` based) bounds all its attempts together.
+    """
+
+    def __init__(
+        self,
+        app: FactorialApp,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._session = session
+        self._owns_session = session is None
+
+    def __repr__(self) -> str:
+        return f"OAuthClient(client_id={self.app.client_id!r}, base_url={self.app.base_url!r})"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared HTTP session (created on first use)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": "factorial-tokens"}, raise_for_status=False
+            )
+            self._owns_session = True
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the session if this client created it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def authorization_url(self, state: str, *, company: bool = False, scope: str | None = None) -> str:
+        """The URL to send a user to so they grant access; ``state`` comes back on the callback."""
+        params = {
+            "client_id": self.app.client_id,
+            "redirect_uri": self.app.redirect_uri,
+            "response_type": "code",
+        }
+        if scope or self.app.scope:
+            params["scope"] = scope or self.app.scope or ""
+        params["state"] = state
+        if company:
+            params["resource_owner_type"] = "company"
+        return f"{self.app.base_url}/oauth/authorize?{urlencode(params)}"
+
+    async def exchange_code(self, code: str, *, deadline: float) -> TokenSet:
+        """Exchange an authorization code. Raises ProviderError, or RequestInDoubt."""
+        form = {
+            "client_id": self.app.client_id,
+            "client_secret": self.app.client_secret,
+            "code": code,
+            "grant_type": "authorization_code",
+            "redirect_uri": self.app.redirect_uri,
+        }
+        return await self._grant(form, deadline, code)
+
+    async def refresh(self, refresh_token: str, *, deadline: float) -> TokenSet:
+        """Trade a refresh token for a new token set (the refresh token rotates)."""
+        form = {
+            "client_id": self.app.client_id,
+            "client_secret": self.app.client_secret,
+            "refresh_token": refresh_token,
+            "grant_type": "refresh_token",
+        }
+        return await self._grant(form, deadline, refresh_token)
+
+    async def revoke(self, token: str, *, deadline: float) -> None:
+        """Revoke an access or refresh token (either kills both); unknown tokens are fine."""
+        form = {"client_id": self.app.client_id, "client_secret": self.app.client_secret, "token": token}
+        url = f"{self.app.base_url}/oauth/revoke"
+        status, body, _ = await self._send("POST", url, deadline, token, idempotent=True, data=form)
+        if status != 200:
+            raise self._error(status, body, token)
+
+    async def credentials(self, access_token: str, *, deadline: float) -> Credentials:
+        """Who granted ``access_token``. A 401 raises ProviderError(401, 'invalid_token')."""
+        url = f"{self.app.base_url}/api/{self.app.api_version}/resources/api_public/credentials"
+        headers = {"Authorization": f"Bearer {access_token}"}
+        status, body, _ = await self._send(
+            "GET", url, deadline, access_token, idempotent=True, headers=headers
+        )
+        if status != 200:
+            raise self._error(status, body, access_token)
+        data = self._json(status, body, access_token, in_doubt=False)
+        items = data.get("data")
+        if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+            raise ProviderError(status, "invalid_response", "credentials without a data item")
+        try:
+            return Credentials.from_api(items[0])
+        except ValueError as exc:
+            raise ProviderError(status, "invalid_response", str(exc)) from None
+
+    async def _grant(self, form: dict[str, str], deadline: float, secret: str) -> TokenSet:
+        url = f"{self.app.base_url}/oauth/token"
+        sent_at = time.time()
+        status, body, sent_at = await self._send("POST", url, deadline, secret, idempotent=False, data=form)
+        if status in _GATEWAY:
+            raise RequestInDoubt(status, "gateway_error", _excerpt(body, secret, self.app.client_secret))
+        if not 200 <= status < 300:
+            raise self._error(status, body, secret)
+        data = self._json(status, body, secret, in_doubt=True)
+        try:
+            return _token_set(data, sent_at)
+        except (TypeError, ValueError) as exc:
+            raise RequestInDoubt(status, "invalid_response", str(exc)) from None
+
+    async def _send(
+        self, method: str, url: str, deadline: float, secret: str, *, idempotent: bool, **kwargs: Any
+    ) -> tuple[int, bytes, float]:
+        """Send with retries; returns (status, body, wall time the answered attempt was sent)."""
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ProviderError(None, "timeout", "no answer before the deadline")
+            timeout = aiohttp.ClientTimeout(
+                total=min(self.timeout, remaining), sock_connect=min(self.connect_timeout, remaining)
+            )
+            sent_at = time.time()
+            retry_after: float | None = None
+            try:
+                async with self.session.request(
+                    method, url, timeout=timeout, allow_redirects=False, **kwargs
+                ) as resp:
+                    body = await resp.content.read(_MAX_BODY + 1)
+                    status = resp.status
+                    if status not in (_RETRYABLE | _GATEWAY if idempotent else _RETRYABLE):
+                        if len(body) > _MAX_BODY:
+                            raise ProviderError(status, "invalid_response", "body over 1 MiB")
+                        return status, body, sent_at
+                    if status == 429:
+                        retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    failure = self._error(status, body, secret)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # Never connected: nothing was sent, so a retry is always safe.
+                failure = ProviderError(None, "connection_error", type(exc).__name__)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                kind = (
+                    "timeout"
+                    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
+                    else ("connection_lost")
+                )
+                if not idempotent:
+                    raise RequestInDoubt(None, kind, "the request was sent but no answer came") from None
+                failure = ProviderError(None, kind, type(exc).__name__)
+            delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            if loop.time() + delay >= deadline:
+                raise failure
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _json(self, status: int, body: bytes, secret: str, *, in_doubt: bool) -> dict[str, Any]:
+        error = RequestInDoubt if in_doubt else ProviderError
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise error(status, "invalid_response", _excerpt(body, secret, self.app.client_secret)) from None
+        if not isinstance(data, dict):
+            raise error(status, "invalid_response", "JSON body is not an object")
+        return data
+
+    def _error(self, status: int, body: bytes, secret: str) -> ProviderError:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            description = data.get("error_description")
+            text = (
+                _excerpt(description.encode(), secret, self.app.client_secret)
+                if isinstance(description, str)
+                else ""
+            )
+            return ProviderError(status, data["error"][:64], text)
+        fallback = "server_error" if status >= 500 else "invalid_response"
+        default = {429: "rate_limited", 401: "unauthorized"}.get(status, fallback)
+        return ProviderError(status, default, _excerpt(body, secret, self.app.client_secret))
+
+
+def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:
+    """Validate a token response; expiry is counted from when the request was sent."""
+    access = data.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise ValueError("token response without access_token")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise ValueError("token response with a token_type other than Bearer")
+    refresh = data.get("refresh_token") or None
+    if refresh is not None and not isinstance(refresh, str):
+        raise ValueError("refresh_token is not a string")
+    expires_in = data.get("expires_in")
+    if expires_in in (None, ""):
+        expires_at = None
+    else:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
+            raise ValueError("expires_in is not a number")
+        seconds = float(expires_in)
+        if not seconds >= 0 or seconds > 10 * 365 * 86400:
+            raise ValueError("expires_in out of range")
+        expires_at = sent_at + seconds
+    scope = data.get("scope") or None
+    if scope is not None and not isinstance(scope, str):
+        raise ValueError("scope is not a string")
+    created = data.get("created_at")
+    if created is not None and (isinstance(created, bool) or not isinstance(created, int)):
+        raise ValueError("created_at is not an integer")
+    return TokenSet(
+        access_token=access,
+        refresh_token=refresh,
+        token_type="Bearer",
+        scope=scope,
+        expires_at=expires_at,
+        obtained_at=sent_at,
+        created_at=created,
+    )

@@ -1,0 +1,16 @@
+"""Testing helpers: a strict simulator of Factorial's OAuth server, and the store
+conformance suite any store (a third party's too) can run."""
+
+from ._conformance import HOSTILE_TENANTS, StoreConformance
+from ._counting import CountingStore
+from ._fake import FakeFactorial, Fault, RefreshMode, SimulatorStats
+
+__all__ = [
+    "HOSTILE_TENANTS",
+    "CountingStore",
+    "FakeFactorial",
+    "Fault",
+    "RefreshMode",
+    "SimulatorStats",
+    "StoreConformance",
+]

@@ -1,0 +1,397 @@
+"""The store conformance suite: every store, ours or a third party's, must pass it.
+
+Use it by subclassing in a pytest module and providing an async ``store`` fixture that
+yields a ready store (the suite works in fresh random namespaces, so a shared backend
+needs no flushing)::
+
+    from factorial_tokens.testing import StoreConformance
+
+    class TestMyStore(StoreConformance):
+        @pytest.fixture
+        async def store(self):
+            store = MyStore.from_url("my://...")
+            yield store
+            await store.aclose()
+
+pytest-asyncio must run the tests (``asyncio_mode = "auto"``, or mark them yourself).
+Stores with a coarse clock may set ``lease_ttl`` (seconds) on the subclass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+from .._store import ClaimState, Store, TenantKey, TenantStatus, Update, Watch
+
+__all__ = ["HOSTILE_TENANTS", "StoreConformance"]
+
+#: Tenant ids that have broken key schemes and queries elsewhere.
+HOSTILE_TENANTS = [
+    "acme",
+    "a'b\"c",
+    "back\\slash",
+    "{hash}tag",
+    "*",
+    "a:b:c",
+    "%s %d ${x} $(id)",
+    "'; DROP TABLE tokens; --",
+    "ünïcødé 会社 🏢",
+    "x" * 200,
+    "  spaced  ",
+]
+
+
+def _update(
+    payload: bytes, *, status: TenantStatus = TenantStatus.ACTIVE, expires_at: float | None = None
+) -> Update:
+    return Update(payload, status, expires_at, time.time())
+
+
+class StoreConformance:
+    """Shared tests of the Store contract. Subclass and provide a ``store`` fixture."""
+
+    lease_ttl = 0.4
+
+    @staticmethod
+    def key(tenant: str = "acme", namespace: str | None = None) -> TenantKey:
+        """A key in a fresh namespace unless one is given."""
+        return TenantKey(namespace or f"conformance-{secrets.token_hex(6)}", tenant)
+
+    async def test_is_a_store(self, store: Store) -> None:
+        assert isinstance(store, Store)
+        await store.check()
+
+    async def test_read_missing_is_none(self, store: Store) -> None:
+        assert await store.read(self.key()) is None
+
+    async def test_replace_then_read(self, store: Store) -> None:
+        key = self.key()
+        payload = bytes(range(256)) + b"\x00tail"
+        await store.replace(key, Update(payload, TenantStatus.ACTIVE, 1234.5, 1000.25))
+        record = await store.read(key)
+        assert record is not None
+        assert record.key == key
+        assert record.payload == payload
+        assert record.status is TenantStatus.ACTIVE
+        assert record.expires_at == 1234.5
+        assert record.updated_at == 1000.25
+        assert record.version >= 1
+
+    async def test_non_expiring_record(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"x", expires_at=None))
+        record = await store.read(key)
+        assert record is not None and record.expires_at is None
+
+    async def test_versions_grow_on_every_write(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"1"))
+        first = await store.read(key)
+        won = await store.acquire(key, "w", self.lease_ttl * 10)
+        assert won.lease is not None
+        second = await store.commit(won.lease, _update(b"2"))
+        await store.replace(key, _update(b"3"))
+        third = await store.read(key)
+        assert first and second and third
+        assert first.version < second.version < third.version
+        assert third.payload == b"3"
+
+    async def test_one_lease_at_a_time(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"tokens"))
+        first = await store.acquire(key, "one", self.lease_ttl * 10)
+        second = await store.acquire(key, "two", self.lease_ttl * 10)
+        assert first.lease is not None and first.lease.fence > 0
+        assert second.lease is None
+        assert first.record is not None and first.record.payload == b"tokens"
+        assert second.record is not None and second.record.payload == b"tokens"
+
+    async def test_acquire_without_record(self, store: Store) -> None:
+        won = await store.acquire(self.key(), "one", self.lease_ttl)
+        assert won.lease is not None and won.record is None
+
+    async def test_concurrent_acquire_has_one_winner(self, store: Store) -> None:
+        key = self.key()
+        results = await asyncio.gather(*(store.acquire(key, f"o{i}", 30) for i in range(50)))
+        winners = [r.lease for r in results if r.lease is not None]
+        assert len(winners) == 1
+
+    async def test_expired_lease_is_taken_over_with_a_higher_fence(self, store: Store) -> None:
+        key = self.key()
+        first = await store.acquire(key, "one", self.lease_ttl)
+        await asyncio.sleep(self.lease_ttl * 1.5)
+        second = await store.acquire(key, "two", self.lease_ttl)
+        assert first.lease is not None and second.lease is not None
+        assert second.lease.fence > first.lease.fence
+
+    async def test_fence_only_grows(self, store: Store) -> None:
+        key = self.key()
+        fences = []
+        for i in range(3):
+            won = await store.acquire(key, f"o{i}", self.lease_ttl * 10)
+            assert won.lease is not None
+            fences.append(won.lease.fence)
+            assert await store.release(won.lease)
+        await store.replace(key, _update(b"x"))
+        await store.replace(key, None)
+        won = await store.acquire(key, "after-forget", self.lease_ttl * 10)
+        assert won.lease is not None
+        fences.append(won.lease.fence)
+        assert fences == sorted(set(fences)), fences
+
+    async def test_release_is_owner_checked(self, store: Store) -> None:
+        key = self.key()
+        won = await store.acquire(key, "one", self.lease_ttl * 10)
+        assert won.lease is not None
+        forged = type(won.lease)(key, "intruder", won.lease.fence)
+        assert not await store.release(forged)
+        assert (await store.acquire(key, "two", self.lease_ttl)).lease is None
+        assert await store.release(won.lease)
+        assert not await store.release(won.lease)
+        assert (await store.acquire(key, "two", self.lease_ttl)).lease is not None
+
+    async def test_extend_keeps_the_lease(self, store: Store) -> None:
+        key = self.key()
+        won = await store.acquire(key, "one", self.lease_ttl)
+        assert won.lease is not None
+        for _ in range(3):
+            await asyncio.sleep(self.lease_ttl / 2)
+            assert await store.extend(won.lease, self.lease_ttl)
+        assert (await store.acquire(key, "two", self.lease_ttl)).lease is None
+
+    async def test_extend_fails_after_takeover(self, store: Store) -> None:
+        key = self.key()
+        first = await store.acquire(key, "one", self.lease_ttl)
+        await asyncio.sleep(self.lease_ttl * 1.5)
+        second = await store.acquire(key, "two", self.lease_ttl * 10)
+        assert first.lease is not None and second.lease is not None
+        assert not await store.extend(first.lease, self.lease_ttl)
+        assert not await store.release(first.lease)
+        assert (await store.acquire(key, "three", self.lease_ttl)).lease is None
+
+    async def test_commit_writes_and_releases(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"old"))
+        won = await store.acquire(key, "one", self.lease_ttl * 10)
+        assert won.lease is not None and won.record is not None
+        record = await store.commit(won.lease, _update(b"new", expires_at=99.0))
+        assert record is not None and record.payload == b"new" and record.version > won.record.version
+        assert record.expires_at == 99.0
+        read = await store.read(key)
+        assert read == record
+        assert (await store.acquire(key, "two", self.lease_ttl)).lease is not None
+
+    async def test_fenced_write_refuses_a_paused_holder(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"v1"))
+        paused = await store.acquire(key, "paused", self.lease_ttl)
+        await asyncio.sleep(self.lease_ttl * 1.5)
+        fresh = await store.acquire(key, "fresh", self.lease_ttl * 10)
+        assert paused.lease is not None and fresh.lease is not None
+        assert await store.commit(fresh.lease, _update(b"v2")) is not None
+        assert await store.commit(paused.lease, _update(b"stale")) is None
+        record = await store.read(key)
+        assert record is not None and record.payload == b"v2"
+
+    async def test_commit_after_release_is_refused(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"v1"))
+        won = await store.acquire(key, "one", self.lease_ttl * 10)
+        assert won.lease is not None
+        assert await store.release(won.lease)
+        other = await store.acquire(key, "two", self.lease_ttl * 10)
+        assert other.lease is not None
+        assert await store.commit(won.lease, _update(b"late")) is None
+        record = await store.read(key)
+        assert record is not None and record.payload == b"v1"
+
+    async def test_replace_fences_out_the_holder(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"old grant"))
+        won = await store.acquire(key, "refresher", self.lease_ttl * 10)
+        assert won.lease is not None
+        await store.replace(key, _update(b"new grant"))
+        assert await store.commit(won.lease, _update(b"refreshed old grant")) is None
+        assert not await store.extend(won.lease, self.lease_ttl)
+        record = await store.read(key)
+        assert record is not None and record.payload == b"new grant"
+        assert (await store.acquire(key, "next", self.lease_ttl)).lease is not None
+
+    async def test_needs_reauth_status_is_kept(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"tokens"))
+        won = await store.acquire(key, "one", self.lease_ttl * 10)
+        assert won.lease is not None
+        await store.commit(won.lease, _update(b"tokens", status=TenantStatus.NEEDS_REAUTH))
+        record = await store.read(key)
+        assert record is not None and record.status is TenantStatus.NEEDS_REAUTH
+        await store.replace(key, _update(b"reconnected"))
+        record = await store.read(key)
+        assert record is not None and record.status is TenantStatus.ACTIVE
+
+    async def test_forget(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"tokens"))
+        await store.replace(key, None)
+        assert await store.read(key) is None
+        assert key.tenant not in [r.key.tenant for r in await store.tenants(key.namespace)]
+
+    async def test_tenants_lists_one_namespace(self, store: Store) -> None:
+        ns, other = self.key().namespace, self.key().namespace
+        for tenant in ("a", "b", "c"):
+            await store.replace(TenantKey(ns, tenant), _update(tenant.encode()))
+        await store.replace(TenantKey(other, "z"), _update(b"z"))
+        listed = sorted(r.key.tenant for r in await store.tenants(ns))
+        assert listed == ["a", "b", "c"]
+        assert all(r.key.namespace == ns for r in await store.tenants(ns))
+
+    async def test_namespaces_are_isolated(self, store: Store) -> None:
+        one, two = self.key("acme"), self.key("acme")
+        await store.replace(one, _update(b"one"))
+        assert await store.read(two) is None
+        assert (await store.acquire(two, "x", self.lease_ttl)).lease is not None
+        assert (await store.acquire(one, "y", self.lease_ttl)).lease is not None
+
+    async def test_hostile_tenant_ids_round_trip_without_crosstalk(self, store: Store) -> None:
+        ns = self.key().namespace
+        for tenant in HOSTILE_TENANTS:
+            await store.replace(TenantKey(ns, tenant), _update(tenant.encode()))
+        for tenant in HOSTILE_TENANTS:
+            record = await store.read(TenantKey(ns, tenant))
+            assert record is not None and record.payload == tenant.encode()
+            assert record.key.tenant == tenant
+        listed = sorted(r.key.tenant for r in await store.tenants(ns))
+        assert listed == sorted(HOSTILE_TENANTS)
+        assert await store.read(TenantKey(ns, "ac*")) is None
+        assert await store.read(TenantKey(ns, "%")) is None
+
+    async def test_code_claim_first_wins(self, store: Store) -> None:
+        key = self.key()
+        first = await store.claim_code(key, "code-hash", "one", 30)
+        second = await store.claim_code(key, "code-hash", "two", 30)
+        assert first.won and first.state is ClaimState.CLAIMED
+        assert not second.won and second.state is ClaimState.CLAIMED and not second.expired
+        assert second.key == key
+
+    async def test_concurrent_code_claims_have_one_winner(self, store: Store) -> None:
+        key = self.key()
+        claims = await asyncio.gather(*(store.claim_code(key, "h", f"o{i}", 30) for i in range(50)))
+        assert sum(c.won for c in claims) == 1
+
+    async def test_code_claim_reports_the_first_tenant(self, store: Store) -> None:
+        acme = self.key("acme")
+        evil = TenantKey(acme.namespace, "evil")
+        await store.claim_code(acme, "h", "one", 30)
+        seen = await store.claim_code(evil, "h", "two", 30)
+        assert not seen.won and seen.key == acme
+
+    async def test_code_claims_are_per_namespace(self, store: Store) -> None:
+        one, two = self.key(), self.key()
+        assert (await store.claim_code(one, "h", "a", 30)).won
+        assert (await store.claim_code(two, "h", "b", 30)).won
+
+    async def test_code_claim_steps(self, store: Store) -> None:
+        key = self.key()
+        claim = await store.claim_code(key, "h", "one", 30)
+        assert await store.advance_code(claim, ClaimState.SENT, 30)
+        seen = await store.claim_code(key, "h", "two", 30)
+        assert seen.state is ClaimState.SENT and not seen.won
+        assert await store.advance_code(claim, ClaimState.DONE, 30)
+        seen = await store.claim_code(key, "h", "two", 30)
+        assert seen.state is ClaimState.DONE and not seen.won and not seen.expired
+        assert not await store.advance_code(claim, ClaimState.FAILED, 30, "late")
+
+    async def test_code_claim_failure_outcome(self, store: Store) -> None:
+        key = self.key()
+        claim = await store.claim_code(key, "h", "one", 30)
+        assert await store.advance_code(claim, ClaimState.SENT, 30)
+        assert await store.advance_code(claim, ClaimState.FAILED, 30, '{"error": "invalid_grant"}')
+        seen = await store.claim_code(key, "h", "two", 30)
+        assert seen.state is ClaimState.FAILED and seen.outcome == '{"error": "invalid_grant"}'
+
+    async def test_only_the_owner_advances_a_claim(self, store: Store) -> None:
+        key = self.key()
+        await store.claim_code(key, "h", "one", 30)
+        other = await store.claim_code(key, "h", "two", 30)
+        assert not await store.advance_code(other, ClaimState.SENT, 30)
+
+    async def test_expired_claim_before_send_is_taken_over(self, store: Store) -> None:
+        key = self.key()
+        dead = await store.claim_code(key, "h", "dead", self.lease_ttl)
+        await asyncio.sleep(self.lease_ttl * 1.5)
+        taken = await store.claim_code(key, "h", "alive", 30)
+        assert taken.won and taken.state is ClaimState.CLAIMED
+        assert not await store.advance_code(dead, ClaimState.SENT, 30)
+        assert await store.advance_code(taken, ClaimState.SENT, 30)
+
+    async def test_expired_claim_after_send_is_never_taken_over(self, store: Store) -> None:
+        key = self.key()
+        dead = await store.claim_code(key, "h", "dead", 30)
+        assert await store.advance_code(dead, ClaimState.SENT, self.lease_ttl)
+        await asyncio.sleep(self.lease_ttl * 1.5)
+        seen = await store.claim_code(key, "h", "alive", 30)
+        assert not seen.won and seen.state is ClaimState.SENT and seen.expired
+
+    async def test_watch_wakes_on_commit_and_release(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"v1"))
+        won = await store.acquire(key, "one", 30)
+        assert won.lease is not None
+        lease = won.lease
+
+        async def release_soon() -> None:
+            await asyncio.sleep(0.05)
+            await store.release(lease)
+
+        async with store.watch(key) as watch:
+            releaser = asyncio.create_task(release_soon())
+            assert await _woken(watch, 5.0)
+            await releaser
+        won = await store.acquire(key, "two", 30)
+        assert won.lease is not None
+        async with store.watch(key) as watch:
+            await store.commit(won.lease, _update(b"v2"))
+            assert await _woken(watch, 5.0)
+
+    async def test_watch_wakes_on_replace_and_claim_steps(self, store: Store) -> None:
+        key = self.key()
+        async with store.watch(key) as watch:
+            await store.replace(key, _update(b"v1"))
+            assert await _woken(watch, 5.0)
+        claim = await store.claim_code(key, "h", "one", 30)
+        async with store.watch(key) as watch:
+            await store.advance_code(claim, ClaimState.SENT, 30)
+            await store.advance_code(claim, ClaimState.DONE, 30)
+            assert await _woken(watch, 5.0)
+
+    async def test_watch_ignores_other_tenants(self, store: Store) -> None:
+        key, other = self.key("a"), self.key("b")
+        async with store.watch(key) as watch:
+            await store.replace(other, _update(b"x"))
+            assert not await watch.wait(0.3)
+
+    async def test_on_change_reports_the_digest(self, store: Store) -> None:
+        key = self.key()
+        seen: list[str] = []
+        unsubscribe = store.on_change(seen.append)
+        try:
+            async with store.watch(key) as watch:
+                await store.replace(key, _update(b"x"))
+                await _woken(watch, 5.0)
+            deadline = time.monotonic() + 5
+            while key.digest not in seen and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            assert key.digest in seen
+        finally:
+            unsubscribe()
+
+
+async def _woken(watch: Watch, within: float) -> bool:
+    """True if ``watch`` reports a change within ``within`` seconds (poll ticks ignored)."""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        if await watch.wait(left):
+            return True
+    return False

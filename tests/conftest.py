@@ -1,0 +1,64 @@
+"""Shared fixtures: a strict FakeFactorial, an app pointed at it, a manager on it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from factorial_tokens import FactorialApp, TokenManager
+from factorial_tokens.testing import FakeFactorial, RefreshMode
+
+CLIENT_ID = "app-client-id"
+CLIENT_SECRET = "app-client-secret-4f9d2b7e1c"
+REDIRECT_URI = "http://127.0.0.1:8765/oauth/callback"
+
+SimFactory = Callable[..., contextlib.AbstractAsyncContextManager[FakeFactorial]]
+
+
+@pytest.fixture
+def make_sim() -> SimFactory:
+    """Build a simulator registered for the test app; strict by default."""
+
+    @contextlib.asynccontextmanager
+    async def factory(**options: Any) -> AsyncIterator[FakeFactorial]:
+        options.setdefault("refresh_mode", RefreshMode.REVOKE_AT_REFRESH)
+        options.setdefault("reuse_detection", True)
+        async with FakeFactorial(
+            client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, **options
+        ) as sim:
+            yield sim
+
+    return factory
+
+
+@pytest.fixture
+async def sim(make_sim: SimFactory) -> AsyncIterator[FakeFactorial]:
+    """The strictest simulator: revoke at refresh, reuse detection, one-hour tokens."""
+    async with make_sim(access_token_ttl=3600) as simulator:
+        yield simulator
+
+
+def app_for(sim: FakeFactorial, **options: Any) -> FactorialApp:
+    """The test app, pointed at ``sim``."""
+    return FactorialApp(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        base_url=sim.base_url,
+        **options,
+    )
+
+
+@pytest.fixture
+def app(sim: FakeFactorial) -> FactorialApp:
+    return app_for(sim)
+
+
+@pytest.fixture
+async def tm(app: FactorialApp) -> AsyncIterator[TokenManager]:
+    """A manager on a memory store, with short budgets so failures surface fast."""
+    async with TokenManager(app, "memory://", lease_ttl=6.0, provider_timeout=2.0) as manager:
+        yield manager

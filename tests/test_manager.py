@@ -1,0 +1,410 @@
+"""TokenManager against the strict FakeFactorial: the guarantees, proven by counting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from factorial_tokens import (
+    CodeReused,
+    ConfigurationError,
+    EventKind,
+    FactorialApp,
+    InvalidCallback,
+    InvalidState,
+    InvalidTenant,
+    ManagerClosed,
+    MemoryStore,
+    ReauthorizationRequired,
+    TenantNotConnected,
+    TenantStatus,
+    TokenEvent,
+    TokenManager,
+)
+from factorial_tokens.testing import CountingStore, FakeFactorial, Fault, RefreshMode
+
+from .conftest import SimFactory, app_for
+
+
+async def connect(tm: TokenManager, sim: FakeFactorial, tenant: str = "acme", company_id: int = 1) -> str:
+    """Connect ``tenant`` through a fresh code; return its access token."""
+    tokens = await tm.exchange_code(tenant, sim.issue_code(company_id=company_id))
+    return tokens.access_token
+
+
+async def test_exchange_then_access_token(tm: TokenManager, sim: FakeFactorial) -> None:
+    token = await connect(tm, sim)
+    assert await tm.access_token("acme") == token
+    assert sim.is_active(token)
+    assert sim.stats.exchanges == 1 and sim.stats.refreshes == 0
+
+
+async def test_hot_path_costs_no_store_call(sim: FakeFactorial) -> None:
+    store = CountingStore(MemoryStore())
+    async with TokenManager(app_for(sim), store) as tm:
+        await connect(tm, sim)
+        await tm.access_token("acme")
+        store.reset()
+        for _ in range(1000):
+            await tm.access_token("acme")
+        assert store.calls.total() == 0
+
+
+async def test_miss_with_fresh_tokens_is_one_read(sim: FakeFactorial) -> None:
+    shared = MemoryStore()
+    async with TokenManager(app_for(sim), shared) as first:
+        await connect(first, sim)
+    store = CountingStore(shared)
+    async with TokenManager(app_for(sim), store) as second:
+        store.reset()
+        await second.access_token("acme")
+        assert dict(store.calls) == {"read": 1}
+
+
+async def test_500_callers_on_an_expired_tenant_cause_one_refresh(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=1) as sim:
+        store = CountingStore(MemoryStore())
+        async with TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as tm:
+            old = await connect(tm, sim)
+            await asyncio.sleep(1.1)
+            store.reset()
+            tokens = await asyncio.gather(*(tm.access_token("acme") for _ in range(500)))
+        assert set(tokens) != {old} and len(set(tokens)) == 1
+        assert sim.stats.refreshes == 1
+        assert sim.stats.invalid_grant == 0
+        assert sim.stats.families_revoked == 0
+        assert store.calls["acquire"] == 1 and store.calls["commit"] == 1
+        assert store.calls.total() <= 3
+
+
+async def test_200_concurrent_exchanges_of_one_code(tm: TokenManager, sim: FakeFactorial) -> None:
+    code = sim.issue_code(company_id=7)
+    results = await asyncio.gather(*(tm.exchange_code("acme", code) for _ in range(200)))
+    assert len({r.access_token for r in results}) == 1
+    assert len({r.refresh_token for r in results}) == 1
+    assert sim.stats.exchanges == 1
+    assert sim.stats.invalid_grant == 0
+
+
+async def test_retried_callback_gets_the_same_tokens(sim: FakeFactorial) -> None:
+    store = MemoryStore()
+    code = sim.issue_code(company_id=7)
+    async with TokenManager(app_for(sim), store) as first:
+        original = await first.exchange_code("acme", code)
+    async with TokenManager(app_for(sim), store) as second:  # another worker, same store
+        again = await second.exchange_code("acme", code)
+    assert again.access_token == original.access_token
+    assert sim.stats.exchanges == 1 and sim.stats.token_requests == 1
+
+
+async def test_a_code_is_refused_for_another_tenant(tm: TokenManager, sim: FakeFactorial) -> None:
+    code = sim.issue_code(company_id=7)
+    await tm.exchange_code("acme", code)
+    with pytest.raises(CodeReused):
+        await tm.exchange_code("evil", code)
+    concurrent = sim.issue_code(company_id=8)
+    results = await asyncio.gather(
+        tm.exchange_code("one", concurrent), tm.exchange_code("two", concurrent), return_exceptions=True
+    )
+    assert sum(isinstance(r, CodeReused) for r in results) == 1
+    assert sim.stats.exchanges == 2 and sim.stats.invalid_grant == 0
+    with pytest.raises(TenantNotConnected):
+        await tm.access_token("evil")
+
+
+async def test_a_refused_code_gives_every_caller_the_same_error(tm: TokenManager, sim: FakeFactorial) -> None:
+    results = await asyncio.gather(
+        *(tm.exchange_code("acme", "not-a-real-code") for _ in range(20)), return_exceptions=True
+    )
+    errors = {(type(e).__name__, getattr(e, "error", None)) for e in results}
+    assert errors == {("ProviderError", "invalid_grant")}
+    assert sim.stats.token_requests == 1
+
+
+@pytest.mark.parametrize("code", ["", "x" * 5000, "line\nbreak", None])
+async def test_malformed_codes_are_refused_before_any_request(
+    tm: TokenManager, sim: FakeFactorial, code: object
+) -> None:
+    with pytest.raises(InvalidCallback):
+        await tm.exchange_code("acme", code)  # type: ignore[arg-type]
+    assert sim.stats.token_requests == 0
+
+
+async def test_forced_refresh_is_single_flight(tm: TokenManager, sim: FakeFactorial) -> None:
+    old = await connect(tm, sim)
+    results = await asyncio.gather(*(tm.refresh("acme") for _ in range(50)))
+    assert {r.access_token for r in results} != {old}
+    assert len({r.access_token for r in results}) == 1
+    assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+    assert await tm.access_token("acme") == results[0].access_token
+
+
+async def test_short_lifetime_is_not_refreshed_on_every_call(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=2) as sim:
+        async with TokenManager(app_for(sim), leeway=60, lease_ttl=6, provider_timeout=2) as tm:
+            await connect(tm, sim)
+            for _ in range(200):
+                await tm.access_token("acme")
+            assert sim.stats.refreshes == 0
+
+
+async def test_company_tokens_never_refresh(tm: TokenManager, sim: FakeFactorial) -> None:
+    tokens = await tm.exchange_code("acme", sim.issue_code(company_id=3, company_token=True))
+    assert tokens.expires_at is None and tokens.refresh_token is None
+    assert await tm.access_token("acme") == tokens.access_token
+    assert (await tm.refresh("acme")).access_token == tokens.access_token
+    assert sim.stats.refreshes == 0
+
+
+async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=1, latency=0.05) as sim:
+        store = MemoryStore()
+        async with (
+            TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as one,
+            TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as two,
+        ):
+            await connect(one, sim)
+            await two.access_token("acme")
+            await asyncio.sleep(1.1)
+            calls = [m.access_token("acme") for m in (one, two) for _ in range(100)]
+            assert len(set(await asyncio.gather(*calls))) == 1
+        assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+async def test_dead_grant_needs_reauthorization(make_sim: SimFactory) -> None:
+    events: list[TokenEvent] = []
+    async with make_sim(access_token_ttl=1) as sim:
+        async with TokenManager(app_for(sim), on_event=events.append, lease_ttl=6, provider_timeout=2) as tm:
+            await connect(tm, sim, company_id=5)
+            sim.revoke_company(5)
+            await asyncio.sleep(1.1)
+            results = await asyncio.gather(
+                *(tm.access_token("acme") for _ in range(50)), return_exceptions=True
+            )
+            assert all(isinstance(r, ReauthorizationRequired) for r in results)
+            requests = sim.stats.token_requests
+            with pytest.raises(ReauthorizationRequired):
+                await tm.access_token("acme")
+            assert sim.stats.token_requests == requests  # no hammering
+            [info] = await tm.tenants()
+            assert info.needs_reauthorization and info.status is TenantStatus.NEEDS_REAUTH
+            assert [e.kind for e in events].count(EventKind.REAUTHORIZATION_REQUIRED) == 1
+            token = await connect(tm, sim, company_id=5)  # the company connects again
+            assert await tm.access_token("acme") == token
+            assert not (await tm.tenants())[0].needs_reauthorization
+
+
+async def test_invalid_grant_after_a_newer_write_is_a_lost_race(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=1) as sim:
+        async with TokenManager(app_for(sim), lease_ttl=6, provider_timeout=2) as tm:
+            await connect(tm, sim, company_id=5)
+            sim.revoke_company(5)
+            await asyncio.sleep(1.1)
+            sim.inject(Fault.SLOW, delay=0.5)  # the refusal arrives after the reconnection
+            pending = asyncio.create_task(tm.access_token("acme"))
+            await asyncio.sleep(0.1)  # the refresh is on its way to a revoked grant
+            reconnected = await tm.exchange_code("acme", sim.issue_code(company_id=5))
+            assert await pending == reconnected.access_token
+            assert not (await tm.tenants())[0].needs_reauthorization
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=1, latency=0.4) as sim:
+        async with TokenManager(app_for(sim), lease_ttl=6, provider_timeout=2) as tm:
+            await connect(tm, sim)
+            await asyncio.sleep(1.2)
+            waiting = asyncio.create_task(tm.access_token("acme"))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(tm.access_token("acme"), 0.1)
+            token = await waiting
+            assert sim.is_active(token)
+            assert (await tm.tokens("acme")).access_token == token
+            assert sim.stats.refreshes == 1
+
+
+async def test_a_cancelled_exchange_still_stores_the_tokens(make_sim: SimFactory) -> None:
+    async with make_sim(latency=0.3) as sim:
+        async with TokenManager(app_for(sim)) as tm:
+            code = sim.issue_code(company_id=1)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(tm.exchange_code("acme", code), 0.1)
+            await asyncio.sleep(0.5)
+            stored = await tm.tokens("acme")
+            assert (await tm.exchange_code("acme", code)).access_token == stored.access_token
+            assert sim.stats.exchanges == 1
+
+
+async def test_client_sends_bearer_and_retries_once_after_401(tm: TokenManager, sim: FakeFactorial) -> None:
+    await connect(tm, sim, company_id=9)
+    async with tm.client("acme") as api:
+        async with api.get(f"/api/{tm.app.api_version}/resources/employees/employees") as resp:
+            assert resp.status == 200
+        sim.expire_access_tokens(9)
+        resp = await api.get(f"/api/{tm.app.api_version}/resources/employees/employees")
+        assert resp.status == 200
+        resp.release()
+    assert sim.stats.refreshes == 1
+    with pytest.raises(ConfigurationError):
+        await tm.client("acme").get("https://elsewhere.example/steal")
+
+
+async def test_credentials(tm: TokenManager, sim: FakeFactorial) -> None:
+    await tm.exchange_code("acme", sim.issue_code(company_id=42, employee_id=7))
+    owner = await tm.credentials("acme")
+    assert owner.company_id == "42" and owner.employee_id == "7"
+    assert not owner.is_company
+
+
+async def test_credentials_ids_as_strings_in_2026_versions(sim: FakeFactorial) -> None:
+    async with TokenManager(app_for(sim, api_version="2026-01-01")) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=42, company_token=True))
+        owner = await tm.credentials("acme")
+        assert owner.company_id == "42" and owner.is_company
+
+
+async def test_revoke_and_forget(tm: TokenManager, sim: FakeFactorial) -> None:
+    token = await connect(tm, sim)
+    await tm.revoke("acme")
+    assert not sim.is_active(token)
+    assert sim.stats.revocations == 1
+    with pytest.raises(TenantNotConnected):
+        await tm.access_token("acme")
+    await connect(tm, sim, "other")
+    await tm.forget("other")
+    assert await tm.tenants() == []
+
+
+async def test_tenants_lists_status(tm: TokenManager, sim: FakeFactorial) -> None:
+    await connect(tm, sim, "b", 2)
+    await connect(tm, sim, "a", 1)
+    infos = await tm.tenants()
+    assert [i.tenant for i in infos] == ["a", "b"]
+    assert all(i.status is TenantStatus.ACTIVE and i.expires_at and i.expires_at > time.time() for i in infos)
+
+
+async def test_two_apps_share_one_store_safely(sim: FakeFactorial) -> None:
+    store = MemoryStore()
+    other_app = FactorialApp(
+        client_id="demo-app",
+        client_secret="other-secret",
+        redirect_uri="http://127.0.0.1/cb",
+        base_url=sim.base_url,
+    )
+    async with TokenManager(app_for(sim), store) as prod, TokenManager(other_app, store) as demo:
+        await connect(prod, sim)
+        with pytest.raises(TenantNotConnected):
+            await demo.access_token("acme")
+        assert await demo.tenants() == []
+
+
+async def test_events(tm: TokenManager, sim: FakeFactorial) -> None:
+    events: list[TokenEvent] = []
+    tm.add_listener(events.append)
+    tm.add_listener(lambda e: 1 / 0)  # a broken listener must not break anything
+    await connect(tm, sim)
+    await tm.refresh("acme")
+    kinds = [e.kind for e in events]
+    assert kinds == [EventKind.EXCHANGED, EventKind.REFRESHED]
+    assert all(e.tenant == "acme" and e.fingerprint and e.fingerprint.startswith("sha256:") for e in events)
+
+
+async def test_state_is_signed_and_bound(tm: TokenManager, sim: FakeFactorial) -> None:
+    url = tm.authorization_url("acme ☃")
+    callback = await sim.authorize(url)
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(callback).query)
+    state = query["state"][0]
+    assert tm.tenant_from_state(state) == "acme ☃"
+    body, _, mac = state.partition(".")
+    for forged in (body + "." + mac[:-2] + "AA", "x" + state, "", "a.b", state + "." + mac, "😀" * 3000):
+        with pytest.raises(InvalidState):
+            tm.tenant_from_state(forged)
+    other = FactorialApp(
+        client_id=tm.app.client_id, client_secret="another", redirect_uri=tm.app.redirect_uri
+    )
+    async with TokenManager(other) as foreign:
+        with pytest.raises(InvalidState):
+            foreign.tenant_from_state(state)
+    tokens = await tm.exchange_code("acme ☃", query["code"][0])
+    assert sim.is_active(tokens.access_token)
+
+
+def test_expired_state() -> None:
+    from factorial_tokens._state import StateSigner
+
+    signer = StateSigner(FactorialApp(client_id="c", client_secret="s", redirect_uri="https://x/cb"), ttl=10)
+    state = signer.sign("acme", now=1000)
+    assert signer.verify(state, now=1005)[0] == "acme"
+    with pytest.raises(InvalidState, match="expired"):
+        signer.verify(state, now=1011)
+
+
+def test_company_authorization_url(app: FactorialApp) -> None:
+    tm = TokenManager(app)
+    url = tm.authorization_url("acme", company=True, scope="read")
+    assert url.startswith(app.base_url + "/oauth/authorize?")
+    assert "resource_owner_type=company" in url and "scope=read" in url and "response_type=code" in url
+
+
+@pytest.mark.parametrize("tenant", ["", "x" * 201, "new\nline", "nul\x00", "\ud800", 42, None])
+async def test_hostile_tenant_ids_are_refused(tm: TokenManager, tenant: object) -> None:
+    with pytest.raises(InvalidTenant):
+        await tm.access_token(tenant)  # type: ignore[arg-type]
+    with pytest.raises(InvalidTenant):
+        tm.authorization_url(tenant)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tenant", ["x" * 200, "ünïcødé 会社", "'; DROP TABLE t; --", "{a}:*"])
+async def test_odd_but_valid_tenant_ids_work(tm: TokenManager, sim: FakeFactorial, tenant: str) -> None:
+    token = await connect(tm, sim, tenant)
+    assert await tm.access_token(tenant) == token
+    assert [i.tenant for i in await tm.tenants()] == [tenant]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lease_ttl": 5, "provider_timeout": 10},
+        {"lease_ttl": 5, "refresh_deadline": 6},
+        {"lease_ttl": 5, "wait_timeout": 4},
+        {"leeway": -1},
+    ],
+)
+def test_time_budgets_must_nest(app: FactorialApp, options: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError):
+        TokenManager(app, **options)  # type: ignore[arg-type]
+
+
+def test_unknown_store_scheme_names_the_package(app: FactorialApp) -> None:
+    with pytest.raises(ConfigurationError, match="memory://") as info:
+        TokenManager(app, "mongodb://x")
+    assert "no token store for mongodb://" in str(info.value)
+    with pytest.raises(ConfigurationError, match="scheme"):
+        TokenManager(app, "just-a-path")
+
+
+async def test_a_closed_manager_refuses_reuse(app: FactorialApp, sim: FakeFactorial) -> None:
+    tm = TokenManager(app)
+    async with tm:
+        await connect(tm, sim)
+    with pytest.raises(ManagerClosed):
+        await tm.access_token("acme")
+    with pytest.raises(ManagerClosed):
+        await tm.open()
+    await tm.aclose()  # idempotent
+
+
+async def test_revoke_on_first_use_mode_keeps_one_live_pair(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=1, refresh_mode=RefreshMode.REVOKE_ON_FIRST_USE) as sim:
+        async with TokenManager(app_for(sim), lease_ttl=6, provider_timeout=2) as tm:
+            await connect(tm, sim, company_id=4)
+            for _ in range(2):
+                await asyncio.sleep(1.1)
+                async with tm.client("acme") as api:
+                    async with api.get(f"/api/{tm.app.api_version}/resources/employees/employees") as resp:
+                        assert resp.status == 200
+            assert sim.stats.refreshes == 2 and sim.stats.invalid_grant == 0
+            assert sim.live_pairs(4) == 1

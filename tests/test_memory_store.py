@@ -1,0 +1,19 @@
+"""The conformance suite on MemoryStore."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from factorial_tokens import MemoryStore, store_from_url
+from factorial_tokens.testing import StoreConformance
+
+
+class TestMemoryStore(StoreConformance):
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[MemoryStore]:
+        store = store_from_url("memory://")
+        assert isinstance(store, MemoryStore)
+        yield store
+        await store.aclose()

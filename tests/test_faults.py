@@ -1,0 +1,205 @@
+"""Every fault the provider can throw: a typed error, stored tokens intact, recovery after.
+
+Faults come from the strict simulator, never from a patched HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from factorial_tokens import (
+    ExchangeInDoubt,
+    FactorialApp,
+    ProviderError,
+    ReauthorizationRequired,
+    RequestInDoubt,
+    RotationLost,
+    TokenManager,
+    TokenSet,
+)
+from factorial_tokens.testing import FakeFactorial, Fault, RefreshMode
+
+from .conftest import CLIENT_ID, REDIRECT_URI, SimFactory, app_for
+
+BUDGETS = {"lease_ttl": 3.0, "provider_timeout": 1.0, "refresh_deadline": 2.0}
+
+
+@pytest.fixture
+async def connected(sim: FakeFactorial) -> AsyncIterator[tuple[TokenManager, TokenSet]]:
+    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+        tokens = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        yield tm, tokens
+
+
+async def assert_recovers(tm: TokenManager, sim: FakeFactorial, before: TokenSet) -> None:
+    """Stored tokens are the ones from before the fault; once it clears, refresh works."""
+    assert (await tm.tokens("acme")).refresh_token == before.refresh_token
+    sim.clear_faults()
+    fresh = await tm.refresh("acme")
+    assert fresh.access_token != before.access_token and sim.is_active(fresh.access_token)
+    assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+
+
+@pytest.mark.parametrize("fault", [Fault.HTTP_500, Fault.HTTP_503, Fault.RATE_LIMITED])
+async def test_transient_refusals_are_retried(
+    connected: tuple[TokenManager, TokenSet], sim: FakeFactorial, fault: Fault
+) -> None:
+    tm, before = connected
+    sim.inject(fault, times=2, retry_after=0.2)
+    fresh = await tm.refresh("acme")
+    assert fresh.access_token != before.access_token
+    assert sim.stats.refreshes == 1 and sim.stats.token_requests == 4  # exchange + 2 faults + refresh
+    assert sim.stats.invalid_grant == 0
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.HTTP_502,
+        Fault.HTTP_504,
+        Fault.HTML_ERROR,
+        Fault.HTML_200,
+        Fault.MALFORMED_JSON,
+        Fault.MISSING_FIELDS,
+        Fault.DROP_BEFORE,
+    ],
+)
+async def test_an_answer_in_doubt_is_retried_once_with_the_stored_token(
+    connected: tuple[TokenManager, TokenSet], sim: FakeFactorial, fault: Fault
+) -> None:
+    tm, before = connected
+    sim.inject(fault)
+    fresh = await tm.refresh("acme")
+    assert fresh.access_token != before.access_token
+    assert sim.stats.token_requests == 3  # exchange, the request in doubt, one more try
+    assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        (Fault.HTTP_503, ProviderError),
+        (Fault.HTTP_500, ProviderError),
+        (Fault.HTTP_502, RequestInDoubt),
+        (Fault.HTML_ERROR, RequestInDoubt),
+        (Fault.MALFORMED_JSON, RequestInDoubt),
+        (Fault.DROP_BEFORE, RequestInDoubt),
+    ],
+)
+async def test_a_lasting_fault_is_a_typed_error_and_loses_nothing(
+    connected: tuple[TokenManager, TokenSet], sim: FakeFactorial, fault: Fault, error: type[Exception]
+) -> None:
+    tm, before = connected
+    sim.inject(fault, times=100)
+    with pytest.raises(error) as info:
+        await tm.refresh("acme")
+    assert not isinstance(info.value, ReauthorizationRequired)
+    assert before.access_token not in str(info.value) and before.refresh_token not in str(info.value)
+    await assert_recovers(tm, sim, before)
+
+
+async def test_retry_after_beyond_the_deadline_fails_fast(
+    connected: tuple[TokenManager, TokenSet], sim: FakeFactorial
+) -> None:
+    tm, before = connected
+    sim.inject(Fault.RATE_LIMITED, times=100, retry_after=60)
+    with pytest.raises(ProviderError) as info:
+        await tm.refresh("acme")
+    assert info.value.status == 429
+    assert sim.stats.token_requests == 2
+    await assert_recovers(tm, sim, before)
+
+
+async def test_provider_down(connected: tuple[TokenManager, TokenSet], sim: FakeFactorial) -> None:
+    tm, before = connected
+    sim.unavailable = True
+    with pytest.raises(ProviderError) as info:
+        await tm.refresh("acme")
+    assert info.value.status == 503
+    sim.unavailable = False
+    await assert_recovers(tm, sim, before)
+
+
+async def test_a_wrong_client_secret_is_not_a_dead_grant(sim: FakeFactorial) -> None:
+    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    wrong = FactorialApp(
+        client_id=CLIENT_ID, client_secret="wrong", redirect_uri=REDIRECT_URI, base_url=sim.base_url
+    )
+    async with TokenManager(wrong, tm.store, **BUDGETS) as bad:
+        with pytest.raises(ProviderError) as info:
+            await bad.exchange_code("other", sim.issue_code(company_id=2))
+        assert info.value.status == 401 and info.value.error == "invalid_client"
+        assert "wrong" not in str(info.value)
+
+
+async def test_unreachable_provider(sim: FakeFactorial) -> None:
+    app = FactorialApp(
+        client_id=CLIENT_ID, client_secret="s", redirect_uri=REDIRECT_URI, base_url="http://127.0.0.1:9"
+    )
+    async with TokenManager(app, **BUDGETS) as tm:
+        with pytest.raises(ProviderError) as info:
+            await tm.exchange_code("acme", "code")
+        assert info.value.error == "connection_error"
+
+
+async def test_lost_rotation_in_strict_mode_surfaces(
+    connected: tuple[TokenManager, TokenSet], sim: FakeFactorial
+) -> None:
+    tm, _ = connected
+    sim.inject(Fault.DROP_AFTER)
+    results = await asyncio.gather(*(tm.refresh("acme") for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(r, RotationLost) for r in results)
+    assert sim.stats.refreshes == 1  # the one whose answer was lost
+    assert sim.stats.refresh_attempts == 2  # and exactly one try with what was stored
+    with pytest.raises(ReauthorizationRequired):
+        await tm.access_token("acme")
+    assert sim.stats.refresh_attempts == 2
+
+
+async def test_slow_answer_past_the_timeout_is_in_doubt(
+    connected: tuple[TokenManager, TokenSet], sim: FakeFactorial
+) -> None:
+    tm, _ = connected
+    sim.inject(Fault.SLOW, delay=3)
+    with pytest.raises(RotationLost):
+        await tm.refresh("acme")
+
+
+async def test_lost_rotation_heals_in_revoke_on_first_use_mode(make_sim: SimFactory) -> None:
+    async with make_sim(refresh_mode=RefreshMode.REVOKE_ON_FIRST_USE) as sim:
+        async with TokenManager(app_for(sim), **BUDGETS) as tm:
+            before = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            sim.inject(Fault.DROP_AFTER)
+            fresh = await tm.refresh("acme")
+            assert fresh.access_token != before.access_token
+            assert sim.stats.invalid_grant == 0
+            async with tm.client("acme") as api:
+                async with api.get(f"/api/{tm.app.api_version}/resources/employees/employees") as resp:
+                    assert resp.status == 200
+
+
+@pytest.mark.parametrize("fault", [Fault.DROP_AFTER, Fault.HTML_ERROR, Fault.HTTP_504, Fault.MALFORMED_JSON])
+async def test_an_exchange_in_doubt_never_resends_the_code(sim: FakeFactorial, fault: Fault) -> None:
+    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+        code = sim.issue_code(company_id=1)
+        sim.inject(fault)
+        results = await asyncio.gather(
+            *(tm.exchange_code("acme", code) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, ExchangeInDoubt) for r in results)
+        with pytest.raises(ExchangeInDoubt):
+            await tm.exchange_code("acme", code)  # a retried callback
+        assert sim.stats.token_requests == 1 and sim.stats.max_attempts_per_code <= 1
+        fresh = await tm.exchange_code("acme", sim.issue_code(company_id=1))  # connect again
+        assert await tm.access_token("acme") == fresh.access_token
+
+
+async def test_a_transient_refusal_of_an_exchange_is_retried(sim: FakeFactorial) -> None:
+    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+        sim.inject(Fault.HTTP_503)
+        tokens = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        assert sim.is_active(tokens.access_token) and sim.stats.exchanges == 1

@@ -1,0 +1,59 @@
+"""The manager when its store goes away: cached tokens serve until they expire, then a
+typed error, and recovery without a restart once the store is back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from factorial_tokens import MemoryStore, StoreUnavailable, TokenManager
+from factorial_tokens.testing import CountingStore
+
+from .conftest import SimFactory, app_for
+
+
+class OutageStore(CountingStore):
+    """A real MemoryStore behind a switch that makes every primitive fail like a lost server."""
+
+    down = False
+
+    def __getattribute__(self, name: str) -> object:
+        attribute = super().__getattribute__(name)
+        primitives = {
+            "read",
+            "acquire",
+            "extend",
+            "release",
+            "commit",
+            "replace",
+            "claim_code",
+            "advance_code",
+        }
+        if name in primitives and object.__getattribute__(self, "down"):
+
+            async def unavailable(*args: object, **kwargs: object) -> None:
+                raise StoreUnavailable("store is down (test outage)")
+
+            return unavailable
+        return attribute
+
+
+async def test_cached_tokens_serve_through_an_outage(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=2) as sim:
+        store = OutageStore(MemoryStore())
+        async with TokenManager(app_for(sim), store, lease_ttl=3, provider_timeout=1) as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            token = await tm.access_token("acme")  # now cached
+            store.down = True
+            assert await tm.access_token("acme") == token  # fresh: the hot path needs no store
+            await asyncio.sleep(1.1)  # due for refresh (half its lifetime), not yet expired
+            assert await tm.access_token("acme") == token
+            await asyncio.sleep(1.0)  # expired now
+            with pytest.raises(StoreUnavailable):
+                await tm.access_token("acme")
+            assert sim.stats.refresh_attempts == 0  # fail closed: no refresh without the lease
+            store.down = False
+            fresh = await tm.access_token("acme")
+            assert fresh != token and sim.is_active(fresh)
+            assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0

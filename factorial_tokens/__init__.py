@@ -25,6 +25,7 @@ from ._events import EventKind, TokenEvent
 from ._manager import TenantInfo, TokenManager
 from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
+from ._sealing import Keyring, SealedCodec, ensure_key_file, rekey
 from ._store import (
     Acquisition,
     ClaimState,
@@ -57,6 +58,7 @@ __all__ = [
     "InvalidState",
     "InvalidTenant",
     "JsonCodec",
+    "Keyring",
     "Lease",
     "ManagerClosed",
     "MemoryStore",
@@ -68,6 +70,7 @@ __all__ = [
     "RefreshTimeout",
     "RequestInDoubt",
     "RotationLost",
+    "SealedCodec",
     "Store",
     "StoreUnavailable",
     "TenantInfo",
@@ -81,7 +84,9 @@ __all__ = [
     "TokenSet",
     "Update",
     "Watch",
+    "ensure_key_file",
     "fingerprint",
+    "rekey",
     "store_from_url",
     "validate_tenant",
 ]

@@ -48,6 +48,7 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._oauth import OAuthClient
+from ._sealing import Keyring, SealedCodec
 from ._state import StateSigner
 from ._store import (
     ClaimState,
@@ -110,6 +111,10 @@ class TokenManager:
         state_ttl: how long an authorization ``state`` stays valid.
         session: an aiohttp session to use for Factorial (not closed by the manager).
         codec: how token sets are written to the store (plain JSON by default).
+        keyring: seal token material at rest with AES-GCM under this keyring
+            (:class:`~factorial_tokens.SealedCodec`); default: the keyring in
+            ``FACTORIAL_TOKENS_KEYS`` if that variable is set, else none. Not together
+            with ``codec``.
         on_event: called with every :class:`TokenEvent`; exceptions it raises are logged.
 
     The time budgets must nest: ``provider_timeout <= refresh_deadline < lease_ttl <
@@ -133,6 +138,7 @@ class TokenManager:
         state_ttl: float = 600.0,
         session: aiohttp.ClientSession | None = None,
         codec: PayloadCodec | None = None,
+        keyring: Keyring | None = None,
         on_event: Callable[[TokenEvent], object] | None = None,
     ) -> None:
         refresh_deadline = lease_ttl * 2 / 3 if refresh_deadline is None else refresh_deadline
@@ -152,7 +158,12 @@ class TokenManager:
         self._owns_store = isinstance(store, str)
         self._store: Store = store_from_url(store) if isinstance(store, str) else store
         self._oauth = OAuthClient(app, session=session, timeout=provider_timeout)
-        self._codec: PayloadCodec = codec or JsonCodec()
+        if keyring is not None and codec is not None:
+            raise ConfigurationError("pass a keyring or a codec, not both")
+        if codec is None:
+            keyring = Keyring.from_env() if keyring is None else keyring
+            codec = JsonCodec() if keyring is None else SealedCodec(keyring)
+        self._codec: PayloadCodec = codec
         self._signer = StateSigner(app, state_ttl)
         self._listeners: list[Callable[[TokenEvent], object]] = [on_event] if on_event else []
         self._cache: dict[str, _Entry] = {}
@@ -570,7 +581,7 @@ class TokenManager:
         validate_tenant(tenant)
         key = self._key(tenant)
         async with self._lease(key) as record:
-            tokens = self._codec.decode(key, record.payload)
+            tokens = self._usable(tenant, record, allow_reauth=True).tokens
             deadline = asyncio.get_running_loop().time() + self.refresh_deadline
             await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
             await self._store.replace(key, None)
@@ -655,15 +666,17 @@ class TokenManager:
         tokens = self._codec.decode(record.key, record.payload)
         return _Entry(tokens, record.version, tokens.refresh_due_at(self.leeway))
 
-    def _usable(self, tenant: str, record: Record | None) -> _Entry:
+    def _usable(self, tenant: str, record: Record | None, *, allow_reauth: bool = False) -> _Entry:
         """The record's entry, or the error that tells why there is none."""
         if record is None:
             raise TenantNotConnected(tenant)
-        if record.status is TenantStatus.NEEDS_REAUTH:
+        if record.status is TenantStatus.NEEDS_REAUTH and not allow_reauth:
             raise ReauthorizationRequired(tenant, "the grant was refused earlier; connect again")
         try:
             return self._entry(record)
         except TokenSealError as exc:
+            # Never served, never overwritten: the record stays as it is for the right key.
+            log.error("tenant %r: stored tokens cannot be opened: %s", tenant, exc)
             self._emit(TokenEvent(EventKind.SEAL_ERROR, tenant, detail=str(exc)))
             raise
 

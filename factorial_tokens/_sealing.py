@@ -167,8 +167,8 @@ class Keyring:
         the entry's position, never its content.
         """
         pairs: list[tuple[str, bytes]] = []
-        entries = [e.strip() for line in text.splitlines() for e in line.split(",")]
-        entries = [e for e in entries if e and not e.startswith("#")]
+        lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        entries = [e.strip() for line in lines for e in line.split(",") if e.strip()]
         for position, entry in enumerate(entries, 1):
             kid, sep, encoded = entry.partition(":")
             kid = kid.strip()

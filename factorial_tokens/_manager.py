@@ -46,6 +46,7 @@ from ._errors import (
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
+from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._oauth import OAuthClient
 from ._sealing import Keyring, SealedCodec
@@ -588,6 +589,22 @@ class TokenManager:
         self._forget_cached(tenant)
         log.info("tenant %r: revoked and forgotten", tenant)
         self._emit(TokenEvent(EventKind.REVOKED, tenant, tokens.fingerprint))
+
+    async def keep_alive(
+        self,
+        *,
+        max_age: float = DEFAULT_MAX_AGE,
+        interval: float = 3600.0,
+        jitter: float = 0.2,
+        once: bool = False,
+    ) -> KeepAliveReport:
+        """Refresh, under the lease, every tenant whose tokens are older than ``max_age``
+        (jittered per tenant), every ``interval`` seconds until cancelled; ``once=True``
+        runs one pass and returns its report. Skips tenants needing re-authorization and
+        tokens that never expire; logs errors and goes on. See ``factorial_tokens._keepalive``.
+        """
+        self._check_open()
+        return await keep_alive(self, max_age=max_age, interval=interval, jitter=jitter, once=once)
 
     async def forget(self, tenant: str) -> None:
         """Remove ``tenant``'s tokens from the store (without revoking them at Factorial)."""

@@ -26,6 +26,7 @@ from ._manager import TenantInfo, TokenManager
 from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._sealing import Keyring, SealedCodec, ensure_key_file, rekey
+from ._sqlite import SQLiteStore
 from ._store import (
     Acquisition,
     ClaimState,
@@ -70,6 +71,7 @@ __all__ = [
     "RefreshTimeout",
     "RequestInDoubt",
     "RotationLost",
+    "SQLiteStore",
     "SealedCodec",
     "Store",
     "StoreUnavailable",

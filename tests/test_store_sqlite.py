@@ -1,0 +1,303 @@
+"""SQLiteStore: the conformance suite, plus what is particular to one file shared by processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from factorial_tokens import (
+    ClaimState,
+    ConfigurationError,
+    SQLiteStore,
+    StoreUnavailable,
+    TenantKey,
+    TenantStatus,
+    Update,
+    store_from_url,
+)
+from factorial_tokens.testing import StoreConformance
+
+KEY = TenantKey("app", "acme")
+
+
+def _update(payload: bytes) -> Update:
+    return Update(payload, TenantStatus.ACTIVE, time.time() + 3600, time.time())
+
+
+class TestSQLiteStore(StoreConformance):
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+        store = store_from_url(f"sqlite:///{tmp_path}/tokens.db")
+        assert isinstance(store, SQLiteStore)
+        yield store
+        await store.aclose()
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[SQLiteStore, SQLiteStore]]:
+    """Two stores on one file, as two processes would have them."""
+    one, two = SQLiteStore(tmp_path / "shared.db"), SQLiteStore(tmp_path / "shared.db")
+    yield one, two
+    await one.aclose()
+    await two.aclose()
+
+
+# -- URLs ----------------------------------------------------------------------------
+
+
+def test_url_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = SQLiteStore.from_url("sqlite:///sub/tokens.db")
+    assert relative.path == str(tmp_path / "sub" / "tokens.db")
+    absolute = SQLiteStore.from_url("sqlite:////var/tmp/x%20y.db?timeout=2&poll=0.1&synchronous=normal")
+    assert absolute.path == "/var/tmp/x y.db"
+    assert (absolute.busy_timeout, absolute.poll_interval, absolute.synchronous) == (2.0, 0.1, "normal")
+    assert "x y.db" in repr(absolute)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "needs a file path"),
+        ("sqlite:///", "needs a file path"),
+        ("sqlite://host/tokens.db", "local file"),
+        ("sqlite:///:memory:", "memory://"),
+        ("sqlite:///t.db?timeout=soon", "number of seconds"),
+        ("sqlite:///t.db?cache=shared", "unknown sqlite store option"),
+        ("sqlite:///t.db?synchronous=sometimes", "synchronous must be"),
+        ("sqlite:///t.db?poll=0", "must be > 0"),
+    ],
+)
+def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        store_from_url(url)
+
+
+# -- the file ------------------------------------------------------------------------
+
+
+async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    await store.check()
+    await store.aclose()
+    conn = sqlite3.connect(tmp_path / "t.db")
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        conn.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    await store.check()
+    await store.aclose()
+    conn = sqlite3.connect(tmp_path / "t.db")
+    with conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.close()
+    newer = SQLiteStore(tmp_path / "t.db")
+    with pytest.raises(ConfigurationError, match="schema version 99"):
+        await newer.check()
+    await newer.aclose()
+
+
+async def test_unwritable_path_is_store_unavailable(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "missing-dir" / "tokens.db")
+    with pytest.raises(StoreUnavailable, match=r"missing-dir/tokens\.db: unable to open"):
+        await store.check()
+    with pytest.raises(StoreUnavailable):
+        await store.read(KEY)
+    await store.aclose()
+
+
+async def test_corrupt_file_is_store_unavailable_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    path.write_bytes(b"this is not a database, " * 100)
+    store = SQLiteStore(path)
+    with pytest.raises(StoreUnavailable, match=r"tokens\.db: file is not a database"):
+        await store.check()
+    path.unlink()  # the operator fixes it: the same store works, no restart needed
+    await store.replace(KEY, _update(b"x"))
+    record = await store.read(KEY)
+    assert record is not None and record.payload == b"x"
+    await store.aclose()
+
+
+async def test_closed_store_refuses(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    await store.check()
+    await store.aclose()
+    await store.aclose()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.read(KEY)
+
+
+async def test_tenant_ids_are_bound_not_spliced(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    evil = TenantKey("app'; DROP TABLE tenants; --", "x') OR 1=1 --")
+    await store.replace(evil, _update(b"evil"))
+    await store.replace(KEY, _update(b"good"))
+    assert [r.key for r in await store.tenants(evil.namespace)] == [evil]
+    assert [r.key for r in await store.tenants("app")] == [KEY]
+    await store.aclose()
+
+
+# -- two stores on one file ------------------------------------------------------------
+
+
+async def test_two_stores_share_leases_records_and_claims(pair: tuple[SQLiteStore, SQLiteStore]) -> None:
+    one, two = pair
+    await one.replace(KEY, _update(b"v1"))
+    won = await one.acquire(KEY, "one", 30)
+    lost = await two.acquire(KEY, "two", 30)
+    assert won.lease is not None and lost.lease is None
+    assert lost.record is not None and lost.record.payload == b"v1"
+    forged = type(won.lease)(KEY, "two", won.lease.fence)
+    assert await two.commit(forged, _update(b"stolen")) is None
+    assert await two.commit(won.lease, _update(b"v2")) is not None  # the lease, not the store, holds
+    record = await two.read(KEY)
+    assert record is not None and record.payload == b"v2"
+    retry = await two.acquire(KEY, "two", 30)
+    assert retry.lease is not None and retry.lease.fence > won.lease.fence
+
+    claim = await one.claim_code(KEY, "code", "one", 30)
+    seen = await two.claim_code(KEY, "code", "two", 30)
+    assert claim.won and not seen.won and seen.state is ClaimState.CLAIMED
+    assert await one.advance_code(claim, ClaimState.SENT, 30)
+    assert (await two.claim_code(KEY, "code", "two", 30)).state is ClaimState.SENT
+    assert [r.payload for r in await two.tenants("app")] == [b"v2"]
+
+
+async def test_fence_grows_across_stores_and_forget(pair: tuple[SQLiteStore, SQLiteStore]) -> None:
+    one, two = pair
+    fences = []
+    for store in (one, two, one, two):
+        won = await store.acquire(KEY, "x", 30)
+        assert won.lease is not None
+        fences.append(won.lease.fence)
+        await (two if store is one else one).replace(KEY, None)  # forgets and fences out
+    assert fences == sorted(set(fences))
+
+
+async def test_wake_up_across_stores(pair: tuple[SQLiteStore, SQLiteStore]) -> None:
+    one, two = pair
+    await one.replace(KEY, _update(b"v1"))
+    won = await one.acquire(KEY, "one", 30)
+    assert won.lease is not None
+    changed: list[str] = []
+    unsubscribe = two.on_change(changed.append)
+    async with two.watch(KEY) as watch:
+        await asyncio.sleep(0.2)  # let the poller take its first look
+        started = time.monotonic()
+        await one.commit(won.lease, _update(b"v2"))
+        woke = False
+        while not woke and time.monotonic() - started < 5:
+            woke = await watch.wait(5)
+        assert woke
+    unsubscribe()
+    assert KEY.digest in changed
+    record = await two.read(KEY)
+    assert record is not None and record.payload == b"v2"
+
+
+async def test_own_writes_are_announced_once(tmp_path: Path) -> None:
+    one, two = SQLiteStore(tmp_path / "t.db"), SQLiteStore(tmp_path / "t.db")
+    seen: list[str] = []
+    unsubscribe = one.on_change(seen.append)
+    other = TenantKey("app", "other")
+    await one.replace(KEY, _update(b"mine"))
+    assert seen == [KEY.digest]
+    await two.replace(other, _update(b"theirs"))  # makes one's poller read the change log
+    deadline = time.monotonic() + 5
+    while other.digest not in seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert seen == [KEY.digest, other.digest]
+    unsubscribe()
+    await one.aclose()
+    await two.aclose()
+
+
+# -- other processes -------------------------------------------------------------------
+
+
+def _hold_lease(
+    path: str, ready: multiprocessing.synchronize.Event, done: multiprocessing.synchronize.Event
+) -> None:
+    async def main() -> None:
+        store = SQLiteStore(path)
+        won = await store.acquire(KEY, "child", 30)
+        assert won.lease is not None
+        ready.set()
+        await asyncio.to_thread(done.wait, 30)
+        assert await store.commit(won.lease, _update(b"from child")) is not None
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+async def test_another_process_holds_the_lease(tmp_path: Path) -> None:
+    path = str(tmp_path / "t.db")
+    ctx = multiprocessing.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_lease, args=(path, ready, done))
+    child.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 60)
+        store = SQLiteStore(path)
+        assert (await store.acquire(KEY, "parent", 30)).lease is None
+        async with store.watch(KEY) as watch:
+            done.set()
+            deadline = time.monotonic() + 10
+            while (record := await store.read(KEY)) is None and time.monotonic() < deadline:
+                await watch.wait(1)
+        assert record is not None and record.payload == b"from child"
+        assert (await store.acquire(KEY, "parent", 30)).lease is not None
+        await store.aclose()
+    finally:
+        await asyncio.to_thread(child.join, 30)
+    assert child.exitcode == 0
+
+
+_STARTER = """
+import asyncio, sys
+from factorial_tokens import SQLiteStore, TenantKey
+
+async def main():
+    store = SQLiteStore(sys.argv[1])
+    won = await store.acquire(TenantKey("app", "race"), sys.argv[2], 60)
+    print("won" if won.lease else "lost", won.lease.fence if won.lease else 0)
+    await store.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def test_eight_processes_create_the_schema_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "fresh.db")
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _STARTER,
+            path,
+            f"p{i}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        )
+        for i in range(8)
+    ]
+    outputs = [await proc.communicate() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 8, [err.decode()[-500:] for _, err in outputs]
+    results = [out.decode().split() for out, _ in outputs]
+    assert sorted(r[0] for r in results) == ["lost"] * 7 + ["won"]
+    assert [r[1] for r in results if r[0] == "won"] == ["1"]

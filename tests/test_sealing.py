@@ -12,6 +12,7 @@ import base64
 import os
 import pickle
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,6 @@ from factorial_tokens import (
     MemoryStore,
     SealedCodec,
     TenantKey,
-    TenantNotConnected,
     TokenEvent,
     TokenManager,
     TokenSealError,
@@ -37,7 +37,8 @@ from factorial_tokens import (
 from factorial_tokens._sealing import sealed_with
 from factorial_tokens.testing import FakeFactorial
 
-from .conftest import CLIENT_ID, app_for
+from ._raw_stores import BACKENDS, Backend, open_backend
+from .conftest import CLIENT_ID, SimFactory, app_for
 
 BUDGETS = {"lease_ttl": 6.0, "provider_timeout": 2.0}
 KEY = TenantKey(CLIENT_ID, "acme")
@@ -308,3 +309,249 @@ async def test_the_environment_keyring_seals(sim: FakeFactorial, monkeypatch: py
             await without.access_token("acme")
     async with TokenManager(app_for(sim), store, keyring=ring, **BUDGETS) as tm:
         assert await tm.access_token("acme") == tokens.access_token
+
+
+# -- on every store ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async with open_backend(request.param, tmp_path) as opened:
+        yield opened
+
+
+@pytest.fixture(params=[name for name in BACKENDS if name != "memory"])
+async def raw(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """A store whose backend can be dumped byte for byte (not the memory store)."""
+    async with open_backend(request.param, tmp_path) as opened:
+        assert opened.dump is not None
+        yield opened
+
+
+async def connect(tm: TokenManager, sim: FakeFactorial, tenant: str, company_id: int) -> TokenSet:
+    return await tm.exchange_code(tenant, sim.issue_code(company_id=company_id))
+
+
+async def test_the_raw_store_holds_no_token(raw: Backend, sim: FakeFactorial) -> None:
+    backend = raw
+    assert backend.dump is not None
+    ring = Keyring.generate("k1")
+    seen: list[TokenSet] = []
+    async with TokenManager(app_for(sim), backend.store, keyring=ring, **BUDGETS) as tm:
+        for number, tenant in enumerate(["acme", "globex", "initech"], 1):
+            seen.append(await connect(tm, sim, tenant, number))
+        seen.append(await tm.refresh("acme"))
+        seen.append(await tm.refresh("acme"))
+        assert len(await tm.tenants()) == 3
+    secrets = [s for tokens in seen for s in (tokens.access_token, tokens.refresh_token)]
+    assert len(set(secrets)) == 10
+    blob = await backend.dump()
+    assert blob, "the dump is empty: it cannot prove anything"
+    assert leaked(blob, *secrets) == []
+    assert b"s1:k1:" in blob  # the sealed payloads are there, just not readable
+
+
+async def test_the_raw_store_holds_tokens_without_a_keyring(raw: Backend, sim: FakeFactorial) -> None:
+    """The control for the test above: the same dump and search do find plain tokens."""
+    backend = raw
+    assert backend.dump is not None
+    async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
+        tokens = await connect(tm, sim, "acme", 1)
+    assert leaked(await backend.dump(), tokens.access_token, tokens.refresh_token)
+
+
+async def test_a_payload_copied_to_another_tenant_is_refused(backend: Backend, sim: FakeFactorial) -> None:
+    ring = Keyring.generate("k1")
+    events: list[TokenEvent] = []
+    store = backend.store
+    async with TokenManager(app_for(sim), store, keyring=ring, on_event=events.append, **BUDGETS) as tm:
+        victim = await connect(tm, sim, "victim", 1)
+        await connect(tm, sim, "attacker", 2)
+        source = await store.read(TenantKey(CLIENT_ID, "victim"))
+        target = await store.read(TenantKey(CLIENT_ID, "attacker"))
+        assert source is not None and target is not None
+        # An attacker with write access copies the victim's sealed bytes into their own record.
+        copied = Update(source.payload, target.status, target.expires_at, target.updated_at)
+        await store.replace(TenantKey(CLIENT_ID, "attacker"), copied)
+        requests = sim.stats.token_requests
+        for call in (tm.access_token, tm.token_set, tm.tokens, tm.refresh, tm.revoke):
+            with pytest.raises(TokenSealError, match="another tenant") as info:
+                await call("attacker")
+            assert victim.access_token not in str(info.value)
+        assert sim.stats.token_requests == requests and sim.stats.revocations == 0
+        seals = [e for e in events if e.kind is EventKind.SEAL_ERROR]
+        assert len(seals) == 5 and {e.tenant for e in seals} == {"attacker"}
+        assert all(victim.access_token not in e.detail for e in seals)
+        # Nothing was overwritten or forgotten: the copied bytes sit where they were put.
+        after = await store.read(TenantKey(CLIENT_ID, "attacker"))
+        assert after is not None and after.payload == source.payload
+        assert await tm.access_token("victim") == victim.access_token
+    # The same bytes under the same tenant id in another app (namespace) are refused too.
+    other_app = FactorialApp(
+        client_id="other-app", client_secret="s", redirect_uri="http://127.0.0.1/cb", base_url=sim.base_url
+    )
+    await store.replace(TenantKey("other-app", "victim"), copied)
+    async with TokenManager(other_app, store, keyring=ring, **BUDGETS) as foreign:
+        with pytest.raises(TokenSealError):
+            await foreign.access_token("victim")
+
+
+async def test_a_wrong_or_missing_key_loses_nothing(backend: Backend, make_sim: SimFactory) -> None:
+    right = Keyring.generate("k1")
+    same_id_other_bytes = Keyring.generate("k1")
+    unknown_id = Keyring.generate("k2")
+    store = backend.store
+    async with make_sim(access_token_ttl=1) as sim:
+        async with TokenManager(app_for(sim), store, keyring=right, **BUDGETS) as tm:
+            tokens = await connect(tm, sim, "acme", 1)
+        before = await store.read(KEY)
+        assert before is not None
+        await asyncio.sleep(1.1)  # expired: a manager that could read it would refresh now
+        wrong: list[tuple[Keyring | None, str]] = [
+            (same_id_other_bytes, "failed authentication under key 'k1'"),
+            (unknown_id, "sealed with key 'k1', which is not in the keyring"),
+            (None, "configure the keyring"),
+        ]
+        for ring, message in wrong:
+            events: list[TokenEvent] = []
+            async with TokenManager(
+                app_for(sim), store, keyring=ring, on_event=events.append, **BUDGETS
+            ) as other:
+                for call in (other.access_token, other.refresh, other.revoke):
+                    with pytest.raises(TokenSealError, match=message) as info:
+                        await call("acme")
+                    for material in _material(right):
+                        assert material not in str(info.value)
+                assert [e.kind for e in events] == [EventKind.SEAL_ERROR] * 3
+                assert [i.tenant for i in await other.tenants()] == ["acme"]  # metadata stays listable
+        assert sim.stats.token_requests == 1 and sim.stats.revocations == 0  # just the exchange
+        after = await store.read(KEY)
+        assert after == before  # same bytes, same version: nothing lost, nothing rewritten
+        async with TokenManager(app_for(sim), store, keyring=right, **BUDGETS) as tm:
+            assert (await tm.tokens("acme")).refresh_token == tokens.refresh_token
+            fresh = await tm.access_token("acme")  # the right key: refreshed as usual
+        assert fresh != tokens.access_token and sim.is_active(fresh)
+        assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+async def test_rotation_rekey_then_drop_the_old_key(backend: Backend, sim: FakeFactorial) -> None:
+    store = backend.store
+    old = Keyring.generate("k1")
+    both = old.rotated("k2")
+    new_only = both.without("k1")
+    async with TokenManager(app_for(sim), store, **BUDGETS) as plain:
+        legacy = await connect(plain, sim, "legacy", 9)  # written before sealing was on
+    async with TokenManager(app_for(sim), store, keyring=old, **BUDGETS) as tm:
+        tokens = {t: await connect(tm, sim, t, n) for n, t in enumerate(["a", "b", "c"], 1)}
+    tokens["legacy"] = legacy
+
+    async def kids() -> dict[str, str | None]:
+        return {r.key.tenant: sealed_with(r.payload) for r in await store.tenants(CLIENT_ID)}
+
+    assert await kids() == {"legacy": None, "a": "k1", "b": "k1", "c": "k1"}
+    async with TokenManager(app_for(sim), store, keyring=new_only, **BUDGETS) as early:
+        with pytest.raises(TokenSealError, match="'k1'"):
+            await early.access_token("a")  # dropping k1 before rekey would lock tenants out
+    async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as tm:
+        for tenant, issued in tokens.items():
+            assert await tm.access_token(tenant) == issued.access_token  # old keys open
+        tokens["d"] = await connect(tm, sim, "d", 4)  # new writes seal with the newest
+        assert (await kids())["d"] == "k2"
+        versions = {r.key.tenant: r.version for r in await store.tenants(CLIENT_ID)}
+        assert await rekey(tm, both) == 4  # legacy, a, b, c; d is already current
+        assert await kids() == dict.fromkeys(["legacy", "a", "b", "c", "d"], "k2")
+        after = {r.key.tenant: r.version for r in await store.tenants(CLIENT_ID)}
+        assert after == {t: v + (t != "d") for t, v in versions.items()}
+        assert await rekey(store, both, CLIENT_ID) == 0  # idempotent
+    async with TokenManager(app_for(sim), store, keyring=new_only, **BUDGETS) as tm:
+        for tenant, issued in tokens.items():
+            assert await tm.access_token(tenant) == issued.access_token
+        infos = await tm.tenants()
+        assert all(i.expires_at == tokens[i.tenant].expires_at for i in infos)  # metadata kept
+    assert sim.stats.refreshes == 0
+
+
+async def test_rekey_waits_for_a_busy_tenant_and_keeps_its_refresh(
+    backend: Backend, sim: FakeFactorial
+) -> None:
+    store = backend.store
+    old = Keyring.generate("k1")
+    both = old.rotated("k2")
+    async with TokenManager(app_for(sim), store, keyring=old, **BUDGETS) as tm:
+        await connect(tm, sim, "busy", 1)
+        await connect(tm, sim, "idle", 2)
+    async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as worker:
+        busy = TenantKey(CLIENT_ID, "busy")
+        held = await store.acquire(busy, "a-worker-mid-refresh", 6.0)
+        assert held.lease is not None and held.record is not None
+        job = asyncio.create_task(rekey(worker, both))
+        await asyncio.sleep(0.3)
+        assert not job.done()  # waiting for the lease, not writing around it
+        assert sealed_with((await store.read(TenantKey(CLIENT_ID, "idle"))).payload) == "k2"  # type: ignore[union-attr]
+        # The holder finishes its refresh: a fenced commit of tokens sealed under the OLD key.
+        refreshed = TokenSet(access_token="refreshed-access-" + "x" * 40, refresh_token="refreshed-refresh")
+        written = await store.commit(held.lease, Update(SealedCodec(old).encode(busy, refreshed)))
+        assert written is not None
+        assert await asyncio.wait_for(job, 10) == 2
+        record = await store.read(busy)
+        assert record is not None and sealed_with(record.payload) == "k2"
+        assert record.version == written.version + 1
+        assert SealedCodec(both).decode(busy, record.payload) == refreshed  # the refresh survived
+        assert await worker.access_token("busy") == refreshed.access_token
+
+
+async def test_rekey_while_workers_refresh(backend: Backend, make_sim: SimFactory) -> None:
+    store = backend.store
+    old = Keyring.generate("k1")
+    both = old.rotated("k2")
+    tenants = [f"t{n}" for n in range(6)]
+    async with make_sim(access_token_ttl=3600) as sim:
+        async with (
+            TokenManager(app_for(sim), store, keyring=old, **BUDGETS) as setup,
+        ):
+            for n, tenant in enumerate(tenants, 1):
+                await connect(setup, sim, tenant, n)
+        async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as worker:
+            stop = asyncio.Event()
+
+            async def work() -> int:
+                count = 0
+                while not stop.is_set():
+                    for tenant in tenants:
+                        await worker.refresh(tenant)
+                        count += 1
+                return count
+
+            workers = [asyncio.create_task(work()) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            moved = await rekey(worker, both)
+            stop.set()
+            refreshes = sum(await asyncio.gather(*workers))
+            assert 0 <= moved <= len(tenants)
+            assert refreshes > 0
+            kids = {sealed_with(r.payload) for r in await store.tenants(CLIENT_ID)}
+            assert kids == {"k2"}
+            assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+            for tenant in tenants:  # every stored token is the live one: no refresh was lost
+                assert sim.is_active(await worker.access_token(tenant))
+
+
+async def test_rekey_leaves_what_it_cannot_open_intact(backend: Backend, sim: FakeFactorial) -> None:
+    store = backend.store
+    lost, current = Keyring.generate("gone"), Keyring.generate("k1")
+    both = current.rotated("k2")
+    async with TokenManager(app_for(sim), store, keyring=lost, **BUDGETS) as tm:
+        await connect(tm, sim, "orphan", 1)
+    async with TokenManager(app_for(sim), store, keyring=current, **BUDGETS) as tm:
+        await connect(tm, sim, "fine", 2)
+    orphan = await store.read(TenantKey(CLIENT_ID, "orphan"))
+    with pytest.raises(TokenSealError, match=r"1 records re-sealed, 1 could not be opened.*'orphan'"):
+        await rekey(store, both, CLIENT_ID)
+    assert await store.read(TenantKey(CLIENT_ID, "orphan")) == orphan
+    assert sealed_with((await store.read(TenantKey(CLIENT_ID, "fine"))).payload) == "k2"  # type: ignore[union-attr]
+    with pytest.raises(ConfigurationError, match="namespace"):
+        await rekey(store, both)
+    # The lease of the record it could not open was given back.
+    taken = await store.acquire(TenantKey(CLIENT_ID, "orphan"), "next", 5.0)
+    assert taken.lease is not None
+    await store.release(taken.lease)

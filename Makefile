@@ -30,5 +30,10 @@ services:
 test: $(STAMP) lint typecheck services
 	$(BIN)/pytest
 
+# Benchmarks (on demand, not part of the tests): `make bench BENCH_ARGS="--quick"`; see benchmarks/README.md
+bench: $(STAMP) services
+	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,152 @@
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--bench ...] [--stores ...]``.
+
+Prints markdown tables and writes ``benchmarks/results/latest.json``;
+``--record`` also rewrites the results section of ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import hotpath, report, roundtrips, storm
+from .stores import MULTIPROCESS, STORES, installed
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ("hotpath", "storm", "bulk", "roundtrips", "peer")
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a minute or so")
+    parser.add_argument(
+        "--bench", type=_csv, default=list(BENCHES), help=f"comma list of {', '.join(BENCHES)}"
+    )
+    parser.add_argument(
+        "--stores", type=_csv, default=list(STORES), help=f"comma list of {', '.join(STORES)}"
+    )
+    parser.add_argument("--processes", type=int, help="storm: worker processes P (default 4; quick 2)")
+    parser.add_argument(
+        "--tasks", type=int, help="storm: tasks per tenant per process C (default 25; quick 5)"
+    )
+    parser.add_argument("--tenants", type=int, help="storm: tenants T (default 20; quick 5)")
+    parser.add_argument("--rounds", type=int, help="storm: rounds (default 5; quick 2)")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="provider latency L (default 50)")
+    parser.add_argument("--bulk-tenants", type=int, help="bulk: tenants (default 10000; quick 300)")
+    parser.add_argument("--bulk-stores", type=_csv, default=["redis", "postgres"], help="bulk: stores")
+    parser.add_argument("--hot-rounds", type=int, help="hot path: rounds (default 30; quick 6)")
+    parser.add_argument("--hot-calls", type=int, help="hot path: calls per round (default 20000; quick 5000)")
+    parser.add_argument("--note", default="", help="a note on the machine's load, recorded with the results")
+    parser.add_argument(
+        "--json", type=Path, default=HERE / "results" / "latest.json", help="where to write JSON"
+    )
+    parser.add_argument(
+        "--record", action="store_true", help="also write the tables into benchmarks/README.md"
+    )
+    return parser
+
+
+def _size(value: int | None, full: int, quick: int, is_quick: bool) -> int:
+    if value is not None:
+        return value
+    return quick if is_quick else full
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks; return the exit status."""
+    args = _parser().parse_args(argv)
+    unknown = [b for b in args.bench if b not in BENCHES] + [s for s in args.stores if s not in STORES]
+    if unknown:
+        print(f"unknown benchmark or store: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    q = args.quick
+    processes = _size(args.processes, 4, 2, q)
+    tasks = _size(args.tasks, 25, 5, q)
+    tenants = _size(args.tenants, 20, 5, q)
+    rounds = _size(args.rounds, 5, 2, q)
+    latency = args.latency_ms / 1000
+    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    started = time.time()
+    results: dict[str, Any] = {
+        "command": command,
+        "started": datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M"),
+        "machine": report.machine(args.note),
+        "storms": [],
+        "bulk": [],
+        "roundtrips": [],
+        "peer": [],
+        "skipped": [],
+    }
+    stores = []
+    for name in args.stores:
+        if installed(name):
+            stores.append(name)
+        else:
+            results["skipped"].append(f"{name} (its store is not installed)")
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    if "hotpath" in args.bench:
+        log("hot path")
+        hot = hotpath.run(_size(args.hot_rounds, 30, 6, q), _size(args.hot_calls, 20_000, 5_000, q))
+        results["hotpath"] = hotpath.to_json(hot)
+        if hot.profile:
+            log("hot path missed its target; profile:\n" + hot.profile)
+    if "roundtrips" in args.bench:
+        for name in stores:
+            log(f"round trips: {name}")
+            results["roundtrips"].append(roundtrips.run(name).to_json())
+
+    def spec(name: str, driver: str) -> storm.StormSpec:
+        procs = 1 if name not in MULTIPROCESS else processes
+        return storm.StormSpec(name, procs, tasks, tenants, latency, rounds, driver)
+
+    factorial_runs: dict[str, dict[str, Any]] = {}
+    if "storm" in args.bench:
+        for name in stores:
+            log(f"storm: {name}")
+            factorial_runs[name] = storm.run(spec(name, storm.FACTORIAL)).to_json()
+            results["storms"].append(factorial_runs[name])
+    if "peer" in args.bench:
+        for name in stores:
+            log(f"peer (authlib): {name}")
+            peer = storm.run(spec(name, storm.AUTHLIB)).to_json()
+            ours = factorial_runs.get(name) or storm.run(spec(name, storm.FACTORIAL)).to_json()
+            results["peer"] += [peer, ours]
+    if "bulk" in args.bench:
+        bulk_tenants = _size(args.bulk_tenants, 10_000, 300, q)
+        for name in args.bulk_stores:
+            if name not in stores:
+                continue
+            log(f"bulk: {name}, {bulk_tenants} tenants")
+            bulk = storm.StormSpec(
+                name, processes if name in MULTIPROCESS else 1, 1, bulk_tenants, latency, 1
+            )
+            results["bulk"].append(storm.run(bulk).to_json())
+
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    results["duration_s"] = time.time() - started
+    markdown = report.render(results)
+    print(markdown)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    log(f"wrote {args.json}")
+    if args.record:
+        report.update_readme(HERE / "README.md", markdown)
+        log("updated benchmarks/README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

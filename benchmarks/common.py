@@ -1,0 +1,105 @@
+"""Shared pieces of the benchmarks: the simulated provider, the app, tenants, statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+
+import attrs
+
+from factorial_tokens import FactorialApp, JsonCodec, Store, TenantKey, TenantStatus, TokenManager, Update
+from factorial_tokens.testing import FakeFactorial, RefreshMode
+
+CLIENT_SECRET = "bench-client-secret-0f3a9c"
+REDIRECT_URI = "http://127.0.0.1:8765/oauth/callback"
+
+#: Setting up tenants sends this many code exchanges at once.
+SETUP_CONCURRENCY = 64
+
+
+def new_client_id() -> str:
+    """A fresh OAuth client id: also the store namespace, so runs never see each other's tenants."""
+    return f"bench-{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def strict_sim(client_id: str) -> Iterator[FakeFactorial]:
+    """The strictest simulator (revoke at refresh, reuse detection), served from a thread.
+
+    It starts with no latency (set-up is fast); a storm sets ``sim.latency`` before it starts.
+    """
+    sim = FakeFactorial(
+        client_id=client_id,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        refresh_mode=RefreshMode.REVOKE_AT_REFRESH,
+        reuse_detection=True,
+        access_token_ttl=3600,
+        latency=0.0,
+    )
+    with sim.serve_in_thread() as running:
+        yield running
+
+
+def app_for(client_id: str, base_url: str) -> FactorialApp:
+    """The benchmark's app, pointed at the simulator."""
+    return FactorialApp(
+        client_id=client_id, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, base_url=base_url
+    )
+
+
+async def connect_tenants(
+    tm: TokenManager, sim: FakeFactorial, tenants: Sequence[str], first_company: int
+) -> None:
+    """Connect every tenant through a real code exchange (company ids from ``first_company``)."""
+    gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+
+    async def one(index: int, tenant: str) -> None:
+        async with gate:
+            await tm.exchange_code(tenant, sim.issue_code(company_id=first_company + index))
+
+    await asyncio.gather(*(one(i, t) for i, t in enumerate(tenants)))
+
+
+async def expire_tenants(store: Store, namespace: str, tenants: Sequence[str]) -> None:
+    """Rewrite each tenant's record with an access token that expired a minute ago.
+
+    The tokens stay the real ones the simulator issued (their refresh tokens are live);
+    only the stored expiry moves, through the store's own ``replace`` and the manager's
+    codec, so every worker sees the whole fleet expired at the same instant.
+    """
+    codec = JsonCodec()
+    gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+    now = time.time()
+
+    async def one(tenant: str) -> None:
+        key = TenantKey(namespace, tenant)
+        async with gate:
+            record = await store.read(key)
+            if record is None:
+                raise RuntimeError(f"tenant {tenant!r} was not connected")
+            tokens = codec.decode(key, record.payload)
+            expired = attrs.evolve(tokens, expires_at=now - 60, obtained_at=now - 3660)
+            update = Update(codec.encode(key, expired), TenantStatus.ACTIVE, expired.expires_at, now - 3660)
+            await store.replace(key, update)
+
+    await asyncio.gather(*(one(t) for t in tenants))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) by nearest rank; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, NaN for no values."""
+    return statistics.median(values) if values else math.nan

@@ -1,0 +1,221 @@
+"""The machine a run was made on, and the markdown tables of a run's JSON results."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+
+def machine(note: str) -> dict[str, Any]:
+    """What the numbers depend on: cores, CPU model, Python, load."""
+    model = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": model,
+        "python": f"{platform.python_implementation()} {sys.version.split()[0]}",
+        "platform": platform.platform(),
+        "loadavg_start": list(os.getloadavg()),
+        "note": note,
+    }
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _yes(met: bool | None) -> str:
+    return "—" if met is None else ("**yes**" if met else "**NO**")
+
+
+def _hotpath(hot: dict[str, Any]) -> list[str]:
+    return [
+        f"### 1. Hot path (median of {hot['rounds']} alternating rounds x {hot['calls']:,} calls)",
+        "",
+        "| what | ns/call | ratio | target | met |",
+        "|---|---:|---:|---:|:---:|",
+        f"| `await tm.access_token(t)`, cached fresh token | {_num(hot['manager_ns'], 1)} "
+        f"| {hot['ratio']:.2f}x | ≤ {hot['target']:.0f}x | {_yes(hot['met'])} |",
+        f"| baseline: bare `await` of a coroutine returning a dict value | {_num(hot['bare_ns'], 1)} "
+        "| 1.00x | | |",
+        "",
+        "The ratio is the median of the per-round ratios (each round times both sides).",
+        "",
+    ]
+
+
+def _shape(spec: dict[str, Any]) -> str:
+    return f"{spec['processes']}x{spec['tasks']}x{spec['tenants']:,}"
+
+
+def _storm_target(spec: dict[str, Any], summary: dict[str, Any]) -> bool | None:
+    if spec["store"] not in ("redis", "postgres"):
+        return None
+    return bool(summary["p99_ms"] <= spec["latency"] * 1000 + 10)
+
+
+def _storms(storms: list[dict[str, Any]]) -> list[str]:
+    if not storms:
+        return []
+    first = storms[0]["spec"]
+    lat = first["latency"] * 1000
+    lines = [
+        f"### 2. Refresh storm (PxCxT callers, all tokens expired at once; provider latency L = {lat:.0f} ms,"
+        " strict: revoke at refresh + reuse detection)",
+        "",
+        "| store | PxCxT | rounds | refreshes / ideal | invalid_grant | broken tenants | errors "
+        "| p50 ms | p99 ms | p99 - L | p99 ≤ L + 10 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for storm in storms:
+        spec, s = storm["spec"], storm["summary"]
+        errors = sum(s["errors"].values())
+        lines.append(
+            f"| {spec['store']} | {_shape(spec)} | {spec['rounds']} "
+            f"| {s['refreshes']}/{s['ideal_refreshes']} = **{s['refresh_ratio']:.2f}** "
+            f"| {s['invalid_grant']} | {s['broken_tenants']} | {errors} "
+            f"| {_num(s['p50_ms'], 1)} | {_num(s['p99_ms'], 1)} "
+            f"| {_num(s['p99_ms'] - spec['latency'] * 1000, 1)} "
+            f"| {_yes(_storm_target(spec, s))} |"
+        )
+    lines += [
+        "",
+        "Times are from the common start instant to each caller holding a fresh token, median over"
+        " rounds of each round's p50/p99. The p99 target applies to Redis and Postgres (waiters woken by"
+        " notification); SQLite waiters poll.",
+        "",
+    ]
+    return lines
+
+
+def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
+    if not bulk:
+        return []
+    lines = [
+        "### 2b. Many tenants at once (every tenant expired; C = 1 caller per tenant per process)",
+        "",
+        "| store | PxCxT | refreshes / ideal | invalid_grant | all refreshed (s) | provider-bound (s) "
+        "| ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for storm in bulk:
+        spec, s = storm["spec"], storm["summary"]
+        ratio = s["all_fresh_s"] / s["provider_bound_s"] if s["provider_bound_s"] else math.nan
+        lines.append(
+            f"| {spec['store']} | {_shape(spec)} | {s['refreshes']:,}/{s['ideal_refreshes']:,} = "
+            f"**{s['refresh_ratio']:.2f}** | {s['invalid_grant']} | {_num(s['all_fresh_s'], 2)} "
+            f"| {_num(s['provider_bound_s'], 2)} | {_num(ratio, 1)}x |"
+        )
+    lines += [
+        "",
+        "Provider-bound time = ⌈T / (P x 100)⌉ x L: each tenant is refreshed once, by one process, and each"
+        " process keeps at most 100 requests in flight to the provider (aiohttp's default connection pool).",
+        "",
+    ]
+    return lines
+
+
+def _roundtrips(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    ops = ("hit", "miss", "refresh", "exchange")
+    lines = [
+        "### 3. Store round trips per operation (CountingStore around each store)",
+        "",
+        "| store | " + " | ".join(ops) + " |",
+        "|---|" + "---:|" * len(ops),
+    ]
+    for row in rows:
+        cells = []
+        for op in ops:
+            counts = row["per_operation"].get(op, {})
+            detail = ", ".join(f"{name} {n:g}" for name, n in counts.items())
+            cells.append(f"{row['totals'][op]:g}" + (f" ({detail})" if detail else ""))
+        lines.append(f"| {row['store']} | " + " | ".join(cells) + " |")
+    for row in rows:
+        stats = row.get("redis_commandstats")
+        if stats:
+            lines += [
+                "",
+                f"{row['store']}: server-side `INFO commandstats` deltas (a private redis-server):",
+                "",
+            ]
+            for op in ops:
+                commands = ", ".join(f"{name} {n}" for name, n in stats.get(op, {}).items()) or "none"
+                lines.append(f"- {op}: {commands}")
+    lines += ["", "hit is per call (averaged over 1,000 calls); the others are one operation each.", ""]
+    return lines
+
+
+def _peer(pairs: list[dict[str, Any]]) -> list[str]:
+    if not pairs:
+        return []
+    lines = [
+        "### 4. The peer, side by side: Authlib `AsyncOAuth2Client` vs factorial-tokens"
+        " (same storm, same run)",
+        "",
+        "| store | PxCxT | client | refreshes / ideal | invalid_grant | broken tenants | failed calls "
+        "| dead tokens handed out | p50 ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for storm in pairs:
+        spec, s = storm["spec"], storm["summary"]
+        failed = sum(s["errors"].values())
+        lines.append(
+            f"| {spec['store']} | {_shape(spec)} | {spec['driver']} "
+            f"| {s['refreshes']}/{s['ideal_refreshes']} | {s['invalid_grant']} | {s['broken_tenants']} "
+            f"| {failed} | {s['dead_tokens_handed_out']} | {_num(s['p50_ms'], 1)} |"
+        )
+    lines += [
+        "",
+        "Authlib as documented: one client per tenant per process, `token_endpoint` + `leeway` for"
+        " auto-refresh (`ensure_active_token`), `update_token` writing to the same store,"
+        " no cross-process lock."
+        " Broken tenants = grants the provider revoked (reuse detection); dead tokens = distinct tokens"
+        " callers received that the provider no longer accepts after the round.",
+        "",
+    ]
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    """The run's markdown: machine, command, then one table per benchmark."""
+    m = results["machine"]
+    load = ", ".join(f"{x:.2f}" for x in m["loadavg_start"])
+    load_end = ", ".join(f"{x:.2f}" for x in m.get("loadavg_end", []))
+    lines = [
+        f"Run {results['started']} UTC with `{results['command']}` ({results['duration_s']:.0f} s).",
+        "",
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['python']}, {m['platform']}; load average"
+        f" {load} at start, {load_end} at end. {m['note']}".rstrip(),
+        "",
+    ]
+    if results.get("hotpath"):
+        lines += _hotpath(results["hotpath"])
+    lines += _storms(results.get("storms", []))
+    lines += _bulk(results.get("bulk", []))
+    lines += _roundtrips(results.get("roundtrips", []))
+    lines += _peer(results.get("peer", []))
+    if results.get("skipped"):
+        lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, markdown: str) -> None:
+    """Replace the results section of ``path`` (between the markers) with ``markdown``."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    path.write_text(text[:start] + "\n" + markdown.rstrip() + "\n" + text[end:], encoding="utf-8")

@@ -1,0 +1,397 @@
+"""Refresh storm: P processes x C tasks x T tenants whose tokens all expire at once.
+
+How the tokens expire at once: before each round the parent connects T fresh tenants
+through real code exchanges at the simulator (no latency during set-up), then rewrites
+each tenant's record through the store (``JsonCodec`` + ``store.replace``) with an
+access token that expired a minute ago. The refresh tokens are the live ones the
+simulator issued. Worker processes (spawned, each with its own store connection and a
+new TokenManager per round) wait on a barrier, then all start at one wall-clock instant
+``t0``; every task asks for its tenant's token and records ``time.time() - t0``.
+
+The simulator (FakeFactorial, strict: ``REVOKE_AT_REFRESH`` with reuse detection)
+answers every request after ``L`` seconds and counts what it saw: refreshes (the ideal
+is one per tenant), ``invalid_grant``, revoked families (broken tenants). It runs in a
+thread of the parent process.
+
+``driver="authlib"`` runs the same storm through Authlib's AsyncOAuth2Client (see
+``peer_authlib``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import multiprocessing as mp
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.queues import Queue
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+from factorial_tokens import FactorialApp, MemoryStore, Store, TokenManager, store_from_url
+from factorial_tokens.testing import FakeFactorial
+
+from .common import app_for, connect_tenants, expire_tenants, median, new_client_id, percentile, strict_sim
+from .stores import STORES
+
+#: aiohttp's default connector limit: at most this many provider requests in flight per process.
+CONNECTIONS_PER_PROCESS = 100
+_SYNC_TIMEOUT = 600.0
+FACTORIAL = "factorial-tokens"
+AUTHLIB = "authlib"
+
+
+@dataclass(frozen=True)
+class StormSpec:
+    """One storm: where, how many, how slow the provider, how many rounds, which client."""
+
+    store: str
+    processes: int
+    tasks: int
+    tenants: int
+    latency: float
+    rounds: int
+    driver: str = FACTORIAL
+
+
+@dataclass
+class RoundResult:
+    """What one round measured (latencies in ms from the common start ``t0``)."""
+
+    ideal: int
+    refreshes: int
+    refresh_attempts: int
+    invalid_grant: int
+    families_revoked: int
+    calls: int
+    ok: int
+    errors: dict[str, int]
+    dead_tokens: int
+    max_distinct_tokens: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass
+class StormResult:
+    """A storm's rounds and their summary (percentiles: median over rounds)."""
+
+    spec: StormSpec
+    rounds: list[RoundResult] = field(default_factory=list)
+
+    @property
+    def ideal(self) -> int:
+        return sum(r.ideal for r in self.rounds)
+
+    @property
+    def refreshes(self) -> int:
+        return sum(r.refreshes for r in self.rounds)
+
+    @property
+    def refresh_ratio(self) -> float:
+        return self.refreshes / self.ideal if self.ideal else math.nan
+
+    @property
+    def invalid_grant(self) -> int:
+        return sum(r.invalid_grant for r in self.rounds)
+
+    @property
+    def broken_tenants(self) -> int:
+        return sum(r.families_revoked for r in self.rounds)
+
+    @property
+    def calls(self) -> int:
+        return sum(r.calls for r in self.rounds)
+
+    @property
+    def ok(self) -> int:
+        return sum(r.ok for r in self.rounds)
+
+    @property
+    def dead_tokens(self) -> int:
+        return sum(r.dead_tokens for r in self.rounds)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for r in self.rounds:
+            total.update(r.errors)
+        return dict(total)
+
+    @property
+    def p50_ms(self) -> float:
+        return median([r.p50_ms for r in self.rounds])
+
+    @property
+    def p99_ms(self) -> float:
+        return median([r.p99_ms for r in self.rounds])
+
+    @property
+    def all_fresh_s(self) -> float:
+        """Median over rounds of the time until the last caller had a fresh token."""
+        return median([r.max_ms for r in self.rounds]) / 1000
+
+    @property
+    def provider_bound_s(self) -> float:
+        """The time the provider alone imposes: T x L / concurrency.
+
+        Concurrency model: each process keeps at most ``CONNECTIONS_PER_PROCESS`` provider
+        requests in flight (aiohttp's default pool), and each tenant is refreshed once, by
+        one process, so at most ``P x CONNECTIONS_PER_PROCESS`` refreshes overlap.
+        """
+        concurrency = self.spec.processes * CONNECTIONS_PER_PROCESS
+        return math.ceil(self.spec.tenants / concurrency) * self.spec.latency
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form: spec, summary, rounds."""
+        return {
+            "spec": asdict(self.spec),
+            "summary": {
+                "ideal_refreshes": self.ideal,
+                "refreshes": self.refreshes,
+                "refresh_ratio": self.refresh_ratio,
+                "invalid_grant": self.invalid_grant,
+                "broken_tenants": self.broken_tenants,
+                "calls": self.calls,
+                "ok": self.ok,
+                "errors": self.errors,
+                "dead_tokens_handed_out": self.dead_tokens,
+                "p50_ms": self.p50_ms,
+                "p99_ms": self.p99_ms,
+                "all_fresh_s": self.all_fresh_s,
+                "provider_bound_s": self.provider_bound_s,
+            },
+            "rounds": [asdict(r) for r in self.rounds],
+        }
+
+
+def tenant_names(round_index: int, tenants: int) -> list[str]:
+    """The tenants of one round (fresh ones every round)."""
+    return [f"r{round_index}-t{i}" for i in range(tenants)]
+
+
+# -- one process's part of a round ----------------------------------------------------
+
+
+@dataclass
+class _Part:
+    latencies_ms: list[float]
+    errors: dict[str, int]
+    tokens: dict[str, list[str]]
+
+
+def _error_name(driver: str, exc: BaseException) -> str:
+    if driver == AUTHLIB:
+        from .peer_authlib import error_name
+
+        return error_name(exc)
+    return type(exc).__name__
+
+
+@contextlib.asynccontextmanager
+async def _getter(
+    driver: str, app: FactorialApp, store: Store, tenants: Sequence[str]
+) -> AsyncIterator[Callable[[str], Awaitable[str]]]:
+    """A token getter for one round: a new TokenManager, or one Authlib client per tenant."""
+    if driver == AUTHLIB:
+        from .peer_authlib import authlib_getter
+
+        async with authlib_getter(app, store, tenants) as get:
+            yield get
+    else:
+        async with TokenManager(app, store) as tm:
+            yield tm.access_token
+
+
+async def _storm(
+    driver: str, get: Callable[[str], Awaitable[str]], tenants: Sequence[str], tasks: int, t0: float
+) -> _Part:
+    """Start ``tasks`` callers per tenant at ``t0``; record when each had its token."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    tokens: dict[str, set[str]] = {t: set() for t in tenants}
+
+    async def call(tenant: str) -> None:
+        try:
+            token = await get(tenant)
+        except Exception as exc:
+            errors[_error_name(driver, exc)] += 1
+            return
+        latencies.append((time.time() - t0) * 1000)
+        tokens[tenant].add(token)
+
+    await asyncio.sleep(max(0.0, t0 - time.time()))
+    await asyncio.gather(*(call(t) for _ in range(tasks) for t in tenants))
+    return _Part(latencies, dict(errors), {t: sorted(s) for t, s in tokens.items()})
+
+
+@dataclass(frozen=True)
+class _WorkerArgs:
+    url: str
+    client_id: str
+    base_url: str
+    spec: StormSpec
+
+
+def _worker_main(
+    args: _WorkerArgs,
+    barriers: tuple[Barrier, Barrier, Barrier],
+    start_at: Synchronized[float],
+    results: Queue[_Part | str],
+) -> None:
+    """Entry point of a worker process."""
+    try:
+        asyncio.run(_worker(args, barriers, start_at, results))
+    except Exception as exc:  # tell the parent instead of leaving it at a barrier
+        results.put(f"worker failed: {type(exc).__name__}: {exc}")
+        for barrier in barriers:
+            barrier.abort()
+
+
+async def _worker(
+    args: _WorkerArgs,
+    barriers: tuple[Barrier, Barrier, Barrier],
+    start_at: Synchronized[float],
+    results: Queue[_Part | str],
+) -> None:
+    prepared, ready, go = barriers
+    spec = args.spec
+    app = app_for(args.client_id, args.base_url)
+    store = store_from_url(args.url)
+    try:
+        await store.check()
+        for index in range(spec.rounds):
+            tenants = tenant_names(index, spec.tenants)
+            await asyncio.to_thread(prepared.wait, _SYNC_TIMEOUT)
+            async with _getter(spec.driver, app, store, tenants) as get:
+                await asyncio.to_thread(ready.wait, _SYNC_TIMEOUT)
+                await asyncio.to_thread(go.wait, _SYNC_TIMEOUT)
+                part = await _storm(spec.driver, get, tenants, spec.tasks, start_at.value)
+            results.put(part)
+    finally:
+        await store.aclose()
+
+
+# -- the parent ------------------------------------------------------------------------
+
+
+async def _prepare(
+    store: Store, sim: FakeFactorial, client_id: str, tenants: Sequence[str], first: int
+) -> None:
+    app = app_for(client_id, sim.base_url)
+    async with TokenManager(app, store) as tm:
+        await connect_tenants(tm, sim, tenants, first_company=first)
+    await expire_tenants(store, client_id, tenants)
+
+
+async def _prepare_url(
+    url: str, sim: FakeFactorial, client_id: str, tenants: Sequence[str], first: int
+) -> None:
+    store = store_from_url(url)
+    try:
+        await _prepare(store, sim, client_id, tenants, first)
+    finally:
+        await store.aclose()
+
+
+def _round_result(spec: StormSpec, sim: FakeFactorial, parts: Sequence[_Part]) -> RoundResult:
+    stats = sim.stats
+    latencies = [x for p in parts for x in p.latencies_ms]
+    errors: Counter[str] = Counter()
+    by_tenant: dict[str, set[str]] = {}
+    for part in parts:
+        errors.update(part.errors)
+        for tenant, tokens in part.tokens.items():
+            by_tenant.setdefault(tenant, set()).update(tokens)
+    handed_out = {token for tokens in by_tenant.values() for token in tokens}
+    return RoundResult(
+        ideal=spec.tenants,
+        refreshes=stats.refreshes,
+        refresh_attempts=stats.refresh_attempts,
+        invalid_grant=stats.invalid_grant,
+        families_revoked=stats.families_revoked,
+        calls=spec.processes * spec.tasks * spec.tenants,
+        ok=len(latencies),
+        errors=dict(errors),
+        dead_tokens=sum(1 for token in handed_out if not sim.is_active(token)),
+        max_distinct_tokens=max((len(s) for s in by_tenant.values()), default=0),
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        max_ms=max(latencies, default=math.nan),
+    )
+
+
+async def _in_process(spec: StormSpec, client_id: str, sim: FakeFactorial) -> StormResult:
+    """One process (the memory store): set-up, storm and simulator share this process."""
+    result = StormResult(spec)
+    store = MemoryStore()
+    app = app_for(client_id, sim.base_url)
+    for index in range(spec.rounds):
+        tenants = tenant_names(index, spec.tenants)
+        sim.latency = 0.0
+        await _prepare(store, sim, client_id, tenants, index * spec.tenants + 1)
+        sim.reset_stats()
+        sim.latency = spec.latency
+        async with _getter(spec.driver, app, store, tenants) as get:
+            part = await _storm(spec.driver, get, tenants, spec.tasks, time.time() + 0.05)
+        result.rounds.append(_round_result(spec, sim, [part]))
+    return result
+
+
+def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial) -> StormResult:
+    result = StormResult(spec)
+    ctx = mp.get_context("spawn")
+    parties = spec.processes + 1
+    barriers = (ctx.Barrier(parties), ctx.Barrier(parties), ctx.Barrier(parties))
+    start_at = ctx.Value("d", 0.0)
+    results: Queue[_Part | str] = ctx.Queue()
+    args = _WorkerArgs(url, client_id, sim.base_url, spec)
+    workers = [
+        ctx.Process(target=_worker_main, args=(args, barriers, start_at, results), daemon=True)
+        for _ in range(spec.processes)
+    ]
+    for worker in workers:
+        worker.start()
+    prepared, ready, go = barriers
+    try:
+        for index in range(spec.rounds):
+            tenants = tenant_names(index, spec.tenants)
+            sim.latency = 0.0
+            asyncio.run(_prepare_url(url, sim, client_id, tenants, index * spec.tenants + 1))
+            sim.reset_stats()
+            sim.latency = spec.latency
+            prepared.wait(_SYNC_TIMEOUT)
+            ready.wait(_SYNC_TIMEOUT)  # every worker holds an open manager / its clients
+            start_at.value = time.time() + 0.2
+            go.wait(_SYNC_TIMEOUT)
+            parts: list[_Part] = []
+            for _ in workers:
+                got = results.get(timeout=_SYNC_TIMEOUT)
+                if isinstance(got, str):
+                    raise RuntimeError(got)
+                parts.append(got)
+            result.rounds.append(_round_result(spec, sim, parts))
+        for worker in workers:
+            worker.join(timeout=60)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    return result
+
+
+def run(spec: StormSpec) -> StormResult:
+    """Run one storm on a fresh store URL and a fresh simulator."""
+    client_id = new_client_id()
+    with STORES[spec.store]() as url, strict_sim(client_id) as sim:
+        if spec.store == "memory":
+            if spec.processes != 1:
+                raise ValueError("the memory store is one process only")
+            return asyncio.run(_in_process(spec, client_id, sim))
+        return _multi_process(spec, url, client_id, sim)

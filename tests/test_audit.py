@@ -1,0 +1,447 @@
+"""Secret hygiene, audited: no token, code, client secret or key in any log record, repr or
+error; TLS verification on; hostile tenant ids confined to their own records on every store.
+
+The secrets searched for are every one the simulator ever issued (read from its books, so
+tokens the client never saw, such as the answer of a dropped request, count too), the
+client secret, the authorization codes and the sealing keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import logging
+import ssl
+import traceback
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from factorial_tokens import (
+    Acquisition,
+    ClaimState,
+    CodeReused,
+    ConfigurationError,
+    EventKind,
+    ExchangeInDoubt,
+    FactorialApp,
+    InvalidCallback,
+    InvalidState,
+    InvalidTenant,
+    Keyring,
+    ManagerClosed,
+    MemoryStore,
+    ProviderError,
+    ReauthorizationRequired,
+    RefreshTimeout,
+    RotationLost,
+    SealedCodec,
+    StoreUnavailable,
+    TenantKey,
+    TenantNotConnected,
+    TenantStatus,
+    TokenEvent,
+    TokenManager,
+    TokenSealError,
+    Update,
+)
+from factorial_tokens._sqlite import SQLiteStore
+from factorial_tokens.testing import FakeFactorial, Fault
+
+from ._raw_stores import BACKENDS, Backend, open_backend
+from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
+
+BUDGETS = {"lease_ttl": 3.0, "provider_timeout": 1.0, "refresh_deadline": 2.0}
+
+
+def issued_secrets(sim: FakeFactorial) -> set[str]:
+    """Every access token, refresh token and code the simulator ever issued."""
+    found = set(sim._by_access) | {r for r in sim._by_refresh if r} | set(sim._codes)
+    assert found, "the simulator issued nothing: the audit would prove nothing"
+    return found
+
+
+def key_material(ring: Keyring) -> set[str]:
+    out = set()
+    for line in ring.export().splitlines():
+        encoded = line.partition(":")[2]
+        raw = base64.b64decode(encoded)
+        out |= {encoded, base64.urlsafe_b64encode(raw).decode(), raw.hex()}
+    return out
+
+
+def assert_clean(texts: Iterable[str], secrets: set[str], where: str) -> int:
+    """Fail if any secret occurs in any text; return how many texts were searched."""
+    count = 0
+    for text in texts:
+        count += 1
+        for secret in secrets:
+            assert secret not in text, f"a secret leaked in {where}: {text[:300]!r}"
+    return count
+
+
+def exception_texts(exc: BaseException) -> list[str]:
+    """str, repr, args and the formatted traceback of ``exc`` and its whole chain."""
+    texts = ["".join(traceback.format_exception(exc))]
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts += [str(current), repr(current), repr(current.args)]
+        current = current.__cause__ or current.__context__
+    return texts
+
+
+def log_texts(records: list[logging.LogRecord]) -> list[str]:
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    texts = []
+    for record in records:
+        texts += [formatter.format(record), repr(record.args), repr(record.msg)]
+        if record.exc_info and record.exc_info[1] is not None:
+            texts += exception_texts(record.exc_info[1])
+    return texts
+
+
+async def expect(error: type[BaseException], coro: object, caught: list[BaseException]) -> None:
+    """Await ``coro`` and record the exception it must raise."""
+    with pytest.raises(error) as info:
+        await coro  # type: ignore[misc]
+    caught.append(info.value)
+
+
+# -- logs and errors through every path --------------------------------------------------
+
+
+async def test_no_secret_in_logs_errors_or_events_through_every_path(
+    make_sim: SimFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    ring = Keyring.generate("k1")
+    caught: list[BaseException] = []
+    events: list[TokenEvent] = []
+    store = SQLiteStore(tmp_path / "tokens.db")
+    async with make_sim(access_token_ttl=3600) as sim:
+        app = app_for(sim)
+        async with TokenManager(app, store, keyring=ring, on_event=events.append, **BUDGETS) as tm:
+            # The happy path: connect, serve, refresh, call the API, credentials.
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            await tm.exchange_code("globex", sim.issue_code(company_id=2))
+            await tm.access_token("acme")
+            await tm.refresh("acme")
+            async with tm.client("acme") as api:
+                sim.expire_access_tokens(1)  # a 401, a reload and one retry
+                async with api.get(f"/api/{app.api_version}/resources/employees/employees") as resp:
+                    assert resp.status == 200
+            await tm.credentials("acme")
+            # Provider faults: retried, in doubt, answered with HTML.
+            for fault in (Fault.HTTP_500, Fault.RATE_LIMITED, Fault.HTML_ERROR, Fault.MALFORMED_JSON):
+                sim.inject(fault, retry_after=0.1)
+                await tm.refresh("acme")
+            sim.inject(Fault.HTTP_503, times=20, retry_after=0.1)
+            await expect(ProviderError, tm.refresh("acme"), caught)
+            sim.clear_faults()
+            # A refresh in doubt whose retry meets invalid_grant: the rotation was lost.
+            sim.inject(Fault.DROP_AFTER)
+            await expect(RotationLost, tm.refresh("acme"), caught)
+            await expect(ReauthorizationRequired, tm.access_token("acme"), caught)
+            # A dead grant: invalid_grant on refresh.
+            sim.revoke_company(2)
+            await expect(ReauthorizationRequired, tm.refresh("globex"), caught)
+            # Code exchange: in doubt, refused, reused for another tenant, malformed.
+            sim.inject(Fault.DROP_AFTER)
+            await expect(ExchangeInDoubt, tm.exchange_code("acme", sim.issue_code(company_id=1)), caught)
+            await expect(ProviderError, tm.exchange_code("acme", "not-a-code-" + "z" * 30), caught)
+            code = sim.issue_code(company_id=1)
+            await tm.exchange_code("acme", code)
+            await expect(CodeReused, tm.exchange_code("initech", code), caught)
+            await expect(InvalidCallback, tm.exchange_code("acme", "bad\ncode"), caught)
+            # State, tenants.
+            state = tm.authorization_url("acme").split("state=")[1].split("&")[0]
+            await expect(InvalidState, _async(tm.tenant_from_state, state[:-3] + "xyz"), caught)
+            await expect(InvalidTenant, tm.access_token("bad\ntenant"), caught)
+            await expect(TenantNotConnected, tm.access_token("nobody"), caught)
+            # A cross-tenant copy, then a wrong key.
+            victim = await store.read(TenantKey(CLIENT_ID, "acme"))
+            assert victim is not None
+            await store.replace(TenantKey(CLIENT_ID, "initech"), Update(victim.payload))
+            await expect(TokenSealError, tm.access_token("initech"), caught)
+            async with TokenManager(app, store, keyring=Keyring.generate("k1"), **BUDGETS) as wrong:
+                await expect(TokenSealError, wrong.access_token("acme"), caught)
+            async with TokenManager(app, store, **BUDGETS) as keyless:
+                await expect(TokenSealError, keyless.access_token("acme"), caught)
+            # A lease that stays busy.
+            held = await store.acquire(TenantKey(CLIENT_ID, "acme"), "someone", 30)
+            assert held.lease is not None
+            async with TokenManager(
+                app, store, keyring=ring, lease_ttl=1, provider_timeout=0.5, wait_timeout=1.2
+            ) as impatient:
+                await expect(RefreshTimeout, impatient.refresh("acme"), caught)
+            await store.release(held.lease)
+            # Revoke at the provider, then forget.
+            await tm.revoke("acme")
+            await expect(TenantNotConnected, tm.access_token("acme"), caught)
+            await tm.forget("globex")
+        await expect(ManagerClosed, tm.access_token("acme"), caught)
+        await store.aclose()
+        await expect(StoreUnavailable, store.read(TenantKey(CLIENT_ID, "acme")), caught)
+        try:
+            Keyring.parse("k1:" + base64.b64encode(b"\x01" * 31).decode())
+        except ConfigurationError as exc:
+            caught.append(exc)
+        secrets = issued_secrets(sim) | {CLIENT_SECRET} | key_material(ring)
+
+    assert sim.stats.exchanges >= 4 and sim.stats.refreshes >= 6 and sim.stats.revocations == 1
+    records = caplog.records
+    assert {r.levelno for r in records} >= {logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR}
+    assert assert_clean(log_texts(records), secrets, "a log record") > 50
+    assert len(caught) == 19
+    assert assert_clean([t for e in caught for t in exception_texts(e)], secrets, "an error") > 0
+    kinds = {e.kind for e in events}
+    assert {EventKind.EXCHANGED, EventKind.REFRESHED, EventKind.SEAL_ERROR, EventKind.REVOKED} <= kinds
+    assert assert_clean([repr(e) for e in events], secrets, "an event") == len(events)
+
+
+async def _async(fn: object, *args: object) -> object:
+    return fn(*args)  # type: ignore[operator]
+
+
+# -- reprs --------------------------------------------------------------------------------
+
+
+async def test_no_secret_in_any_repr(sim: FakeFactorial, tmp_path: Path) -> None:
+    ring = Keyring.generate("k1").rotated("k2")
+    store = SQLiteStore(tmp_path / "tokens.db")
+    key = TenantKey(CLIENT_ID, "acme")
+    async with TokenManager(app_for(sim), store, keyring=ring, **BUDGETS) as tm:
+        tokens = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        record = await store.read(key)
+        assert record is not None
+        acquisition = await store.acquire(key, "owner-secret-token-abcdef", 5)
+        assert acquisition.lease is not None
+        claim = await store.claim_code(key, "hash-of-a-code", "claim-owner-secret-abc", 5)
+        infos = await tm.tenants()
+        objects: list[object] = [
+            tokens,
+            app_for(sim),
+            tm,
+            store,
+            MemoryStore(),
+            acquisition,
+            acquisition.lease,
+            record,
+            claim,
+            Update(record.payload, TenantStatus.ACTIVE),
+            Update(b"j1:" + tokens.access_token.encode()),
+            ring,
+            SealedCodec(ring),
+            tm.client("acme"),
+            infos[0],
+            Acquisition(None, record),
+        ]
+        await store.release(acquisition.lease)
+    await store.aclose()
+    secrets = (
+        issued_secrets(sim)
+        | {CLIENT_SECRET, "owner-secret-token-abcdef", "claim-owner-secret-abc"}
+        | key_material(ring)
+        | {record.payload.decode()[6:]}  # the sealed body
+    )
+    texts = [text for obj in objects for text in (repr(obj), str(obj), f"{obj!r:>5}")]
+    assert assert_clean(texts, secrets, "a repr") == 3 * len(objects)
+    assert "sha256:" in repr(tokens)  # fingerprints stand in for the tokens
+    assert claim.state is ClaimState.CLAIMED
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+async def test_tls_verification_is_on_by_default(sim: FakeFactorial) -> None:
+    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+        connector = tm._oauth.session.connector
+        assert connector is not None
+        assert getattr(connector, "_ssl", None) is not False  # aiohttp's default: verify
+        assert tm._oauth.session.connector is tm.client("acme")._session.connector
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+@pytest.fixture
+async def self_signed_server(tmp_path: Path) -> AsyncIterator[tuple[str, list[str], Path]]:
+    """An https:// server with a self-signed certificate that records what reaches it."""
+    seen: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response({"access_token": "x" * 64, "token_type": "Bearer", "expires_in": 60})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=_self_signed(tmp_path))
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"https://127.0.0.1:{port}", seen, tmp_path / "cert.pem"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_self_signed_provider_is_refused(self_signed_server: tuple[str, list[str], Path]) -> None:
+    base_url, seen, cert_path = self_signed_server
+    app = FactorialApp(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, base_url=base_url
+    )
+    async with TokenManager(app, **BUDGETS) as tm:
+        with pytest.raises(ProviderError) as info:
+            await tm.exchange_code("acme", "a-code-for-a-fake-server")
+        assert info.value.status is None and info.value.error == "connection_error"
+        assert info.value.description == "ClientConnectorCertificateError"  # refused for its cert
+        assert seen == []  # the handshake failed: no request, no client secret, reached it
+        with pytest.raises(TenantNotConnected):
+            await tm.access_token("acme")
+    # The control: a client that trusts this certificate does reach the server.
+    trusting = ssl.create_default_context(cafile=str(cert_path))
+    async with aiohttp.ClientSession() as session, session.get(base_url + "/ping", ssl=trusting) as resp:
+        assert resp.status == 200
+    assert seen == ["/ping"]
+
+
+# -- hostile tenant ids ----------------------------------------------------------------------
+
+#: Valid (if odd) tenant ids that look like key patterns, separators, SQL or wildcards.
+ODD = [
+    "*",
+    "acme*",
+    "{acme}",
+    "{",
+    "}",
+    ":",
+    "acme:",
+    ":acme",
+    "acme:lease",
+    "a?me",
+    "[a-z]*",
+    "%",
+    "acm%",
+    "_cme",
+    "'",
+    '"',
+    "acme' OR '1'='1",
+    '"; DROP TABLE tenants; --',
+    "\\",
+    "acme\\",
+    "ACME",
+    "acme ",
+    " acme",
+    "\uff41\uff43\uff4d\uff45",  # a fullwidth lookalike of acme
+    "x" * 200,
+]
+#: Tenant ids refused at the edge: they never reach a store.
+REFUSED = ["acme\n", "\nacme", "ac\rme", "acme\x00", "\t", "", "x" * 201, "x" * 10_240, "\x1b[31m"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async with open_backend(request.param, tmp_path) as opened:
+        yield opened
+
+
+async def test_hostile_tenant_ids_stay_in_their_own_record(backend: Backend, sim: FakeFactorial) -> None:
+    store = backend.store
+    async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+        victim = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        for tenant in ODD:  # nothing to read yet: not the victim's token, not anyone's
+            with pytest.raises(TenantNotConnected):
+                await tm.access_token(tenant)
+        for tenant in REFUSED:
+            for call in (tm.access_token, tm.refresh, tm.tokens, tm.forget, tm.revoke):
+                with pytest.raises(InvalidTenant):
+                    await call(tenant)
+            with pytest.raises(InvalidTenant):
+                await tm.exchange_code(tenant, sim.issue_code(company_id=99))
+        own = {}
+        for number, tenant in enumerate(ODD, 10):
+            own[tenant] = (await tm.exchange_code(tenant, sim.issue_code(company_id=number))).access_token
+        for tenant in ODD:
+            await tm.refresh(tenant)
+        listed = [info.tenant for info in await tm.tenants()]
+        assert sorted(listed) == sorted([*ODD, "acme"])
+        assert await tm.access_token("acme") == victim.access_token
+        for tenant in ODD:
+            token = await tm.access_token(tenant)
+            assert token not in (victim.access_token, own[tenant])  # its own, refreshed token
+            assert sim.is_active(token)
+        for tenant in ODD:  # forgetting every odd id leaves the victim alone
+            await tm.forget(tenant)
+        assert [info.tenant for info in await tm.tenants()] == ["acme"]
+        assert await tm.access_token("acme") == victim.access_token
+        assert (await tm.refresh("acme")).access_token != victim.access_token
+    assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+
+
+@pytest.mark.parametrize(
+    "other", ["*", "%", "app-client-id*", "app-client-id%", "app-client-%", "_pp-client-id"]
+)
+async def test_a_hostile_client_id_cannot_list_or_read_another_apps_tenants(
+    backend: Backend, sim: FakeFactorial, other: str
+) -> None:
+    store = backend.store
+    sim.add_client(other, "other-secret", REDIRECT_URI)
+    intruder = FactorialApp(
+        client_id=other, client_secret="other-secret", redirect_uri=REDIRECT_URI, base_url=sim.base_url
+    )
+    async with (
+        TokenManager(app_for(sim), store, **BUDGETS) as tm,
+        TokenManager(intruder, store, **BUDGETS) as bad,
+    ):
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        assert await bad.tenants() == []
+        with pytest.raises(TenantNotConnected):
+            await bad.access_token("acme")
+        await bad.forget("acme")
+        assert [i.tenant for i in await tm.tenants()] == ["acme"]
+        assert await store.read(TenantKey(CLIENT_ID, "acme")) is not None
+
+
+def test_a_ten_kilobyte_tenant_id_is_refused_before_any_work(sim: FakeFactorial) -> None:
+    tm = TokenManager(app_for(sim), **BUDGETS)
+    for hostile in ("x" * 10_240, "{" * 10_240, "'" * 10_240, "*" * 10_240):
+        with pytest.raises(InvalidTenant) as info:
+            tm.authorization_url(hostile)
+        assert len(str(info.value)) < 200  # the error does not echo 10 kB back

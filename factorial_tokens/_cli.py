@@ -1,0 +1,601 @@
+"""The ``factorial-tokens`` command: the demo, the connect server, keepalive, and tenant tools.
+
+Configuration comes from flags or the environment (``FACTORIAL_CLIENT_ID``,
+``FACTORIAL_CLIENT_SECRET``, ``FACTORIAL_REDIRECT_URI``, ``FACTORIAL_BASE_URL``,
+``FACTORIAL_TOKENS_STORE``). Secrets are never printed: not in ``--help``, not in
+errors; only ``token`` writes a token, to stdout, for shell use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, NoReturn, TypeVar
+
+import click
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from ._errors import (
+    ConfigurationError,
+    FactorialTokensError,
+    InvalidCallback,
+    InvalidState,
+    InvalidTenant,
+    ProviderError,
+    ReauthorizationRequired,
+    RefreshTimeout,
+    StoreUnavailable,
+    TenantNotConnected,
+    TokenSealError,
+)
+from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
+from ._manager import TokenManager
+from ._models import FactorialApp, validate_tenant
+
+__all__ = ["EXIT_CODES", "main"]
+
+log = logging.getLogger("factorial_tokens.cli")
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_BROKEN = 1
+EXIT_USAGE = 2
+EXIT_UNKNOWN_TENANT = 3
+EXIT_REAUTH = 4
+EXIT_PROVIDER = 5
+EXIT_STORE = 6
+EXIT_BUSY = 7
+
+#: Every exit code the command uses, with its meaning (also shown in ``--help``).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_BROKEN: "a guarantee was broken (demo), or an unexpected error",
+    EXIT_USAGE: "usage error or bad configuration (missing client id, bad store URL, invalid tenant id)",
+    EXIT_UNKNOWN_TENANT: "unknown tenant: no tokens are stored for it",
+    EXIT_REAUTH: "re-authorization required: the grant is dead, the company must connect again",
+    EXIT_PROVIDER: "Factorial refused the request or could not be reached",
+    EXIT_STORE: "the token store is unavailable (or its records cannot be opened)",
+    EXIT_BUSY: "timed out waiting for another worker's refresh",
+}
+
+DEFAULT_STORE = "sqlite:///factorial-tokens.db"
+DEFAULT_BASE_URL = "https://api.factorialhr.com"
+
+_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The documented exit code for an error."""
+    table: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
+        (TenantNotConnected, EXIT_UNKNOWN_TENANT),
+        (ReauthorizationRequired, EXIT_REAUTH),
+        (ProviderError, EXIT_PROVIDER),
+        ((StoreUnavailable, TokenSealError), EXIT_STORE),
+        (RefreshTimeout, EXIT_BUSY),
+        ((ConfigurationError, InvalidTenant, InvalidState, InvalidCallback), EXIT_USAGE),
+    )
+    for kinds, code in table:
+        if isinstance(exc, kinds):
+            return code
+    return EXIT_BROKEN
+
+
+class _Secrets:
+    """Strings that must never reach the terminal (the client secret, store passwords)."""
+
+    values: ClassVar[set[str]] = set()
+
+    @classmethod
+    def scrub(cls, text: str) -> str:
+        for value in sorted(cls.values, key=len, reverse=True):
+            if value:
+                text = text.replace(value, "***")
+        return text
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"factorial-tokens: {_Secrets.scrub(message)}", err=True)
+    sys.exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; map library errors to their messages and documented exit codes."""
+    try:
+        return asyncio.run(coro)
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class Config:
+    """The settings every command that talks to Factorial or the store needs."""
+
+    def __init__(
+        self,
+        client_id: str | None,
+        client_secret: str | None,
+        redirect_uri: str | None,
+        base_url: str,
+        store: str,
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.redirect_uri = redirect_uri
+        self.base_url = base_url
+        self.store = store
+        if client_secret:
+            _Secrets.values.add(client_secret)
+        password = _password(store)
+        if password:
+            _Secrets.values.add(password)
+
+    def app(self) -> FactorialApp:
+        """The FactorialApp, or ConfigurationError naming what is missing (never its value)."""
+        missing = [
+            f"{env} (or {flag})"
+            for value, env, flag in (
+                (self.client_id, "FACTORIAL_CLIENT_ID", "--client-id"),
+                (self.client_secret, "FACTORIAL_CLIENT_SECRET", "--client-secret"),
+                (self.redirect_uri, "FACTORIAL_REDIRECT_URI", "--redirect-uri"),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigurationError("missing configuration: set " + ", ".join(missing))
+        assert self.client_id and self.client_secret and self.redirect_uri
+        try:
+            return FactorialApp(
+                client_id=self.client_id,
+                client_secret=self.client_secret,
+                redirect_uri=self.redirect_uri,
+                base_url=self.base_url,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+
+    def manager(self, **options: Any) -> TokenManager:
+        """A TokenManager on the configured store (enter it with ``async with``)."""
+        return TokenManager(self.app(), self.store, **options)
+
+
+def _password(url: str) -> str | None:
+    try:
+        from urllib.parse import urlsplit
+
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared configuration flags and pass a ``Config`` as ``cfg``."""
+
+    @click.option(
+        "--store",
+        envvar="FACTORIAL_TOKENS_STORE",
+        default=DEFAULT_STORE,
+        show_default=True,
+        show_envvar=True,
+        metavar="URL",
+        help="Token store URL: sqlite:///path, redis://..., postgresql://..., memory://.",
+    )
+    @click.option(
+        "--base-url",
+        envvar="FACTORIAL_BASE_URL",
+        default=DEFAULT_BASE_URL,
+        show_default=True,
+        show_envvar=True,
+        metavar="URL",
+        help="Factorial's base URL.",
+    )
+    @click.option(
+        "--redirect-uri",
+        envvar="FACTORIAL_REDIRECT_URI",
+        show_envvar=True,
+        metavar="URL",
+        help="The OAuth redirect URI registered for the app.",
+    )
+    @click.option(
+        "--client-secret",
+        envvar="FACTORIAL_CLIENT_SECRET",
+        show_envvar=True,
+        show_default=False,
+        metavar="SECRET",
+        help="OAuth client secret (prefer the environment variable: flags show in `ps`).",
+    )
+    @click.option(
+        "--client-id",
+        envvar="FACTORIAL_CLIENT_ID",
+        show_envvar=True,
+        metavar="ID",
+        help="OAuth client id.",
+    )
+    @functools.wraps(func)
+    def wrapper(
+        client_id: str | None,
+        client_secret: str | None,
+        redirect_uri: str | None,
+        base_url: str,
+        store: str,
+        **kwargs: Any,
+    ) -> Any:
+        cfg = Config(client_id, client_secret, redirect_uri, base_url, store)
+        return func(cfg=cfg, **kwargs)
+
+    return wrapper
+
+
+def _tenant(_: click.Context, __: click.Parameter, value: str) -> str:
+    try:
+        return validate_tenant(value)
+    except InvalidTenant as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class Duration(click.ParamType[float]):
+    """Seconds, or a number with a unit: ``90``, ``90s``, ``15m``, ``12h``, ``5d``."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        match = _DURATION.match(str(value))
+        if match is None:
+            self.fail(f"{value!r} is not a duration (e.g. 90, 90s, 15m, 12h, 5d)", param, ctx)
+        return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _when(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "never"
+    delta = timestamp - now
+    span = _span(abs(delta))
+    return f"in {span}" if delta >= 0 else f"{span} ago"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug), to stderr.")
+@click.version_option(package_name="factorial-tokens")
+def main(verbose: int) -> None:
+    """Keep Factorial HR OAuth tokens valid for many companies across many workers.
+
+    Start with `factorial-tokens demo`: it runs the whole job against a strict local
+    simulator of Factorial and shows that no grant was broken.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@main.command(epilog=_EPILOG)
+@click.option(
+    "-t", "--tenants", default=5, show_default=True, type=click.IntRange(1, 1000), help="Companies."
+)
+@click.option("-p", "--workers", default=4, show_default=True, type=click.IntRange(1, 64), help="Processes.")
+@click.option(
+    "-c", "--tasks", default=25, show_default=True, type=click.IntRange(1, 10000), help="Tasks each."
+)
+@click.option("-d", "--duration", default=15.0, show_default=True, type=Duration(), help="Seconds to run.")
+@click.option("--token-ttl", default=3.0, show_default=True, type=Duration(), help="Access token lifetime.")
+@click.option("--leeway", default=1.0, show_default=True, type=Duration(), help="Refresh this early.")
+@click.option("--think", default=0.05, show_default=True, type=float, help="Seconds between a task's calls.")
+@click.option(
+    "--store", default=None, metavar="URL", help="Store URL [default: SQLite file in a temp folder]."
+)
+@click.option(
+    "--report", type=click.Path(dir_okay=False, writable=True), help="Also write the result as JSON."
+)
+def demo(
+    tenants: int,
+    workers: int,
+    tasks: int,
+    duration: float,
+    token_ttl: float,
+    leeway: float,
+    think: float,
+    store: str | None,
+    report: str | None,
+) -> None:
+    """Run the main job against a strict simulated Factorial and check every guarantee.
+
+    Connects the companies through the real authorization-code flow (the connect
+    server's routes), then runs worker processes calling the API through short-lived
+    tokens, and ends with a table of what Factorial saw against the ideal. Exits 1 if any
+    guarantee was broken.
+    """
+    from rich.console import Console
+
+    from ._demo import DemoConfig, render, run_demo
+
+    if store:
+        password = _password(store)
+        if password:
+            _Secrets.values.add(password)
+    config = DemoConfig(tenants, workers, tasks, duration, token_ttl, leeway, think, store)
+    console = Console()
+    try:
+        result = run_demo(config, console)
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+    render(result, console)
+    if report:
+        with open(report, "w", encoding="utf-8") as fh:
+            json.dump(result.values, fh, indent=2, default=str)
+    sys.exit(EXIT_OK if result.ok else EXIT_BROKEN)
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("tenant", callback=_tenant)
+@_config_options
+def token(cfg: Config, tenant: str) -> None:
+    """Print a valid access token for TENANT on stdout (refreshing it if due)."""
+
+    async def run() -> str:
+        async with cfg.manager() as tm:
+            return await tm.access_token(tenant)
+
+    click.echo(_run(run()))
+
+
+@main.command(epilog=_EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_config_options
+def status(cfg: Config, as_json: bool) -> None:
+    """List the tenants in the store: status, expiry, last refresh (no tokens)."""
+    import time
+
+    async def run() -> list[Any]:
+        async with cfg.manager() as tm:
+            return await tm.tenants()
+
+    infos = _run(run())
+    now = time.time()
+    if as_json:
+        rows = [
+            {
+                "tenant": info.tenant,
+                "status": info.status.value,
+                "needs_reauthorization": info.needs_reauthorization,
+                "expires_at": _iso(info.expires_at),
+                "refreshed_at": _iso(info.refreshed_at),
+                "version": info.version,
+            }
+            for info in infos
+        ]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    if not infos:
+        console.print("No tenants in the store.")
+        return
+    table = Table()
+    for column in ("tenant", "status", "expires", "last refresh", "needs re-authorization"):
+        table.add_column(column)
+    for info in infos:
+        table.add_row(
+            escape(info.tenant),
+            info.status.value,
+            _when(info.expires_at, now),
+            _when(info.refreshed_at, now),
+            "[red]yes[/red]" if info.needs_reauthorization else "no",
+        )
+    console.print(table)
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("tenant", callback=_tenant)
+@_config_options
+def refresh(cfg: Config, tenant: str) -> None:
+    """Force a refresh of TENANT's tokens (single-flight, under the lease)."""
+
+    async def run() -> Any:
+        async with cfg.manager() as tm:
+            return await tm.refresh(tenant)
+
+    tokens = _run(run())
+    expires = "never expires" if tokens.lifetime is None else f"expires in {tokens.lifetime:.0f} s"
+    click.echo(f"tenant {tenant!r} refreshed: access token {tokens.fingerprint}, {expires}")
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("tenant", callback=_tenant)
+@_config_options
+def revoke(cfg: Config, tenant: str) -> None:
+    """Revoke TENANT's grant at Factorial and remove its tokens from the store."""
+
+    async def run() -> None:
+        async with cfg.manager() as tm:
+            await tm.revoke(tenant)
+
+    _run(run())
+    click.echo(f"tenant {tenant!r} revoked at Factorial and removed from the store")
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("tenant", callback=_tenant)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_config_options
+def whoami(cfg: Config, tenant: str, as_json: bool) -> None:
+    """Show who granted TENANT's token (Factorial's credentials endpoint)."""
+    import attrs
+
+    async def run() -> Any:
+        async with cfg.manager() as tm:
+            return await tm.credentials(tenant)
+
+    fields = attrs.asdict(_run(run()))
+    if as_json:
+        click.echo(json.dumps(fields, indent=2, ensure_ascii=False))
+        return
+    for name, value in fields.items():
+        click.echo(f"{name + ':':<12} {'' if value is None else value}")
+
+
+@main.command("connect-url", epilog=_EPILOG)
+@click.argument("tenant", callback=_tenant)
+@click.option("--company", is_flag=True, help="Ask for a company token (resource_owner_type=company).")
+@click.option("--scope", default=None, help="OAuth scopes, space-separated.")
+@_config_options
+def connect_url(cfg: Config, tenant: str, company: bool, scope: str | None) -> None:
+    """Print the URL that lets TENANT's admin connect the app (signed state, 10 minutes)."""
+    try:
+        manager = cfg.manager()
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+    click.echo(manager.authorization_url(tenant, company=company, scope=scope))
+
+
+class _AccessLogger(AbstractAccessLogger):
+    """Method, path and status only: a callback's query holds the code and the state."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
+
+
+@main.command(epilog=_EPILOG)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks one.")
+@click.option(
+    "--tenant",
+    "allowed",
+    multiple=True,
+    metavar="ID",
+    help="Only these tenants may connect (repeatable); others get 404. Default: any.",
+)
+@_config_options
+def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
+    """Serve GET /connect/{tenant} and the OAuth callback (the redirect URI's path).
+
+    Anyone who reaches /connect can start connecting a company to any allowed tenant
+    id: keep it on a private network, behind your own authentication, or use --tenant.
+    """
+    from ._serve import callback_path, connect_app
+
+    allow = None if not allowed else (lambda _request, tenant: tenant in set(allowed))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with cfg.manager() as tm:
+            app = connect_app(tm, allow=allow)
+            runner = web.AppRunner(app, access_log_class=_AccessLogger)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, host, port).start()
+                bound = runner.addresses[0][1]
+                shown = f"[{host}]" if ":" in host else host
+                click.echo(f"listening on http://{shown}:{bound}")
+                click.echo(f"  connect a company: http://{shown}:{bound}/connect/<tenant>")
+                click.echo(f"  OAuth callback:    {callback_path(tm.app.redirect_uri)}")
+                sys.stdout.flush()
+                await stop.wait()
+            finally:
+                await runner.cleanup()
+
+    try:
+        _run(run())
+    except OSError as exc:
+        _fail(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)
+
+
+@main.command(epilog=_EPILOG)
+@click.option(
+    "--max-age",
+    default=DEFAULT_MAX_AGE,
+    show_default=True,
+    type=Duration(),
+    help="Refresh tenants whose tokens are older than this (e.g. 5d).",
+)
+@click.option("--interval", default=3600.0, show_default=True, type=Duration(), help="Time between passes.")
+@click.option(
+    "--jitter",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Spread: each tenant's threshold is lowered by up to this share of --max-age.",
+)
+@click.option("--once", is_flag=True, help="Run one pass and exit (for cron).")
+@_config_options
+def keepalive(cfg: Config, max_age: float, interval: float, jitter: float, once: bool) -> None:
+    """Refresh idle tenants before Factorial's week-long refresh tokens age out.
+
+    Skips tenants that need re-authorization and company tokens that never expire;
+    logs errors and carries on. With --once, exits 4 if any tenant needs
+    re-authorization, 5 if a refresh failed.
+    """
+    if not once and not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger("factorial_tokens.keepalive").setLevel(logging.INFO)
+
+    async def run() -> KeepAliveReport | None:
+        async with cfg.manager() as tm:
+            work = asyncio.ensure_future(
+                tm.keep_alive(max_age=max_age, interval=interval, jitter=jitter, once=once)
+            )
+            if once:
+                return await work
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, work.cancel)
+            try:
+                await work
+            except asyncio.CancelledError:
+                return None
+            return None
+
+    report = _run(run())
+    if report is None:
+        return
+    click.echo(
+        f"checked {report.checked}: refreshed {len(report.refreshed)}, not due {len(report.not_due)}, "
+        f"non-expiring {len(report.non_expiring)}, needing re-authorization "
+        f"{len(report.needs_reauth) + len(report.lost)}, failed {len(report.failed)}"
+    )
+    for tenant in report.needs_reauth + report.lost:
+        click.echo(f"  needs re-authorization: {tenant!r}")
+    for tenant in report.failed:
+        click.echo(f"  failed: {tenant!r}")
+    if report.failed:
+        sys.exit(EXIT_PROVIDER)
+    if report.needs_reauth or report.lost:
+        sys.exit(EXIT_REAUTH)

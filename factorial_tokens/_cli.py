@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from aiohttp import web
@@ -39,6 +40,7 @@ from ._errors import (
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
 from ._manager import TokenManager
 from ._models import FactorialApp, validate_tenant
+from ._sealing import Keyring, ensure_key_file, rekey
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -167,14 +169,23 @@ class Config:
             raise ConfigurationError(str(exc)) from None
 
     def manager(self, **options: Any) -> TokenManager:
-        """A TokenManager on the configured store (enter it with ``async with``)."""
-        return TokenManager(self.app(), self.store, **options)
+        """A TokenManager on the configured store (enter it with ``async with``), sealing
+        tokens under :meth:`keyring`."""
+        return TokenManager(self.app(), self.store, keyring=self.keyring(), **options)
+
+    def keyring(self) -> Keyring | None:
+        """``FACTORIAL_TOKENS_KEYS`` if set; else, for an SQLite store, the key file
+        ``<db>.keys`` beside it (created with mode 0600 on first use); else ``None``."""
+        ring = Keyring.from_env()
+        if ring is None and urlsplit(self.store).scheme.lower() == "sqlite":
+            from ._sqlite import SQLiteStore
+
+            ring = ensure_key_file(SQLiteStore.from_url(self.store).path + ".keys")
+        return ring
 
 
 def _password(url: str) -> str | None:
     try:
-        from urllib.parse import urlsplit
-
         return urlsplit(url).password
     except ValueError:
         return None
@@ -599,3 +610,44 @@ def keepalive(cfg: Config, max_age: float, interval: float, jitter: float, once:
         sys.exit(EXIT_PROVIDER)
     if report.needs_reauth or report.lost:
         sys.exit(EXIT_REAUTH)
+
+
+@main.command(epilog=_EPILOG)
+@click.option("--id", "kid", default=None, metavar="KID", help="Key id [default: k<UTC time>-<random>].")
+def keygen(kid: str | None) -> None:
+    """Print a new random key as a keyring entry, KID:BASE64 (keep it secret).
+
+    Append it to a key file (`factorial-tokens keygen >> tokens.db.keys`) or to
+    FACTORIAL_TOKENS_KEYS (comma-separated, newest last), then run `rekey`.
+    """
+    try:
+        click.echo(Keyring.generate(kid).export(), nl=False)
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+
+
+@main.command("rekey", epilog=_EPILOG)
+@click.option(
+    "--keys-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Key file to use [default: FACTORIAL_TOKENS_KEYS, or <db>.keys for an SQLite store].",
+)
+@_config_options
+def rekey_command(cfg: Config, keys_file: str | None) -> None:
+    """Re-seal every tenant's tokens under the newest key, while workers keep running.
+
+    Each tenant is re-sealed under its lease with a fenced write, so a concurrent refresh
+    is never overwritten. Records that cannot be opened are left intact (exit 6).
+    """
+
+    async def run() -> int:
+        ring = Keyring.from_file(keys_file) if keys_file else cfg.keyring()
+        if ring is None:
+            raise ConfigurationError("no keys: set FACTORIAL_TOKENS_KEYS or pass --keys-file")
+        async with TokenManager(cfg.app(), cfg.store, keyring=ring) as tm:
+            moved = await rekey(tm, ring)
+        click.echo(f"re-sealed {moved} tenant records under key {ring.newest!r}")
+        return moved
+
+    _run(run())

@@ -1,0 +1,385 @@
+"""The connect routes (``connect_app``): the real flow and every kind of bad callback input.
+
+Driven through aiohttp's TestServer/TestClient against the strict FakeFactorial; the
+provider's counters prove what reached it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from factorial_tokens import ConfigurationError, FactorialApp, TokenManager
+from factorial_tokens._serve import callback_path, connect_app
+from factorial_tokens._state import StateSigner
+from factorial_tokens.testing import FakeFactorial, Fault
+
+from .conftest import CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
+
+CALLBACK = urlsplit(REDIRECT_URI).path
+
+
+@pytest.fixture
+async def client(tm: TokenManager) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    async with TestClient(TestServer(connect_app(tm))) as test_client:
+        yield test_client
+
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def start(client: Client, sim: FakeFactorial, tenant: str, query: str = "") -> str:
+    """GET /connect/{tenant}, let the simulator approve it; return the callback's path+query."""
+    resp = await client.get(f"/connect/{quote(tenant, safe='')}{query}", allow_redirects=False)
+    assert resp.status == 302, await resp.text()
+    location = resp.headers["Location"]
+    assert location.startswith(sim.base_url + "/oauth/authorize?")
+    callback = urlsplit(await sim.authorize(location))
+    assert callback.path == CALLBACK
+    return f"{callback.path}?{callback.query}"
+
+
+def params(path_and_query: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(path_and_query).query).items()}
+
+
+async def call(client: Client, path: str) -> tuple[int, str]:
+    resp = await client.get(path, allow_redirects=False)
+    body = await resp.text()
+    assert "Location" not in resp.headers  # the callback never redirects
+    assert resp.headers["Cache-Control"] == "no-store"
+    return resp.status, body
+
+
+def assert_clean(body: str, *secrets: str) -> None:
+    """No page holds the client secret or any given token or code."""
+    assert CLIENT_SECRET not in body
+    for secret in secrets:
+        assert secret not in body
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+async def test_connect_redirects_to_factorial_with_a_signed_state(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    resp = await client.get("/connect/acme", allow_redirects=False)
+    assert resp.status == 302
+    url = urlsplit(resp.headers["Location"])
+    assert f"{url.scheme}://{url.netloc}" == sim.base_url and url.path == "/oauth/authorize"
+    query = parse_qs(url.query)
+    assert query["client_id"] == [tm.app.client_id]
+    assert query["redirect_uri"] == [REDIRECT_URI]
+    assert query["response_type"] == ["code"]
+    assert "resource_owner_type" not in query
+    assert tm.tenant_from_state(query["state"][0]) == "acme"
+    company = await client.get("/connect/acme?company=1", allow_redirects=False)
+    assert parse_qs(urlsplit(company.headers["Location"]).query)["resource_owner_type"] == ["company"]
+
+
+async def test_connect_never_redirects_to_a_url_from_the_request(client: Client, sim: FakeFactorial) -> None:
+    resp = await client.get(
+        "/connect/acme?redirect_uri=https://evil.example/&next=https://evil.example/",
+        headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
+        allow_redirects=False,
+    )
+    assert resp.status == 302
+    location = resp.headers["Location"]
+    assert location.startswith(sim.base_url + "/oauth/authorize?")
+    assert "evil" not in location
+
+
+async def test_the_flow_connects_the_tenant(client: Client, tm: TokenManager, sim: FakeFactorial) -> None:
+    callback = await start(client, sim, "acme")
+    status, body = await call(client, callback)
+    assert status == 200 and "Connected" in body and "acme" in body
+    assert sim.stats.exchanges == 1
+    token = await tm.access_token("acme")
+    assert sim.is_active(token)
+    assert_clean(body, token, params(callback)["code"])
+
+
+async def test_replayed_callback_with_the_same_code_answers_the_same_success(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    callback = await start(client, sim, "acme")
+    first = await call(client, callback)
+    again = await asyncio.gather(*(call(client, callback) for _ in range(10)))
+    assert first[0] == 200 and {status for status, _ in again} == {200}
+    assert sim.stats.exchange_attempts == 1 and sim.stats.exchanges == 1
+    assert sim.stats.families_revoked == 0
+    assert sim.is_active(await tm.access_token("acme"))
+
+
+async def test_concurrent_duplicate_callbacks_exchange_once(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    callback = await start(client, sim, "acme")
+    results = await asyncio.gather(*(call(client, callback) for _ in range(20)))
+    assert {status for status, _ in results} == {200}
+    assert sim.stats.exchange_attempts == 1 and sim.stats.invalid_grant == 0
+
+
+async def test_replayed_state_with_another_code_is_refused(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    callback = await start(client, sim, "acme")
+    assert (await call(client, callback))[0] == 200
+    token = await tm.access_token("acme")
+    other = sim.issue_code()
+    state = params(callback)["state"]
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'code': other, 'state': state})}")
+    assert status == 409 and "already" in body
+    assert sim.stats.exchange_attempts == 1  # the second code never reached Factorial
+    assert await tm.access_token("acme") == token and sim.is_active(token)
+    assert_clean(body, other, token)
+
+
+# --------------------------------------------------------------------------- bad state
+
+
+async def test_missing_state_is_refused(client: Client, sim: FakeFactorial) -> None:
+    status, body = await call(client, f"{CALLBACK}?code={sim.issue_code()}")
+    assert status == 400 and "state" in body
+    status, _ = await call(client, f"{CALLBACK}?state=&code=x")
+    assert status == 400
+    assert sim.stats.exchange_attempts == 0
+
+
+async def test_forged_states_are_refused(client: Client, tm: TokenManager, sim: FakeFactorial) -> None:
+    callback = await start(client, sim, "acme")
+    state, code = params(callback)["state"], params(callback)["code"]
+    body, mac = state.split(".")
+    flipped = body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1]
+    other_app = FactorialApp(
+        client_id=tm.app.client_id, client_secret="another-secret", redirect_uri=REDIRECT_URI
+    )
+    forged = [
+        f"{flipped}.{mac}",  # payload tampered
+        f"{body}.{mac[:-3]}xyz",  # signature tampered
+        body,  # signature missing
+        StateSigner(other_app).sign("acme"),  # another app's key
+        "not-a-state",
+        "." * 3000,  # absurdly long
+        "%00%01",
+    ]
+    for bad in forged:
+        status, page = await call(client, f"{CALLBACK}?{urlencode({'code': code, 'state': bad})}")
+        assert status == 400, bad
+        assert_clean(page, code)
+    assert sim.stats.exchange_attempts == 0
+    assert (await call(client, callback))[0] == 200  # the genuine one still works
+
+
+async def test_expired_state_is_refused(client: Client, tm: TokenManager, sim: FakeFactorial) -> None:
+    stale = StateSigner(tm.app, ttl=600).sign("acme", now=time.time() - 3600)
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'code': sim.issue_code(), 'state': stale})}")
+    assert status == 400 and "expired" in body
+    assert sim.stats.exchange_attempts == 0
+
+
+async def test_missing_code_does_not_burn_the_state(client: Client, sim: FakeFactorial) -> None:
+    callback = await start(client, sim, "acme")
+    state = params(callback)["state"]
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'state': state})}")
+    assert status == 400 and "code" in body
+    assert (await call(client, callback))[0] == 200
+
+
+async def test_malformed_code_is_refused(client: Client, sim: FakeFactorial) -> None:
+    callback = await start(client, sim, "acme")
+    state = params(callback)["state"]
+    status, _ = await call(client, f"{CALLBACK}?{urlencode({'state': state, 'code': 'x' * 5000})}")
+    assert status == 400
+    assert sim.stats.exchange_attempts == 0
+
+
+# --------------------------------------------------------------------------- codes and provider
+
+
+async def test_code_reused_for_another_tenant_is_refused(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    callback = await start(client, sim, "acme")
+    assert (await call(client, callback))[0] == 200
+    code = params(callback)["code"]
+    evil_state = params(await start(client, sim, "evil"))["state"]
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'code': code, 'state': evil_state})}")
+    assert status == 409 and "another tenant" in body
+    assert sim.stats.exchange_attempts == 1 and sim.stats.families_revoked == 0
+    assert sim.is_active(await tm.access_token("acme"))
+    assert_clean(body, code)
+
+
+async def test_code_refused_by_factorial_shows_a_provider_error_page(
+    client: Client, sim: FakeFactorial
+) -> None:
+    callback = await start(client, sim, "acme")
+    state = params(callback)["state"]
+    made_up = "made-up-code-0123456789abcdef"
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'code': made_up, 'state': state})}")
+    assert status == 502 and "invalid_grant" in body
+    assert sim.stats.exchange_attempts == 1
+    assert_clean(body, made_up)
+
+
+async def test_html_gateway_error_means_connect_again(client: Client, sim: FakeFactorial) -> None:
+    callback = await start(client, sim, "acme")
+    sim.inject(Fault.HTML_ERROR)
+    status, body = await call(client, callback)
+    assert status == 409 and "connect the company again" in body
+    assert "nginx" not in body and "<center>" not in body
+    # The code may have been consumed: it is never sent again, even on a retried callback.
+    assert (await call(client, callback))[0] == 409
+    assert sim.stats.exchange_attempts == 0  # the fault answered before the grant was processed
+    assert sim.stats.token_requests == 1
+
+
+async def test_factorial_unavailable_shows_a_provider_error_page(make_sim: SimFactory) -> None:
+    async with make_sim() as sim:
+        app = app_for(sim)
+        async with (
+            TokenManager(app, "memory://", lease_ttl=3, provider_timeout=0.5, refresh_deadline=1) as tm,
+            TestClient(TestServer(connect_app(tm))) as client,
+        ):
+            callback = await start(client, sim, "acme")
+            sim.inject(Fault.HTTP_503, times=100)
+            status, body = await call(client, callback)
+            assert status == 502 and "Factorial" in body
+            assert_clean(body, params(callback)["code"])
+            assert sim.stats.exchange_attempts == 0
+
+
+async def test_access_denied(client: Client, sim: FakeFactorial) -> None:
+    callback = await start(client, sim, "acme")
+    state = params(callback)["state"]
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'error': 'access_denied', 'state': state})}")
+    assert status == 403 and "not granted" in body and "acme" in body
+    status, _ = await call(client, f"{CALLBACK}?error=access_denied")
+    assert status == 403
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'error': '<script>x</script>'})}")
+    assert status == 400 and "<script>" not in body and "&lt;script&gt;" in body
+    assert sim.stats.exchange_attempts == 0
+
+
+async def test_head_never_exchanges(client: Client, sim: FakeFactorial) -> None:
+    callback = await start(client, sim, "acme")
+    resp = await client.head(callback, allow_redirects=False)
+    assert resp.status == 405
+    assert sim.stats.exchange_attempts == 0
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+async def test_unknown_tenant_is_refused_when_an_allow_hook_is_given(
+    tm: TokenManager, sim: FakeFactorial
+) -> None:
+    async def allow(request: web.Request, tenant: str) -> bool:
+        await asyncio.sleep(0)
+        return tenant == "acme"
+
+    async with TestClient(TestServer(connect_app(tm, allow=allow))) as client:
+        resp = await client.get("/connect/nobody", allow_redirects=False)
+        assert resp.status == 404 and "Location" not in resp.headers
+        # A state for a tenant the hook refuses (e.g. issued before it was removed).
+        state = params(tm.authorization_url("nobody"))["state"]
+        status, body = await call(
+            client, f"{CALLBACK}?{urlencode({'code': sim.issue_code(), 'state': state})}"
+        )
+        assert status == 404 and "nobody" in body
+        assert sim.stats.exchange_attempts == 0
+        status, _ = await call(client, await start(client, sim, "acme"))
+        assert status == 200
+
+
+async def test_a_new_tenant_connects_without_a_hook(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    assert await tm.tenants() == []
+    assert (await call(client, await start(client, sim, "brand-new")))[0] == 200
+    assert [info.tenant for info in await tm.tenants()] == ["brand-new"]
+
+
+@pytest.mark.parametrize(
+    "tenant",
+    [
+        "café-ü-日本語-🚀",
+        "x" * 200,
+        "a b+c&d=e?f#g",
+        "'\"; DROP TABLE tenants; --",
+        "a/b",
+        "...",
+    ],
+)
+async def test_odd_tenant_ids_round_trip(
+    client: Client, tm: TokenManager, sim: FakeFactorial, tenant: str
+) -> None:
+    callback = await start(client, sim, tenant)
+    assert tm.tenant_from_state(params(callback)["state"]) == tenant
+    status, _ = await call(client, callback)
+    assert status == 200
+    assert [info.tenant for info in await tm.tenants()] == [tenant]
+
+
+@pytest.mark.parametrize("raw", ["x" * 201, "%00", "a%0Ab", "%1B%5B31m", "a%7Fb", "%C2%85"])
+async def test_invalid_tenant_ids_are_refused(client: Client, sim: FakeFactorial, raw: str) -> None:
+    resp = await client.get(f"/connect/{raw}", allow_redirects=False)
+    assert resp.status == 400 and "Location" not in resp.headers
+    assert sim.stats.authorize_requests == 0
+
+
+async def test_tenant_ids_are_escaped_in_pages(client: Client, sim: FakeFactorial) -> None:
+    tenant = "<script>alert('x')</script>"
+    status, body = await call(client, await start(client, sim, tenant))
+    assert status == 200
+    assert "<script>" not in body and "&lt;script&gt;" in body
+    state = params(await start(client, sim, tenant))["state"]
+    status, body = await call(client, f"{CALLBACK}?{urlencode({'error': 'access_denied', 'state': state})}")
+    assert status == 403 and "<script>" not in body
+
+
+# --------------------------------------------------------------------------- mounting
+
+
+async def test_mounted_as_a_sub_app(sim: FakeFactorial) -> None:
+    redirect = "http://127.0.0.1:8765/factorial/oauth/callback"
+    sim.add_client("sub-client", "sub-secret-0123456789", redirect)
+    app = FactorialApp(
+        client_id="sub-client",
+        client_secret="sub-secret-0123456789",
+        redirect_uri=redirect,
+        base_url=sim.base_url,
+    )
+    async with TokenManager(app, "memory://", lease_ttl=6, provider_timeout=2) as tm:
+
+        async def home(_: web.Request) -> web.Response:
+            return web.Response(text="the user's own app")
+
+        root = web.Application()
+        root.router.add_get("/", home)
+        root.add_subapp("/factorial", connect_app(tm, prefix="/factorial"))
+        async with TestClient(TestServer(root)) as client:
+            resp = await client.get("/factorial/connect/acme", allow_redirects=False)
+            assert resp.status == 302
+            callback = urlsplit(await sim.authorize(resp.headers["Location"]))
+            assert callback.path == "/factorial/oauth/callback"
+            page = await client.get(f"{callback.path}?{callback.query}")
+            assert page.status == 200
+            assert (await client.get("/")).status == 200
+        assert sim.is_active(await tm.access_token("acme"))
+
+
+def test_callback_path_must_fit_the_prefix() -> None:
+    assert callback_path("https://x.example/oauth/callback") == "/oauth/callback"
+    assert callback_path("https://x.example/f/oauth/cb", "/f") == "/oauth/cb"
+    assert callback_path("https://x.example/f/oauth/cb", "/f/") == "/oauth/cb"
+    with pytest.raises(ConfigurationError):
+        callback_path("https://x.example/oauth/callback", "/factorial")

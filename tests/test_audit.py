@@ -8,10 +8,12 @@ client secret, the authorization codes and the sealing keys.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import ipaddress
 import logging
+import os
 import ssl
 import traceback
 from collections.abc import AsyncIterator, Iterable
@@ -445,3 +447,151 @@ def test_a_ten_kilobyte_tenant_id_is_refused_before_any_work(sim: FakeFactorial)
         with pytest.raises(InvalidTenant) as info:
             tm.authorization_url(hostile)
         assert len(str(info.value)) < 200  # the error does not echo 10 kB back
+
+
+# -- the connect server: error pages and redirects ----------------------------------------
+
+
+async def test_connect_pages_hold_no_secret_and_never_redirect_elsewhere(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    from urllib.parse import parse_qs, urlencode, urlsplit
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from factorial_tokens._serve import connect_app
+
+    ring = Keyring.generate("k1")
+    store = SQLiteStore(tmp_path / "tokens.db")
+    provider = urlsplit(sim.base_url).netloc
+    pages: list[str] = []
+    async with TokenManager(app_for(sim), store, keyring=ring, **BUDGETS) as tm:
+        client = TestClient(TestServer(connect_app(tm)))
+        await client.start_server()
+        try:
+
+            async def get(path: str, **params: str) -> aiohttp.ClientResponse:
+                url = path + ("?" + urlencode(params) if params else "")
+                resp = await client.get(url, allow_redirects=False)
+                pages.append(await resp.text())
+                return resp
+
+            async def authorize(tenant: str) -> dict[str, str]:
+                resp = await get(f"/connect/{tenant}")
+                assert resp.status == 302
+                query = parse_qs(urlsplit(await sim.authorize(resp.headers["Location"])).query)
+                return {name: values[0] for name, values in query.items()}
+
+            # The happy path, a replay, the same state with another code, a refused code.
+            first = await authorize("acme")
+            assert (await get("/oauth/callback", **first)).status == 200
+            assert (await get("/oauth/callback", **first)).status == 200
+            other = sim.issue_code(company_id=1)
+            assert (await get("/oauth/callback", state=first["state"], code=other)).status == 409
+            fresh = await authorize("globex")
+            refused = await get("/oauth/callback", state=fresh["state"], code="bogus-" + "c" * 40)
+            assert refused.status == 502
+            assert (await get("/oauth/callback", state=first["state"][:-4] + "AAAA", code="x")).status == 400
+            hostile = await get("/oauth/callback", error="<script>alert(1)</script>", state=fresh["state"])
+            assert hostile.status == 400 and "<script>" not in pages[-1]
+            # Open-redirect attempts: the callback never redirects; /connect only to Factorial.
+            lures = {"next": "https://evil.example/", "redirect_uri": "https://evil.example/cb"}
+            lures |= {"return_to": "//evil.example", "error_uri": "https://evil.example/"}
+            for params in ({**first, **lures}, {**lures}, {"error": "access_denied", **lures}):
+                resp = await get("/oauth/callback", **params)
+                assert resp.status < 300 or resp.status >= 400
+                assert "Location" not in resp.headers and "evil.example" not in pages[-1]
+            for path in ("/connect/acme", "/connect/%2F%2Fevil.example", "/connect/https:%2F%2Fevil.x"):
+                resp = await get(path, **lures)
+                assert resp.status == 302
+                target = urlsplit(resp.headers["Location"])
+                assert target.netloc == provider and target.path == "/oauth/authorize"
+                assert parse_qs(target.query)["redirect_uri"] == [REDIRECT_URI]
+            assert (await get("/connect/" + "x" * 300)).status == 400
+        finally:
+            await client.close()
+        assert await tm.access_token("acme")
+    await store.aclose()
+    secrets = issued_secrets(sim) | {CLIENT_SECRET} | key_material(ring)
+    assert assert_clean(pages, secrets, "a connect page") == len(pages) == 15
+
+
+# -- the CLI ---------------------------------------------------------------------------
+
+
+def test_cli_output_holds_no_secret_but_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from factorial_tokens._cli import main
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.delenv("FACTORIAL_TOKENS_KEYS", raising=False)
+    db = tmp_path / "tokens.db"
+    with FakeFactorial(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI
+    ).serve_in_thread() as sim:
+        env = {
+            "FACTORIAL_CLIENT_ID": CLIENT_ID,
+            "FACTORIAL_CLIENT_SECRET": CLIENT_SECRET,
+            "FACTORIAL_REDIRECT_URI": REDIRECT_URI,
+            "FACTORIAL_BASE_URL": sim.base_url,
+            "FACTORIAL_TOKENS_STORE": f"sqlite:///{db}",
+        }
+        runner = CliRunner(env=env)
+        outputs: list[str] = []
+
+        def cli(*args: str, code: int = 0) -> str:
+            result = runner.invoke(main, list(args), catch_exceptions=False)
+            assert result.exit_code == code, (args, result.stdout, result.stderr)
+            outputs.extend([result.stdout, result.stderr])
+            return result.stdout
+
+        cli("status")  # creates the key file
+        ring = Keyring.from_file(f"{db}.keys")
+
+        async def connect() -> None:
+            async with TokenManager(app_for(sim), f"sqlite:///{db}", keyring=ring, **BUDGETS) as tm:
+                await tm.exchange_code("acme", sim.issue_code(company_id=1))
+                await tm.exchange_code("globex", sim.issue_code(company_id=2))
+
+        asyncio.run(connect())
+        cli("status")
+        cli("status", "--json")
+        cli("refresh", "acme")
+        cli("whoami", "acme")
+        cli("whoami", "--json", "globex")
+        cli("connect-url", "acme")
+        cli("keepalive", "--once", "--max-age", "1s", "--jitter", "0")
+        cli("rekey")
+        cli("refresh", "nobody", code=3)
+        # A real process with -vv: DEBUG logs on its real stderr.
+        verbose = subprocess.run(
+            [sys.executable, "-m", "factorial_tokens", "-vv", "refresh", "acme"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert verbose.returncode == 0 and "DEBUG" in verbose.stderr, verbose.stderr
+        outputs += [verbose.stdout, verbose.stderr]
+        sim.revoke_company(2)
+        cli("refresh", "globex", code=4)
+        runner.env = {**env, "FACTORIAL_TOKENS_KEYS": Keyring.generate("k1").export().strip()}
+        cli("refresh", "acme", code=6)  # a wrong key: a seal error, no token printed
+        runner.env = env
+        printed = runner.invoke(main, ["token", "acme"])  # the one command that prints a token
+        assert printed.exit_code == 0 and printed.stdout.strip() in sim._by_access
+        assert sim.is_active(printed.stdout.strip())
+        cli("revoke", "acme")
+        cli("token", "acme", code=3)
+        cli("token", "globex", code=4)
+        secrets = issued_secrets(sim) | {CLIENT_SECRET} | key_material(ring)
+    assert assert_clean(outputs, secrets, "CLI output") == len(outputs) == 32
+    assert assert_clean(log_texts(caplog.records), secrets, "a CLI log record") > 10
+    assert sim.stats.revocations == 1

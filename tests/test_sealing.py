@@ -35,6 +35,7 @@ from factorial_tokens import (
     rekey,
 )
 from factorial_tokens._sealing import sealed_with
+from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens.testing import FakeFactorial
 
 from ._raw_stores import BACKENDS, Backend, open_backend
@@ -555,3 +556,85 @@ async def test_rekey_leaves_what_it_cannot_open_intact(backend: Backend, sim: Fa
     taken = await store.acquire(TenantKey(CLIENT_ID, "orphan"), "next", 5.0)
     assert taken.lease is not None
     await store.release(taken.lease)
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_key_file_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from factorial_tokens._cli import main
+
+    from .conftest import CLIENT_SECRET, REDIRECT_URI
+
+    monkeypatch.delenv("FACTORIAL_TOKENS_KEYS", raising=False)
+    db = tmp_path / "tokens.db"
+    keys = tmp_path / "tokens.db.keys"
+    with FakeFactorial(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI
+    ).serve_in_thread() as sim:
+        runner = CliRunner(
+            env={
+                "FACTORIAL_CLIENT_ID": CLIENT_ID,
+                "FACTORIAL_CLIENT_SECRET": CLIENT_SECRET,
+                "FACTORIAL_REDIRECT_URI": REDIRECT_URI,
+                "FACTORIAL_BASE_URL": sim.base_url,
+                "FACTORIAL_TOKENS_STORE": f"sqlite:///{db}",
+            }
+        )
+        assert not keys.exists()
+        assert runner.invoke(main, ["status"]).exit_code == 0
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o600  # made on first use
+        first = Keyring.from_file(keys)
+
+        async def connect() -> list[TokenSet]:
+            async with TokenManager(app_for(sim), f"sqlite:///{db}", keyring=first, **BUDGETS) as tm:
+                return [await connect_one(tm, sim, t, n) for n, t in enumerate(["acme", "globex"], 1)]
+
+        async def connect_one(tm: TokenManager, sim: FakeFactorial, tenant: str, n: int) -> TokenSet:
+            return await tm.exchange_code(tenant, sim.issue_code(company_id=n))
+
+        issued = asyncio.run(connect())
+        refreshed = runner.invoke(main, ["refresh", "acme"])
+        assert refreshed.exit_code == 0, refreshed.output
+        assert (
+            leaked(db.read_bytes(), *(t.access_token for t in issued), *(t.refresh_token for t in issued))
+            == []
+        )
+
+        made = runner.invoke(main, ["keygen", "--id", "k-new"])
+        assert made.exit_code == 0 and made.stdout.startswith("k-new:") and made.stdout.count("\n") == 1
+        assert len(Keyring.parse(made.stdout)) == 1
+        with keys.open("a") as handle:  # `factorial-tokens keygen >> tokens.db.keys`
+            handle.write(made.stdout)
+        moved = runner.invoke(main, ["rekey"])
+        assert moved.exit_code == 0, moved.output
+        assert moved.stdout == "re-sealed 2 tenant records under key 'k-new'\n"
+
+        async def kids() -> set[str | None]:
+            store = SQLiteStore(db)
+            try:
+                return {sealed_with(r.payload) for r in await store.tenants(CLIENT_ID)}
+            finally:
+                await store.aclose()
+
+        assert asyncio.run(kids()) == {"k-new"}
+        assert runner.invoke(main, ["rekey"]).stdout == "re-sealed 0 tenant records under key 'k-new'\n"
+        token = runner.invoke(main, ["token", "globex"])
+        assert token.exit_code == 0 and token.stdout.strip() == issued[1].access_token
+
+        keys.chmod(0o644)
+        refused = runner.invoke(main, ["token", "globex"])
+        assert refused.exit_code == 2 and "chmod 600" in refused.stderr and refused.stdout == ""
+        keys.chmod(0o600)
+        from_env = runner.invoke(
+            main, ["token", "globex"], env={"FACTORIAL_TOKENS_KEYS": made.stdout.strip()}
+        )
+        assert from_env.exit_code == 0  # the env keyring (k-new alone) opens what rekey moved
+        stale = runner.invoke(
+            main, ["token", "globex"], env={"FACTORIAL_TOKENS_KEYS": first.export().strip()}
+        )
+        assert stale.exit_code == 6 and "'k-new'" in stale.stderr and stale.stdout == ""
+        empty = runner.invoke(main, ["rekey", "--keys-file", str(tmp_path / "none")])
+        assert empty.exit_code == 2 and "does not exist" in empty.stderr

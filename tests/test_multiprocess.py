@@ -1,0 +1,176 @@
+"""Many worker processes on one store, against the strict simulator, counted exactly.
+
+Every test runs once per entry of ``tests.stores.MULTIPROCESS_STORES``; the workers are
+real processes (``tests/multiproc_worker.py``) that reach FakeFactorial over loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from factorial_tokens import TokenManager, TokenSet
+from factorial_tokens.testing import FakeFactorial, Fault, RefreshMode
+
+from .conftest import SimFactory, app_for
+from .multiproc import Scenario, WorkerPool, all_tokens, total_api, total_errors
+from .stores import MULTIPROCESS_STORES
+
+PROCESSES = 4
+TASKS = 50
+
+
+@pytest.fixture(params=sorted(MULTIPROCESS_STORES))
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store URL, once per store that several processes can share."""
+    return MULTIPROCESS_STORES[request.param](tmp_path)
+
+
+async def test_one_code_exchanged_by_every_process_at_once(store_url: str, sim: FakeFactorial) -> None:
+    code = sim.issue_code(company_id=7)
+    scenario = Scenario(
+        kind="exchange", tenants=["acme"], tasks=TASKS, manager={"lease_ttl": 6, "provider_timeout": 3}
+    )
+    async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
+        pool.go(code=code)
+        reports = await pool.results()
+    assert sum(len(r.finished) for r in reports) == PROCESSES * TASKS  # every caller was answered
+    assert total_errors(reports) == {}
+    seen = all_tokens(reports, "acme")
+    assert len(seen) == 1, seen  # ... with the same tokens
+    assert sim.stats.exchanges == 1
+    assert sim.stats.exchange_attempts == 1 and sim.stats.max_attempts_per_code == 1
+    assert sim.stats.invalid_grant == 0
+    async with TokenManager(app_for(sim), store_url) as tm:
+        assert (await tm.token_set("acme")).fingerprint in seen
+
+
+async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
+    store_url: str, make_sim: SimFactory
+) -> None:
+    tenants = {"north": 1, "south": 2, "east": 3}
+    duration, ttl, leeway = 6.0, 2.0, 0.5
+    budgets: dict[str, Any] = {
+        "leeway": leeway,
+        "lease_ttl": 4.0,
+        "provider_timeout": 2.0,
+        "wait_timeout": 10.0,
+    }
+    scenario = Scenario(
+        kind="traffic",
+        tenants=list(tenants),
+        tasks=TASKS,
+        duration=duration,
+        pace=0.5,
+        api=True,
+        manager=budgets,
+    )
+    async with make_sim(access_token_ttl=ttl) as sim:
+        async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
+            started = time.time()
+            async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+                initial = {
+                    tenant: (await tm.exchange_code(tenant, sim.issue_code(company_id=cid))).fingerprint
+                    for tenant, cid in tenants.items()
+                }
+            pool.go(initial=initial)
+            reports = await pool.results()
+        ended = time.time()
+        stats = sim.stats
+
+    assert total_errors(reports) == {}
+    api = total_api(reports)
+    assert set(api) == {200} and api[200] == sum(r.calls for r in reports)  # no 401 reached a caller
+    assert stats.exchanges == len(tenants)
+    assert stats.invalid_grant == 0 and stats.families_revoked == 0
+    # No refresh token was ever presented twice: every refresh was the only one of its expiry.
+    assert stats.refresh_attempts == stats.refreshes
+    assert stats.max_attempts_per_refresh_token == 1
+    for tenant, cid in tenants.items():
+        generations = all_tokens(reports, tenant) | {initial[tenant]}
+        # Each refresh made one generation that callers got; none was made and lost.
+        assert stats.refreshes_by_company[cid] == len(generations) - 1, (tenant, stats.refreshes_by_company)
+        # A token is replaced only once it is due: at most one refresh per lifetime-minus-leeway.
+        assert 2 <= stats.refreshes_by_company[cid] <= (ended - started) / (ttl - leeway) + 1
+
+
+STRICT = RefreshMode.REVOKE_AT_REFRESH
+ON_FIRST_USE = RefreshMode.REVOKE_ON_FIRST_USE
+
+
+@pytest.mark.parametrize(
+    ("point", "mode"),
+    [
+        ("after_acquire", STRICT),
+        ("during_refresh", STRICT),
+        ("during_refresh", ON_FIRST_USE),
+        ("before_commit", STRICT),
+        ("before_commit", ON_FIRST_USE),
+    ],
+)
+async def test_a_lease_holder_killed(
+    store_url: str, make_sim: SimFactory, tmp_path: Path, point: str, mode: RefreshMode
+) -> None:
+    """SIGKILL the refresher: before its provider call, during it, or after the answer but
+    before the write. The others take over once the lease lapses. A lost rotation (the
+    provider rotated, the store never heard) is harmless when the old refresh token still
+    works (revoke on first use); in the strict mode it surfaces as ReauthorizationRequired."""
+    tasks = 20
+    marker = tmp_path / "lease-holder.pid"
+    budgets: dict[str, Any] = {
+        "leeway": 1.0,
+        "lease_ttl": 3.0,
+        "provider_timeout": 1.5,
+        "refresh_deadline": 2.0,
+        "wait_timeout": 12.0,
+    }
+    scenario = Scenario(
+        kind="traffic",
+        tenants=["acme"],
+        tasks=tasks,
+        duration=25.0,
+        pace=0.2,
+        until_changed=True,
+        manager=budgets,
+        kill_at="record_holder" if point == "during_refresh" else point,
+    )
+    async with make_sim(access_token_ttl=2, refresh_mode=mode) as sim:
+        async with WorkerPool(store_url, sim, scenario, processes=PROCESSES, marker=marker) as pool:
+            async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+                first: TokenSet = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            if point == "during_refresh":
+                sim.inject(Fault.SLOW, delay=60)  # the provider rotates, then holds the answer
+            await asyncio.sleep(max(0.0, first.refresh_due_at(budgets["leeway"]) - time.time()) + 0.05)
+            pool.go(initial={"acme": first.fingerprint})
+            if point == "during_refresh":
+                async with asyncio.timeout(30):
+                    while sim.stats.refreshes == 0:
+                        await asyncio.sleep(0.01)
+                pool.kill(int(marker.read_text()))  # the holder's request is in the air
+            reports = await pool.results()
+        stats = sim.stats
+        async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+            [info] = await tm.tenants()
+            stored = (await tm.tokens("acme")).fingerprint if not info.needs_reauthorization else None
+
+    killed = [r for r in reports if r.killed]
+    survivors = [r for r in reports if not r.killed]
+    assert [r.pid for r in killed] == [int(marker.read_text())]
+    assert all(len(r.finished) == tasks for r in survivors)  # nobody got stuck
+    assert stats.families_revoked == stats.invalid_grant  # a revocation only through the one refusal
+    lost = point != "after_acquire"  # the provider rotated for the dead worker
+    if lost and mode is STRICT:
+        # Exactly one survivor presented the old refresh token, was refused, and told everyone.
+        assert stats.refresh_attempts == 2 and stats.refreshes == 1 and stats.invalid_grant == 1
+        assert info.needs_reauthorization
+        assert total_errors(survivors) == {"ReauthorizationRequired": len(survivors) * tasks}
+        assert all_tokens(survivors, "acme") == set()
+    else:
+        assert stats.refreshes == stats.refresh_attempts == (2 if lost else 1)
+        assert stats.invalid_grant == 0 and not info.needs_reauthorization
+        assert total_errors(survivors) == {}
+        assert all_tokens(survivors, "acme") == {stored}

@@ -23,8 +23,11 @@ from factorial_tokens import (
     FactorialApp,
     JsonCodec,
     Keyring,
+    Lease,
     MemoryStore,
+    Record,
     SealedCodec,
+    Store,
     TenantKey,
     TokenEvent,
     TokenManager,
@@ -36,7 +39,7 @@ from factorial_tokens import (
 )
 from factorial_tokens._sealing import sealed_with
 from factorial_tokens._sqlite import SQLiteStore
-from factorial_tokens.testing import FakeFactorial
+from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from ._raw_stores import BACKENDS, Backend, open_backend
 from .conftest import CLIENT_ID, SimFactory, app_for
@@ -499,6 +502,34 @@ async def test_rekey_waits_for_a_busy_tenant_and_keeps_its_refresh(
         assert record.version == written.version + 1
         assert SealedCodec(both).decode(busy, record.payload) == refreshed  # the refresh survived
         assert await worker.access_token("busy") == refreshed.access_token
+
+
+class _ExchangeLandsFirst(CountingStore):
+    """A real store where a code exchange (``replace``) lands just before rekey's first commit."""
+
+    def __init__(self, inner: Store, update: Update) -> None:
+        super().__init__(inner)
+        self.update: Update | None = update
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        if self.update is not None:
+            await self.inner.replace(lease.key, self.update)
+            self.update = None
+        return await super().commit(lease, update)
+
+
+async def test_rekey_fenced_out_by_a_new_exchange_keeps_it(backend: Backend, sim: FakeFactorial) -> None:
+    old = Keyring.generate("k1")
+    both = old.rotated("k2")
+    async with TokenManager(app_for(sim), backend.store, keyring=old, **BUDGETS) as tm:
+        await connect(tm, sim, "acme", 1)
+    newer = TokenSet(access_token="exchanged-" + "n" * 40, refresh_token="exchanged-refresh")
+    store = _ExchangeLandsFirst(backend.store, Update(SealedCodec(old).encode(KEY, newer)))
+    assert await rekey(store, both, CLIENT_ID) == 1
+    assert store.calls["commit"] == 2 and store.calls["acquire"] == 2  # fenced out once, then again
+    record = await backend.store.read(KEY)
+    assert record is not None and sealed_with(record.payload) == "k2"
+    assert SealedCodec(both).decode(KEY, record.payload) == newer  # the exchange was not overwritten
 
 
 async def test_rekey_while_workers_refresh(backend: Backend, make_sim: SimFactory) -> None:

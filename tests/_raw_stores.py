@@ -10,15 +10,27 @@ Postgres tables.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 
-from factorial_tokens import MemoryStore, Store
+from factorial_tokens import MemoryStore, Store, store_from_url
 
-#: Every backend the security tests run on; the plugins join when installed.
-BACKENDS = ["memory", "sqlite"]
+#: The shared servers (never flushed: every backend here uses its own prefix or schema).
+REDIS_URL = os.environ.get("FACTORIAL_TOKENS_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("FACTORIAL_TOKENS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+#: Every backend the security tests run on: the core's, and each store plugin installed.
+BACKENDS = ["memory", "sqlite"] + [
+    name
+    for name, module in (("redis", "factorial_tokens_redis"), ("postgres", "factorial_tokens_postgres"))
+    if importlib.util.find_spec(module) is not None
+]
 
 
 @attrs.define
@@ -50,5 +62,97 @@ async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
             yield Backend(name, sqlite, dump_file)
         finally:
             await sqlite.aclose()
+    elif name == "redis":
+        async with _redis() as backend:
+            yield backend
+    elif name == "postgres":
+        async with _postgres() as backend:
+            yield backend
     else:  # pragma: no cover
         raise ValueError(f"unknown backend {name}")
+
+
+def _flatten(value: Any) -> bytes:
+    """Every byte of a (nested) value as an attacker reading it would see it."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, dict):
+        return b"\n".join(_flatten(k) + b"=" + _flatten(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return b"\n".join(_flatten(v) for v in value)
+    return str(value).encode()
+
+
+@contextlib.asynccontextmanager
+async def _redis() -> AsyncIterator[Backend]:
+    import redis.asyncio as aioredis
+
+    prefix = f"ftseal{secrets.token_hex(6)}"
+    store = store_from_url(f"{REDIS_URL}?prefix={prefix}")
+    client = aioredis.Redis.from_url(REDIS_URL)
+
+    async def dump() -> bytes:
+        parts: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}:*", count=500):
+            kind = (await client.type(key)).decode()
+            if kind == "hash":
+                value: Any = await client.hgetall(key)
+            elif kind == "string":
+                value = await client.get(key)
+            elif kind == "set":
+                value = await client.smembers(key)
+            elif kind == "zset":
+                value = await client.zrange(key, 0, -1, withscores=True)
+            elif kind == "list":
+                value = await client.lrange(key, 0, -1)
+            else:
+                value = kind
+            parts += [key, _flatten(value), await client.dump(key) or b""]
+        return b"\n".join(parts)
+
+    try:
+        yield Backend("redis", store, dump)
+    finally:
+        await store.aclose()
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=500)]
+        if keys:
+            await client.unlink(*keys)
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _postgres() -> AsyncIterator[Backend]:
+    import asyncpg
+
+    schema = f"ftseal_{secrets.token_hex(6)}"
+    store = store_from_url(f"{POSTGRES_URL}?schema={schema}")
+
+    async def dump() -> bytes:
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            tables = await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+            )
+            assert tables, "the store created no table"
+            parts: list[bytes] = []
+            for table in tables:
+                name = f'"{schema}"."{table["table_name"]}"'
+                for row in await conn.fetch(f"SELECT * FROM {name}"):
+                    parts.append(_flatten(dict(row)))
+                for row in await conn.fetch(f"SELECT t::text AS row FROM {name} t"):
+                    parts.append(row["row"].encode())
+            return b"\n".join(parts)
+        finally:
+            await conn.close()
+
+    try:
+        yield Backend("postgres", store, dump)
+    finally:
+        await store.aclose()
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()

@@ -258,6 +258,31 @@ async def test_no_secret_in_any_repr(sim: FakeFactorial, tmp_path: Path) -> None
     assert claim.state is ClaimState.CLAIMED
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw-S3cret-redis@127.0.0.1:6379/0?prefix=ftreprtest",
+        "redis://user:pw-S3cret-redis@127.0.0.1:6379/0?prefix=ftreprtest",
+        "postgresql://postgres:pw-S3cret-pg@127.0.0.1:1/test?schema=ft_repr_test&connect_timeout=2",
+    ],
+)
+async def test_store_reprs_and_errors_hide_url_passwords(url: str) -> None:
+    plugin = "redis" if url.startswith("redis") else "postgres"
+    if plugin not in BACKENDS:
+        pytest.fail(f"the {plugin} store plugin is not installed")  # pragma: no cover
+    from factorial_tokens import store_from_url
+
+    store = store_from_url(url)
+    try:
+        assert "pw-S3cret" not in repr(store) and "pw-S3cret" not in str(store)
+        # A password the server does not expect, or no server: an error that must not echo it.
+        with pytest.raises(StoreUnavailable) as info:
+            await store.check()
+        assert assert_clean(exception_texts(info.value), {"pw-S3cret"}, "a store error") > 0
+    finally:
+        await store.aclose()
+
+
 # -- TLS ----------------------------------------------------------------------------------
 
 

@@ -41,6 +41,14 @@ def _yes(met: bool | None) -> str:
     return "—" if met is None else ("**yes**" if met else "**NO**")
 
 
+def _errors(errors: dict[str, int]) -> str:
+    """``0``, or the count with the kinds: ``402 (StoreUnavailable 402)``."""
+    total = sum(errors.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{name} {n}" for name, n in sorted(errors.items())) + ")"
+
+
 def _hotpath(hot: dict[str, Any]) -> list[str]:
     return [
         f"### 1. Hot path (median of {hot['rounds']} alternating rounds x {hot['calls']:,} calls)",
@@ -77,25 +85,27 @@ def _storms(storms: list[dict[str, Any]]) -> list[str]:
         " strict: revoke at refresh + reuse detection)",
         "",
         "| store | PxCxT | rounds | refreshes / ideal | invalid_grant | broken tenants | errors "
-        "| p50 ms | p99 ms | p99 - L | p99 ≤ L + 10 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| p50 ms | p99 ms | p99 - L | p99 ≤ L + 10 ms | refresh committed p50 ms | waiter lag p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for storm in storms:
         spec, s = storm["spec"], storm["summary"]
-        errors = sum(s["errors"].values())
         lines.append(
             f"| {spec['store']} | {_shape(spec)} | {spec['rounds']} "
             f"| {s['refreshes']}/{s['ideal_refreshes']} = **{s['refresh_ratio']:.2f}** "
-            f"| {s['invalid_grant']} | {s['broken_tenants']} | {errors} "
+            f"| {s['invalid_grant']} | {s['broken_tenants']} | {_errors(s['errors'])} "
             f"| {_num(s['p50_ms'], 1)} | {_num(s['p99_ms'], 1)} "
             f"| {_num(s['p99_ms'] - spec['latency'] * 1000, 1)} "
-            f"| {_yes(_storm_target(spec, s))} |"
+            f"| {_yes(_storm_target(spec, s))} | {_num(s['refreshed_p50_ms'], 1)} "
+            f"| {_num(s['waiter_lag_p99_ms'], 1)} |"
         )
     lines += [
         "",
         "Times are from the common start instant to each caller holding a fresh token, median over"
         " rounds of each round's p50/p99. The p99 target applies to Redis and Postgres (waiters woken by"
-        " notification); SQLite waiters poll.",
+        " notification); SQLite waiters poll. *Refresh committed*: when the lease holder had written the"
+        " new tokens (its `REFRESHED` event); *waiter lag*: how long after that commit each caller of the"
+        " tenant held the token (the wake-up path), both from the same run.",
         "",
     ]
     return lines
@@ -107,16 +117,17 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
     lines = [
         "### 2b. Many tenants at once (every tenant expired; C = 1 caller per tenant per process)",
         "",
-        "| store | PxCxT | refreshes / ideal | invalid_grant | all refreshed (s) | provider-bound (s) "
-        "| ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| store | PxCxT | refreshes / ideal | invalid_grant | failed calls | all refreshed (s) "
+        "| provider-bound (s) | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for storm in bulk:
         spec, s = storm["spec"], storm["summary"]
         ratio = s["all_fresh_s"] / s["provider_bound_s"] if s["provider_bound_s"] else math.nan
         lines.append(
             f"| {spec['store']} | {_shape(spec)} | {s['refreshes']:,}/{s['ideal_refreshes']:,} = "
-            f"**{s['refresh_ratio']:.2f}** | {s['invalid_grant']} | {_num(s['all_fresh_s'], 2)} "
+            f"**{s['refresh_ratio']:.2f}** | {s['invalid_grant']} | {_errors(s['errors'])} "
+            f"| {_num(s['all_fresh_s'], 2)} "
             f"| {_num(s['provider_bound_s'], 2)} | {_num(ratio, 1)}x |"
         )
     lines += [
@@ -135,8 +146,8 @@ def _roundtrips(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "### 3. Store round trips per operation (CountingStore around each store)",
         "",
-        "| store | " + " | ".join(ops) + " |",
-        "|---|" + "---:|" * len(ops),
+        "| store | " + " | ".join(ops) + " | read / acquire / commit, median µs |",
+        "|---|" + "---:|" * (len(ops) + 1),
     ]
     for row in rows:
         cells = []
@@ -144,19 +155,28 @@ def _roundtrips(rows: list[dict[str, Any]]) -> list[str]:
             counts = row["per_operation"].get(op, {})
             detail = ", ".join(f"{name} {n:g}" for name, n in counts.items())
             cells.append(f"{row['totals'][op]:g}" + (f" ({detail})" if detail else ""))
+        lat = row.get("latency_us", {})
+        cells.append(" / ".join(_num(lat.get(name)) for name in ("read", "acquire", "commit")))
         lines.append(f"| {row['store']} | " + " | ".join(cells) + " |")
     for row in rows:
-        stats = row.get("redis_commandstats")
+        stats = row.get("redis_monitor")
         if stats:
             lines += [
                 "",
-                f"{row['store']}: server-side `INFO commandstats` deltas (a private redis-server):",
+                f"{row['store']}, cross-checked on the server (MONITOR of a private redis-server; commands"
+                " that Lua scripts run inside the server left out):",
                 "",
             ]
             for op in ops:
-                commands = ", ".join(f"{name} {n}" for name, n in stats.get(op, {}).items()) or "none"
-                lines.append(f"- {op}: {commands}")
-    lines += ["", "hit is per call (averaged over 1,000 calls); the others are one operation each.", ""]
+                commands = stats.get(op, {})
+                listed = ", ".join(f"{name} {n}" for name, n in commands.items()) or "none"
+                lines.append(f"- {op}: {sum(commands.values())} commands ({listed})")
+    lines += [
+        "",
+        "hit is per call (averaged over 1,000 calls); the others are one operation each. The last column"
+        " times the refresh path's primitives one at a time (50 of each), to show what a round trip costs.",
+        "",
+    ]
     return lines
 
 
@@ -167,17 +187,16 @@ def _peer(pairs: list[dict[str, Any]]) -> list[str]:
         "### 4. The peer, side by side: Authlib `AsyncOAuth2Client` vs factorial-tokens"
         " (same storm, same run)",
         "",
-        "| store | PxCxT | client | refreshes / ideal | invalid_grant | broken tenants | failed calls "
-        "| dead tokens handed out | p50 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| store | PxCxT | client | refresh attempts | refreshes / ideal | invalid_grant | broken tenants "
+        "| failed calls | dead tokens handed out | p50 ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for storm in pairs:
         spec, s = storm["spec"], storm["summary"]
-        failed = sum(s["errors"].values())
         lines.append(
-            f"| {spec['store']} | {_shape(spec)} | {spec['driver']} "
+            f"| {spec['store']} | {_shape(spec)} | {spec['driver']} | {s['refresh_attempts']} "
             f"| {s['refreshes']}/{s['ideal_refreshes']} | {s['invalid_grant']} | {s['broken_tenants']} "
-            f"| {failed} | {s['dead_tokens_handed_out']} | {_num(s['p50_ms'], 1)} |"
+            f"| {_errors(s['errors'])} | {s['dead_tokens_handed_out']} | {_num(s['p50_ms'], 1)} |"
         )
     lines += [
         "",

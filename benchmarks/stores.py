@@ -7,6 +7,7 @@ touch anyone else's data.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import tempfile
@@ -14,7 +15,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from importlib.metadata import entry_points
 from pathlib import Path
-from urllib.parse import urlsplit
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -33,12 +33,39 @@ def _sqlite() -> Iterator[str]:
 
 @contextlib.contextmanager
 def _redis() -> Iterator[str]:
-    yield f"{REDIS_URL}?prefix=ftbench-{secrets.token_hex(4)}"
+    prefix = f"ftbench-{secrets.token_hex(4)}"
+    try:
+        yield f"{REDIS_URL}?prefix={prefix}"
+    finally:
+        import redis  # the redis plugin's own dependency
+
+        with contextlib.suppress(redis.RedisError):
+            client = redis.Redis.from_url(REDIS_URL)
+            try:
+                keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                for start in range(0, len(keys), 1000):
+                    client.delete(*keys[start : start + 1000])
+            finally:
+                client.close()
 
 
 @contextlib.contextmanager
 def _postgres() -> Iterator[str]:
-    yield f"{POSTGRES_URL}?schema=ftbench_{secrets.token_hex(4)}"
+    schema = f"ftbench_{secrets.token_hex(4)}"
+    try:
+        yield f"{POSTGRES_URL}?schema={schema}"
+    finally:
+        import asyncpg  # type: ignore[import-untyped]  # the postgres plugin's own dependency
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(POSTGRES_URL)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            asyncio.run(drop())
 
 
 #: name -> a context manager giving a fresh store URL for one benchmark run.
@@ -53,8 +80,9 @@ STORES: dict[str, Callable[[], AbstractContextManager[str]]] = {
 MULTIPROCESS = ("sqlite", "redis", "postgres")
 
 
+_SCHEMES = {"memory": "memory", "sqlite": "sqlite", "redis": "redis", "postgres": "postgresql"}
+
+
 def installed(name: str) -> bool:
     """True when a store for ``name``'s URL scheme is registered (core or plugin installed)."""
-    with STORES[name]() as url:
-        scheme = urlsplit(url).scheme
-    return scheme in {ep.name for ep in entry_points(group="factorial_tokens.stores")}
+    return _SCHEMES[name] in {ep.name for ep in entry_points(group="factorial_tokens.stores")}

@@ -32,7 +32,15 @@ from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from factorial_tokens import FactorialApp, MemoryStore, Store, TokenManager, store_from_url
+from factorial_tokens import (
+    EventKind,
+    FactorialApp,
+    MemoryStore,
+    Store,
+    TokenEvent,
+    TokenManager,
+    store_from_url,
+)
 from factorial_tokens.testing import FakeFactorial
 
 from .common import app_for, connect_tenants, expire_tenants, median, new_client_id, percentile, strict_sim
@@ -41,6 +49,8 @@ from .stores import STORES
 #: aiohttp's default connector limit: at most this many provider requests in flight per process.
 CONNECTIONS_PER_PROCESS = 100
 _SYNC_TIMEOUT = 600.0
+#: Unrecorded rounds first: connection pools, scripts and prepared statements get warm.
+WARMUP_ROUNDS = 1
 FACTORIAL = "factorial-tokens"
 AUTHLIB = "authlib"
 
@@ -75,6 +85,9 @@ class RoundResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    cpu_s_busiest_process: float
+    refreshed_p50_ms: float
+    waiter_lag_p99_ms: float
 
 
 @dataclass
@@ -163,6 +176,10 @@ class StormResult:
                 "dead_tokens_handed_out": self.dead_tokens,
                 "p50_ms": self.p50_ms,
                 "p99_ms": self.p99_ms,
+                "refresh_attempts": sum(r.refresh_attempts for r in self.rounds),
+                "cpu_s_busiest_process": median([r.cpu_s_busiest_process for r in self.rounds]),
+                "refreshed_p50_ms": median([r.refreshed_p50_ms for r in self.rounds]),
+                "waiter_lag_p99_ms": median([r.waiter_lag_p99_ms for r in self.rounds]),
                 "all_fresh_s": self.all_fresh_s,
                 "provider_bound_s": self.provider_bound_s,
             },
@@ -171,8 +188,12 @@ class StormResult:
 
 
 def tenant_names(round_index: int, tenants: int) -> list[str]:
-    """The tenants of one round (fresh ones every round)."""
-    return [f"r{round_index}-t{i}" for i in range(tenants)]
+    """The tenants of one round (fresh ones every round; the warm-up, round -1, has at most 50)."""
+    return [f"r{round_index}-t{i}" for i in range(tenants if round_index >= 0 else min(tenants, 50))]
+
+
+def _first_company(spec: StormSpec, round_index: int) -> int:
+    return (round_index + WARMUP_ROUNDS) * spec.tenants + 1
 
 
 # -- one process's part of a round ----------------------------------------------------
@@ -183,6 +204,11 @@ class _Part:
     latencies_ms: list[float]
     errors: dict[str, int]
     tokens: dict[str, list[str]]
+    cpu_s: float
+    #: tenant -> when this process committed its refresh (ms after t0)
+    refreshed_ms: dict[str, float]
+    #: (tenant, ms after t0) of every call that got a token
+    got_ms: list[tuple[str, float]]
 
 
 def _error_name(driver: str, exc: BaseException) -> str:
@@ -195,23 +221,52 @@ def _error_name(driver: str, exc: BaseException) -> str:
 
 @contextlib.asynccontextmanager
 async def _getter(
-    driver: str, app: FactorialApp, store: Store, tenants: Sequence[str]
+    driver: str, app: FactorialApp, store: Store, tenants: Sequence[str], tm: TokenManager | None
 ) -> AsyncIterator[Callable[[str], Awaitable[str]]]:
-    """A token getter for one round: a new TokenManager, or one Authlib client per tenant."""
+    """A token getter for one round: the process's TokenManager, or one Authlib client per tenant."""
     if driver == AUTHLIB:
         from .peer_authlib import authlib_getter
 
         async with authlib_getter(app, store, tenants) as get:
             yield get
     else:
+        assert tm is not None
+        yield tm.access_token
+
+
+@contextlib.asynccontextmanager
+async def _process_manager(
+    driver: str, app: FactorialApp, store: Store
+) -> AsyncIterator[TokenManager | None]:
+    """One TokenManager per process for the whole storm (its HTTP pool and store connections
+    stay warm across rounds, as in a long-lived worker); none for Authlib."""
+    if driver == AUTHLIB:
+        yield None
+    else:
         async with TokenManager(app, store) as tm:
-            yield tm.access_token
+            yield tm
 
 
 async def _storm(
-    driver: str, get: Callable[[str], Awaitable[str]], tenants: Sequence[str], tasks: int, t0: float
+    driver: str,
+    get: Callable[[str], Awaitable[str]],
+    tenants: Sequence[str],
+    tasks: int,
+    t0: float,
+    tm: TokenManager | None,
 ) -> _Part:
-    """Start ``tasks`` callers per tenant at ``t0``; record when each had its token."""
+    """Start ``tasks`` callers per tenant at ``t0``; record when each had its token.
+
+    With a TokenManager, also when this process's refreshes were committed (its events).
+    """
+    refreshed: dict[str, float] = {}
+    got: list[tuple[str, float]] = []
+
+    def on_event(event: TokenEvent) -> None:
+        if event.kind is EventKind.REFRESHED:
+            refreshed[event.tenant] = (time.time() - t0) * 1000
+
+    remove = tm.add_listener(on_event) if tm is not None else None
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     tokens: dict[str, set[str]] = {t: set() for t in tenants}
@@ -222,12 +277,18 @@ async def _storm(
         except Exception as exc:
             errors[_error_name(driver, exc)] += 1
             return
-        latencies.append((time.time() - t0) * 1000)
+        ms = (time.time() - t0) * 1000
+        latencies.append(ms)
+        got.append((tenant, ms))
         tokens[tenant].add(token)
 
     await asyncio.sleep(max(0.0, t0 - time.time()))
+    cpu = time.process_time()
     await asyncio.gather(*(call(t) for _ in range(tasks) for t in tenants))
-    return _Part(latencies, dict(errors), {t: sorted(s) for t, s in tokens.items()})
+    cpu = time.process_time() - cpu
+    if remove is not None:
+        remove()
+    return _Part(latencies, dict(errors), {t: sorted(s) for t, s in tokens.items()}, cpu, refreshed, got)
 
 
 @dataclass(frozen=True)
@@ -265,14 +326,15 @@ async def _worker(
     store = store_from_url(args.url)
     try:
         await store.check()
-        for index in range(spec.rounds):
-            tenants = tenant_names(index, spec.tenants)
-            await asyncio.to_thread(prepared.wait, _SYNC_TIMEOUT)
-            async with _getter(spec.driver, app, store, tenants) as get:
-                await asyncio.to_thread(ready.wait, _SYNC_TIMEOUT)
-                await asyncio.to_thread(go.wait, _SYNC_TIMEOUT)
-                part = await _storm(spec.driver, get, tenants, spec.tasks, start_at.value)
-            results.put(part)
+        async with _process_manager(spec.driver, app, store) as tm:
+            for index in range(-WARMUP_ROUNDS, spec.rounds):
+                tenants = tenant_names(index, spec.tenants)
+                await asyncio.to_thread(prepared.wait, _SYNC_TIMEOUT)
+                async with _getter(spec.driver, app, store, tenants, tm) as get:
+                    await asyncio.to_thread(ready.wait, _SYNC_TIMEOUT)
+                    await asyncio.to_thread(go.wait, _SYNC_TIMEOUT)
+                    part = await _storm(spec.driver, get, tenants, spec.tasks, start_at.value, tm)
+                results.put(part)
     finally:
         await store.aclose()
 
@@ -299,6 +361,14 @@ async def _prepare_url(
         await store.aclose()
 
 
+def _lags(parts: Sequence[_Part]) -> list[float]:
+    """For every call: how long after its tenant's refresh was committed it had the token."""
+    committed: dict[str, float] = {}
+    for part in parts:
+        committed.update(part.refreshed_ms)
+    return [ms - committed[t] for part in parts for t, ms in part.got_ms if t in committed]
+
+
 def _round_result(spec: StormSpec, sim: FakeFactorial, parts: Sequence[_Part]) -> RoundResult:
     stats = sim.stats
     latencies = [x for p in parts for x in p.latencies_ms]
@@ -310,12 +380,12 @@ def _round_result(spec: StormSpec, sim: FakeFactorial, parts: Sequence[_Part]) -
             by_tenant.setdefault(tenant, set()).update(tokens)
     handed_out = {token for tokens in by_tenant.values() for token in tokens}
     return RoundResult(
-        ideal=spec.tenants,
+        ideal=len(by_tenant),
         refreshes=stats.refreshes,
         refresh_attempts=stats.refresh_attempts,
         invalid_grant=stats.invalid_grant,
         families_revoked=stats.families_revoked,
-        calls=spec.processes * spec.tasks * spec.tenants,
+        calls=spec.processes * spec.tasks * len(by_tenant),
         ok=len(latencies),
         errors=dict(errors),
         dead_tokens=sum(1 for token in handed_out if not sim.is_active(token)),
@@ -323,6 +393,9 @@ def _round_result(spec: StormSpec, sim: FakeFactorial, parts: Sequence[_Part]) -
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
         max_ms=max(latencies, default=math.nan),
+        cpu_s_busiest_process=max((p.cpu_s for p in parts), default=math.nan),
+        refreshed_p50_ms=percentile([x for p in parts for x in p.refreshed_ms.values()], 50),
+        waiter_lag_p99_ms=percentile(_lags(parts), 99),
     )
 
 
@@ -331,15 +404,17 @@ async def _in_process(spec: StormSpec, client_id: str, sim: FakeFactorial) -> St
     result = StormResult(spec)
     store = MemoryStore()
     app = app_for(client_id, sim.base_url)
-    for index in range(spec.rounds):
-        tenants = tenant_names(index, spec.tenants)
-        sim.latency = 0.0
-        await _prepare(store, sim, client_id, tenants, index * spec.tenants + 1)
-        sim.reset_stats()
-        sim.latency = spec.latency
-        async with _getter(spec.driver, app, store, tenants) as get:
-            part = await _storm(spec.driver, get, tenants, spec.tasks, time.time() + 0.05)
-        result.rounds.append(_round_result(spec, sim, [part]))
+    async with _process_manager(spec.driver, app, store) as tm:
+        for index in range(-WARMUP_ROUNDS, spec.rounds):
+            tenants = tenant_names(index, spec.tenants)
+            sim.latency = 0.0
+            await _prepare(store, sim, client_id, tenants, _first_company(spec, index))
+            sim.reset_stats()
+            sim.latency = spec.latency
+            async with _getter(spec.driver, app, store, tenants, tm) as get:
+                part = await _storm(spec.driver, get, tenants, spec.tasks, time.time() + 0.05, tm)
+            if index >= 0:
+                result.rounds.append(_round_result(spec, sim, [part]))
     return result
 
 
@@ -359,10 +434,10 @@ def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial
         worker.start()
     prepared, ready, go = barriers
     try:
-        for index in range(spec.rounds):
+        for index in range(-WARMUP_ROUNDS, spec.rounds):
             tenants = tenant_names(index, spec.tenants)
             sim.latency = 0.0
-            asyncio.run(_prepare_url(url, sim, client_id, tenants, index * spec.tenants + 1))
+            asyncio.run(_prepare_url(url, sim, client_id, tenants, _first_company(spec, index)))
             sim.reset_stats()
             sim.latency = spec.latency
             prepared.wait(_SYNC_TIMEOUT)
@@ -375,7 +450,8 @@ def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial
                 if isinstance(got, str):
                     raise RuntimeError(got)
                 parts.append(got)
-            result.rounds.append(_round_result(spec, sim, parts))
+            if index >= 0:
+                result.rounds.append(_round_result(spec, sim, parts))
         for worker in workers:
             worker.join(timeout=60)
     finally:

@@ -1,0 +1,730 @@
+"""PostgresStore: the token store contract on PostgreSQL, through asyncpg.
+
+Every primitive is ONE statement on a pooled connection (autocommit): a row-level
+compare-and-set (``UPDATE ... WHERE ... RETURNING`` or ``INSERT ... ON CONFLICT DO UPDATE
+... WHERE ... RETURNING``) whose announcement (``pg_notify``) rides in the same statement,
+so it is sent exactly when the write commits. No transaction and no connection is held
+between primitives, hence never across a provider call. Lease expiry is judged by the
+database's clock (``clock_timestamp()``), never the client's.
+
+Wake-ups: one dedicated LISTEN connection per store, started when the first watcher or
+change listener registers, re-listening after any reconnect (then waking every watcher,
+since messages may have been lost), plus a jittered poll as the fallback. In PgBouncer
+mode (transaction pooling) there is no LISTEN: wake-ups come from this process's own
+writes and from a shorter poll.
+
+Limitations: a worker paused beyond its lease may still have one provider request in
+flight (fencing keeps its answer from being written). Forgotten tenants keep a tombstone
+row so their fence keeps growing.
+"""
+
+# Identifiers in the SQL below come only from ``Names`` (validated, then double-quoted);
+# every value is a bound parameter.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg  # type: ignore[import-untyped]
+
+from factorial_tokens import (
+    Acquisition,
+    ClaimState,
+    CodeClaim,
+    ConfigurationError,
+    InvalidTenant,
+    Lease,
+    Notifier,
+    Record,
+    StoreUnavailable,
+    TenantKey,
+    TenantStatus,
+    Update,
+    Watch,
+)
+from factorial_tokens._store import CLAIM_RETENTION
+
+from ._schema import SCHEMA_VERSION, Names, migrations
+
+__all__ = ["PostgresStore"]
+
+log = logging.getLogger("factorial_tokens.postgres")
+
+T = TypeVar("T")
+
+#: Everything the driver raises for a failing backend.
+_FAILURES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+#: Connection-level failures: the statement may not have run (or its answer was lost);
+#: a retry on another connection is safe because every statement tolerates a replay.
+#: (asyncpg reports a connection killed under it in several ways, including "another
+#: operation is in progress" internal errors.)
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+)
+#: Client-side mistakes that a retry cannot fix.
+_NOT_RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.ClientConfigurationError,
+)
+_LISTEN_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, StoreUnavailable)
+_CLOSE_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, asyncio.CancelledError)
+_ATTEMPTS = 3
+_COMMIT_ATTEMPTS = 6
+_URL_OPTIONS = (
+    "schema",
+    "table_prefix",
+    "pgbouncer",
+    "poll",
+    "min_size",
+    "max_size",
+    "command_timeout",
+    "connect_timeout",
+)
+_PRUNE_EVERY = 600.0
+
+
+def _flag(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"store URL option {name}={value!r} must be true or false")
+
+
+def _number(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigurationError(f"store URL option {name}={value!r} must be a number") from None
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Separate our options from the DSN asyncpg gets (its own query options stay)."""
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _URL_OPTIONS:
+            ours[name] = value
+        else:
+            theirs.append((name, value))
+    dsn = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(theirs), parts.fragment))
+    return dsn, ours
+
+
+class PostgresStore:
+    """A token store in PostgreSQL (``postgresql://`` and ``postgres://``), shared by any
+    number of processes and hosts.
+
+    Args:
+        pool: a ready ``asyncpg`` pool (not closed by :meth:`aclose`); or
+        dsn: a libpq-style URL to build a pool from (closed by :meth:`aclose`).
+        schema: the schema holding the tables (created if missing).
+        table_prefix: prepended to every table name, to share one schema.
+        pgbouncer: PgBouncer transaction-pooling mode: no LISTEN, no prepared statement
+            cache, no session state; wake-ups by a shorter poll.
+        poll: the fallback poll period (seconds); default 1.0, or 0.25 with ``pgbouncer``.
+        min_size, max_size, command_timeout, connect_timeout: for the pool built from ``dsn``.
+
+    Every backend failure raises :class:`~factorial_tokens.StoreUnavailable`; a connection
+    lost mid-statement is retried on a fresh connection first (each statement is safe to
+    replay). Bad names raise :class:`~factorial_tokens.ConfigurationError`.
+    """
+
+    def __init__(
+        self,
+        pool: Any = None,
+        *,
+        dsn: str | None = None,
+        schema: str = "factorial_tokens",
+        table_prefix: str = "",
+        pgbouncer: bool = False,
+        poll: float | None = None,
+        min_size: int = 0,
+        max_size: int = 10,
+        command_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if (pool is None) == (dsn is None):
+            raise ConfigurationError("PostgresStore needs exactly one of pool= or dsn=")
+        if poll is not None and poll <= 0:
+            raise ConfigurationError("poll must be positive")
+        self._names = Names(schema, table_prefix)
+        self._pool: Any = pool
+        self._dsn = dsn
+        self._owns_pool = pool is None
+        self.pgbouncer = pgbouncer
+        self._pool_options: dict[str, Any] = {
+            "min_size": int(min_size),
+            "max_size": int(max_size),
+            "command_timeout": command_timeout,
+            "timeout": connect_timeout,
+            "statement_cache_size": 0 if pgbouncer else 100,
+        }
+        self._notifier = Notifier(poll=poll if poll is not None else (0.25 if pgbouncer else 1.0))
+        self._init_lock = asyncio.Lock()
+        self._migrated = False
+        self._closed = False
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = False
+        self._first_try = asyncio.Event()  # set once the first LISTEN attempt has finished
+        self._last_prune = -_PRUNE_EVERY
+        # Tenants this process has touched: after a reconnect they are all announced as
+        # changed, since their notifications may have been lost while not listening.
+        self._seen: set[str] = set()
+        self._sql = _Statements(self._names)
+        #: How many times the LISTEN connection was (re)established; for health checks.
+        self.listens = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        """Build from ``postgresql://user@host:port/db?schema=...&pgbouncer=true``.
+
+        Options (removed before the URL reaches asyncpg): ``schema``, ``table_prefix``,
+        ``pgbouncer``, ``poll``, ``min_size``, ``max_size``, ``command_timeout``,
+        ``connect_timeout``. Other query parameters (``sslmode``, ...) go to asyncpg.
+        """
+        dsn, opts = _split_url(url)
+        kwargs: dict[str, Any] = {}
+        if "schema" in opts:
+            kwargs["schema"] = opts["schema"]
+        if "table_prefix" in opts:
+            kwargs["table_prefix"] = opts["table_prefix"]
+        if "pgbouncer" in opts:
+            kwargs["pgbouncer"] = _flag("pgbouncer", opts["pgbouncer"])
+        for name in ("poll", "command_timeout", "connect_timeout"):
+            if name in opts:
+                kwargs[name] = _number(name, opts[name])
+        for name in ("min_size", "max_size"):
+            if name in opts:
+                kwargs[name] = int(_number(name, opts[name]))
+        return cls(dsn=dsn, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresStore(schema={self._names.schema!r}, table_prefix={self._names.table_prefix!r}, "
+            f"pgbouncer={self.pgbouncer})"
+        )
+
+    @property
+    def schema(self) -> str:
+        """The schema holding the store's tables."""
+        return self._names.schema
+
+    @property
+    def listening(self) -> bool:
+        """True while the LISTEN connection is up (always False in PgBouncer mode)."""
+        return self._listening
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _ready(self) -> Any:
+        if self._closed:
+            raise StoreUnavailable("the Postgres store is closed")
+        if self._pool is not None and self._migrated:
+            return self._pool
+        async with self._init_lock:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
+            if not self._migrated:
+                await self._migrate(self._pool)
+                self._migrated = True
+        return self._pool
+
+    async def _migrate(self, pool: Any) -> None:
+        n = self._names
+        async with pool.acquire() as con:
+            try:
+                version = await con.fetchval(f"SELECT value FROM {n.meta} WHERE name = 'schema_version'")
+            except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.InvalidSchemaNameError):
+                version = None
+            if version == SCHEMA_VERSION:
+                return
+            async with con.transaction():
+                # Serializes concurrent starters; released at commit (safe under PgBouncer).
+                await con.execute("SELECT pg_advisory_xact_lock($1)", n.lock_key)
+                exists = await con.fetchval("SELECT to_regclass($1) IS NOT NULL", n.meta)
+                current = 0
+                if exists:
+                    found = await con.fetchval(f"SELECT value FROM {n.meta} WHERE name = 'schema_version'")
+                    current = int(found or 0)
+                if current > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"schema {n.schema!r} is at version {current}, newer than this "
+                        f"factorial-tokens-postgres understands ({SCHEMA_VERSION}); upgrade it"
+                    )
+                steps = migrations(n)
+                for target in range(current + 1, SCHEMA_VERSION + 1):
+                    for statement in steps[target]:
+                        await con.execute(statement)
+                    log.info("postgres store: schema %r migrated to version %d", n.schema, target)
+                await con.execute(
+                    f"INSERT INTO {n.meta} (name, value) VALUES ('schema_version', $1) "
+                    "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                    SCHEMA_VERSION,
+                )
+
+    async def _call(self, op: str, fn: Callable[[Any, bool], Awaitable[T]], attempts: int = _ATTEMPTS) -> T:
+        """Run ``fn(pool, replay)``; the one place driver errors become StoreUnavailable.
+
+        A connection lost mid-statement is retried on a fresh connection with
+        ``replay=True`` (the first attempt may have committed); other failures are not.
+        """
+        for attempt in range(attempts):
+            try:
+                pool = await self._ready()
+                return await fn(pool, attempt > 0)
+            except _FAILURES as exc:
+                retry = isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
+                if not retry or attempt + 1 == attempts or self._closed:
+                    raise StoreUnavailable(f"Postgres store: {op} failed: {_describe(exc)}") from exc
+                log.warning("postgres store: %s lost its connection (%s); retrying", op, _describe(exc))
+                await asyncio.sleep(min(0.05 * (3**attempt), 0.5) * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_key(self, key: TenantKey) -> None:
+        # Postgres text cannot hold NUL; refuse it as a bad id rather than a store failure.
+        if "\x00" in key.tenant or "\x00" in key.namespace:
+            raise InvalidTenant("tenant ids and namespaces must not contain NUL characters")
+        self._seen.add(key.digest)
+
+    def _announce(self, digest: str) -> None:
+        # Our own writes wake this process's watchers at once (LISTEN or not).
+        self._notifier.notify(digest)
+
+    # -- primitives ------------------------------------------------------------------
+
+    async def read(self, key: TenantKey) -> Record | None:
+        """The tenant's record, or ``None`` (never written, or forgotten)."""
+        self._check_key(key)
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.fetchrow(self._sql.read, key.namespace, key.tenant)
+
+        row = await self._call("read", run)
+        return None if row is None else _record(key, row)
+
+    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        """Take the lease if free or expired (by the database clock), with a new fence;
+        also returns the record seen, all in one statement."""
+        self._check_key(key)
+
+        async def run(pool: Any, replay: bool) -> Any:
+            # No row means a concurrent first insert our snapshot could not see: ask again.
+            for _ in range(3):
+                row = await pool.fetchrow(
+                    self._sql.acquire, key.namespace, key.tenant, key.digest, owner, float(ttl), replay
+                )
+                if row is not None:
+                    return row
+            return None
+
+        row = await self._call("acquire", run)
+        if row is None:
+            return Acquisition(None, None)
+        record = None if row["payload"] is None else _record(key, row)
+        lease = Lease(key, owner, int(row["fence"])) if row["won"] else None
+        return Acquisition(lease, record)
+
+    async def extend(self, lease: Lease, ttl: float) -> bool:
+        """Push the lease's expiry to ``ttl`` from now (database clock) if still ours."""
+        key = lease.key
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.execute(
+                self._sql.extend, key.namespace, key.tenant, lease.fence, lease.owner, ttl
+            )
+
+        return bool(await self._call("extend", run) == "UPDATE 1")
+
+    async def release(self, lease: Lease) -> bool:
+        """Give the lease back if still ours, and announce."""
+        key = lease.key
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.fetch(
+                self._sql.release, key.namespace, key.tenant, lease.fence, lease.owner, self._names.channel
+            )
+
+        done = bool(await self._call("release", run))
+        if done:
+            self._announce(key.digest)
+        return done
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        """Write ``update`` iff ``lease`` is still the tenant's current one; release; announce."""
+        key = lease.key
+
+        async def run(pool: Any, replay: bool) -> Any:
+            version = await pool.fetchval(
+                self._sql.commit,
+                key.namespace,
+                key.tenant,
+                lease.fence,
+                lease.owner,
+                update.payload,
+                update.status.value,
+                update.expires_at,
+                update.updated_at,
+                self._names.channel,
+            )
+            if version is None and replay:
+                # The first attempt may have committed before its answer was lost.
+                version = await pool.fetchval(
+                    self._sql.committed, key.namespace, key.tenant, lease.fence, update.payload
+                )
+            return version
+
+        # A commit is the one write whose loss costs a rotated token: retry it harder. A
+        # replay is always safe, since it is fenced.
+        version = await self._call("commit", run, attempts=_COMMIT_ATTEMPTS)
+        if version is None:
+            return None
+        self._announce(key.digest)
+        return Record(key, update.payload, update.status, int(version), update.expires_at, update.updated_at)
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        """Write ``update`` unconditionally (``None`` forgets), fence out any holder, announce."""
+        self._check_key(key)
+        if update is None:
+            values: tuple[Any, ...] = (None, TenantStatus.ACTIVE.value, None, 0.0)
+        else:
+            values = (update.payload, update.status.value, update.expires_at, update.updated_at)
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.execute(
+                self._sql.replace, key.namespace, key.tenant, key.digest, *values, self._names.channel
+            )
+
+        await self._call("replace", run)
+        self._announce(key.digest)
+
+    async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
+        """Claim the code for the tenant, take over an expired CLAIMED claim, or report the
+        existing claim (possibly another tenant's) with ``won=False``."""
+        self._check_key(key)
+        if time.monotonic() - self._last_prune >= _PRUNE_EVERY:
+            self._last_prune = time.monotonic()
+
+            async def prune(pool: Any, replay: bool) -> Any:
+                return await pool.execute(self._sql.prune, CLAIM_RETENTION)
+
+            await self._call("prune code claims", prune)
+
+        async def run(pool: Any, replay: bool) -> Any:
+            for _ in range(3):
+                row = await pool.fetchrow(
+                    self._sql.claim,
+                    key.namespace,
+                    code_hash,
+                    key.tenant,
+                    key.digest,
+                    owner,
+                    float(ttl),
+                    CLAIM_RETENTION,
+                )
+                if row is not None:
+                    return row
+            return None
+
+        row = await self._call("claim_code", run)
+        if row is None:
+            raise StoreUnavailable("Postgres store: claim_code saw no claim after three tries")
+        return CodeClaim(
+            TenantKey(key.namespace, row["tenant"]),
+            code_hash,
+            owner,
+            ClaimState(row["state"]),
+            won=row["owner"] == owner,
+            expired=bool(row["expired"]),
+            outcome=row["outcome"],
+        )
+
+    async def advance_code(
+        self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
+    ) -> bool:
+        """Move an owned claim to ``state`` and announce on its tenant."""
+        hold = float(ttl) if state is ClaimState.SENT else CLAIM_RETENTION
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.fetch(
+                self._sql.advance,
+                claim.key.namespace,
+                claim.code_hash,
+                claim.owner,
+                state.value,
+                outcome,
+                hold,
+                self._names.channel,
+                replay,
+            )
+
+        rows = await self._call("advance_code", run)
+        if not rows:
+            return False
+        self._announce(claim.key.digest)
+        return True
+
+    async def tenants(self, namespace: str) -> list[Record]:
+        """Every stored tenant record of ``namespace`` (forgotten tenants excluded)."""
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.fetch(self._sql.tenants, namespace)
+
+        rows = await self._call("tenants", run)
+        return [_record(TenantKey(namespace, row["tenant"]), row) for row in rows]
+
+    # -- wake-ups --------------------------------------------------------------------
+
+    def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
+        """Register for changes of ``key``; starts the shared LISTEN connection if needed."""
+        return self._watch(key)
+
+    @asynccontextmanager
+    async def _watch(self, key: TenantKey) -> AsyncIterator[Watch]:
+        self._start_listener()
+        if self._listener is not None and not self._first_try.is_set():
+            # Registering must miss nothing: let the first LISTEN take effect before the
+            # caller reads (the poll covers a database that does not answer).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._first_try.wait()), 5.0)
+        async with self._notifier.watch(key) as watch:
+            yield watch
+
+    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(digest)`` on every change announced (here or by other processes)."""
+        unsubscribe = self._notifier.on_change(callback)
+        with contextlib.suppress(RuntimeError):  # no running loop: the first watch starts it
+            self._start_listener()
+        return unsubscribe
+
+    def _start_listener(self) -> None:
+        if self.pgbouncer or self._closed or self._listener is not None:
+            return
+        self._listener = asyncio.get_running_loop().create_task(self._listen_forever())
+
+    def _on_notify(self, con: object, pid: int, channel: str, payload: str) -> None:
+        self._notifier.notify(payload)
+
+    async def _listen_forever(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            try:
+                await self._listen_once()
+                delay = 0.1
+            except _LISTEN_FAILURES as exc:
+                self._first_try.set()
+                log.warning("postgres store: LISTEN connection failed (%s); reconnecting", _describe(exc))
+            if self._closed:
+                return
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 5.0)
+
+    async def _listen_once(self) -> None:
+        pool = await self._ready()
+        con = await pool.acquire()
+        lost = asyncio.Event()
+        try:
+            con.add_termination_listener(lambda _con: lost.set())
+            await con.add_listener(self._names.channel, self._on_notify)
+            self._listening = True
+            self.listens += 1
+            if self._first_try.is_set():
+                # Whatever was announced while we were not listening is lost: wake every
+                # watcher, and tell the change listeners (caches) about every tenant we know.
+                self._notifier.notify_all()
+                for digest in list(self._seen):
+                    self._notifier.notify(digest)
+            self._first_try.set()
+            while not lost.is_set() and not con.is_closed():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), 5.0)
+                if not lost.is_set() and not con.is_closed():
+                    await con.execute("SELECT 1", timeout=5.0)  # finds a half-open socket
+        finally:
+            self._listening = False
+            await self._give_back(pool, con)
+
+    async def _give_back(self, pool: Any, con: Any) -> None:
+        with contextlib.suppress(*_CLOSE_FAILURES):
+            if not con.is_closed():
+                await asyncio.shield(con.remove_listener(self._names.channel, self._on_notify))
+        try:
+            await asyncio.shield(pool.release(con, timeout=5.0))
+        except _CLOSE_FAILURES:
+            with contextlib.suppress(*_FAILURES):
+                con.terminate()
+
+    # -- health and lifecycle --------------------------------------------------------
+
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless the database answers (and the schema is ready)."""
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.fetchval("SELECT 1")
+
+        await self._call("check", run)
+
+    async def aclose(self) -> None:
+        """Stop listening; close the pool if this store built it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._owns_pool and self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), 5.0)
+            except _FAILURES:
+                self._pool.terminate()
+
+
+def _describe(exc: BaseException) -> str:
+    # Driver messages never carry parameters; still, keep to the class and SQLSTATE.
+    code = getattr(exc, "sqlstate", None)
+    if isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}{f' ({code})' if code else ''}"
+
+
+def _record(key: TenantKey, row: Any) -> Record:
+    return Record(
+        key=key,
+        payload=bytes(row["payload"]),
+        status=TenantStatus(row["status"]),
+        version=int(row["version"]),
+        expires_at=cast(float | None, row["expires_at"]),
+        updated_at=float(row["updated_at"]),
+    )
+
+
+class _Statements:
+    """The store's SQL, one statement per primitive, built once per (schema, prefix)."""
+
+    def __init__(self, n: Names) -> None:
+        t, c = n.tenants, n.claims
+        cols = "payload, status, version, expires_at, updated_at"
+        self.read = f"SELECT {cols} FROM {t} WHERE namespace = $1 AND tenant = $2 AND payload IS NOT NULL"
+        self.tenants = (
+            f"SELECT tenant, {cols} FROM {t} WHERE namespace = $1 AND payload IS NOT NULL ORDER BY tenant"
+        )
+        # $1 namespace, $2 tenant, $3 digest, $4 owner, $5 ttl seconds, $6 replay.
+        # On a replay, a lease already held by this very owner (random per call) is ours.
+        self.acquire = f"""
+            WITH won AS (
+                INSERT INTO {t} AS t (namespace, tenant, digest, fence, lease_owner, lease_expires)
+                VALUES ($1, $2, $3, 1, $4, clock_timestamp() + make_interval(secs => $5))
+                ON CONFLICT (namespace, tenant) DO UPDATE
+                    SET fence = t.fence + 1,
+                        lease_owner = EXCLUDED.lease_owner,
+                        lease_expires = EXCLUDED.lease_expires
+                    WHERE t.lease_owner IS NULL
+                       OR t.lease_expires <= clock_timestamp()
+                       OR ($6 AND t.lease_owner = $4)
+                RETURNING t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
+            )
+            SELECT true AS won, fence, {cols} FROM won
+            UNION ALL
+            SELECT false, fence, {cols} FROM {t}
+             WHERE namespace = $1 AND tenant = $2 AND NOT EXISTS (SELECT FROM won)"""
+        # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 ttl seconds.
+        self.extend = f"""
+            UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)
+             WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4"""
+        # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 channel.
+        self.release = f"""
+            WITH up AS (
+                UPDATE {t} SET lease_owner = NULL, lease_expires = NULL
+                 WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4
+                RETURNING digest
+            )
+            SELECT pg_notify($5, digest) IS NULL FROM up"""
+        # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 payload, $6 status, $7 expires_at,
+        # $8 updated_at, $9 channel. Returns the new version, or no row when fenced out.
+        self.commit = f"""
+            WITH up AS (
+                UPDATE {t}
+                   SET payload = $5, status = $6, expires_at = $7, updated_at = $8,
+                       version = version + 1, written_fence = fence,
+                       lease_owner = NULL, lease_expires = NULL
+                 WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4
+                RETURNING digest, version
+            )
+            SELECT version, pg_notify($9, digest) IS NULL FROM up"""
+        # After a lost answer: did the commit with fence $3 land, with nothing since?
+        self.committed = f"""
+            SELECT version FROM {t}
+             WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND written_fence = $3
+               AND lease_owner IS NULL AND payload = $4"""
+        # $1 namespace, $2 tenant, $3 digest, $4 payload (NULL forgets), $5 status,
+        # $6 expires_at, $7 updated_at, $8 channel. Bumps the fence: fences out any holder.
+        self.replace = f"""
+            WITH up AS (
+                INSERT INTO {t} AS t
+                    (namespace, tenant, digest, payload, status, expires_at, updated_at, version, fence)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, 1, 1)
+                ON CONFLICT (namespace, tenant) DO UPDATE
+                    SET payload = EXCLUDED.payload, status = EXCLUDED.status,
+                        expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at,
+                        version = t.version + 1, fence = t.fence + 1,
+                        lease_owner = NULL, lease_expires = NULL
+                RETURNING t.digest
+            )
+            SELECT pg_notify($8, digest) FROM up"""
+        # $1 namespace, $2 code_hash, $3 tenant, $4 digest, $5 owner, $6 ttl, $7 retention.
+        # Takes over an expired CLAIMED claim, or any claim older than the retention.
+        self.claim = f"""
+            WITH won AS (
+                INSERT INTO {c} AS c (namespace, code_hash, tenant, digest, owner, state, expires)
+                VALUES ($1, $2, $3, $4, $5, 'claimed', clock_timestamp() + make_interval(secs => $6))
+                ON CONFLICT (namespace, code_hash) DO UPDATE
+                    SET tenant = EXCLUDED.tenant, digest = EXCLUDED.digest, owner = EXCLUDED.owner,
+                        state = 'claimed', expires = EXCLUDED.expires, outcome = NULL
+                    WHERE (c.state = 'claimed' AND c.expires <= clock_timestamp())
+                       OR c.expires <= clock_timestamp() - make_interval(secs => $7)
+                RETURNING c.tenant, c.owner, c.state, c.outcome, false AS expired
+            )
+            SELECT tenant, owner, state, outcome, expired FROM won
+            UNION ALL
+            SELECT tenant, owner, state, outcome,
+                   state IN ('claimed', 'sent') AND expires <= clock_timestamp()
+              FROM {c}
+             WHERE namespace = $1 AND code_hash = $2 AND NOT EXISTS (SELECT FROM won)"""
+        # $1 namespace, $2 code_hash, $3 owner, $4 new state, $5 outcome, $6 seconds to keep,
+        # $7 channel, $8 replay (a replay may find its own step already applied).
+        self.advance = f"""
+            WITH up AS (
+                UPDATE {c}
+                   SET state = $4, outcome = $5, expires = clock_timestamp() + make_interval(secs => $6)
+                 WHERE namespace = $1 AND code_hash = $2 AND owner = $3
+                   AND ((state IN ('claimed', 'sent') AND ($4 <> 'sent' OR state = 'claimed'))
+                        OR ($8 AND state = $4))
+                RETURNING digest
+            )
+            SELECT pg_notify($7, digest) IS NULL FROM up"""
+        # $1 retention seconds.
+        self.prune = f"DELETE FROM {c} WHERE expires <= clock_timestamp() - make_interval(secs => $1)"

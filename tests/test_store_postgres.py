@@ -1,0 +1,491 @@
+"""PostgresStore against a real PostgreSQL: the conformance suite (direct and PgBouncer
+mode), schema migration, wake-ups, adversity (killed backends, a restarted server), many
+workers starting at once, and hostile tenant ids.
+
+Never skipped: without a server on 127.0.0.1:5432 a throwaway cluster is started, and if
+that fails the tests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
+
+from factorial_tokens import (
+    ConfigurationError,
+    InvalidTenant,
+    RefreshTimeout,
+    StoreUnavailable,
+    TenantKey,
+    TenantStatus,
+    TokenManager,
+    TokenSet,
+    Update,
+    store_from_url,
+)
+from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, StoreConformance
+
+from . import postgres_server
+from .conftest import SimFactory, app_for
+from .postgres_server import TempCluster, store_url
+
+
+@pytest.fixture(scope="module")
+def base_url() -> str:
+    return postgres_server.server_url()
+
+
+@pytest.fixture(scope="module")
+def module_url(base_url: str) -> Iterator[str]:
+    """A store URL on a schema for this module, dropped afterwards."""
+    yield store_url(base_url)
+
+
+class TestPostgresStore(StoreConformance):
+    @pytest.fixture
+    async def store(self, module_url: str) -> AsyncIterator[PostgresStore]:
+        store = store_from_url(module_url)
+        assert isinstance(store, PostgresStore) and not store.pgbouncer
+        yield store
+        await store.aclose()
+
+
+class TestPostgresStorePgBouncerMode(StoreConformance):
+    @pytest.fixture
+    async def store(self, module_url: str) -> AsyncIterator[PostgresStore]:
+        store = store_from_url(module_url.replace("postgresql://", "postgres://") + "&pgbouncer=true")
+        assert isinstance(store, PostgresStore) and store.pgbouncer
+        yield store
+        await store.aclose()
+        assert store.listens == 0  # never LISTENed
+
+
+async def _fetch(url: str, query: str, *args: object) -> list[asyncpg.Record]:
+    con = await asyncpg.connect(url.split("?")[0], timeout=5)
+    try:
+        return list(await con.fetch(query, *args))
+    finally:
+        await con.close()
+
+
+def _update(payload: bytes) -> Update:
+    return Update(payload, TenantStatus.ACTIVE, None, time.time())
+
+
+# -- configuration and schema ----------------------------------------------------------
+
+
+def test_names_are_validated(base_url: str) -> None:
+    for bad in ('x"; DROP SCHEMA public; --', "1abc", "", "a" * 41, "semi;colon", "dotted.name"):
+        with pytest.raises(ConfigurationError):
+            PostgresStore.from_url(f"{base_url}?schema={bad}")
+    with pytest.raises(ConfigurationError):
+        PostgresStore(dsn=base_url, table_prefix='t"')
+    with pytest.raises(ConfigurationError):
+        PostgresStore.from_url(f"{base_url}?pgbouncer=maybe")
+    with pytest.raises(ConfigurationError):
+        PostgresStore()
+    store = PostgresStore.from_url(f"{base_url}?schema=Mixed_Case_1&table_prefix=app_&poll=0.5")
+    assert store.schema == "Mixed_Case_1"
+    assert "postgres@" not in repr(store) and "Mixed_Case_1" in repr(store)
+
+
+async def test_schema_is_created_versioned_and_idempotent(base_url: str) -> None:
+    url = store_url(base_url, table_prefix="app_")
+    schema = url.split("schema=")[1].split("&")[0]
+    stores = [PostgresStore.from_url(url) for _ in range(3)]
+    try:
+        for store in stores:
+            await store.check()
+        rows = await _fetch(
+            base_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+        )
+        assert sorted(r["table_name"] for r in rows) == ["app_code_claims", "app_meta", "app_tenants"]
+        meta = await _fetch(base_url, f'SELECT name, value FROM "{schema}"."app_meta"')
+        assert [(r["name"], r["value"]) for r in meta] == [("schema_version", SCHEMA_VERSION)]
+        # a newer schema than this package knows is refused, not silently used
+        await _fetch(base_url, f'UPDATE "{schema}"."app_meta" SET value = {SCHEMA_VERSION + 1}')
+        newer = PostgresStore.from_url(url)
+        with pytest.raises(ConfigurationError):
+            await newer.check()
+        await newer.aclose()
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_url_options_do_not_reach_asyncpg(base_url: str) -> None:
+    url = store_url(base_url, pgbouncer="false", poll="2", command_timeout="5", max_size="3")
+    store = PostgresStore.from_url(url + "&application_name=ft_options_test")
+    try:
+        await store.check()
+        rows = await _fetch(
+            base_url, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'ft_options_test'"
+        )
+        assert rows[0]["n"] >= 1  # asyncpg got the DSN's own options, and not ours
+    finally:
+        await store.aclose()
+
+
+async def test_an_injected_pool_is_not_closed(base_url: str) -> None:
+    pool = await asyncpg.create_pool(base_url, min_size=0, max_size=4)
+    try:
+        schema = postgres_server.unique_schema()
+        store_url(base_url, schema=schema)  # registers it for dropping
+        store = PostgresStore(pool, schema=schema)
+        key = TenantKey("inject", "acme")
+        async with store.watch(key):
+            await store.replace(key, _update(b"x"))
+        await store.aclose()
+        assert await pool.fetchval("SELECT 1") == 1
+        with pytest.raises(StoreUnavailable):
+            await store.read(key)
+        owned = PostgresStore.from_url(store_url(base_url))
+        await owned.check()
+        inner = owned._pool
+        await owned.aclose()
+        assert inner.is_closing()
+    finally:
+        await pool.close()
+
+
+async def test_nul_in_a_tenant_id_is_a_bad_id_not_an_outage(module_url: str) -> None:
+    store = PostgresStore.from_url(module_url)
+    try:
+        with pytest.raises(InvalidTenant):
+            await store.read(TenantKey("ns", "a\x00b"))
+    finally:
+        await store.aclose()
+
+
+# -- hostile tenant ids ----------------------------------------------------------------
+
+
+async def test_hostile_tenant_ids_are_stored_exactly(base_url: str) -> None:
+    url = store_url(base_url)
+    schema = url.split("schema=")[1].split("&")[0]
+    hostile = [
+        *HOSTILE_TENANTS,
+        "quote ' double \" back \\ slash \\\\ end",
+        "$1 $$ $tag$ ; -- /* */",
+        "%_ like wildcards _%",
+        "🏢" * 200,
+        "ü" * 199 + "'",
+        "\u202etxt.exe",
+    ]
+    assert all(len(t) <= 200 and "\x00" not in t for t in hostile)
+    store = PostgresStore.from_url(url)
+    ns = f"hostile-{secrets.token_hex(4)}"
+    try:
+        for i, tenant in enumerate(hostile):
+            await store.replace(TenantKey(ns, tenant), _update(f"payload-{i}".encode()))
+        for i, tenant in enumerate(hostile):
+            record = await store.read(TenantKey(ns, tenant))
+            assert record is not None and record.key.tenant == tenant
+            assert record.payload == f"payload-{i}".encode()
+        rows = await _fetch(
+            base_url, f'SELECT tenant, payload FROM "{schema}".tenants WHERE namespace = $1', ns
+        )
+        assert sorted((r["tenant"], bytes(r["payload"])) for r in rows) == sorted(
+            (t, f"payload-{i}".encode()) for i, t in enumerate(hostile)
+        )
+        for probe in ("%", "_", "?", "acme'", "' OR '1'='1", "x" * 199, "🏢" * 199, "ACME"):
+            assert await store.read(TenantKey(ns, probe)) is None
+        lease = (await store.acquire(TenantKey(ns, "a'b\"c"), "one", 30)).lease
+        assert lease is not None
+        assert (await store.acquire(TenantKey(ns, "a'b\"c"), "two", 30)).lease is None
+        assert (await store.acquire(TenantKey(ns, "a'b"), "two", 30)).lease is not None
+        assert await store.commit(lease, _update(b"changed")) is not None
+        assert (await store.read(TenantKey(ns, "acme"))).payload == b"payload-0"  # type: ignore[union-attr]
+    finally:
+        await store.aclose()
+
+
+# -- wake-ups --------------------------------------------------------------------------
+
+
+async def _woken_within(store: PostgresStore, key: TenantKey, write: object, within: float) -> bool:
+    async with store.watch(key) as watch:
+        await write  # type: ignore[misc]
+        deadline = time.monotonic() + within
+        while (left := deadline - time.monotonic()) > 0:
+            if await watch.wait(left):
+                return True
+    return False
+
+
+async def _until(predicate: object, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_another_store_wakes_us_through_listen_notify(module_url: str) -> None:
+    """A write through another pool (another process, in effect) wakes our watcher by
+    NOTIFY, with the poll fallback set far beyond the wait."""
+    ours = PostgresStore.from_url(module_url + "&poll=60")
+    theirs = PostgresStore.from_url(module_url)
+    key = TenantKey(f"wake-{secrets.token_hex(4)}", "acme")
+    try:
+        async with ours.watch(key) as watch:
+            assert await _until(lambda: ours.listening, 10)
+            while await watch.wait(0.05):  # drain the wake-up sent when LISTEN started
+                pass
+            started = time.monotonic()
+            await theirs.replace(key, _update(b"v1"))
+            assert await watch.wait(10), "no NOTIFY within 10s"
+            assert time.monotonic() - started < 10
+        seen: list[str] = []
+        unsubscribe = ours.on_change(seen.append)
+        won = await theirs.acquire(key, "w", 30)
+        assert won.lease is not None
+        await theirs.commit(won.lease, _update(b"v2"))
+        assert await _until(lambda: key.digest in seen, 10)
+        unsubscribe()
+        assert ours.listens == 1
+    finally:
+        await ours.aclose()
+        await theirs.aclose()
+
+
+async def test_pgbouncer_mode_wakes_by_polling(module_url: str) -> None:
+    """No LISTEN in PgBouncer mode: a write by another pool is found by the next poll tick."""
+    ours = PostgresStore.from_url(module_url + "&pgbouncer=true&poll=0.1")
+    theirs = PostgresStore.from_url(module_url + "&pgbouncer=true")
+    key = TenantKey(f"poll-{secrets.token_hex(4)}", "acme")
+
+    async def write_soon() -> None:
+        await asyncio.sleep(0.2)
+        await theirs.replace(key, _update(b"v1"))
+
+    try:
+        async with ours.watch(key) as watch:
+            writer = asyncio.create_task(write_soon())
+            seen, waits = None, 0
+            deadline = time.monotonic() + 5
+            while seen is None and time.monotonic() < deadline:
+                await watch.wait(deadline - time.monotonic())  # bounded by the poll period
+                waits += 1
+                seen = await ours.read(key)
+            await writer
+        assert seen is not None and seen.payload == b"v1"
+        assert waits >= 2  # woken by ticks, not by a notification
+        assert not ours.listening and ours.listens == 0
+    finally:
+        await ours.aclose()
+        await theirs.aclose()
+
+
+# -- many workers at once --------------------------------------------------------------
+
+
+def test_eight_processes_start_at_once_on_an_empty_schema(base_url: str) -> None:
+    url = store_url(base_url)
+    schema = url.split("schema=")[1].split("&")[0]
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    workers = [
+        ctx.Process(target=postgres_server.migrate_worker, args=(url, i, start, results)) for i in range(8)
+    ]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)  # let them all import and block on the start signal
+    start.set()
+    outcomes = dict(results.get(timeout=90) for _ in workers)
+    for worker in workers:
+        worker.join(30)
+    assert outcomes == {i: "ok" for i in range(8)}
+    assert all(w.exitcode == 0 for w in workers)
+
+    async def inspect() -> None:
+        tables = await _fetch(
+            base_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+        )
+        assert sorted(r["table_name"] for r in tables) == ["code_claims", "meta", "tenants"]
+        meta = await _fetch(base_url, f'SELECT name, value FROM "{schema}".meta')
+        assert [(r["name"], r["value"]) for r in meta] == [("schema_version", SCHEMA_VERSION)]
+        rows = await _fetch(base_url, f'SELECT tenant FROM "{schema}".tenants ORDER BY tenant')
+        assert [r["tenant"] for r in rows] == [f"w{i}" for i in range(8)]
+
+    asyncio.run(inspect())
+
+
+# -- adversity -------------------------------------------------------------------------
+
+
+async def _connect(tm: TokenManager, sim: FakeFactorial, tenant: str, company_id: int) -> TokenSet:
+    return await tm.exchange_code(tenant, sim.issue_code(company_id=company_id))
+
+
+async def _versions(store: PostgresStore, namespace: str, tenants: list[str]) -> dict[str, int]:
+    out = {}
+    for tenant in tenants:
+        record = await store.read(TenantKey(namespace, tenant))
+        assert record is not None
+        out[tenant] = record.version
+    return out
+
+
+async def test_backends_killed_mid_refresh(make_sim: SimFactory, base_url: str) -> None:
+    """pg_terminate_backend on every connection of the workers' stores, over and over,
+    while two workers refresh through TokenManager: only typed errors, recovery without
+    restarting anything, and every token the provider issued is the one stored."""
+    app_name = f"ft_kill_{secrets.token_hex(4)}"
+    url = store_url(base_url, application_name=app_name)
+    tenants = [f"tenant-{i}" for i in range(4)]
+    async with make_sim(latency=0.15) as sim:
+        app = app_for(sim)
+        async with (
+            TokenManager(app, url, lease_ttl=4.0, provider_timeout=2.0) as one,
+            TokenManager(app, url, lease_ttl=4.0, provider_timeout=2.0) as two,
+        ):
+            for i, tenant in enumerate(tenants):
+                await _connect(one, sim, tenant, 100 + i)
+            store = one.store
+            assert isinstance(store, PostgresStore)
+            before = await _versions(store, app.client_id, tenants)
+            sim.reset_stats()
+            stop = asyncio.Event()
+            kills = 0
+
+            async def killer() -> None:
+                nonlocal kills
+                con = await asyncpg.connect(base_url, timeout=5)
+                try:
+                    while not stop.is_set():
+                        await asyncio.sleep(random.uniform(0.05, 0.25))
+                        killed = await con.fetchval(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE application_name = $1",
+                            app_name,
+                        )
+                        kills += int(killed)
+                finally:
+                    await con.close()
+
+            outcomes: list[object] = []
+
+            async def worker(tm: TokenManager) -> None:
+                while not stop.is_set():
+                    try:
+                        outcomes.append(await tm.refresh(random.choice(tenants)))
+                    except (StoreUnavailable, RefreshTimeout) as exc:
+                        outcomes.append(exc)
+                        await asyncio.sleep(0.05)
+
+            killing = asyncio.create_task(killer())
+            working = [asyncio.create_task(worker(tm)) for tm in (one, two, one, two)]
+            await asyncio.sleep(4.0)
+            stop.set()
+            await asyncio.gather(killing, *working)
+
+            refreshed = [o for o in outcomes if isinstance(o, TokenSet)]
+            errors = [o for o in outcomes if not isinstance(o, TokenSet)]
+            assert all(isinstance(e, StoreUnavailable | RefreshTimeout) for e in errors)
+            assert kills >= 5, f"only {kills} backends killed"
+            assert len(refreshed) >= 5, f"{len(refreshed)} refreshes, {len(errors)} errors"
+            # Recovery without restart: both workers serve every tenant with a live token
+            # (caches catch up once the LISTEN connections are back: lost notifications
+            # are replayed for every tenant a worker knows).
+            for tm in (one, two):
+                for tenant in tenants:
+                    assert sim.is_active((await tm.tokens(tenant)).access_token)
+            stores = [tm.store for tm in (one, two)]
+            assert await _until(lambda: all(s.listening for s in stores), 15)  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 10
+            while True:
+                tokens = [await tm.access_token(t) for tm in (one, two) for t in tenants]
+                if all(sim.is_active(t) for t in tokens) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert all(sim.is_active(t) for t in tokens)
+            after = await _versions(store, app.client_id, tenants)
+            for tenant in tenants:
+                new = await one.refresh(tenant)
+                assert sim.is_active(new.access_token)
+                assert (await two.tokens(tenant)).access_token == new.access_token
+            final = await _versions(store, app.client_id, tenants)
+        # Zero tokens lost: every refresh Factorial performed was committed (one version
+        # each), no rotated token was ever presented again, no grant died.
+        assert sum(after[t] - before[t] for t in tenants) + len(tenants) == sim.stats.refreshes
+        assert all(final[t] == after[t] + 1 for t in tenants)
+        assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+        print(f"killed {kills} backends; {len(refreshed)} refreshes; errors: {[str(e) for e in errors]}")
+
+
+async def test_server_restart_mid_run(make_sim: SimFactory) -> None:
+    """A throwaway cluster stopped and started again under two running workers."""
+    with TempCluster() as cluster:
+        url = store_url(cluster.url, poll="60")
+        async with make_sim(latency=0.05) as sim:
+            app = app_for(sim)
+            async with (
+                TokenManager(app, url, lease_ttl=4.0, provider_timeout=2.0) as one,
+                TokenManager(app, url, lease_ttl=4.0, provider_timeout=2.0) as two,
+            ):
+                first = await _connect(one, sim, "acme", 1)
+                await _connect(one, sim, "globex", 2)
+                store_one, store_two = one.store, two.store
+                assert isinstance(store_one, PostgresStore) and isinstance(store_two, PostgresStore)
+                await asyncio.sleep(0.5)  # let the exchanges' notifications land first
+                for tm in (one, two):
+                    assert await tm.access_token("acme") == first.access_token  # now cached in both
+                assert await _until(lambda: store_one.listening and store_two.listening, 10)
+                before = await _versions(store_one, app.client_id, ["acme", "globex"])
+                sim.reset_stats()
+
+                cluster.stop()
+                with pytest.raises(StoreUnavailable):
+                    await store_one.read(TenantKey(app.client_id, "acme"))
+                with pytest.raises(StoreUnavailable):
+                    await two.refresh("acme")
+                with pytest.raises(StoreUnavailable):
+                    await two.access_token("globex")  # never cached in this worker
+                # cached tokens keep serving while the store is down
+                assert await one.access_token("acme") == first.access_token
+                assert await two.access_token("acme") == first.access_token
+                assert await _until(lambda: not store_one.listening, 10)
+                assert sim.stats.refreshes == 0
+
+                cluster.start()
+                # recovery without restarting the workers
+                refreshed = await two.refresh("acme")
+                assert sim.is_active(refreshed.access_token)
+                assert (await one.tokens("acme")).access_token == refreshed.access_token
+                assert sim.is_active(await two.access_token("globex"))
+                # both LISTEN connections came back by themselves...
+                assert await _until(lambda: store_one.listening and store_two.listening, 20)
+                assert store_one.listens >= 2 and store_two.listens >= 2
+                # ...and deliver: a write by worker two wakes worker one's watcher, with the
+                # poll at 60s, so only NOTIFY can do it
+                key = TenantKey(app.client_id, "initech")
+                async with store_one.watch(key) as watch:
+                    while await watch.wait(0.05):
+                        pass
+                    await store_two.replace(key, _update(b"x"))
+                    assert await watch.wait(15), "no wake-up after the restart"
+                after = await _versions(store_one, app.client_id, ["acme", "globex"])
+        assert sum(after[t] - before[t] for t in after) == sim.stats.refreshes
+        assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+
+
+async def test_store_down_from_the_start_is_a_typed_error() -> None:
+    store = PostgresStore.from_url(f"postgresql://postgres@127.0.0.1:{postgres_server._free_port()}/x")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.check()
+        with pytest.raises(StoreUnavailable):
+            await store.read(TenantKey("ns", "acme"))
+    finally:
+        await store.aclose()

@@ -1,0 +1,431 @@
+"""The ``factorial-tokens`` command, run as a user runs it (a subprocess), against the
+strict FakeFactorial (in a thread) and an SQLite store in a temporary folder.
+
+Every run is checked for leaks: the client secret never appears, and no token appears
+except on ``token``'s stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from factorial_tokens import (
+    MemoryStore,
+    ReauthorizationRequired,
+    TenantKey,
+    TokenManager,
+    Update,
+    store_from_url,
+)
+from factorial_tokens._cli import EXIT_CODES
+from factorial_tokens._keepalive import keep_alive_pass, threshold
+from factorial_tokens._sealing import ensure_key_file
+from factorial_tokens._state import StateSigner
+from factorial_tokens.testing import FakeFactorial, RefreshMode
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
+
+SCRIPT = Path(sys.executable).with_name("factorial-tokens")
+TOKEN_RE = re.compile(r"[0-9a-f]{64}")  # the simulator's tokens are 64 hex characters
+
+
+@pytest.fixture
+def sim() -> Iterator[FakeFactorial]:
+    """The strict simulator, served from a thread so subprocesses can reach it."""
+    fake = FakeFactorial(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        refresh_mode=RefreshMode.REVOKE_AT_REFRESH,
+        reuse_detection=True,
+        access_token_ttl=3600,
+    )
+    with fake.serve_in_thread():
+        yield fake
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return "sqlite:///" + str(tmp_path / "tokens.db")
+
+
+@pytest.fixture
+def env(sim: FakeFactorial, store: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FACTORIAL_")}
+    return {
+        **clean,
+        "FACTORIAL_CLIENT_ID": CLIENT_ID,
+        "FACTORIAL_CLIENT_SECRET": CLIENT_SECRET,
+        "FACTORIAL_REDIRECT_URI": REDIRECT_URI,
+        "FACTORIAL_BASE_URL": sim.base_url,
+        "FACTORIAL_TOKENS_STORE": store,
+        "COLUMNS": "120",
+    }
+
+
+def cli(
+    *args: str, env: dict[str, str], token_out: bool = False, timeout: float = 60, module: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the command; assert that nothing secret leaked."""
+    command = [sys.executable, "-m", "factorial_tokens"] if module else [str(SCRIPT)]
+    done = subprocess.run(
+        [*command, *args], env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+    for name, text in (("stdout", done.stdout), ("stderr", done.stderr)):
+        assert CLIENT_SECRET not in text, f"client secret in {name}"
+        if not (token_out and name == "stdout"):
+            assert not TOKEN_RE.search(text), f"a token in {name}: {text}"
+    return done
+
+
+def seed(sim: FakeFactorial, store: str, tenant: str, company_id: int, *, company_token: bool = False) -> str:
+    """Connect ``tenant`` in the store as the CLI would read it; return its access token."""
+
+    async def run() -> str:
+        keyring = ensure_key_file(urlsplit(store).path[1:] + ".keys")
+        async with TokenManager(app_for(sim), store, keyring=keyring) as tm:
+            code = sim.issue_code(company_id=company_id, company_token=company_token)
+            return (await tm.exchange_code(tenant, code)).access_token
+
+    return asyncio.run(run())
+
+
+def age(store: str, tenant: str, seconds: float) -> None:
+    """Make ``tenant``'s stored tokens look ``seconds`` older than they are."""
+
+    async def run() -> None:
+        backend = store_from_url(store)
+        try:
+            key = TenantKey(CLIENT_ID, tenant)
+            record = await backend.read(key)
+            assert record is not None
+            update = Update(record.payload, record.status, record.expires_at, record.updated_at - seconds)
+            await backend.replace(key, update)
+        finally:
+            await backend.aclose()
+
+    asyncio.run(run())
+
+
+def status_json(env: dict[str, str]) -> list[dict[str, Any]]:
+    done = cli("status", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    rows: list[dict[str, Any]] = json.loads(done.stdout)
+    return rows
+
+
+# --------------------------------------------------------------------------- help and configuration
+
+
+def test_help_documents_every_exit_code_and_shows_no_secret(env: dict[str, str]) -> None:
+    for args in (("--help",), ("token", "--help"), ("serve", "--help"), ("demo", "--help")):
+        done = cli(*args, env=env)
+        assert done.returncode == 0
+        assert "Exit codes:" in done.stdout
+        for code, meaning in EXIT_CODES.items():
+            assert f"{code}  {meaning[:20]}" in done.stdout
+    done = cli("--help", env=env, module=True)
+    assert done.returncode == 0 and "demo" in done.stdout and "keepalive" in done.stdout
+
+
+def test_missing_configuration_exits_2_and_names_the_variable(env: dict[str, str]) -> None:
+    del env["FACTORIAL_CLIENT_ID"]
+    done = cli("token", "acme", env=env)
+    assert done.returncode == 2
+    assert "FACTORIAL_CLIENT_ID" in done.stderr and done.stdout == ""
+    env["FACTORIAL_CLIENT_ID"] = CLIENT_ID
+    del env["FACTORIAL_CLIENT_SECRET"]
+    done = cli("status", env=env)
+    assert done.returncode == 2 and "FACTORIAL_CLIENT_SECRET" in done.stderr
+
+
+def test_bad_configuration_exits_2(env: dict[str, str]) -> None:
+    assert cli("status", "--store", "nosuch://x", env=env).returncode == 2
+    assert cli("status", "--redirect-uri", "not-a-url", env=env).returncode == 2
+    assert cli("status", "--base-url", "ftp://example", env=env).returncode == 2
+    assert cli("token", "x" * 201, env=env).returncode == 2
+    assert cli("token", "a\x1bb", env=env).returncode == 2
+    assert cli("keepalive", "--once", "--max-age", "soon", env=env).returncode == 2
+
+
+def test_a_store_password_is_never_echoed(env: dict[str, str]) -> None:
+    done = cli("status", "--store", "nosuch://user:hunter2-pass@host/0", env=env)
+    assert done.returncode == 2 and "hunter2-pass" not in done.stdout + done.stderr
+
+
+def test_unknown_tenant_exits_3(env: dict[str, str]) -> None:
+    for command in ("token", "refresh", "whoami", "revoke"):
+        done = cli(command, "nobody", env=env)
+        assert done.returncode == 3, (command, done.stderr)
+        assert "nobody" in done.stderr and done.stdout == ""
+
+
+# --------------------------------------------------------------------------- the tenant tools
+
+
+def test_token_status_whoami_refresh_revoke(env: dict[str, str], sim: FakeFactorial, store: str) -> None:
+    first = seed(sim, store, "acme", 42)
+    done = cli("token", "acme", env=env, token_out=True)
+    assert done.returncode == 0 and done.stdout == first + "\n"
+
+    rows = status_json(env)
+    assert [(r["tenant"], r["status"], r["needs_reauthorization"]) for r in rows] == [
+        ("acme", "active", False)
+    ]
+    assert rows[0]["expires_at"] and rows[0]["refreshed_at"]
+    table = cli("status", env=env)
+    assert table.returncode == 0 and "acme" in table.stdout and "active" in table.stdout
+
+    who = cli("whoami", "acme", "--json", env=env)
+    assert who.returncode == 0 and json.loads(who.stdout)["company_id"] == "42"
+    assert "company_id:" in cli("whoami", "acme", env=env).stdout
+
+    done = cli("refresh", "acme", env=env)
+    assert done.returncode == 0 and "sha256:" in done.stdout
+    assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+    second = cli("token", "acme", env=env, token_out=True).stdout.strip()
+    assert second != first and sim.is_active(second) and not sim.is_active(first)
+
+    done = cli("revoke", "acme", env=env)
+    assert done.returncode == 0 and sim.stats.revocations == 1
+    assert not sim.is_active(second)
+    assert cli("token", "acme", env=env).returncode == 3
+    assert status_json(env) == []
+
+
+def test_connect_url_points_at_factorial_with_a_signed_state(env: dict[str, str], sim: FakeFactorial) -> None:
+    done = cli("connect-url", "acme", "--company", env=env)
+    assert done.returncode == 0
+    url = done.stdout.strip()
+    assert url.startswith(sim.base_url + "/oauth/authorize?")
+    query = parse_qs(urlsplit(url).query)
+    assert query["resource_owner_type"] == ["company"] and query["client_id"] == [CLIENT_ID]
+    assert StateSigner(app_for(sim)).verify(query["state"][0])[0] == "acme"
+    callback = urlsplit(sim.authorize_sync(url))
+    assert f"http://{callback.netloc}{callback.path}" == REDIRECT_URI and "code=" in callback.query
+
+
+def test_dead_grant_exits_4_without_hammering_factorial(
+    env: dict[str, str], sim: FakeFactorial, store: str
+) -> None:
+    seed(sim, store, "acme", 7)
+    sim.revoke_company(7)  # an admin disconnected the app in Factorial
+    done = cli("refresh", "acme", env=env)
+    assert done.returncode == 4 and "connect again" in done.stderr and done.stdout == ""
+    assert sim.stats.refresh_attempts == 1
+    assert status_json(env)[0]["needs_reauthorization"] is True
+    assert "yes" in cli("status", env=env).stdout
+    done = cli("token", "acme", env=env)
+    assert done.returncode == 4 and done.stdout == ""
+    assert cli("refresh", "acme", env=env).returncode == 4
+    assert sim.stats.refresh_attempts == 1  # a dead grant is not presented again
+
+
+def test_provider_refusal_exits_5(env: dict[str, str], sim: FakeFactorial, store: str) -> None:
+    seed(sim, store, "acme", 1)
+    env["FACTORIAL_CLIENT_SECRET"] = "a-wrong-secret-for-this-app"
+    done = cli("refresh", "acme", env=env)
+    assert done.returncode == 5 and "invalid_client" in done.stderr
+    assert "a-wrong-secret-for-this-app" not in done.stdout + done.stderr
+    assert sim.stats.invalid_client == 1 and sim.stats.refreshes == 0
+
+
+def test_store_unavailable_exits_6(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "a-directory.db").mkdir()
+    env["FACTORIAL_TOKENS_KEYS"] = "k1:" + "A" * 43 + "="
+    done = cli("status", "--store", "sqlite:///" + str(tmp_path / "a-directory.db"), env=env)
+    assert done.returncode == 6, done.stderr
+    assert "A" * 43 not in done.stderr
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+def test_keepalive_once_refreshes_only_aged_expiring_tenants(
+    env: dict[str, str], sim: FakeFactorial, store: str
+) -> None:
+    old = seed(sim, store, "aged", 1)
+    seed(sim, store, "company", 2, company_token=True)
+    age(store, "company", 30 * 86400)
+    fresh = seed(sim, store, "fresh", 3)
+    age(store, "fresh", 3 * 86400)
+    age(store, "aged", 5 * 86400 + 60)
+    done = cli("keepalive", "--once", "--jitter", "0", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "refreshed 1" in done.stdout and "non-expiring 1" in done.stdout and "not due 1" in done.stdout
+    assert sim.stats.refreshes == 1 and sim.stats.refreshes_by_company == {1: 1}
+    assert not sim.is_active(old) and sim.is_active(fresh)
+
+    seed(sim, store, "dead", 4)
+    sim.revoke_company(4)
+    assert cli("refresh", "dead", env=env).returncode == 4
+    age(store, "dead", 6 * 86400)
+    done = cli("keepalive", "--once", "--max-age", "4d", env=env)
+    assert done.returncode == 4 and "'dead'" in done.stdout and "refreshed 0" in done.stdout
+    assert sim.stats.refreshes == 1
+
+
+def test_keepalive_thresholds_are_spread_and_stable() -> None:
+    values = [threshold("app", f"tenant-{i}", 100.0, 0.2) for i in range(200)]
+    assert all(80.0 < v <= 100.0 for v in values)
+    assert max(values) - min(values) > 15.0  # spread over most of the window
+    assert values == [threshold("app", f"tenant-{i}", 100.0, 0.2) for i in range(200)]
+    assert {threshold("app", f"t{i}", 100.0, 0.0) for i in range(20)} == {100.0}
+
+
+async def test_keep_alive_in_process(make_sim: SimFactory) -> None:
+    async with make_sim(access_token_ttl=3600) as fake:
+        shared = MemoryStore()
+        async with (
+            TokenManager(app_for(fake), shared, lease_ttl=6, provider_timeout=2) as tm,
+            TokenManager(app_for(fake), shared, lease_ttl=6, provider_timeout=2) as other,
+        ):
+            for i, tenant in enumerate(("a", "b", "c")):
+                await tm.exchange_code(tenant, fake.issue_code(company_id=i + 1))
+            fake.revoke_company(3)
+            with pytest.raises(ReauthorizationRequired):
+                await tm.refresh("c")
+            report = await tm.keep_alive(max_age=3600, once=True)
+            assert report.not_due == ("a", "b") and report.needs_reauth == ("c",) and report.ok is False
+            assert fake.stats.refreshes == 0 and fake.stats.refresh_attempts == 1
+
+            # Two keepalive passes at once (two processes): each due tenant renewed once.
+            later = time.time() + 3 * 3600
+            first, second = await asyncio.gather(
+                keep_alive_pass(tm, max_age=3600, jitter=0.2, now=later),
+                keep_alive_pass(other, max_age=3600, jitter=0.2, now=later),
+            )
+            assert first.refreshed == second.refreshed == ("a", "b")
+            assert fake.stats.refreshes == 2 and fake.stats.refresh_attempts == 3
+            assert fake.stats.invalid_grant == 1  # only the dead grant, earlier
+
+            # The loop runs passes until cancelled.
+            loop = asyncio.ensure_future(tm.keep_alive(max_age=3600, interval=0.05, jitter=0.1))
+            await asyncio.sleep(0.3)
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+            assert fake.stats.refreshes == 2
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, str, str | None]:
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    try:
+        with urllib.request.build_opener(NoRedirect).open(url, timeout=20) as resp:
+            return resp.status, resp.read().decode(), resp.headers.get("Location")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), exc.headers.get("Location")
+
+
+def test_serve_connects_a_company(env: dict[str, str], sim: FakeFactorial) -> None:
+    port = _free_port()
+    redirect = f"http://127.0.0.1:{port}/oauth/callback"
+    sim.add_client("serve-client", CLIENT_SECRET, redirect)
+    env.update(FACTORIAL_CLIENT_ID="serve-client", FACTORIAL_REDIRECT_URI=redirect)
+    proc = subprocess.Popen(
+        [str(SCRIPT), "-v", "serve", "--port", str(port), "--tenant", "acme", "--tenant", "café ☕"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(f"listening on http://127.0.0.1:{port}"), line
+        base = f"http://127.0.0.1:{port}"
+        status, _, location = _get(f"{base}/connect/caf%C3%A9%20%E2%98%95")
+        assert status == 302 and location and location.startswith(sim.base_url)
+        callback = sim.authorize_sync(location)
+        assert callback.startswith(redirect + "?")
+        status, page, location = _get(callback)
+        assert status == 200 and "café ☕" in page and location is None
+        assert _get(callback)[0] == 200  # a retried callback: same answer
+        assert sim.stats.exchanges == 1 and sim.stats.exchange_attempts == 1
+        status, _, _ = _get(f"{base}/connect/mallory")
+        assert status == 404
+        status, page, _ = _get(f"{base}/oauth/callback?code=x&state=forged")
+        assert status == 400 and "state" in page
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "code=" not in err and "state=" not in err  # the access log omits the query
+    assert "/oauth/callback" in err
+    assert CLIENT_SECRET not in out + err and not TOKEN_RE.search(out + err)
+    assert [r["tenant"] for r in status_json(env)] == ["café ☕"]
+
+
+def test_serve_on_a_busy_port_exits_2(env: dict[str, str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = cli("serve", "--port", str(port), env=env)
+    assert done.returncode == 2 and "cannot listen" in done.stderr
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_holds_every_guarantee(env: dict[str, str], tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    done = cli(
+        "demo", "-t", "2", "-p", "2", "-c", "10", "-d", "4", "--report", str(report), env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All guarantees held." in done.stdout
+    rows = {
+        cells[0]: cells[1:]
+        for line in done.stdout.splitlines()
+        if (cells := [c.strip() for c in re.split(r"[│┃|]", line)[1:-1]]) and len(cells) == 4
+    }
+    assert rows["invalid_grant"][:2] == ["0", "0"]
+    assert rows["refreshes"][0] == rows["refreshes"][1] and int(rows["refreshes"][0]) > 0
+    assert rows["refresh requests"][0] == rows["refreshes"][0]
+    assert rows["exchanges"][:2] == ["2", "2"]
+    result = json.loads(report.read_text())
+    assert result["ok"] is True and result["broken"] == []
+    assert result["invalid_grant"] == 0 and result["families_revoked"] == 0
+    assert result["refreshes"] == result["refresh_attempts"] == result["ideal_refreshes"] > 0
+    assert result["ideal_refreshes"] == result["generations"] - 2
+    assert result["refreshes_by_workers"] == result["refreshes"]
+    assert result["exchanges"] == 2 and result["callbacks"] == result["callbacks_ok"] == 4
+    assert result["api_401_seen_by_callers"] == 0 and result["tenants_needing_reauth"] == 0
+    assert result["workers_crashed"] == 0 and result["api_calls"] > 0
+
+
+def test_demo_refuses_a_store_workers_cannot_share(env: dict[str, str]) -> None:
+    done = cli("demo", "--store", "memory://", "-d", "1", env=env)
+    assert done.returncode == 2 and "memory://" in done.stderr
+    assert cli("demo", "-t", "0", env=env).returncode == 2

@@ -1,0 +1,481 @@
+"""RedisStore: the store contract on Redis or Redis Cluster, one Lua script per step.
+
+Key layout (``P`` is the prefix, ``D`` a tenant's ``TenantKey.digest``, so one hash tag
+per tenant and every script touches one slot)::
+
+    P:{D}:rec           hash: payload, status, version, expires_at, updated_at, ns, tenant,
+                        fence (the fencing counter), holder (the current lease's owner)
+    P:{D}:lease         string with PX expiry: a live lease (Redis judges its TTL)
+    P:{N}:tenants       set of digests ever written in namespace N (N = sha256(namespace))
+    P:claim:{C}         hash with PX expiry: a code claim (C = sha256(namespace, code hash))
+    P:changes           the pub/sub channel; messages are "<digest> <origin>"
+
+No tenant id or namespace ever appears in a key name: only digests. The tenant id is kept
+as a hash field so listings can return it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+import factorial_tokens
+from factorial_tokens import (
+    Acquisition,
+    ClaimState,
+    CodeClaim,
+    ConfigurationError,
+    Lease,
+    Notifier,
+    Record,
+    StoreUnavailable,
+    TenantKey,
+    TenantStatus,
+    Update,
+    Watch,
+)
+
+from ._listener import Listener
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+
+#: How long a finished code claim is remembered; the core's value when it exports one.
+CLAIM_RETENTION: float = float(getattr(factorial_tokens, "CLAIM_RETENTION", 24 * 3600.0))
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+#: Options of ours in a store URL; everything else goes to redis-py.
+_OPTIONS = ("prefix", "cluster", "poll")
+_RECORD_FIELDS = ("payload", "status", "version", "expires_at", "updated_at")
+_SCRIPTS = ("acquire", "extend", "release", "commit", "replace", "claim_code", "advance_code")
+
+Client = aioredis.Redis | RedisCluster
+
+
+def _load_scripts() -> dict[str, str]:
+    folder = resources.files("factorial_tokens_redis") / "lua"
+    return {name: (folder / f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
+
+
+_LUA = _load_scripts()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _float_text(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class RedisStore:
+    """A token store on Redis (``redis://``, ``rediss://``) or Redis Cluster.
+
+    Args:
+        client: a ready ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` built with
+            ``decode_responses=False`` (payloads are bytes). Not closed by :meth:`aclose`.
+        prefix: the first part of every key and of the change channel, so several apps
+            (or test runs) can share one Redis. Letters, digits and ``_.:/-`` only.
+        poll: the fallback poll of waiters, in seconds, for announcements lost while the
+            subscription was down.
+
+    Every check-and-modify is one Lua script (one round trip); ``read`` is one ``HMGET``;
+    ``replace`` is a ``SADD`` to the namespace index followed by its script (two), since a
+    script may touch only one Cluster slot. Redis failures raise StoreUnavailable.
+
+    Limitations: Redis acknowledges a write before it reaches disk or a replica. Without
+    AOF (``appendfsync always`` or ``everysec``) a restart loses tokens, and a failover
+    with asynchronous replication can lose a lease or a fence increment (the Redlock
+    caveat); see the package README.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        prefix: str = "ft",
+        poll: float = 1.0,
+        _owned: bool = False,
+    ) -> None:
+        if not _PREFIX.fullmatch(prefix):
+            raise ConfigurationError(
+                f"a redis store prefix must be 1-64 characters of letters, digits and _.:/- (got {prefix!r})"
+            )
+        if _decodes_responses(client):
+            raise ConfigurationError("the redis client must use decode_responses=False (payloads are bytes)")
+        if poll <= 0:
+            raise ConfigurationError("poll must be positive")
+        self._client = client
+        self._owned = _owned
+        self.prefix = prefix
+        self.cluster = isinstance(client, RedisCluster)
+        self._channel = f"{prefix}:changes"
+        self._origin = secrets.token_hex(8)
+        self._notifier = Notifier(poll=poll)
+        self._listener = Listener(self._notifier, self._channel, self._origin, self._open_pubsub)
+        self._scripts = {name: client.register_script(text) for name, text in _LUA.items()}
+        self._uninitialized = self.cluster
+        self._init_lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        """Build a store (and its own client, closed by :meth:`aclose`) from a URL.
+
+        Accepts ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS),
+        ``redis+cluster://host:port`` / ``rediss+cluster://...`` (any node of a Redis
+        Cluster; ``?cluster=true`` does the same), plus the query options ``prefix``
+        (default ``ft``) and ``poll`` (seconds, default 1), and any redis-py connection
+        option (``socket_timeout`` and ``socket_connect_timeout`` default to 5 s,
+        ``protocol`` to 2).
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        cluster = scheme.endswith("+cluster")
+        scheme = scheme.removesuffix("+cluster")
+        if scheme not in ("redis", "rediss"):
+            raise ConfigurationError(f"not a redis URL: {scheme}://")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        ours = {k: v for k, v in query if k in _OPTIONS}
+        rest = [(k, v) for k, v in query if k not in _OPTIONS]
+        flag = ours.get("cluster", "").lower()
+        if flag and flag not in _TRUE | _FALSE:
+            raise ConfigurationError(f"cluster= takes true or false, not {flag!r}")
+        cluster = cluster or flag in _TRUE
+        try:
+            poll = float(ours.get("poll", "1"))
+        except ValueError:
+            raise ConfigurationError("poll= takes a number of seconds") from None
+        names = {k for k, _ in rest}
+        # RESP2 by default: redis-py 8 skips its check for idle connections the server
+        # closed when RESP3 maintenance notifications are on, so a restart or a killed
+        # connection would cost one failed call.
+        defaults = {"socket_timeout": "5", "socket_connect_timeout": "5", "protocol": "2"}
+        rest += [(k, v) for k, v in defaults.items() if k not in names]
+        target = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), ""))
+        client: Client
+        try:
+            # No blind retries on one server: a script re-sent after a lost reply could act
+            # twice. The cluster client keeps its own (it needs them to follow failovers).
+            client = RedisCluster.from_url(target) if cluster else aioredis.Redis.from_url(target, retry=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"bad redis URL: {exc}") from None
+        return cls(client, prefix=ours.get("prefix", "ft"), poll=poll, _owned=True)
+
+    def __repr__(self) -> str:
+        kind = "cluster" if self.cluster else "redis"
+        return f"RedisStore({kind}, prefix={self.prefix!r})"
+
+    @property
+    def client(self) -> Client:
+        """The redis-py client in use."""
+        return self._client
+
+    # -- keys ------------------------------------------------------------------------
+
+    def _rec(self, digest: str) -> str:
+        return f"{self.prefix}:{{{digest}}}:rec"
+
+    def _lease(self, digest: str) -> str:
+        return f"{self.prefix}:{{{digest}}}:lease"
+
+    def _index(self, namespace: str) -> str:
+        digest = hashlib.sha256(namespace.encode()).hexdigest()[:32]
+        return f"{self.prefix}:{{{digest}}}:tenants"
+
+    def _claim(self, namespace: str, code_hash: str) -> str:
+        digest = hashlib.sha256(f"{namespace}\x00{code_hash}".encode()).hexdigest()[:32]
+        return f"{self.prefix}:claim:{{{digest}}}"
+
+    def _message(self, digest: str) -> str:
+        return f"{digest} {self._origin}"
+
+    # -- the one boundary where driver errors become ours ------------------------------
+
+    async def _call(self, what: str, operation: Any) -> Any:
+        if self._closed:
+            operation.close()  # never awaited: close it so it does not warn
+            raise StoreUnavailable("the redis store is closed")
+        try:
+            if self._uninitialized:
+                await self._initialize()
+            return await operation
+        except (RedisError, OSError) as exc:
+            operation.close()  # in case it never started
+            raise StoreUnavailable(f"redis {what} failed: {type(exc).__name__}") from exc
+
+    async def _initialize(self) -> None:
+        # redis-py's asyncio cluster client can hand a connection that is being torn down
+        # to one of many commands racing through its first initialization; initialize
+        # once, alone, before the first command instead.
+        async with self._init_lock:
+            if self._uninitialized and isinstance(self._client, RedisCluster):
+                await self._client.initialize()
+            self._uninitialized = False
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
+        return await self._call(name, self._scripts[name](keys=keys, args=args))
+
+    # -- records ---------------------------------------------------------------------
+
+    def _record(self, key: TenantKey, fields: Sequence[Any]) -> Record | None:
+        payload, status, version, expires_at, updated_at = fields
+        if payload is None:
+            return None
+        expires = _text(expires_at)
+        return Record(
+            key=key,
+            payload=_bytes(payload),
+            status=TenantStatus(_text(status)),
+            version=int(version),
+            expires_at=float(expires) if expires else None,
+            updated_at=float(_text(updated_at) or 0.0),
+        )
+
+    def _update_args(self, key: TenantKey, update: Update) -> list[str | bytes]:
+        return [
+            update.payload,
+            update.status.value,
+            _float_text(update.expires_at),
+            _float_text(update.updated_at),
+            key.namespace,
+            key.tenant,
+        ]
+
+    async def read(self, key: TenantKey) -> Record | None:
+        """The tenant's record (one ``HMGET``), or ``None``."""
+        fields = await self._call("read", self._client.hmget(self._rec(key.digest), list(_RECORD_FIELDS)))
+        return self._record(key, fields)
+
+    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        """Take the lease (one script): a new fence from ``HINCRBY`` and the record seen."""
+        reply = await self._script(
+            "acquire", [self._rec(key.digest), self._lease(key.digest)], [owner, _ms(ttl)]
+        )
+        fence = int(reply[0])
+        record = self._record(key, reply[1:6])
+        return Acquisition(Lease(key, owner, fence) if fence else None, record)
+
+    async def extend(self, lease: Lease, ttl: float) -> bool:
+        """Push the lease's PX expiry (one script); False if fenced out or released."""
+        digest = lease.key.digest
+        reply = await self._script(
+            "extend", [self._rec(digest), self._lease(digest)], [str(lease.fence), lease.owner, _ms(ttl)]
+        )
+        return bool(reply)
+
+    async def release(self, lease: Lease) -> bool:
+        """Give the lease back and announce (one script); False if it was not ours."""
+        digest = lease.key.digest
+        reply = await self._script(
+            "release",
+            [self._rec(digest), self._lease(digest)],
+            [str(lease.fence), lease.owner, self._channel, self._message(digest)],
+        )
+        if reply:
+            self._notifier.notify(digest)
+        return bool(reply)
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        """Fenced write, release and announce (one script); ``None`` when fenced out."""
+        key = lease.key
+        version = await self._script(
+            "commit",
+            [self._rec(key.digest), self._lease(key.digest)],
+            [
+                str(lease.fence),
+                lease.owner,
+                self._channel,
+                self._message(key.digest),
+                *self._update_args(key, update),
+            ],
+        )
+        if not version:
+            return None
+        self._notifier.notify(key.digest)
+        return Record(key, update.payload, update.status, int(version), update.expires_at, update.updated_at)
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        """Unconditional write or forget that fences out any holder, then announce.
+
+        Two commands: ``SADD`` of the digest to the namespace index (its own slot), then
+        the script. The index is written first and never shrinks, so it is always a
+        superset of the live tenants; listings skip forgotten ones.
+        """
+        digest = key.digest
+        if update is not None:
+            await self._call("replace", self._client.sadd(self._index(key.namespace), digest))
+        args: list[str | bytes] = [self._channel, self._message(digest)]
+        args += ["forget"] if update is None else ["set", *self._update_args(key, update)]
+        await self._script("replace", [self._rec(digest), self._lease(digest)], args)
+        self._notifier.notify(digest)
+
+    async def tenants(self, namespace: str) -> list[Record]:
+        """Every live record of the namespace: ``SMEMBERS`` of its index, then one
+        pipelined ``HMGET`` per tenant."""
+        digests = await self._call("tenants", self._client.smembers(self._index(namespace)))
+        if not digests:
+            return []
+        ordered = sorted(_text(d) or "" for d in digests)
+        pipe = self._client.pipeline(transaction=False)
+        for digest in ordered:
+            pipe.hmget(self._rec(digest), [*_RECORD_FIELDS, "ns", "tenant"])
+        rows = await self._call("tenants", pipe.execute())
+        records = []
+        for row in rows:
+            ns, tenant = _text(row[5]), _text(row[6])
+            if ns != namespace or tenant is None:
+                continue
+            record = self._record(TenantKey(ns, tenant), row[:5])
+            if record is not None:
+                records.append(record)
+        return records
+
+    # -- code claims -----------------------------------------------------------------
+
+    async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
+        """Claim a code (one script, expiry judged by Redis ``TIME``)."""
+        won, state, ns, tenant, expired, outcome = await self._script(
+            "claim_code",
+            [self._claim(key.namespace, code_hash)],
+            [owner, _ms(ttl), _ms(CLAIM_RETENTION), key.namespace, key.tenant, key.digest],
+        )
+        claimant = TenantKey(_text(ns) or key.namespace, _text(tenant) or "")
+        return CodeClaim(
+            claimant,
+            code_hash,
+            owner,
+            ClaimState(_text(state)),
+            won=bool(won),
+            expired=bool(expired),
+            outcome=_text(outcome),
+        )
+
+    async def advance_code(
+        self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
+    ) -> bool:
+        """Move an owned claim forward and announce on its tenant (one script)."""
+        reply = await self._script(
+            "advance_code",
+            [self._claim(claim.key.namespace, claim.code_hash)],
+            [
+                claim.owner,
+                state.value,
+                _ms(ttl),
+                _ms(CLAIM_RETENTION),
+                "0" if outcome is None else "1",
+                outcome or "",
+                self._channel,
+                self._origin,
+            ],
+        )
+        if reply:
+            self._notifier.notify(claim.key.digest)
+        return bool(reply)
+
+    # -- change notification ---------------------------------------------------------
+
+    def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
+        """Register for changes of ``key``; starts the store's one subscription lazily."""
+        return self._watch(key)
+
+    @asynccontextmanager
+    async def _watch(self, key: TenantKey) -> AsyncIterator[Watch]:
+        async with self._notifier.watch(key) as watch:
+            if not self._closed:
+                self._listener.start()
+                await self._listener.ready(timeout=2.0)
+            yield watch
+
+    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(digest)`` on every change announced by any process."""
+        unsubscribe = self._notifier.on_change(callback)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # started by the first watch instead
+        else:
+            if not self._closed:
+                self._listener.start()
+        return unsubscribe
+
+    async def _open_pubsub(self) -> Any:
+        if not isinstance(self._client, RedisCluster):
+            return self._client.pubsub()
+        # Classic PUBLISH reaches every node of a cluster, so one node is enough; a plain
+        # connection to it works with every redis-py version (the asyncio cluster client
+        # has no pubsub before redis-py 8).
+        cluster = self._client
+        if not cluster.get_nodes():
+            await cluster.initialize()
+        node = cluster.get_random_node()
+        pool = aioredis.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+        return _OwnedPubSub(aioredis.Redis(connection_pool=pool))
+
+    # -- health and lifecycle --------------------------------------------------------
+
+    async def check(self) -> None:
+        """Raise StoreUnavailable unless Redis answers a ``PING``."""
+        await self._call("ping", self._client.ping())
+
+    async def aclose(self) -> None:
+        """Stop the subscription; close the client if this store built it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._listener.aclose()
+        if self._owned:
+            with suppress(RedisError, OSError):
+                await self._client.aclose()
+
+
+class _OwnedPubSub:
+    """A pub/sub on a client of its own: closing it closes that client's pool too."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pubsub = client.pubsub()
+
+    async def subscribe(self, channel: str) -> None:
+        await self._pubsub.subscribe(channel)
+
+    async def get_message(self, **options: Any) -> Any:
+        return await self._pubsub.get_message(**options)
+
+    async def aclose(self) -> None:
+        try:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        finally:
+            await self._client.connection_pool.disconnect()
+
+
+def _decodes_responses(client: Client) -> bool:
+    try:
+        kwargs = client.get_connection_kwargs()
+    except AttributeError:  # pragma: no cover - older redis-py
+        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    return bool(kwargs.get("decode_responses"))

@@ -1,0 +1,19 @@
+-- acquire: take a tenant's lease if nobody holds a live one, with a new fencing number.
+--
+-- KEYS[1]  {prefix}:{digest}:rec    the tenant's hash (record fields, `fence`, `holder`)
+-- KEYS[2]  {prefix}:{digest}:lease  the live-lease marker; its PX expiry is the lease TTL
+-- ARGV[1]  owner      the caller's secret owner token
+-- ARGV[2]  ttl_ms     the lease TTL in milliseconds (Redis judges it)
+--
+-- Reply: {fence, payload, status, version, expires_at, updated_at}
+--   fence is the new fencing number (HINCRBY of `fence`, never reused) or 0 when the lease
+--   is held by someone else; the other five are the record as seen, nil when absent.
+local rec, lease = KEYS[1], KEYS[2]
+local seen = redis.call('HMGET', rec, 'payload', 'status', 'version', 'expires_at', 'updated_at')
+if redis.call('EXISTS', lease) == 1 then
+  return {0, seen[1], seen[2], seen[3], seen[4], seen[5]}
+end
+local fence = redis.call('HINCRBY', rec, 'fence', 1)
+redis.call('HSET', rec, 'holder', ARGV[1])
+redis.call('SET', lease, ARGV[1], 'PX', ARGV[2])
+return {fence, seen[1], seen[2], seen[3], seen[4], seen[5]}

@@ -1,0 +1,29 @@
+-- commit: a fenced write. Store the record if the caller's fence is still the tenant's
+-- current one and the caller holds it, then release the lease and announce.
+--
+-- KEYS[1]  {prefix}:{digest}:rec    the tenant's hash
+-- KEYS[2]  {prefix}:{digest}:lease  the live-lease marker
+-- ARGV[1]  fence       the lease's fencing number
+-- ARGV[2]  owner       the lease's owner token
+-- ARGV[3]  channel     the prefix's change channel
+-- ARGV[4]  message     "<digest> <origin>"
+-- ARGV[5]  payload     opaque bytes
+-- ARGV[6]  status      "active" | "needs_reauth"
+-- ARGV[7]  expires_at  float as text, "" for none
+-- ARGV[8]  updated_at  float as text
+-- ARGV[9]  namespace   stored for listings
+-- ARGV[10] tenant      stored for listings
+--
+-- Reply: the new version (> 0), or 0 when fenced out (nothing written).
+local rec = KEYS[1]
+local held = redis.call('HMGET', rec, 'fence', 'holder')
+if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
+  return 0
+end
+local version = redis.call('HINCRBY', rec, 'version', 1)
+redis.call('HSET', rec, 'payload', ARGV[5], 'status', ARGV[6], 'expires_at', ARGV[7],
+  'updated_at', ARGV[8], 'ns', ARGV[9], 'tenant', ARGV[10])
+redis.call('HDEL', rec, 'holder')
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return version

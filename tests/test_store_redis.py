@@ -1,0 +1,525 @@
+"""RedisStore against real redis-servers: the conformance suite (single server and a
+3-master Cluster), round trips counted by redis itself, restarts, dropped connections,
+hostile tenant ids, one subscription per process.
+
+The shared server (127.0.0.1:6379 or $FACTORIAL_TOKENS_REDIS_URL) is never flushed or
+restarted: every test uses its own key prefix and deletes only its own keys. Tests that
+stop, kill or count commands on a server start a throwaway one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from factorial_tokens_redis import RedisStore
+
+from factorial_tokens import (
+    ClaimState,
+    ConfigurationError,
+    InvalidTenant,
+    StoreUnavailable,
+    TenantKey,
+    TenantStatus,
+    TokenManager,
+    Update,
+    store_from_url,
+)
+from factorial_tokens.testing import HOSTILE_TENANTS, CountingStore, FakeFactorial, StoreConformance
+
+from .conftest import SimFactory, app_for
+from .redis_server import CommandLog, RedisClusterServers, RedisServer, shared_redis_url, unique_prefix
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The shared Redis (never flushed), or a throwaway one when none answers."""
+    with shared_redis_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    with RedisClusterServers() as servers:
+        yield servers
+
+
+@pytest.fixture
+def throwaway() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, with AOF (appendfsync always)."""
+    with RedisServer(aof=True) as server:
+        yield server
+
+
+async def _drop_prefix(url: str, prefix: str) -> None:
+    """Delete this test's keys (and nothing else) from a shared server."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=500)]
+        if keys:
+            await client.unlink(*keys)
+    finally:
+        await client.aclose()
+
+
+def _url(base: str, prefix: str, **options: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in {"prefix": prefix, **options}.items())
+    return f"{base}?{query}"
+
+
+@pytest.fixture
+async def prefix(redis_url: str) -> AsyncIterator[str]:
+    name = unique_prefix()
+    yield name
+    await _drop_prefix(redis_url, name)
+
+
+@pytest.fixture
+async def store(redis_url: str, prefix: str) -> AsyncIterator[RedisStore]:
+    built = store_from_url(_url(redis_url, prefix))
+    assert isinstance(built, RedisStore)
+    yield built
+    await built.aclose()
+
+
+def _update(payload: bytes, expires_at: float | None = None) -> Update:
+    return Update(payload, TenantStatus.ACTIVE, expires_at, time.time())
+
+
+async def connect(tm: TokenManager, sim: FakeFactorial, tenant: str = "acme") -> str:
+    tokens = await tm.exchange_code(tenant, sim.issue_code(company_id=1))
+    return tokens.access_token
+
+
+# -- the conformance suite -----------------------------------------------------------
+
+
+class TestRedisStore(StoreConformance):
+    """The shared contract on a single Redis server."""
+
+
+class TestRedisClusterStore(StoreConformance):
+    """The shared contract on a 3-master Redis Cluster (every script in one slot)."""
+
+    @pytest.fixture
+    async def store(self, cluster: RedisClusterServers) -> AsyncIterator[RedisStore]:
+        built = store_from_url(_url(cluster.url, unique_prefix()))
+        assert isinstance(built, RedisStore) and built.cluster
+        yield built
+        await built.aclose()
+
+
+# -- URLs, options, lifecycle --------------------------------------------------------
+
+
+async def test_url_forms_and_options(redis_url: str) -> None:
+    plain = RedisStore.from_url(_url(redis_url, "ft-opts", poll="0.5"))
+    assert plain.prefix == "ft-opts" and not plain.cluster
+    assert "ft-opts" in repr(plain) and "redis" in repr(plain)
+    await plain.check()
+    await plain.aclose()
+    flagged = RedisStore.from_url("redis://127.0.0.1:1/0?cluster=true&prefix=x")
+    assert flagged.cluster
+    await flagged.aclose()
+    assert RedisStore.from_url("redis+cluster://127.0.0.1:1").cluster
+    assert RedisStore.from_url("rediss://127.0.0.1:1/0").prefix == "ft"
+    for bad in (
+        "redis://h/0?prefix={x}",
+        "redis://h/0?prefix=",
+        "redis://h/0?cluster=maybe",
+        "redis://h?poll=x",
+    ):
+        with pytest.raises(ConfigurationError):
+            RedisStore.from_url(bad)
+
+
+async def test_an_unreachable_server_is_a_typed_error() -> None:
+    store = RedisStore.from_url("redis://127.0.0.1:1/0?socket_connect_timeout=1")
+    with pytest.raises(StoreUnavailable):
+        await store.check()
+    with pytest.raises(StoreUnavailable):
+        await store.read(TenantKey("ns", "acme"))
+    await store.aclose()
+    with pytest.raises(StoreUnavailable):
+        await store.read(TenantKey("ns", "acme"))
+
+
+async def test_an_injected_client_is_not_closed(redis_url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    store = RedisStore(client, prefix=prefix)
+    await store.replace(TenantKey("ns", "acme"), _update(b"x"))
+    await store.aclose()
+    assert await client.ping()  # still usable: the store did not close it
+    await client.aclose()
+    with pytest.raises(ConfigurationError):
+        RedisStore(aioredis.Redis.from_url(redis_url, decode_responses=True))
+
+
+# -- keys: layout and hostile tenant ids ---------------------------------------------
+
+
+async def test_keys_hold_only_digests(store: RedisStore, redis_url: str, prefix: str) -> None:
+    ns = f"ns-{prefix}"
+    extra = ["{", "}", "*", ":", '"quoted"', "'", "a}{b", f"{prefix}:{{x}}:rec"]
+    hostile = list(dict.fromkeys([*HOSTILE_TENANTS, *extra]))
+    for tenant in hostile:
+        key = TenantKey(ns, tenant)
+        await store.replace(key, _update(tenant.encode()))
+        won = await store.acquire(key, "o", 30)
+        assert won.lease is not None
+        await store.claim_code(key, f"h-{tenant}", "o", 30)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = sorted([k.decode() async for k in client.scan_iter(match=f"{prefix}:*", count=500)])
+    finally:
+        await client.aclose()
+    pattern = re.compile(
+        rf"{re.escape(prefix)}:(\{{[0-9a-f]{{32}}\}}:(rec|lease|tenants)|claim:\{{[0-9a-f]{{32}}\}})"
+    )
+    assert keys and all(pattern.fullmatch(k) for k in keys), keys
+    assert len(keys) == 3 * len(hostile) + 1  # rec + lease + claim each, one index
+    for tenant in hostile:
+        record = await store.read(TenantKey(ns, tenant))
+        assert record is not None and record.payload == tenant.encode()
+    assert sorted(r.key.tenant for r in await store.tenants(ns)) == sorted(hostile)
+
+
+async def test_the_core_refuses_ids_that_cannot_be_tenants(
+    sim: FakeFactorial, redis_url: str, prefix: str
+) -> None:
+    async with TokenManager(app_for(sim), _url(redis_url, prefix)) as tm:
+        for bad in ("a\nb", "x" * 10_000, "", "tab\there"):
+            with pytest.raises(InvalidTenant):
+                await tm.access_token(bad)
+
+
+# -- round trips, counted twice: store calls, and the commands redis received (MONITOR) --
+
+
+async def _settled(store: RedisStore) -> None:
+    """Wait until the store's subscription is up and a command connection is open, so
+    neither SUBSCRIBE nor a new connection's HELLO is counted later."""
+    deadline = time.monotonic() + 10
+    while store._listener.subscriptions < 1:
+        assert time.monotonic() < deadline, "the store never subscribed"
+        await asyncio.sleep(0.01)
+    await store.check()
+
+
+async def test_round_trips_measured_by_redis(make_sim: SimFactory, throwaway: RedisServer) -> None:
+    async with make_sim(access_token_ttl=1) as sim, CommandLog(throwaway.url) as log:
+        writer = RedisStore.from_url(throwaway.url)
+        async with TokenManager(app_for(sim), writer, lease_ttl=6, provider_timeout=2) as first:
+            await connect(first, sim)
+            await asyncio.sleep(1.1)
+            await first.access_token("acme")  # one refresh, so every script is loaded
+        await writer.aclose()
+
+        inner = RedisStore.from_url(throwaway.url)
+        store = CountingStore(inner)
+        async with TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as tm:
+            await _settled(inner)
+            await asyncio.sleep(1.1)  # expire what the first manager stored
+            # A whole refresh: three store calls, three commands.
+            store.reset()
+            refreshed, commands = await log.measure(tm.access_token("acme"))
+            assert dict(store.calls) == {"read": 1, "acquire": 1, "commit": 1}
+            assert commands == ["hmget", "evalsha", "evalsha"]
+            # The hot path: no store call, no command.
+            store.reset()
+            tokens, commands = await log.measure(
+                asyncio.gather(*(tm.access_token("acme") for _ in range(1000)))
+            )
+            assert set(tokens) == {refreshed}
+            assert store.calls.total() == 0 and commands == []
+        assert sim.stats.refreshes == 2 and sim.stats.invalid_grant == 0
+
+        other_inner = RedisStore.from_url(throwaway.url)
+        other = CountingStore(other_inner)
+        async with TokenManager(app_for(sim), other, lease_ttl=6, provider_timeout=2) as second:
+            await _settled(other_inner)
+            other.reset()
+            token, commands = await log.measure(second.access_token("acme"))
+            assert token == refreshed  # fresh in Redis: one read
+            assert dict(other.calls) == {"read": 1}
+            assert commands == ["hmget"]
+        await other_inner.aclose()
+        await inner.aclose()
+
+
+async def test_each_primitive_is_one_command(throwaway: RedisServer) -> None:
+    store = RedisStore.from_url(throwaway.url)
+    key = TenantKey("ns", "acme")
+    await store.replace(key, _update(b"warm"))  # load every script once
+    warm = await store.acquire(key, "w", 30)
+    assert warm.lease is not None
+    await store.extend(warm.lease, 30)
+    await store.release(warm.lease)
+    warm = await store.acquire(key, "w", 30)
+    assert warm.lease is not None
+    await store.commit(warm.lease, _update(b"warm"))
+    claim = await store.claim_code(key, "warm", "w", 30)
+    await store.advance_code(claim, ClaimState.SENT, 30)
+
+    async with CommandLog(throwaway.url) as log:
+        assert (await log.measure(store.read(key)))[1] == ["hmget"]
+        won, commands = await log.measure(store.acquire(key, "o", 30))
+        assert won.lease is not None and commands == ["evalsha"]
+        assert await log.measure(store.extend(won.lease, 30)) == (True, ["evalsha"])
+        assert await log.measure(store.release(won.lease)) == (True, ["evalsha"])
+        won = await store.acquire(key, "q", 30)
+        assert won.lease is not None
+        record, commands = await log.measure(store.commit(won.lease, _update(b"y")))
+        assert record is not None and commands == ["evalsha"]
+        assert await log.measure(store.replace(key, _update(b"z"))) == (None, ["sadd", "evalsha"])
+        assert await log.measure(store.replace(key, None)) == (None, ["evalsha"])
+        claim, commands = await log.measure(store.claim_code(key, "h", "o", 30))
+        assert claim.won and commands == ["evalsha"]
+        assert await log.measure(store.advance_code(claim, ClaimState.SENT, 30)) == (True, ["evalsha"])
+        assert (await log.measure(store.tenants("ns")))[1] == ["smembers", "hmget"]
+    await store.aclose()
+
+
+# -- stampedes -------------------------------------------------------------------------
+
+
+async def _stampede(make_sim: SimFactory, url: str, workers: int = 4, callers: int = 50) -> None:
+    """``workers`` managers (as separate processes would be) x ``callers`` gathered calls
+    on one expired tenant: exactly one refresh, no invalid_grant."""
+    async with make_sim(access_token_ttl=1) as sim:
+        stores = [CountingStore(store_from_url(url)) for _ in range(workers)]
+        managers = [TokenManager(app_for(sim), s, lease_ttl=6, provider_timeout=2) for s in stores]
+        for tm in managers:
+            await tm.open()
+        try:
+            old = await connect(managers[0], sim)
+            await asyncio.sleep(1.1)
+            for s in stores:
+                s.reset()
+            tokens = await asyncio.gather(
+                *(tm.access_token("acme") for tm in managers for _ in range(callers))
+            )
+        finally:
+            for tm in managers:
+                await tm.aclose()
+            for s in stores:
+                await s.aclose()
+        assert len(tokens) == workers * callers
+        assert len(set(tokens)) == 1 and tokens[0] != old
+        assert sim.stats.refreshes == 1
+        assert sim.stats.invalid_grant == 0
+        assert sim.stats.families_revoked == 0
+        assert sum(s.calls["commit"] for s in stores) == 1
+        assert sum(s.calls["acquire"] for s in stores) <= workers
+
+
+async def test_stampede_on_one_server(make_sim: SimFactory, redis_url: str, prefix: str) -> None:
+    await _stampede(make_sim, _url(redis_url, prefix))
+
+
+async def test_stampede_on_the_cluster(make_sim: SimFactory, cluster: RedisClusterServers) -> None:
+    await _stampede(make_sim, _url(cluster.url, unique_prefix()), workers=4, callers=50)
+
+
+# -- wake-ups: one subscription per store, across stores, after a reconnect -------------
+
+
+async def test_one_subscription_per_store(redis_url: str, prefix: str) -> None:
+    stores = [RedisStore.from_url(_url(redis_url, prefix)) for _ in range(2)]
+    admin = aioredis.Redis.from_url(redis_url)
+    keys = [TenantKey("ns", f"t{i}") for i in range(50)]
+    try:
+        async with contextlib_stack(stores[0], keys) as watches:
+            assert len(watches) == 50
+            numsub = dict(await admin.pubsub_numsub(f"{prefix}:changes"))
+            assert numsub[f"{prefix}:changes".encode()] == 1
+            # Another store (another process) releases: the right watcher wakes at once.
+            won = await stores[1].acquire(keys[7], "o", 30)
+            assert won.lease is not None
+            await stores[1].release(won.lease)
+            assert await _woken(watches[7], 5.0)
+            assert not await watches[8].wait(0.2)
+    finally:
+        for s in stores:
+            await s.aclose()
+        await admin.aclose()
+
+
+class contextlib_stack:
+    """Enter ``store.watch`` for every key at once."""
+
+    def __init__(self, store: RedisStore, keys: list[TenantKey]) -> None:
+        self._managers = [store.watch(k) for k in keys]
+
+    async def __aenter__(self) -> list[Any]:
+        return list(await asyncio.gather(*(m.__aenter__() for m in self._managers)))
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for m in self._managers:
+            await m.__aexit__(None, None, None)
+
+
+async def _woken(watch: Any, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        if await watch.wait(left):
+            return True
+    return False
+
+
+async def test_a_lost_subscription_resubscribes_and_wakes_everyone(throwaway: RedisServer) -> None:
+    store = RedisStore.from_url(throwaway.url)
+    admin = aioredis.Redis.from_url(throwaway.url)
+    key = TenantKey("ns", "acme")
+    try:
+        async with store.watch(key) as watch:
+            await _settled(store)
+            assert await admin.client_kill_filter(_type="pubsub") == 1
+            assert await _woken(watch, 5.0)  # notify_all after the resubscription
+            deadline = time.monotonic() + 10
+            while store._listener.subscriptions < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            other = RedisStore.from_url(throwaway.url)
+            await other.replace(key, _update(b"x"))
+            await other.aclose()
+            assert await _woken(watch, 5.0)  # and the new subscription delivers
+    finally:
+        await store.aclose()
+        await admin.aclose()
+
+
+# -- adversity: restarts and dropped connections ---------------------------------------
+
+
+async def test_redis_restart_mid_run(make_sim: SimFactory, throwaway: RedisServer) -> None:
+    async with make_sim(access_token_ttl=6) as sim:
+        store = RedisStore.from_url(_url(throwaway.url, "ft", socket_connect_timeout="1"))
+        async with TokenManager(app_for(sim), store, lease_ttl=3, provider_timeout=1) as tm:
+            token = await connect(tm, sim)
+            assert await tm.access_token("acme") == token  # now cached
+            before = await store.read(tm._key("acme"))
+            assert before is not None
+            await _settled(store)
+
+            throwaway.stop(signal.SIGKILL)  # a crash: only AOF (fsync always) saves the data
+            with pytest.raises(StoreUnavailable):
+                await store.read(tm._key("acme"))
+            with pytest.raises(StoreUnavailable):
+                await store.check()
+            assert await tm.access_token("acme") == token  # the cache keeps serving
+            await asyncio.sleep(3.2)  # past the refresh point, before expiry
+            assert await tm.access_token("acme") == token  # store down: still the cached token
+            with pytest.raises(StoreUnavailable):
+                await tm.refresh("acme")
+
+            throwaway.start()  # same port, same AOF
+            after = await store.read(tm._key("acme"))  # the same worker reconnects by itself
+            assert after == before  # nothing lost
+            fresh = await tm.access_token("acme")  # due: a real refresh through Redis
+            assert fresh != token and sim.is_active(fresh)
+            deadline = time.monotonic() + 10
+            while store._listener.subscriptions < 2:  # the subscription came back too
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        await store.aclose()
+        assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+async def test_a_connection_killed_between_calls(throwaway: RedisServer) -> None:
+    store = RedisStore.from_url(throwaway.url)
+    admin = aioredis.Redis.from_url(throwaway.url)
+    key = TenantKey("ns", "acme")
+    await store.replace(key, _update(b"v1"))
+    killed = await admin.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    outcomes = []
+    for _ in range(2):  # the next call reconnects, or fails typed and the one after works
+        try:
+            outcomes.append(await store.read(key))
+        except StoreUnavailable:
+            outcomes.append(None)
+    assert outcomes[-1] is not None and outcomes[-1].payload == b"v1"
+    await store.aclose()
+    await admin.aclose()
+
+
+async def test_a_connection_dropped_while_a_script_waits(throwaway: RedisServer) -> None:
+    """The commit is sent and queued (clients paused for writes), then its connection is
+    killed: the caller gets StoreUnavailable and Redis holds no half-written record."""
+    store = RedisStore.from_url(throwaway.url)
+    admin = aioredis.Redis.from_url(throwaway.url)
+    key = TenantKey("ns", "acme")
+    await store.replace(key, _update(b"v1", expires_at=10.0))
+    won = await store.acquire(key, "holder", 30)
+    assert won.lease is not None and won.record is not None
+    await store.extend(won.lease, 30)  # loads the scripts used below
+    await admin.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+    try:
+        commit = asyncio.create_task(store.commit(won.lease, _update(b"v2", expires_at=20.0)))
+        await asyncio.sleep(0.3)  # the EVALSHA is now waiting inside Redis
+        assert not commit.done()
+        assert await admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        with pytest.raises(StoreUnavailable):
+            await commit
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+    fields = await admin.hgetall(f"ft:{{{key.digest}}}:rec")
+    assert fields[b"payload"] == b"v1" and fields[b"version"] == b"1" and fields[b"expires_at"] == b"10.0"
+    assert fields[b"holder"] == b"holder"  # the lease was not released either: all or nothing
+    record = await store.commit(won.lease, _update(b"v2", expires_at=20.0))  # reconnects
+    assert record is not None and record.payload == b"v2" and record.version == 2
+    assert await store.read(key) == record
+    await store.aclose()
+    await admin.aclose()
+
+
+async def test_a_script_racing_a_kill_is_all_or_nothing(throwaway: RedisServer) -> None:
+    """A busy server receives a commit and a kill of its connection at once: whichever
+    wins, the record is either the old one with the lease held, or the new one released."""
+    store = RedisStore.from_url(throwaway.url)
+    admin = aioredis.Redis.from_url(throwaway.url)
+    blocker = aioredis.Redis.from_url(throwaway.url)
+    busy = (
+        "local t = redis.call('TIME'); local s = t[1] + t[2] / 1e6; "
+        "repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 > s + 0.3"
+    )
+    key = TenantKey("ns", "acme")
+    outcomes = set()
+    for round_ in range(6):
+        await store.replace(key, _update(b"old"))
+        won = await store.acquire(key, "holder", 30)
+        assert won.lease is not None
+        hold = asyncio.create_task(blocker.eval(busy, 0))
+        await asyncio.sleep(0.05)
+        commit = asyncio.create_task(store.commit(won.lease, _update(f"new{round_}".encode())))
+        await asyncio.sleep(0.05)
+        await admin.client_kill_filter(_type="normal", skipme=True)
+        await hold_quietly(hold)
+        try:
+            result = await commit
+            outcomes.add("committed" if result is not None else "refused")
+        except StoreUnavailable:
+            outcomes.add("dropped")
+        fields = await admin.hgetall(f"ft:{{{key.digest}}}:rec")
+        if fields[b"payload"] == b"old":
+            assert fields.get(b"holder") == b"holder"
+        else:
+            assert fields[b"payload"] == f"new{round_}".encode() and b"holder" not in fields
+        await store.release(won.lease)
+    assert outcomes <= {"committed", "dropped"}
+    await store.aclose()
+    await admin.aclose()
+    await blocker.aclose()
+
+
+async def hold_quietly(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(Exception):  # the blocker's own connection may be killed too
+        await task

@@ -22,10 +22,12 @@ from ._errors import (
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
+from ._keepalive import KeepAliveReport
 from ._manager import TenantInfo, TokenManager
 from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._sealing import Keyring, SealedCodec, ensure_key_file, rekey
+from ._serve import ConnectCheck, connect_app
 from ._sqlite import SQLiteStore
 from ._store import (
     Acquisition,
@@ -50,6 +52,7 @@ __all__ = [
     "CodeClaim",
     "CodeReused",
     "ConfigurationError",
+    "ConnectCheck",
     "Credentials",
     "EventKind",
     "ExchangeInDoubt",
@@ -59,6 +62,7 @@ __all__ = [
     "InvalidState",
     "InvalidTenant",
     "JsonCodec",
+    "KeepAliveReport",
     "Keyring",
     "Lease",
     "ManagerClosed",
@@ -86,6 +90,7 @@ __all__ = [
     "TokenSet",
     "Update",
     "Watch",
+    "connect_app",
     "ensure_key_file",
     "fingerprint",
     "rekey",

@@ -42,7 +42,8 @@ from ._manager import TokenManager
 from ._models import FactorialApp, validate_tenant
 from ._sealing import Keyring, ensure_key_file, rekey
 
-__all__ = ["EXIT_CODES", "main"]
+# The command line is the interface; nothing here is part of the library's API.
+__all__: list[str] = []
 
 log = logging.getLogger("factorial_tokens.cli")
 

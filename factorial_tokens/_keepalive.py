@@ -27,7 +27,7 @@ from ._errors import ConfigurationError, ReauthorizationRequired, StoreUnavailab
 if TYPE_CHECKING:
     from ._manager import TenantInfo, TokenManager
 
-__all__ = ["DEFAULT_MAX_AGE", "KeepAliveReport", "keep_alive", "keep_alive_pass"]
+__all__ = ["KeepAliveReport"]
 
 log = logging.getLogger("factorial_tokens.keepalive")
 

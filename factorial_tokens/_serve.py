@@ -51,7 +51,7 @@ from ._manager import TokenManager
 from ._models import validate_tenant
 from ._store import ClaimState, TenantKey
 
-__all__ = ["ConnectCheck", "callback_path", "connect_app"]
+__all__ = ["ConnectCheck", "connect_app"]
 
 log = logging.getLogger("factorial_tokens.serve")
 

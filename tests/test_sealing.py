@@ -486,12 +486,18 @@ async def test_rekey_waits_for_a_busy_tenant_and_keeps_its_refresh(
         await connect(tm, sim, "idle", 2)
     async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as worker:
         busy = TenantKey(CLIENT_ID, "busy")
-        held = await store.acquire(busy, "a-worker-mid-refresh", 6.0)
+        held = await store.acquire(busy, "a-worker-mid-refresh", 120.0)
         assert held.lease is not None and held.record is not None
         job = asyncio.create_task(rekey(worker, both))
-        await asyncio.sleep(0.3)
+        idle = TenantKey(CLIENT_ID, "idle")
+        for _ in range(400):  # the idle tenant is re-sealed first, while "busy" is held
+            record = await store.read(idle)
+            if record is not None and sealed_with(record.payload) == "k2":
+                break
+            await asyncio.sleep(0.05)
+        assert record is not None and sealed_with(record.payload) == "k2"
         assert not job.done()  # waiting for the lease, not writing around it
-        assert sealed_with((await store.read(TenantKey(CLIENT_ID, "idle"))).payload) == "k2"  # type: ignore[union-attr]
+        assert sealed_with((await store.read(busy)).payload) == "k1"  # type: ignore[union-attr]
         # The holder finishes its refresh: a fenced commit of tokens sealed under the OLD key.
         refreshed = TokenSet(access_token="refreshed-access-" + "x" * 40, refresh_token="refreshed-refresh")
         written = await store.commit(held.lease, Update(SealedCodec(old).encode(busy, refreshed)))

@@ -19,6 +19,20 @@ def _sqlite(tmp: Path) -> str:
     return f"sqlite:///{tmp / f'tokens-{secrets.token_hex(4)}.db'}"
 
 
+def _postgres(tmp: Path) -> str:
+    from .postgres_server import store_url
+
+    return store_url()  # a fresh schema (ft_<random>), dropped at exit; never skipped
+
+
+def _redis(tmp: Path) -> str:
+    from .redis_server import store_url
+
+    return store_url()  # a unique key prefix (ft-test-<random>), its keys deleted at exit; never skipped
+
+
 MULTIPROCESS_STORES: dict[str, Callable[[Path], str]] = {
+    "postgres": _postgres,
+    "redis": _redis,
     "sqlite": _sqlite,
 }

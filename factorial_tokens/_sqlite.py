@@ -125,7 +125,9 @@ class SQLiteStore:
     locks do not work over NFS or other network file systems: never put the file on
     one); wake-ups across processes are poll-based, not pushed; writes of all processes
     are serialized on the file's lock; an ``await`` cancelled while its statement runs
-    does not undo it (a lease so taken lapses after its TTL).
+    does not undo it (a lease so taken lapses after its TTL); a step of the wall clock
+    shortens or stretches the leases running at that moment (fencing still refuses a
+    stale holder's write).
     """
 
     def __init__(
@@ -149,8 +151,10 @@ class SQLiteStore:
         self.busy_timeout = float(busy_timeout)
         self.poll_interval = float(poll_interval)
         self.synchronous = synchronous.lower()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="factorial-tokens-sqlite")
+        self._pid = os.getpid()
+        self._executor = _executor()
         self._conn: sqlite3.Connection | None = None  # used only on the executor's thread
+        self._inherited: list[sqlite3.Connection] = []
         self._last_prune = 0.0  # executor's thread only
         # A dead lease holder announces nothing: waiters re-check at least this often.
         self._notifier = Notifier(poll=max(1.0, 10 * self.poll_interval))
@@ -205,11 +209,27 @@ class SQLiteStore:
         """Run ``fn(conn, *args)`` on the store's thread; sqlite3 errors become StoreUnavailable."""
         if self._closed:
             raise StoreUnavailable(f"the SQLite store at {self.path} is closed")
+        if self._pid != os.getpid():
+            self._after_fork()
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._call, fn, args)
         except RuntimeError as exc:  # the executor was shut down under us
             raise StoreUnavailable(f"the SQLite store at {self.path} is closed") from exc
+
+    def _after_fork(self) -> None:
+        """Built before a fork (a pre-loading server): start afresh in the child.
+
+        The parent's worker thread does not exist here, and SQLite forbids using a
+        connection across a fork; closing it could disturb the parent's locks, so it
+        is kept, unused, for the life of the process.
+        """
+        self._pid = os.getpid()
+        self._executor = _executor()
+        if self._conn is not None:
+            self._inherited.append(self._conn)
+            self._conn = None
+        self._poller = None
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
@@ -459,6 +479,10 @@ class SQLiteStore:
         finally:
             if self._poller is asyncio.current_task():
                 self._poller = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="factorial-tokens-sqlite")
 
 
 # -- statements (run on the store's thread) ----------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import sqlite3
 import sys
 import time
@@ -267,14 +266,37 @@ async def test_another_process_holds_the_lease(tmp_path: Path) -> None:
     assert child.exitcode == 0
 
 
+def _write_in_forked_child(store: SQLiteStore) -> None:
+    asyncio.run(store.replace(KEY, _update(b"from the child")))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a threaded process (3.12+)
+def test_a_store_used_before_a_fork_works_in_the_child(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db")
+    asyncio.run(store.replace(KEY, _update(b"from the parent")))  # its thread and connection exist
+    child = multiprocessing.get_context("fork").Process(target=_write_in_forked_child, args=(store,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+
+    async def parent_reads() -> bytes | None:
+        record = await store.read(KEY)
+        await store.aclose()
+        return None if record is None else record.payload
+
+    assert asyncio.run(parent_reads()) == b"from the child"
+
+
 _STARTER = """
 import asyncio, sys
 from factorial_tokens import SQLiteStore, TenantKey
 
 async def main():
+    print("ready", flush=True)
+    sys.stdin.readline()  # everyone imported: now open the fresh file together
     store = SQLiteStore(sys.argv[1])
     won = await store.acquire(TenantKey("app", "race"), sys.argv[2], 60)
-    print("won" if won.lease else "lost", won.lease.fence if won.lease else 0)
+    print("won" if won.lease else "lost", won.lease.fence if won.lease else 0, flush=True)
     await store.aclose()
 
 asyncio.run(main())
@@ -290,13 +312,16 @@ async def test_eight_processes_create_the_schema_at_once(tmp_path: Path) -> None
             _STARTER,
             path,
             f"p{i}",
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
         )
         for i in range(8)
     ]
-    outputs = [await proc.communicate() for proc in procs]
+    for proc in procs:
+        assert proc.stdout is not None
+        assert await proc.stdout.readline() == b"ready\n"
+    outputs = [await proc.communicate(b"go\n") for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 8, [err.decode()[-500:] for _, err in outputs]
     results = [out.decode().split() for out, _ in outputs]
     assert sorted(r[0] for r in results) == ["lost"] * 7 + ["won"]

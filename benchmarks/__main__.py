@@ -7,18 +7,22 @@ Prints markdown tables and writes ``benchmarks/results/latest.json``;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import hotpath, report, roundtrips, storm
 from .stores import MULTIPROCESS, STORES, installed
 
 HERE = Path(__file__).resolve().parent
+T = TypeVar("T")
 BENCHES = ("hotpath", "storm", "bulk", "roundtrips", "peer")
 
 
@@ -35,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stores", type=_csv, default=list(STORES), help=f"comma list of {', '.join(STORES)}"
     )
-    parser.add_argument("--processes", type=int, help="storm: worker processes P (default 4; quick 2)")
+    parser.add_argument("--processes", type=int, help="storm: worker processes P (default 2; quick 2)")
     parser.add_argument(
         "--tasks", type=int, help="storm: tasks per tenant per process C (default 25; quick 5)"
     )
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark or store: {', '.join(unknown)}", file=sys.stderr)
         return 2
     q = args.quick
-    processes = _size(args.processes, 4, 2, q)
+    processes = _size(args.processes, 2, 2, q)
     tasks = _size(args.tasks, 25, 5, q)
     tenants = _size(args.tenants, 20, 5, q)
     rounds = _size(args.rounds, 5, 2, q)
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "roundtrips": [],
         "peer": [],
         "skipped": [],
+        "failed": [],
     }
     stores = []
     for name in args.stores:
@@ -97,43 +102,58 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    def attempt(label: str, work: Callable[[], T]) -> T | None:
+        """Run one benchmark; a failure is logged and recorded, and the run goes on."""
+        log(label)
+        try:
+            return work()
+        except Exception as exc:
+            log(f"{label} FAILED:\n{traceback.format_exc()}")
+            results["failed"].append(f"{label}: {type(exc).__name__}: {exc}")
+            return None
+
     if "hotpath" in args.bench:
-        log("hot path")
-        hot = hotpath.run(_size(args.hot_rounds, 30, 6, q), _size(args.hot_calls, 20_000, 5_000, q))
-        results["hotpath"] = hotpath.to_json(hot)
-        if hot.profile:
-            log("hot path missed its target; profile:\n" + hot.profile)
+        hot_rounds, hot_calls = _size(args.hot_rounds, 30, 6, q), _size(args.hot_calls, 20_000, 5_000, q)
+        hot = attempt("hot path", lambda: hotpath.run(hot_rounds, hot_calls))
+        if hot is not None:
+            results["hotpath"] = hotpath.to_json(hot)
+            if hot.profile:
+                log("hot path missed its target; profile:\n" + hot.profile)
     if "roundtrips" in args.bench:
         for name in stores:
-            log(f"round trips: {name}")
-            results["roundtrips"].append(roundtrips.run(name).to_json())
+            counted = attempt(f"round trips: {name}", functools.partial(roundtrips.run, name))
+            if counted is not None:
+                results["roundtrips"].append(counted.to_json())
 
     def spec(name: str, driver: str) -> storm.StormSpec:
         procs = 1 if name not in MULTIPROCESS else processes
         return storm.StormSpec(name, procs, tasks, tenants, latency, rounds, driver)
 
-    factorial_runs: dict[str, dict[str, Any]] = {}
+    factorial_runs: dict[str, storm.StormResult] = {}
     if "storm" in args.bench:
         for name in stores:
-            log(f"storm: {name}")
-            factorial_runs[name] = storm.run(spec(name, storm.FACTORIAL)).to_json()
-            results["storms"].append(factorial_runs[name])
+            ran = attempt(f"storm: {name}", functools.partial(storm.run, spec(name, storm.FACTORIAL)))
+            if ran is not None:
+                factorial_runs[name] = ran
+                results["storms"].append(ran.to_json())
     if "peer" in args.bench:
         for name in stores:
-            log(f"peer (authlib): {name}")
-            peer = storm.run(spec(name, storm.AUTHLIB)).to_json()
-            ours = factorial_runs.get(name) or storm.run(spec(name, storm.FACTORIAL)).to_json()
-            results["peer"] += [peer, ours]
+            peer = attempt(f"peer (authlib): {name}", functools.partial(storm.run, spec(name, storm.AUTHLIB)))
+            ours = factorial_runs.get(name) or attempt(
+                f"peer (factorial-tokens): {name}", functools.partial(storm.run, spec(name, storm.FACTORIAL))
+            )
+            results["peer"] += [r.to_json() for r in (peer, ours) if r is not None]
     if "bulk" in args.bench:
         bulk_tenants = _size(args.bulk_tenants, 10_000, 300, q)
         for name in args.bulk_stores:
             if name not in stores:
                 continue
-            log(f"bulk: {name}, {bulk_tenants} tenants")
             bulk = storm.StormSpec(
                 name, processes if name in MULTIPROCESS else 1, 1, bulk_tenants, latency, 1
             )
-            results["bulk"].append(storm.run(bulk).to_json())
+            ran = attempt(f"bulk: {name}, {bulk_tenants} tenants", functools.partial(storm.run, bulk))
+            if ran is not None:
+                results["bulk"].append(ran.to_json())
 
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["duration_s"] = time.time() - started
@@ -145,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         report.update_readme(HERE / "README.md", markdown)
         log("updated benchmarks/README.md")
-    return 0
+    return 1 if results["failed"] else 0
 
 
 if __name__ == "__main__":

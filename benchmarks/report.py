@@ -230,6 +230,8 @@ def render(results: dict[str, Any]) -> str:
     lines += _peer(results.get("peer", []))
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
+    if results.get("failed"):
+        lines += ["**Failed:** " + "; ".join(results["failed"]), ""]
     return "\n".join(lines)
 
 

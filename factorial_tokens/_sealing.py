@@ -77,7 +77,8 @@ _KID = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 
 def _aad(kid: str, key: TenantKey) -> bytes:
     """The associated data: binds a ciphertext to its format, key id, namespace and tenant."""
-    parts = [b"factorial-tokens", _VERSION, kid.encode(), key.namespace.encode(), key.tenant.encode()]
+    text = [kid, key.namespace, key.tenant]
+    parts = [b"factorial-tokens", _VERSION, *(t.encode("utf-8", "surrogatepass") for t in text)]
     return b"".join(struct.pack(">I", len(part)) + part for part in parts)
 
 

@@ -10,9 +10,6 @@ Postgres tables.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,16 +18,8 @@ import attrs
 
 from factorial_tokens import MemoryStore, Store, store_from_url
 
-#: The shared servers (never flushed: every backend here uses its own prefix or schema).
-REDIS_URL = os.environ.get("FACTORIAL_TOKENS_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("FACTORIAL_TOKENS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-#: Every backend the security tests run on: the core's, and each store plugin installed.
-BACKENDS = ["memory", "sqlite"] + [
-    name
-    for name, module in (("redis", "factorial_tokens_redis"), ("postgres", "factorial_tokens_postgres"))
-    if importlib.util.find_spec(module) is not None
-]
+#: Every backend the security tests run on (the plugins are installed by ``make test``).
+BACKENDS = ["memory", "sqlite", "redis", "postgres"]
 
 
 @attrs.define
@@ -89,9 +78,16 @@ def _flatten(value: Any) -> bytes:
 async def _redis() -> AsyncIterator[Backend]:
     import redis.asyncio as aioredis
 
-    prefix = f"ftseal{secrets.token_hex(6)}"
-    store = store_from_url(f"{REDIS_URL}?prefix={prefix}")
-    client = aioredis.Redis.from_url(REDIS_URL)
+    from .redis_server import shared_redis_url, unique_prefix
+
+    with shared_redis_url() as url:
+        async with _redis_on(aioredis.Redis.from_url(url), url, unique_prefix()) as backend:
+            yield backend
+
+
+@contextlib.asynccontextmanager
+async def _redis_on(client: Any, url: str, prefix: str) -> AsyncIterator[Backend]:
+    store = store_from_url(f"{url}?prefix={prefix}")
 
     async def dump() -> bytes:
         parts: list[bytes] = []
@@ -126,11 +122,13 @@ async def _redis() -> AsyncIterator[Backend]:
 async def _postgres() -> AsyncIterator[Backend]:
     import asyncpg
 
-    schema = f"ftseal_{secrets.token_hex(6)}"
-    store = store_from_url(f"{POSTGRES_URL}?schema={schema}")
+    from .postgres_server import drop_schema, server_url, unique_schema
+
+    base, schema = server_url(), unique_schema()
+    store = store_from_url(f"{base}?schema={schema}")
 
     async def dump() -> bytes:
-        conn = await asyncpg.connect(POSTGRES_URL)
+        conn = await asyncpg.connect(base)
         try:
             tables = await conn.fetch(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
@@ -151,8 +149,4 @@ async def _postgres() -> AsyncIterator[Backend]:
         yield Backend("postgres", store, dump)
     finally:
         await store.aclose()
-        conn = await asyncpg.connect(POSTGRES_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(base, schema)

@@ -267,9 +267,6 @@ async def test_no_secret_in_any_repr(sim: FakeFactorial, tmp_path: Path) -> None
     ],
 )
 async def test_store_reprs_and_errors_hide_url_passwords(url: str) -> None:
-    plugin = "redis" if url.startswith("redis") else "postgres"
-    if plugin not in BACKENDS:
-        pytest.fail(f"the {plugin} store plugin is not installed")  # pragma: no cover
     from factorial_tokens import store_from_url
 
     store = store_from_url(url)

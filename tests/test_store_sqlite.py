@@ -22,6 +22,7 @@ from factorial_tokens import (
     Update,
     store_from_url,
 )
+from factorial_tokens._store import CLAIM_RETENTION
 from factorial_tokens.testing import StoreConformance
 
 KEY = TenantKey("app", "acme")
@@ -222,6 +223,54 @@ async def test_own_writes_are_announced_once(tmp_path: Path) -> None:
     assert seen == [KEY.digest, other.digest]
     unsubscribe()
     await one.aclose()
+    await two.aclose()
+
+
+async def test_a_hole_in_the_change_log_wakes_every_watcher(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    slow, writer = SQLiteStore(path, poll_interval=2.0), SQLiteStore(path)
+    await writer.check()
+    seen: list[str] = []
+    unsubscribe = slow.on_change(seen.append)
+    async with slow.watch(KEY) as watch:
+        await asyncio.sleep(0.2)  # the poller noted where the change log stands, and sleeps
+        await writer.replace(TenantKey("app", "trimmed"), _update(b"x"))
+        await writer.replace(TenantKey("app", "kept"), _update(b"y"))
+        raw = sqlite3.connect(path)
+        with raw:  # as if the log had been trimmed before the poller read it
+            raw.execute("DELETE FROM changes WHERE id = (SELECT min(id) FROM changes)")
+        raw.close()
+        woke, deadline = False, time.monotonic() + 10
+        while not woke and time.monotonic() < deadline:
+            woke = await watch.wait(5)  # KEY itself never changed: only the hole wakes it
+        assert woke
+    unsubscribe()
+    assert KEY.digest in seen and TenantKey("app", "kept").digest in seen
+    await slow.aclose()
+    await writer.aclose()
+
+
+async def test_finished_claims_are_pruned_after_their_retention(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    one = SQLiteStore(path)
+    done = await one.claim_code(KEY, "done", "one", 30)
+    await one.advance_code(done, ClaimState.SENT, 30)
+    await one.advance_code(done, ClaimState.DONE, 30)
+    sent = await one.claim_code(KEY, "sent", "one", 30)
+    await one.advance_code(sent, ClaimState.SENT, 30)
+    await one.aclose()
+    raw = sqlite3.connect(path)
+    with raw:  # a retention and a minute after "done" finished; an hour after "sent" expired
+        raw.execute(
+            "UPDATE claims SET expires = expires - ? WHERE code_hash = 'done'", (CLAIM_RETENTION + 60,)
+        )
+        raw.execute("UPDATE claims SET expires = expires - 3600 WHERE code_hash = 'sent'")
+    raw.close()
+    two = SQLiteStore(path)
+    again = await two.claim_code(KEY, "done", "two", 30)
+    assert again.won and again.state is ClaimState.CLAIMED  # forgotten: a code Factorial refuses anyway
+    in_doubt = await two.claim_code(KEY, "sent", "two", 30)
+    assert not in_doubt.won and in_doubt.state is ClaimState.SENT and in_doubt.expired  # kept a day more
     await two.aclose()
 
 

@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy factorial_tokens $(wildcard stores/*/factorial_tokens_*)
+	$(BIN)/mypy factorial_tokens $(filter-out %.egg-info,$(wildcard stores/*/factorial_tokens_*))
 
 services:
 	bash scripts/ensure-services.sh

@@ -43,11 +43,27 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _ensure_database(url: str) -> None:
+    """Create the URL's database if the server lacks it (a fresh CI machine)."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    psql = shutil.which("psql")
+    if not name or psql is None:
+        return
+    base = [psql, "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432)]
+    base += ["-U", parts.username or "postgres", "-d", "postgres", "-tAc"]
+    found = subprocess.run([*base, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    if found.returncode == 0 and found.stdout.strip() != "1":
+        subprocess.run([*base, f'CREATE DATABASE "{name}"'], capture_output=True, timeout=30)
+
+
 def server_url() -> str:
     """The base URL of a PostgreSQL server for the tests (see the module docstring)."""
     global _base, _fallback
     if _base is None:
         if _answers(SHARED_URL):
+            _ensure_database(SHARED_URL)
             _base = SHARED_URL
         else:
             _fallback = TempCluster()

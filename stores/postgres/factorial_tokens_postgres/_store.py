@@ -171,6 +171,8 @@ class PostgresStore:
             raise ConfigurationError("PostgresStore needs exactly one of pool= or dsn=")
         if poll is not None and poll <= 0:
             raise ConfigurationError("poll must be positive")
+        if pool is None and not pgbouncer and max_size < 2:
+            raise ConfigurationError("max_size must be at least 2: one connection is kept for LISTEN")
         self._names = Names(schema, table_prefix)
         self._pool: Any = pool
         self._dsn = dsn
@@ -489,6 +491,9 @@ class PostgresStore:
 
     async def tenants(self, namespace: str) -> list[Record]:
         """Every stored tenant record of ``namespace`` (forgotten tenants excluded)."""
+
+        if "\x00" in namespace:
+            raise InvalidTenant("namespaces must not contain NUL characters")
 
         async def run(pool: Any, replay: bool) -> Any:
             return await pool.fetch(self._sql.tenants, namespace)

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in stores:
                 continue
             bulk = storm.StormSpec(
-                name, processes if name in MULTIPROCESS else 1, 1, bulk_tenants, latency, 1
+                name, processes if name in MULTIPROCESS else 1, 1, bulk_tenants, latency, 1, baseline=True
             )
             ran = attempt(f"bulk: {name}, {bulk_tenants} tenants", functools.partial(storm.run, bulk))
             if ran is not None:

@@ -35,14 +35,17 @@ from typing import Any
 from factorial_tokens import (
     EventKind,
     FactorialApp,
+    JsonCodec,
     MemoryStore,
     Store,
+    TenantKey,
     TokenEvent,
     TokenManager,
     store_from_url,
 )
 from factorial_tokens.testing import FakeFactorial
 
+from .baseline import BareResult, bare_refresh
 from .common import app_for, connect_tenants, expire_tenants, median, new_client_id, percentile, strict_sim
 from .stores import STORES
 
@@ -66,6 +69,8 @@ class StormSpec:
     latency: float
     rounds: int
     driver: str = FACTORIAL
+    #: also time bare HTTP refreshes of the last round's tenants (see ``baseline``)
+    baseline: bool = False
 
 
 @dataclass
@@ -96,6 +101,7 @@ class StormResult:
 
     spec: StormSpec
     rounds: list[RoundResult] = field(default_factory=list)
+    bare: BareResult | None = None
 
     @property
     def ideal(self) -> int:
@@ -184,6 +190,7 @@ class StormResult:
                 "provider_bound_s": self.provider_bound_s,
             },
             "rounds": [asdict(r) for r in self.rounds],
+            "bare_baseline": asdict(self.bare) if self.bare else None,
         }
 
 
@@ -361,6 +368,23 @@ async def _prepare_url(
         await store.aclose()
 
 
+async def _refresh_tokens(url: str, namespace: str, tenants: Sequence[str]) -> list[str]:
+    """The refresh tokens the store holds now (after the storm: the live, rotated ones)."""
+    store = store_from_url(url)
+    codec = JsonCodec()
+    try:
+        tokens = []
+        for tenant in tenants:
+            key = TenantKey(namespace, tenant)
+            record = await store.read(key)
+            refresh = codec.decode(key, record.payload).refresh_token if record else None
+            if refresh is not None:
+                tokens.append(refresh)
+        return tokens
+    finally:
+        await store.aclose()
+
+
 def _lags(parts: Sequence[_Part]) -> list[float]:
     """For every call: how long after its tenant's refresh was committed it had the token."""
     committed: dict[str, float] = {}
@@ -454,6 +478,12 @@ def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial
                 result.rounds.append(_round_result(spec, sim, parts))
         for worker in workers:
             worker.join(timeout=60)
+        if spec.baseline:
+            tenants = tenant_names(spec.rounds - 1, spec.tenants)
+            tokens = asyncio.run(_refresh_tokens(url, client_id, tenants))
+            sim.reset_stats()
+            app = app_for(client_id, sim.base_url)
+            result.bare = bare_refresh(app, tokens, spec.processes, CONNECTIONS_PER_PROCESS)
     finally:
         for worker in workers:
             if worker.is_alive():

@@ -1,0 +1,110 @@
+"""The provider-bound baseline, measured: bare HTTP refreshes, no store, no manager.
+
+P spawned processes, each with one aiohttp session limited to ``limit`` connections (the
+same pool a TokenManager uses), send one refresh per tenant straight to the simulator,
+all starting at one instant. The time until the last answer is what the simulator, the
+HTTP stack and this machine allow at that concurrency, in the same run as the storm it
+is compared with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Barrier
+
+import aiohttp
+
+from factorial_tokens import FactorialApp
+
+_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class BareResult:
+    """How long bare refreshes of every tenant took, and how many succeeded."""
+
+    seconds: float
+    refreshes: int
+    failures: int
+    processes: int
+    connections_per_process: int
+
+
+async def _refresh_all(
+    app: FactorialApp, tokens: Sequence[str], limit: int, start_at: float
+) -> tuple[float, int]:
+    failures = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit)) as session:
+
+        async def one(token: str) -> None:
+            nonlocal failures
+            form = {
+                "grant_type": "refresh_token",
+                "refresh_token": token,
+                "client_id": app.client_id,
+                "client_secret": app.client_secret,
+            }
+            async with session.post(f"{app.base_url}/oauth/token", data=form) as resp:
+                body = await resp.json()
+                if resp.status != 200 or "access_token" not in body:
+                    failures += 1
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await asyncio.gather(*(one(t) for t in tokens))
+    return time.time() - start_at, failures
+
+
+def _main(
+    app: FactorialApp,
+    tokens: list[str],
+    limit: int,
+    barriers: tuple[Barrier, Barrier],
+    start_at: Synchronized[float],
+    results: Queue[tuple[float, int] | str],
+) -> None:
+    try:
+        for barrier in barriers:  # ready, then go (the start instant is set in between)
+            barrier.wait(_TIMEOUT)
+        results.put(asyncio.run(_refresh_all(app, tokens, limit, start_at.value)))
+    except Exception as exc:
+        results.put(f"baseline worker failed: {type(exc).__name__}: {exc}")
+
+
+def bare_refresh(app: FactorialApp, tokens: Sequence[str], processes: int, limit: int) -> BareResult:
+    """Refresh every token once, split over ``processes`` processes of ``limit`` connections."""
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Barrier(processes + 1), ctx.Barrier(processes + 1)
+    start_at = ctx.Value("d", 0.0)
+    results: Queue[tuple[float, int] | str] = ctx.Queue()
+    chunks = [list(tokens[i::processes]) for i in range(processes)]
+    workers = [
+        ctx.Process(target=_main, args=(app, chunk, limit, (ready, go), start_at, results), daemon=True)
+        for chunk in chunks
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        ready.wait(_TIMEOUT)
+        start_at.value = time.time() + 0.2
+        go.wait(_TIMEOUT)
+        times, failures = [], 0
+        for _ in workers:
+            got = results.get(timeout=_TIMEOUT)
+            if isinstance(got, str):
+                raise RuntimeError(got)
+            times.append(got[0])
+            failures += got[1]
+        for worker in workers:
+            worker.join(timeout=60)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    return BareResult(max(times), len(tokens) - failures, failures, processes, limit)

@@ -364,6 +364,8 @@ def demo(
         result = run_demo(config, console)
     except FactorialTokensError as exc:
         _fail(f"error: {exc}", _exit_code(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
     render(result, console)
     if report:
         with open(report, "w", encoding="utf-8") as fh:

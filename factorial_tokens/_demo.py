@@ -31,6 +31,7 @@ import random
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -151,6 +152,8 @@ def worker_main(spec: _WorkerSpec, out: Any, go: Any) -> None:
     """Entry point of one worker process (spawned); reports on ``out``."""
     try:
         asyncio.run(_worker(spec, out, go))
+    except KeyboardInterrupt:
+        sys.exit(130)  # Ctrl-C reached the whole process group: the parent reports it
     except BaseException as exc:  # report, then die non-zero: the parent counts a crash
         out.put(("crashed", spec.index, f"{type(exc).__name__}: {exc}"[:300]))
         raise
@@ -385,6 +388,10 @@ async def _run(config: DemoConfig, live: _Live) -> DemoResult:
                 finally:
                     await runner.cleanup()
                 infos = await tm.tenants()
+                if config.store is not None:
+                    # Leave nothing behind in the user's store (the namespace is this run's).
+                    for tenant in tenants:
+                        await tm.forget(tenant)
             stats = sim.stats
     return _judge(config, tenants, callbacks, callbacks_ok, exchanged, workers, infos, stats, store_url)
 
@@ -420,6 +427,18 @@ async def _run_workers(
     progress: dict[int, dict[str, int]] = {}
     started: float | None = None
     limit = loop.time() + _READY_TIMEOUT
+
+    def start_when_ready() -> None:
+        nonlocal started
+        if started is None and len(ready | set(crashed)) == len(procs):
+            live.say(
+                f"Running {config.workers} worker processes x {config.tasks} tasks "
+                f"for {config.duration:g} s ..."
+            )
+            live.start()
+            started = loop.time()
+            go.set()
+
     try:
         while len(done) + len(crashed) < len(procs):
             try:
@@ -430,6 +449,7 @@ async def _run_workers(
                 for i, proc in enumerate(procs):
                     if not proc.is_alive() and i not in done and i not in crashed and out.empty():
                         crashed[i] = f"exited with code {proc.exitcode}"
+                        start_when_ready()
                 if started is None and loop.time() > limit:
                     raise FactorialTokensError("the demo's workers did not start in time")
                 if started is not None and loop.time() > started + config.duration + _READY_TIMEOUT:
@@ -451,22 +471,19 @@ async def _run_workers(
             kind, index, payload = message
             if kind == "ready":
                 ready.add(index)
-                if len(ready) + len(crashed) == len(procs) and started is None:
-                    live.say(
-                        f"Running {config.workers} worker processes x {config.tasks} tasks "
-                        f"for {config.duration:g} s ..."
-                    )
-                    live.start()
-                    started = loop.time()
-                    go.set()
             elif kind == "progress":
                 progress[index] = payload
             elif kind == "done":
                 done[index] = payload
             elif kind == "crashed":
                 crashed[index] = payload
+            start_when_ready()
     finally:
         live.stop()
+        if len(done) + len(crashed) < len(procs):
+            # Interrupted or timed out: stop the workers now rather than at their deadline.
+            for proc in procs:
+                proc.terminate()
         go.set()
         for proc in procs:
             await loop.run_in_executor(None, proc.join, 10)

@@ -356,7 +356,7 @@ class PostgresStore:
 
         async def run(pool: Any, replay: bool) -> Any:
             return await pool.execute(
-                self._sql.extend, key.namespace, key.tenant, lease.fence, lease.owner, ttl
+                self._sql.extend, key.namespace, key.tenant, lease.fence, lease.owner, float(ttl)
             )
 
         return bool(await self._call("extend", run) == "UPDATE 1")

@@ -336,42 +336,47 @@ def test_a_store_used_before_a_fork_works_in_the_child(tmp_path: Path) -> None:
     assert asyncio.run(parent_reads()) == b"from the child"
 
 
-_STARTER = """
-import asyncio, sys
+_RACE = """
+import asyncio, os, sys, traceback
 from factorial_tokens import SQLiteStore, TenantKey
 
-async def main():
-    print("ready", flush=True)
-    sys.stdin.readline()  # everyone imported: now open the fresh file together
+async def race(name):
     store = SQLiteStore(sys.argv[1])
-    won = await store.acquire(TenantKey("app", "race"), sys.argv[2], 60)
-    print("won" if won.lease else "lost", won.lease.fence if won.lease else 0, flush=True)
+    won = await store.acquire(TenantKey("app", "race"), name, 60)
     await store.aclose()
+    return f"{'won' if won.lease else 'lost'} {won.lease.fence if won.lease else 0}"
 
-asyncio.run(main())
+# Import once, then fork: eight processes that open the fresh file at the same instant.
+gate_r, gate_w = os.pipe()
+children = []
+for i in range(8):
+    pid = os.fork()
+    if pid == 0:
+        os.close(gate_w)
+        os.read(gate_r, 1)  # returns when the parent closes the gate
+        try:
+            os.write(1, (asyncio.run(race(f"p{i}")) + "\\n").encode())  # one write: lines never interleave
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    children.append(pid)
+os.close(gate_w)
+print("exits", *[os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children], flush=True)
 """
 
 
 async def test_eight_processes_create_the_schema_at_once(tmp_path: Path) -> None:
     path = str(tmp_path / "fresh.db")
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _STARTER,
-            path,
-            f"p{i}",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        for i in range(8)
-    ]
-    for proc in procs:
-        assert proc.stdout is not None
-        assert await proc.stdout.readline() == b"ready\n"
-    outputs = [await proc.communicate(b"go\n") for proc in procs]
-    assert [proc.returncode for proc in procs] == [0] * 8, [err.decode()[-500:] for _, err in outputs]
-    results = [out.decode().split() for out, _ in outputs]
-    assert sorted(r[0] for r in results) == ["lost"] * 7 + ["won"]
-    assert [r[1] for r in results if r[0] == "won"] == ["1"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _RACE,
+        path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    lines = out.decode().splitlines()
+    assert proc.returncode == 0 and lines[-1] == "exits" + " 0" * 8, err.decode()[-2000:]
+    assert sorted(lines[:-1]) == ["lost 0"] * 7 + ["won 1"]

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def spec(name: str, driver: str) -> storm.StormSpec:
         procs = 1 if name not in MULTIPROCESS else processes
-        return storm.StormSpec(name, procs, tasks, tenants, latency, rounds, driver)
+        return storm.StormSpec(
+            name, procs, tasks, tenants, latency, rounds, driver, driver == storm.FACTORIAL
+        )
 
     factorial_runs: dict[str, storm.StormResult] = {}
     if "storm" in args.bench:
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in stores:
                 continue
             bulk = storm.StormSpec(
-                name, processes if name in MULTIPROCESS else 1, 1, bulk_tenants, latency, 1, baseline=True
+                name, processes if name in MULTIPROCESS else 1, 1, bulk_tenants, latency, 1
             )
             ran = attempt(f"bulk: {name}, {bulk_tenants} tenants", functools.partial(storm.run, bulk))
             if ran is not None:

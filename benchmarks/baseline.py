@@ -10,6 +10,7 @@ is compared with.
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing as mp
 import time
 from collections.abc import Sequence
@@ -22,14 +23,18 @@ import aiohttp
 
 from factorial_tokens import FactorialApp
 
+from .common import percentile
+
 _TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
 class BareResult:
-    """How long bare refreshes of every tenant took, and how many succeeded."""
+    """How long bare refreshes of every tenant took (ms from the common start), how many succeeded."""
 
     seconds: float
+    p50_ms: float
+    p99_ms: float
     refreshes: int
     failures: int
     processes: int
@@ -38,8 +43,9 @@ class BareResult:
 
 async def _refresh_all(
     app: FactorialApp, tokens: Sequence[str], limit: int, start_at: float
-) -> tuple[float, int]:
+) -> tuple[list[float], int]:
     failures = 0
+    done: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit)) as session:
 
         async def one(token: str) -> None:
@@ -54,10 +60,12 @@ async def _refresh_all(
                 body = await resp.json()
                 if resp.status != 200 or "access_token" not in body:
                     failures += 1
+                else:
+                    done.append((time.time() - start_at) * 1000)
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
         await asyncio.gather(*(one(t) for t in tokens))
-    return time.time() - start_at, failures
+    return done, failures
 
 
 def _main(
@@ -66,7 +74,7 @@ def _main(
     limit: int,
     barriers: tuple[Barrier, Barrier],
     start_at: Synchronized[float],
-    results: Queue[tuple[float, int] | str],
+    results: Queue[tuple[list[float], int] | str],
 ) -> None:
     try:
         for barrier in barriers:  # ready, then go (the start instant is set in between)
@@ -81,7 +89,7 @@ def bare_refresh(app: FactorialApp, tokens: Sequence[str], processes: int, limit
     ctx = mp.get_context("spawn")
     ready, go = ctx.Barrier(processes + 1), ctx.Barrier(processes + 1)
     start_at = ctx.Value("d", 0.0)
-    results: Queue[tuple[float, int] | str] = ctx.Queue()
+    results: Queue[tuple[list[float], int] | str] = ctx.Queue()
     chunks = [list(tokens[i::processes]) for i in range(processes)]
     workers = [
         ctx.Process(target=_main, args=(app, chunk, limit, (ready, go), start_at, results), daemon=True)
@@ -93,12 +101,13 @@ def bare_refresh(app: FactorialApp, tokens: Sequence[str], processes: int, limit
         ready.wait(_TIMEOUT)
         start_at.value = time.time() + 0.2
         go.wait(_TIMEOUT)
-        times, failures = [], 0
+        done: list[float] = []
+        failures = 0
         for _ in workers:
             got = results.get(timeout=_TIMEOUT)
             if isinstance(got, str):
                 raise RuntimeError(got)
-            times.append(got[0])
+            done += got[0]
             failures += got[1]
         for worker in workers:
             worker.join(timeout=60)
@@ -107,4 +116,12 @@ def bare_refresh(app: FactorialApp, tokens: Sequence[str], processes: int, limit
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
-    return BareResult(max(times), len(tokens) - failures, failures, processes, limit)
+    return BareResult(
+        seconds=max(done, default=math.nan) / 1000,
+        p50_ms=percentile(done, 50),
+        p99_ms=percentile(done, 99),
+        refreshes=len(done),
+        failures=failures,
+        processes=processes,
+        connections_per_process=limit,
+    )

@@ -69,8 +69,8 @@ class StormSpec:
     latency: float
     rounds: int
     driver: str = FACTORIAL
-    #: also time bare HTTP refreshes of the last round's tenants (see ``baseline``)
-    baseline: bool = False
+    #: after each round, also time bare HTTP refreshes of its tenants (see ``baseline``)
+    baseline: bool = True
 
 
 @dataclass
@@ -101,7 +101,7 @@ class StormResult:
 
     spec: StormSpec
     rounds: list[RoundResult] = field(default_factory=list)
-    bare: BareResult | None = None
+    bare: list[BareResult] = field(default_factory=list)
 
     @property
     def ideal(self) -> int:
@@ -188,9 +188,13 @@ class StormResult:
                 "waiter_lag_p99_ms": median([r.waiter_lag_p99_ms for r in self.rounds]),
                 "all_fresh_s": self.all_fresh_s,
                 "provider_bound_s": self.provider_bound_s,
+                "bare_p50_ms": median([b.p50_ms for b in self.bare]),
+                "bare_p99_ms": median([b.p99_ms for b in self.bare]),
+                "bare_all_s": median([b.seconds for b in self.bare]),
+                "bare_failures": sum(b.failures for b in self.bare),
             },
             "rounds": [asdict(r) for r in self.rounds],
-            "bare_baseline": asdict(self.bare) if self.bare else None,
+            "bare_baseline": [asdict(b) for b in self.bare],
         }
 
 
@@ -368,21 +372,34 @@ async def _prepare_url(
         await store.aclose()
 
 
-async def _refresh_tokens(url: str, namespace: str, tenants: Sequence[str]) -> list[str]:
+async def _refresh_tokens(store: Store, namespace: str, tenants: Sequence[str]) -> list[str]:
     """The refresh tokens the store holds now (after the storm: the live, rotated ones)."""
-    store = store_from_url(url)
     codec = JsonCodec()
+    tokens = []
+    for tenant in tenants:
+        key = TenantKey(namespace, tenant)
+        record = await store.read(key)
+        refresh = codec.decode(key, record.payload).refresh_token if record else None
+        if refresh is not None:
+            tokens.append(refresh)
+    return tokens
+
+
+async def _refresh_tokens_url(url: str, namespace: str, tenants: Sequence[str]) -> list[str]:
+    store = store_from_url(url)
     try:
-        tokens = []
-        for tenant in tenants:
-            key = TenantKey(namespace, tenant)
-            record = await store.read(key)
-            refresh = codec.decode(key, record.payload).refresh_token if record else None
-            if refresh is not None:
-                tokens.append(refresh)
-        return tokens
+        return await _refresh_tokens(store, namespace, tenants)
     finally:
         await store.aclose()
+
+
+def _bare(spec: StormSpec, sim: FakeFactorial, client_id: str, tokens: Sequence[str]) -> BareResult:
+    """Bare HTTP refreshes of ``tokens`` with the storm's processes and pool (not counted in the round)."""
+    before = sim.stats.refreshes
+    bare = bare_refresh(app_for(client_id, sim.base_url), tokens, spec.processes, CONNECTIONS_PER_PROCESS)
+    if sim.stats.refreshes - before != bare.refreshes:
+        raise RuntimeError("the simulator saw a different number of bare refreshes than were answered")
+    return bare
 
 
 def _lags(parts: Sequence[_Part]) -> list[float]:
@@ -439,6 +456,9 @@ async def _in_process(spec: StormSpec, client_id: str, sim: FakeFactorial) -> St
                 part = await _storm(spec.driver, get, tenants, spec.tasks, time.time() + 0.05, tm)
             if index >= 0:
                 result.rounds.append(_round_result(spec, sim, [part]))
+                if spec.baseline:
+                    tokens = await _refresh_tokens(store, client_id, tenants)
+                    result.bare.append(await asyncio.to_thread(_bare, spec, sim, client_id, tokens))
     return result
 
 
@@ -476,14 +496,11 @@ def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial
                 parts.append(got)
             if index >= 0:
                 result.rounds.append(_round_result(spec, sim, parts))
+                if spec.baseline:
+                    tokens = asyncio.run(_refresh_tokens_url(url, client_id, tenants))
+                    result.bare.append(_bare(spec, sim, client_id, tokens))
         for worker in workers:
             worker.join(timeout=60)
-        if spec.baseline:
-            tenants = tenant_names(spec.rounds - 1, spec.tenants)
-            tokens = asyncio.run(_refresh_tokens(url, client_id, tenants))
-            sim.reset_stats()
-            app = app_for(client_id, sim.base_url)
-            result.bare = bare_refresh(app, tokens, spec.processes, CONNECTIONS_PER_PROCESS)
     finally:
         for worker in workers:
             if worker.is_alive():

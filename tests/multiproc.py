@@ -5,7 +5,8 @@ a store is one entry in ``tests/stores.py``. FakeFactorial runs in the test proc
 workers (``python -m tests.multiproc_worker``, fresh interpreters: no inherited event
 loop) reach it over loopback. Use::
 
-    async with WorkerPool(url, sim, Scenario("traffic", tenants=["a"], tasks=50), processes=4) as pool:
+    scenario = Scenario(kind="traffic", tenants=["a"], tasks=50, duration=6, api=True)
+    async with WorkerPool(url, sim, scenario, processes=4) as pool:
         ...                       # every worker is READY: its TokenManager is open
         pool.go(initial={...})    # the go signal, the same instant for all
         reports = await pool.results()

@@ -259,6 +259,32 @@ async def test_another_store_wakes_us_through_listen_notify(module_url: str) -> 
         await theirs.aclose()
 
 
+async def test_own_writes_are_announced_once(module_url: str) -> None:
+    """A store announces its own writes locally at once and ignores their NOTIFY echo
+    (which would evict the cache entry its manager just filled)."""
+    ours = PostgresStore.from_url(module_url)
+    theirs = PostgresStore.from_url(module_url)
+    ns = f"echo-{secrets.token_hex(4)}"
+    mine, marker = TenantKey(ns, "mine"), TenantKey(ns, "marker")
+    seen: list[str] = []
+    unsubscribe = ours.on_change(seen.append)
+    try:
+        async with ours.watch(mine):
+            assert await _until(lambda: ours.listening, 10)
+            seen.clear()
+            await ours.replace(mine, _update(b"x"))
+            assert seen == [mine.digest]  # announced locally, before the call returned
+            # Notifications arrive in commit order: once theirs is in, an echo of ours
+            # would have been too.
+            await theirs.replace(marker, _update(b"y"))
+            assert await _until(lambda: marker.digest in seen, 10)
+        assert seen == [mine.digest, marker.digest]
+    finally:
+        unsubscribe()
+        await ours.aclose()
+        await theirs.aclose()
+
+
 async def test_pgbouncer_mode_wakes_by_polling(module_url: str) -> None:
     """No LISTEN in PgBouncer mode: another process's write reaches no watcher by
     notification, but every wait ends at the next (jittered) poll tick, and the re-read

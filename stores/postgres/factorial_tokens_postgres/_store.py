@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -196,7 +197,10 @@ class PostgresStore:
         # Tenants this process has touched: after a reconnect they are all announced as
         # changed, since their notifications may have been lost while not listening.
         self._seen: set[str] = set()
-        self._sql = _Statements(self._names)
+        # Tags this store's NOTIFY payloads: its own writes are announced locally at once,
+        # so their echo from the server is ignored (it would only evict fresh caches).
+        self._origin = secrets.token_hex(8)
+        self._sql = _Statements(self._names, self._origin)
         #: How many times the LISTEN connection was (re)established; for health checks.
         self.listens = 0
 
@@ -365,13 +369,17 @@ class PostgresStore:
         """Give the lease back if still ours, and announce."""
         key = lease.key
 
+        replayed = False
+
         async def run(pool: Any, replay: bool) -> Any:
+            nonlocal replayed
+            replayed = replay
             return await pool.fetch(
                 self._sql.release, key.namespace, key.tenant, lease.fence, lease.owner, self._names.channel
             )
 
         done = bool(await self._call("release", run))
-        if done:
+        if done or replayed:  # a replay may have found its own release already done
             self._announce(key.digest)
         return done
 
@@ -531,7 +539,9 @@ class PostgresStore:
         self._listener = asyncio.get_running_loop().create_task(self._listen_forever())
 
     def _on_notify(self, con: object, pid: int, channel: str, payload: str) -> None:
-        self._notifier.notify(payload)
+        digest, _, origin = payload.partition(" ")
+        if origin != self._origin:
+            self._notifier.notify(digest)
 
     async def _listen_forever(self) -> None:
         delay = 0.1
@@ -630,7 +640,8 @@ def _record(key: TenantKey, row: Any) -> Record:
 class _Statements:
     """The store's SQL, one statement per primitive, built once per (schema, prefix)."""
 
-    def __init__(self, n: Names) -> None:
+    def __init__(self, n: Names, origin: str) -> None:
+        assert origin.isalnum()  # pasted into the SQL as a literal
         t, c = n.tenants, n.claims
         cols = "payload, status, version, expires_at, updated_at"
         self.read = f"SELECT {cols} FROM {t} WHERE namespace = $1 AND tenant = $2 AND payload IS NOT NULL"
@@ -667,7 +678,7 @@ class _Statements:
                  WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4
                 RETURNING digest
             )
-            SELECT pg_notify($5, digest) IS NULL FROM up"""
+            SELECT pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
         # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 payload, $6 status, $7 expires_at,
         # $8 updated_at, $9 channel. Returns the new version, or no row when fenced out.
         self.commit = f"""
@@ -679,7 +690,7 @@ class _Statements:
                  WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4
                 RETURNING digest, version
             )
-            SELECT version, pg_notify($9, digest) IS NULL FROM up"""
+            SELECT version, pg_notify($9, digest || ' ' || '{origin}') IS NULL FROM up"""
         # After a lost answer: did the commit with fence $3 land, with nothing since?
         self.committed = f"""
             SELECT version FROM {t}
@@ -699,7 +710,7 @@ class _Statements:
                         lease_owner = NULL, lease_expires = NULL
                 RETURNING t.digest
             )
-            SELECT pg_notify($8, digest) FROM up"""
+            SELECT pg_notify($8, digest || ' ' || '{origin}') FROM up"""
         # $1 namespace, $2 code_hash, $3 tenant, $4 digest, $5 owner, $6 ttl, $7 retention.
         # Takes over an expired CLAIMED claim, or any claim older than the retention.
         self.claim = f"""
@@ -730,6 +741,6 @@ class _Statements:
                         OR ($8 AND state = $4))
                 RETURNING digest
             )
-            SELECT pg_notify($7, digest) IS NULL FROM up"""
+            SELECT pg_notify($7, digest || ' ' || '{origin}') IS NULL FROM up"""
         # $1 retention seconds.
         self.prune = f"DELETE FROM {c} WHERE expires <= clock_timestamp() - make_interval(secs => $1)"

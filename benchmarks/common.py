@@ -10,9 +10,19 @@ import statistics
 import time
 from collections.abc import Iterator, Sequence
 
+import aiohttp
 import attrs
 
-from factorial_tokens import FactorialApp, JsonCodec, Store, TenantKey, TenantStatus, TokenManager, Update
+from factorial_tokens import (
+    FactorialApp,
+    JsonCodec,
+    Store,
+    TenantKey,
+    TenantStatus,
+    TokenManager,
+    TokenSet,
+    Update,
+)
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 CLIENT_SECRET = "bench-client-secret-0f3a9c"
@@ -89,6 +99,56 @@ async def expire_tenants(store: Store, namespace: str, tenants: Sequence[str]) -
             await store.replace(key, update)
 
     await asyncio.gather(*(one(t) for t in tenants))
+
+
+async def mint_expired_tenants(
+    store: Store, sim: FakeFactorial, app: FactorialApp, tenants: Sequence[str], first_company: int
+) -> None:
+    """Give every tenant real tokens that the store says expired a minute ago.
+
+    Each tenant's code is exchanged at the simulator over HTTP (a real grant, with a live
+    refresh token); the token set goes into the store through its own ``replace`` and the
+    manager's codec, with ``expires_at`` in the past, so every worker sees the whole fleet
+    expired at the same instant. One store round trip per tenant, so 10,000 tenants set up
+    in seconds.
+    """
+    codec = JsonCodec()
+    gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+    connector = aiohttp.TCPConnector(limit=SETUP_CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(index: int, tenant: str) -> None:
+            form = {
+                "grant_type": "authorization_code",
+                "code": sim.issue_code(company_id=first_company + index),
+                "redirect_uri": app.redirect_uri,
+                "client_id": app.client_id,
+                "client_secret": app.client_secret,
+            }
+            async with gate:
+                async with session.post(f"{app.base_url}/oauth/token", data=form) as resp:
+                    body = await resp.json()
+                    if resp.status != 200:
+                        raise RuntimeError(
+                            f"exchange for {tenant!r} failed: {resp.status} {body.get('error')}"
+                        )
+                now = time.time()
+                tokens = TokenSet(
+                    access_token=body["access_token"],
+                    refresh_token=body["refresh_token"],
+                    token_type=body.get("token_type", "Bearer"),
+                    scope=body.get("scope"),
+                    expires_at=now - 60,
+                    obtained_at=now - 60 - float(body["expires_in"]),
+                    created_at=body.get("created_at"),
+                )
+                key = TenantKey(app.client_id, tenant)
+                update = Update(
+                    codec.encode(key, tokens), TenantStatus.ACTIVE, tokens.expires_at, tokens.obtained_at
+                )
+                await store.replace(key, update)
+
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(tenants)))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -46,7 +46,7 @@ from factorial_tokens import (
 from factorial_tokens.testing import FakeFactorial
 
 from .baseline import BareResult, bare_refresh
-from .common import app_for, connect_tenants, expire_tenants, median, new_client_id, percentile, strict_sim
+from .common import app_for, median, mint_expired_tenants, new_client_id, percentile, strict_sim
 from .stores import STORES
 
 #: aiohttp's default connector limit: at most this many provider requests in flight per process.
@@ -356,10 +356,7 @@ async def _worker(
 async def _prepare(
     store: Store, sim: FakeFactorial, client_id: str, tenants: Sequence[str], first: int
 ) -> None:
-    app = app_for(client_id, sim.base_url)
-    async with TokenManager(app, store) as tm:
-        await connect_tenants(tm, sim, tenants, first_company=first)
-    await expire_tenants(store, client_id, tenants)
+    await mint_expired_tenants(store, sim, app_for(client_id, sim.base_url), tenants, first)
 
 
 async def _prepare_url(

@@ -1,9 +1,9 @@
 """Refresh storm: P processes x C tasks x T tenants whose tokens all expire at once.
 
-How the tokens expire at once: before each round the parent connects T fresh tenants
-through real code exchanges at the simulator (no latency during set-up), then rewrites
-each tenant's record through the store (``JsonCodec`` + ``store.replace``) with an
-access token that expired a minute ago. The refresh tokens are the live ones the
+How the tokens expire at once: before each round the parent gives T fresh tenants real
+tokens (a code issued and exchanged at the simulator over HTTP, no latency during
+set-up) and writes each record through the store (``JsonCodec`` + ``store.replace``)
+with ``expires_at`` a minute in the past. The refresh tokens are the live ones the
 simulator issued. Worker processes (spawned, each with its own store connection and a
 new TokenManager per round) wait on a barrier, then all start at one wall-clock instant
 ``t0``; every task asks for its tenant's token and records ``time.time() - t0``.

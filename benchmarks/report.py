@@ -86,8 +86,8 @@ def _storms(storms: list[dict[str, Any]]) -> list[str]:
         "",
         "| store | PxCxT | rounds | refreshes / ideal | invalid_grant | broken tenants | errors "
         "| p50 ms | p99 ms | p99 - L | p99 ≤ L + 10 ms | refresh committed p50 ms | waiter lag p99 ms "
-        "| bare HTTP refresh p50 / p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|",
+        "| bare HTTP refresh p50 / p99 ms | worker CPU per tenant ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|",
     ]
     for storm in storms:
         spec, s = storm["spec"], storm["summary"]
@@ -99,7 +99,8 @@ def _storms(storms: list[dict[str, Any]]) -> list[str]:
             f"| {_num(s['p99_ms'] - spec['latency'] * 1000, 1)} "
             f"| {_yes(_storm_target(spec, s))} | {_num(s['refreshed_p50_ms'], 1)} "
             f"| {_num(s['waiter_lag_p99_ms'], 1)} "
-            f"| {_num(s.get('bare_p50_ms'), 1)} / {_num(s.get('bare_p99_ms'), 1)} |"
+            f"| {_num(s.get('bare_p50_ms'), 1)} / {_num(s.get('bare_p99_ms'), 1)} "
+            f"| {_num(s.get('cpu_ms_per_tenant'), 2)} |"
         )
     lines += [
         "",
@@ -109,7 +110,9 @@ def _storms(storms: list[dict[str, Any]]) -> list[str]:
         " new tokens (its `REFRESHED` event); *waiter lag*: how long after that commit each caller of the"
         " tenant held the token (the wake-up path). *Bare HTTP refresh*: right after each round, the same"
         " P processes send one refresh per tenant straight to the simulator (no store, no manager, no"
-        " waiters): the floor this machine and simulator set at that moment; all from the same run.",
+        " waiters): the floor this machine and simulator set at that moment. *Worker CPU per tenant*: CPU"
+        " time of all worker processes during the storm divided by T (every caller included). All from"
+        " the same run.",
         "",
     ]
     return lines

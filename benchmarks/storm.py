@@ -91,6 +91,8 @@ class RoundResult:
     p99_ms: float
     max_ms: float
     cpu_s_busiest_process: float
+    #: CPU of every worker process during the storm, per tenant (all its callers included)
+    cpu_ms_per_tenant: float
     refreshed_p50_ms: float
     waiter_lag_p99_ms: float
 
@@ -184,6 +186,7 @@ class StormResult:
                 "p99_ms": self.p99_ms,
                 "refresh_attempts": sum(r.refresh_attempts for r in self.rounds),
                 "cpu_s_busiest_process": median([r.cpu_s_busiest_process for r in self.rounds]),
+                "cpu_ms_per_tenant": median([r.cpu_ms_per_tenant for r in self.rounds]),
                 "refreshed_p50_ms": median([r.refreshed_p50_ms for r in self.rounds]),
                 "waiter_lag_p99_ms": median([r.waiter_lag_p99_ms for r in self.rounds]),
                 "all_fresh_s": self.all_fresh_s,
@@ -432,6 +435,7 @@ def _round_result(spec: StormSpec, sim: FakeFactorial, parts: Sequence[_Part]) -
         p99_ms=percentile(latencies, 99),
         max_ms=max(latencies, default=math.nan),
         cpu_s_busiest_process=max((p.cpu_s for p in parts), default=math.nan),
+        cpu_ms_per_tenant=sum(p.cpu_s for p in parts) * 1000 / max(1, len(by_tenant)),
         refreshed_p50_ms=percentile([x for p in parts for x in p.refreshed_ms.values()], 50),
         waiter_lag_p99_ms=percentile(_lags(parts), 99),
     )

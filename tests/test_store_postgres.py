@@ -84,7 +84,15 @@ def _update(payload: bytes) -> Update:
 
 
 def test_names_are_validated(base_url: str) -> None:
-    for bad in ('x"; DROP SCHEMA public; --', "1abc", "", "a" * 41, "semi;colon", "dotted.name"):
+    for bad in (
+        'x"; DROP SCHEMA public; --',
+        "1abc",
+        "",
+        "a" * 41,
+        "semi;colon",
+        "dotted.name",
+        "pg_catalog",
+    ):
         with pytest.raises(ConfigurationError):
             PostgresStore.from_url(f"{base_url}?schema={bad}")
     with pytest.raises(ConfigurationError):

@@ -35,6 +35,8 @@ class Names:
                 f"invalid Postgres schema name {schema!r}: use 1-40 letters, digits or underscores, "
                 "not starting with a digit"
             )
+        if schema.lower().startswith("pg_") or schema.lower() == "information_schema":
+            raise ConfigurationError(f"schema {schema!r} is reserved by PostgreSQL; pick another name")
         if not isinstance(table_prefix, str) or not _PREFIX_RE.fullmatch(table_prefix):
             raise ConfigurationError(
                 f"invalid table prefix {table_prefix!r}: use at most 15 letters, digits or underscores"

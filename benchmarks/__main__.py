@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tasks", type=int, help="storm: tasks per tenant per process C (default 25; quick 5)"
     )
-    parser.add_argument("--tenants", type=int, help="storm: tenants T (default 20; quick 5)")
+    parser.add_argument(
+        "--tenants",
+        type=lambda v: [int(x) for x in _csv(v)],
+        help="storm: tenants T, a comma list runs one storm per value (default 1,20; quick 1,5)",
+    )
     parser.add_argument("--rounds", type=int, help="storm: rounds (default 5; quick 2)")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="provider latency L (default 50)")
     parser.add_argument("--bulk-tenants", type=int, help="bulk: tenants (default 10000; quick 300)")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     processes = _size(args.processes, 2, 2, q)
     tasks = _size(args.tasks, 25, 5, q)
-    tenants = _size(args.tenants, 20, 5, q)
+    tenant_counts: list[int] = args.tenants or ([1, 5] if q else [1, 20])
     rounds = _size(args.rounds, 5, 2, q)
     latency = args.latency_ms / 1000
     command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
@@ -125,24 +129,32 @@ def main(argv: list[str] | None = None) -> int:
             if counted is not None:
                 results["roundtrips"].append(counted.to_json())
 
-    def spec(name: str, driver: str) -> storm.StormSpec:
+    def spec(name: str, driver: str, tenants: int) -> storm.StormSpec:
         procs = 1 if name not in MULTIPROCESS else processes
         return storm.StormSpec(
             name, procs, tasks, tenants, latency, rounds, driver, driver == storm.FACTORIAL
         )
 
-    factorial_runs: dict[str, storm.StormResult] = {}
+    factorial_runs: dict[tuple[str, int], storm.StormResult] = {}
     if "storm" in args.bench:
         for name in stores:
-            ran = attempt(f"storm: {name}", functools.partial(storm.run, spec(name, storm.FACTORIAL)))
-            if ran is not None:
-                factorial_runs[name] = ran
-                results["storms"].append(ran.to_json())
+            for count in tenant_counts:
+                ran = attempt(
+                    f"storm: {name}, T={count}",
+                    functools.partial(storm.run, spec(name, storm.FACTORIAL, count)),
+                )
+                if ran is not None:
+                    factorial_runs[name, count] = ran
+                    results["storms"].append(ran.to_json())
     if "peer" in args.bench:
+        count = max(tenant_counts)
         for name in stores:
-            peer = attempt(f"peer (authlib): {name}", functools.partial(storm.run, spec(name, storm.AUTHLIB)))
-            ours = factorial_runs.get(name) or attempt(
-                f"peer (factorial-tokens): {name}", functools.partial(storm.run, spec(name, storm.FACTORIAL))
+            peer = attempt(
+                f"peer (authlib): {name}", functools.partial(storm.run, spec(name, storm.AUTHLIB, count))
+            )
+            ours = factorial_runs.get((name, count)) or attempt(
+                f"peer (factorial-tokens): {name}",
+                functools.partial(storm.run, spec(name, storm.FACTORIAL, count)),
             )
             results["peer"] += [r.to_json() for r in (peer, ours) if r is not None]
     if "bulk" in args.bench:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,8 +17,9 @@ from contextlib import AbstractContextManager
 from importlib.metadata import entry_points
 from pathlib import Path
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+#: The servers the tests use, overridable with the same variables as the test suite's.
+REDIS_URL = os.environ.get("FACTORIAL_TOKENS_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("FT_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import pytest
 from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
 
 from factorial_tokens import (
+    ClaimState,
     ConfigurationError,
     InvalidTenant,
     RefreshTimeout,
@@ -172,6 +173,37 @@ async def test_nul_in_a_tenant_id_is_a_bad_id_not_an_outage(module_url: str) -> 
             await store.read(TenantKey("ns", "a\x00b"))
     finally:
         await store.aclose()
+
+
+async def test_finished_claims_are_pruned_after_the_retention(base_url: str) -> None:
+    url = store_url(base_url)
+    schema = url.split("schema=")[1].split("&")[0]
+    first = PostgresStore.from_url(url)
+    key = TenantKey(f"prune-{secrets.token_hex(4)}", "acme")
+    try:
+        for code in ("old-done", "old-failed", "fresh-done"):
+            claim = await first.claim_code(key, code, "one", 30)
+            assert await first.advance_code(claim, ClaimState.SENT, 30)
+            assert await first.advance_code(claim, ClaimState.DONE, 30)
+        # Age two of them beyond the retention (the database clock decides).
+        await _fetch(
+            base_url,
+            f"UPDATE \"{schema}\".code_claims SET expires = clock_timestamp() - interval '25 hours' "
+            "WHERE code_hash LIKE 'old-%'",
+        )
+        # An old finished claim no longer blocks its code (memory store semantics)...
+        again = await first.claim_code(key, "old-done", "two", 30)
+        assert again.won and again.state is ClaimState.CLAIMED
+        # ...and a fresh process prunes the rest on its first claim.
+        second = PostgresStore.from_url(url)
+        try:
+            assert (await second.claim_code(key, "fresh-done", "three", 30)).state is ClaimState.DONE
+        finally:
+            await second.aclose()
+        rows = await _fetch(base_url, f'SELECT code_hash FROM "{schema}".code_claims ORDER BY 1')
+        assert [r["code_hash"] for r in rows] == ["fresh-done", "old-done"]
+    finally:
+        await first.aclose()
 
 
 # -- hostile tenant ids ----------------------------------------------------------------

@@ -32,7 +32,7 @@ from factorial_tokens import (
     Update,
     store_from_url,
 )
-from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, StoreConformance
+from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, Fault, StoreConformance
 
 from . import postgres_server
 from .conftest import SimFactory, app_for
@@ -204,6 +204,31 @@ async def test_finished_claims_are_pruned_after_the_retention(base_url: str) -> 
         assert [r["code_hash"] for r in rows] == ["fresh-done", "old-done"]
     finally:
         await first.aclose()
+
+
+async def test_eight_pools_race_for_one_lease_and_one_code(module_url: str) -> None:
+    """200 acquires and 200 claims from 8 separate pools at once: one winner each, and
+    after the winner releases, fences keep growing."""
+    stores = [PostgresStore.from_url(module_url) for _ in range(8)]
+    key = TenantKey(f"race-{secrets.token_hex(4)}", "acme")
+    try:
+        await asyncio.gather(*(s.check() for s in stores))
+        results = await asyncio.gather(
+            *(stores[i % 8].acquire(key, f"o{i}", 30) for i in range(200)),
+        )
+        leases = [r.lease for r in results if r.lease is not None]
+        assert len(leases) == 1
+        claims = await asyncio.gather(
+            *(stores[i % 8].claim_code(key, "one-code", f"c{i}", 30) for i in range(200)),
+        )
+        assert sum(c.won for c in claims) == 1
+        assert {c.state for c in claims} == {ClaimState.CLAIMED}
+        assert await stores[3].release(leases[0])
+        again = await asyncio.gather(*(stores[i].acquire(key, f"n{i}", 30) for i in range(8)))
+        fences = [r.lease.fence for r in again if r.lease is not None]
+        assert len(fences) == 1 and fences[0] > leases[0].fence
+    finally:
+        await asyncio.gather(*(s.aclose() for s in stores))
 
 
 # -- hostile tenant ids ----------------------------------------------------------------
@@ -394,6 +419,32 @@ async def _versions(store: PostgresStore, namespace: str, tenants: list[str]) ->
         assert record is not None
         out[tenant] = record.version
     return out
+
+
+async def test_nothing_is_held_across_a_provider_call(sim: FakeFactorial, base_url: str) -> None:
+    """While the refresh request is inside Factorial, the store holds no pooled connection
+    (but the LISTEN one) and no transaction is open."""
+    app_name = f"ft_hold_{secrets.token_hex(4)}"
+    url = store_url(base_url, application_name=app_name)
+    async with TokenManager(app_for(sim), url, lease_ttl=12.0, provider_timeout=4.0) as tm:
+        await _connect(tm, sim, "acme", 1)
+        store = tm.store
+        assert isinstance(store, PostgresStore)
+        assert await _until(lambda: store.listening, 10)
+        sim.reset_stats()
+        sim.inject(Fault.SLOW, delay=1.5)  # processed at once, answered 1.5 s later
+        refresh = asyncio.create_task(tm.refresh("acme"))
+        assert await _until(lambda: sim.stats.refreshes == 1, 10)
+        assert not refresh.done()  # the answer is still on its way
+        pool = store._pool
+        assert pool.get_size() - pool.get_idle_size() == 1  # the LISTEN connection only
+        rows = await _fetch(
+            base_url, "SELECT state FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        assert rows and not [r for r in rows if (r["state"] or "").startswith("idle in transaction")]
+        new = await refresh
+        assert sim.is_active(new.access_token)
+        assert (await tm.tokens("acme")).access_token == new.access_token
 
 
 async def test_backends_killed_mid_refresh(make_sim: SimFactory, base_url: str) -> None:

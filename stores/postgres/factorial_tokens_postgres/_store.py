@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
+import factorial_tokens
 from factorial_tokens import (
     Acquisition,
     ClaimState,
@@ -52,7 +53,6 @@ from factorial_tokens import (
     Update,
     Watch,
 )
-from factorial_tokens._store import CLAIM_RETENTION
 
 from ._schema import SCHEMA_VERSION, Names, migrations
 
@@ -61,6 +61,9 @@ __all__ = ["PostgresStore"]
 log = logging.getLogger("factorial_tokens.postgres")
 
 T = TypeVar("T")
+
+#: How long finished code claims are kept (the core's value when it exports one).
+CLAIM_RETENTION: float = float(getattr(factorial_tokens, "CLAIM_RETENTION", 24 * 3600.0))
 
 #: Everything the driver raises for a failing backend.
 _FAILURES: tuple[type[BaseException], ...] = (

@@ -22,7 +22,7 @@ def _sqlite(tmp: Path) -> str:
 def _postgres(tmp: Path) -> str:
     from .postgres_server import store_url
 
-    return store_url()  # a fresh schema (ft_<random>), dropped at exit; never skipped
+    return store_url(max_size="4")  # a fresh schema (ft_<random>), dropped at exit; never skipped
 
 
 def _redis(tmp: Path) -> str:

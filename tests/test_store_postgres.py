@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import queue
 import random
 import secrets
 import time
@@ -47,7 +48,7 @@ def base_url() -> str:
 @pytest.fixture(scope="module")
 def module_url(base_url: str) -> Iterator[str]:
     """A store URL on a schema for this module, dropped afterwards."""
-    yield store_url(base_url)
+    yield store_url(base_url, max_size="4")  # the shared server allows 100 clients in all
 
 
 class TestPostgresStore(StoreConformance):
@@ -209,7 +210,7 @@ async def test_finished_claims_are_pruned_after_the_retention(base_url: str) -> 
 async def test_eight_pools_race_for_one_lease_and_one_code(module_url: str) -> None:
     """200 acquires and 200 claims from 8 separate pools at once: one winner each, and
     after the winner releases, fences keep growing."""
-    stores = [PostgresStore.from_url(module_url) for _ in range(8)]
+    stores = [PostgresStore.from_url(module_url + "&max_size=3") for _ in range(8)]
     key = TenantKey(f"race-{secrets.token_hex(4)}", "acme")
     try:
         await asyncio.gather(*(s.check() for s in stores))
@@ -386,11 +387,20 @@ def test_eight_processes_start_at_once_on_an_empty_schema(base_url: str) -> None
         worker.start()
     time.sleep(1.0)  # let them all import and block on the start signal
     start.set()
-    outcomes = dict(results.get(timeout=90) for _ in workers)
+    outcomes: dict[int, str] = {}
+    deadline = time.monotonic() + 90
+    while len(outcomes) < len(workers) and time.monotonic() < deadline:
+        try:
+            index, outcome = results.get(timeout=0.5)
+            outcomes[index] = outcome
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers) and results.empty():
+                break  # a worker died without reporting
     for worker in workers:
         worker.join(30)
-    assert outcomes == {i: "ok" for i in range(8)}
-    assert all(w.exitcode == 0 for w in workers)
+    exits = [w.exitcode for w in workers]
+    assert outcomes == {i: "ok" for i in range(8)}, (outcomes, exits)
+    assert exits == [0] * 8
 
     async def inspect() -> None:
         tables = await _fetch(
@@ -452,7 +462,7 @@ async def test_backends_killed_mid_refresh(make_sim: SimFactory, base_url: str) 
     while two workers refresh through TokenManager: only typed errors, recovery without
     restarting anything, and every token the provider issued is the one stored."""
     app_name = f"ft_kill_{secrets.token_hex(4)}"
-    url = store_url(base_url, application_name=app_name)
+    url = store_url(base_url, application_name=app_name, max_size="4")
     tenants = [f"tenant-{i}" for i in range(4)]
     async with make_sim(latency=0.15) as sim:
         app = app_for(sim)

@@ -108,6 +108,20 @@ def test_names_are_validated(base_url: str) -> None:
     assert "postgres@" not in repr(store) and "Mixed_Case_1" in repr(store)
 
 
+def test_the_plugin_is_registered_typed_and_exports_its_all() -> None:
+    import importlib.metadata
+    import importlib.resources
+
+    import factorial_tokens_postgres
+
+    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="factorial_tokens.stores")}
+    assert found["postgresql"] == found["postgres"] == "factorial_tokens_postgres:PostgresStore"
+    public = {n for n in dir(factorial_tokens_postgres) if not n.startswith("_")} - {"annotations"}
+    assert public == set(factorial_tokens_postgres.__all__)
+    assert importlib.resources.files("factorial_tokens_postgres").joinpath("py.typed").is_file()
+    assert importlib.metadata.requires("factorial-tokens-postgres") is not None
+
+
 async def test_schema_is_created_versioned_and_idempotent(base_url: str) -> None:
     url = store_url(base_url, table_prefix="app_")
     schema = url.split("schema=")[1].split("&")[0]

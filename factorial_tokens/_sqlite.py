@@ -405,7 +405,7 @@ class SQLiteStore:
             return
         self._closed = True
         poller, self._poller = self._poller, None
-        if poller is not None:
+        if poller is not None and not poller.done() and poller.get_loop() is asyncio.get_running_loop():
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
                 await poller
@@ -440,16 +440,21 @@ class SQLiteStore:
         return True
 
     def _ensure_poller(self) -> None:
-        if self._poller is not None or self._closed:
+        if self._closed:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # not on a loop yet: the next watch() starts it
+        poller = self._poller
+        if poller is not None and not poller.done() and poller.get_loop() is loop:
+            return
+        # None yet, or left behind by an event loop that is gone (one asyncio.run after another).
         self._poller = loop.create_task(self._poll(), name="factorial-tokens-sqlite-poll")
 
     async def _poll(self) -> None:
         """While anyone watches: look for other processes' writes and announce them."""
+        me = asyncio.current_task()
         try:
             version, last = -1, -1
             while self._notifier.watching and not self._closed:
@@ -477,7 +482,7 @@ class SQLiteStore:
                     # forget them (at worst a few redundant announcements later).
                     self._own_changes.clear()
         finally:
-            if self._poller is asyncio.current_task():
+            if self._poller is me:
                 self._poller = None
 
 

@@ -315,6 +315,35 @@ async def test_another_process_holds_the_lease(tmp_path: Path) -> None:
     assert child.exitcode == 0
 
 
+def test_one_store_on_one_event_loop_after_another(tmp_path: Path) -> None:
+    one, two = SQLiteStore(tmp_path / "t.db"), SQLiteStore(tmp_path / "t.db")
+    seen: list[str] = []
+
+    async def first() -> None:
+        one.on_change(seen.append)  # starts its poller on this loop, which then goes away
+        await asyncio.sleep(0.1)
+
+    async def second() -> bool:
+        async with one.watch(KEY) as watch:
+            await asyncio.sleep(0.2)
+            await two.replace(KEY, _update(b"from two"))
+            deadline, woke = time.monotonic() + 5, False
+            while not woke and time.monotonic() < deadline:
+                woke = await watch.wait(5)
+        await one.aclose()
+        await two.aclose()
+        return woke
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first())
+    loop.close()  # without cancelling the poller: it is left pending on a dead loop
+    stranded = one._poller
+    assert stranded is not None and not stranded.done()
+    assert asyncio.run(second())
+    stranded._log_destroy_pending = False  # type: ignore[attr-defined]  # stranded on purpose
+    assert seen == [KEY.digest]
+
+
 def _write_in_forked_child(store: SQLiteStore) -> None:
     asyncio.run(store.replace(KEY, _update(b"from the child")))
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import random
@@ -295,3 +296,49 @@ class CommandLog:
                 await self._task
         await self._monitor_client.aclose()
         await self._admin.aclose()
+
+
+_prefixes: list[tuple[str, str]] = []
+_fallback: RedisServer | None = None
+
+
+def server_url() -> str:
+    """The shared Redis URL when it answers, else a throwaway server kept until exit."""
+    global _fallback
+    url = os.environ.get(SHARED_URL_ENV, DEFAULT_URL)
+    host_port = url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = host_port.partition(":")
+    if ping(host or "127.0.0.1", int(port or 6379)):
+        return url
+    if SHARED_URL_ENV in os.environ:
+        raise RuntimeError(f"${SHARED_URL_ENV} ({url}) does not answer PING")
+    if _fallback is None:
+        _fallback = RedisServer().start()
+        atexit.register(_fallback.close)
+    return _fallback.url
+
+
+def store_url(base: str | None = None) -> str:
+    """For the multi-process harness: a store URL with a unique key prefix, whose keys
+    are deleted at exit (only that prefix's)."""
+    base = base or server_url()
+    prefix = unique_prefix()
+    _prefixes.append((base, prefix))
+    return f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
+
+
+def _drop_prefixes() -> None:
+    import redis
+
+    for base, prefix in _prefixes:
+        with contextlib.suppress(Exception):
+            client = redis.Redis.from_url(base.split("?", 1)[0], socket_timeout=5)
+            try:
+                keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                if keys:
+                    client.unlink(*keys)
+            finally:
+                client.close()
+
+
+atexit.register(_drop_prefixes)

@@ -41,6 +41,7 @@ class Listener:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._failed_once = False
+        self._stopping = False
         self.subscriptions = 0  # how many times the subscription was (re)made
 
     @property
@@ -50,7 +51,7 @@ class Listener:
 
     def start(self) -> None:
         """Start the listener task if it is not running (needs a running loop)."""
-        if self._task is None:
+        if self._task is None and not self._stopping:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="factorial-tokens-redis")
 
     async def ready(self, timeout: float) -> None:
@@ -66,8 +67,9 @@ class Listener:
             await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         backoff = 0.05
-        while True:
+        while not self._stopping:
             pubsub: Any = None
             try:
                 pubsub = await self._pubsub()
@@ -78,8 +80,12 @@ class Listener:
                     self._notifier.notify_all()  # messages may have been lost while away
                 self._ready.set()
                 backoff = 0.05
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30.0)
+                while not self._stopping:
+                    # redis-py can swallow a cancellation that lands inside a read; the
+                    # short read timeout and these checks end the loop regardless.
+                    if me is not None and me.cancelling():
+                        raise asyncio.CancelledError
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._deliver(message["data"])
             except asyncio.CancelledError:
@@ -87,12 +93,14 @@ class Listener:
             except Exception as exc:  # the listener must outlive any failure: retry
                 self._ready.clear()
                 self._failed_once = True
-                log.warning("redis change subscription lost (%s); resubscribing", type(exc).__name__)
+                if not self._stopping:
+                    log.warning("redis change subscription lost (%s); resubscribing", type(exc).__name__)
             finally:
                 if pubsub is not None:
                     await _close_quietly(pubsub.aclose())
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, 1.0)
+            if not self._stopping:
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, 1.0)
 
     async def _confirmed(self, pubsub: Any) -> None:
         """Read until the server confirmed the subscription (so nothing after it is missed)."""
@@ -114,11 +122,13 @@ class Listener:
 
     async def aclose(self) -> None:
         """Stop the listener task and drop its connection."""
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=5.0)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: it was logged already
 
 
 async def _close_quietly(closing: Awaitable[Any]) -> None:

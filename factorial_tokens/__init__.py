@@ -30,6 +30,7 @@ from ._sealing import Keyring, SealedCodec, ensure_key_file, rekey
 from ._serve import ConnectCheck, connect_app
 from ._sqlite import SQLiteStore
 from ._store import (
+    CLAIM_RETENTION,
     Acquisition,
     ClaimState,
     CodeClaim,
@@ -47,6 +48,7 @@ from ._store import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLAIM_RETENTION",
     "Acquisition",
     "ClaimState",
     "CodeClaim",

@@ -48,8 +48,8 @@ from ._store import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLAIM_RETENTION",
     "Acquisition",
+    "CLAIM_RETENTION",
     "ClaimState",
     "CodeClaim",
     "CodeReused",

@@ -48,8 +48,8 @@ from ._store import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Acquisition",
     "CLAIM_RETENTION",
+    "Acquisition",
     "ClaimState",
     "CodeClaim",
     "CodeReused",

@@ -130,6 +130,10 @@ async def test_url_forms_and_options(redis_url: str) -> None:
     await flagged.aclose()
     assert RedisStore.from_url("redis+cluster://127.0.0.1:1").cluster
     assert RedisStore.from_url("rediss://127.0.0.1:1/0").prefix == "ft"
+    for scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):  # the entry points
+        found = store_from_url(f"{scheme}://127.0.0.1:1/0")
+        assert isinstance(found, RedisStore) and found.cluster == scheme.endswith("+cluster")
+        await found.aclose()
     for bad in (
         "redis://h/0?prefix={x}",
         "redis://h/0?prefix=",

@@ -51,8 +51,12 @@ class Listener:
 
     def start(self) -> None:
         """Start the listener task if it is not running (needs a running loop)."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._task.get_loop() is not loop and self._task.get_loop().is_closed():
+            self._task = None  # its loop is gone (a new asyncio.run): start over on this one
+            self._ready = asyncio.Event()
         if self._task is None and not self._stopping:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="factorial-tokens-redis")
+            self._task = loop.create_task(self._run(), name="factorial-tokens-redis")
 
     async def ready(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for the first subscription, unless it already failed.

@@ -119,18 +119,12 @@ class RedisStore:
         *,
         prefix: str = "ft",
         poll: float = 1.0,
-        _owned: bool = False,
     ) -> None:
-        if not _PREFIX.fullmatch(prefix):
-            raise ConfigurationError(
-                f"a redis store prefix must be 1-64 characters of letters, digits and _.:/- (got {prefix!r})"
-            )
+        _check_options(prefix, poll)
         if _decodes_responses(client):
             raise ConfigurationError("the redis client must use decode_responses=False (payloads are bytes)")
-        if poll <= 0:
-            raise ConfigurationError("poll must be positive")
         self._client = client
-        self._owned = _owned
+        self._owned = False
         self.prefix = prefix
         self.cluster = isinstance(client, RedisCluster)
         self._channel = f"{prefix}:changes"
@@ -170,6 +164,8 @@ class RedisStore:
             poll = float(ours.get("poll", "1"))
         except ValueError:
             raise ConfigurationError("poll= takes a number of seconds") from None
+        prefix = ours.get("prefix", "ft")
+        _check_options(prefix, poll)  # before a client exists that would need closing
         names = {k for k, _ in rest}
         # RESP2 by default: redis-py 8 skips its check for idle connections the server
         # closed when RESP3 maintenance notifications are on, so a restart or a killed
@@ -184,7 +180,9 @@ class RedisStore:
             client = RedisCluster.from_url(target) if cluster else aioredis.Redis.from_url(target, retry=None)
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"bad redis URL: {exc}") from None
-        return cls(client, prefix=ours.get("prefix", "ft"), poll=poll, _owned=True)
+        store = cls(client, prefix=prefix, poll=poll)
+        store._owned = True
+        return store
 
     def __repr__(self) -> str:
         kind = "cluster" if self.cluster else "redis"
@@ -471,6 +469,15 @@ class _OwnedPubSub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         finally:
             await self._client.connection_pool.disconnect()
+
+
+def _check_options(prefix: str, poll: float) -> None:
+    if not _PREFIX.fullmatch(prefix):
+        raise ConfigurationError(
+            f"a redis store prefix must be 1-64 characters of letters, digits and _.:/- (got {prefix!r})"
+        )
+    if not poll > 0:
+        raise ConfigurationError("poll must be a positive number of seconds")
 
 
 def _decodes_responses(client: Client) -> bool:

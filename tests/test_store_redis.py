@@ -166,6 +166,20 @@ async def test_an_injected_client_is_not_closed(redis_url: str, prefix: str) -> 
         RedisStore(aioredis.Redis.from_url(redis_url, decode_responses=True))
 
 
+async def test_a_malformed_record_is_a_typed_error(store: RedisStore, redis_url: str, prefix: str) -> None:
+    key = TenantKey("ns", "acme")
+    await store.replace(key, _update(b"x"))
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.hset(f"{prefix}:{{{key.digest}}}:rec", "status", "bogus")
+    finally:
+        await client.aclose()
+    with pytest.raises(StoreUnavailable):
+        await store.read(key)
+    with pytest.raises(StoreUnavailable):
+        await store.acquire(key, "o", 30)
+
+
 # -- keys: layout and hostile tenant ids ---------------------------------------------
 
 

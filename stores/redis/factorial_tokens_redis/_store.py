@@ -244,15 +244,18 @@ class RedisStore:
         payload, status, version, expires_at, updated_at = fields
         if payload is None:
             return None
-        expires = _text(expires_at)
-        return Record(
-            key=key,
-            payload=_bytes(payload),
-            status=TenantStatus(_text(status)),
-            version=int(version),
-            expires_at=float(expires) if expires else None,
-            updated_at=float(_text(updated_at) or 0.0),
-        )
+        try:
+            expires = _text(expires_at)
+            return Record(
+                key=key,
+                payload=_bytes(payload),
+                status=TenantStatus(_text(status)),
+                version=int(version),
+                expires_at=float(expires) if expires else None,
+                updated_at=float(_text(updated_at) or 0.0),
+            )
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise StoreUnavailable(f"redis holds a malformed record for tenant {key.tenant!r}") from exc
 
     def _update_args(self, key: TenantKey, update: Update) -> list[str | bytes]:
         return [

@@ -30,8 +30,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-import factorial_tokens
 from factorial_tokens import (
+    CLAIM_RETENTION,
     Acquisition,
     ClaimState,
     CodeClaim,
@@ -51,9 +51,6 @@ from ._listener import Listener
 __all__ = ["RedisStore"]
 
 T = TypeVar("T")
-
-#: How long a finished code claim is remembered; the core's value when it exports one.
-CLAIM_RETENTION: float = float(getattr(factorial_tokens, "CLAIM_RETENTION", 24 * 3600.0))
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 _TRUE = {"1", "true", "yes", "on"}

@@ -32,6 +32,7 @@ from ._sqlite import SQLiteStore
 from ._store import (
     CLAIM_RETENTION,
     Acquisition,
+    ChangeListener,
     ClaimState,
     CodeClaim,
     Lease,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CLAIM_RETENTION",
     "Acquisition",
+    "ChangeListener",
     "ClaimState",
     "CodeClaim",
     "CodeReused",

@@ -658,7 +658,10 @@ class TokenManager:
             except Exception:
                 log.exception("event listener failed on %s", event.kind.value)
 
-    def _on_change(self, digest: str) -> None:
+    def _on_change(self, digest: str | None) -> None:
+        if digest is None:  # announcements were lost: trust nothing cached
+            self._cache.clear()
+            return
         tenant = self._digests.get(digest)
         if tenant is not None:
             self._cache.pop(tenant, None)

@@ -16,6 +16,7 @@ import attrs
 from ._store import (
     CLAIM_RETENTION,
     Acquisition,
+    ChangeListener,
     ClaimState,
     CodeClaim,
     Lease,
@@ -162,7 +163,7 @@ class MemoryStore:
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         return self._notifier.watch(key)
 
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         return self._notifier.on_change(callback)
 
     async def check(self) -> None:

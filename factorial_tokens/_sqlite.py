@@ -29,6 +29,7 @@ from ._errors import ConfigurationError, StoreUnavailable
 from ._store import (
     CLAIM_RETENTION,
     Acquisition,
+    ChangeListener,
     ClaimState,
     CodeClaim,
     Lease,
@@ -425,7 +426,7 @@ class SQLiteStore:
             self._ensure_poller()
             yield watch
 
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Call ``callback(digest)`` on every change, this process's and other processes'."""
         unsubscribe = self._notifier.on_change(callback)
         self._ensure_poller()

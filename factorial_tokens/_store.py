@@ -41,6 +41,7 @@ from ._errors import ConfigurationError
 __all__ = [
     "CLAIM_RETENTION",
     "Acquisition",
+    "ChangeListener",
     "ClaimState",
     "CodeClaim",
     "Lease",
@@ -75,6 +76,10 @@ class TenantKey:
     def _digest(self) -> str:
         raw = f"{self.namespace}\x00{self.tenant}".encode()
         return hashlib.sha256(raw).hexdigest()[:32]
+
+
+#: Told the digest of a tenant that changed, or ``None`` when anything may have changed.
+ChangeListener = Callable[[str | None], None]
 
 
 class TenantStatus(enum.Enum):
@@ -216,8 +221,9 @@ class Store(Protocol):
         """Register for changes of ``key`` (enter before reading, to miss nothing)."""
         ...
 
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
-        """Call ``callback(digest)`` on every announced change; returns an unsubscribe."""
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
+        """Call ``callback(digest)`` on every announced change, ``callback(None)`` when
+        announcements may have been lost (anything may have changed); returns an unsubscribe."""
         ...
 
     async def check(self) -> None:
@@ -259,7 +265,7 @@ class Notifier:
     def __init__(self, poll: float | None = None) -> None:
         self.poll = poll
         self._events: dict[str, set[asyncio.Event]] = {}
-        self._listeners: list[Callable[[str], None]] = []
+        self._listeners: list[ChangeListener] = []
 
     def notify(self, digest: str) -> None:
         """Wake every watcher of ``digest`` and tell every change listener."""
@@ -269,13 +275,13 @@ class Notifier:
             listener(digest)
 
     def notify_all(self) -> None:
-        """Wake every watcher (after a reconnect, when messages may have been lost)."""
+        """Wake every watcher and tell every listener that anything may have changed
+        (``listener(None)``): after a reconnect, when announcements may have been lost."""
         for events in self._events.values():
             for event in events:
                 event.set()
-        for digest in list(self._events):
-            for listener in list(self._listeners):
-                listener(digest)
+        for listener in list(self._listeners):
+            listener(None)
 
     @asynccontextmanager
     async def watch(self, key: TenantKey) -> AsyncIterator[Watch]:
@@ -295,7 +301,7 @@ class Notifier:
         """True while any watcher or listener is registered."""
         return bool(self._events or self._listeners)
 
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Register a listener; returns the function that removes it."""
         self._listeners.append(callback)
 

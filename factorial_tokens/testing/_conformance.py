@@ -374,7 +374,7 @@ class StoreConformance:
 
     async def test_on_change_reports_the_digest(self, store: Store) -> None:
         key = self.key()
-        seen: list[str] = []
+        seen: list[str | None] = []
         unsubscribe = store.on_change(seen.append)
         try:
             async with store.watch(key) as watch:

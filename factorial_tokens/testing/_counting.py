@@ -6,7 +6,18 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-from .._store import Acquisition, ClaimState, CodeClaim, Lease, Record, Store, TenantKey, Update, Watch
+from .._store import (
+    Acquisition,
+    ChangeListener,
+    ClaimState,
+    CodeClaim,
+    Lease,
+    Record,
+    Store,
+    TenantKey,
+    Update,
+    Watch,
+)
 
 __all__ = ["CountingStore"]
 
@@ -71,7 +82,7 @@ class CountingStore:
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         return self.inner.watch(key)
 
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         return self.inner.on_change(callback)
 
     async def check(self) -> None:

@@ -37,9 +37,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
-import factorial_tokens
 from factorial_tokens import (
+    CLAIM_RETENTION,
     Acquisition,
+    ChangeListener,
     ClaimState,
     CodeClaim,
     ConfigurationError,
@@ -63,7 +64,6 @@ log = logging.getLogger("factorial_tokens.postgres")
 T = TypeVar("T")
 
 #: How long finished code claims are kept (the core's value when it exports one).
-CLAIM_RETENTION: float = float(getattr(factorial_tokens, "CLAIM_RETENTION", 24 * 3600.0))
 
 #: Everything the driver raises for a failing backend.
 _FAILURES: tuple[type[BaseException], ...] = (
@@ -200,7 +200,6 @@ class PostgresStore:
         self._last_prune = -_PRUNE_EVERY
         # Tenants this process has touched: after a reconnect they are all announced as
         # changed, since their notifications may have been lost while not listening.
-        self._seen: set[str] = set()
         # Tags this store's NOTIFY payloads: its own writes are announced locally at once,
         # so their echo from the server is ignored (it would only evict fresh caches).
         self._origin = secrets.token_hex(8)
@@ -318,7 +317,6 @@ class PostgresStore:
         # Postgres text cannot hold NUL; refuse it as a bad id rather than a store failure.
         if "\x00" in key.tenant or "\x00" in key.namespace:
             raise InvalidTenant("tenant ids and namespaces must not contain NUL characters")
-        self._seen.add(key.digest)
 
     def _announce(self, digest: str) -> None:
         # Our own writes wake this process's watchers at once (LISTEN or not).
@@ -530,7 +528,7 @@ class PostgresStore:
         async with self._notifier.watch(key) as watch:
             yield watch
 
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Call ``callback(digest)`` on every change announced (here or by other processes)."""
         unsubscribe = self._notifier.on_change(callback)
         with contextlib.suppress(RuntimeError):  # no running loop: the first watch starts it
@@ -571,11 +569,8 @@ class PostgresStore:
             self._listening = True
             self.listens += 1
             if self._first_try.is_set():
-                # Whatever was announced while we were not listening is lost: wake every
-                # watcher, and tell the change listeners (caches) about every tenant we know.
+                # Whatever was announced while we were not listening is lost.
                 self._notifier.notify_all()
-                for digest in list(self._seen):
-                    self._notifier.notify(digest)
             self._first_try.set()
             while not lost.is_set() and not con.is_closed():
                 with contextlib.suppress(TimeoutError):

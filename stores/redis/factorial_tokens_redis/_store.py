@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from factorial_tokens import (
     CLAIM_RETENTION,
     Acquisition,
+    ChangeListener,
     ClaimState,
     CodeClaim,
     ConfigurationError,
@@ -409,7 +410,7 @@ class RedisStore:
                 await self._listener.ready(timeout=2.0)
             yield watch
 
-    def on_change(self, callback: Callable[[str], None]) -> Callable[[], None]:
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Call ``callback(digest)`` on every change announced by any process."""
         unsubscribe = self._notifier.on_change(callback)
         try:

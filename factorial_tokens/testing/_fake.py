@@ -1131,25 +1131,21 @@ class FakeFactorial:
     async def _handle_token(self, request: web.Request) -> web.StreamResponse:
         with self._lock:
             self._c.token_requests += 1
-        early, queued = await self._enter(request, "token")
-        if early is not None:
-            return early
-        form = await self._read_form(request)
-        authorization = request.headers.get("Authorization")
-        try:
-            with self._lock:
-                if form is None:
-                    raise self._invalid_request("The request body must be application/x-www-form-urlencoded.")
-                body = self._grant(form, authorization)
-            response = _json(200, body, headers=_NO_STORE)
-        except _GrantError as err:
-            response = _error(err)
-        return await self._leave(request, queued, response)
+        return await self._handle_form(request, "token", self._grant)
 
     async def _handle_revoke(self, request: web.Request) -> web.StreamResponse:
         with self._lock:
             self._c.revoke_requests += 1
-        early, queued = await self._enter(request, "revoke")
+        return await self._handle_form(request, "revoke", self._revoke)
+
+    async def _handle_form(
+        self,
+        request: web.Request,
+        endpoint: str,
+        handle: Callable[[Mapping[str, str], str | None], dict[str, Any]],
+    ) -> web.StreamResponse:
+        """A form-encoded POST endpoint: faults first, then ``handle`` under the lock."""
+        early, queued = await self._enter(request, endpoint)
         if early is not None:
             return early
         form = await self._read_form(request)
@@ -1158,7 +1154,7 @@ class FakeFactorial:
             with self._lock:
                 if form is None:
                     raise self._invalid_request("The request body must be application/x-www-form-urlencoded.")
-                body = self._revoke(form, authorization)
+                body = handle(form, authorization)
             response = _json(200, body, headers=_NO_STORE)
         except _GrantError as err:
             response = _error(err)

@@ -63,8 +63,6 @@ log = logging.getLogger("factorial_tokens.postgres")
 
 T = TypeVar("T")
 
-#: How long finished code claims are kept (the core's value when it exports one).
-
 #: Everything the driver raises for a failing backend.
 _FAILURES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,

@@ -24,4 +24,24 @@ if ! pg_up; then
   for _ in $(seq 100); do pg_up && break; sleep 0.1; done
   pg_up || { echo "ensure-services: PostgreSQL did not start" >&2; exit 1; }
 fi
-echo "ensure-services: redis and postgres are up"
+
+# The PgBouncer tests start their own throwaway pgbouncer; they only need the binary.
+pgbouncer_found() { command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; }
+if ! pgbouncer_found; then
+  echo "ensure-services: installing pgbouncer (apt-get)"
+  # Keep the package from starting a system pgbouncer on 6432 (a policy-rc.d that denies
+  # every service start, only for this install, unless the machine already has one).
+  no_starts=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && no_starts=1
+  fi
+  installed=0
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; } \
+    || installed=$?
+  if [ -n "$no_starts" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  if [ "$installed" -ne 0 ] || ! pgbouncer_found; then
+    echo "ensure-services: could not install pgbouncer (apt-get exit $installed)" >&2
+    exit 1
+  fi
+fi
+echo "ensure-services: redis and postgres are up, pgbouncer is installed"

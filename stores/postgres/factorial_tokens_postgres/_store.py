@@ -91,6 +91,14 @@ _NOT_RETRYABLE: tuple[type[BaseException], ...] = (
 )
 _LISTEN_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, StoreUnavailable)
 _CLOSE_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, asyncio.CancelledError)
+#: What a starter's CREATE ... IF NOT EXISTS raises when it did not see another's work.
+_CREATE_RACES: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.UniqueViolationError,
+    asyncpg.exceptions.DuplicateSchemaError,
+    asyncpg.exceptions.DuplicateTableError,
+    asyncpg.exceptions.DuplicateObjectError,
+)
+_MIGRATE_ATTEMPTS = 3
 _ATTEMPTS = 3
 _COMMIT_ATTEMPTS = 6
 _URL_OPTIONS = (
@@ -261,6 +269,21 @@ class PostgresStore:
         return self._pool
 
     async def _migrate(self, pool: Any) -> None:
+        # A starter that waited on the migration lock may still not see, in its catalog
+        # lookups, the schema the previous holder just committed: seen on long-lived server
+        # connections that looked the schema up before (always the case behind PgBouncer).
+        # Its CREATE ... IF NOT EXISTS then fails on a duplicate; a new transaction sees the
+        # other's work (and finds the current version), so start again from the top.
+        for attempt in range(_MIGRATE_ATTEMPTS):
+            try:
+                await self._migrate_once(pool)
+                return
+            except _CREATE_RACES:
+                if attempt + 1 == _MIGRATE_ATTEMPTS:
+                    raise
+                log.info("postgres store: schema %r created concurrently; checking again", self.schema)
+
+    async def _migrate_once(self, pool: Any) -> None:
         n = self._names
         async with pool.acquire() as con:
             try:

@@ -1,0 +1,245 @@
+"""PostgresStore through a real PgBouncer in transaction pooling (``?pgbouncer=true``).
+
+The PgBouncers are throwaway (``tests/pgbouncer_server.py``): own port, own temp dir, in
+front of the tests' PostgreSQL. The conformance suite, schema creation by many starters,
+poll-only wake-ups, NOTIFY still reaching a worker connected directly, a TokenManager
+stampede, and the control that shows why the mode exists: the default mode's prepared
+statements break as soon as PgBouncer hands the next transaction to another server.
+
+Never skipped: without a ``pgbouncer`` binary (``scripts/ensure-services.sh`` installs it)
+these tests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
+
+from factorial_tokens import StoreUnavailable, TenantKey, TenantStatus, TokenManager, Update, store_from_url
+from factorial_tokens.testing import CountingStore, StoreConformance
+
+from . import postgres_server
+from .conftest import SimFactory, app_for
+from .pgbouncer_server import TempPgBouncer, store_url
+
+POOL_SIZE = 4  # server connections PgBouncer may open to PostgreSQL
+
+
+@pytest.fixture(scope="module")
+def bouncer() -> Iterator[TempPgBouncer]:
+    with TempPgBouncer(pool_size=POOL_SIZE) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def module_url(bouncer: TempPgBouncer) -> str:
+    return store_url(bouncer, max_size="4")
+
+
+def _update(payload: bytes) -> Update:
+    return Update(payload, TenantStatus.ACTIVE, None, time.time())
+
+
+def _schema(url: str) -> str:
+    return url.split("schema=")[1].split("&")[0]
+
+
+def _pgbouncer_store(url: str) -> PostgresStore:
+    store = store_from_url(url)
+    assert isinstance(store, PostgresStore) and store.pgbouncer
+    return store
+
+
+class TestPostgresStoreThroughPgBouncer(StoreConformance):
+    @pytest.fixture
+    async def store(self, module_url: str) -> AsyncIterator[PostgresStore]:
+        store = _pgbouncer_store(module_url)
+        yield store
+        await store.aclose()
+        assert store.listens == 0  # never LISTENed
+
+
+async def test_traffic_is_multiplexed_by_transaction_pooling(bouncer: TempPgBouncer) -> None:
+    """Three stores with four connections each share at most POOL_SIZE server connections:
+    every statement is its own transaction, handed to whichever server is free."""
+    url = store_url(bouncer, max_size="4")
+    stores = [_pgbouncer_store(url) for _ in range(3)]
+    before = int(bouncer.stats().get("total_xact_count", "0"))
+    try:
+        keys = [TenantKey("pooling", f"t{i}") for i in range(24)]
+
+        async def work(store: PostgresStore, key: TenantKey) -> bytes | None:
+            await store.replace(key, _update(key.tenant.encode()))
+            record = await store.read(key)
+            return None if record is None else record.payload
+
+        payloads = await asyncio.gather(*(work(stores[i % 3], key) for i, key in enumerate(keys)))
+        assert payloads == [key.tenant.encode() for key in keys]
+        pool = bouncer.pool()
+        clients = int(pool["cl_active"]) + int(pool["cl_waiting"])
+        servers = sum(int(pool[k]) for k in ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login"))
+        assert pool["pool_mode"] == "transaction"
+        assert clients > POOL_SIZE >= servers >= 1, pool
+        assert int(bouncer.stats()["total_xact_count"]) - before >= 2 * len(keys)
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_many_starters_create_the_schema_once(bouncer: TempPgBouncer) -> None:
+    """Six stores start at once on an empty schema, three times over the same (warm) server
+    connections: the migration's transaction-level advisory lock works through transaction
+    pooling, and a starter that waited never trips over the schema another one created."""
+    for _ in range(3):
+        url = store_url(bouncer, max_size="2")
+        schema = _schema(url)
+        stores = [_pgbouncer_store(url) for _ in range(6)]
+        try:
+            await asyncio.gather(*(store.check() for store in stores))
+            await asyncio.gather(
+                *(s.replace(TenantKey("starters", f"w{i}"), _update(b"x")) for i, s in enumerate(stores))
+            )
+        finally:
+            for store in stores:
+                await store.aclose()
+        con = await asyncpg.connect(bouncer.target, timeout=5)  # directly, not through PgBouncer
+        try:
+            tables = await con.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+            )
+            assert sorted(r["table_name"] for r in tables) == ["code_claims", "meta", "tenants"]
+            meta = await con.fetch(f'SELECT name, value FROM "{schema}".meta')
+            assert [(r["name"], r["value"]) for r in meta] == [("schema_version", SCHEMA_VERSION)]
+            assert await con.fetchval(f'SELECT count(*) FROM "{schema}".tenants') == 6
+        finally:
+            await con.close()
+
+
+async def test_without_listen_a_waiter_is_woken_by_the_poll(bouncer: TempPgBouncer) -> None:
+    """Another process's write is never announced here (no LISTEN): the poll ends the wait
+    early (``wait`` returns False), and the waiter's re-read finds the write."""
+    url = store_url(bouncer, poll="0.2")
+    one, two = _pgbouncer_store(url), _pgbouncer_store(url)  # two processes' stores
+    key = TenantKey("wake", "acme")
+    try:
+        await one.replace(key, _update(b"first"))
+        async with one.watch(key) as watch:
+            await two.replace(key, _update(b"second"))
+            async with asyncio.timeout(30):  # only a poll tick can end a 60 s wait early
+                assert await watch.wait(60) is False
+            record = await one.read(key)
+            assert record is not None and record.payload == b"second"
+        assert one.listens == two.listens == 0 and not one.listening
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_notify_sent_through_pgbouncer_reaches_a_direct_listener(bouncer: TempPgBouncer) -> None:
+    """A worker connected to PostgreSQL directly still gets push wake-ups (its poll is 60 s,
+    so only NOTIFY can wake it) for writes made through PgBouncer."""
+    url = store_url(bouncer)
+    direct = PostgresStore.from_url(
+        postgres_server.store_url(bouncer.target, schema=_schema(url), poll="60", pgbouncer="false")
+    )
+    bounced = _pgbouncer_store(url)
+    key = TenantKey("notify", "acme")
+    try:
+        await bounced.replace(key, _update(b"first"))
+        async with direct.watch(key) as watch:
+            assert direct.listening
+            await bounced.replace(key, _update(b"second"))
+            assert await watch.wait(10), "no NOTIFY through PgBouncer"
+        record = await direct.read(key)
+        assert record is not None and record.payload == b"second"
+    finally:
+        await direct.aclose()
+        await bounced.aclose()
+
+
+async def test_200_callers_on_an_expired_tenant_cause_one_refresh(
+    make_sim: SimFactory, bouncer: TempPgBouncer
+) -> None:
+    async with make_sim(access_token_ttl=1) as sim:
+        inner = _pgbouncer_store(store_url(bouncer))
+        store = CountingStore(inner)
+        try:
+            async with TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=3) as tm:
+                old = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+                await asyncio.sleep(1.1)
+                store.reset()
+                sim.reset_stats()
+                tokens = await asyncio.gather(*(tm.access_token("acme") for _ in range(200)))
+        finally:
+            await inner.aclose()
+        assert len(set(tokens)) == 1 and tokens[0] != old.access_token
+        assert sim.is_active(tokens[0])
+        assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
+        assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+        assert store.calls["acquire"] == 1 and store.calls["commit"] == 1
+
+
+async def test_two_workers_200_callers_one_refresh(make_sim: SimFactory, bouncer: TempPgBouncer) -> None:
+    """Two managers (as two processes would) on one schema through PgBouncer: the one that
+    waits for the other's lease learns of its commit by polling, and never refreshes."""
+    url = store_url(bouncer)
+    stores = [_pgbouncer_store(url), _pgbouncer_store(url)]
+    try:
+        async with make_sim(access_token_ttl=1, latency=0.05) as sim:
+            app = app_for(sim)
+            async with (
+                TokenManager(app, stores[0], lease_ttl=6, provider_timeout=3) as one,
+                TokenManager(app, stores[1], lease_ttl=6, provider_timeout=3) as two,
+            ):
+                old = await one.exchange_code("acme", sim.issue_code(company_id=1))
+                assert await two.access_token("acme") == old.access_token
+                await asyncio.sleep(1.1)
+                sim.reset_stats()
+                calls = [tm.access_token("acme") for tm in (one, two) for _ in range(100)]
+                tokens = await asyncio.gather(*calls)
+            assert len(set(tokens)) == 1 and tokens[0] != old.access_token
+            assert sim.is_active(tokens[0])
+            assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
+            assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+            assert stores[0].listens == stores[1].listens == 0
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+@pytest.mark.parametrize("pgbouncer", [False, True], ids=["default-mode", "pgbouncer-mode"])
+async def test_why_the_mode_exists(pgbouncer: bool) -> None:
+    """The control: the default mode caches named prepared statements per connection, which
+    live on ONE server connection; once PgBouncer runs the next transaction on another
+    server, the statement is gone. Deterministic: the only idle server is taken by a
+    transaction held open, so the next read must run on a second, fresh server."""
+    with TempPgBouncer(pool_size=2) as own:
+        url = store_url(own, pgbouncer=str(pgbouncer).lower(), max_size="2")
+        store = PostgresStore.from_url(url)
+        assert store.pgbouncer is pgbouncer
+        key = TenantKey("control", "acme")
+        blocker = await asyncpg.connect(own.url, statement_cache_size=0, timeout=5)
+        try:
+            await store.replace(key, _update(b"x"))  # migrates, then writes: server one
+            record = await store.read(key)  # server one again (the only one)
+            assert record is not None and record.payload == b"x"
+            async with blocker.transaction():
+                await blocker.execute("SELECT 1")  # holds server one
+                if pgbouncer:
+                    record = await store.read(key)
+                    assert record is not None and record.payload == b"x"
+                else:
+                    with pytest.raises(StoreUnavailable) as failed:
+                        await store.read(key)
+                    assert isinstance(failed.value.__cause__, asyncpg.exceptions.InvalidSQLStatementNameError)
+                pool = own.pool()
+                assert int(pool["cl_active"]) == 2  # the store's one connection and the blocker
+                assert int(pool["sv_active"]) + int(pool["sv_idle"]) + int(pool["sv_used"]) == 2
+        finally:
+            await blocker.close()
+            await store.aclose()

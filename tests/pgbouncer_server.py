@@ -209,8 +209,3 @@ def store_url(bouncer: TempPgBouncer | None = None, **options: str) -> str:
     options.setdefault("pgbouncer", "true")
     direct = postgres_server.store_url(bouncer.target, **options)  # registers the schema
     return f"{bouncer.url}?{urlsplit(direct).query}"
-
-
-def multiprocess_store_url() -> str:
-    """For the multi-process harness: a store URL through the shared PgBouncer."""
-    return store_url(max_size="4")

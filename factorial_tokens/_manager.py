@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
@@ -409,7 +409,10 @@ class TokenManager:
                 )
                 committed = True
                 raise error from None
-            stored = await self._store.commit(lease, self._update(lease.key, new))
+            update = self._update(lease.key, new)
+            stored = await self._patiently(
+                tenant, "refreshed tokens", lambda: self._store.commit(lease, update)
+            )
             committed = True
             if stored is None:
                 log.error(
@@ -432,6 +435,24 @@ class TokenManager:
                 # Shielded: the lease must go back even if this task is being cancelled.
                 with contextlib.suppress(FactorialTokensError):
                     await asyncio.shield(self._store.release(lease))
+
+    async def _patiently(self, tenant: str, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Write tokens Factorial just issued, retrying for up to ``lease_ttl`` while the
+        store is unavailable: they exist nowhere else, and the grant they replace is spent.
+        (Fenced writes stay safe to retry: a lost lease is refused, never overwritten.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_ttl
+        delay = 0.05
+        while True:
+            try:
+                return await write()
+            except StoreUnavailable as exc:
+                if loop.time() + delay >= deadline:
+                    log.error("tenant %r: could not store the %s, they are lost: %s", tenant, what, exc)
+                    raise
+                log.warning("tenant %r: store unavailable while writing the %s; retrying", tenant, what)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _mark_dead(
         self,
@@ -538,8 +559,13 @@ class TokenManager:
             outcome = {"status": exc.status, "error": exc.error, "description": exc.description}
             await self._store.advance_code(claim, ClaimState.FAILED, self.lease_ttl, json.dumps(outcome))
             raise
-        await self._store.replace(key, self._update(key, tokens))
-        await self._store.advance_code(claim, ClaimState.DONE, self.lease_ttl)
+        update = self._update(key, tokens)
+        await self._patiently(key.tenant, "exchanged tokens", lambda: self._store.replace(key, update))
+        await self._patiently(
+            key.tenant,
+            "exchange's outcome",
+            lambda: self._store.advance_code(claim, ClaimState.DONE, self.lease_ttl),
+        )
         self._forget_cached(key.tenant)
         log.info("tenant %r: code exchanged, access token %s", key.tenant, tokens.fingerprint)
         self._emit(TokenEvent(EventKind.EXCHANGED, key.tenant, tokens.fingerprint))

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from factorial_tokens import MemoryStore, StoreUnavailable, TokenManager
-from factorial_tokens.testing import CountingStore
+from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for
 
@@ -57,3 +57,26 @@ async def test_cached_tokens_serve_through_an_outage(make_sim: SimFactory) -> No
             fresh = await tm.access_token("acme")
             assert fresh != token and sim.is_active(fresh)
             assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+async def _outage_while_the_provider_answers(store: OutageStore, sim: FakeFactorial, seconds: float) -> None:
+    """Take the store down once the provider has the request, bring it back ``seconds`` later."""
+    while sim.stats.token_requests < 2:  # the exchange, then the request in flight
+        await asyncio.sleep(0.01)
+    store.down = True
+    await asyncio.sleep(seconds)
+    store.down = False
+
+
+async def test_tokens_issued_during_an_outage_are_not_lost(make_sim: SimFactory) -> None:
+    async with make_sim(latency=0.3) as sim:
+        store = OutageStore(MemoryStore())
+        async with TokenManager(app_for(sim), store, lease_ttl=3, provider_timeout=1) as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            outage = asyncio.create_task(_outage_while_the_provider_answers(store, sim, 0.8))
+            fresh = await tm.refresh("acme")  # its answer arrives while the store is down
+            await outage
+            assert (await tm.tokens("acme")).access_token == fresh.access_token
+            assert sim.is_active(fresh.access_token)
+            assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+            assert store.calls["commit"] == 1  # the calls that failed never reached the store

@@ -102,6 +102,8 @@ class TokenManager:
         app: the OAuth application.
         store: a store URL (``memory://``, ``sqlite:///path``, ``redis://``, ...) or a Store.
             A store built from a URL is closed with the manager; an injected one is not.
+            There is no default on purpose: the store decides how far the guarantees reach
+            (``memory://`` is one process only), so every deployment names its own.
         leeway: refresh this many seconds before expiry (at most half the token's lifetime).
         lease_ttl: how long a refresher's lease lives without renewal.
         provider_timeout: the longest one HTTP attempt may take.
@@ -129,7 +131,7 @@ class TokenManager:
     def __init__(
         self,
         app: FactorialApp,
-        store: str | Store = "memory://",
+        store: str | Store,
         *,
         leeway: float = 60.0,
         lease_ttl: float = 30.0,

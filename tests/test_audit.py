@@ -284,7 +284,7 @@ async def test_store_reprs_and_errors_hide_url_passwords(url: str) -> None:
 
 
 async def test_tls_verification_is_on_by_default(sim: FakeFactorial) -> None:
-    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
         connector = tm._oauth.session.connector
         assert connector is not None
         assert getattr(connector, "_ssl", None) is not False  # aiohttp's default: verify
@@ -351,7 +351,7 @@ async def test_a_self_signed_provider_is_refused(self_signed_server: tuple[str, 
     app = FactorialApp(
         client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, base_url=base_url
     )
-    async with TokenManager(app, **BUDGETS) as tm:
+    async with TokenManager(app, "memory://", **BUDGETS) as tm:
         with pytest.raises(ProviderError) as info:
             await tm.exchange_code("acme", "a-code-for-a-fake-server")
         assert info.value.status is None and info.value.error == "connection_error"
@@ -464,7 +464,7 @@ async def test_a_hostile_client_id_cannot_list_or_read_another_apps_tenants(
 
 
 def test_a_ten_kilobyte_tenant_id_is_refused_before_any_work(sim: FakeFactorial) -> None:
-    tm = TokenManager(app_for(sim), **BUDGETS)
+    tm = TokenManager(app_for(sim), "memory://", **BUDGETS)
     for hostile in ("x" * 10_240, "{" * 10_240, "'" * 10_240, "*" * 10_240):
         with pytest.raises(InvalidTenant) as info:
             tm.authorization_url(hostile)

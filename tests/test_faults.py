@@ -29,7 +29,7 @@ BUDGETS = {"lease_ttl": 3.0, "provider_timeout": 1.0, "refresh_deadline": 2.0}
 
 @pytest.fixture
 async def connected(sim: FakeFactorial) -> AsyncIterator[tuple[TokenManager, TokenSet]]:
-    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
         tokens = await tm.exchange_code("acme", sim.issue_code(company_id=1))
         yield tm, tokens
 
@@ -124,7 +124,7 @@ async def test_provider_down(connected: tuple[TokenManager, TokenSet], sim: Fake
 
 
 async def test_a_wrong_client_secret_is_not_a_dead_grant(sim: FakeFactorial) -> None:
-    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
         await tm.exchange_code("acme", sim.issue_code(company_id=1))
     wrong = FactorialApp(
         client_id=CLIENT_ID, client_secret="wrong", redirect_uri=REDIRECT_URI, base_url=sim.base_url
@@ -140,7 +140,7 @@ async def test_unreachable_provider(sim: FakeFactorial) -> None:
     app = FactorialApp(
         client_id=CLIENT_ID, client_secret="s", redirect_uri=REDIRECT_URI, base_url="http://127.0.0.1:9"
     )
-    async with TokenManager(app, **BUDGETS) as tm:
+    async with TokenManager(app, "memory://", **BUDGETS) as tm:
         with pytest.raises(ProviderError) as info:
             await tm.exchange_code("acme", "code")
         assert info.value.error == "connection_error"
@@ -171,7 +171,7 @@ async def test_slow_answer_past_the_timeout_is_in_doubt(
 
 async def test_lost_rotation_heals_in_revoke_on_first_use_mode(make_sim: SimFactory) -> None:
     async with make_sim(refresh_mode=RefreshMode.REVOKE_ON_FIRST_USE) as sim:
-        async with TokenManager(app_for(sim), **BUDGETS) as tm:
+        async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
             before = await tm.exchange_code("acme", sim.issue_code(company_id=1))
             sim.inject(Fault.DROP_AFTER)
             fresh = await tm.refresh("acme")
@@ -184,7 +184,7 @@ async def test_lost_rotation_heals_in_revoke_on_first_use_mode(make_sim: SimFact
 
 @pytest.mark.parametrize("fault", [Fault.DROP_AFTER, Fault.HTML_ERROR, Fault.HTTP_504, Fault.MALFORMED_JSON])
 async def test_an_exchange_in_doubt_never_resends_the_code(sim: FakeFactorial, fault: Fault) -> None:
-    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
         code = sim.issue_code(company_id=1)
         sim.inject(fault)
         results = await asyncio.gather(
@@ -199,7 +199,7 @@ async def test_an_exchange_in_doubt_never_resends_the_code(sim: FakeFactorial, f
 
 
 async def test_a_transient_refusal_of_an_exchange_is_retried(sim: FakeFactorial) -> None:
-    async with TokenManager(app_for(sim), **BUDGETS) as tm:
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
         sim.inject(Fault.HTTP_503)
         tokens = await tm.exchange_code("acme", sim.issue_code(company_id=1))
         assert sim.is_active(tokens.access_token) and sim.stats.exchanges == 1

@@ -143,7 +143,7 @@ async def test_forced_refresh_is_single_flight(tm: TokenManager, sim: FakeFactor
 
 async def test_short_lifetime_is_not_refreshed_on_every_call(make_sim: SimFactory) -> None:
     async with make_sim(access_token_ttl=2) as sim:
-        async with TokenManager(app_for(sim), leeway=60, lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(app_for(sim), "memory://", leeway=60, lease_ttl=6, provider_timeout=2) as tm:
             await connect(tm, sim)
             for _ in range(200):
                 await tm.access_token("acme")
@@ -176,7 +176,9 @@ async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory) -> N
 async def test_dead_grant_needs_reauthorization(make_sim: SimFactory) -> None:
     events: list[TokenEvent] = []
     async with make_sim(access_token_ttl=1) as sim:
-        async with TokenManager(app_for(sim), on_event=events.append, lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(
+            app_for(sim), "memory://", on_event=events.append, lease_ttl=6, provider_timeout=2
+        ) as tm:
             await connect(tm, sim, company_id=5)
             sim.revoke_company(5)
             await asyncio.sleep(1.1)
@@ -198,7 +200,7 @@ async def test_dead_grant_needs_reauthorization(make_sim: SimFactory) -> None:
 
 async def test_invalid_grant_after_a_newer_write_is_a_lost_race(make_sim: SimFactory) -> None:
     async with make_sim(access_token_ttl=1) as sim:
-        async with TokenManager(app_for(sim), lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(app_for(sim), "memory://", lease_ttl=6, provider_timeout=2) as tm:
             await connect(tm, sim, company_id=5)
             sim.revoke_company(5)
             await asyncio.sleep(1.1)
@@ -212,7 +214,7 @@ async def test_invalid_grant_after_a_newer_write_is_a_lost_race(make_sim: SimFac
 
 async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFactory) -> None:
     async with make_sim(access_token_ttl=1, latency=0.4) as sim:
-        async with TokenManager(app_for(sim), lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(app_for(sim), "memory://", lease_ttl=6, provider_timeout=2) as tm:
             await connect(tm, sim)
             await asyncio.sleep(1.2)
             waiting = asyncio.create_task(tm.access_token("acme"))
@@ -226,7 +228,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFacto
 
 async def test_a_cancelled_exchange_still_stores_the_tokens(make_sim: SimFactory) -> None:
     async with make_sim(latency=0.3) as sim:
-        async with TokenManager(app_for(sim)) as tm:
+        async with TokenManager(app_for(sim), "memory://") as tm:
             code = sim.issue_code(company_id=1)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(tm.exchange_code("acme", code), 0.1)
@@ -258,7 +260,7 @@ async def test_credentials(tm: TokenManager, sim: FakeFactorial) -> None:
 
 
 async def test_credentials_ids_as_strings_in_2026_versions(sim: FakeFactorial) -> None:
-    async with TokenManager(app_for(sim, api_version="2026-01-01")) as tm:
+    async with TokenManager(app_for(sim, api_version="2026-01-01"), "memory://") as tm:
         await tm.exchange_code("acme", sim.issue_code(company_id=42, company_token=True))
         owner = await tm.credentials("acme")
         assert owner.company_id == "42" and owner.is_company
@@ -325,7 +327,7 @@ async def test_state_is_signed_and_bound(tm: TokenManager, sim: FakeFactorial) -
     other = FactorialApp(
         client_id=tm.app.client_id, client_secret="another", redirect_uri=tm.app.redirect_uri
     )
-    async with TokenManager(other) as foreign:
+    async with TokenManager(other, "memory://") as foreign:
         with pytest.raises(InvalidState):
             foreign.tenant_from_state(state)
     tokens = await tm.exchange_code("acme ☃", query["code"][0])
@@ -343,7 +345,7 @@ def test_expired_state() -> None:
 
 
 def test_company_authorization_url(app: FactorialApp) -> None:
-    tm = TokenManager(app)
+    tm = TokenManager(app, "memory://")
     url = tm.authorization_url("acme", company=True, scope="read")
     assert url.startswith(app.base_url + "/oauth/authorize?")
     assert "resource_owner_type=company" in url and "scope=read" in url and "response_type=code" in url
@@ -375,7 +377,7 @@ async def test_odd_but_valid_tenant_ids_work(tm: TokenManager, sim: FakeFactoria
 )
 def test_time_budgets_must_nest(app: FactorialApp, options: dict[str, float]) -> None:
     with pytest.raises(ConfigurationError):
-        TokenManager(app, **options)  # type: ignore[arg-type]
+        TokenManager(app, "memory://", **options)  # type: ignore[arg-type]
 
 
 def test_unknown_store_scheme_names_the_package(app: FactorialApp) -> None:
@@ -387,7 +389,7 @@ def test_unknown_store_scheme_names_the_package(app: FactorialApp) -> None:
 
 
 async def test_a_closed_manager_refuses_reuse(app: FactorialApp, sim: FakeFactorial) -> None:
-    tm = TokenManager(app)
+    tm = TokenManager(app, "memory://")
     async with tm:
         await connect(tm, sim)
     with pytest.raises(ManagerClosed):
@@ -399,7 +401,7 @@ async def test_a_closed_manager_refuses_reuse(app: FactorialApp, sim: FakeFactor
 
 async def test_revoke_on_first_use_mode_keeps_one_live_pair(make_sim: SimFactory) -> None:
     async with make_sim(access_token_ttl=1, refresh_mode=RefreshMode.REVOKE_ON_FIRST_USE) as sim:
-        async with TokenManager(app_for(sim), lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(app_for(sim), "memory://", lease_ttl=6, provider_timeout=2) as tm:
             await connect(tm, sim, company_id=4)
             for _ in range(2):
                 await asyncio.sleep(1.1)

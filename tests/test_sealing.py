@@ -295,7 +295,7 @@ def test_save_writes_0600_and_replaces(tmp_path: Path) -> None:
 
 def test_keyring_and_codec_together_are_refused(sim: FakeFactorial) -> None:
     with pytest.raises(ConfigurationError, match="not both"):
-        TokenManager(app_for(sim), keyring=Keyring.generate(), codec=JsonCodec())
+        TokenManager(app_for(sim), "memory://", keyring=Keyring.generate(), codec=JsonCodec())
 
 
 async def test_the_environment_keyring_seals(sim: FakeFactorial, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     tenant_counts: list[int] = args.tenants or ([1, 5] if q else [1, 20])
     rounds = _size(args.rounds, 5, 2, q)
     latency = args.latency_ms / 1000
-    command = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
+    command = "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = time.time()
     results: dict[str, Any] = {
         "command": command,

@@ -37,6 +37,10 @@ def _num(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _times(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}x"
+
+
 def _yes(met: bool | None) -> str:
     return "—" if met is None else ("**yes**" if met else "**NO**")
 
@@ -131,16 +135,19 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
     for storm in bulk:
         spec, s = storm["spec"], storm["summary"]
         ratio = s["all_fresh_s"] / s["provider_bound_s"] if s["provider_bound_s"] else math.nan
+        all_fresh = _num(s["all_fresh_s"], 2)
+        if s["ok"] < s["calls"]:  # not every caller got a token: there is no "all refreshed" time
+            all_fresh, ratio = f"never ({s['calls'] - s['ok']:,} calls failed)", math.nan
         bare_s = s.get("bare_all_s", math.nan)
-        bare_ratio = s["all_fresh_s"] / bare_s if bare_s else math.nan
+        bare_ratio = s["all_fresh_s"] / bare_s if bare_s and s["ok"] == s["calls"] else math.nan
         if s.get("bare_failures"):
             bare_s = f"{bare_s:.2f} ({s['bare_failures']} failed)"
         lines.append(
             f"| {spec['store']} | {_shape(spec)} | {s['refreshes']:,}/{s['ideal_refreshes']:,} = "
             f"**{s['refresh_ratio']:.2f}** | {s['invalid_grant']} | {_errors(s['errors'])} "
-            f"| {_num(s['all_fresh_s'], 2)} "
-            f"| {_num(s['provider_bound_s'], 2)} | {_num(ratio, 1)}x "
-            f"| {bare_s if isinstance(bare_s, str) else _num(bare_s, 2)} | {_num(bare_ratio, 1)}x |"
+            f"| {all_fresh} "
+            f"| {_num(s['provider_bound_s'], 2)} | {_times(ratio)} "
+            f"| {bare_s if isinstance(bare_s, str) else _num(bare_s, 2)} | {_times(bare_ratio)} |"
         )
     lines += [
         "",

@@ -541,3 +541,16 @@ async def test_a_script_racing_a_kill_is_all_or_nothing(throwaway: RedisServer) 
 async def hold_quietly(task: asyncio.Task[Any]) -> None:
     with contextlib.suppress(Exception):  # the blocker's own connection may be killed too
         await task
+
+
+async def test_more_concurrent_calls_than_connections_wait_for_one(redis_url: str, prefix: str) -> None:
+    """Past ``max_connections`` a call waits for a free connection instead of failing
+    (redis-py's plain pool raised MaxConnectionsError: 99% of a 10,000-tenant storm)."""
+    store = RedisStore.from_url(_url(redis_url, prefix, max_connections="4"))
+    try:
+        key = TenantKey("app", "acme")
+        await store.replace(key, _update(b"tokens"))
+        records = await asyncio.gather(*(store.read(key) for _ in range(400)))
+        assert all(r is not None and r.payload == b"tokens" for r in records)
+    finally:
+        await store.aclose()

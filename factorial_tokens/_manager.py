@@ -60,6 +60,7 @@ from ._store import (
     TenantKey,
     TenantStatus,
     Update,
+    acquire_within,
     store_from_url,
 )
 
@@ -654,23 +655,17 @@ class TokenManager:
     @contextlib.asynccontextmanager
     async def _lease(self, key: TenantKey) -> AsyncIterator[Record]:
         """Hold ``key``'s lease for a block that ends with ``replace`` (which releases it)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_timeout
-        while True:
-            async with self._store.watch(key) as watch:
-                won = await self._store.acquire(key, secrets.token_hex(16), self.lease_ttl)
-                if won.lease is not None:
-                    break
-                if loop.time() >= deadline:
-                    raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
-                await watch.wait(deadline - loop.time())
+        won = await acquire_within(self._store, key, self.lease_ttl, self.wait_timeout)
+        if won is None or won.lease is None:
+            raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
+        lease = won.lease
         try:
             if won.record is None:
                 raise TenantNotConnected(key.tenant)
             yield won.record
         finally:
             with contextlib.suppress(FactorialTokensError):
-                await asyncio.shield(self._store.release(won.lease))
+                await asyncio.shield(self._store.release(lease))
 
     # -- events, cache, records ------------------------------------------------------
 

@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ._codec import JsonCodec
 from ._errors import ConfigurationError, FactorialTokensError, RefreshTimeout, TokenSealError
 from ._models import TokenSet
-from ._store import Lease, Record, Store, TenantKey, Update
+from ._store import Lease, Record, Store, TenantKey, Update, acquire_within
 
 if TYPE_CHECKING:
     from ._manager import TokenManager
@@ -446,14 +446,9 @@ async def _reseal_one(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (wait or 0.0)
     while True:
-        async with store.watch(key) as watch:
-            won = await store.acquire(key, secrets.token_hex(16), ttl)
-            if won.lease is None:
-                remaining = deadline - loop.time()
-                if wait is None or remaining <= 0:
-                    return None
-                await watch.wait(remaining)
-                continue
+        won = await acquire_within(store, key, ttl, deadline - loop.time())
+        if won is None or won.lease is None:
+            return None
         result = await _reseal_held(store, codec, won.lease, won.record)
         if result is not None:
             return result

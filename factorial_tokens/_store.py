@@ -28,6 +28,7 @@ import asyncio
 import enum
 import hashlib
 import random
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import entry_points
@@ -310,6 +311,23 @@ class Notifier:
                 self._listeners.remove(callback)
 
         return unsubscribe
+
+
+async def acquire_within(store: Store, key: TenantKey, ttl: float, wait: float) -> Acquisition | None:
+    """Take ``key``'s lease (fresh owner token), waiting up to ``wait`` seconds, woken by the
+    store's announcements, for a holder to give it back; ``None`` if it stayed busy.
+    ``wait <= 0`` tries once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        async with store.watch(key) as watch:
+            won = await store.acquire(key, secrets.token_hex(16), ttl)
+            if won.lease is not None:
+                return won
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await watch.wait(remaining)
 
 
 #: The package to install for schemes that ship as plugins.

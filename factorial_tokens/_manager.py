@@ -255,6 +255,8 @@ class TokenManager:
 
     async def token_set(self, tenant: str) -> TokenSet:
         """Like :meth:`access_token`, but the whole token set."""
+        # The cache check is repeated, not shared: on the hot path one more coroutine call
+        # would cost about as much as the whole lookup.
         entry = self._cache.get(tenant)
         if entry is not None and time.time() < entry.due and not self._closed:
             return entry.tokens

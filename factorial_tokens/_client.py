@@ -13,7 +13,13 @@ from ._errors import ConfigurationError
 if TYPE_CHECKING:
     from ._manager import TokenManager
 
-__all__ = ["TenantSession"]
+__all__ = ["TenantSession", "same_origin"]
+
+
+def same_origin(url: str, base_url: str) -> bool:
+    """True if ``url`` has the scheme and host (and port) of ``base_url``: where tokens may go."""
+    base, target = urlsplit(base_url), urlsplit(url)
+    return (target.scheme.lower(), target.netloc.lower()) == (base.scheme.lower(), base.netloc.lower())
 
 
 class _RequestContext:
@@ -89,8 +95,7 @@ class TenantSession:
 
     def _url(self, path: str) -> str:
         url = urljoin(self.base_url + "/", path)
-        base, target = urlsplit(self.base_url), urlsplit(url)
-        if (target.scheme, target.netloc) != (base.scheme, base.netloc):
+        if not same_origin(url, self.base_url):
             raise ConfigurationError(f"refusing to send {self.tenant!r}'s token to another origin")
         return url
 
@@ -103,6 +108,5 @@ class TenantSession:
         if response.status != 401:
             return response
         response.release()
-        await self._manager._reload_after_401(self.tenant, token)
-        headers["Authorization"] = f"Bearer {await self._manager.access_token(self.tenant)}"
+        headers["Authorization"] = f"Bearer {await self._manager.token_rejected(self.tenant, token)}"
         return await self._session.request(method, url, headers=headers, **kwargs)

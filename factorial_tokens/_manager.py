@@ -315,6 +315,9 @@ class TokenManager:
             entry = await asyncio.shield(flight)
             if newer_than is None or entry.version > newer_than or not _renewable(entry.tokens):
                 return entry
+            # A finished flight is awaited without yielding, and its landing may not have run
+            # yet: forget it here, or this loop would join it again forever.
+            self._land(tenant, flight)
 
     def _land(self, tenant: str, flight: asyncio.Task[_Entry]) -> None:
         """Forget a finished flight (unless a newer one took its place)."""
@@ -590,6 +593,20 @@ class TokenManager:
                     raise
                 await self._reload_after_401(tenant, token)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def token_rejected(self, tenant: str, token: str) -> str:
+        """Report that Factorial's API answered 401 to ``token``; return the token to retry with.
+
+        A newer token in the store (another worker refreshed) is used as it is; if the store
+        still holds ``token``, one refresh is forced. Many callers reporting the same token
+        cause at most one refresh. For HTTP clients of your own: retry the request once with
+        the returned token; a second 401 is the API's answer. Raises what
+        :meth:`access_token` raises.
+        """
+        self._check_open()
+        validate_tenant(tenant)
+        await self._reload_after_401(tenant, token)
+        return await self.access_token(tenant)
 
     async def _reload_after_401(self, tenant: str, rejected: str) -> None:
         """After a 401: use a newer stored token if there is one, else force a refresh."""

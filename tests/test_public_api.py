@@ -8,7 +8,7 @@ import pkgutil
 import factorial_tokens
 
 #: Names the private modules share among themselves but do not promise to users.
-INTERNAL = {"DEFAULT_API_VERSION", "MAX_TENANT_LENGTH", "OAuthClient", "StateSigner"}
+INTERNAL = {"DEFAULT_API_VERSION", "MAX_TENANT_LENGTH", "OAuthClient", "StateSigner", "same_origin"}
 
 
 def test_all_is_sorted_and_resolves() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -62,3 +62,24 @@ async def tm(app: FactorialApp) -> AsyncIterator[TokenManager]:
     """A manager on a memory store, with short budgets so failures surface fast."""
     async with TokenManager(app, "memory://", lease_ttl=6.0, provider_timeout=2.0) as manager:
         yield manager
+
+
+ThreadSimFactory = Callable[..., contextlib.AbstractContextManager[FakeFactorial]]
+
+
+@pytest.fixture
+def make_thread_sim() -> ThreadSimFactory:
+    """Like ``make_sim``, but served from its own thread: for tests of blocking code."""
+
+    @contextlib.contextmanager
+    def factory(**options: Any) -> Iterator[FakeFactorial]:
+        options.setdefault("refresh_mode", RefreshMode.REVOKE_AT_REFRESH)
+        options.setdefault("reuse_detection", True)
+        options.setdefault("access_token_ttl", 3600)
+        sim = FakeFactorial(
+            client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, **options
+        )
+        with sim.serve_in_thread():
+            yield sim
+
+    return factory

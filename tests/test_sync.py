@@ -1,0 +1,213 @@
+"""SyncTokenManager: blocking, thread-safe, one manager on its own loop thread, fork-safe;
+and the ``requests`` auth built on it. Counted against a simulator served from a thread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from factorial_tokens import ManagerClosed, TenantNotConnected
+from factorial_tokens.requests import FactorialAuth
+from factorial_tokens.sync import SyncTokenManager
+from factorial_tokens.testing import FakeFactorial
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, ThreadSimFactory, app_for
+
+THREADS = 16
+TENANTS = [f"tenant-{i}" for i in range(4)]
+EMPLOYEES = "/api/2025-10-01/resources/employees/employees"
+
+
+def loop_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "factorial-tokens"]
+
+
+@pytest.fixture
+def tsim(make_thread_sim: ThreadSimFactory) -> Iterator[FakeFactorial]:
+    with make_thread_sim() as sim:
+        yield sim
+
+
+@pytest.fixture
+def stm(tsim: FakeFactorial, tmp_path: Path) -> Iterator[SyncTokenManager]:
+    manager = SyncTokenManager(
+        app_for(tsim), f"sqlite:///{tmp_path / 'tokens.db'}", lease_ttl=6.0, provider_timeout=2.0
+    )
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def connect(sim: FakeFactorial, stm: SyncTokenManager, tenants: list[str]) -> None:
+    for number, tenant in enumerate(tenants, start=1):
+        stm.exchange_code(tenant, sim.issue_code(company_id=number))
+
+
+def in_threads(work: Callable[[int], None], count: int = THREADS) -> list[BaseException]:
+    """Run ``work(i)`` in ``count`` threads released together; the errors they raised."""
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            work(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_sixteen_threads_one_refresh_per_tenant_and_clean_shutdown(
+    make_thread_sim: ThreadSimFactory, tmp_path: Path
+) -> None:
+    before = len(loop_threads())
+    with make_thread_sim(access_token_ttl=3) as sim:
+        stm = SyncTokenManager(
+            app_for(sim), f"sqlite:///{tmp_path / 'tokens.db'}", lease_ttl=6.0, provider_timeout=2.0
+        )
+        connect(sim, stm, TENANTS)
+        assert len(loop_threads()) == before + 1  # one loop thread for every caller
+        # A 3 s token is due at half its lifetime: wait until every tenant is due.
+        time.sleep(1.7)
+        sim.reset_stats()
+        tokens: dict[str, set[str]] = {tenant: set() for tenant in TENANTS}
+
+        def work(_: int) -> None:
+            for tenant in TENANTS:
+                tokens[tenant].add(stm.access_token(tenant))
+
+        errors = in_threads(work)
+        stats = sim.stats
+        assert errors == []
+        assert stats.refreshes == len(TENANTS)
+        assert stats.invalid_grant == 0 and stats.families_revoked == 0
+        assert all(len(seen) == 1 and sim.is_active(seen.pop()) for seen in tokens.values())
+        stm.close()
+        assert len(loop_threads()) == before
+        stm.close()  # idempotent
+        with pytest.raises(ManagerClosed):
+            stm.access_token(TENANTS[0])
+
+
+def test_requests_auth_after_a_401_one_refresh_per_tenant(tsim: FakeFactorial, stm: SyncTokenManager) -> None:
+    connect(tsim, stm, TENANTS)
+    for tenant in TENANTS:
+        stm.access_token(tenant)  # cached in the manager
+    tsim.expire_access_tokens()  # the API now refuses every cached token
+    tsim.reset_stats()
+    statuses: list[int] = []
+
+    def work(_: int) -> None:
+        with requests.Session() as session:
+            for tenant in TENANTS:
+                session.auth = FactorialAuth(stm, tenant)
+                resp = session.get(tsim.base_url + EMPLOYEES, timeout=10)
+                statuses.append(resp.status_code)
+
+    assert in_threads(work) == []
+    stats = tsim.stats
+    assert statuses == [200] * THREADS * len(TENANTS)
+    assert stats.refreshes == len(TENANTS)
+    assert stats.api_unauthorized >= len(TENANTS)  # every tenant's cached token was refused
+    assert stats.invalid_grant == 0
+
+
+def test_requests_auth_refuses_another_origin(tsim: FakeFactorial, stm: SyncTokenManager) -> None:
+    from factorial_tokens import ConfigurationError
+
+    connect(tsim, stm, ["acme"])
+    with pytest.raises(ConfigurationError), requests.Session() as session:
+        session.get("http://127.0.0.2:9/steal", auth=FactorialAuth(stm, "acme"), timeout=5)
+    assert tsim.stats.api_calls == 0
+
+
+def test_errors_and_run_with_the_async_manager(tsim: FakeFactorial, stm: SyncTokenManager) -> None:
+    with pytest.raises(TenantNotConnected):
+        stm.access_token("nobody")
+    connect(tsim, stm, ["acme"])
+
+    async def employees(tm: Any) -> Any:
+        async with tm.client("acme") as api, api.get(EMPLOYEES) as resp:
+            return resp.status, await resp.json()
+
+    status, _body = stm.run(employees)
+    assert status == 200
+    assert [info.tenant for info in stm.tenants()] == ["acme"]
+    url = stm.authorization_url("acme")
+    state = url.split("state=")[1].split("&")[0]
+    from urllib.parse import unquote
+
+    assert stm.tenant_from_state(unquote(state)) == "acme"
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+def test_a_forked_child_starts_its_own_loop(tsim: FakeFactorial, stm: SyncTokenManager) -> None:
+    connect(tsim, stm, ["acme"])
+    stm.access_token("acme")  # the parent's loop thread is running
+    parent_thread = loop_threads()[0]
+    tsim.reset_stats()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only this thread survived the fork
+        code = 1
+        try:
+            signal.alarm(30)
+            os.close(read_end)
+            tokens = stm.refresh("acme")
+            threads = loop_threads()
+            code = 0 if len(threads) == 1 and threads[0] is not parent_thread else 2
+            os.write(write_end, tokens.access_token.encode())
+            stm.close()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child_token = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert tsim.stats.refreshes == 1 and tsim.is_active(child_token)
+    # The parent's loop and connections survived the child; it reads the child's refresh.
+    assert stm.tokens("acme").access_token == child_token
+    assert parent_thread.is_alive() and loop_threads() == [parent_thread]
+
+
+def test_closed_at_interpreter_exit(tsim: FakeFactorial, tmp_path: Path) -> None:
+    tsim.next_owner(company_id=7)
+    script = textwrap.dedent(
+        f"""
+        from factorial_tokens import FactorialApp
+        from factorial_tokens.sync import SyncTokenManager
+        app = FactorialApp(client_id={CLIENT_ID!r}, client_secret={CLIENT_SECRET!r},
+                           redirect_uri={REDIRECT_URI!r}, base_url={tsim.base_url!r})
+        stm = SyncTokenManager(app, {f"sqlite:///{tmp_path / 't.db'}"!r})
+        stm.exchange_code("acme", {tsim.issue_code(company_id=7)!r})
+        print(stm.credentials("acme").company_id)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "7"
+    assert result.stderr == ""

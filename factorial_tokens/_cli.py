@@ -654,3 +654,149 @@ def rekey_command(cfg: Config, keys_file: str | None) -> None:
         return moved
 
     _run(run())
+
+
+SIM_CLIENT_ID = "dev-client"
+SIM_CLIENT_SECRET = "dev-secret"  # the simulator's documented development secret
+SIM_REDIRECT_URI = "http://127.0.0.1:8000/oauth/callback"
+
+
+def _fault(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    from .testing import Fault
+    from .testing._fake import ENDPOINTS
+
+    faults = []
+    for value in values:
+        kind, _sep, rest = value.partition(":")
+        times, _sep, endpoint = rest.partition(":")
+        names = sorted(f.value for f in Fault)
+        if kind not in names or (times and not times.isdigit()) or (endpoint and endpoint not in ENDPOINTS):
+            raise click.BadParameter(
+                f"{value!r}: expected KIND[:TIMES[:ENDPOINT]], KIND one of {', '.join(names)}, "
+                f"ENDPOINT one of {', '.join(ENDPOINTS)}"
+            )
+        faults.append((kind, int(times or 1), endpoint or "token"))
+    return faults
+
+
+@main.command(epilog=_EPILOG)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="0 picks one.")
+@click.option("--client-id", envvar="FACTORIAL_CLIENT_ID", default=SIM_CLIENT_ID, show_default=True)
+@click.option(
+    "--client-secret",
+    envvar="FACTORIAL_CLIENT_SECRET",
+    default=SIM_CLIENT_SECRET,
+    show_default=True,
+    help="The secret the simulated app authenticates with.",
+)
+@click.option(
+    "--redirect-uri",
+    envvar="FACTORIAL_REDIRECT_URI",
+    default=SIM_REDIRECT_URI,
+    show_default=True,
+    help="The registered redirect URI (where `serve` takes the callback).",
+)
+@click.option(
+    "--token-ttl", default=7200.0, show_default=True, type=Duration(), help="Access token lifetime."
+)
+@click.option(
+    "--refresh-token-ttl",
+    default=None,
+    type=Duration(),
+    help="Refresh token lifetime [default: never expires].",
+)
+@click.option(
+    "--refresh-mode",
+    type=click.Choice(["revoke_at_refresh", "revoke_on_first_use"]),
+    default="revoke_at_refresh",
+    show_default=True,
+    help="What a refresh does to the pair it came from (revoke_on_first_use is Factorial's).",
+)
+@click.option(
+    "--reuse-detection/--no-reuse-detection",
+    default=True,
+    show_default=True,
+    help="A reused code or rotated refresh token revokes the whole grant.",
+)
+@click.option("--latency", default=0.0, show_default=True, type=Duration(), help="Delay before every answer.")
+@click.option("--rate-limit", default=None, type=click.IntRange(1), help="Token POSTs per minute before 429.")
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    callback=_fault,
+    metavar="KIND[:TIMES[:ENDPOINT]]",
+    help="Queue a fault (repeatable), e.g. http_503:2:token, rate_limited, drop_after:1:token.",
+)
+def simulate(
+    host: str,
+    port: int,
+    client_id: str,
+    client_secret: str,
+    redirect_uri: str,
+    token_ttl: float,
+    refresh_token_ttl: float | None,
+    refresh_mode: str,
+    reuse_detection: bool,
+    latency: float,
+    rate_limit: int | None,
+    faults: list[tuple[str, int, str]],
+) -> None:
+    """Run a simulated Factorial locally, to develop against without an account.
+
+    It serves the OAuth endpoints (an authorize page where you pick a company id and
+    approve, token, revoke) and the API's credentials and employees endpoints, with the
+    strict rules of FakeFactorial. Point your app or `factorial-tokens serve` at it with
+    FACTORIAL_BASE_URL. State lives in memory: a restart forgets every grant.
+    """
+    from .testing import FakeFactorial, Fault, RefreshMode
+
+    try:
+        sim = FakeFactorial(
+            client_id=client_id,
+            client_secret=client_secret,
+            redirect_uri=redirect_uri,
+            refresh_mode=RefreshMode(refresh_mode),
+            reuse_detection=reuse_detection,
+            access_token_ttl=token_ttl,
+            refresh_token_ttl=refresh_token_ttl,
+            latency=latency,
+            rate_limit_per_minute=rate_limit,
+            host=host,
+            port=port,
+            authorize_page=True,
+        )
+    except ValueError as exc:
+        _fail(f"error: {exc}", EXIT_USAGE)
+    for kind, times, endpoint in faults:
+        sim.inject(Fault(kind), times=times, endpoint=endpoint)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with sim:
+            click.echo(f"simulated Factorial listening on {sim.base_url}")
+            click.echo(f"  app: client id {client_id!r}, redirect URI {redirect_uri}")
+            click.echo("  in another terminal:")
+            click.echo(
+                f"    export FACTORIAL_BASE_URL={sim.base_url} FACTORIAL_CLIENT_ID={client_id} "
+                f"FACTORIAL_REDIRECT_URI={redirect_uri}"
+            )
+            if client_secret == SIM_CLIENT_SECRET:
+                click.echo(f"    export FACTORIAL_CLIENT_SECRET={SIM_CLIENT_SECRET}")
+            sys.stdout.flush()
+            await stop.wait()
+            stats = sim.stats
+            click.echo(
+                f"exchanges {stats.exchanges}, refreshes {stats.refreshes}, "
+                f"invalid_grant {stats.invalid_grant}, families revoked {stats.families_revoked}, "
+                f"API calls {stats.api_calls}, faults served {stats.faults_injected}"
+            )
+
+    try:
+        _run(run())
+    except OSError as exc:
+        _fail(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_USAGE)

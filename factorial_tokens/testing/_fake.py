@@ -30,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import enum
+import html
 import itertools
 import json
 import math
@@ -391,7 +392,10 @@ class FakeFactorial:
     - ``latency``: seconds waited before every answer;
     - ``rate_limit_per_minute``: POSTs per rolling minute per endpoint family
       (``token``, ``revoke``) before answering 429 with ``Retry-After``; None = no limit;
-    - ``host``, ``port``: where to listen (port 0 picks a free one).
+    - ``host``, ``port``: where to listen (port 0 picks a free one);
+    - ``authorize_page``: ``/oauth/authorize`` shows a page where a person picks the
+      company id and approves (what ``factorial-tokens simulate`` serves), instead of
+      approving at once.
 
     Raises ``ValueError`` on nonsensical arguments.
     """
@@ -414,6 +418,7 @@ class FakeFactorial:
         rate_limit_per_minute: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        authorize_page: bool = False,
     ) -> None:
         if access_token_ttl <= 0:
             raise ValueError("access_token_ttl must be > 0")
@@ -442,6 +447,7 @@ class FakeFactorial:
         self.rate_limit_per_minute = rate_limit_per_minute
         self.host = host
         self.port = port
+        self.authorize_page = authorize_page
         #: When True every request is answered 503 ("provider down").
         self.unavailable = False
 
@@ -1167,6 +1173,8 @@ class FakeFactorial:
         if early is not None:
             return early
         query = request.query
+        if self.authorize_page and query.get("approve") != "1":
+            return await self._leave(request, queued, _approval_page(query))
         try:
             with self._lock:
                 location = self._authorize(query)
@@ -1203,7 +1211,10 @@ class FakeFactorial:
         if owner_type not in ("user", "company"):
             raise _GrantError(400, "invalid_request", "Unknown resource_owner_type.")
         company_token = owner_type == "company"
-        if self._next_owners:
+        picked = query.get("company_id", "") if self.authorize_page else ""
+        if picked.isdigit() and 0 < int(picked) < 2**31:
+            owner = self._make_owner(int(picked), None, company_token)
+        elif self._next_owners:
             queued = self._next_owners.popleft()
             owner = self._make_owner(queued.company_id, queued.employee_id, company_token)
         else:
@@ -1311,6 +1322,39 @@ def _error(err: _GrantError) -> web.Response:
     if err.description:
         body["error_description"] = err.description
     return _json(err.status, body, headers=headers)
+
+
+_APPROVAL: Final = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>FakeFactorial: authorize</title>
+<style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}</style>
+</head><body><h1>Simulated Factorial</h1>
+<p>The application <b>{client}</b> asks for access ({scope}).</p>
+<form method="get" action="/oauth/authorize">{hidden}
+<p><label>Company id <input name="company_id" type="number" min="1" value="1"></label></p>
+<p><button name="approve" value="1">Approve</button></p></form></body></html>
+"""
+
+
+def _approval_page(query: Mapping[str, str]) -> web.Response:
+    """The page a person approves on: the request's parameters ride along, escaped."""
+    hidden = "".join(
+        f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+        for k, v in query.items()
+        if k not in ("approve", "company_id")
+    )
+    body = _APPROVAL.format(
+        client=html.escape(query.get("client_id", "?")),
+        scope=html.escape(query.get("scope", "default scopes")),
+        hidden=hidden,
+    )
+    return web.Response(
+        text=body,
+        content_type="text/html",
+        headers={
+            **_NO_STORE,
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+        },
+    )
 
 
 def _drop(request: web.Request) -> web.Response:

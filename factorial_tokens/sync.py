@@ -76,9 +76,11 @@ class _Runner:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
+        # Everything runs on the loop's own thread: the caller's thread may have a running
+        # loop of its own (an async view), which forbids run_until_complete there.
+        self.submit(self.loop.shutdown_asyncgens()).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
 
 

@@ -211,3 +211,16 @@ def test_closed_at_interpreter_exit(tsim: FakeFactorial, tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "7"
     assert result.stderr == ""
+
+
+def test_close_from_a_thread_with_a_running_loop(tsim: FakeFactorial, stm: SyncTokenManager) -> None:
+    # An async view or an async test closing the facade: its own thread has a running loop.
+    import asyncio
+
+    connect(tsim, stm, ["acme"])
+
+    async def inside() -> None:
+        stm.close()
+
+    asyncio.run(inside())
+    assert stm.closed and loop_threads() == []

@@ -13,7 +13,9 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import re
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -145,8 +147,15 @@ class Config:
         if password:
             _Secrets.values.add(password)
 
-    def app(self) -> FactorialApp:
-        """The FactorialApp, or ConfigurationError naming what is missing (never its value)."""
+    def app(self, *, listing: bool = False) -> FactorialApp:
+        """The FactorialApp, or ConfigurationError naming what is missing (never its value).
+
+        ``listing=True`` (reading tenants' metadata) needs only the client id: what is not
+        given is filled with values that are never sent nor used to sign anything.
+        """
+        if listing:
+            self.client_secret = self.client_secret or secrets.token_urlsafe(32)
+            self.redirect_uri = self.redirect_uri or "http://127.0.0.1/unused"
         missing = [
             f"{env} (or {flag})"
             for value, env, flag in (
@@ -173,6 +182,16 @@ class Config:
         """A TokenManager on the configured store (enter it with ``async with``), sealing
         tokens under :meth:`keyring`."""
         return TokenManager(self.app(), self.store, keyring=self.keyring(), **options)
+
+    def sqlite_missing(self) -> str | None:
+        """The path of an SQLite store file that does not exist yet (else None): read-only
+        commands report it instead of creating it."""
+        if urlsplit(self.store).scheme.lower() != "sqlite":
+            return None
+        from ._sqlite import SQLiteStore
+
+        path = SQLiteStore.from_url(self.store).path
+        return None if os.path.exists(path) else path
 
     def keyring(self) -> Keyring | None:
         """``FACTORIAL_TOKENS_KEYS`` if set; else, for an SQLite store, the key file
@@ -394,10 +413,16 @@ def status(cfg: Config, as_json: bool) -> None:
     import time
 
     async def run() -> list[Any]:
-        async with cfg.manager() as tm:
+        # Metadata only: no client secret, no keys, and nothing created.
+        async with TokenManager(app, cfg.store) as tm:
             return await tm.tenants()
 
-    infos = _run(run())
+    try:
+        app = cfg.app(listing=True)
+        missing = cfg.sqlite_missing()
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+    infos = [] if missing else _run(run())
     now = time.time()
     if as_json:
         rows = [
@@ -419,7 +444,7 @@ def status(cfg: Config, as_json: bool) -> None:
 
     console = Console()
     if not infos:
-        console.print("No tenants in the store.")
+        click.echo(f"No tenants in the store{f' ({missing} does not exist yet)' if missing else ''}.")
         return
     table = Table()
     for column in ("tenant", "status", "expires", "last refresh", "needs re-authorization"):
@@ -492,7 +517,8 @@ def whoami(cfg: Config, tenant: str, as_json: bool) -> None:
 def connect_url(cfg: Config, tenant: str, company: bool, scope: str | None) -> None:
     """Print the URL that lets TENANT's admin connect the app (signed state, 10 minutes)."""
     try:
-        manager = cfg.manager()
+        # Signing a state needs neither the store nor keys: nothing is opened or created.
+        manager = TokenManager(cfg.app(), "memory://")
     except FactorialTokensError as exc:
         _fail(f"error: {exc}", _exit_code(exc))
     click.echo(manager.authorization_url(tenant, company=company, scope=scope))

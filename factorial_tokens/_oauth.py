@@ -19,7 +19,7 @@ import re
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -31,6 +31,8 @@ __all__ = ["OAuthClient"]
 _MAX_BODY = 1 << 20
 _RETRYABLE = frozenset({429, 500, 503})
 _GATEWAY = frozenset({502, 504})
+#: Connection attempts to a host that refuses before the error is raised.
+_CONNECT_TRIES = 5
 _SECRETISH = re.compile(r"[A-Za-z0-9_\-+/=.]{20,}")
 
 
@@ -183,6 +185,7 @@ class OAuthClient:
         """Send with retries; returns (status, body, wall time the answered attempt was sent)."""
         loop = asyncio.get_running_loop()
         attempt = 0
+        first_refused: float | None = None
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -206,8 +209,16 @@ class OAuthClient:
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
                     failure = self._error(status, body, secret)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                # Never connected: nothing was sent, so a retry is always safe.
-                failure = ProviderError(None, "connection_error", type(exc).__name__)
+                # Never connected: nothing was sent, so a retry is always safe; but a host that
+                # refuses or never answers for connect_timeout is reported then, not at the
+                # deadline, and named (a wrong base URL is the usual cause).
+                now = loop.time()
+                first_refused = now if first_refused is None else first_refused
+                failure = ProviderError(
+                    None, "connection_error", f"cannot connect to {_host_port(url)} ({type(exc).__name__})"
+                )
+                if now - first_refused >= self.connect_timeout or attempt >= _CONNECT_TRIES:
+                    raise failure from None
             except (TimeoutError, aiohttp.ClientError) as exc:
                 kind = (
                     "timeout"
@@ -251,6 +262,13 @@ class OAuthClient:
         fallback = "server_error" if status >= 500 else "invalid_response"
         default = {429: "rate_limited", 401: "unauthorized"}.get(status, fallback)
         return ProviderError(status, default, _excerpt(body, secret, self.app.client_secret))
+
+
+def _host_port(url: str) -> str:
+    """``host:port`` of a URL, for errors (a base URL holds no secret)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
 
 
 def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:

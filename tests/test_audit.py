@@ -355,7 +355,7 @@ async def test_a_self_signed_provider_is_refused(self_signed_server: tuple[str, 
         with pytest.raises(ProviderError) as info:
             await tm.exchange_code("acme", "a-code-for-a-fake-server")
         assert info.value.status is None and info.value.error == "connection_error"
-        assert info.value.description == "ClientConnectorCertificateError"  # refused for its cert
+        assert "ClientConnectorCertificateError" in info.value.description  # refused for its cert
         assert seen == []  # the handshake failed: no request, no client secret, reached it
         with pytest.raises(TenantNotConnected):
             await tm.access_token("acme")

@@ -156,7 +156,7 @@ def test_missing_configuration_exits_2_and_names_the_variable(env: dict[str, str
     assert "FACTORIAL_CLIENT_ID" in done.stderr and done.stdout == ""
     env["FACTORIAL_CLIENT_ID"] = CLIENT_ID
     del env["FACTORIAL_CLIENT_SECRET"]
-    done = cli("status", env=env)
+    done = cli("refresh", "acme", env=env)  # a refresh needs the secret (status does not)
     assert done.returncode == 2 and "FACTORIAL_CLIENT_SECRET" in done.stderr
 
 
@@ -479,3 +479,55 @@ def test_the_demo_verdict_can_fail() -> None:
         "no worker crashed",
     } <= set(result.broken)
     assert not result.ok
+
+
+# --------------------------------------------------------------------------- newcomer friction
+# Commands ask only for what they need, create nothing they were not asked to, and name
+# what they cannot reach.
+
+
+def run_in(folder: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_status_needs_only_the_client_id(env: dict[str, str], sim: FakeFactorial, store: str) -> None:
+    seed(sim, store, "acme", 1)
+    del env["FACTORIAL_CLIENT_SECRET"], env["FACTORIAL_REDIRECT_URI"]
+    done = cli("status", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert '"tenant": "acme"' in done.stdout
+
+
+def test_read_only_commands_create_no_file(env: dict[str, str], tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    env.pop("FACTORIAL_TOKENS_STORE")  # the default store: a file in the current folder
+    done = run_in(folder, "status", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "does not exist yet" in done.stdout
+    assert run_in(folder, "status", "--json", env=env).stdout.strip() == "[]"
+    done = run_in(folder, "connect-url", "acme", env=env)
+    assert done.returncode == 0 and "/oauth/authorize?" in done.stdout
+    assert list(folder.iterdir()) == []  # no database, no key file
+
+
+def test_an_unreachable_store_is_named(env: dict[str, str]) -> None:
+    done = cli("status", "--store", "redis://:hunter2-password@127.0.0.1:1/3", env=env)
+    assert done.returncode == 6
+    assert "127.0.0.1:1/3" in done.stderr and "hunter2" not in done.stderr
+
+
+def test_an_unreachable_provider_is_named(env: dict[str, str], sim: FakeFactorial, store: str) -> None:
+    seed(sim, store, "acme", 1)
+    env["FACTORIAL_BASE_URL"] = "http://127.0.0.1:9"
+    done = cli("whoami", "acme", env=env)
+    assert done.returncode == 5
+    assert "cannot connect to 127.0.0.1:9" in done.stderr

@@ -144,6 +144,19 @@ async def test_unreachable_provider(sim: FakeFactorial) -> None:
         with pytest.raises(ProviderError) as info:
             await tm.exchange_code("acme", "code")
         assert info.value.error == "connection_error"
+        assert "127.0.0.1:9" in info.value.description  # the error names where it tried
+
+
+@pytest.mark.timeout(30)
+async def test_a_provider_that_refuses_connections_fails_well_before_the_deadline() -> None:
+    # A wrong base URL is reported after a few quick tries (within connect_timeout), not
+    # after a whole 60 s refresh deadline of retries (the suite's timeout is the check).
+    app = FactorialApp(
+        client_id=CLIENT_ID, client_secret="s", redirect_uri=REDIRECT_URI, base_url="http://127.0.0.1:9"
+    )
+    async with TokenManager(app, "memory://", lease_ttl=90, refresh_deadline=60) as tm:
+        with pytest.raises(ProviderError, match=r"cannot connect to 127\.0\.0\.1:9"):
+            await tm.exchange_code("acme", "code")
 
 
 async def test_lost_rotation_in_strict_mode_surfaces(

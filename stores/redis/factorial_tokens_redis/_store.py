@@ -203,6 +203,18 @@ class RedisStore:
         store._owned = True
         return store
 
+    def _where(self) -> str:
+        """`` at host:port/db`` (or the cluster's start-up nodes) for errors; never a password."""
+        if isinstance(self._client, RedisCluster):
+            nodes = getattr(getattr(self._client, "nodes_manager", None), "startup_nodes", {})
+            return f" at cluster {','.join(sorted(nodes))}" if nodes else ""
+        kwargs = getattr(getattr(self._client, "connection_pool", None), "connection_kwargs", {})
+        if "path" in kwargs:
+            return f" at {kwargs['path']}"
+        if "host" in kwargs:
+            return f" at {kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+        return ""
+
     def __repr__(self) -> str:
         kind = "cluster" if self.cluster else "redis"
         return f"RedisStore({kind}, prefix={self.prefix!r})"
@@ -246,7 +258,7 @@ class RedisStore:
                 return await operation
         except (RedisError, OSError) as exc:
             operation.close()  # in case it never started
-            raise StoreUnavailable(f"redis {what} failed: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"redis {what} failed{self._where()}: {type(exc).__name__}") from exc
         except BaseException:
             operation.close()  # cancelled while waiting for a slot: never awaited
             raise

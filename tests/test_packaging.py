@@ -1,0 +1,121 @@
+"""The three distributions build (wheel and sdist) and install into a fresh virtualenv with
+their data files: the Lua scripts, the Postgres schema module, ``py.typed`` everywhere.
+
+Built with ``python -m build --no-isolation`` from the test environment (setuptools is
+pinned in requirements-dev.txt): an isolated build would download setuptools for each of
+the three projects, which is slow and needs the network. The fresh virtualenv gets the
+wheels with ``--no-deps --no-index``; their dependencies are borrowed from the test
+environment through a plain path entry, which does not run its editable-install hooks,
+so every ``factorial_tokens*`` module imported there comes from the wheels.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DISTS = {
+    ".": "factorial_tokens",
+    "stores/redis": "factorial_tokens_redis",
+    "stores/postgres": "factorial_tokens_postgres",
+}
+LUA = sorted(p.name for p in (ROOT / "stores/redis/factorial_tokens_redis/lua").glob("*.lua"))
+REQUIRED = {
+    "factorial_tokens": ["py.typed", "sync.py", "httpx.py", "requests.py", "testing/_fake.py"],
+    "factorial_tokens_redis": ["py.typed", *(f"lua/{name}" for name in LUA)],
+    "factorial_tokens_postgres": ["py.typed", "_schema.py"],
+}
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    for folder in DISTS:
+        done = subprocess.run(
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT / folder)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=out,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+def test_wheels_and_sdists_hold_the_data_files(dist: Path) -> None:
+    assert len(LUA) >= 7
+    for package, files in REQUIRED.items():
+        (wheel,) = dist.glob(f"{package}-*.whl")
+        (sdist,) = dist.glob(f"{package}-*.tar.gz")
+        names = set(zipfile.ZipFile(wheel).namelist())
+        with tarfile.open(sdist) as archive:
+            in_sdist = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        for file in files:
+            assert f"{package}/{file}" in names, (wheel.name, file)
+            assert f"{package}/{file}" in in_sdist, (sdist.name, file)
+        assert {"pyproject.toml", "README.md"} <= in_sdist
+        assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+
+
+def test_the_wheels_install_into_a_fresh_virtualenv(dist: Path, tmp_path: Path) -> None:
+    fresh = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)
+    python = fresh / "bin" / "python"
+    wheels = sorted(str(p) for p in dist.glob("*.whl"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            *wheels,
+        ],
+        check=True,
+        timeout=120,
+    )
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "zz-test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    check = textwrap.dedent(
+        f"""
+        import importlib, importlib.metadata, importlib.resources, sys
+        site = {site!r}
+        for name, files in {REQUIRED!r}.items():
+            module = importlib.import_module(name)
+            assert module.__file__.startswith(site), (name, module.__file__)
+            root = importlib.resources.files(name)
+            for file in files:
+                assert root.joinpath(file).is_file(), (name, file)
+        from factorial_tokens import store_from_url
+        for url in ("redis://127.0.0.1:1/0", "postgresql://u@127.0.0.1:1/db", "sqlite:///x.db"):
+            store = store_from_url(url)
+            assert type(store).__module__.split(".")[0] in sys.modules
+        import factorial_tokens.sync, factorial_tokens.httpx, factorial_tokens.requests
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [str(python), "-c", check], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    version = subprocess.run(
+        [str(fresh / "bin" / "factorial-tokens"), "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0 and "0.1.0" in version.stdout, version.stderr

@@ -72,7 +72,15 @@ EXIT_CODES = {
     EXIT_BUSY: "timed out waiting for another worker's refresh",
 }
 
-DEFAULT_STORE = "sqlite:///factorial-tokens.db"
+
+def _default_store() -> str:
+    """An SQLite file in the user's data folder (``$XDG_DATA_HOME`` or ``~/.local/share``),
+    never in the current folder: a command run from a checkout or ``/`` writes nowhere else."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return "sqlite:///" + os.path.abspath(os.path.join(base, "factorial-tokens", "tokens.db"))
+
+
+DEFAULT_STORE = _default_store()
 DEFAULT_BASE_URL = "https://api.factorialhr.com"
 
 _EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
@@ -178,10 +186,20 @@ class Config:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
 
-    def manager(self, **options: Any) -> TokenManager:
+    def manager(self, *, tenant: str | None = None, **options: Any) -> TokenManager:
         """A TokenManager on the configured store (enter it with ``async with``), sealing
-        tokens under :meth:`keyring`."""
-        return TokenManager(self.app(), self.store, keyring=self.keyring(), **options)
+        tokens under :meth:`keyring`.
+
+        With ``tenant`` (a command about one tenant) an SQLite file that does not exist is
+        not created: TenantNotConnected instead. Otherwise its folder is made (0700).
+        """
+        app = self.app()
+        missing = self.sqlite_missing()
+        if missing is not None:
+            if tenant is not None:
+                raise TenantNotConnected(tenant)
+            os.makedirs(os.path.dirname(missing) or ".", mode=0o700, exist_ok=True)
+        return TokenManager(app, self.store, keyring=self.keyring(), **options)
 
     def sqlite_missing(self) -> str | None:
         """The path of an SQLite store file that does not exist yet (else None): read-only
@@ -399,7 +417,7 @@ def token(cfg: Config, tenant: str) -> None:
     """Print a valid access token for TENANT on stdout (refreshing it if due)."""
 
     async def run() -> str:
-        async with cfg.manager() as tm:
+        async with cfg.manager(tenant=tenant) as tm:
             return await tm.access_token(tenant)
 
     click.echo(_run(run()))
@@ -467,7 +485,7 @@ def refresh(cfg: Config, tenant: str) -> None:
     """Force a refresh of TENANT's tokens (single-flight, under the lease)."""
 
     async def run() -> Any:
-        async with cfg.manager() as tm:
+        async with cfg.manager(tenant=tenant) as tm:
             return await tm.refresh(tenant)
 
     tokens = _run(run())
@@ -482,7 +500,7 @@ def revoke(cfg: Config, tenant: str) -> None:
     """Revoke TENANT's grant at Factorial and remove its tokens from the store."""
 
     async def run() -> None:
-        async with cfg.manager() as tm:
+        async with cfg.manager(tenant=tenant) as tm:
             await tm.revoke(tenant)
 
     _run(run())
@@ -498,7 +516,7 @@ def whoami(cfg: Config, tenant: str, as_json: bool) -> None:
     import attrs
 
     async def run() -> Any:
-        async with cfg.manager() as tm:
+        async with cfg.manager(tenant=tenant) as tm:
             return await tm.credentials(tenant)
 
     fields = attrs.asdict(_run(run()))

@@ -507,16 +507,23 @@ def test_status_needs_only_the_client_id(env: dict[str, str], sim: FakeFactorial
 
 
 def test_read_only_commands_create_no_file(env: dict[str, str], tmp_path: Path) -> None:
-    folder = tmp_path / "empty"
+    folder, data = tmp_path / "cwd", tmp_path / "data"
     folder.mkdir()
-    env.pop("FACTORIAL_TOKENS_STORE")  # the default store: a file in the current folder
+    env.pop("FACTORIAL_TOKENS_STORE")  # the default store, in the user's data folder
+    env["XDG_DATA_HOME"] = str(data)
     done = run_in(folder, "status", env=env)
     assert done.returncode == 0, done.stderr
-    assert "does not exist yet" in done.stdout
+    assert f"{data}/factorial-tokens/tokens.db does not exist yet" in done.stdout
     assert run_in(folder, "status", "--json", env=env).stdout.strip() == "[]"
     done = run_in(folder, "connect-url", "acme", env=env)
     assert done.returncode == 0 and "/oauth/authorize?" in done.stdout
-    assert list(folder.iterdir()) == []  # no database, no key file
+    for command in ("token", "whoami", "refresh"):
+        assert run_in(folder, command, "acme", env=env).returncode == 3  # not connected
+    assert not data.exists() and list(folder.iterdir()) == []  # no database, no key file
+    # A command that writes creates the default store in the data folder, not here.
+    done = run_in(folder, "keepalive", "--once", env=env)
+    assert done.returncode == 0, done.stderr
+    assert (data / "factorial-tokens" / "tokens.db").exists() and list(folder.iterdir()) == []
 
 
 def test_an_unreachable_store_is_named(env: dict[str, str]) -> None:

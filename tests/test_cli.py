@@ -530,6 +530,9 @@ def test_an_unreachable_store_is_named(env: dict[str, str]) -> None:
     done = cli("status", "--store", "redis://:hunter2-password@127.0.0.1:1/3", env=env)
     assert done.returncode == 6
     assert "127.0.0.1:1/3" in done.stderr and "hunter2" not in done.stderr
+    done = cli("status", "--store", "postgresql://me:hunter2-password@127.0.0.1:1/tokensdb", env=env)
+    assert done.returncode == 6
+    assert "127.0.0.1:1/tokensdb" in done.stderr and "hunter2" not in done.stderr
 
 
 def test_an_unreachable_provider_is_named(env: dict[str, str], sim: FakeFactorial, store: str) -> None:

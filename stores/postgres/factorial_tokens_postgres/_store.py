@@ -329,10 +329,22 @@ class PostgresStore:
             except _FAILURES as exc:
                 retry = isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
                 if not retry or attempt + 1 == attempts or self._closed:
-                    raise StoreUnavailable(f"Postgres store: {op} failed: {_describe(exc)}") from exc
+                    raise StoreUnavailable(
+                        f"Postgres store{self._where()}: {op} failed: {_describe(exc)}"
+                    ) from exc
                 log.warning("postgres store: %s lost its connection (%s); retrying", op, _describe(exc))
                 await asyncio.sleep(min(0.05 * (3**attempt), 0.5) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _where(self) -> str:
+        """`` at host:port/database`` of the store's own DSN, for errors; never a password."""
+        if not self._dsn:
+            return ""
+        try:
+            parts = urlsplit(self._dsn)
+            return f" at {parts.hostname or 'localhost'}:{parts.port or 5432}/{parts.path.lstrip('/') or '?'}"
+        except ValueError:
+            return ""
 
     def _check_key(self, key: TenantKey) -> None:
         # Postgres text cannot hold NUL; refuse it as a bad id rather than a store failure.

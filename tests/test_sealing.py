@@ -622,7 +622,9 @@ def test_cli_key_file_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.Monke
         )
         assert not keys.exists()
         assert runner.invoke(main, ["status"]).exit_code == 0
-        assert stat.S_IMODE(keys.stat().st_mode) == 0o600  # made on first use
+        assert not keys.exists()  # a read-only command creates nothing
+        assert runner.invoke(main, ["keepalive", "--once"]).exit_code == 0
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o600  # made on first write
         first = Keyring.from_file(keys)
 
         async def connect() -> list[TokenSet]:

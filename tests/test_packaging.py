@@ -119,3 +119,12 @@ def test_the_wheels_install_into_a_fresh_virtualenv(dist: Path, tmp_path: Path) 
         [str(fresh / "bin" / "factorial-tokens"), "--version"], capture_output=True, text=True, timeout=60
     )
     assert version.returncode == 0 and "0.1.0" in version.stdout, version.stderr
+
+
+def test_the_readme_install_lines_name_the_checkouts_projects() -> None:
+    readme = (ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("pip install -e ."))
+    folders = [word for word in line.split()[2:] if word != "-e"]
+    assert folders and set(folders) <= set(DISTS), folders
+    for folder in folders:
+        assert (ROOT / folder / "pyproject.toml").is_file()

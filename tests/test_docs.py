@@ -3,7 +3,7 @@
 The blocks of one page run in order in one namespace (a page reads like a session). A
 block preceded by ``<!-- test: ... -->`` is then driven by the code in that comment, one
 preceded by ``<!-- setup: ... -->`` is prepared by it; top-level ``await`` is allowed in
-blocks and comments (each runs on a fresh loop), and ``sim`` is the simulator. That is how
+blocks and comments (a page's blocks share one event loop), and ``sim`` is the simulator. That is how
 an example that defines a ``main`` or a web app gets called. The README's quick start has
 its own test (tests/test_readme.py). Placeholders (``"my-client-id"``,
 ``"https://api.factorialhr.com"``, ...) become the simulator's; each page runs in an empty
@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from factorial_tokens import TokenManager
+from factorial_tokens.sync import SyncTokenManager
 from factorial_tokens.testing import FakeFactorial
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, ThreadSimFactory
@@ -29,7 +31,9 @@ from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, ThreadSimFactory
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(
-    r"(?:<!--\s*(?P<kind>test|setup|quickstart):(?P<test>.*?)-->\s*\n)?```python\n(?P<code>.*?)```", re.S
+    r"(?:<!--\s*setup:(?P<setup>.*?)-->\s*\n)?(?:<!--\s*(?P<kind>test|quickstart):(?P<test>.*?)-->\s*\n)?"
+    r"```python\n(?P<code>.*?)```",
+    re.S,
 )
 
 
@@ -41,16 +45,9 @@ def blocks(page: Path) -> list[tuple[int, str, str | None, str | None]]:
         if match.group("kind") == "quickstart":
             continue
         line = text.count("\n", 0, match.start("code")) + 1
-        directive = textwrap.dedent(match.group("test") or "")
-        kind = match.group("kind")
-        found.append(
-            (
-                line,
-                match.group("code"),
-                directive if kind == "setup" else None,
-                directive if kind == "test" else None,
-            )
-        )
+        setup = textwrap.dedent(match.group("setup")) if match.group("setup") is not None else None
+        test = textwrap.dedent(match.group("test")) if match.group("kind") == "test" else None
+        found.append((line, match.group("code"), setup, test))
     return found
 
 
@@ -94,14 +91,34 @@ def test_page_runs(
 
 
 def run_page(page: Path, sim: FakeFactorial) -> None:
-    """Run the page's blocks in order in one namespace, each with its setup and test."""
+    """Run the page's blocks in order in one namespace and on one event loop (like one
+    session), each with its setup and test; managers left open are closed at the end."""
     namespace: dict[str, Any] = {"__name__": f"docs_{page.stem}", "sim": sim}
-    for line, code, setup, test in blocks(page):
-        if setup is not None:
-            run(setup, f"{page.name}:{line} setup", namespace)
-        run("\n" * (line - 1) + substitute(code, sim), str(page), namespace)
-        if test is not None:
-            run(test, f"{page.name}:{line} test", namespace)
+    loop = asyncio.new_event_loop()
+    try:
+        for line, code, setup, test in blocks(page):
+            if setup is not None:
+                run(setup, f"{page.name}:{line} setup", namespace, loop)
+            run("\n" * (line - 1) + substitute(code, sim), str(page), namespace, loop)
+            if test is not None:
+                run(test, f"{page.name}:{line} test", namespace, loop)
+    finally:
+        for value in list(namespace.values()):
+            if isinstance(value, TokenManager):
+                loop.run_until_complete(value.aclose())
+            elif isinstance(value, SyncTokenManager):
+                value.close()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def run(source: str, filename: str, namespace: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+    """Execute ``source`` in ``namespace``; with top-level ``await`` it runs on ``loop``."""
+    code = compile(source, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    if code.co_flags & inspect.CO_COROUTINE:
+        loop.run_until_complete(eval(code, namespace))
+    else:
+        exec(code, namespace)
 
 
 def test_a_failing_block_or_test_fails(make_thread_sim: ThreadSimFactory, tmp_path: Path) -> None:
@@ -113,12 +130,3 @@ def test_a_failing_block_or_test_fails(make_thread_sim: ThreadSimFactory, tmp_pa
         page.write_text("```python\nawait undefined()\n```\n")
         with pytest.raises(NameError):
             run_page(page, sim)
-
-
-def run(source: str, filename: str, namespace: dict[str, Any]) -> None:
-    """Execute ``source`` in ``namespace``; top-level ``await`` runs it on a fresh loop."""
-    code = compile(source, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    if code.co_flags & inspect.CO_COROUTINE:
-        asyncio.run(eval(code, namespace))
-    else:
-        exec(code, namespace)

@@ -186,14 +186,15 @@ class Config:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
 
-    def manager(self, *, tenant: str | None = None, **options: Any) -> TokenManager:
+    def manager(self, *, tenant: str | None = None, listing: bool = False, **options: Any) -> TokenManager:
         """A TokenManager on the configured store (enter it with ``async with``), sealing
         tokens under :meth:`keyring`.
 
         With ``tenant`` (a command about one tenant) an SQLite file that does not exist is
         not created: TenantNotConnected instead. Otherwise its folder is made (0700).
+        ``listing`` as in :meth:`app` (a manager that will not refresh nor connect).
         """
-        app = self.app()
+        app = self.app(listing=listing)
         missing = self.sqlite_missing()
         if missing is not None:
             if tenant is not None:
@@ -414,11 +415,26 @@ def demo(
 @click.argument("tenant", callback=_tenant)
 @_config_options
 def token(cfg: Config, tenant: str) -> None:
-    """Print a valid access token for TENANT on stdout (refreshing it if due)."""
+    """Print a valid access token for TENANT on stdout (refreshing it if due).
+
+    Without the client secret a stored token that is not yet due is printed; one that
+    needs a refresh exits 2 asking for FACTORIAL_CLIENT_SECRET.
+    """
+    import time
+
+    can_refresh = bool(cfg.client_secret)
 
     async def run() -> str:
-        async with cfg.manager(tenant=tenant) as tm:
-            return await tm.access_token(tenant)
+        async with cfg.manager(tenant=tenant, listing=not can_refresh) as tm:
+            if can_refresh:
+                return await tm.access_token(tenant)
+            tokens = await tm.tokens(tenant)
+            if tokens.expires_at is not None and time.time() >= tokens.refresh_due_at(tm.leeway):
+                raise ConfigurationError(
+                    f"tenant {tenant!r}'s token is due for a refresh, which needs the client secret: "
+                    "set FACTORIAL_CLIENT_SECRET (or --client-secret)"
+                )
+            return tokens.access_token
 
     click.echo(_run(run()))
 

@@ -541,3 +541,36 @@ def test_an_unreachable_provider_is_named(env: dict[str, str], sim: FakeFactoria
     done = cli("whoami", "acme", env=env)
     assert done.returncode == 5
     assert "cannot connect to 127.0.0.1:9" in done.stderr
+
+
+def test_token_needs_the_secret_only_to_refresh(env: dict[str, str], sim: FakeFactorial, store: str) -> None:
+    issued = seed(sim, store, "acme", 1)
+    del env["FACTORIAL_CLIENT_SECRET"], env["FACTORIAL_REDIRECT_URI"]
+    done = cli("token", "acme", env=env, token_out=True)
+    assert done.returncode == 0 and done.stdout.strip() == issued
+    expire(store, "acme")
+    done = cli("token", "acme", env=env)
+    assert done.returncode == 2 and "FACTORIAL_CLIENT_SECRET" in done.stderr
+    assert sim.stats.token_requests == 1  # only the seeding exchange: nothing sent without the secret
+
+
+def expire(store: str, tenant: str) -> None:
+    """Make ``tenant``'s stored tokens expired (re-sealed with the CLI's key file)."""
+    import attrs
+
+    from factorial_tokens import SealedCodec
+
+    async def run() -> None:
+        codec = SealedCodec(ensure_key_file(urlsplit(store).path[1:] + ".keys"))
+        backend = store_from_url(store)
+        try:
+            key = TenantKey(CLIENT_ID, tenant)
+            record = await backend.read(key)
+            assert record is not None
+            tokens = attrs.evolve(codec.decode(key, record.payload), expires_at=time.time() - 1)
+            update = Update(codec.encode(key, tokens), record.status, tokens.expires_at, record.updated_at)
+            await backend.replace(key, update)
+        finally:
+            await backend.aclose()
+
+    asyncio.run(run())

@@ -558,10 +558,11 @@ def expire(store: str, tenant: str) -> None:
     """Make ``tenant``'s stored tokens expired (re-sealed with the CLI's key file)."""
     import attrs
 
-    from factorial_tokens import SealedCodec
+    from factorial_tokens import JsonCodec, Keyring, PayloadCodec, SealedCodec
 
     async def run() -> None:
-        codec = SealedCodec(ensure_key_file(urlsplit(store).path[1:] + ".keys"))
+        keys = urlsplit(store).path[1:] + ".keys"
+        codec: PayloadCodec = SealedCodec(Keyring.from_file(keys)) if os.path.exists(keys) else JsonCodec()
         backend = store_from_url(store)
         try:
             key = TenantKey(CLIENT_ID, tenant)

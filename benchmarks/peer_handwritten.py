@@ -73,6 +73,20 @@ async def copy_from_store(
         await client.aclose()
 
 
+async def stored_access_token(redis_url: str, prefix: str, tenant: str) -> tuple[str, bool]:
+    """The access token the pattern holds for ``tenant`` now, and whether it takes it for fresh
+    (then its next caller gets it without a refresh)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        raw = await client.get(_token_key(prefix, tenant))
+    finally:
+        await client.aclose()
+    if raw is None:
+        raise RuntimeError(f"tenant {tenant!r} has no token")
+    token = json.loads(raw)
+    return str(token["access_token"]), HandWritten.fresh(token)
+
+
 class HandWritten:
     """One process's share of the pattern: its asyncio locks, its Redis client, its HTTP session."""
 
@@ -103,24 +117,25 @@ class HandWritten:
         return token
 
     @staticmethod
-    def _fresh(token: dict[str, Any]) -> bool:
+    def fresh(token: dict[str, Any]) -> bool:
+        """True when ``token`` is used as it is (not within the leeway of its expiry)."""
         return token["expires_at"] is None or float(token["expires_at"]) - LEEWAY > time.time()
 
     async def access_token(self, tenant: str) -> str:
         """A token for ``tenant``, refreshed under both locks when stale."""
         token = await self._read(tenant)
-        if self._fresh(token):
+        if self.fresh(token):
             return str(token["access_token"])
         async with self._locks[tenant]:
             token = await self._read(tenant)
-            if self._fresh(token):
+            if self.fresh(token):
                 return str(token["access_token"])
             lock = self._redis.lock(
                 f"{self._prefix}:lock:{tenant}", timeout=self._lock_ttl, blocking_timeout=2 * self._lock_ttl
             )
             async with lock:  # LockError if not taken in time; LockNotOwnedError on release if lost
                 token = await self._read(tenant)
-                if self._fresh(token):
+                if self.fresh(token):
                     return str(token["access_token"])
                 new = await self._refresh(str(token["refresh_token"]))
                 await self._redis.set(_token_key(self._prefix, tenant), json.dumps(new))

@@ -120,10 +120,11 @@ def _peers(
         calls: int = tasks,
         repeat: int = rounds,
         token_ttl: float | None = None,
+        mode: str = "revoke_at_refresh",
     ) -> None:
         spec = storm.StormSpec(
-            store, procs, calls, tenants, latency, repeat, driver,
-            baseline=False, sim_host=sim_host, sim_port=sim_port, token_ttl=token_ttl,
+            store, procs, calls, tenants, latency, repeat, driver, baseline=False,
+            sim_host=sim_host, sim_port=sim_port, token_ttl=token_ttl, refresh_mode=mode,
         )  # fmt: skip
         label = f"peer {case} ({driver}): {store}, {procs} process(es)"
         ran = attempt(label, functools.partial(storm.run, spec))
@@ -142,6 +143,13 @@ def _peers(
                 one("storm", name, processes, driver)
         elif shared:  # factorialhr and the hand-written pattern keep their own storage
             one("storm", "redis" if driver == drivers.HANDWRITTEN else shared[0], processes, driver)
+    first_use = "revoke_on_first_use"  # Factorial's documented mode: concurrent refreshes all succeed
+    for driver in runnable:
+        if "memory" in stores:
+            one(first_use, "memory", 1, driver, mode=first_use)
+        if shared:
+            own = "redis" if driver == drivers.HANDWRITTEN else shared[0]
+            one(first_use, own, processes, driver, mode=first_use)
     for driver in runnable:
         one("expiry", "memory", 1, driver, calls=1, repeat=1, token_ttl=EXPIRY_TTL)
     if redis_ok:

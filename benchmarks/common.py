@@ -39,9 +39,15 @@ def new_client_id() -> str:
 
 
 @contextlib.contextmanager
-def strict_sim(client_id: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[FakeFactorial]:
+def strict_sim(
+    client_id: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    refresh_mode: RefreshMode = RefreshMode.REVOKE_AT_REFRESH,
+) -> Iterator[FakeFactorial]:
     """The strictest simulator (revoke at refresh, reuse detection), served from a thread
-    on ``host:port`` (port 0: a free one).
+    on ``host:port`` (port 0: a free one). ``refresh_mode=REVOKE_ON_FIRST_USE`` gives
+    Factorial's documented mode instead (reuse detection stays on).
 
     It starts with no latency (set-up is fast); a storm sets ``sim.latency`` before it starts.
     """
@@ -49,7 +55,7 @@ def strict_sim(client_id: str, host: str = "127.0.0.1", port: int = 0) -> Iterat
         client_id=client_id,
         client_secret=CLIENT_SECRET,
         redirect_uri=REDIRECT_URI,
-        refresh_mode=RefreshMode.REVOKE_AT_REFRESH,
+        refresh_mode=refresh_mode,
         reuse_detection=True,
         access_token_ttl=3600,
         latency=0.0,

@@ -205,6 +205,8 @@ def _roundtrips(rows: list[dict[str, Any]]) -> list[str]:
 _PEER_ORDER = ("authlib", "factorialhr", "handwritten", "factorial-tokens")
 _CASES = {
     "storm": "every token expired at once",
+    "revoke_on_first_use": "the same storm with the simulator in Factorial's documented mode"
+    " (revoke on first use: concurrent refreshes with one refresh token all succeed)",
     "expiry": "tokens really expire after their short `expires_in`; one call per tenant once they have",
 }
 
@@ -235,6 +237,8 @@ def _peer(runs: list[dict[str, Any]], versions: dict[str, str], simulator: str) 
         case = run.get("case", "storm")
         if case == "expiry":
             case = f"expiry ({spec['token_ttl']:g} s)"
+        elif case == "revoke_on_first_use":
+            case = "storm, first use"
         lines.append(
             f"| {case} | {_shape(spec)} | {spec['driver']} | {run.get('storage', spec['store'])} "
             f"| {s['refresh_attempts']} | {s['refreshes']}/{s['ideal_refreshes']} | {s['invalid_grant']} "
@@ -244,6 +248,7 @@ def _peer(runs: list[dict[str, Any]], versions: dict[str, str], simulator: str) 
     lines += [
         "",
         "*storm*: " + _CASES["storm"] + " (as in section 2), P processes x C callers per tenant;"
+        " *storm, first use*: " + _CASES["revoke_on_first_use"] + ";"
         " *expiry*: " + _CASES["expiry"] + ". Refresh attempts: every refresh the provider received;"
         " refreshes: the successful ones (ideal: one per tenant per round). Broken tenants: grants the"
         " provider revoked (reuse detection). Failed calls: callers that got an error instead of a token,"

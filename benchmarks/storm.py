@@ -45,7 +45,7 @@ from factorial_tokens import (
     TokenManager,
     store_from_url,
 )
-from factorial_tokens.testing import FakeFactorial
+from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from . import drivers
 from .baseline import BareResult, bare_refresh
@@ -78,6 +78,8 @@ class StormSpec:
     sim_port: int = 0
     #: tokens that really expire after this many seconds, instead of backdated ones
     token_ttl: float | None = None
+    #: the simulator's refresh mode (``RefreshMode`` value); reuse detection is always on
+    refresh_mode: str = RefreshMode.REVOKE_AT_REFRESH.value
 
 
 @dataclass
@@ -526,7 +528,7 @@ def run(spec: StormSpec) -> StormResult:
     with (
         STORES[spec.store]() as url,
         peer_place(spec.driver) as place,
-        strict_sim(client_id, spec.sim_host, spec.sim_port) as sim,
+        strict_sim(client_id, spec.sim_host, spec.sim_port, RefreshMode(spec.refresh_mode)) as sim,
     ):
         if spec.token_ttl is not None:
             sim.access_token_ttl = spec.token_ttl

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-README_START = "<!-- results:start -->"
-README_END = "<!-- results:end -->"
+#: The recorded blocks of benchmarks/README.md: the library's own benchmarks, and the peers.
+BLOCKS = ("results", "peers")
 
 
 def machine(note: str) -> dict[str, Any]:
@@ -309,8 +309,9 @@ def _holder(cases: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render(results: dict[str, Any]) -> str:
-    """The run's markdown: machine, command, then one table per benchmark."""
+def render(results: dict[str, Any], block: str | None = None) -> str:
+    """The run's markdown: machine, command, then one table per benchmark (of one of
+    ``BLOCKS`` only, when ``block`` is given)."""
     m = results["machine"]
     load = ", ".join(f"{x:.2f}" for x in m["loadavg_start"])
     load_end = ", ".join(f"{x:.2f}" for x in m.get("loadavg_end", []))
@@ -321,14 +322,16 @@ def render(results: dict[str, Any]) -> str:
         f" {load} at start, {load_end} at end. {m['note']}".rstrip(),
         "",
     ]
-    if results.get("hotpath"):
-        lines += _hotpath(results["hotpath"])
-    lines += _storms(results.get("storms", []))
-    lines += _bulk(results.get("bulk", []))
-    lines += _roundtrips(results.get("roundtrips", []))
-    peer_versions, simulator = results.get("peer_versions", {}), results.get("peer_simulator", "-")
-    lines += _peer(results.get("peer", []), peer_versions, simulator)
-    lines += _holder(results.get("holder", []))
+    if block in (None, "results"):
+        if results.get("hotpath"):
+            lines += _hotpath(results["hotpath"])
+        lines += _storms(results.get("storms", []))
+        lines += _bulk(results.get("bulk", []))
+        lines += _roundtrips(results.get("roundtrips", []))
+    if block in (None, "peers"):
+        peer_versions, simulator = results.get("peer_versions", {}), results.get("peer_simulator", "-")
+        lines += _peer(results.get("peer", []), peer_versions, simulator)
+        lines += _holder(results.get("holder", []))
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
     if results.get("failed"):
@@ -336,8 +339,9 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, markdown: str) -> None:
-    """Replace the results section of ``path`` (between the markers) with ``markdown``."""
+def update_readme(path: Path, markdown: str, block: str = "results") -> None:
+    """Replace one recorded block of ``path`` (between its markers) with ``markdown``."""
     text = path.read_text(encoding="utf-8")
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    start_marker, end_marker = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
     path.write_text(text[:start] + "\n" + markdown.rstrip() + "\n" + text[end:], encoding="utf-8")

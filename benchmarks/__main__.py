@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import drivers, holder, hotpath, report, roundtrips, storm
+from . import drivers, exchange, holder, hotpath, report, roundtrips, storm
 from .common import port80_host
 from .stores import MULTIPROCESS, STORES, installed
 
@@ -33,6 +33,8 @@ EXPIRY_TTL = 3.0
 #: The holder case: lock/lease TTL and provider latency (the stop must land mid-request).
 HOLDER_TTL = 1.0
 HOLDER_LATENCY = 0.2
+#: The exchange case: how many times one callback is delivered at once.
+DELIVERIES = 2
 
 
 def _csv(value: str) -> list[str]:
@@ -152,6 +154,11 @@ def _peers(
             one(first_use, own, processes, driver, mode=first_use)
     for driver in runnable:
         one("expiry", "memory", 1, driver, calls=1, repeat=1, token_ttl=EXPIRY_TTL)
+    for driver in exchange.EXCHANGE_DRIVERS:
+        work = functools.partial(exchange.run, driver, DELIVERIES, sim_host, sim_port)
+        done = attempt(f"exchange ({driver})", work)
+        if done is not None:
+            results["exchange"].append(done.to_json())
     if redis_ok:
         for driver in (drivers.HANDWRITTEN, drivers.FACTORIAL):
             for sig in holder.SIGNALS:
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "roundtrips": [],
         "peer": [],
         "holder": [],
+        "exchange": [],
         "skipped": [],
         "failed": [],
     }

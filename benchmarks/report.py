@@ -309,6 +309,34 @@ def _holder(cases: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _exchange(cases: list[dict[str, Any]]) -> list[str]:
+    if not cases:
+        return []
+    lines = [
+        f"### 6. One callback delivered {cases[0]['deliveries']} times at once (a retried callback)",
+        "",
+        "| client | exchange attempts | exchanges | invalid_grant | broken tenants | callers with tokens "
+        "| failed calls | live tokens afterwards |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        lines.append(
+            f"| {case['driver']} | {case['exchange_attempts']} | {case['exchanges']} "
+            f"| {case['invalid_grant']} | {case['broken_tenants']} | {case['callers_with_tokens']} "
+            f"| {_errors(case['errors'])} "
+            f"| {case['live_tokens_after']} |"
+        )
+    lines += [
+        "",
+        "Authlib: one `fetch_token(code=...)` per delivery; factorial-tokens: one `exchange_code` per"
+        " delivery. The simulator's codes are single-use and a reused code revokes the grant it made"
+        " (reuse detection). factorialhr has no code exchange and the hand-written pattern guards"
+        " refreshes only: neither is driven here.",
+        "",
+    ]
+    return lines
+
+
 def render(results: dict[str, Any], block: str | None = None) -> str:
     """The run's markdown: machine, command, then one table per benchmark (of one of
     ``BLOCKS`` only, when ``block`` is given)."""
@@ -332,6 +360,7 @@ def render(results: dict[str, Any], block: str | None = None) -> str:
         peer_versions, simulator = results.get("peer_versions", {}), results.get("peer_simulator", "-")
         lines += _peer(results.get("peer", []), peer_versions, simulator)
         lines += _holder(results.get("holder", []))
+        lines += _exchange(results.get("exchange", []))
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
     if results.get("failed"):

@@ -41,7 +41,8 @@ def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a minute or so")
     parser.add_argument(
@@ -170,7 +171,7 @@ def _peers(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks; return the exit status."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.only:
         unknown_sections = [name for name in args.only if name not in SECTIONS]
         if unknown_sections:

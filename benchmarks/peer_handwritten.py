@@ -94,7 +94,11 @@ class HandWritten:
         self._app = app
         self._prefix = prefix
         self._lock_ttl = lock_ttl
-        self._redis = aioredis.Redis.from_url(redis_url)
+        # A blocking pool, as a careful team would use: redis-py 8's default pool raises
+        # MaxConnectionsError when more commands are in flight than it has connections, and
+        # that would measure the pool, not the locking pattern.
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=50, timeout=10)
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._session: aiohttp.ClientSession | None = None
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -107,7 +111,7 @@ class HandWritten:
     ) -> None:
         if self._session is not None:
             await self._session.close()
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     async def _read(self, tenant: str) -> dict[str, Any]:
         raw = await self._redis.get(_token_key(self._prefix, tenant))

@@ -276,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {args.json}")
     if args.record:
         # The peers have their own block, so a peers-only run leaves the other results as recorded.
-        ran = {"peers": "peer" in args.bench, "results": any(b != "peer" for b in args.bench)}
+        wanted = {"peers": "peer" in args.bench, "results": any(b != "peer" for b in args.bench)}
         for block in report.BLOCKS:
-            if ran[block]:
+            if wanted[block]:
                 report.update_readme(HERE / "README.md", report.render(results, block), block)
                 log(f"updated the {block} block of benchmarks/README.md")
     return 1 if results["failed"] else 0

@@ -84,12 +84,13 @@ async def factorialhr_getter(
     ``RefreshTokenAuthFile.from_file`` on the shared file; yield a token getter."""
     auths: dict[str, factorialhr.RefreshTokenAuth] = {}
     for tenant in tenants:
+        auth: factorialhr.RefreshTokenAuth
         if workdir is not None:
             auth, _ = factorialhr.RefreshTokenAuthFile.from_file(_path(workdir, tenant))
         else:
             tokens = await _stored(store, app, tenant)
             auth = factorialhr.RefreshTokenAuth(
-                refresh_token=tokens.refresh_token,
+                refresh_token=tokens.refresh_token or "",
                 client_id=app.client_id,
                 client_secret=app.client_secret,
                 access_token=tokens.access_token,

@@ -132,9 +132,7 @@ def _peers(
         label = f"peer {case} ({driver}): {store}, {procs} process(es)"
         ran = attempt(label, functools.partial(storm.run, spec))
         if ran is not None:
-            results["peer"].append(
-                ran.to_json() | {"case": case, "storage": drivers.storage(driver, store, procs)}
-            )
+            results["peer"].append(ran.to_json() | {"case": case, "storage": drivers.storage(driver, store)})
 
     shared = [name for name in stores if name in MULTIPROCESS]
     if "memory" in stores:

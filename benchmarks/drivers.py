@@ -63,10 +63,10 @@ def versions() -> dict[str, str]:
     return found
 
 
-def storage(driver: str, store: str, processes: int) -> str:
+def storage(driver: str, store: str) -> str:
     """Where a driver keeps its tokens in a run, for the tables."""
     if driver == FACTORIALHR:
-        return "JSON file per tenant" if processes > 1 or store != "memory" else "in memory"
+        return "JSON file per tenant" if store != "memory" else "in memory"
     if driver == HANDWRITTEN:
         return "redis"
     return store

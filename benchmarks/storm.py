@@ -342,7 +342,7 @@ async def _prepare(
     app = app_for(client_id, sim.base_url)
     expired = spec.token_ttl is None
     await mint_expired_tenants(store, sim, app, tenants, first, expired=expired)
-    shared = spec.processes > 1
+    shared = spec.store != "memory"  # the multi-process path: workers load shared state
     await drivers.prepare(spec.driver, store, app, tenants, place, shared)
     return time.time() + (0.0 if expired else (spec.token_ttl or 0.0) + 0.5)
 

@@ -414,6 +414,9 @@ class TokenManager:
                 )
                 committed = True
                 raise error from None
+            if new.refresh_token is None:
+                # RFC 6749 section 6: no new refresh token means the current one stays valid.
+                new = attrs.evolve(new, refresh_token=old.refresh_token)
             update = self._update(lease.key, new)
             stored = await self._patiently(
                 tenant, "refreshed tokens", lambda: self._store.commit(lease, update)

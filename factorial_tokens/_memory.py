@@ -130,9 +130,14 @@ class MemoryStore:
         if slot is None:
             # A replay finds its own write: same fence, nobody holding, the same payload.
             again = self._slots.get(lease.key.digest)
-            if again is not None and again.fence == lease.fence and again.lease_owner is None:
-                if again.record is not None and _same(again.record, update):
-                    return again.record
+            if (
+                again is not None
+                and again.fence == lease.fence
+                and again.lease_owner is None
+                and again.record is not None
+                and _same(again.record, update)
+            ):
+                return again.record
             return None
         return self._write(lease.key, slot, update)
 

@@ -648,9 +648,12 @@ def _replace(conn: sqlite3.Connection, key: TenantKey, update: Update | None) ->
             "AND payload IS ? AND status IS ? AND expires_at IS ? AND updated_at IS ?",
             (key.namespace, key.tenant, *values),
         ).fetchone()
-        known = done is not None or conn.execute(
-            "SELECT 1 FROM tenants WHERE namespace = ? AND tenant = ?", (key.namespace, key.tenant)
-        ).fetchone()
+        known = (
+            done is not None
+            or conn.execute(
+                "SELECT 1 FROM tenants WHERE namespace = ? AND tenant = ?", (key.namespace, key.tenant)
+            ).fetchone()
+        )
         if done is not None or (update is None and known is None):
             return None
         conn.execute(

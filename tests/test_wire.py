@@ -6,9 +6,12 @@ Each test counts what the simulator saw: grants, ``invalid_grant``, families rev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +19,23 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from factorial_tokens import ProviderError, RequestInDoubt, TokenManager
+from factorial_tokens import (
+    EventKind,
+    FactorialTokensError,
+    MemoryStore,
+    ProviderError,
+    RequestInDoubt,
+    TenantNotConnected,
+    TenantStatus,
+    TokenEvent,
+    TokenManager,
+    Update,
+)
 from factorial_tokens._oauth import OAuthClient, _excerpt, _token_set
 from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
+from ._raw_stores import BACKENDS, open_backend
+from ._replaying import HookedStore, ReplayingStore
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
 
 
@@ -286,3 +302,95 @@ async def test_a_refresh_without_a_new_refresh_token_keeps_the_old_one(
             assert (await tm.tenants())[0].needs_reauthorization is False
         assert sim.stats.refreshes == 4
         _clean(sim)
+
+
+# -- 4. store clients that retry, writes that are refused --------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_replayed_primitives_never_loop_nor_resend(
+    make_sim: SimFactory, backend: str, tmp_path: Path
+) -> None:
+    """Every primitive run twice (a retrying client after lost replies): one exchange per
+    code, one refresh, and each call ends with the right tokens."""
+    async with make_sim() as sim, open_backend(backend, tmp_path) as opened:
+        store = ReplayingStore(opened.store)
+        async with TokenManager(app_for(sim), store, lease_ttl=3.0, provider_timeout=1.0) as tm:  # type: ignore[arg-type]
+            code = sim.issue_code(company_id=1)
+            tokens = await asyncio.wait_for(tm.exchange_code("acme", code), 15)
+            again = await asyncio.wait_for(tm.exchange_code("acme", code), 15)
+            assert again.access_token == tokens.access_token
+            refreshed = await asyncio.wait_for(tm.refresh("acme"), 15)
+            assert sim.is_active(refreshed.access_token)
+            assert await tm.access_token("acme") == refreshed.access_token
+        stats = sim.stats
+        assert (stats.exchange_attempts, stats.refresh_attempts) == (1, 1)
+        _clean(sim)
+
+
+class _StuckClaimStore(HookedStore):
+    """A store whose claims never advance (what a non-idempotent store answers a replay)."""
+
+    async def advance_code(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+
+async def test_every_exchange_loop_ends_by_its_deadline(make_sim: SimFactory) -> None:
+    async with make_sim() as sim:
+        store = _StuckClaimStore(MemoryStore())
+        async with TokenManager(app_for(sim), store, lease_ttl=1.0, provider_timeout=0.5) as tm:  # type: ignore[arg-type]
+            with pytest.raises(FactorialTokensError):
+                await asyncio.wait_for(tm.exchange_code("acme", sim.issue_code()), 10)
+        assert sim.stats.exchange_attempts == 0
+
+
+async def test_a_refused_dead_mark_is_no_reauthorization(make_sim: SimFactory) -> None:
+    """invalid_grant, then someone reconnects before the fenced dead-mark: the tenant is fine."""
+    events: list[TokenEvent] = []
+    async with make_sim(access_token_ttl=3600) as sim:
+        inner = MemoryStore()
+        store = HookedStore(inner)
+        app = app_for(sim)
+        async with (
+            TokenManager(app, store, on_event=events.append, lease_ttl=6, provider_timeout=2) as tm,  # type: ignore[arg-type]
+            TokenManager(app, inner, lease_ttl=6, provider_timeout=2) as other,
+        ):
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            sim.revoke_company(1)
+            reconnected: list[str] = []
+
+            async def reconnect_first(lease: Any, update: Update) -> None:
+                if update.status is TenantStatus.NEEDS_REAUTH and not reconnected:
+                    fresh = await other.exchange_code("acme", sim.issue_code(company_id=1))
+                    reconnected.append(fresh.access_token)
+
+            store.hooks["commit"] = reconnect_first
+            token = await tm.refresh("acme")
+            assert reconnected and token.access_token == reconnected[0]
+            assert (await tm.tenants())[0].needs_reauthorization is False
+        assert EventKind.REAUTHORIZATION_REQUIRED not in [e.kind for e in events]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_revoking_an_unknown_tenant_leaves_nothing(
+    make_sim: SimFactory, backend: str, tmp_path: Path
+) -> None:
+    async with make_sim() as sim, open_backend(backend, tmp_path) as opened:
+        async with TokenManager(app_for(sim), opened.store, lease_ttl=3.0, provider_timeout=1.0) as tm:
+            await tm.exchange_code("known", sim.issue_code(company_id=1))
+            before = await _rows(opened, tmp_path)
+            for i in range(50):
+                with pytest.raises(TenantNotConnected):
+                    await tm.revoke(f"unknown-{i}")
+                await tm.forget(f"unknown-{i}")
+            assert await _rows(opened, tmp_path) == before
+            if isinstance(opened.store, MemoryStore):
+                assert len(opened.store._slots) == 1
+
+
+async def _rows(opened: Any, tmp_path: Path) -> object:
+    """What the backend holds: SQLite's tenant rows, else the raw dump (Redis keys, Postgres rows)."""
+    if opened.name == "sqlite":
+        with contextlib.closing(sqlite3.connect(tmp_path / "tokens.db")) as conn:
+            return conn.execute("SELECT namespace, tenant FROM tenants ORDER BY 1, 2").fetchall()
+    return await opened.dump() if opened.dump else None

@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 import pytest
 
 from factorial_tokens import FactorialTokensError, Store, TokenManager
-from factorial_tokens.testing import FakeFactorial
 
 from . import postgres_server, redis_server
 from .conftest import SimFactory, app_for

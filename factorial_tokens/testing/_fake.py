@@ -1189,11 +1189,14 @@ class FakeFactorial:
             stream.content_length = len(body)
         await stream.prepare(request)
         size = -(-len(body) // self.answer_pieces)
-        for start in range(0, len(body), size):
-            if start and await self._sleep(self.piece_delay):
-                break
-            await stream.write(body[start : start + size])
-        await stream.write_eof()
+        try:
+            for start in range(0, len(body), size):
+                if start and await self._sleep(self.piece_delay):
+                    break
+                await stream.write(body[start : start + size])
+            await stream.write_eof()
+        except ConnectionResetError:
+            pass  # the client hung up mid-answer (its own timeout): nothing more to send
         return stream
 
     async def _read_form(self, request: web.Request) -> dict[str, str] | None:

@@ -126,3 +126,23 @@ async def test_a_lost_store_reply_at_every_step(make_sim: SimFactory, name: str)
         assert stats.max_attempts_per_code <= 1
         assert stats.families_revoked == 0 and stats.invalid_grant == 0, stats.invalid_grant_by_cause
         assert sum(1 for _, kind in outcomes if kind == "ok") >= STEPS // 2, outcomes
+
+
+@pytest.mark.parametrize("name", ["redis-retrying-client", "postgres"])
+async def test_a_stalled_store_reply_ends_by_the_deadline(make_sim: SimFactory, name: str) -> None:
+    """A reply that never comes (the connection stays open, silent): the client's own timeout
+    fires, and the exchange ends with the tokens or a typed error; the code is sent once."""
+    async with make_sim(access_token_ttl=3600) as sim, STORES[name]() as (proxy, store):
+        async with TokenManager(
+            app_for(sim), store, lease_ttl=3.0, provider_timeout=1.0, wait_timeout=6.0
+        ) as tm:
+            for step in (3,):
+                code = sim.issue_code(company_id=step)
+                proxy.drop_reply(step, stall=True)
+                kind, result = await _ends(tm.exchange_code(f"s{step}", code), 20.0)
+                proxy.disarm()
+                if kind == "ok":
+                    assert sim.is_active(result.access_token)
+                assert sim.stats.exchange_attempts_by_code.get(code, 0) <= 1
+            assert proxy.dropped == 1
+        assert sim.stats.families_revoked == 0 and sim.stats.invalid_grant == 0

@@ -394,3 +394,12 @@ async def _rows(opened: Any, tmp_path: Path) -> object:
         with contextlib.closing(sqlite3.connect(tmp_path / "tokens.db")) as conn:
             return conn.execute("SELECT namespace, tenant FROM tenants ORDER BY 1, 2").fetchall()
     return await opened.dump() if opened.dump else None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"answer_pieces": 0}, {"piece_delay": -1}, {"dialect": "loose"}],
+)
+def test_wire_options_are_checked(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        FakeFactorial(**options)

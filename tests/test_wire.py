@@ -304,6 +304,28 @@ async def test_a_refresh_without_a_new_refresh_token_keeps_the_old_one(
         _clean(sim)
 
 
+async def test_a_kept_refresh_token_survives_a_rekey(make_sim: SimFactory) -> None:
+    from factorial_tokens import Keyring
+    from factorial_tokens._sealing import rekey
+
+    old = Keyring.generate("k1")
+    new = old.rotated("k2")
+    async with make_sim(rotate_refresh_tokens=False, access_token_ttl=3600) as sim:
+        store = MemoryStore()
+        budgets: dict[str, Any] = {"lease_ttl": 6.0, "provider_timeout": 2.0}
+        async with TokenManager(app_for(sim), store, keyring=old, **budgets) as tm:
+            await _connect(sim, tm)
+            original = (await tm.tokens("acme")).refresh_token
+            await tm.refresh("acme")
+        async with TokenManager(app_for(sim), store, keyring=new, **budgets) as tm:
+            assert await rekey(tm, new) == 1
+            assert (await tm.tokens("acme")).refresh_token == original
+            await tm.refresh("acme")
+            assert (await tm.tokens("acme")).refresh_token == original
+        assert sim.stats.refreshes == 2
+        _clean(sim)
+
+
 # -- 4. store clients that retry, writes that are refused --------------------------------
 
 

@@ -336,7 +336,7 @@ def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:
         raise ValueError(f"access_token is {what}")
     token_type = data.get("token_type")
     if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
-        log.warning("token answer with token_type %r; using it as a Bearer token", str(token_type)[:20])
+        log.warning("token answer with a token_type other than Bearer; using it as a Bearer token")
     refresh = data.get("refresh_token")
     if refresh is not None and (not isinstance(refresh, str) or not refresh):
         if refresh != "":

@@ -15,6 +15,7 @@ class EventKind(enum.Enum):
 
     EXCHANGED = "exchanged"  # a code became tokens
     REFRESHED = "refreshed"  # this process refreshed the tenant's tokens
+    REFRESH_FAILED = "refresh_failed"  # a background refresh failed; callers kept the token
     REAUTHORIZATION_REQUIRED = "reauthorization_required"  # the grant is dead
     REVOKED = "revoked"  # revoked at Factorial and forgotten
     FORGOTTEN = "forgotten"  # removed from the store

@@ -3,6 +3,9 @@
 Data flows one way: caller -> TokenManager -> (Store, OAuthClient).
 
 * Hot path: a cached token fresh beyond the leeway is returned with no I/O.
+* Two windows, as botocore's refreshable credentials: inside the leeway (advisory) callers
+  still get the cached token at cache-hit cost while one background refresh runs; only
+  below ``min_valid`` (mandatory), or with no token, does a caller wait for the refresh.
 * In-process single-flight: one task per tenant (per code) does the work; callers await
   it through ``asyncio.shield``, so a cancelled caller never cancels a refresh in flight.
 * Across processes: the store's lease (with a fencing number) picks one refresher; the
@@ -19,6 +22,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -71,6 +75,10 @@ log = logging.getLogger("factorial_tokens")
 T = TypeVar("T")
 
 _MAX_CODE = 2048
+#: A failed background refresh is retried after this (doubling per failure, jittered) ...
+_ADVISORY_BACKOFF = 0.5
+#: ... up to this many seconds.
+_ADVISORY_BACKOFF_MAX = 30.0
 
 
 @attrs.frozen
@@ -93,7 +101,8 @@ class TenantInfo:
 class _Entry:
     tokens: TokenSet
     version: int
-    due: float
+    due: float  # the advisory window opens: refresh in the background
+    must: float  # the mandatory window opens: callers wait for a refresh
 
 
 class TokenManager:
@@ -105,7 +114,12 @@ class TokenManager:
             A store built from a URL is closed with the manager; an injected one is not.
             There is no default on purpose: the store decides how far the guarantees reach
             (``memory://`` is one process only), so every deployment names its own.
-        leeway: refresh this many seconds before expiry (at most half the token's lifetime).
+        leeway: refresh this many seconds before expiry (at most half the token's lifetime):
+            the advisory window. The first caller inside it starts one background refresh;
+            every caller still gets the current token at cache-hit cost.
+        min_valid: the mandatory window: a caller waits for a refresh only when the token
+            has less than this left (default ``leeway / 4``; scaled down with the leeway for
+            short-lived tokens). Must be in ``[0, leeway]``.
         lease_ttl: how long a refresher's lease lives without renewal.
         provider_timeout: the longest one HTTP attempt may take.
         refresh_deadline: the whole budget of one refresh or exchange, retries included;
@@ -135,6 +149,7 @@ class TokenManager:
         store: str | Store,
         *,
         leeway: float = 60.0,
+        min_valid: float | None = None,
         lease_ttl: float = 30.0,
         provider_timeout: float = 10.0,
         refresh_deadline: float | None = None,
@@ -149,6 +164,9 @@ class TokenManager:
         wait_timeout = lease_ttl * 2 if wait_timeout is None else wait_timeout
         if leeway < 0:
             raise ConfigurationError("leeway must not be negative")
+        min_valid = leeway / 4 if min_valid is None else min_valid
+        if not 0 <= min_valid <= leeway:
+            raise ConfigurationError(f"min_valid must be in [0, leeway] (got {min_valid}, leeway {leeway})")
         if not 0 < provider_timeout <= refresh_deadline < lease_ttl < wait_timeout:
             raise ConfigurationError(
                 "time budgets must nest: 0 < provider_timeout <= refresh_deadline < lease_ttl "
@@ -156,6 +174,7 @@ class TokenManager:
             )
         self.app = app
         self.leeway = leeway
+        self.min_valid = min_valid
         self.lease_ttl = lease_ttl
         self.refresh_deadline = refresh_deadline
         self.wait_timeout = wait_timeout
@@ -173,6 +192,8 @@ class TokenManager:
         self._cache: dict[str, _Entry] = {}
         self._digests: dict[str, str] = {}
         self._flights: dict[str, asyncio.Task[_Entry]] = {}
+        self._advisory: set[str] = set()  # tenants whose flight is a background refresh
+        self._backoff: dict[str, tuple[int, float]] = {}  # failed advisory refreshes, retry at
         self._exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
@@ -242,11 +263,14 @@ class TokenManager:
     # -- the hot path ----------------------------------------------------------------
 
     async def access_token(self, tenant: str) -> str:
-        """A valid access token for ``tenant``, fresh for at least the leeway.
+        """A valid access token for ``tenant``, with at least ``min_valid`` seconds left.
 
-        Costs no I/O while the cached token is fresh. Raises TenantNotConnected,
-        ReauthorizationRequired, ProviderError, StoreUnavailable (only when no cached
-        token is still valid), RefreshTimeout.
+        Costs no I/O while the cached token is fresh. Inside the leeway it still returns
+        the current token at once and starts one background refresh (a failed one is
+        logged, emitted as ``refresh_failed`` and retried later with backoff); it waits
+        only when the token has less than ``min_valid`` left or there is none. Raises
+        TenantNotConnected, ReauthorizationRequired, ProviderError, StoreUnavailable (only
+        when no cached token is still valid), RefreshTimeout.
         """
         entry = self._cache.get(tenant)
         if entry is not None and time.time() < entry.due and not self._closed:
@@ -263,16 +287,71 @@ class TokenManager:
         return (await self._current(tenant)).tokens
 
     async def _current(self, tenant: str) -> _Entry:
+        """The tenant's entry with at least ``min_valid`` left; starts a background refresh
+        when it is inside the advisory window."""
         self._check_open()
         validate_tenant(tenant)
-        try:
-            return await self._obtain(tenant, newer_than=None)
-        except StoreUnavailable:
-            stale = self._cache.get(tenant)
-            if stale is not None and not stale.tokens.is_expired():
-                log.warning("store unavailable; serving tenant %r's cached token until it expires", tenant)
-                return stale
-            raise
+        entry = self._cache.get(tenant)
+        # Twice at most: an entry that aged into the mandatory window while this caller
+        # waited to be scheduled is looked up once more (a fresh token never is).
+        for _ in range(2):
+            if entry is not None and time.time() < entry.must:
+                break
+            try:
+                entry = await self._valid(tenant)
+            except StoreUnavailable:
+                stale = self._cache.get(tenant)
+                if stale is not None and not stale.tokens.is_expired():
+                    log.warning("store unavailable; serving tenant %r's cached token till it expires", tenant)
+                    return stale
+                raise
+        assert entry is not None
+        if time.time() >= entry.due:
+            self._advise(tenant)
+        return entry
+
+    async def _valid(self, tenant: str) -> _Entry:
+        """An entry outside the mandatory window: the store's, or a refreshed one."""
+        if tenant in self._advisory and tenant in self._flights:
+            # A background refresh is under way and the cache was dropped (an announcement):
+            # the stored token may still do, so read it rather than wait for the refresh.
+            entry = self._usable(tenant, await self._store.read(self._key(tenant)))
+            if time.time() < entry.must:
+                return self._remember(tenant, entry)
+        return await self._obtain(tenant, newer_than=None)
+
+    def _advise(self, tenant: str) -> None:
+        """Start one background refresh of ``tenant`` unless one flies or a failed one
+        is backing off. Callers never await it; its failure is logged, never raised."""
+        if tenant in self._flights or self._closed:
+            return
+        backoff = self._backoff.get(tenant)
+        if backoff is not None and time.monotonic() < backoff[1]:
+            return
+        flight = self._launch(tenant, newer_than=None, advisory=True)
+        self._advisory.add(tenant)
+        flight.add_done_callback(functools.partial(self._advised, tenant))
+
+    def _advised(self, tenant: str, flight: asyncio.Task[_Entry]) -> None:
+        """A background refresh ended: forget its backoff, or log it and back off."""
+        self._advisory.discard(tenant)
+        if flight.cancelled():
+            return
+        error = flight.exception()
+        if error is None:
+            self._backoff.pop(tenant, None)
+            return
+        failures = self._backoff.get(tenant, (0, 0.0))[0] + 1
+        delay = min(_ADVISORY_BACKOFF * 2 ** (failures - 1), _ADVISORY_BACKOFF_MAX) * random.uniform(0.5, 1.0)
+        self._backoff[tenant] = (failures, time.monotonic() + delay)
+        detail = f"{type(error).__name__}: {error}"
+        log.warning(
+            "tenant %r: background refresh failed (%s); callers keep the current token, retry in %.1fs",
+            tenant,
+            detail,
+            delay,
+        )
+        self._emit(TokenEvent(EventKind.REFRESH_FAILED, tenant, detail=detail))
 
     async def refresh(self, tenant: str) -> TokenSet:
         """Force a new token set (single-flight, under the lease).
@@ -304,14 +383,18 @@ class TokenManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _launch(self, tenant: str, *, newer_than: int | None, advisory: bool = False) -> asyncio.Task[_Entry]:
+        flight = self._spawn(self._fly(tenant, newer_than, advisory))
+        self._flights[tenant] = flight
+        flight.add_done_callback(functools.partial(self._land, tenant))
+        return flight
+
     async def _obtain(self, tenant: str, *, newer_than: int | None) -> _Entry:
         """Join (or start) the tenant's flight until it yields an acceptable entry."""
         while True:
             flight = self._flights.get(tenant)
             if flight is None:
-                flight = self._spawn(self._fly(tenant, newer_than))
-                self._flights[tenant] = flight
-                flight.add_done_callback(functools.partial(self._land, tenant))
+                flight = self._launch(tenant, newer_than=newer_than)
             entry = await asyncio.shield(flight)
             if newer_than is None or entry.version > newer_than or not _renewable(entry.tokens):
                 return entry
@@ -323,12 +406,14 @@ class TokenManager:
         if not flight.cancelled():
             flight.exception()  # mark retrieved: callers that awaited it got it already
 
-    def _acceptable(self, entry: _Entry, newer_than: int | None) -> bool:
+    def _acceptable(self, entry: _Entry, newer_than: int | None, advisory: bool) -> bool:
+        """Forced: newer than ``newer_than``; advisory: not yet due; else: not yet in the
+        mandatory window (the caller starts the advisory refresh itself)."""
         if newer_than is not None:
             return entry.version > newer_than
-        return time.time() < entry.due
+        return time.time() < (entry.due if advisory else entry.must)
 
-    async def _fly(self, tenant: str, newer_than: int | None) -> _Entry:
+    async def _fly(self, tenant: str, newer_than: int | None, advisory: bool = False) -> _Entry:
         """Across processes: read; if stale, take the lease or wait for whoever has it."""
         key = self._key(tenant)
         loop = asyncio.get_running_loop()
@@ -336,12 +421,12 @@ class TokenManager:
         while True:
             async with self._store.watch(key) as watch:
                 entry = self._usable(tenant, await self._store.read(key))
-                if self._acceptable(entry, newer_than):
+                if self._acceptable(entry, newer_than, advisory):
                     return self._remember(tenant, entry)
                 owner = secrets.token_hex(16)
                 won = await self._store.acquire(key, owner, self.lease_ttl)
                 if won.lease is not None:
-                    result = await self._refresh_holding(won.lease, won.record, newer_than)
+                    result = await self._refresh_holding(won.lease, won.record, newer_than, advisory)
                     if result is not None:
                         return self._remember(tenant, result)
                     continue
@@ -355,7 +440,7 @@ class TokenManager:
                 await watch.wait(remaining)
 
     async def _refresh_holding(
-        self, lease: Lease, record: Record | None, newer_than: int | None
+        self, lease: Lease, record: Record | None, newer_than: int | None, advisory: bool = False
     ) -> _Entry | None:
         """Refresh while holding ``lease``; ``None`` means "start over" (lease lost)."""
         tenant = lease.key.tenant
@@ -364,7 +449,7 @@ class TokenManager:
         watchdog = self._spawn(self._renew(lease, lost))
         try:
             entry = self._usable(tenant, record)
-            if self._acceptable(entry, newer_than):
+            if self._acceptable(entry, newer_than, advisory):
                 return entry  # someone refreshed between our read and our acquire
             old = entry.tokens
             assert record is not None  # _usable raised otherwise
@@ -433,7 +518,7 @@ class TokenManager:
                 "never" if new.lifetime is None else f"{new.lifetime:.0f}s",
             )
             self._emit(TokenEvent(EventKind.REFRESHED, tenant, new.fingerprint, stored.version))
-            return _Entry(new, stored.version, new.refresh_due_at(self.leeway))
+            return self._entry_of(new, stored.version)
         finally:
             watchdog.cancel()
             if not committed:
@@ -708,8 +793,16 @@ class TokenManager:
         )
 
     def _entry(self, record: Record) -> _Entry:
-        tokens = self._codec.decode(record.key, record.payload)
-        return _Entry(tokens, record.version, tokens.refresh_due_at(self.leeway))
+        return self._entry_of(self._codec.decode(record.key, record.payload), record.version)
+
+    def _entry_of(self, tokens: TokenSet, version: int) -> _Entry:
+        """The entry with its two windows. A short-lived token's leeway shrinks to half its
+        lifetime; ``min_valid`` shrinks in the same proportion."""
+        due = tokens.refresh_due_at(self.leeway)
+        if tokens.expires_at is None or self.leeway == 0:
+            return _Entry(tokens, version, due, due)
+        margin = (tokens.expires_at - due) * self.min_valid / self.leeway
+        return _Entry(tokens, version, due, tokens.expires_at - margin)
 
     def _usable(self, tenant: str, record: Record | None, *, allow_reauth: bool = False) -> _Entry:
         """The record's entry, or the error that tells why there is none."""

@@ -36,6 +36,7 @@ from factorial_tokens import (
     Store,
     TenantKey,
     TokenManager,
+    TokenSet,
     Update,
     fingerprint,
     store_from_url,
@@ -89,11 +90,19 @@ class Tally:
         self.api: Counter[int] = Counter()
         self.calls = 0
         self.finished: list[float] = []
+        self.least: dict[str, float] = {}
 
     def saw(self, tenant: str, token: str) -> str:
         fp = fingerprint(token)
         self.tokens.setdefault(tenant, set()).add(fp)
         return fp
+
+    def saw_set(self, tenant: str, tokens: TokenSet) -> str:
+        """Also note how long the token had left when the caller got it."""
+        if tokens.expires_at is not None:
+            left = tokens.expires_at - time.time()
+            self.least[tenant] = min(self.least.get(tenant, left), left)
+        return self.saw(tenant, tokens.access_token)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +112,7 @@ class Tally:
             "api": {str(k): v for k, v in self.api.items()},
             "calls": self.calls,
             "finished": self.finished,
+            "least": self.least,
         }
 
 
@@ -129,7 +139,7 @@ async def traffic_task(
     while loop.time() < until:
         tally.calls += 1
         try:
-            fp = tally.saw(tenant, await tm.access_token(tenant))
+            fp = tally.saw_set(tenant, await tm.token_set(tenant))
             if config.get("api"):
                 async with tm.client(tenant) as api, api.get(API_PATH) as response:
                     tally.api[response.status] += 1

@@ -17,11 +17,13 @@ from factorial_tokens import TokenManager, TokenSet
 from factorial_tokens.testing import FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for
-from .multiproc import Scenario, WorkerPool, all_tokens, total_api, total_errors
+from .multiproc import Scenario, WorkerPool, all_tokens, least_valid, total_api, total_errors
 from .stores import MULTIPROCESS_STORES
 
 PROCESSES = 4
 TASKS = 50
+#: Clock reads between the manager's check and the worker's measure (same thread, no await).
+SLACK = 0.01
 
 
 @pytest.fixture(params=sorted(MULTIPROCESS_STORES))
@@ -85,6 +87,8 @@ async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
     assert total_errors(reports) == {}
     api = total_api(reports)
     assert set(api) == {200} and api[200] == sum(r.calls for r in reports)  # no 401 reached a caller
+    # Callers got the current token inside the leeway, never one below min_valid (leeway / 4).
+    assert least_valid(reports) >= leeway / 4 - SLACK
     assert stats.exchanges == len(tenants)
     assert stats.invalid_grant == 0 and stats.families_revoked == 0
     # No refresh token was ever presented twice: every refresh was the only one of its expiry.
@@ -168,9 +172,49 @@ async def test_a_lease_holder_killed(
         assert stats.refresh_attempts == 2 and stats.refreshes == 1 and stats.invalid_grant == 1
         assert info.needs_reauthorization
         assert total_errors(survivors) == {"ReauthorizationRequired": len(survivors) * tasks}
-        assert all_tokens(survivors, "acme") == set()
+        # Inside the advisory window callers may still have got the first token, no other.
+        assert all_tokens(survivors, "acme") <= {first.fingerprint}
     else:
         assert stats.refreshes == stats.refresh_attempts == (2 if lost else 1)
         assert stats.invalid_grant == 0 and not info.needs_reauthorization
         assert total_errors(survivors) == {}
-        assert all_tokens(survivors, "acme") == {stored}
+        assert all_tokens(survivors, "acme") - {first.fingerprint} == {stored}
+
+
+async def test_a_provider_outage_inside_the_advisory_window_reaches_no_caller(
+    store_url: str, make_sim: SimFactory
+) -> None:
+    """The provider answers 503 for 1.5 s from when the token enters the leeway until just
+    before the mandatory window: every caller keeps getting the current token, one refresh
+    lands after the outage, none is presented twice (revoke-on-first-use mode)."""
+    ttl, leeway, min_valid = 6.0, 2.5, 0.5  # advisory from 3.5 s, mandatory from 5.5 s
+    budgets: dict[str, Any] = {
+        "leeway": leeway,
+        "min_valid": min_valid,
+        "lease_ttl": 3.0,
+        "provider_timeout": 0.5,
+        "refresh_deadline": 1.0,  # shorter than the outage: a caller that waited would fail
+        "wait_timeout": 10.0,
+    }
+    scenario = Scenario(
+        kind="traffic", tenants=["acme"], tasks=20, duration=6.0, pace=0.1, manager=budgets
+    )  # no API calls: the simulator's outage answers those with 503 as well
+    async with make_sim(access_token_ttl=ttl, refresh_mode=ON_FIRST_USE) as sim:
+        async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
+            async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+                first = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            pool.go(initial={"acme": first.fingerprint})
+            due = first.refresh_due_at(leeway)
+            await asyncio.sleep(max(0.0, due - 0.1 - time.time()))
+            sim.unavailable = True
+            await asyncio.sleep(1.5)
+            sim.unavailable = False
+            outage = sim.stats.unavailable
+            reports = await pool.results()
+        stats = sim.stats
+
+    assert outage > 0  # the outage was seen by background refreshes ...
+    assert total_errors(reports) == {}  # ... and by no caller
+    assert least_valid(reports) >= min_valid - SLACK
+    assert stats.refreshes == stats.refresh_attempts == 1
+    assert stats.invalid_grant == 0 and stats.families_revoked == 0

@@ -41,8 +41,11 @@ from ._store import (
     Store,
     TenantKey,
     TenantStatus,
+    Throttle,
+    ThrottleState,
     Update,
     Watch,
+    hold_digest,
     store_from_url,
 )
 
@@ -88,6 +91,8 @@ __all__ = [
     "TenantNotConnected",
     "TenantSession",
     "TenantStatus",
+    "Throttle",
+    "ThrottleState",
     "TokenEvent",
     "TokenManager",
     "TokenSealError",
@@ -97,6 +102,7 @@ __all__ = [
     "connect_app",
     "ensure_key_file",
     "fingerprint",
+    "hold_digest",
     "rekey",
     "store_from_url",
     "validate_tenant",

@@ -63,8 +63,10 @@ from ._store import (
     Store,
     TenantKey,
     TenantStatus,
+    Throttle,
     Update,
     acquire_within,
+    hold_digest,
     store_from_url,
 )
 
@@ -134,6 +136,13 @@ class TokenManager:
             ``FACTORIAL_TOKENS_KEYS`` if that variable is set, else none. Not together
             with ``codec``.
         on_event: called with every :class:`TokenEvent`; exceptions it raises are logged.
+        refresh_rate: a refresh budget shared by every worker of the app (refreshes per
+            minute, a token bucket in the store), so that a cold start of thousands of
+            tenants stays under the provider's rate limit; default none. Independently of
+            it, a 429 (or 503 with ``Retry-After``) from the token endpoint holds every
+            worker's refreshes until its ``Retry-After``.
+        refresh_burst: how many refreshes the budget lets through at once (default a
+            second's worth, at least one).
 
     The time budgets must nest: ``provider_timeout <= refresh_deadline < lease_ttl <
     wait_timeout``, else ConfigurationError.
@@ -159,6 +168,8 @@ class TokenManager:
         codec: PayloadCodec | None = None,
         keyring: Keyring | None = None,
         on_event: Callable[[TokenEvent], object] | None = None,
+        refresh_rate: float | None = None,
+        refresh_burst: int | None = None,
     ) -> None:
         refresh_deadline = lease_ttl * 2 / 3 if refresh_deadline is None else refresh_deadline
         wait_timeout = lease_ttl * 2 if wait_timeout is None else wait_timeout
@@ -172,6 +183,10 @@ class TokenManager:
                 "time budgets must nest: 0 < provider_timeout <= refresh_deadline < lease_ttl "
                 f"< wait_timeout (got {provider_timeout}, {refresh_deadline}, {lease_ttl}, {wait_timeout})"
             )
+        if refresh_rate is not None and not refresh_rate > 0:
+            raise ConfigurationError(f"refresh_rate must be positive, per minute (got {refresh_rate})")
+        if refresh_burst is not None and refresh_burst < 1:
+            raise ConfigurationError(f"refresh_burst must be at least 1 (got {refresh_burst})")
         self.app = app
         self.leeway = leeway
         self.min_valid = min_valid
@@ -180,7 +195,14 @@ class TokenManager:
         self.wait_timeout = wait_timeout
         self._owns_store = isinstance(store, str)
         self._store: Store = store_from_url(store) if isinstance(store, str) else store
-        self._oauth = OAuthClient(app, session=session, timeout=provider_timeout)
+        self._oauth = OAuthClient(
+            app, session=session, timeout=provider_timeout, on_retry_after=self._provider_held
+        )
+        self.refresh_rate = refresh_rate
+        self._interval = 0.0 if refresh_rate is None else 60.0 / refresh_rate
+        self._burst = refresh_burst or max(1, int((refresh_rate or 0) // 60))
+        self._hold_digest = hold_digest(app.client_id)
+        self._not_before = 0.0  # wall clock: no refresh is sent before (a 429's Retry-After)
         if keyring is not None and codec is not None:
             raise ConfigurationError("pass a keyring or a codec, not both")
         if codec is None:
@@ -459,7 +481,11 @@ class TokenManager:
                 error = await self._mark_dead(lease, record, "no refresh token to renew an expiring token")
                 committed = True
                 raise error
-            deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+            loop = asyncio.get_running_loop()
+            await self._admitted(tenant, loop.time() + self.refresh_deadline)
+            # The provider call gets its whole budget after the wait: a request cut short by
+            # a spent deadline would be in doubt, and its retry could cost the grant.
+            deadline = loop.time() + self.refresh_deadline
             if lost.is_set():
                 return None
             try:
@@ -525,6 +551,52 @@ class TokenManager:
                 # Shielded: the lease must go back even if this task is being cancelled.
                 with contextlib.suppress(FactorialTokensError):
                     await asyncio.shield(self._store.release(lease))
+
+    # -- fleet-wide back-pressure -----------------------------------------------------
+
+    def _provider_held(self, seconds: float) -> None:
+        """The token endpoint said 429 (or 503 with Retry-After): hold every worker."""
+        until = time.time() + seconds
+        if until <= self._not_before:
+            return
+        self._not_before = until
+        log.warning("the provider asked to hold refreshes for %.1fs; holding every worker", seconds)
+        if isinstance(self._store, Throttle) and not self._closed:
+            self._spawn(self._share_hold(until))
+
+    async def _share_hold(self, until: float) -> None:
+        assert isinstance(self._store, Throttle)
+        try:
+            await self._store.hold(self.app.client_id, until)
+        except StoreUnavailable as exc:
+            log.warning("could not share the provider's hold with other workers: %s", exc)
+
+    async def _learn_hold(self) -> None:
+        """Another worker recorded a hold (or announcements were lost): read it."""
+        assert isinstance(self._store, Throttle)
+        try:
+            self._not_before = max(self._not_before, await self._store.hold(self.app.client_id, 0.0))
+        except StoreUnavailable as exc:
+            log.warning("could not read the fleet's refresh hold: %s", exc)
+
+    async def _admitted(self, tenant: str, deadline: float) -> None:
+        """Wait until a refresh may be sent: past the fleet's hold and, with a
+        ``refresh_rate``, with a unit of the shared budget. Raises ProviderError when that
+        is later than ``deadline`` (callers with a valid token never see it)."""
+        loop = asyncio.get_running_loop()
+        ticket = secrets.token_hex(8)
+        while True:
+            wait = self._not_before - time.time()
+            if wait <= 0 and self._interval > 0 and isinstance(self._store, Throttle):
+                wait = await self._store.admit(self.app.client_id, ticket, self._interval, self._burst)
+            if wait <= 0:
+                return
+            if loop.time() + wait >= deadline:
+                raise ProviderError(
+                    429, "rate_limited", f"refreshes are held {wait:.1f}s more, past this refresh's deadline"
+                )
+            log.debug("tenant %r: refresh held %.2fs by the fleet's back-pressure", tenant, wait)
+            await asyncio.sleep(wait)
 
     async def _patiently(self, tenant: str, what: str, write: Callable[[], Awaitable[T]]) -> T:
         """Write tokens Factorial just issued, retrying for up to ``lease_ttl`` while the
@@ -769,6 +841,11 @@ class TokenManager:
                 log.exception("event listener failed on %s", event.kind.value)
 
     def _on_change(self, digest: str | None) -> None:
+        if digest is None or digest == self._hold_digest:
+            if isinstance(self._store, Throttle) and not self._closed:
+                self._spawn(self._learn_hold())
+            if digest is not None:
+                return
         if digest is None:  # announcements were lost: trust nothing cached
             self._cache.clear()
             return

@@ -3,7 +3,9 @@
 It knows nothing of stores. Every call has a deadline. Rules for retries:
 
 * 429, 500 and 503 are retried with jittered exponential backoff inside the deadline,
-  honouring ``Retry-After`` (the request was refused before any grant was processed);
+  honouring ``Retry-After`` (the request was refused before any grant was processed); a
+  token request's 429, or 503 with ``Retry-After``, is also told to ``on_retry_after``
+  (the manager holds the whole fleet's refreshes until then);
 * for token requests (exchange, refresh) a read timeout, a dropped connection, 502/504
   or a success body that cannot be read may mean the grant *was* processed: that is
   raised as :class:`RequestInDoubt` and never retried here;
@@ -17,6 +19,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -74,12 +77,14 @@ class OAuthClient:
         connect_timeout: float = 5.0,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
+        on_retry_after: Callable[[float], None] | None = None,
     ) -> None:
         self.app = app
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.on_retry_after = on_retry_after
         self._session = session
         self._owns_session = session is None
 
@@ -166,7 +171,9 @@ class OAuthClient:
     async def _grant(self, form: dict[str, str], deadline: float, secret: str) -> TokenSet:
         url = f"{self.app.base_url}/oauth/token"
         sent_at = time.time()
-        status, body, sent_at = await self._send("POST", url, deadline, secret, idempotent=False, data=form)
+        status, body, sent_at = await self._send(
+            "POST", url, deadline, secret, idempotent=False, throttled=True, data=form
+        )
         if status in _GATEWAY:
             raise RequestInDoubt(status, "gateway_error", _excerpt(body, secret, self.app.client_secret))
         if not 200 <= status < 300:
@@ -178,9 +185,18 @@ class OAuthClient:
             raise RequestInDoubt(status, "invalid_response", str(exc)) from None
 
     async def _send(
-        self, method: str, url: str, deadline: float, secret: str, *, idempotent: bool, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        deadline: float,
+        secret: str,
+        *,
+        idempotent: bool,
+        throttled: bool = False,
+        **kwargs: Any,
     ) -> tuple[int, bytes, float]:
-        """Send with retries; returns (status, body, wall time the answered attempt was sent)."""
+        """Send with retries; returns (status, body, wall time the answered attempt was sent).
+        ``throttled``: tell ``on_retry_after`` of a 429, or a 503 with ``Retry-After``."""
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
@@ -202,8 +218,13 @@ class OAuthClient:
                         if len(body) > _MAX_BODY:
                             raise ProviderError(status, "invalid_response", "body over 1 MiB")
                         return status, body, sent_at
-                    if status == 429:
+                    if status in (429, 503):
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
+                        if throttled and self.on_retry_after is not None:
+                            if retry_after is not None:
+                                self.on_retry_after(retry_after)
+                            elif status == 429:
+                                self.on_retry_after(self.backoff * 2**attempt)
                     failure = self._error(status, body, secret)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never connected: nothing was sent, so a retry is always safe.

@@ -218,3 +218,45 @@ async def test_a_provider_outage_inside_the_advisory_window_reaches_no_caller(
     assert least_valid(reports) >= min_valid - SLACK
     assert stats.refreshes == stats.refresh_attempts == 1
     assert stats.invalid_grant == 0 and stats.families_revoked == 0
+
+
+async def test_a_429_seen_by_one_process_holds_every_process(store_url: str, make_sim: SimFactory) -> None:
+    """Twelve tenants with 2 s tokens keep every process refreshing; one token request is
+    answered 429 with Retry-After: 5. Counted at the simulator: from shortly after that
+    answer (in-flight requests and the announcement's travel) until its 5 s are over, no
+    process sends a token request; afterwards refreshing resumes."""
+    tenants = {f"t{i}": 100 + i for i in range(12)}
+    budgets: dict[str, Any] = {
+        "leeway": 1.0,
+        "lease_ttl": 5.0,
+        "provider_timeout": 3.0,  # generous: a refresh in doubt would be retried (not counted once)
+        "refresh_deadline": 3.5,
+        "wait_timeout": 10.0,
+    }
+    scenario = Scenario(
+        kind="traffic", tenants=list(tenants), tasks=24, duration=8.0, pace=0.2, manager=budgets
+    )
+    async with make_sim(access_token_ttl=2.0) as sim:
+        async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
+            async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+                for tenant, cid in tenants.items():
+                    await tm.exchange_code(tenant, sim.issue_code(company_id=cid))
+            pool.go()
+            async with asyncio.timeout(20):
+                while sim.stats.refreshes < 4:  # the fleet is refreshing
+                    await asyncio.sleep(0.01)
+                sim.inject(Fault.RATE_LIMITED, retry_after=5)
+                while sim.stats.faults_injected == 0:
+                    await asyncio.sleep(0.002)
+            answered = time.monotonic()
+            await asyncio.sleep(0.3)
+            held_from = sim.stats.token_requests
+            await asyncio.sleep(answered + 4.8 - time.monotonic())
+            held_until = sim.stats.token_requests
+            reports = await pool.results()
+        stats = sim.stats
+
+    assert held_until == held_from, "a process sent a token request during the hold"
+    assert stats.token_requests > held_until  # ... and refreshing resumed after it
+    assert stats.invalid_grant == 0 and stats.families_revoked == 0, "\n".join(r.stderr for r in reports)
+    assert set(total_errors(reports)) <= {"ProviderError"}  # expiring tokens could not be renewed

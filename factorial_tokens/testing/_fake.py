@@ -391,6 +391,8 @@ class FakeFactorial:
     - ``latency``: seconds waited before every answer;
     - ``rate_limit_per_minute``: POSTs per rolling minute per endpoint family
       (``token``, ``revoke``) before answering 429 with ``Retry-After``; None = no limit;
+    - ``rate_limit_window``: the rolling window's length in seconds (default 60; shorter
+      windows let tests run a rate limit in seconds);
     - ``host``, ``port``: where to listen (port 0 picks a free one).
 
     Raises ``ValueError`` on nonsensical arguments.
@@ -412,6 +414,7 @@ class FakeFactorial:
         default_scope: str = "read write",
         latency: float = 0.0,
         rate_limit_per_minute: int | None = None,
+        rate_limit_window: float = 60.0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -425,6 +428,8 @@ class FakeFactorial:
             raise ValueError("latency must be >= 0")
         if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
             raise ValueError("rate_limit_per_minute must be >= 1 or None")
+        if not rate_limit_window > 0:
+            raise ValueError("rate_limit_window must be > 0")
         if not isinstance(refresh_mode, RefreshMode):
             raise ValueError(f"refresh_mode must be a RefreshMode, not {refresh_mode!r}")
         self.client_id = client_id
@@ -440,6 +445,7 @@ class FakeFactorial:
         self.default_scope = default_scope
         self.latency = float(latency)
         self.rate_limit_per_minute = rate_limit_per_minute
+        self.rate_limit_window = float(rate_limit_window)
         self.host = host
         self.port = port
         #: When True every request is answered 503 ("provider down").
@@ -1026,12 +1032,12 @@ class FakeFactorial:
         window = self._rate_windows.get(endpoint)
         if limit is None or window is None:
             return None
-        now = time.monotonic()
-        while window and now - window[0] >= 60.0:
+        now, span = time.monotonic(), self.rate_limit_window
+        while window and now - window[0] >= span:
             window.popleft()
         if len(window) >= limit:
             self._c.rate_limited += 1
-            return max(1.0, math.ceil(60.0 - (now - window[0])))
+            return max(1.0, math.ceil(span - (now - window[0])))
         window.append(now)
         return None
 

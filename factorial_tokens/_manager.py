@@ -436,15 +436,25 @@ class TokenManager:
         return time.time() < (entry.due if advisory else entry.must)
 
     async def _fly(self, tenant: str, newer_than: int | None, advisory: bool = False) -> _Entry:
-        """Across processes: read; if stale, take the lease or wait for whoever has it."""
+        """Across processes: read; if stale, take the lease or wait for whoever has it.
+
+        When this process already knows its cached entry is stale, the first read is left
+        out: the acquisition returns the record, so a refresh is two round trips (acquire,
+        commit). A cold process reads first, so that a fresh stored token costs one read
+        and no lease (a lease taken and given back would wake every other worker).
+        """
         key = self._key(tenant)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_timeout
+        cached = self._cache.get(tenant)
+        known_stale = cached is not None and not self._acceptable(cached, newer_than, advisory)
         while True:
             async with self._store.watch(key) as watch:
-                entry = self._usable(tenant, await self._store.read(key))
-                if self._acceptable(entry, newer_than, advisory):
-                    return self._remember(tenant, entry)
+                if not known_stale:
+                    entry = self._usable(tenant, await self._store.read(key))
+                    if self._acceptable(entry, newer_than, advisory):
+                        return self._remember(tenant, entry)
+                known_stale = False  # after a wait, someone else's result is likely: read
                 owner = secrets.token_hex(16)
                 won = await self._store.acquire(key, owner, self.lease_ttl)
                 if won.lease is not None:
@@ -452,6 +462,9 @@ class TokenManager:
                     if result is not None:
                         return self._remember(tenant, result)
                     continue
+                seen = self._usable(tenant, won.record)
+                if self._acceptable(seen, newer_than, advisory):
+                    return self._remember(tenant, seen)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise RefreshTimeout(
@@ -468,7 +481,11 @@ class TokenManager:
         tenant = lease.key.tenant
         committed = False
         lost = asyncio.Event()
-        watchdog = self._spawn(self._renew(lease, lost))
+        # No watchdog task for a refresh that ends within a third of the lease (nearly all).
+        watchdog: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            self.lease_ttl / 3, lambda: watchdog.append(self._spawn(self._renew(lease, lost)))
+        )
         try:
             entry = self._usable(tenant, record)
             if self._acceptable(entry, newer_than, advisory):
@@ -546,7 +563,9 @@ class TokenManager:
             self._emit(TokenEvent(EventKind.REFRESHED, tenant, new.fingerprint, stored.version))
             return self._entry_of(new, stored.version)
         finally:
-            watchdog.cancel()
+            timer.cancel()
+            for task in watchdog:
+                task.cancel()
             if not committed:
                 # Shielded: the lease must go back even if this task is being cancelled.
                 with contextlib.suppress(FactorialTokensError):
@@ -634,15 +653,16 @@ class TokenManager:
         return error(tenant, reason)
 
     async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
-        """Watchdog: keep the lease alive while its holder works."""
+        """Watchdog: keep the lease alive while its holder works (started a third of the
+        lease into the work, then renewing every third)."""
         while True:
-            await asyncio.sleep(self.lease_ttl / 3)
             try:
                 if not await self._store.extend(lease, self.lease_ttl):
                     lost.set()
                     return
             except StoreUnavailable:
                 log.warning("tenant %r: could not renew the lease; retrying", lease.key.tenant)
+            await asyncio.sleep(self.lease_ttl / 3)
 
     # -- code exchange ---------------------------------------------------------------
 

@@ -162,3 +162,19 @@ def app_for_nothing() -> FactorialApp:
 def test_min_valid_must_fit_in_the_leeway(min_valid: float) -> None:
     with pytest.raises(ConfigurationError, match="min_valid"):
         TokenManager(app_for_nothing(), "memory://", leeway=60, min_valid=min_valid)
+
+
+async def test_a_refresh_this_process_knows_is_due_is_two_round_trips(sim: FakeFactorial) -> None:
+    """Acquire (which returns the record) and the fenced commit; no read, no extend (no
+    watchdog for a refresh that ends within a third of the lease)."""
+    store = CountingStore(MemoryStore())
+    async with TokenManager(app_for(sim), store, leeway=LEEWAY) as tm:
+        await place(tm, sim, left=3000)
+        await tm.access_token("acme")  # cached now
+        store.reset()
+        await tm.refresh("acme")
+        assert dict(store.calls) == {"acquire": 1, "commit": 1}
+        await place(tm, sim, left=40, tenant="beta")
+        await tm.access_token("beta")  # a cold miss: one read; the token is in the leeway
+        await settle(tm)  # the background refresh
+        assert store.calls["read"] == 1 and store.calls["acquire"] == 2 and store.calls["commit"] == 2

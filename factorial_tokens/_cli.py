@@ -570,8 +570,25 @@ def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
     help="Spread: each tenant's threshold is lowered by up to this share of --max-age.",
 )
 @click.option("--once", is_flag=True, help="Run one pass and exit (for cron).")
+@click.option(
+    "--concurrency", default=16, show_default=True, type=click.IntRange(1), help="Tenants visited at once."
+)
+@click.option(
+    "--refresh-rate",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="Refreshes per minute shared by every worker of the app (e.g. 180).",
+)
 @_config_options
-def keepalive(cfg: Config, max_age: float, interval: float, jitter: float, once: bool) -> None:
+def keepalive(
+    cfg: Config,
+    max_age: float,
+    interval: float,
+    jitter: float,
+    once: bool,
+    concurrency: int,
+    refresh_rate: float | None,
+) -> None:
     """Refresh idle tenants before Factorial's week-long refresh tokens age out.
 
     Skips tenants that need re-authorization and company tokens that never expire;
@@ -582,9 +599,11 @@ def keepalive(cfg: Config, max_age: float, interval: float, jitter: float, once:
         logging.getLogger("factorial_tokens.keepalive").setLevel(logging.INFO)
 
     async def run() -> KeepAliveReport | None:
-        async with cfg.manager() as tm:
+        async with cfg.manager(refresh_rate=refresh_rate) as tm:
             work = asyncio.ensure_future(
-                tm.keep_alive(max_age=max_age, interval=interval, jitter=jitter, once=once)
+                tm.keep_alive(
+                    max_age=max_age, interval=interval, jitter=jitter, once=once, concurrency=concurrency
+                )
             )
             if once:
                 return await work

@@ -50,7 +50,7 @@ from ._errors import (
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
-from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
+from ._keepalive import DEFAULT_CONCURRENCY, DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._oauth import OAuthClient
 from ._sealing import Keyring, SealedCodec
@@ -805,14 +805,19 @@ class TokenManager:
         interval: float = 3600.0,
         jitter: float = 0.2,
         once: bool = False,
+        concurrency: int = DEFAULT_CONCURRENCY,
     ) -> KeepAliveReport:
         """Refresh, under the lease, every tenant whose tokens are older than ``max_age``
         (jittered per tenant), every ``interval`` seconds until cancelled; ``once=True``
         runs one pass and returns its report. Skips tenants needing re-authorization and
-        tokens that never expire; logs errors and goes on. See ``factorial_tokens._keepalive``.
+        tokens that never expire; logs errors and goes on. ``concurrency`` tenants are
+        visited at once; every refresh honours the fleet's back-pressure and ``refresh_rate``.
+        See ``factorial_tokens._keepalive``.
         """
         self._check_open()
-        return await keep_alive(self, max_age=max_age, interval=interval, jitter=jitter, once=once)
+        return await keep_alive(
+            self, max_age=max_age, interval=interval, jitter=jitter, once=once, concurrency=concurrency
+        )
 
     async def forget(self, tenant: str) -> None:
         """Remove ``tenant``'s tokens from the store (without revoking them at Factorial)."""

@@ -13,8 +13,20 @@ from pathlib import Path
 import attrs
 import pytest
 
-from factorial_tokens import ConfigurationError, JsonCodec, TenantKey, TokenManager, Update
-from factorial_tokens.testing import FakeFactorial
+from factorial_tokens import (
+    Acquisition,
+    ConfigurationError,
+    JsonCodec,
+    Lease,
+    MemoryStore,
+    Record,
+    Store,
+    TenantKey,
+    TokenManager,
+    Update,
+)
+from factorial_tokens._keepalive import keep_alive_pass
+from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for
 
@@ -72,3 +84,43 @@ def test_budget_settings_are_checked(option: str, value: float) -> None:
 
     with pytest.raises(ConfigurationError, match=option):
         TokenManager(app_for_nothing(), "memory://", **{option: value})  # type: ignore[arg-type]
+
+
+class LeaseGauge(CountingStore):
+    """Counts the leases held at once (the keepalive's concurrency, seen from the store)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.held = self.most = 0
+
+    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        won = await super().acquire(key, owner, ttl)
+        if won.lease is not None:
+            self.held += 1
+            self.most = max(self.most, self.held)
+        return won
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        self.held -= 1
+        return await super().commit(lease, update)
+
+    async def release(self, lease: Lease) -> bool:
+        self.held -= 1
+        return await super().release(lease)
+
+
+async def test_keepalive_over_many_tenants_is_concurrent_bounded_and_budgeted(make_sim: SimFactory) -> None:
+    store = LeaseGauge(MemoryStore())
+    async with make_sim(access_token_ttl=3600, rate_limit_per_minute=LIMIT, rate_limit_window=1.0) as sim:
+        async with TokenManager(app_for(sim), store, refresh_rate=1080, refresh_burst=1) as tm:
+            sim.rate_limit_per_minute = None
+            tenants = [f"idle-{i}" for i in range(TENANTS)]
+            for i, tenant in enumerate(tenants):
+                await tm.exchange_code(tenant, sim.issue_code(company_id=700 + i))
+            sim.rate_limit_per_minute = LIMIT
+            later = time.time() + 3 * 3600
+            report = await keep_alive_pass(tm, max_age=3600, jitter=0, now=later, concurrency=8)
+    assert sorted(report.refreshed) == sorted(tenants) and report.ok
+    assert sim.stats.refreshes == sim.stats.refresh_attempts == TENANTS
+    assert sim.stats.rate_limited == 0 and sim.stats.invalid_grant == 0
+    assert 2 <= store.most <= 8  # concurrent, and bounded

@@ -505,8 +505,12 @@ class TokenManager:
             deadline = loop.time() + self.refresh_deadline
             if lost.is_set():
                 return None
+            # A background refresh stops retrying when the mandatory window opens: callers
+            # who must wait then start a refresh of their own at once, rather than wait
+            # out this one's backoff.
+            retry_until = loop.time() + (entry.must - time.time()) if advisory else None
             try:
-                new = await self._oauth.refresh(old.refresh_token, deadline=deadline)
+                new = await self._oauth.refresh(old.refresh_token, deadline=deadline, retry_until=retry_until)
             except RequestInDoubt as exc:
                 log.warning(
                     "tenant %r: refresh of %s in doubt (%s); re-reading, then one more try",

@@ -132,15 +132,18 @@ class OAuthClient:
         }
         return await self._grant(form, deadline, code)
 
-    async def refresh(self, refresh_token: str, *, deadline: float) -> TokenSet:
-        """Trade a refresh token for a new token set (the refresh token rotates)."""
+    async def refresh(
+        self, refresh_token: str, *, deadline: float, retry_until: float | None = None
+    ) -> TokenSet:
+        """Trade a refresh token for a new token set (the refresh token rotates).
+        ``retry_until``: no new attempt starts after it (each attempt keeps ``deadline``)."""
         form = {
             "client_id": self.app.client_id,
             "client_secret": self.app.client_secret,
             "refresh_token": refresh_token,
             "grant_type": "refresh_token",
         }
-        return await self._grant(form, deadline, refresh_token)
+        return await self._grant(form, deadline, refresh_token, retry_until)
 
     async def revoke(self, token: str, *, deadline: float) -> None:
         """Revoke an access or refresh token (either kills both); unknown tokens are fine."""
@@ -168,11 +171,20 @@ class OAuthClient:
         except ValueError as exc:
             raise ProviderError(status, "invalid_response", str(exc)) from None
 
-    async def _grant(self, form: dict[str, str], deadline: float, secret: str) -> TokenSet:
+    async def _grant(
+        self, form: dict[str, str], deadline: float, secret: str, retry_until: float | None = None
+    ) -> TokenSet:
         url = f"{self.app.base_url}/oauth/token"
         sent_at = time.time()
         status, body, sent_at = await self._send(
-            "POST", url, deadline, secret, idempotent=False, throttled=True, data=form
+            "POST",
+            url,
+            deadline,
+            secret,
+            idempotent=False,
+            throttled=True,
+            retry_until=retry_until,
+            data=form,
         )
         if status in _GATEWAY:
             raise RequestInDoubt(status, "gateway_error", _excerpt(body, secret, self.app.client_secret))
@@ -193,6 +205,7 @@ class OAuthClient:
         *,
         idempotent: bool,
         throttled: bool = False,
+        retry_until: float | None = None,
         **kwargs: Any,
     ) -> tuple[int, bytes, float]:
         """Send with retries; returns (status, body, wall time the answered attempt was sent).
@@ -241,7 +254,7 @@ class OAuthClient:
             delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            if loop.time() + delay >= deadline:
+            if loop.time() + delay >= min(deadline, retry_until or deadline):
                 raise failure
             attempt += 1
             await asyncio.sleep(delay)

@@ -83,6 +83,8 @@ async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
             reports = await pool.results()
         ended = time.time()
         stats = sim.stats
+        async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+            stored = {tenant: (await tm.tokens(tenant)).fingerprint for tenant in tenants}
 
     assert total_errors(reports) == {}
     api = total_api(reports)
@@ -95,8 +97,9 @@ async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
     assert stats.refresh_attempts == stats.refreshes
     assert stats.max_attempts_per_refresh_token == 1
     for tenant, cid in tenants.items():
-        generations = all_tokens(reports, tenant) | {initial[tenant]}
-        # Each refresh made one generation that callers got; none was made and lost.
+        # A background refresh at the very end may store a generation no caller asked for yet.
+        generations = all_tokens(reports, tenant) | {initial[tenant], stored[tenant]}
+        # Each refresh made one generation that callers got or the store holds; none was lost.
         assert stats.refreshes_by_company[cid] == len(generations) - 1, (tenant, stats.refreshes_by_company)
         # A token is replaced only once it is due: at most one refresh per lifetime-minus-leeway.
         assert 2 <= stats.refreshes_by_company[cid] <= (ended - started) / (ttl - leeway) + 1

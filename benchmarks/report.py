@@ -129,8 +129,9 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
         "### 2b. Many tenants at once (every tenant expired; C = 1 caller per tenant per process)",
         "",
         "| store | PxCxT | refreshes / ideal | invalid_grant | failed calls | all refreshed (s) "
-        "| provider-bound (s) | ratio | bare HTTP refreshes, measured (s) | ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| provider-bound (s) | ratio | bare HTTP refreshes, measured (s) | ratio "
+        "| worker CPU per tenant ms | bare HTTP CPU per refresh ms | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for storm in bulk:
         spec, s = storm["spec"], storm["summary"]
@@ -147,7 +148,9 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
             f"**{s['refresh_ratio']:.2f}** | {s['invalid_grant']} | {_errors(s['errors'])} "
             f"| {all_fresh} "
             f"| {_num(s['provider_bound_s'], 2)} | {_times(ratio)} "
-            f"| {bare_s if isinstance(bare_s, str) else _num(bare_s, 2)} | {_times(bare_ratio)} |"
+            f"| {bare_s if isinstance(bare_s, str) else _num(bare_s, 2)} | {_times(bare_ratio)} "
+            f"| {_num(s['cpu_ms_per_tenant'], 2)} | {_num(s.get('bare_cpu_ms_per_refresh'), 2)} "
+            f"| {_times(s['cpu_ms_per_tenant'] / s.get('bare_cpu_ms_per_refresh', math.nan))} |"
         )
     lines += [
         "",
@@ -155,7 +158,9 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
         " process keeps at most 100 requests in flight to the provider (aiohttp's default connection pool)."
         " *Bare HTTP refreshes*: the same P processes x 100 connections send one refresh per tenant straight"
         " to the simulator (no store, no manager), right after the storm: what the simulator, the HTTP stack"
-        " and this machine allow.",
+        " and this machine allow. *Worker CPU per tenant*: CPU of both worker processes during the storm"
+        " divided by T (each tenant's P callers included); *bare HTTP CPU per refresh*: CPU of the bare"
+        " processes divided by the refreshes they made.",
         "",
     ]
     return lines

@@ -143,6 +143,9 @@ class TokenManager:
             worker's refreshes until its ``Retry-After``.
         refresh_burst: how many refreshes the budget lets through at once (default a
             second's worth, at least one).
+        max_refreshes: refreshes this process runs at once (each holds a lease and a
+            provider connection; aiohttp's default pool has 100). Others wait, without a
+            lease, so other workers can take those tenants.
 
     The time budgets must nest: ``provider_timeout <= refresh_deadline < lease_ttl <
     wait_timeout``, else ConfigurationError.
@@ -170,6 +173,7 @@ class TokenManager:
         on_event: Callable[[TokenEvent], object] | None = None,
         refresh_rate: float | None = None,
         refresh_burst: int | None = None,
+        max_refreshes: int = 100,
     ) -> None:
         refresh_deadline = lease_ttl * 2 / 3 if refresh_deadline is None else refresh_deadline
         wait_timeout = lease_ttl * 2 if wait_timeout is None else wait_timeout
@@ -185,6 +189,8 @@ class TokenManager:
             )
         if refresh_rate is not None and not refresh_rate > 0:
             raise ConfigurationError(f"refresh_rate must be positive, per minute (got {refresh_rate})")
+        if max_refreshes < 1:
+            raise ConfigurationError(f"max_refreshes must be at least 1 (got {max_refreshes})")
         if refresh_burst is not None and refresh_burst < 1:
             raise ConfigurationError(f"refresh_burst must be at least 1 (got {refresh_burst})")
         self.app = app
@@ -202,6 +208,7 @@ class TokenManager:
         self._interval = 0.0 if refresh_rate is None else 60.0 / refresh_rate
         self._burst = refresh_burst or max(1, int((refresh_rate or 0) // 60))
         self._hold_digest = hold_digest(app.client_id)
+        self._slots = asyncio.Semaphore(max_refreshes)
         self._not_before = 0.0  # wall clock: no refresh is sent before (a 429's Retry-After)
         if keyring is not None and codec is not None:
             raise ConfigurationError("pass a keyring or a codec, not both")
@@ -455,13 +462,17 @@ class TokenManager:
                     if self._acceptable(entry, newer_than, advisory):
                         return self._remember(tenant, entry)
                 known_stale = False  # after a wait, someone else's result is likely: read
-                owner = secrets.token_hex(16)
-                won = await self._store.acquire(key, owner, self.lease_ttl)
-                if won.lease is not None:
-                    result = await self._refresh_holding(won.lease, won.record, newer_than, advisory)
-                    if result is not None:
-                        return self._remember(tenant, result)
-                    continue
+                # A lease is taken only with a free provider slot: a lease held while its
+                # request queues for a connection could lapse under a large backlog, and
+                # the tenants this process cannot start yet stay free for other workers.
+                async with self._slots:
+                    owner = secrets.token_hex(16)
+                    won = await self._store.acquire(key, owner, self.lease_ttl)
+                    if won.lease is not None:
+                        result = await self._refresh_holding(won.lease, won.record, newer_than, advisory)
+                        if result is not None:
+                            return self._remember(tenant, result)
+                        continue
                 seen = self._usable(tenant, won.record)
                 if self._acceptable(seen, newer_than, advisory):
                     return self._remember(tenant, seen)

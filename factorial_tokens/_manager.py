@@ -422,9 +422,17 @@ class TokenManager:
         """Join (or start) the tenant's flight until it yields an acceptable entry."""
         while True:
             flight = self._flights.get(tenant)
+            joined_advisory = flight is not None and tenant in self._advisory
             if flight is None:
                 flight = self._launch(tenant, newer_than=newer_than)
-            entry = await asyncio.shield(flight)
+            try:
+                entry = await asyncio.shield(flight)
+            except (ProviderError, StoreUnavailable, RefreshTimeout):
+                # A background refresh gave up (it stops retrying when the mandatory window
+                # opens): a caller that must wait starts one of its own instead.
+                if joined_advisory and self._flights.get(tenant) is not flight:
+                    continue
+                raise
             if newer_than is None or entry.version > newer_than or not _renewable(entry.tokens):
                 return entry
 

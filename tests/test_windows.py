@@ -178,3 +178,24 @@ async def test_a_refresh_this_process_knows_is_due_is_two_round_trips(sim: FakeF
         await tm.access_token("beta")  # a cold miss: one read; the token is in the leeway
         await settle(tm)  # the background refresh
         assert store.calls["read"] == 1 and store.calls["acquire"] == 2 and store.calls["commit"] == 2
+
+
+async def test_a_caller_that_joined_a_background_refresh_which_gave_up_refreshes_itself(
+    make_sim: SimFactory,
+) -> None:
+    """The background refresh stops retrying once the mandatory window opens. A caller who
+    joined it there (it must wait) gets a refresh of its own, not the background one's error.
+    Found by the outage benchmark; this test failed before the fix (ProviderError 503)."""
+    budgets = {"leeway": LEEWAY, "lease_ttl": 8.0, "provider_timeout": 3.0, "refresh_deadline": 5.0}
+    async with make_sim(access_token_ttl=3600, latency=1.0) as sim:
+        async with TokenManager(app_for(sim), "memory://", **budgets) as tm:
+            old = await place(tm, sim, left=15.3)  # mandatory window in 0.3 s
+            sim.unavailable = True
+            assert await tm.access_token("acme") == old.access_token  # the background refresh starts
+            await asyncio.sleep(0.6)  # past min_valid; its first answer (a 503) comes at 1.0 s
+            waiter = asyncio.ensure_future(tm.access_token("acme"))  # joins it, must wait
+            await asyncio.sleep(0.5)
+            sim.unavailable = False  # after that 503: the background refresh gave up on it
+            fresh = await waiter
+        assert fresh != old.access_token and sim.is_active(fresh)
+        assert sim.stats.refreshes == 1 and sim.stats.unavailable == 1

@@ -25,6 +25,12 @@ with ``Retry-After``) and announces it; ``admit`` answers how long to wait befor
 provider call, by that instant and by an optional shared rate budget (a token bucket).
 
 Every failure of the backend surfaces as :class:`~factorial_tokens.StoreUnavailable`.
+
+Every primitive must be safe to run twice (a client resends a command whose reply was
+lost): the second run answers as the first did and writes nothing more. ``acquire`` by
+the same owner returns that owner's live lease; ``commit``, ``release``, ``replace`` and
+``advance_code`` recognise their own step already done (same fence and values, same owner
+and state). Forgetting a tenant the store never held writes nothing.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import click
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from ._errors import (
     ConfigurationError,
@@ -498,13 +497,6 @@ def connect_url(cfg: Config, tenant: str, company: bool, scope: str | None) -> N
     click.echo(manager.authorization_url(tenant, company=company, scope=scope))
 
 
-class _AccessLogger(AbstractAccessLogger):
-    """Method, path and status only: a callback's query holds the code and the state."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
-
-
 @main.command(epilog=_EPILOG)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks one.")
@@ -522,7 +514,7 @@ def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
     Anyone who reaches /connect can start connecting a company to any allowed tenant
     id: keep it on a private network, behind your own authentication, or use --tenant.
     """
-    from ._serve import callback_path, connect_app
+    from ._serve import AccessLogger, callback_path, connect_app
 
     allow = None if not allowed else (lambda _request, tenant: tenant in set(allowed))
 
@@ -533,7 +525,7 @@ def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
             loop.add_signal_handler(sig, stop.set)
         async with cfg.manager() as tm:
             app = connect_app(tm, allow=allow)
-            runner = web.AppRunner(app, access_log_class=_AccessLogger)
+            runner = web.AppRunner(app, access_log_class=AccessLogger)
             await runner.setup()
             try:
                 await web.TCPSite(runner, host, port).start()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from aiohttp import web
@@ -25,18 +26,36 @@ from .conftest import CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
 CALLBACK = urlsplit(REDIRECT_URI).path
 
 
+MANAGER = web.AppKey("manager", TokenManager)
+
+
+def served(tm: TokenManager, **options: Any) -> web.Application:
+    """``connect_app(tm, **options)``, remembering ``tm`` for the helpers below."""
+    app = connect_app(tm, **options)
+    app[MANAGER] = tm
+    return app
+
+
 @pytest.fixture
 async def client(tm: TokenManager) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    async with TestClient(TestServer(connect_app(tm))) as test_client:
+    async with TestClient(TestServer(served(tm))) as test_client:
         yield test_client
 
 
 Client = TestClient[web.Request, web.Application]
 
 
+def link_path(tm: TokenManager, tenant: str, **options: Any) -> str:
+    """The path and query of ``tenant``'s connect link."""
+    url = urlsplit(tm.connect_link(tenant, **options))
+    return f"{url.path}?{url.query}"
+
+
 async def start(client: Client, sim: FakeFactorial, tenant: str, query: str = "") -> str:
-    """GET /connect/{tenant}, let the simulator approve it; return the callback's path+query."""
-    resp = await client.get(f"/connect/{quote(tenant, safe='')}{query}", allow_redirects=False)
+    """Open the tenant's connect link (this client is the browser: it keeps the cookie), let
+    the simulator approve it; return the callback's path+query."""
+    tm = client.app[MANAGER]
+    resp = await client.get(link_path(tm, tenant) + query, allow_redirects=False)
     assert resp.status == 302, await resp.text()
     location = resp.headers["Location"]
     assert location.startswith(sim.base_url + "/oauth/authorize?")
@@ -70,7 +89,7 @@ def assert_clean(body: str, *secrets: str) -> None:
 async def test_connect_redirects_to_factorial_with_a_signed_state(
     client: Client, tm: TokenManager, sim: FakeFactorial
 ) -> None:
-    resp = await client.get("/connect/acme", allow_redirects=False)
+    resp = await client.get(link_path(tm, "acme"), allow_redirects=False)
     assert resp.status == 302
     url = urlsplit(resp.headers["Location"])
     assert f"{url.scheme}://{url.netloc}" == sim.base_url and url.path == "/oauth/authorize"
@@ -80,13 +99,15 @@ async def test_connect_redirects_to_factorial_with_a_signed_state(
     assert query["response_type"] == ["code"]
     assert "resource_owner_type" not in query
     assert tm.tenant_from_state(query["state"][0]) == "acme"
-    company = await client.get("/connect/acme?company=1", allow_redirects=False)
+    company = await client.get(link_path(tm, "acme") + "&company=1", allow_redirects=False)
     assert parse_qs(urlsplit(company.headers["Location"]).query)["resource_owner_type"] == ["company"]
 
 
-async def test_connect_never_redirects_to_a_url_from_the_request(client: Client, sim: FakeFactorial) -> None:
+async def test_connect_never_redirects_to_a_url_from_the_request(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
     resp = await client.get(
-        "/connect/acme?redirect_uri=https://evil.example/&next=https://evil.example/",
+        link_path(tm, "acme") + "&redirect_uri=https://evil.example/&next=https://evil.example/",
         headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
         allow_redirects=False,
     )
@@ -247,7 +268,7 @@ async def test_factorial_unavailable_shows_a_provider_error_page(make_sim: SimFa
         app = app_for(sim)
         async with (
             TokenManager(app, "memory://", lease_ttl=3, provider_timeout=0.5, refresh_deadline=1) as tm,
-            TestClient(TestServer(connect_app(tm))) as client,
+            TestClient(TestServer(served(tm))) as client,
         ):
             callback = await start(client, sim, "acme")
             sim.inject(Fault.HTTP_503, times=100)
@@ -262,11 +283,23 @@ async def test_access_denied(client: Client, sim: FakeFactorial) -> None:
     state = params(callback)["state"]
     status, body = await call(client, f"{CALLBACK}?{urlencode({'error': 'access_denied', 'state': state})}")
     assert status == 403 and "not granted" in body and "acme" in body
-    status, _ = await call(client, f"{CALLBACK}?error=access_denied")
-    assert status == 403
-    status, body = await call(client, f"{CALLBACK}?{urlencode({'error': '<script>x</script>'})}")
-    assert status == 400 and "<script>" not in body and "&lt;script&gt;" in body
+    status, body = await call(
+        client, f"{CALLBACK}?{urlencode({'error': '<script>x</script>', 'state': state})}"
+    )
+    assert status == 400 and "<script>" not in body and "scriptxscript" in body
     assert sim.stats.exchange_attempts == 0
+
+
+async def test_an_error_without_a_valid_state_shows_nothing_of_it(client: Client, sim: FakeFactorial) -> None:
+    for query in (
+        {"error": "access_denied"},
+        {"error": "phishing_text_call_0800", "error_description": "Call +1 555 0100"},
+        {"error": "access_denied", "state": "forged.state"},
+    ):
+        status, body = await call(client, f"{CALLBACK}?{urlencode(query)}")
+        assert status == 400 and "state" in body
+        assert "phishing" not in body and "555" not in body and "not granted" not in body
+    assert sim.stats.token_requests == 0
 
 
 async def test_head_never_exchanges(client: Client, sim: FakeFactorial) -> None:
@@ -286,8 +319,8 @@ async def test_unknown_tenant_is_refused_when_an_allow_hook_is_given(
         await asyncio.sleep(0)
         return tenant == "acme"
 
-    async with TestClient(TestServer(connect_app(tm, allow=allow))) as client:
-        resp = await client.get("/connect/nobody", allow_redirects=False)
+    async with TestClient(TestServer(served(tm, allow=allow))) as client:
+        resp = await client.get(link_path(tm, "nobody"), allow_redirects=False)
         assert resp.status == 404 and "Location" not in resp.headers
         # A state for a tenant the hook refuses (e.g. issued before it was removed).
         state = params(tm.authorization_url("nobody"))["state"]
@@ -331,6 +364,7 @@ async def test_odd_tenant_ids_round_trip(
 
 @pytest.mark.parametrize("raw", ["x" * 201, "%00", "a%0Ab", "%1B%5B31m", "a%7Fb", "%C2%85"])
 async def test_invalid_tenant_ids_are_refused(client: Client, sim: FakeFactorial, raw: str) -> None:
+    # Refused before the link is even looked at.
     resp = await client.get(f"/connect/{raw}", allow_redirects=False)
     assert resp.status == 400 and "Location" not in resp.headers
     assert sim.stats.authorize_requests == 0
@@ -367,7 +401,9 @@ async def test_mounted_as_a_sub_app(sim: FakeFactorial) -> None:
         root.router.add_get("/", home)
         root.add_subapp("/factorial", connect_app(tm, prefix="/factorial"))
         async with TestClient(TestServer(root)) as client:
-            resp = await client.get("/factorial/connect/acme", allow_redirects=False)
+            link = urlsplit(tm.connect_link("acme", base_url=str(client.make_url("/factorial"))))
+            assert link.path == "/factorial/connect/acme"
+            resp = await client.get(f"{link.path}?{link.query}", allow_redirects=False)
             assert resp.status == 302
             callback = urlsplit(await sim.authorize(resp.headers["Location"]))
             assert callback.path == "/factorial/oauth/callback"

@@ -29,7 +29,7 @@ from ._keepalive import KeepAliveReport
 from ._manager import CallbackResult, TenantInfo, TokenManager
 from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
-from ._sealing import Keyring, SealedCodec, ensure_key_file, rekey
+from ._sealing import Keyring, SealedCodec, rekey
 from ._serve import ConnectCheck, connect_app
 from ._sqlite import SQLiteStore
 from ._store import (
@@ -102,7 +102,6 @@ __all__ = [
     "Update",
     "Watch",
     "connect_app",
-    "ensure_key_file",
     "fingerprint",
     "rekey",
     "store_from_url",

@@ -133,7 +133,11 @@ class TokenManager:
         keyring: seal token material at rest with AES-GCM under this keyring
             (:class:`~factorial_tokens.SealedCodec`); default: the keyring in
             ``FACTORIAL_TOKENS_KEYS`` if that variable is set, else none. Not together
-            with ``codec``.
+            with ``codec``. With a keyring, plain (unsealed) records are refused with
+            TokenSealError: someone without the key wrote them.
+        allow_plaintext: with a keyring, read plain records anyway: only while migrating
+            a store written before sealing was on, until :func:`~factorial_tokens.rekey`
+            has sealed them.
         on_event: called with every :class:`TokenEvent`; exceptions it raises are logged.
 
     The time budgets must nest: ``provider_timeout <= refresh_deadline < lease_ttl <
@@ -158,6 +162,7 @@ class TokenManager:
         session: aiohttp.ClientSession | None = None,
         codec: PayloadCodec | None = None,
         keyring: Keyring | None = None,
+        allow_plaintext: bool = False,
         on_event: Callable[[TokenEvent], object] | None = None,
     ) -> None:
         refresh_deadline = lease_ttl * 2 / 3 if refresh_deadline is None else refresh_deadline
@@ -181,7 +186,7 @@ class TokenManager:
             raise ConfigurationError("pass a keyring or a codec, not both")
         if codec is None:
             keyring = Keyring.from_env() if keyring is None else keyring
-            codec = JsonCodec() if keyring is None else SealedCodec(keyring)
+            codec = JsonCodec() if keyring is None else SealedCodec(keyring, allow_plaintext=allow_plaintext)
         self._codec: PayloadCodec = codec
         self.state_ttl = state_ttl
         self._signer = StateSigner(app, state_ttl)

@@ -401,7 +401,7 @@ def test_serve_connects_a_company(env: dict[str, str], sim: FakeFactorial) -> No
         assert _get(mallory, browser())[0] == 404  # not in --tenant
         status, page, _ = _get(f"{base}/oauth/callback?code=x&state=forged", admin)
         assert status == 400 and "state" in page
-        assert _get(f"{base}/connect/a%0d%0aFORGED%20GET%20/admin%20200")[0] == 400
+        assert _get(f"{base}/connect/a%0d%0aFORGED%20GET%20%2Fadmin%20200")[0] == 400
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

@@ -7,6 +7,7 @@ provider's counters prove what reached it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,8 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from factorial_tokens import ConfigurationError, FactorialApp, TokenManager
-from factorial_tokens._serve import callback_path, connect_app
-from factorial_tokens._state import StateSigner
+from factorial_tokens._serve import COOKIE, AccessLogger, callback_path, connect_app
+from factorial_tokens._state import LinkSigner, StateSigner
 from factorial_tokens.testing import FakeFactorial, Fault
 
 from .conftest import CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
@@ -419,3 +420,119 @@ def test_callback_path_must_fit_the_prefix() -> None:
     assert callback_path("https://x.example/f/oauth/cb", "/f/") == "/oauth/cb"
     with pytest.raises(ConfigurationError):
         callback_path("https://x.example/oauth/callback", "/factorial")
+
+
+# --------------------------------------------------------------------------- closed by default
+
+
+async def test_connect_without_a_valid_link_is_403(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    expired = LinkSigner(tm.app, 600).sign("acme", now=time.time() - 3600)
+    state = params(tm.authorization_url("acme"))["state"]
+    for query in ("", "?link=", "?link=forged.link", f"?link={expired}", f"?link={state}"):
+        resp = await client.get(f"/connect/acme{query}", allow_redirects=False)
+        assert resp.status == 403 and "Location" not in resp.headers and "Set-Cookie" not in resp.headers
+    other = link_path(tm, "globex").split("?")[1]
+    resp = await client.get(f"/connect/acme?{other}", allow_redirects=False)
+    assert resp.status == 403
+    assert sim.stats.authorize_requests == 0 and await tm.tenants() == []
+
+
+async def test_connect_sets_an_httponly_samesite_cookie(sim: FakeFactorial) -> None:
+    for redirect, secure in ((REDIRECT_URI, False), ("https://app.example/oauth/callback", True)):
+        app = FactorialApp(
+            client_id="c", client_secret="s" * 20, redirect_uri=redirect, base_url=sim.base_url
+        )
+        async with (
+            TokenManager(app, "memory://", lease_ttl=6, provider_timeout=2) as tm,
+            TestClient(TestServer(served(tm))) as client,
+        ):
+            resp = await client.get(link_path(tm, "acme"), allow_redirects=False)
+            assert resp.status == 302
+            cookie = resp.headers["Set-Cookie"]
+            assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+            assert ("Secure" in cookie) is secure and "Path=/;" in cookie + ";"
+            if not secure:  # (the test client sends no Secure cookie over http)
+                # A second connect in the same browser keeps its binding (two tabs both work).
+                again = await client.get(link_path(tm, "acme"), allow_redirects=False)
+                assert again.headers["Set-Cookie"].split(";")[0] == cookie.split(";")[0]
+
+
+async def test_a_callback_from_another_browser_is_refused_without_a_provider_request(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    callback = await start(client, sim, "acme")
+    async with TestClient(TestServer(served(tm))) as other:
+        status, body = await call(other, callback)  # no cookie at all
+        assert status == 400 and "browser" in body
+        other.session.cookie_jar.update_cookies({COOKIE: "x" * 43})  # another browser's cookie
+        status, body = await call(other, callback)
+        assert status == 400 and "another browser" in body
+    assert sim.stats.token_requests == 0 and await tm.tenants() == []
+    assert (await call(client, callback))[0] == 200  # the admin's own browser still completes it
+
+
+async def test_a_victim_admin_tricked_into_an_attackers_authorize_url_connects_nothing(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    """Reproduction: the attacker opened /connect/<their tenant> and sent the authorize URL
+    to a victim's admin, whose company landed in the attacker's tenant."""
+    resp = await client.get(link_path(tm, "attacker"), allow_redirects=False)  # the attacker's browser
+    authorize_url = resp.headers["Location"]
+    async with TestClient(TestServer(served(tm))) as victim:  # the victim's browser
+        sim.next_owner(20002)
+        callback = urlsplit(await sim.authorize(authorize_url))
+        status, _ = await call(victim, f"{callback.path}?{callback.query}")
+        assert status == 400
+    assert sim.stats.token_requests == 0 and await tm.tenants() == []
+
+
+async def test_takeover_of_a_connected_tenant_over_http_is_refused_and_revoked(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    sim.next_owner(10001)
+    assert (await call(client, await start(client, sim, "acme")))[0] == 200
+    mine = await tm.access_token("acme")
+    async with TestClient(TestServer(served(tm))) as attacker:
+        sim.next_owner(10003)
+        status, body = await call(attacker, await start(attacker, sim, "acme"))
+    assert status == 409 and "10001" in body and "10003" in body and "revoked" in body
+    assert (await tm.credentials("acme")).company_id == "10001" and await tm.access_token("acme") == mine
+    assert sim.stats.exchanges == 2 and sim.stats.revocations == 1 and sim.live_pairs(10003) == 0
+    assert_clean(body, mine)
+
+
+async def test_success_url_sends_the_admin_back_to_the_app(tm: TokenManager, sim: FakeFactorial) -> None:
+    async with TestClient(TestServer(served(tm, success_url="https://app.example/done?t={tenant}"))) as c:
+        callback = await start(c, sim, "café ☕")
+        resp = await c.get(callback, allow_redirects=False)
+        assert resp.status == 303
+        assert resp.headers["Location"] == "https://app.example/done?t=caf%C3%A9%20%E2%98%95"
+    with pytest.raises(ConfigurationError):
+        connect_app(tm, success_url="/relative")
+
+
+async def test_open_routes_connect_without_a_link(tm: TokenManager, sim: FakeFactorial) -> None:
+    async with TestClient(TestServer(served(tm, open_routes=True))) as open_client:
+        resp = await open_client.get("/connect/acme", allow_redirects=False)
+        assert resp.status == 302
+        callback = urlsplit(await sim.authorize(resp.headers["Location"]))
+        assert (await call(open_client, f"{callback.path}?{callback.query}"))[0] == 200
+        # An unbound state (connect-url) completes without a cookie in open mode only.
+        unbound = urlsplit(await sim.authorize(tm.authorization_url("globex")))
+        async with TestClient(TestServer(served(tm, open_routes=True))) as fresh:
+            assert (await call(fresh, f"{unbound.path}?{unbound.query}"))[0] == 200
+
+
+async def test_the_access_log_escapes_control_characters(
+    tm: TokenManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    server = TestServer(served(tm))
+    await server.start_server(access_log_class=AccessLogger)
+    async with TestClient(server) as c:
+        await c.get("/connect/a%0d%0aFORGED%20200%20%E2%80%AEx", allow_redirects=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert lines and all("\n" not in line and "\r" not in line and "\u202e" not in line for line in lines)
+    assert any("a\\x0d\\x0aFORGED 200 \\u202ex" in line for line in lines)

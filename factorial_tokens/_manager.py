@@ -735,7 +735,7 @@ class TokenManager:
             await self._fail_claim(claim, exc)
             await self._revoke_quietly(key.tenant, tokens, "the refused new grant")
             if isinstance(exc, CompanyMismatch):
-                log.warning("tenant %r: %s", key.tenant, exc)
+                log.warning("%s", exc)
                 self._emit(
                     TokenEvent(
                         EventKind.COMPANY_MISMATCH,

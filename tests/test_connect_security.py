@@ -26,6 +26,7 @@ from factorial_tokens import (
     InvalidState,
     InvalidTenant,
     Keyring,
+    MemoryStore,
     ProviderError,
     StateReused,
     TenantKey,
@@ -38,7 +39,7 @@ from factorial_tokens import (
 from factorial_tokens._codec import JsonCodec
 from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens._state import LinkSigner
-from factorial_tokens.testing import FakeFactorial, Fault
+from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
 from ._raw_stores import BACKENDS, Backend, open_backend
 from .conftest import CLIENT_ID, app_for
@@ -126,6 +127,31 @@ async def test_a_callback_from_another_browser_is_refused_before_anything_happen
     # The state was not spent: the browser that started the flow still completes it.
     done = await tm.complete_callback(state=state_of(url), code=code, binding=issued)
     assert done.tokens.company_id == "10001"
+
+
+async def test_callbacks_without_a_valid_state_and_binding_never_touch_store_or_provider(
+    sim: FakeFactorial,
+) -> None:
+    store = CountingStore(MemoryStore())
+    async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+        url = tm.authorization_url("acme", binding="the-admin-browser")
+        code = await approve(sim, url, 1)
+        store.reset()
+        forged = state_of(url)[:-4] + "AAAA"
+        attempts = [
+            {"state": None, "code": code},
+            {"state": forged, "code": code, "binding": "the-admin-browser"},
+            {"state": state_of(url), "code": code},  # no binding
+            {"state": state_of(url), "code": code, "binding": "another-browser"},
+            {"state": state_of(url), "error": "access_denied", "binding": "another-browser"},
+            {"state": state_of(url), "error": "access_denied", "binding": "the-admin-browser"},
+            {"state": state_of(url), "code": None, "binding": "the-admin-browser"},
+        ]
+        for attempt in attempts:
+            with pytest.raises((InvalidState, AuthorizationDenied, InvalidCallback)):
+                await tm.complete_callback(**attempt)  # type: ignore[arg-type]
+        assert store.calls.total() == 0
+    assert sim.stats.token_requests == 0 and sim.stats.api_calls == 0
 
 
 async def test_the_binding_is_only_a_hash_in_the_state(tm: TokenManager) -> None:

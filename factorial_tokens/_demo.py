@@ -6,9 +6,10 @@ What it does, in order:
 1. starts :class:`~factorial_tokens.testing.FakeFactorial` on loopback in its strictest
    mode (revoke at refresh + reuse detection) with short-lived access tokens;
 2. starts the connect server (:func:`~factorial_tokens._serve.connect_app`) on loopback
-   and connects T companies through the real authorization-code flow:
-   ``/connect/{tenant}`` -> Factorial's authorize page -> the callback, each callback sent
-   twice at once (a retried callback must not exchange its code twice);
+   and connects T companies through the real authorization-code flow, as one browser:
+   the tenant's signed connect link ``/connect/{tenant}?link=...`` (which sets the binding
+   cookie) -> Factorial's authorize page -> the callback with that cookie, each callback
+   sent twice at once (a retried callback must not exchange its code twice);
 3. runs P worker processes x C tasks that call ``access_token`` and the simulator's API
    through ``tm.client(tenant)`` for D seconds, all on one shared store;
 4. compares what the provider counted with the ideal: each refresh must create exactly

@@ -640,7 +640,8 @@ class TokenManager:
         tokens, and the unwanted grant is revoked at Factorial, unless
         ``allow_company_change=True``. When the tenant had tokens, its previous grant is
         revoked at Factorial once the new tokens are stored, and a ``reconnected`` event
-        names the old and the new company.
+        names the old and the new company. A tenant that was forgotten or revoked has no
+        company any more: its next connection pins a new one.
 
         Raises CodeReused if the code was claimed for another tenant, ProviderError if
         Factorial refused it (every caller gets the same error), ExchangeInDoubt if it was

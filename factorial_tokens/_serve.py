@@ -26,6 +26,11 @@ HTML-escaped; no page holds a token or the client secret.
 
 ``open_routes=True`` (``factorial-tokens serve --open``) drops the link and the cookie
 requirements: for local development only.
+
+Limitations: a connect link is a bearer credential until it expires: whoever holds the
+link of a tenant that was never connected can connect it to a company they administer.
+Send links only to the tenant's admin, with a short ``ttl``; ``allow`` can add your own
+per-request check.
 """
 
 from __future__ import annotations

@@ -269,15 +269,15 @@ async def test_a_user_token_pins_on_its_company(tm: TokenManager, sim: FakeFacto
     assert sim.live_pairs(21) == 0
 
 
-async def test_a_pinned_tenant_is_not_replaced_when_the_company_cannot_be_read(
-    tm: TokenManager, sim: FakeFactorial
-) -> None:
-    mine = await tm.exchange_code("acme", sim.issue_code(company_id=1))
-    sim.inject(Fault.HTTP_500, endpoint="api", times=50)
-    with pytest.raises(ProviderError):
-        await tm.exchange_code("acme", sim.issue_code(company_id=2))
-    sim.clear_faults()
-    assert await tm.tokens("acme") == mine and sim.live_pairs(2) == 0
+async def test_a_pinned_tenant_is_not_replaced_when_the_company_cannot_be_read(sim: FakeFactorial) -> None:
+    budgets = {"lease_ttl": 3.0, "provider_timeout": 0.5, "refresh_deadline": 0.5}
+    async with TokenManager(app_for(sim), "memory://", **budgets) as tm:
+        mine = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.inject(Fault.HTTP_500, endpoint="api", times=50)
+        with pytest.raises(ProviderError):
+            await tm.exchange_code("acme", sim.issue_code(company_id=2))
+        sim.clear_faults()
+        assert await tm.tokens("acme") == mine and sim.live_pairs(2) == 0
 
 
 async def test_the_company_survives_refreshes(tm: TokenManager, sim: FakeFactorial) -> None:

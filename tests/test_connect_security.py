@@ -204,7 +204,7 @@ async def test_takeover_of_a_connected_tenant_is_refused_and_the_new_grant_revok
     assert (info.value.expected, info.value.got) == ("10001", "10003")
     assert (await tm.tokens("acme")) == mine  # untouched
     assert (await tm.credentials("acme")).company_id == "10001"
-    assert sim.stats.revocations == 1 and sim.live_pairs(10003) == 0  # revoked at Factorial
+    assert sim.stats.revocations_by_company == {10003: 1} and sim.live_pairs(10003) == 0  # revoked
     assert sim.is_active(mine.access_token)
     # A retried callback with the same code gets the same refusal, without a second exchange.
     with pytest.raises(CompanyMismatch):
@@ -237,7 +237,7 @@ async def test_a_company_change_on_purpose_replaces_and_revokes_the_old_grant(
     new = (await tm.complete_callback(state=state_of(url), code=code, allow_company_change=True)).tokens
     assert new.company_id == "10003" and (await tm.credentials("acme")).company_id == "10003"
     assert not sim.is_active(old.access_token) and not sim.is_refresh_usable(old.refresh_token or "")
-    assert sim.live_pairs(10001) == 0 and sim.stats.revocations == 1
+    assert sim.live_pairs(10001) == 0 and sim.stats.revocations_by_company == {10001: 1}
     reconnected = [e for e in events if e.kind is EventKind.RECONNECTED]
     assert [(e.previous_company_id, e.company_id) for e in reconnected] == [("10001", "10003")]
     assert "10001" in reconnected[0].detail and "10003" in reconnected[0].detail
@@ -251,7 +251,7 @@ async def test_every_reconnect_revokes_the_previous_grant(
     second = await tm.exchange_code("acme", sim.issue_code(company_id=5))
     assert await tm.access_token("acme") == second.access_token
     assert not sim.is_active(first.access_token) and sim.is_active(second.access_token)
-    assert sim.stats.revocations == 1
+    assert sim.stats.revocations_by_company == {5: 1}
     kinds = [e.kind for e in events]
     assert kinds.count(EventKind.EXCHANGED) == 2 and kinds.count(EventKind.RECONNECTED) == 1
     reconnected = next(e for e in events if e.kind is EventKind.RECONNECTED)
@@ -266,7 +266,7 @@ async def test_a_user_token_pins_on_its_company(tm: TokenManager, sim: FakeFacto
     with pytest.raises(CompanyMismatch):
         await tm.exchange_code("acme", sim.issue_code(company_id=21, employee_id=3))
     assert (await tm.credentials("acme")).company_id == "20"
-    assert sim.live_pairs(21) == 0
+    assert sim.live_pairs(21) == 0 and sim.stats.revocations_by_company == {20: 2, 21: 1}
 
 
 async def test_a_pinned_tenant_is_not_replaced_when_the_company_cannot_be_read(sim: FakeFactorial) -> None:

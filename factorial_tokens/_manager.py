@@ -282,7 +282,7 @@ class TokenManager:
         defaults to the redirect URI's origin (where ``factorial-tokens serve`` and
         :func:`~factorial_tokens.connect_app` answer); pass the mount point when the routes
         live under a prefix (``https://example.com/factorial``). ``connect_app`` refuses
-        ``/connect/{tenant}`` without a valid link (403) unless it runs ``open``.
+        ``/connect/{tenant}`` without a valid link (403) unless built with ``open_routes=True``.
         Anyone holding the link can start the flow: send it to the tenant's admin only.
         """
         tenant = validate_tenant(tenant)
@@ -342,8 +342,7 @@ class TokenManager:
             )
         if error is not None:
             raise AuthorizationDenied(tenant, _oauth_error_code(error))
-        _check_code(code)
-        assert isinstance(code, str)
+        code = _check_code(code)
         if not await self._spend_nonce(tenant, claims.nonce, code):
             raise StateReused(
                 f"this connection of tenant {tenant!r} was already completed with another "
@@ -963,10 +962,11 @@ class TokenManager:
             raise
 
 
-def _check_code(code: object) -> None:
-    """Raise InvalidCallback unless ``code`` looks like an authorization code."""
+def _check_code(code: object) -> str:
+    """``code`` if it looks like an authorization code; raise InvalidCallback otherwise."""
     if not isinstance(code, str) or not code or len(code) > _MAX_CODE or not code.isprintable():
         raise InvalidCallback("the authorization code is missing or malformed")
+    return code
 
 
 def _oauth_error_code(error: object) -> str:

@@ -3,8 +3,8 @@
 Configuration comes from flags or the environment (``FACTORIAL_CLIENT_ID``,
 ``FACTORIAL_CLIENT_SECRET``, ``FACTORIAL_REDIRECT_URI``, ``FACTORIAL_BASE_URL``,
 ``FACTORIAL_TOKENS_STORE``); keys from ``--keys-file`` or ``FACTORIAL_TOKENS_KEYS``, exactly
-as the library reads them (no command creates keys on its own). Secrets are never printed: not in ``--help``, not in
-errors; only ``token`` writes a token, to stdout, for shell use.
+as the library reads them (no command creates keys on its own). Secrets are never printed:
+not in ``--help``, not in errors; only ``token`` writes a token, to stdout, for shell use.
 """
 
 from __future__ import annotations

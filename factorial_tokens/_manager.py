@@ -77,6 +77,9 @@ log = logging.getLogger("factorial_tokens")
 T = TypeVar("T")
 
 _MAX_CODE = 2048
+#: Appended to the namespace for the key whose lease connections of a tenant take turns on
+#: (it never holds a record, so no listing shows it).
+_CONNECT_TURN = "/connect-turn"
 
 
 @attrs.frozen
@@ -646,10 +649,12 @@ class TokenManager:
         Factorial refused it (every caller gets the same error), ExchangeInDoubt if it was
         sent but its answer was lost, CompanyMismatch (see above).
 
-        Limitations: the company check compares with what the store held when the new
-        grant arrived; two exchanges for one tenant that overlap in time (two admins
-        connecting at the same second) are not compared with each other: the last wins,
-        and the other grant is revoked as the previous one.
+        Connections of one tenant take turns (a lease of their own), so two that overlap
+        are compared with each other as well.
+
+        Limitations: if a connection's turn stays busy for longer than ``refresh_deadline``
+        (its holder died), the next one is compared only with what the store held just
+        before it writes.
         """
         self._check_open()
         tenant = validate_tenant(tenant)
@@ -776,22 +781,41 @@ class TokenManager:
         self, key: TenantKey, tokens: TokenSet, allow_change: bool, unknown: ProviderError | None
     ) -> TokenSet | None:
         """Store a new grant's tokens unless they belong to another company than the
-        stored ones; return the tokens they replace (``None`` for a first connection)."""
-        record = await self._store.read(key)
-        old: TokenSet | None = None
-        if record is not None:
-            try:
-                old = self._codec.decode(key, record.payload)
-            except TokenSealError as exc:
-                log.warning("tenant %r: the replaced record cannot be opened (%s)", key.tenant, exc)
-        pinned = old.company_id if old is not None else None
-        if pinned is not None and not allow_change:
-            if unknown is not None:
-                raise unknown  # cannot tell the company: never replace a pinned tenant blindly
-            if tokens.company_id != pinned:
-                raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
-        await self._store.replace(key, self._update(key, tokens))
-        return old
+        stored ones; return the tokens they replace (``None`` for a first connection).
+
+        Connections of one tenant take turns on a lease of their own (a second key beside
+        the tenant's, never holding a record), so two that overlap are compared with each
+        other too; the write is a ``replace``, which fences out a refresh of the old grant
+        in flight. If that turn stays busy longer than a refresh may take (a holder that
+        died), the comparison is made without it.
+        """
+        turn = TenantKey(key.namespace + _CONNECT_TURN, key.tenant)
+        won = await acquire_within(self._store, turn, self.lease_ttl, self.refresh_deadline)
+        lease = won.lease if won is not None else None
+        try:
+            old = self._decode_replaced(key, await self._store.read(key))
+            pinned = old.company_id if old is not None else None
+            if pinned is not None and not allow_change:
+                if unknown is not None:
+                    raise unknown  # cannot tell the company: never replace a pinned tenant blindly
+                if tokens.company_id != pinned:
+                    raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
+            await self._store.replace(key, self._update(key, tokens))
+            return old
+        finally:
+            if lease is not None:
+                with contextlib.suppress(FactorialTokensError):
+                    await asyncio.shield(self._store.release(lease))
+
+    def _decode_replaced(self, key: TenantKey, record: Record | None) -> TokenSet | None:
+        """The tokens a new grant replaces, or None (none stored, or unreadable)."""
+        if record is None:
+            return None
+        try:
+            return self._codec.decode(key, record.payload)
+        except TokenSealError as exc:
+            log.warning("tenant %r: the replaced record cannot be opened (%s)", key.tenant, exc)
+            return None
 
     async def _fail_claim(self, claim: CodeClaim, exc: FactorialTokensError) -> None:
         """Record a code claim's failure so duplicates of its callback get the same error."""

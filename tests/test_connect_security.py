@@ -7,6 +7,7 @@ browser-bound state; a refused company's grant revoked; a replaced grant revoked
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import time
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from factorial_tokens import (
+    Acquisition,
     AuthorizationDenied,
     CallbackResult,
     CompanyMismatch,
@@ -28,6 +30,7 @@ from factorial_tokens import (
     Keyring,
     MemoryStore,
     ProviderError,
+    Record,
     StateReused,
     TenantKey,
     TokenEvent,
@@ -42,7 +45,7 @@ from factorial_tokens._state import LinkSigner
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
 from ._raw_stores import BACKENDS, Backend, open_backend
-from .conftest import CLIENT_ID, app_for
+from .conftest import CLIENT_ID, SimFactory, app_for
 
 BUDGETS = {"lease_ttl": 6.0, "provider_timeout": 2.0}
 
@@ -267,6 +270,44 @@ async def test_a_user_token_pins_on_its_company(tm: TokenManager, sim: FakeFacto
         await tm.exchange_code("acme", sim.issue_code(company_id=21, employee_id=3))
     assert (await tm.credentials("acme")).company_id == "20"
     assert sim.live_pairs(21) == 0 and sim.stats.revocations_by_company == {20: 2, 21: 1}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+async def test_two_overlapping_connections_of_one_tenant_are_compared(
+    name: str, make_sim: SimFactory, tmp_path: Path
+) -> None:
+    """Two admins of different companies connecting a new tenant at the same moment: one
+    company wins, the other is refused and revoked (never "the last one wins")."""
+
+    class SlowStore(CountingStore):
+        """The real store, with a round trip slow enough for the connections to overlap."""
+
+        async def read(self, key: TenantKey) -> Record | None:
+            record = await super().read(key)
+            await asyncio.sleep(0.05)  # the answer is on its way: other writes can happen
+            return record
+
+        async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+            won = await super().acquire(key, owner, ttl)
+            await asyncio.sleep(0.05)
+            return won
+
+    async with make_sim() as sim, open_backend(name, tmp_path) as backend:
+        async with TokenManager(app_for(sim), SlowStore(backend.store), **BUDGETS) as tm:
+            codes = [sim.issue_code(company_id=company) for company in (1, 2, 1, 2)]
+            outcomes = await asyncio.gather(
+                *(tm.exchange_code("acme", code) for code in codes), return_exceptions=True
+            )
+            won = {o.company_id for o in outcomes if not isinstance(o, BaseException)}
+            refused = [o for o in outcomes if isinstance(o, BaseException)]
+            assert len(won) == 1 and len(refused) == 2
+            assert all(isinstance(o, CompanyMismatch) for o in refused)
+            loser = 2 if won == {"1"} else 1
+            stored = await tm.tokens("acme")
+            assert stored.company_id in won and sim.is_active(stored.access_token)
+            assert sim.live_pairs(loser) == 0 and sim.stats.revocations_by_company[loser] == 2
+            # The winner's two grants: one stored, the other replaced and revoked.
+            assert sim.live_pairs(3 - loser) == 1
 
 
 async def test_a_pinned_tenant_is_not_replaced_when_the_company_cannot_be_read(sim: FakeFactorial) -> None:

@@ -20,11 +20,17 @@ class EventKind(enum.Enum):
     REVOKED = "revoked"  # revoked at Factorial and forgotten
     FORGOTTEN = "forgotten"  # removed from the store
     SEAL_ERROR = "seal_error"  # a stored record could not be opened
+    RECONNECTED = "reconnected"  # a new grant replaced the tenant's previous one (revoked)
+    COMPANY_MISMATCH = "company_mismatch"  # a grant of another company was refused and revoked
 
 
 @attrs.frozen
 class TokenEvent:
-    """One event. ``fingerprint`` identifies the access token without revealing it."""
+    """One event. ``fingerprint`` identifies the access token without revealing it.
+
+    ``company_id`` is the grant's company where known (``exchanged``, ``reconnected``,
+    ``company_mismatch``); ``previous_company_id`` the company of the replaced or kept grant.
+    """
 
     kind: EventKind
     tenant: str
@@ -32,3 +38,5 @@ class TokenEvent:
     version: int | None = None
     detail: str = ""
     at: float = attrs.field(factory=time.time)
+    company_id: str | None = None
+    previous_company_id: str | None = None

@@ -45,8 +45,10 @@ from ._errors import (
     TenantNotConnected,
     TokenSealError,
 )
-from ._events import EventKind, TokenEvent
+from ._events import EventDispatcher, EventKind, Listener, TokenEvent
+from ._health import Health, check_health
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
+from ._logs import OperationContext, bind
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._oauth import OAuthClient
 from ._sealing import Keyring, SealedCodec
@@ -63,6 +65,7 @@ from ._store import (
     acquire_within,
     store_from_url,
 )
+from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 
 __all__ = ["TenantInfo", "TokenManager"]
 
@@ -119,7 +122,10 @@ class TokenManager:
             (:class:`~factorial_tokens.SealedCodec`); default: the keyring in
             ``FACTORIAL_TOKENS_KEYS`` if that variable is set, else none. Not together
             with ``codec``.
-        on_event: called with every :class:`TokenEvent`; exceptions it raises are logged.
+        on_event: called with every :class:`TokenEvent`, on a background thread (off the
+            refresh path); exceptions it raises are logged.
+        telemetry: OpenTelemetry providers and options (:class:`Telemetry`); default:
+            the global providers, when ``opentelemetry-api`` is installed.
 
     The time budgets must nest: ``provider_timeout <= refresh_deadline < lease_ttl <
     wait_timeout``, else ConfigurationError.
@@ -143,7 +149,8 @@ class TokenManager:
         session: aiohttp.ClientSession | None = None,
         codec: PayloadCodec | None = None,
         keyring: Keyring | None = None,
-        on_event: Callable[[TokenEvent], object] | None = None,
+        on_event: Listener | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         refresh_deadline = lease_ttl * 2 / 3 if refresh_deadline is None else refresh_deadline
         wait_timeout = lease_ttl * 2 if wait_timeout is None else wait_timeout
@@ -169,8 +176,20 @@ class TokenManager:
             codec = JsonCodec() if keyring is None else SealedCodec(keyring)
         self._codec: PayloadCodec = codec
         self._signer = StateSigner(app, state_ttl)
-        self._listeners: list[Callable[[TokenEvent], object]] = [on_event] if on_event else []
+        self._events = EventDispatcher()
+        if on_event is not None:
+            self._events.add(on_event)
         self._cache: dict[str, _Entry] = {}
+        self._hits = 0
+        self._obs = Observer(
+            telemetry,
+            store=store_scheme(self._store),
+            namespace=app.client_id,
+            publish=self._events.publish,
+            hits=lambda: self._hits,
+        )
+        self._store = self._obs.wrap_store(self._store)
+        self._oauth.observer = self._obs.provider_answer
         self._digests: dict[str, str] = {}
         self._flights: dict[str, asyncio.Task[_Entry]] = {}
         self._exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]] = {}
@@ -196,6 +215,7 @@ class TokenManager:
         await self._store.check()
         if self._unsubscribe is None:
             self._unsubscribe = self._store.on_change(self._on_change)
+            self._obs.attach(lambda: self._store.tenants(self.app.client_id))
 
     async def aclose(self) -> None:
         """Let work in flight finish, then close what the manager created. Idempotent."""
@@ -209,6 +229,8 @@ class TokenManager:
         if self._unsubscribe is not None:
             self._unsubscribe()
         await self._oauth.aclose()
+        self._obs.close()
+        await self._events.aclose()
         if self._owns_store:
             await self._store.aclose()
 
@@ -219,7 +241,7 @@ class TokenManager:
     @property
     def store(self) -> Store:
         """The store this manager uses."""
-        return self._store
+        return self._obs.unwrap(self._store)
 
     # -- authorization ---------------------------------------------------------------
 
@@ -250,6 +272,7 @@ class TokenManager:
         """
         entry = self._cache.get(tenant)
         if entry is not None and time.time() < entry.due and not self._closed:
+            self._hits += 1
             return entry.tokens.access_token
         return (await self._current(tenant)).tokens.access_token
 
@@ -259,18 +282,21 @@ class TokenManager:
         # would cost about as much as the whole lookup.
         entry = self._cache.get(tenant)
         if entry is not None and time.time() < entry.due and not self._closed:
+            self._hits += 1
             return entry.tokens
         return (await self._current(tenant)).tokens
 
     async def _current(self, tenant: str) -> _Entry:
         self._check_open()
         validate_tenant(tenant)
+        self._obs.misses += 1
         try:
             return await self._obtain(tenant, newer_than=None)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             stale = self._cache.get(tenant)
             if stale is not None and not stale.tokens.is_expired():
                 log.warning("store unavailable; serving tenant %r's cached token until it expires", tenant)
+                self._obs.stale_served(tenant, stale.tokens.fingerprint, exc)
                 return stale
             raise
 
@@ -332,26 +358,36 @@ class TokenManager:
         """Across processes: read; if stale, take the lease or wait for whoever has it."""
         key = self._key(tenant)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_timeout
+        started = loop.time()
+        deadline = started + self.wait_timeout
+        waited = False
+        bind(OperationContext(tenant, "refresh", self._obs.store))  # for log records (own task)
         while True:
             async with self._store.watch(key) as watch:
                 entry = self._usable(tenant, await self._store.read(key))
                 if self._acceptable(entry, newer_than):
+                    if waited:
+                        self._obs.lease_waited(loop.time() - started)
                     return self._remember(tenant, entry)
                 owner = secrets.token_hex(16)
                 won = await self._store.acquire(key, owner, self.lease_ttl)
                 if won.lease is not None:
-                    result = await self._refresh_holding(won.lease, won.record, newer_than)
+                    before = won.record.version if won.record else None
+                    result = await self._obs.refresh(
+                        won.lease, before, self._refresh_holding(won.lease, won.record, newer_than)
+                    )
                     if result is not None:
                         return self._remember(tenant, result)
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    self._obs.refresh_timeout(tenant, loop.time() - started)
                     raise RefreshTimeout(
                         f"tenant {tenant!r}: another worker held the refresh lease for over "
                         f"{self.wait_timeout:g}s"
                     )
                 log.debug("tenant %r: waiting for another worker's refresh", tenant)
+                waited = True
                 await watch.wait(remaining)
 
     async def _refresh_holding(
@@ -388,6 +424,7 @@ class TokenManager:
                 )
                 current = await self._store.read(lease.key)
                 if current is None or record is None or current.version != record.version:
+                    self._obs.note(lease, "lost_race")
                     return None
                 try:
                     new = await self._oauth.refresh(old.refresh_token, deadline=deadline)
@@ -408,6 +445,7 @@ class TokenManager:
                 # Lost race or dead grant? Dead only if the store still holds what we sent.
                 current = await self._store.read(lease.key)
                 if current is None or record is None or current.version != record.version:
+                    self._obs.note(lease, "lost_race")
                     return None
                 error = await self._mark_dead(
                     lease, record, "Factorial refused the refresh token (invalid_grant)"
@@ -420,6 +458,7 @@ class TokenManager:
             )
             committed = True
             if stored is None:
+                self._obs.note(lease, "fenced_out")
                 log.error(
                     "tenant %r: lease lost before writing refreshed tokens %s; they are discarded",
                     tenant,
@@ -528,7 +567,7 @@ class TokenManager:
                     )
                 if claim.won:
                     if await self._store.advance_code(claim, ClaimState.SENT, self.lease_ttl):
-                        return await self._exchange_holding(claim, code)
+                        return await self._obs.exchange(key.tenant, self._exchange_holding(claim, code))
                     continue
                 if claim.state is ClaimState.DONE:
                     return self._usable(key.tenant, await self._store.read(key)).tokens
@@ -671,17 +710,37 @@ class TokenManager:
 
     # -- events, cache, records ------------------------------------------------------
 
-    def add_listener(self, callback: Callable[[TokenEvent], object]) -> Callable[[], None]:
-        """Call ``callback`` with every event; returns a function that removes it."""
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+    def add_listener(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback`` with every event (on a background thread, in order; a
+        coroutine it returns runs on the manager's loop); returns a function that removes it."""
+        return self._events.add(callback)
+
+    async def flush_events(self, timeout: float = 10.0) -> bool:
+        """Wait until the listeners were handed every event emitted so far; False if
+        that took longer than ``timeout`` (a listener is stuck)."""
+        return await self._events.flush(timeout)
 
     def _emit(self, event: TokenEvent) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("event listener failed on %s", event.kind.value)
+        self._events.publish(self._obs.complete(event))
+
+    # -- health ----------------------------------------------------------------------
+
+    async def health(self, *, timeout: float = 1.0) -> Health:
+        """Whether this worker can do its job: the store answers (within ``timeout``),
+        and how long ago Factorial last answered. What ``/healthz`` and ``/readyz`` serve."""
+        return await check_health(
+            self._store,
+            store=self._obs.store,
+            open=self._unsubscribe is not None and not self._closed,
+            last_answer_at=self._obs.last_answer_at,
+            timeout=timeout,
+        )
+
+    async def tenant_counts(self, max_age: float = 60.0) -> TenantCounts:
+        """Tenants in the store by status (no tokens), listed at most every ``max_age``
+        seconds (the ``factorial_tokens.tenants`` gauge reads the same counts)."""
+        self._check_open()
+        return await self._obs.count_tenants(max_age)
 
     def _on_change(self, digest: str | None) -> None:
         if digest is None:  # announcements were lost: trust nothing cached

@@ -17,6 +17,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -32,6 +33,9 @@ _MAX_BODY = 1 << 20
 _RETRYABLE = frozenset({429, 500, 503})
 _GATEWAY = frozenset({502, 504})
 _SECRETISH = re.compile(r"[A-Za-z0-9_\-+/=.]{20,}")
+
+#: Told of every HTTP attempt: ``(url, status or failure kind, seconds, Retry-After)``.
+AttemptObserver = Callable[[str, int | str, float, float | None], None]
 
 
 def _excerpt(body: bytes, *secrets: str | None) -> str:
@@ -82,6 +86,8 @@ class OAuthClient:
         self.max_backoff = max_backoff
         self._session = session
         self._owns_session = session is None
+        #: Told of every HTTP attempt (metrics, health); never sees a request or a body.
+        self.observer: AttemptObserver | None = None
 
     def __repr__(self) -> str:
         return f"OAuthClient(client_id={self.app.client_id!r}, base_url={self.app.base_url!r})"
@@ -198,6 +204,7 @@ class OAuthClient:
                 ) as resp:
                     body = await resp.content.read(_MAX_BODY + 1)
                     status = resp.status
+                    self._observe(url, status, sent_at, resp.headers.get("Retry-After"))
                     if status not in (_RETRYABLE | _GATEWAY if idempotent else _RETRYABLE):
                         if len(body) > _MAX_BODY:
                             raise ProviderError(status, "invalid_response", "body over 1 MiB")
@@ -207,6 +214,7 @@ class OAuthClient:
                     failure = self._error(status, body, secret)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never connected: nothing was sent, so a retry is always safe.
+                self._observe(url, "connection_error", sent_at, None)
                 failure = ProviderError(None, "connection_error", type(exc).__name__)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 kind = (
@@ -214,6 +222,7 @@ class OAuthClient:
                     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
                     else ("connection_lost")
                 )
+                self._observe(url, kind, sent_at, None)
                 if not idempotent:
                     raise RequestInDoubt(None, kind, "the request was sent but no answer came") from None
                 failure = ProviderError(None, kind, type(exc).__name__)
@@ -224,6 +233,11 @@ class OAuthClient:
                 raise failure
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _observe(self, url: str, status: int | str, sent_at: float, retry_after: str | None) -> None:
+        if self.observer is not None:
+            wait = _retry_after(retry_after) if status == 429 else None
+            self.observer(url, status, max(time.time() - sent_at, 0.0), wait)
 
     def _json(self, status: int, body: bytes, secret: str, *, in_doubt: bool) -> dict[str, Any]:
         error = RequestInDoubt if in_doubt else ProviderError

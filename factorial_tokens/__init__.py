@@ -22,6 +22,7 @@ from ._errors import (
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
+from ._health import Health
 from ._keepalive import KeepAliveReport
 from ._manager import TenantInfo, TokenManager
 from ._memory import MemoryStore
@@ -45,6 +46,7 @@ from ._store import (
     Watch,
     store_from_url,
 )
+from ._telemetry import Telemetry, TenantCounts
 
 __version__ = "0.1.0"
 
@@ -62,6 +64,7 @@ __all__ = [
     "ExchangeInDoubt",
     "FactorialApp",
     "FactorialTokensError",
+    "Health",
     "InvalidCallback",
     "InvalidState",
     "InvalidTenant",
@@ -83,6 +86,8 @@ __all__ = [
     "SealedCodec",
     "Store",
     "StoreUnavailable",
+    "Telemetry",
+    "TenantCounts",
     "TenantInfo",
     "TenantKey",
     "TenantNotConnected",

@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["EventDispatcher", "EventKind", "Listener", "TokenEvent"]
+__all__ = ["EventKind", "TokenEvent"]
 
 log = logging.getLogger("factorial_tokens.events")
 

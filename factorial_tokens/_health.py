@@ -15,7 +15,7 @@ import attrs
 from ._errors import FactorialTokensError
 from ._store import Store
 
-__all__ = ["Health", "check_health"]
+__all__ = ["Health"]
 
 
 @attrs.frozen

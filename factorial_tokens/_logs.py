@@ -25,7 +25,8 @@ from typing import Any
 
 import attrs
 
-__all__ = ["FIELDS", "JsonFormatter", "OperationContext", "bind", "current", "install"]
+# Internal: the CLI and the telemetry use these; applications configure logging themselves.
+__all__: list[str] = []
 
 #: The structured fields every library record carries.
 FIELDS = ("tenant", "event", "fingerprint", "store", "duration_ms")

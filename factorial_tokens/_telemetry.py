@@ -69,7 +69,7 @@ from ._store import (
     Watch,
 )
 
-__all__ = ["METER_NAME", "Observer", "Telemetry", "TenantCounts"]
+__all__ = ["Telemetry", "TenantCounts"]
 
 log = logging.getLogger("factorial_tokens.telemetry")
 

@@ -290,6 +290,26 @@ def _span(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+_LOG_FORMAT = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as one JSON object per line with tenant, event, fingerprint, "
+    "store and duration_ms fields.",
+)
+
+
+def _use_log_format(log_format: str) -> None:
+    """Switch the root handlers to JSON lines when asked."""
+    if log_format != "json":
+        return
+    from ._logs import JsonFormatter
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonFormatter())
+
+
 def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -515,24 +535,30 @@ class _AccessLogger(AbstractAccessLogger):
     metavar="ID",
     help="Only these tenants may connect (repeatable); others get 404. Default: any.",
 )
+@_LOG_FORMAT
 @_config_options
-def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
-    """Serve GET /connect/{tenant} and the OAuth callback (the redirect URI's path).
+def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...], log_format: str) -> None:
+    """Serve GET /connect/{tenant} and the OAuth callback (the redirect URI's path),
+    plus /healthz, /readyz and /metrics (Prometheus; needs the prometheus extra).
 
     Anyone who reaches /connect can start connecting a company to any allowed tenant
     id: keep it on a private network, behind your own authentication, or use --tenant.
     """
+    from ._ops import add_ops_routes, prometheus_exporter
     from ._serve import callback_path, connect_app
 
+    _use_log_format(log_format)
     allow = None if not allowed else (lambda _request, tenant: tenant in set(allowed))
+    exporter = prometheus_exporter()
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with cfg.manager() as tm:
+        async with cfg.manager(telemetry=exporter[0] if exporter else None) as tm:
             app = connect_app(tm, allow=allow)
+            add_ops_routes(app, tm, exporter[1] if exporter else None)
             runner = web.AppRunner(app, access_log_class=_AccessLogger)
             await runner.setup()
             try:
@@ -542,6 +568,7 @@ def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
                 click.echo(f"listening on http://{shown}:{bound}")
                 click.echo(f"  connect a company: http://{shown}:{bound}/connect/<tenant>")
                 click.echo(f"  OAuth callback:    {callback_path(tm.app.redirect_uri)}")
+                click.echo(f"  health:            http://{shown}:{bound}/healthz  /readyz  /metrics")
                 sys.stdout.flush()
                 await stop.wait()
             finally:
@@ -570,14 +597,18 @@ def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
     help="Spread: each tenant's threshold is lowered by up to this share of --max-age.",
 )
 @click.option("--once", is_flag=True, help="Run one pass and exit (for cron).")
+@_LOG_FORMAT
 @_config_options
-def keepalive(cfg: Config, max_age: float, interval: float, jitter: float, once: bool) -> None:
+def keepalive(
+    cfg: Config, max_age: float, interval: float, jitter: float, once: bool, log_format: str
+) -> None:
     """Refresh idle tenants before Factorial's week-long refresh tokens age out.
 
     Skips tenants that need re-authorization and company tokens that never expire;
     logs errors and carries on. With --once, exits 4 if any tenant needs
     re-authorization, 5 if a refresh failed.
     """
+    _use_log_format(log_format)
     if not once and not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("factorial_tokens.keepalive").setLevel(logging.INFO)
 

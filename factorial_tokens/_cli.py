@@ -408,10 +408,27 @@ def token(cfg: Config, tenant: str) -> None:
 
 @main.command(epilog=_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--watch", is_flag=True, help="Redraw a live table (refreshes/min, failures) until Ctrl-C.")
+@click.option(
+    "--interval", default=2.0, show_default=True, type=Duration(), help="--watch: time between redraws."
+)
+@click.option("--count", default=0, type=click.IntRange(0), help="--watch: stop after this many redraws.")
 @_config_options
-def status(cfg: Config, as_json: bool) -> None:
+def status(cfg: Config, as_json: bool, watch: bool, interval: float, count: int) -> None:
     """List the tenants in the store: status, expiry, last refresh (no tokens)."""
     import time
+
+    if watch:
+        from rich.console import Console
+
+        from ._watch import watch as watch_tenants
+
+        async def live() -> int:
+            async with cfg.manager() as tm:
+                return await watch_tenants(tm, Console(), interval=interval, count=count, when=_when)
+
+        _run(live())
+        return
 
     async def run() -> list[Any]:
         async with cfg.manager() as tm:

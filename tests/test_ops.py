@@ -26,7 +26,7 @@ from factorial_tokens.testing import FakeFactorial
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
 from .redis_server import RedisServer
 from .test_audit import issued_secrets
-from .test_cli import SCRIPT, TOKEN_RE, _free_port, _get
+from .test_cli import SCRIPT, TOKEN_RE, _free_port, _get, age, cli, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
@@ -245,3 +245,25 @@ async def test_the_dashboard_reads_real_metric_names(make_sim: SimFactory) -> No
     assert named, "the dashboard names no metric"
     unknown = {n for n in named if n not in known}
     assert not unknown, f"not a metric Prometheus sees: {sorted(unknown)}"
+
+
+def test_keepalive_logs_json_lines(threaded_sim: FakeFactorial, tmp_path: Path) -> None:
+    store = "sqlite:///" + str(tmp_path / "tokens.db")
+    seed(threaded_sim, store, "acme", 1)
+    age(store, "acme", 6 * 86400)  # older than keepalive's five days: due
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORIAL_")}
+    env.update(
+        FACTORIAL_CLIENT_ID=CLIENT_ID,
+        FACTORIAL_CLIENT_SECRET=CLIENT_SECRET,
+        FACTORIAL_REDIRECT_URI=REDIRECT_URI,
+        FACTORIAL_BASE_URL=threaded_sim.base_url,
+        FACTORIAL_TOKENS_STORE=store,
+    )
+    done = cli("-v", "keepalive", "--once", "--log-format", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert threaded_sim.stats.refreshes == 1
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert records and all(set(FIELDS) <= set(r) and r["message"] for r in records)
+    [refreshed] = [r for r in records if "refreshed, access token" in r["message"]]
+    assert (refreshed["tenant"], refreshed["event"], refreshed["store"]) == ("acme", "refresh", "sqlite")
+    assert refreshed["fingerprint"].startswith("sha256:") and refreshed["duration_ms"] >= 0

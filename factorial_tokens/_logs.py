@@ -33,15 +33,20 @@ FIELDS = ("tenant", "event", "fingerprint", "store", "duration_ms")
 
 _FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{8}$")
 
-#: Loggers of the library (records of their children pass through their filters too
-#: only if they are listed: logging applies a logger's filters to its own records).
+#: Loggers of the library and its store plugins. Logging applies a logger's filters to its
+#: own records only, so each needs the filter; :func:`install` also covers any other
+#: ``factorial_tokens.*`` logger that exists when it runs (the manager calls it).
 _LOGGERS = (
     "factorial_tokens",
-    "factorial_tokens.serve",
     "factorial_tokens.cli",
-    "factorial_tokens.keepalive",
-    "factorial_tokens.telemetry",
+    "factorial_tokens.demo",
     "factorial_tokens.events",
+    "factorial_tokens.keepalive",
+    "factorial_tokens.postgres",
+    "factorial_tokens.redis",
+    "factorial_tokens.serve",
+    "factorial_tokens.sqlite",
+    "factorial_tokens.telemetry",
 )
 
 
@@ -100,9 +105,10 @@ class ContextFilter(logging.Filter):
 _FILTER = ContextFilter()
 
 
-def install(*names: str) -> None:
-    """Attach the field filter to the library's loggers (and ``names``). Idempotent."""
-    for name in _LOGGERS + names:
+def install() -> None:
+    """Attach the field filter to the library's loggers. Idempotent."""
+    existing = [name for name in logging.Logger.manager.loggerDict if name.startswith("factorial_tokens.")]
+    for name in (*_LOGGERS, *existing):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)

@@ -48,7 +48,7 @@ from ._errors import (
 from ._events import EventDispatcher, EventKind, Listener, TokenEvent
 from ._health import Health, check_health
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
-from ._logs import OperationContext, bind
+from ._logs import OperationContext, bind, install
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._oauth import OAuthClient
 from ._sealing import Keyring, SealedCodec
@@ -189,6 +189,7 @@ class TokenManager:
             hits=lambda: self._hits,
         )
         self._store = self._obs.wrap_store(self._store)
+        install()  # structured fields on the records of loggers created since import (plugins)
         self._oauth.observer = self._obs.provider_answer
         self._digests: dict[str, str] = {}
         self._flights: dict[str, asyncio.Task[_Entry]] = {}

@@ -373,6 +373,9 @@ class TokenManager:
                 owner = secrets.token_hex(16)
                 won = await self._store.acquire(key, owner, self.lease_ttl)
                 if won.lease is not None:
+                    if waited:
+                        self._obs.lease_waited(loop.time() - started)
+                        waited = False
                     before = won.record.version if won.record else None
                     result = await self._obs.refresh(
                         won.lease, before, self._refresh_holding(won.lease, won.record, newer_than)
@@ -408,6 +411,7 @@ class TokenManager:
             if not _renewable(old):
                 return entry  # a company token that never expires: nothing to refresh
             if old.refresh_token is None:
+                self._obs.note(lease, "no_refresh_token")
                 error = await self._mark_dead(lease, record, "no refresh token to renew an expiring token")
                 committed = True
                 raise error

@@ -206,7 +206,11 @@ class _Instruments:
                 yield Observation(counts.needs_reauth, {"status": "needs_reauth", "store": observer.store})
 
 
-_INSTRUMENTS: dict[tuple[int, int], tuple[Any, Any, _Instruments]] = {}
+#: Instruments per meter provider (weakly: a dropped provider is forgotten), then per
+#: tracer provider.
+_INSTRUMENTS: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, _Instruments]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _instruments(config: Telemetry) -> _Instruments | None:
@@ -221,14 +225,14 @@ def _instruments(config: Telemetry) -> _Instruments | None:
 
     meter_provider = config.meter_provider or metrics.get_meter_provider()
     tracer_provider = config.tracer_provider or trace.get_tracer_provider()
-    key = (id(meter_provider), id(tracer_provider))
-    cached = _INSTRUMENTS.get(key)
-    if cached is None or cached[0] is not meter_provider or cached[1] is not tracer_provider:
+    by_tracer = _INSTRUMENTS.setdefault(meter_provider, {})
+    cached = by_tracer.get(id(tracer_provider))
+    if cached is None or cached[0] is not tracer_provider:
         meter = meter_provider.get_meter(METER_NAME, __version__)
         tracer = tracer_provider.get_tracer(METER_NAME, __version__)
-        cached = (meter_provider, tracer_provider, _Instruments(meter, tracer))
-        _INSTRUMENTS[key] = cached
-    return cached[2]
+        cached = (tracer_provider, _Instruments(meter, tracer))
+        by_tracer[id(tracer_provider)] = cached
+    return cached[1]
 
 
 def store_scheme(store: object) -> str:
@@ -353,8 +357,9 @@ class Observer:
                 try:
                     result = await work
                 except BaseException as exc:
-                    outcome, failure = _refresh_failure(exc, context), exc
-                    _set_outcome(span, outcome or "cancelled")
+                    noted = self._notes.pop(lease, None)
+                    outcome, failure = _refresh_failure(exc, context, noted), exc
+                    _set_outcome(span, outcome or "not_sent")
                     raise
                 noted = self._notes.pop(lease, None)
                 if result is None:
@@ -423,9 +428,14 @@ class Observer:
                 self._inst.exchange_duration.record(time.monotonic() - context.started, labels)
 
     def complete(self, event: TokenEvent) -> TokenEvent:
-        """``event`` with the running operation's duration so far, if it has none."""
+        """``event`` with the running refresh's or exchange's duration so far, if it has none."""
         context = _logs.current()
-        if event.duration is None and context is not None and context.tenant == event.tenant:
+        if (
+            event.duration is None
+            and event.kind in _TIMED
+            and context is not None
+            and context.tenant == event.tenant
+        ):
             return attrs.evolve(event, duration=time.monotonic() - context.started)
         return event
 
@@ -551,14 +561,19 @@ class Observer:
             self._inst.store_duration.record(time.monotonic() - started, labels)
 
 
+_TIMED = frozenset({EventKind.REFRESHED, EventKind.EXCHANGED, EventKind.REAUTHORIZATION_REQUIRED})
+
+
 def _set_outcome(span: Any, outcome: str) -> None:
     if span is not None:
         span.set_attribute("factorial_tokens.outcome", outcome)
 
 
-def _refresh_failure(exc: BaseException, context: _logs.OperationContext) -> str | None:
+def _refresh_failure(exc: BaseException, context: _logs.OperationContext, noted: str | None) -> str | None:
+    """The outcome a refresh that raised ``exc`` is counted under; None: not counted (it
+    was cancelled, or found the tenant already dead without asking Factorial)."""
     if isinstance(exc, ReauthorizationRequired):
-        return "invalid_grant" if context.provider_calls else "no_refresh_token"
+        return "invalid_grant" if context.provider_calls else noted
     if isinstance(exc, ProviderError):
         return "timeout" if exc.error == "timeout" else "provider_error"
     if isinstance(exc, StoreUnavailable):

@@ -343,8 +343,9 @@ async def test_counts_from_worker_processes_add_up_to_the_simulators(
         telemetry=True,
     )
     async with make_sim(access_token_ttl=2) as sim:
+        parent = Otel()
         async with WorkerPool(url, sim, scenario, processes=3) as pool:
-            async with TokenManager(app_for(sim), url, **budgets) as tm:
+            async with TokenManager(app_for(sim), url, telemetry=parent.telemetry, **budgets) as tm:
                 for tenant, cid in tenants.items():
                     await tm.exchange_code(tenant, sim.issue_code(company_id=cid))
             sim.revoke_company(3)  # one forced invalid_grant, at east's first refresh
@@ -355,10 +356,15 @@ async def test_counts_from_worker_processes_add_up_to_the_simulators(
     for report in reports:
         for key, value in report.metrics.items():
             totals[key] = totals.get(key, 0) + value
+    for (outcome,), value in parent.sums("factorial_tokens.exchanges", "outcome").items():
+        totals[f"exchanges|{outcome}"] = totals.get(f"exchanges|{outcome}", 0) + value
+    parent.shutdown()
     assert stats.refreshes >= 2 and stats.invalid_grant == 1
+    assert totals.get("exchanges|ok", 0) == stats.exchanges == len(tenants)
     assert totals.get("refreshes|ok", 0) == stats.refreshes
     assert totals.get("refreshes|invalid_grant", 0) == stats.invalid_grant == 1
     assert totals.get("refresh.duration|ok", 0) == stats.refreshes
+    assert totals.get("refresh.duration|invalid_grant", 0) == 1
     assert totals.get("provider.requests|token|200", 0) == stats.refreshes
     assert {k for k in totals if k.startswith("refreshes|")} <= {"refreshes|ok", "refreshes|invalid_grant"}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import re
 import time
@@ -235,9 +236,13 @@ class OAuthClient:
             await asyncio.sleep(delay)
 
     def _observe(self, url: str, status: int | str, sent_at: float, retry_after: str | None) -> None:
-        if self.observer is not None:
-            wait = _retry_after(retry_after) if status == 429 else None
+        if self.observer is None:
+            return
+        wait = _retry_after(retry_after) if status == 429 else None
+        try:
             self.observer(url, status, max(time.time() - sent_at, 0.0), wait)
+        except Exception:  # instrumentation never breaks a request
+            logging.getLogger("factorial_tokens.telemetry").exception("the request observer failed")
 
     def _json(self, status: int, body: bytes, secret: str, *, in_doubt: bool) -> dict[str, Any]:
         error = RequestInDoubt if in_doubt else ProviderError

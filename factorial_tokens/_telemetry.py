@@ -372,7 +372,10 @@ class Observer:
             self._notes.pop(lease, None)
             _logs.reset(token)
             if outcome is not None:
-                self._refreshed(lease.key.tenant, outcome, context, failure)
+                try:
+                    self._refreshed(lease.key.tenant, outcome, context, failure)
+                except Exception:  # instrumentation never breaks a refresh
+                    log.exception("recording a refresh failed")
 
     def _refreshed(
         self, tenant: str, outcome: str, context: _logs.OperationContext, failure: BaseException | None

@@ -187,6 +187,7 @@ class TokenManager:
             namespace=app.client_id,
             publish=self._events.publish,
             hits=lambda: self._hits,
+            list_tenants=lambda: self._store.tenants(self.app.client_id),
         )
         self._store = self._obs.wrap_store(self._store)
         install()  # structured fields on the records of loggers created since import (plugins)
@@ -216,7 +217,7 @@ class TokenManager:
         await self._store.check()
         if self._unsubscribe is None:
             self._unsubscribe = self._store.on_change(self._on_change)
-            self._obs.attach(lambda: self._store.tenants(self.app.client_id))
+            self._obs.attach()
 
     async def aclose(self) -> None:
         """Let work in flight finish, then close what the manager created. Idempotent."""

@@ -278,6 +278,7 @@ class Observer:
         namespace: str,
         publish: Callable[[TokenEvent], None],
         hits: Callable[[], int],
+        list_tenants: Callable[[], Awaitable[Iterable[Record]]],
     ) -> None:
         self.config = config or Telemetry()
         self.store = store
@@ -292,7 +293,7 @@ class Observer:
         self.tenant_counts: TenantCounts | None = None
         self._notes: dict[Lease, str] = {}
         self._counting: asyncio.Task[None] | None = None
-        self._lister: Callable[[], Awaitable[Iterable[Record]]] | None = None
+        self._lister = list_tenants
         self._loop: asyncio.AbstractEventLoop | None = None
         if self._inst is not None:
             self._inst.observers.add(self)
@@ -311,9 +312,8 @@ class Observer:
         """The store :meth:`wrap_store` wrapped."""
         return store.inner if isinstance(store, InstrumentedStore) else store
 
-    def attach(self, lister: Callable[[], Awaitable[Iterable[Record]]]) -> None:
-        """Remember the running loop and how to list the tenants (the manager opened)."""
-        self._lister = lister
+    def attach(self) -> None:
+        """Remember the running loop, for background counts of the tenants (the manager opened)."""
         self._loop = asyncio.get_running_loop()
 
     def close(self) -> None:
@@ -534,8 +534,6 @@ class Observer:
         counts = self.tenant_counts
         if counts is not None and not self._due(max_age):
             return counts
-        if self._lister is None:
-            raise RuntimeError("the manager is not open")
         records = list(await self._lister())
         reauth = sum(1 for r in records if r.status.value == "needs_reauth")
         self.tenant_counts = TenantCounts(len(records) - reauth, reauth, time.time())

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from factorial_tokens import MemoryStore, ReauthorizationRequired, TokenManager
+from factorial_tokens import ManagerClosed, MemoryStore, ReauthorizationRequired, TokenManager
 from factorial_tokens._logs import FIELDS, JsonFormatter
 from factorial_tokens._ops import add_ops_routes, prometheus_exporter
 from factorial_tokens.testing import FakeFactorial
@@ -180,12 +180,15 @@ async def test_health_as_a_value(make_sim: SimFactory) -> None:
         tm = TokenManager(app_for(sim), "memory://", **BUDGETS)
         before = await tm.health()
         assert before.healthy and not before.ready and before.provider_last_answer_age is None
+        assert (await tm.tenant_counts()).active == 0  # before open: read from the store
         async with tm:
             await tm.exchange_code("acme", sim.issue_code(company_id=1))
             health = await tm.health()
             assert health.healthy and health.ready and health.store == "memory"
             assert health.provider_last_answer_age is not None and health.provider_last_answer_age >= 0
         assert not (await tm.health()).ready
+        with pytest.raises(ManagerClosed):
+            await tm.tenant_counts()
 
 
 async def test_every_log_record_carries_the_structured_fields(

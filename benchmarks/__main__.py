@@ -19,23 +19,39 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import hotpath, report, roundtrips, storm
+from . import drivers, exchange, holder, hotpath, report, roundtrips, storm
+from .common import port80_host
 from .stores import MULTIPROCESS, STORES, installed
 
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
 BENCHES = ("hotpath", "storm", "bulk", "roundtrips", "peer")
+#: ``--only`` names: a section of the run, or one benchmark
+SECTIONS = {"peers": ["peer"], **{name: [name] for name in BENCHES}}
+#: The expiry case: tokens whose ``expires_in`` is this short, asked for once they expired.
+EXPIRY_TTL = 3.0
+#: The holder case: lock/lease TTL and provider latency (the stop must land mid-request).
+HOLDER_TTL = 1.0
+HOLDER_LATENCY = 0.2
+#: The exchange case: how many times one callback is delivered at once.
+DELIVERIES = 2
 
 
 def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a minute or so")
     parser.add_argument(
         "--bench", type=_csv, default=list(BENCHES), help=f"comma list of {', '.join(BENCHES)}"
+    )
+    parser.add_argument(
+        "--only",
+        type=_csv,
+        help=f"run only these sections (overrides --bench): {', '.join(SECTIONS)}",
     )
     parser.add_argument(
         "--stores", type=_csv, default=list(STORES), help=f"comma list of {', '.join(STORES)}"
@@ -71,9 +87,95 @@ def _size(value: int | None, full: int, quick: int, is_quick: bool) -> int:
     return quick if is_quick else full
 
 
+def _peers(
+    stores: list[str],
+    processes: int,
+    tasks: int,
+    tenants: int,
+    rounds: int,
+    latency: float,
+    results: dict[str, Any],
+    attempt: Callable[[str, Callable[[], Any]], Any],
+) -> None:
+    """Every client through the same storms on the same simulator, then the holder case."""
+    host, why = port80_host()
+    sim_host, sim_port = (host, 80) if host is not None else ("127.0.0.1", 0)
+    results["peer_versions"] = drivers.versions()
+    results["peer_simulator"] = f"http://{sim_host}:{sim_port}"
+    runnable = list(drivers.DRIVERS)
+    if host is None:
+        runnable.remove(drivers.FACTORIALHR)
+        results["skipped"].append(
+            f"factorialhr: {why}; it posts its refresh to scheme://host/oauth/token, dropping the port,"
+            " so the simulator must listen on port 80"
+        )
+    redis_ok = "redis" in stores
+    if not redis_ok:
+        runnable.remove(drivers.HANDWRITTEN)
+        results["skipped"].append("the hand-written lock and the holder case (they need --stores redis)")
+
+    def one(
+        case: str,
+        store: str,
+        procs: int,
+        driver: str,
+        *,
+        calls: int = tasks,
+        repeat: int = rounds,
+        token_ttl: float | None = None,
+        mode: str = "revoke_at_refresh",
+    ) -> None:
+        spec = storm.StormSpec(
+            store, procs, calls, tenants, latency, repeat, driver, baseline=False,
+            sim_host=sim_host, sim_port=sim_port, token_ttl=token_ttl, refresh_mode=mode,
+        )  # fmt: skip
+        label = f"peer {case} ({driver}): {store}, {procs} process(es)"
+        ran = attempt(label, functools.partial(storm.run, spec))
+        if ran is not None:
+            results["peer"].append(ran.to_json() | {"case": case, "storage": drivers.storage(driver, store)})
+
+    shared = [name for name in stores if name in MULTIPROCESS]
+    if "memory" in stores:
+        for driver in runnable:
+            one("storm", "memory", 1, driver)
+    for driver in runnable:
+        if driver in (drivers.AUTHLIB, drivers.FACTORIAL):
+            for name in shared:
+                one("storm", name, processes, driver)
+        elif shared:  # factorialhr and the hand-written pattern keep their own storage
+            one("storm", "redis" if driver == drivers.HANDWRITTEN else shared[0], processes, driver)
+    first_use = "revoke_on_first_use"  # Factorial's documented mode: concurrent refreshes all succeed
+    for driver in runnable:
+        if "memory" in stores:
+            one(first_use, "memory", 1, driver, mode=first_use)
+        if shared:
+            own = "redis" if driver == drivers.HANDWRITTEN else shared[0]
+            one(first_use, own, processes, driver, mode=first_use)
+    for driver in runnable:
+        one("expiry", "memory", 1, driver, calls=1, repeat=1, token_ttl=EXPIRY_TTL)
+    for driver in exchange.EXCHANGE_DRIVERS:
+        work = functools.partial(exchange.run, driver, DELIVERIES, sim_host, sim_port)
+        done = attempt(f"exchange ({driver})", work)
+        if done is not None:
+            results["exchange"].append(done.to_json())
+    if redis_ok:
+        for driver in (drivers.HANDWRITTEN, drivers.FACTORIAL):
+            for sig in holder.SIGNALS:
+                case = holder.HolderSpec(driver, sig, tasks, HOLDER_TTL, HOLDER_LATENCY, sim_host, sim_port)
+                ran = attempt(f"holder {sig} ({driver})", functools.partial(holder.run, case))
+                if ran is not None:
+                    results["holder"].append(ran.to_json())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks; return the exit status."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.only:
+        unknown_sections = [name for name in args.only if name not in SECTIONS]
+        if unknown_sections:
+            print(f"unknown section: {', '.join(unknown_sections)}", file=sys.stderr)
+            return 2
+        args.bench = [bench for name in args.only for bench in SECTIONS[name]]
     unknown = [b for b in args.bench if b not in BENCHES] + [s for s in args.stores if s not in STORES]
     if unknown:
         print(f"unknown benchmark or store: {', '.join(unknown)}", file=sys.stderr)
@@ -94,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "bulk": [],
         "roundtrips": [],
         "peer": [],
+        "holder": [],
+        "exchange": [],
         "skipped": [],
         "failed": [],
     }
@@ -133,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     def spec(name: str, driver: str, tenants: int) -> storm.StormSpec:
         procs = 1 if name not in MULTIPROCESS else processes
         return storm.StormSpec(
-            name, procs, tasks, tenants, latency, rounds, driver, driver == storm.FACTORIAL
+            name, procs, tasks, tenants, latency, rounds, driver, driver == drivers.FACTORIAL
         )
 
     factorial_runs: dict[tuple[str, int], storm.StormResult] = {}
@@ -142,22 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             for count in tenant_counts:
                 ran = attempt(
                     f"storm: {name}, T={count}",
-                    functools.partial(storm.run, spec(name, storm.FACTORIAL, count)),
+                    functools.partial(storm.run, spec(name, drivers.FACTORIAL, count)),
                 )
                 if ran is not None:
                     factorial_runs[name, count] = ran
                     results["storms"].append(ran.to_json())
     if "peer" in args.bench:
-        count = max(tenant_counts)
-        for name in stores:
-            peer = attempt(
-                f"peer (authlib): {name}", functools.partial(storm.run, spec(name, storm.AUTHLIB, count))
-            )
-            ours = factorial_runs.get((name, count)) or attempt(
-                f"peer (factorial-tokens): {name}",
-                functools.partial(storm.run, spec(name, storm.FACTORIAL, count)),
-            )
-            results["peer"] += [r.to_json() for r in (peer, ours) if r is not None]
+        _peers(stores, processes, tasks, max(tenant_counts), rounds, latency, results, attempt)
     if "bulk" in args.bench:
         bulk_tenants = _size(args.bulk_tenants, 10_000, 300, q)
         for name in args.bulk_stores:
@@ -178,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     log(f"wrote {args.json}")
     if args.record:
-        report.update_readme(HERE / "README.md", markdown)
-        log("updated benchmarks/README.md")
+        # The peers have their own block, so a peers-only run leaves the other results as recorded.
+        wanted = {"peers": "peer" in args.bench, "results": any(b != "peer" for b in args.bench)}
+        for block in report.BLOCKS:
+            if wanted[block]:
+                report.update_readme(HERE / "README.md", report.render(results, block), block)
+                log(f"updated the {block} block of benchmarks/README.md")
     return 1 if results["failed"] else 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import secrets
+import socket
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -38,8 +39,15 @@ def new_client_id() -> str:
 
 
 @contextlib.contextmanager
-def strict_sim(client_id: str) -> Iterator[FakeFactorial]:
-    """The strictest simulator (revoke at refresh, reuse detection), served from a thread.
+def strict_sim(
+    client_id: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    refresh_mode: RefreshMode = RefreshMode.REVOKE_AT_REFRESH,
+) -> Iterator[FakeFactorial]:
+    """The strictest simulator (revoke at refresh, reuse detection), served from a thread
+    on ``host:port`` (port 0: a free one). ``refresh_mode=REVOKE_ON_FIRST_USE`` gives
+    Factorial's documented mode instead (reuse detection stays on).
 
     It starts with no latency (set-up is fast); a storm sets ``sim.latency`` before it starts.
     """
@@ -47,10 +55,12 @@ def strict_sim(client_id: str) -> Iterator[FakeFactorial]:
         client_id=client_id,
         client_secret=CLIENT_SECRET,
         redirect_uri=REDIRECT_URI,
-        refresh_mode=RefreshMode.REVOKE_AT_REFRESH,
+        refresh_mode=refresh_mode,
         reuse_detection=True,
         access_token_ttl=3600,
         latency=0.0,
+        host=host,
+        port=port,
     )
     with sim.serve_in_thread() as running:
         yield running
@@ -102,9 +112,17 @@ async def expire_tenants(store: Store, namespace: str, tenants: Sequence[str]) -
 
 
 async def mint_expired_tenants(
-    store: Store, sim: FakeFactorial, app: FactorialApp, tenants: Sequence[str], first_company: int
+    store: Store,
+    sim: FakeFactorial,
+    app: FactorialApp,
+    tenants: Sequence[str],
+    first_company: int,
+    *,
+    expired: bool = True,
 ) -> None:
     """Give every tenant real tokens that the store says expired a minute ago.
+
+    With ``expired=False`` the tokens keep the expiry the simulator gave them (``expires_in``).
 
     Each tenant's code is exchanged at the simulator over HTTP (a real grant, with a live
     refresh token); the token set goes into the store through its own ``replace`` and the
@@ -133,13 +151,15 @@ async def mint_expired_tenants(
                             f"exchange for {tenant!r} failed: {resp.status} {body.get('error')}"
                         )
                 now = time.time()
+                lifetime = float(body["expires_in"])
+                expires_at = now - 60 if expired else now + lifetime
                 tokens = TokenSet(
                     access_token=body["access_token"],
                     refresh_token=body["refresh_token"],
                     token_type=body.get("token_type", "Bearer"),
                     scope=body.get("scope"),
-                    expires_at=now - 60,
-                    obtained_at=now - 60 - float(body["expires_in"]),
+                    expires_at=expires_at,
+                    obtained_at=expires_at - lifetime,
                     created_at=body.get("created_at"),
                 )
                 key = TenantKey(app.client_id, tenant)
@@ -149,6 +169,27 @@ async def mint_expired_tenants(
                 await store.replace(key, update)
 
         await asyncio.gather(*(one(i, t) for i, t in enumerate(tenants)))
+
+
+def port80_host() -> tuple[str | None, str]:
+    """A loopback address whose port 80 is free, for peers that drop the port of the URL
+    they are given (factorialhr posts its refresh to ``scheme://host/oauth/token``).
+
+    Returns ``(host, "")``, or ``(None, why)`` when no such address can be bound here.
+    """
+    why = ""
+    for last in range(16, 32):
+        host = f"127.0.16.{last}"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, 80))
+            except PermissionError:
+                return None, "binding port 80 needs root (or CAP_NET_BIND_SERVICE) on this machine"
+            except OSError as exc:
+                why = f"port 80 is taken on 127.0.16.16-31 ({exc.strerror})"
+                continue
+        return host, ""
+    return None, why
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -12,6 +12,7 @@ Authlib is a benchmark-only dependency (``benchmarks/requirements.txt``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -96,3 +97,20 @@ async def authlib_getter(
             return str(client.token["access_token"])
 
         yield get
+
+
+async def authlib_exchanges(app: FactorialApp, code: str, deliveries: int) -> list[str | BaseException]:
+    """``deliveries`` concurrent ``fetch_token(code=...)`` calls, as a callback handler does for
+    each delivery of one callback: the access tokens got, or the errors."""
+    async with AsyncOAuth2Client(
+        client_id=app.client_id,
+        client_secret=app.client_secret,
+        redirect_uri=app.redirect_uri,
+        token_endpoint=f"{app.base_url}/oauth/token",
+    ) as client:
+
+        async def one() -> str:
+            token = await client.fetch_token(code=code, grant_type="authorization_code")
+            return str(token["access_token"])
+
+        return await asyncio.gather(*(one() for _ in range(deliveries)), return_exceptions=True)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-README_START = "<!-- results:start -->"
-README_END = "<!-- results:end -->"
+#: The recorded blocks of benchmarks/README.md: the library's own benchmarks, and the peers.
+BLOCKS = ("results", "peers")
 
 
 def machine(note: str) -> dict[str, Any]:
@@ -211,38 +211,144 @@ def _roundtrips(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _peer(pairs: list[dict[str, Any]]) -> list[str]:
-    if not pairs:
+_PEER_ORDER = ("authlib", "factorialhr", "handwritten", "factorial-tokens")
+_CASES = {
+    "storm": "every token expired at once",
+    "revoke_on_first_use": "the same storm with the simulator in Factorial's documented mode"
+    " (revoke on first use: concurrent refreshes with one refresh token all succeed)",
+    "expiry": "tokens really expire after their short `expires_in`; one call per tenant once they have",
+}
+
+
+def _peer_key(run: dict[str, Any]) -> tuple[int, int, int, str]:
+    spec = run["spec"]
+    driver = spec["driver"]
+    order = _PEER_ORDER.index(driver) if driver in _PEER_ORDER else len(_PEER_ORDER)
+    return (list(_CASES).index(run.get("case", "storm")), spec["processes"], order, spec["store"])
+
+
+def _peer(runs: list[dict[str, Any]], versions: dict[str, str], simulator: str) -> list[str]:
+    if not runs:
         return []
+    pinned = ", ".join(f"{name} {v}" for name, v in versions.items())
     lines = [
-        "### 4. The peer, side by side: Authlib `AsyncOAuth2Client` vs factorial-tokens"
-        " (same storm, same run)",
+        "### 4. The peers, side by side: Authlib, factorialhr, a hand-written lock, factorial-tokens"
+        " (same storms, same simulator, same run)",
         "",
-        "| store | PxCxT | client | refresh attempts | refreshes / ideal | invalid_grant | broken tenants "
-        "| failed calls | dead tokens handed out | p50 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"Versions: {pinned}. Simulator: {simulator} (strict: revoke at refresh + reuse detection).",
+        "",
+        "| case | PxCxT | client | storage | refresh attempts | refreshes / ideal | invalid_grant "
+        "| broken tenants | failed calls | dead tokens handed out | p50 ms | p99 ms |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for storm in pairs:
-        spec, s = storm["spec"], storm["summary"]
+    for run in sorted(runs, key=_peer_key):
+        spec, s = run["spec"], run["summary"]
+        case = run.get("case", "storm")
+        if case == "expiry":
+            case = f"expiry ({spec['token_ttl']:g} s)"
+        elif case == "revoke_on_first_use":
+            case = "storm, first use"
         lines.append(
-            f"| {spec['store']} | {_shape(spec)} | {spec['driver']} | {s['refresh_attempts']} "
-            f"| {s['refreshes']}/{s['ideal_refreshes']} | {s['invalid_grant']} | {s['broken_tenants']} "
-            f"| {_errors(s['errors'])} | {s['dead_tokens_handed_out']} | {_num(s['p50_ms'], 1)} |"
+            f"| {case} | {_shape(spec)} | {spec['driver']} | {run.get('storage', spec['store'])} "
+            f"| {s['refresh_attempts']} | {s['refreshes']}/{s['ideal_refreshes']} | {s['invalid_grant']} "
+            f"| {s['broken_tenants']} | {_errors(s['errors'])} | {s['dead_tokens_handed_out']} "
+            f"| {_num(s['p50_ms'], 1)} | {_num(s['p99_ms'], 1)} |"
         )
     lines += [
         "",
-        "Authlib as documented: one client per tenant per process, `token_endpoint` + `leeway` for"
-        " auto-refresh (`ensure_active_token`), `update_token` writing to the same store,"
-        " no cross-process lock."
-        " Broken tenants = grants the provider revoked (reuse detection); dead tokens = distinct tokens"
-        " callers received that the provider no longer accepts after the round.",
+        "*storm*: " + _CASES["storm"] + " (as in section 2), P processes x C callers per tenant;"
+        " *storm, first use*: " + _CASES["revoke_on_first_use"] + ";"
+        " *expiry*: " + _CASES["expiry"] + ". Refresh attempts: every refresh the provider received;"
+        " refreshes: the successful ones (ideal: one per tenant per round). Broken tenants: grants the"
+        " provider revoked (reuse detection). Failed calls: callers that got an error instead of a token,"
+        " by kind. Dead tokens: distinct tokens handed to callers that the provider no longer accepts"
+        " after the round. Each client as its documentation shows: Authlib, one `AsyncOAuth2Client` per"
+        " tenant per process with `token_endpoint` + `leeway` and `update_token` writing to the store;"
+        " factorialhr, one `RefreshTokenAuth` per tenant in one process, or one `RefreshTokenAuthFile`"
+        " per tenant loaded (`from_file`) by every process; the hand-written lock, a per-process"
+        " `asyncio.Lock` plus redis-py's `Lock` (TTL 10 s) with the token in Redis; factorial-tokens,"
+        " one `TokenManager` per process.",
         "",
     ]
     return lines
 
 
-def render(results: dict[str, Any]) -> str:
-    """The run's markdown: machine, command, then one table per benchmark."""
+def _phase(phase: dict[str, Any]) -> str:
+    return (
+        f"{phase['refresh_attempts']} | {phase['invalid_grant']} | {_errors(phase['errors'])} "
+        f"| {phase['dead_calls']}"
+    )
+
+
+def _holder(cases: list[dict[str, Any]]) -> list[str]:
+    if not cases:
+        return []
+    first = cases[0]["spec"]
+    lines = [
+        "### 5. A refresh holder stopped mid-refresh, past its lock's TTL (1 tenant, 2 processes x"
+        f" {first['tasks']} callers; lock/lease TTL {first['ttl']:g} s, provider latency"
+        f" {first['latency'] * 1000:.0f} ms)",
+        "",
+        "| holder | client | refreshes | broken tenants "
+        "| during: refresh attempts | invalid_grant | failed calls | calls handed a dead token "
+        "| afterwards: refresh attempts | invalid_grant | failed calls | calls handed a dead token "
+        "| what it stores at the end |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    what = {
+        "pause": "SIGSTOP, SIGCONT after {s:.1f} s",
+        "kill": "SIGKILL (answer lost)",
+    }
+    for case in cases:
+        spec = case["spec"]
+        lines.append(
+            f"| {what[spec['signal']].format(s=case['paused_s'])} | {spec['driver']} | {case['refreshes']} "
+            f"| {case['broken_tenants']} | {_phase(case['during'])} | {_phase(case['after'])} "
+            f"| {case['stored']} |"
+        )
+    lines += [
+        "",
+        "The holder's refresh reaches the simulator; the parent stops the holder at once (SIGSTOP), lets the"
+        " simulator rotate the refresh token and answer, and (*kill*) SIGKILLs it; twice the TTL after the"
+        " stop the other process's callers start (*during*), then the holder is continued (*pause*) and its"
+        " callers finish; *afterwards*, every surviving process's callers ask once more, as the next"
+        " requests would. Calls handed a dead token count calls (not distinct tokens).",
+        "",
+    ]
+    return lines
+
+
+def _exchange(cases: list[dict[str, Any]]) -> list[str]:
+    if not cases:
+        return []
+    lines = [
+        f"### 6. One callback delivered {cases[0]['deliveries']} times at once (a retried callback)",
+        "",
+        "| client | exchange attempts | exchanges | invalid_grant | broken tenants | callers with tokens "
+        "| failed calls | live tokens afterwards |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        lines.append(
+            f"| {case['driver']} | {case['exchange_attempts']} | {case['exchanges']} "
+            f"| {case['invalid_grant']} | {case['broken_tenants']} | {case['callers_with_tokens']} "
+            f"| {_errors(case['errors'])} "
+            f"| {case['live_tokens_after']} |"
+        )
+    lines += [
+        "",
+        "Authlib: one `fetch_token(code=...)` per delivery; factorial-tokens: one `exchange_code` per"
+        " delivery. The simulator's codes are single-use and a reused code revokes the grant it made"
+        " (reuse detection). factorialhr has no code exchange and the hand-written pattern guards"
+        " refreshes only: neither is driven here.",
+        "",
+    ]
+    return lines
+
+
+def render(results: dict[str, Any], block: str | None = None) -> str:
+    """The run's markdown: machine, command, then one table per benchmark (of one of
+    ``BLOCKS`` only, when ``block`` is given)."""
     m = results["machine"]
     load = ", ".join(f"{x:.2f}" for x in m["loadavg_start"])
     load_end = ", ".join(f"{x:.2f}" for x in m.get("loadavg_end", []))
@@ -253,12 +359,17 @@ def render(results: dict[str, Any]) -> str:
         f" {load} at start, {load_end} at end. {m['note']}".rstrip(),
         "",
     ]
-    if results.get("hotpath"):
-        lines += _hotpath(results["hotpath"])
-    lines += _storms(results.get("storms", []))
-    lines += _bulk(results.get("bulk", []))
-    lines += _roundtrips(results.get("roundtrips", []))
-    lines += _peer(results.get("peer", []))
+    if block in (None, "results"):
+        if results.get("hotpath"):
+            lines += _hotpath(results["hotpath"])
+        lines += _storms(results.get("storms", []))
+        lines += _bulk(results.get("bulk", []))
+        lines += _roundtrips(results.get("roundtrips", []))
+    if block in (None, "peers"):
+        peer_versions, simulator = results.get("peer_versions", {}), results.get("peer_simulator", "-")
+        lines += _peer(results.get("peer", []), peer_versions, simulator)
+        lines += _holder(results.get("holder", []))
+        lines += _exchange(results.get("exchange", []))
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
     if results.get("failed"):
@@ -266,8 +377,9 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, markdown: str) -> None:
-    """Replace the results section of ``path`` (between the markers) with ``markdown``."""
+def update_readme(path: Path, markdown: str, block: str = "results") -> None:
+    """Replace one recorded block of ``path`` (between its markers) with ``markdown``."""
     text = path.read_text(encoding="utf-8")
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    start_marker, end_marker = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
     path.write_text(text[:start] + "\n" + markdown.rstrip() + "\n" + text[end:], encoding="utf-8")

@@ -13,8 +13,10 @@ answers every request after ``L`` seconds and counts what it saw: refreshes (the
 is one per tenant), ``invalid_grant``, revoked families (broken tenants). It runs in a
 thread of the parent process.
 
-``driver="authlib"`` runs the same storm through Authlib's AsyncOAuth2Client (see
-``peer_authlib``).
+``driver`` picks the client (``drivers``): this library, or a peer (Authlib,
+factorialhr, the hand-written lock pattern) through the same storm. ``token_ttl`` instead
+mints tokens that really expire after that many seconds (``expires_in``) and starts the
+storm once they have: whether a client reads ``expires_in`` at all.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import asyncio
 import contextlib
 import math
 import multiprocessing as mp
+import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
@@ -34,7 +37,6 @@ from typing import Any
 
 from factorial_tokens import (
     EventKind,
-    FactorialApp,
     JsonCodec,
     MemoryStore,
     Store,
@@ -43,10 +45,12 @@ from factorial_tokens import (
     TokenManager,
     store_from_url,
 )
-from factorial_tokens.testing import FakeFactorial
+from factorial_tokens.testing import FakeFactorial, RefreshMode
 
+from . import drivers
 from .baseline import BareResult, bare_refresh
 from .common import app_for, median, mint_expired_tenants, new_client_id, percentile, strict_sim
+from .drivers import FACTORIAL, Getter, Place
 from .stores import STORES
 
 #: aiohttp's default connector limit: at most this many provider requests in flight per process.
@@ -54,8 +58,6 @@ CONNECTIONS_PER_PROCESS = 100
 _SYNC_TIMEOUT = 600.0
 #: Unrecorded rounds first: connection pools, scripts and prepared statements get warm.
 WARMUP_ROUNDS = 1
-FACTORIAL = "factorial-tokens"
-AUTHLIB = "authlib"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,13 @@ class StormSpec:
     driver: str = FACTORIAL
     #: after each round, also time bare HTTP refreshes of its tenants (see ``baseline``)
     baseline: bool = True
+    #: where the simulator listens (port 0: a free one; factorialhr needs port 80)
+    sim_host: str = "127.0.0.1"
+    sim_port: int = 0
+    #: tokens that really expire after this many seconds, instead of backdated ones
+    token_ttl: float | None = None
+    #: the simulator's refresh mode (``RefreshMode`` value); reuse detection is always on
+    refresh_mode: str = RefreshMode.REVOKE_AT_REFRESH.value
 
 
 @dataclass
@@ -225,49 +234,8 @@ class _Part:
     got_ms: list[tuple[str, float]]
 
 
-def _error_name(driver: str, exc: BaseException) -> str:
-    if driver == AUTHLIB:
-        from .peer_authlib import error_name
-
-        return error_name(exc)
-    return type(exc).__name__
-
-
-@contextlib.asynccontextmanager
-async def _getter(
-    driver: str, app: FactorialApp, store: Store, tenants: Sequence[str], tm: TokenManager | None
-) -> AsyncIterator[Callable[[str], Awaitable[str]]]:
-    """A token getter for one round: the process's TokenManager, or one Authlib client per tenant."""
-    if driver == AUTHLIB:
-        from .peer_authlib import authlib_getter
-
-        async with authlib_getter(app, store, tenants) as get:
-            yield get
-    else:
-        assert tm is not None
-        yield tm.access_token
-
-
-@contextlib.asynccontextmanager
-async def _process_manager(
-    driver: str, app: FactorialApp, store: Store
-) -> AsyncIterator[TokenManager | None]:
-    """One TokenManager per process for the whole storm (its HTTP pool and store connections
-    stay warm across rounds, as in a long-lived worker); none for Authlib."""
-    if driver == AUTHLIB:
-        yield None
-    else:
-        async with TokenManager(app, store) as tm:
-            yield tm
-
-
 async def _storm(
-    driver: str,
-    get: Callable[[str], Awaitable[str]],
-    tenants: Sequence[str],
-    tasks: int,
-    t0: float,
-    tm: TokenManager | None,
+    driver: str, get: Getter, tenants: Sequence[str], tasks: int, t0: float, state: object
 ) -> _Part:
     """Start ``tasks`` callers per tenant at ``t0``; record when each had its token.
 
@@ -275,6 +243,7 @@ async def _storm(
     """
     refreshed: dict[str, float] = {}
     got: list[tuple[str, float]] = []
+    tm = state if isinstance(state, TokenManager) else None
 
     def on_event(event: TokenEvent) -> None:
         if event.kind is EventKind.REFRESHED:
@@ -289,7 +258,7 @@ async def _storm(
         try:
             token = await get(tenant)
         except Exception as exc:
-            errors[_error_name(driver, exc)] += 1
+            errors[drivers.error_name(driver, exc)] += 1
             return
         ms = (time.time() - t0) * 1000
         latencies.append(ms)
@@ -311,6 +280,7 @@ class _WorkerArgs:
     client_id: str
     base_url: str
     spec: StormSpec
+    place: Place
 
 
 def _worker_main(
@@ -340,14 +310,16 @@ async def _worker(
     store = store_from_url(args.url)
     try:
         await store.check()
-        async with _process_manager(spec.driver, app, store) as tm:
+        async with drivers.process_state(spec.driver, app, store, args.place) as state:
             for index in range(-WARMUP_ROUNDS, spec.rounds):
                 tenants = tenant_names(index, spec.tenants)
                 await asyncio.to_thread(prepared.wait, _SYNC_TIMEOUT)
-                async with _getter(spec.driver, app, store, tenants, tm) as get:
+                async with drivers.token_getter(
+                    spec.driver, app, store, tenants, state, args.place, shared=True
+                ) as get:
                     await asyncio.to_thread(ready.wait, _SYNC_TIMEOUT)
                     await asyncio.to_thread(go.wait, _SYNC_TIMEOUT)
-                    part = await _storm(spec.driver, get, tenants, spec.tasks, start_at.value, tm)
+                    part = await _storm(spec.driver, get, tenants, spec.tasks, start_at.value, state)
                 results.put(part)
     finally:
         await store.aclose()
@@ -357,17 +329,36 @@ async def _worker(
 
 
 async def _prepare(
-    store: Store, sim: FakeFactorial, client_id: str, tenants: Sequence[str], first: int
-) -> None:
-    await mint_expired_tenants(store, sim, app_for(client_id, sim.base_url), tenants, first)
+    spec: StormSpec,
+    place: Place,
+    store: Store,
+    sim: FakeFactorial,
+    client_id: str,
+    tenants: Sequence[str],
+    first: int,
+) -> float:
+    """Mint the round's tenants into ``store`` and where the driver keeps them; return the
+    instant the round may start (once real short-lived tokens have expired)."""
+    app = app_for(client_id, sim.base_url)
+    expired = spec.token_ttl is None
+    await mint_expired_tenants(store, sim, app, tenants, first, expired=expired)
+    shared = spec.store != "memory"  # the multi-process path: workers load shared state
+    await drivers.prepare(spec.driver, store, app, tenants, place, shared)
+    return time.time() + (0.0 if expired else (spec.token_ttl or 0.0) + 0.5)
 
 
 async def _prepare_url(
-    url: str, sim: FakeFactorial, client_id: str, tenants: Sequence[str], first: int
-) -> None:
+    spec: StormSpec,
+    place: Place,
+    url: str,
+    sim: FakeFactorial,
+    client_id: str,
+    tenants: Sequence[str],
+    first: int,
+) -> float:
     store = store_from_url(url)
     try:
-        await _prepare(store, sim, client_id, tenants, first)
+        return await _prepare(spec, place, store, sim, client_id, tenants, first)
     finally:
         await store.aclose()
 
@@ -441,20 +432,23 @@ def _round_result(spec: StormSpec, sim: FakeFactorial, parts: Sequence[_Part]) -
     )
 
 
-async def _in_process(spec: StormSpec, client_id: str, sim: FakeFactorial) -> StormResult:
+async def _in_process(spec: StormSpec, place: Place, client_id: str, sim: FakeFactorial) -> StormResult:
     """One process (the memory store): set-up, storm and simulator share this process."""
     result = StormResult(spec)
     store = MemoryStore()
     app = app_for(client_id, sim.base_url)
-    async with _process_manager(spec.driver, app, store) as tm:
+    async with drivers.process_state(spec.driver, app, store, place) as state:
         for index in range(-WARMUP_ROUNDS, spec.rounds):
             tenants = tenant_names(index, spec.tenants)
             sim.latency = 0.0
-            await _prepare(store, sim, client_id, tenants, _first_company(spec, index))
+            start = await _prepare(spec, place, store, sim, client_id, tenants, _first_company(spec, index))
             sim.reset_stats()
             sim.latency = spec.latency
-            async with _getter(spec.driver, app, store, tenants, tm) as get:
-                part = await _storm(spec.driver, get, tenants, spec.tasks, time.time() + 0.05, tm)
+            async with drivers.token_getter(
+                spec.driver, app, store, tenants, state, place, shared=False
+            ) as get:
+                t0 = max(start, time.time() + 0.05)
+                part = await _storm(spec.driver, get, tenants, spec.tasks, t0, state)
             if index >= 0:
                 result.rounds.append(_round_result(spec, sim, [part]))
                 if spec.baseline:
@@ -463,14 +457,16 @@ async def _in_process(spec: StormSpec, client_id: str, sim: FakeFactorial) -> St
     return result
 
 
-def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial) -> StormResult:
+def _multi_process(
+    spec: StormSpec, place: Place, url: str, client_id: str, sim: FakeFactorial
+) -> StormResult:
     result = StormResult(spec)
     ctx = mp.get_context("spawn")
     parties = spec.processes + 1
     barriers = (ctx.Barrier(parties), ctx.Barrier(parties), ctx.Barrier(parties))
     start_at = ctx.Value("d", 0.0)
     results: Queue[_Part | str] = ctx.Queue()
-    args = _WorkerArgs(url, client_id, sim.base_url, spec)
+    args = _WorkerArgs(url, client_id, sim.base_url, spec, place)
     workers = [
         ctx.Process(target=_worker_main, args=(args, barriers, start_at, results), daemon=True)
         for _ in range(spec.processes)
@@ -482,12 +478,14 @@ def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial
         for index in range(-WARMUP_ROUNDS, spec.rounds):
             tenants = tenant_names(index, spec.tenants)
             sim.latency = 0.0
-            asyncio.run(_prepare_url(url, sim, client_id, tenants, _first_company(spec, index)))
+            start = asyncio.run(
+                _prepare_url(spec, place, url, sim, client_id, tenants, _first_company(spec, index))
+            )
             sim.reset_stats()
             sim.latency = spec.latency
             prepared.wait(_SYNC_TIMEOUT)
             ready.wait(_SYNC_TIMEOUT)  # every worker holds an open manager / its clients
-            start_at.value = time.time() + 0.2
+            start_at.value = max(start, time.time() + 0.2)
             go.wait(_SYNC_TIMEOUT)
             parts: list[_Part] = []
             for _ in workers:
@@ -510,12 +508,32 @@ def _multi_process(spec: StormSpec, url: str, client_id: str, sim: FakeFactorial
     return result
 
 
+@contextlib.contextmanager
+def peer_place(driver: str, lease_ttl: float = 30.0, lock_ttl: float = 10.0) -> Iterator[Place]:
+    """Fresh room for a driver's own state: a temporary directory (factorialhr's files) and,
+    for the hand-written pattern, a unique Redis key prefix removed afterwards."""
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ft-bench-peer-"))
+        redis_url = prefix = ""
+        if driver == drivers.HANDWRITTEN:
+            url = stack.enter_context(STORES["redis"]())  # its prefix's keys go when it closes
+            redis_url, _, query = url.partition("?")
+            prefix = query.removeprefix("prefix=") + ":handwritten"
+        yield Place(workdir, redis_url, prefix, lock_ttl, lease_ttl)
+
+
 def run(spec: StormSpec) -> StormResult:
     """Run one storm on a fresh store URL and a fresh simulator."""
     client_id = new_client_id()
-    with STORES[spec.store]() as url, strict_sim(client_id) as sim:
+    with (
+        STORES[spec.store]() as url,
+        peer_place(spec.driver) as place,
+        strict_sim(client_id, spec.sim_host, spec.sim_port, RefreshMode(spec.refresh_mode)) as sim,
+    ):
+        if spec.token_ttl is not None:
+            sim.access_token_ttl = spec.token_ttl
         if spec.store == "memory":
             if spec.processes != 1:
                 raise ValueError("the memory store is one process only")
-            return asyncio.run(_in_process(spec, client_id, sim))
-        return _multi_process(spec, url, client_id, sim)
+            return asyncio.run(_in_process(spec, place, client_id, sim))
+        return _multi_process(spec, place, url, client_id, sim)

@@ -383,14 +383,15 @@ class TokenManager:
                     )
                     if result is not None:
                         return self._remember(tenant, result)
-                    continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     self._obs.refresh_timeout(tenant, loop.time() - started)
                     raise RefreshTimeout(
-                        f"tenant {tenant!r}: another worker held the refresh lease for over "
-                        f"{self.wait_timeout:g}s"
+                        f"tenant {tenant!r}: no fresh token within {self.wait_timeout:g}s "
+                        "(the refresh lease stayed busy or was lost)"
                     )
+                if won.lease is not None:
+                    continue
                 log.debug("tenant %r: waiting for another worker's refresh", tenant)
                 waited = True
                 await watch.wait(remaining)
@@ -415,6 +416,8 @@ class TokenManager:
                 self._obs.note(lease, "no_refresh_token")
                 error = await self._mark_dead(lease, record, "no refresh token to renew an expiring token")
                 committed = True
+                if error is None:
+                    return None
                 raise error
             deadline = asyncio.get_running_loop().time() + self.refresh_deadline
             if lost.is_set():
@@ -444,6 +447,8 @@ class TokenManager:
                         error=RotationLost,
                     )
                     committed = True
+                    if error is None:
+                        return None
                     raise error from None
             except ProviderError as exc:
                 if exc.error != "invalid_grant":
@@ -457,7 +462,12 @@ class TokenManager:
                     lease, record, "Factorial refused the refresh token (invalid_grant)"
                 )
                 committed = True
+                if error is None:
+                    return None
                 raise error from None
+            if new.refresh_token is None:
+                # RFC 6749 section 6: no new refresh token means the current one stays valid.
+                new = attrs.evolve(new, refresh_token=old.refresh_token)
             update = self._update(lease.key, new)
             stored = await self._patiently(
                 tenant, "refreshed tokens", lambda: self._store.commit(lease, update)
@@ -511,12 +521,16 @@ class TokenManager:
         reason: str,
         *,
         error: type[ReauthorizationRequired] = ReauthorizationRequired,
-    ) -> ReauthorizationRequired:
-        """Record (fenced) that the tenant needs re-authorization; return the error to raise."""
+    ) -> ReauthorizationRequired | None:
+        """Record (fenced) that the tenant needs re-authorization; return the error to raise,
+        or ``None`` when the write was refused (someone reconnected or refreshed meanwhile:
+        the tenant may be fine, so start over)."""
         tenant = lease.key.tenant
         update = Update(record.payload, TenantStatus.NEEDS_REAUTH, record.expires_at, record.updated_at)
-        await self._store.commit(lease, update)
         self._forget_cached(tenant)
+        if await self._store.commit(lease, update) is None:
+            log.info("tenant %r: the store changed before it could be marked dead; re-reading", tenant)
+            return None
         log.error("tenant %r needs re-authorization: %s", tenant, reason)
         self._emit(TokenEvent(EventKind.REAUTHORIZATION_REQUIRED, tenant, detail=reason))
         return error(tenant, reason)
@@ -565,6 +579,8 @@ class TokenManager:
         deadline = loop.time() + self.wait_timeout
         owner = secrets.token_hex(16)
         while True:
+            if loop.time() >= deadline:
+                raise RefreshTimeout(f"tenant {key.tenant!r}: the code exchange did not finish in time")
             async with self._store.watch(key) as watch:
                 claim = await self._store.claim_code(key, code_hash, owner, self.lease_ttl)
                 if claim.key != key:
@@ -574,6 +590,7 @@ class TokenManager:
                 if claim.won:
                     if await self._store.advance_code(claim, ClaimState.SENT, self.lease_ttl):
                         return await self._obs.exchange(key.tenant, self._exchange_holding(claim, code))
+                    await watch.wait(min(0.05, max(deadline - loop.time(), 0.0)))
                     continue
                 if claim.state is ClaimState.DONE:
                     return self._usable(key.tenant, await self._store.read(key)).tokens
@@ -657,6 +674,8 @@ class TokenManager:
         self._check_open()
         validate_tenant(tenant)
         key = self._key(tenant)
+        if await self._store.read(key) is None:
+            raise TenantNotConnected(tenant)  # before the lease: leaves nothing behind
         async with self._lease(key) as record:
             tokens = self._usable(tenant, record, allow_reauth=True).tokens
             deadline = asyncio.get_running_loop().time() + self.refresh_deadline

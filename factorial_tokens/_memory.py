@@ -75,6 +75,9 @@ class MemoryStore:
     async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
         slot = self._slot(key)
         now = self._clock()
+        if slot.lease_owner == owner and slot.lease_expires > now:
+            # A replay: owner tokens are unique per call, so this lease is the caller's own.
+            return Acquisition(Lease(key, owner, slot.fence), slot.record)
         if slot.lease_owner is not None and slot.lease_expires > now:
             return Acquisition(None, slot.record)
         slot.fence += 1
@@ -97,7 +100,9 @@ class MemoryStore:
     async def release(self, lease: Lease) -> bool:
         slot = self._holds(lease)
         if slot is None:
-            return False
+            # A replay finds its own release done: same fence, nobody holding.
+            again = self._slots.get(lease.key.digest)
+            return again is not None and again.fence == lease.fence and again.lease_owner is None
         slot.lease_owner = None
         self._notifier.notify(lease.key.digest)
         return True
@@ -123,11 +128,28 @@ class MemoryStore:
     async def commit(self, lease: Lease, update: Update) -> Record | None:
         slot = self._holds(lease)
         if slot is None:
+            # A replay finds its own write: same fence, nobody holding, the same payload.
+            again = self._slots.get(lease.key.digest)
+            if (
+                again is not None
+                and again.fence == lease.fence
+                and again.lease_owner is None
+                and again.record is not None
+                and _same(again.record, update)
+            ):
+                return again.record
             return None
         return self._write(lease.key, slot, update)
 
     async def replace(self, key: TenantKey, update: Update | None) -> None:
+        slot = self._slots.get(key.digest)
+        if slot is None and update is None:
+            return  # forgetting an unknown tenant leaves nothing behind
         slot = self._slot(key)
+        if slot.lease_owner is None and (
+            slot.record is None if update is None else slot.record is not None and _same(slot.record, update)
+        ):
+            return  # a replay: already written, nobody to fence out
         slot.fence += 1  # fences out whoever holds the lease now
         self._write(key, slot, update)
 
@@ -148,6 +170,8 @@ class MemoryStore:
         self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
     ) -> bool:
         held = self._claims.get((claim.key.namespace, claim.code_hash))
+        if held is not None and held.owner == claim.owner and held.state is state:
+            return held.outcome == outcome  # a replay of the step already made
         if held is None or held.owner != claim.owner or held.state in (ClaimState.DONE, ClaimState.FAILED):
             return False
         if state is ClaimState.SENT and held.state is not ClaimState.CLAIMED:
@@ -171,3 +195,13 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         return None
+
+
+def _same(record: Record, update: Update) -> bool:
+    """True when ``record`` holds exactly what ``update`` writes (a replayed write)."""
+    return (record.payload, record.status, record.expires_at, record.updated_at) == (
+        update.payload,
+        update.status,
+        update.expires_at,
+        update.updated_at,
+    )

@@ -13,8 +13,10 @@ It knows nothing of stores. Every call has a deadline. Rules for retries:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -30,21 +32,38 @@ from ._models import Credentials, FactorialApp, TokenSet
 
 __all__ = ["OAuthClient"]
 
+log = logging.getLogger("factorial_tokens")
+
 _MAX_BODY = 1 << 20
 _RETRYABLE = frozenset({429, 500, 503})
 _GATEWAY = frozenset({502, 504})
 _SECRETISH = re.compile(r"[A-Za-z0-9_\-+/=.]{20,}")
+#: Keys whose values are secrets wherever they appear, whole or cut short.
+_SECRET_KEYS = ("access_token", "refresh_token", "code", "client_secret", "id_token")
+_KEYS = "|".join(_SECRET_KEYS)
+# A secret key's value in JSON (quoted or not, possibly cut off by the end of the body) or
+# in a form / query string.
+_SECRET_JSON = re.compile(rf'("(?:{_KEYS})"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^,}}\]\s]*)', re.IGNORECASE)
+_SECRET_FORM = re.compile(rf"((?:{_KEYS})=)[^&\s]*", re.IGNORECASE)
+#: Accepted lifetimes: a year at most (beyond that, the value is taken as unreadable).
+_MAX_LIFETIME = 365 * 86400.0
+#: The lifetime assumed when a 2xx answer's ``expires_in`` cannot be read: the tokens are
+#: kept (they are authoritative), refreshed early, and a 401 reloads them anyway.
+_FALLBACK_LIFETIME = 600.0
 
 #: Told of every HTTP attempt: ``(url, status or failure kind, seconds, Retry-After)``.
 AttemptObserver = Callable[[str, int | str, float, float | None], None]
 
 
 def _excerpt(body: bytes, *secrets: str | None) -> str:
-    """A short, whitespace-folded excerpt of a body with anything token-like removed."""
+    """A short, whitespace-folded excerpt of a body with anything token-like removed:
+    the values of secret keys (whole or cut), the given secrets, and long token-like runs."""
     text = body[:2000].decode("utf-8", "replace")
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
+    text = _SECRET_JSON.sub(r'\1"[redacted]"', text)
+    text = _SECRET_FORM.sub(r"\1[redacted]", text)
     text = _SECRETISH.sub("[redacted]", " ".join(text.split()))
     return text[:160] + ("…" if len(text) > 160 else "")
 
@@ -178,10 +197,15 @@ class OAuthClient:
             raise RequestInDoubt(status, "gateway_error", _excerpt(body, secret, self.app.client_secret))
         if not 200 <= status < 300:
             raise self._error(status, body, secret)
+        return self._token_answer(status, body, secret, sent_at)
+
+    def _token_answer(self, status: int, body: bytes, secret: str, sent_at: float) -> TokenSet:
+        """A 2xx token answer: authoritative if it holds a usable ``access_token``;
+        anything else raises RequestInDoubt naming what was wrong (never a token)."""
         data = self._json(status, body, secret, in_doubt=True)
         try:
             return _token_set(data, sent_at)
-        except (TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise RequestInDoubt(status, "invalid_response", str(exc)) from None
 
     async def _send(
@@ -203,12 +227,11 @@ class OAuthClient:
                 async with self.session.request(
                     method, url, timeout=timeout, allow_redirects=False, **kwargs
                 ) as resp:
-                    body = await resp.content.read(_MAX_BODY + 1)
                     status = resp.status
+                    # Observed at the status line: a body that cannot be read is still an answer.
                     self._observe(url, status, sent_at, resp.headers.get("Retry-After"))
+                    body = await _read_body(resp, in_doubt=not idempotent)
                     if status not in (_RETRYABLE | _GATEWAY if idempotent else _RETRYABLE):
-                        if len(body) > _MAX_BODY:
-                            raise ProviderError(status, "invalid_response", "body over 1 MiB")
                         return status, body, sent_at
                     if status == 429:
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
@@ -248,7 +271,7 @@ class OAuthClient:
         error = RequestInDoubt if in_doubt else ProviderError
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise error(status, "invalid_response", _excerpt(body, secret, self.app.client_secret)) from None
         if not isinstance(data, dict):
             raise error(status, "invalid_response", "JSON body is not an object")
@@ -257,7 +280,7 @@ class OAuthClient:
     def _error(self, status: int, body: bytes, secret: str) -> ProviderError:
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict) and isinstance(data.get("error"), str):
             description = data.get("error_description")
@@ -272,33 +295,87 @@ class OAuthClient:
         return ProviderError(status, default, _excerpt(body, secret, self.app.client_secret))
 
 
+async def _read_body(resp: aiohttp.ClientResponse, *, in_doubt: bool) -> bytes:
+    """The whole body, however it is segmented or encoded; over ``_MAX_BODY`` bytes
+    (declared, or counted as they arrive) is refused. A 2xx answer to a token request
+    that cannot be read whole is in doubt: the grant may have been processed."""
+    error = RequestInDoubt if in_doubt and 200 <= resp.status < 300 else ProviderError
+    declared = resp.content_length
+    if declared is not None and declared > _MAX_BODY:
+        raise error(resp.status, "invalid_response", f"body of {declared} bytes, over 1 MiB")
+    pieces: list[bytes] = []
+    size = 0
+    async for piece in resp.content.iter_any():
+        size += len(piece)
+        if size > _MAX_BODY:
+            raise error(resp.status, "invalid_response", "body over 1 MiB")
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _number(value: object) -> float | None:
+    """A finite number from an int, a float or a numeric string; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _timestamp(value: object) -> int | None:
+    """``created_at`` as epoch seconds: a number, a numeric string or ISO 8601; else None."""
+    number = _number(value)
+    if number is None and isinstance(value, str):
+        try:
+            moment = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        number = moment.timestamp()
+    if number is None or not 0 <= number < 1e11:
+        return None
+    return int(number)
+
+
 def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:
-    """Validate a token response; expiry is counted from when the request was sent."""
+    """Read a 2xx token answer tolerantly; expiry counts from when the request was sent.
+
+    Only ``access_token`` must be right (a non-empty string): without it, ValueError
+    naming the field. Every other field is read in any common shape (numbers as strings,
+    ISO 8601 dates, any case, scope lists; extra fields ignored) and, when unreadable,
+    replaced by a safe default (logged, never raised): the answer is authoritative, and
+    raising would lose tokens the provider already issued.
+    """
     access = data.get("access_token")
-    if not isinstance(access, str) or not access:
-        raise ValueError("token response without access_token")
-    token_type = data.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise ValueError("token response with a token_type other than Bearer")
-    refresh = data.get("refresh_token") or None
-    if refresh is not None and not isinstance(refresh, str):
-        raise ValueError("refresh_token is not a string")
+    if not isinstance(access, str) or not access.strip():
+        what = "missing" if access is None else f"a {type(access).__name__}, not a non-empty string"
+        raise ValueError(f"access_token is {what}")
+    token_type = data.get("token_type")
+    if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
+        log.warning("token answer with a token_type other than Bearer; using it as a Bearer token")
+    refresh = data.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        if refresh != "":
+            log.warning("token answer with an unreadable refresh_token; the current one is kept")
+        refresh = None
     expires_in = data.get("expires_in")
-    if expires_in in (None, ""):
+    if expires_in is None or expires_in == "":
         expires_at = None
     else:
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
-            raise ValueError("expires_in is not a number")
-        seconds = float(expires_in)
-        if not seconds >= 0 or seconds > 10 * 365 * 86400:
-            raise ValueError("expires_in out of range")
+        seconds = _number(expires_in)
+        if seconds is None or not 0 <= seconds <= _MAX_LIFETIME:
+            log.warning("token answer with an unreadable expires_in; assuming %.0f s", _FALLBACK_LIFETIME)
+            seconds = _FALLBACK_LIFETIME
         expires_at = sent_at + seconds
-    scope = data.get("scope") or None
-    if scope is not None and not isinstance(scope, str):
-        raise ValueError("scope is not a string")
+    scope = data.get("scope")
+    if isinstance(scope, list):
+        scope = " ".join(str(item) for item in scope if isinstance(item, str | int)) or None
+    elif not isinstance(scope, str) or not scope:
+        scope = None
     created = data.get("created_at")
-    if created is not None and (isinstance(created, bool) or not isinstance(created, int)):
-        raise ValueError("created_at is not an integer")
     return TokenSet(
         access_token=access,
         refresh_token=refresh,
@@ -306,5 +383,5 @@ def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:
         scope=scope,
         expires_at=expires_at,
         obtained_at=sent_at,
-        created_at=created,
+        created_at=None if created is None else _timestamp(created),
     )

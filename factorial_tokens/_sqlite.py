@@ -560,6 +560,9 @@ def _acquire(conn: sqlite3.Connection, key: TenantKey, owner: str, ttl: float) -
             (key.namespace, key.tenant),
         ).fetchone()
         record = None if row is None else _record(key, row)
+        if row is not None and row[6] == owner and row[7] > now:
+            # A replay: owner tokens are unique per call, so this lease is the caller's own.
+            return Acquisition(Lease(key, owner, int(row[5])), record)
         if row is not None and row[6] is not None and row[7] > now:
             return Acquisition(None, record)
         fence = conn.execute(
@@ -590,7 +593,13 @@ def _release(conn: sqlite3.Connection, lease: Lease) -> int | None:
             (lease.key.namespace, lease.key.tenant, lease.fence, lease.owner),
         )
         if cursor.rowcount != 1:
-            return None
+            # A replay finds its own release done: same fence, nobody holding.
+            done = conn.execute(
+                "SELECT 1 FROM tenants WHERE namespace = ? AND tenant = ? AND fence = ? "
+                "AND lease_owner IS NULL",
+                (lease.key.namespace, lease.key.tenant, lease.fence),
+            ).fetchone()
+            return None if done is None else _log_change(conn, lease.key.digest)
         return _log_change(conn, lease.key.digest)
 
 
@@ -614,16 +623,39 @@ def _commit(conn: sqlite3.Connection, lease: Lease, update: Update) -> tuple[Rec
             ),
         ).fetchone()
         if row is None:
-            return None
+            # A replay finds its own write: same fence, nobody holding, the same values.
+            row = conn.execute(
+                "SELECT payload, status, version, expires_at, updated_at FROM tenants "
+                "WHERE namespace = ? AND tenant = ? AND fence = ? AND lease_owner IS NULL "
+                "AND payload = ? AND status = ? AND expires_at IS ? AND updated_at = ?",
+                (key.namespace, key.tenant, lease.fence, *_columns(update)),
+            ).fetchone()
+            if row is None:
+                return None
         change = _log_change(conn, key.digest)
     record = _record(key, row)
     assert record is not None
     return record, change
 
 
-def _replace(conn: sqlite3.Connection, key: TenantKey, update: Update | None) -> int:
+def _replace(conn: sqlite3.Connection, key: TenantKey, update: Update | None) -> int | None:
     values = (None, None, None, None) if update is None else _columns(update)
     with _immediate(conn):
+        # A replay (or forgetting an unknown tenant) finds it already done: nothing to write,
+        # nobody to fence out, no row left behind.
+        done = conn.execute(
+            "SELECT 1 FROM tenants WHERE namespace = ? AND tenant = ? AND lease_owner IS NULL "
+            "AND payload IS ? AND status IS ? AND expires_at IS ? AND updated_at IS ?",
+            (key.namespace, key.tenant, *values),
+        ).fetchone()
+        known = (
+            done is not None
+            or conn.execute(
+                "SELECT 1 FROM tenants WHERE namespace = ? AND tenant = ?", (key.namespace, key.tenant)
+            ).fetchone()
+        )
+        if done is not None or (update is None and known is None):
+            return None
         conn.execute(
             "INSERT INTO tenants (namespace, tenant, digest, payload, status, expires_at, updated_at, "
             "version, fence) VALUES (?, ?, ?, ?, ?, ?, ?, 1, 1) "
@@ -648,6 +680,14 @@ def _advance_code(
             "SELECT tenant, owner, state FROM claims WHERE namespace = ? AND code_hash = ?",
             (claim.key.namespace, claim.code_hash),
         ).fetchone()
+        if row is not None and row[1] == claim.owner and row[2] == state.value:
+            # A replay of the step already made.
+            done = conn.execute(
+                "SELECT 1 FROM claims WHERE namespace = ? AND code_hash = ? AND outcome IS ?",
+                (claim.key.namespace, claim.code_hash, outcome),
+            ).fetchone()
+            digest = TenantKey(claim.key.namespace, row[0]).digest
+            return None if done is None else (digest, _log_change(conn, digest))
         if row is None or row[1] != claim.owner or row[2] in _FINISHED:
             return None
         if state is ClaimState.SENT and row[2] != ClaimState.CLAIMED.value:

@@ -20,6 +20,12 @@ Primitives (each one atomic, each one round trip where the backend allows):
 * ``tenants``, ``check`` (health), ``aclose``.
 
 Every failure of the backend surfaces as :class:`~factorial_tokens.StoreUnavailable`.
+
+Every primitive must be safe to run twice (a client resends a command whose reply was
+lost): the second run answers as the first did and writes nothing more. ``acquire`` by
+the same owner returns that owner's live lease; ``commit``, ``release``, ``replace`` and
+``advance_code`` recognise their own step already done (same fence and values, same owner
+and state). Forgetting a tenant the store never held writes nothing.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from factorial_tokens import TokenManager, TokenSet
-from factorial_tokens.testing import FakeFactorial, Fault, RefreshMode
+from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for
 from .multiproc import Scenario, WorkerPool, all_tokens, total_api, total_errors
@@ -174,3 +174,67 @@ async def test_a_lease_holder_killed(
         assert stats.invalid_grant == 0 and not info.needs_reauthorization
         assert total_errors(survivors) == {}
         assert all_tokens(survivors, "acme") == {stored}
+
+
+#: Provider conditions of the real wire (see tests/test_wire.py), two storms per store:
+#: every condition runs on every store, paired so the suite stays fast.
+WIRE_CONDITIONS: dict[str, dict[str, Any]] = {
+    "pieces+strings+no-rotation": {
+        "answer_pieces": 4,
+        "piece_delay": 0.01,
+        "dialect": Dialect.STRINGS,
+        "rotate_refresh_tokens": False,
+    },
+    "chunked+loose": {"answer_pieces": 3, "piece_delay": 0.01, "chunked": True, "dialect": Dialect.LOOSE},
+}
+
+
+@pytest.mark.parametrize("condition", list(WIRE_CONDITIONS))
+async def test_a_storm_on_the_real_wire(store_url: str, make_sim: SimFactory, condition: str) -> None:
+    """P=4 processes x C=25 tasks, tokens expiring every two seconds, answers in pieces and
+    in other shapes, refreshes with or without a new refresh token: counted like the
+    clean storm above."""
+    tenants = {"north": 1, "south": 2}
+    duration, ttl, leeway = 3.0, 2.0, 0.5
+    budgets: dict[str, Any] = {
+        "leeway": leeway,
+        "lease_ttl": 4.5,
+        "provider_timeout": 3.0,
+        "wait_timeout": 10.0,
+    }
+    scenario = Scenario(
+        kind="traffic",
+        tenants=list(tenants),
+        tasks=25,
+        duration=duration,
+        pace=0.5,
+        api=True,
+        manager=budgets,
+    )
+    options = WIRE_CONDITIONS[condition]
+    async with make_sim(access_token_ttl=ttl, **options) as sim:
+        async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
+            started = time.time()
+            async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+                initial = {
+                    tenant: (await tm.exchange_code(tenant, sim.issue_code(company_id=cid))).fingerprint
+                    for tenant, cid in tenants.items()
+                }
+            pool.go(initial=initial)
+            reports = await pool.results()
+        ended = time.time()
+        stats = sim.stats
+        async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+            assert not any(info.needs_reauthorization for info in await tm.tenants())
+    assert total_errors(reports) == {}
+    api = total_api(reports)
+    assert set(api) == {200} and api[200] == sum(r.calls for r in reports)
+    assert stats.exchanges == len(tenants)
+    assert stats.invalid_grant == 0 and stats.families_revoked == 0
+    assert stats.refresh_attempts == stats.refreshes
+    if options.get("rotate_refresh_tokens", True):
+        assert stats.max_attempts_per_refresh_token == 1
+    for tenant, cid in tenants.items():
+        generations = all_tokens(reports, tenant) | {initial[tenant]}
+        assert stats.refreshes_by_company[cid] == len(generations) - 1, (tenant, stats.refreshes_by_company)
+        assert 1 <= stats.refreshes_by_company[cid] <= (ended - started) / (ttl - leeway) + 1

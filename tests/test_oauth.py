@@ -28,10 +28,16 @@ def test_blank_keys_mean_a_non_expiring_token() -> None:
 
 @pytest.mark.parametrize(
     "body",
+    [{}, {"access_token": ""}, {"access_token": 5}, {"access_token": None}, {"access_token": ["a"]}],
+)
+def test_answers_without_a_usable_access_token_are_refused(body: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="access_token"):
+        _token_set(body, sent_at=1.0)
+
+
+@pytest.mark.parametrize(
+    "body",
     [
-        {},
-        {"access_token": ""},
-        {"access_token": 5},
         {"access_token": "a", "token_type": "mac"},
         {"access_token": "a", "expires_in": -1},
         {"access_token": "a", "expires_in": True},
@@ -40,9 +46,11 @@ def test_blank_keys_mean_a_non_expiring_token() -> None:
         {"access_token": "a", "created_at": "yesterday"},
     ],
 )
-def test_malformed_token_responses_are_refused(body: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
-        _token_set(body, sent_at=1.0)
+def test_odd_optional_fields_never_lose_an_issued_token(body: dict[str, object]) -> None:
+    """A 2xx with an access token is authoritative: odd fields get safe defaults."""
+    tokens = _token_set(body, sent_at=1.0)
+    assert tokens.access_token == "a" and tokens.token_type == "Bearer"
+    assert tokens.expires_at is None or tokens.expires_at > 1.0
 
 
 def test_excerpts_hold_no_token() -> None:

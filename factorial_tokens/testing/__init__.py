@@ -3,11 +3,12 @@ conformance suite any store (a third party's too) can run."""
 
 from ._conformance import HOSTILE_TENANTS, StoreConformance
 from ._counting import CountingStore
-from ._fake import FakeFactorial, Fault, RefreshMode, SimulatorStats
+from ._fake import Dialect, FakeFactorial, Fault, RefreshMode, SimulatorStats
 
 __all__ = [
     "HOSTILE_TENANTS",
     "CountingStore",
+    "Dialect",
     "FakeFactorial",
     "Fault",
     "RefreshMode",

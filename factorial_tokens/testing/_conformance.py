@@ -149,8 +149,9 @@ class StoreConformance:
         assert not await store.release(forged)
         assert (await store.acquire(key, "two", self.lease_ttl)).lease is None
         assert await store.release(won.lease)
-        assert not await store.release(won.lease)
+        assert await store.release(won.lease)  # a replay: the same answer, nothing changes
         assert (await store.acquire(key, "two", self.lease_ttl)).lease is not None
+        assert not await store.release(won.lease)
 
     async def test_extend_keeps_the_lease(self, store: Store) -> None:
         key = self.key()
@@ -333,6 +334,79 @@ class StoreConformance:
         await asyncio.sleep(self.lease_ttl * 1.5)
         seen = await store.claim_code(key, "h", "alive", 30)
         assert not seen.won and seen.state is ClaimState.SENT and seen.expired
+
+    # -- replayed primitives: a client resends a command whose reply was lost; the second
+    # run must give what the first gave, and leave the store as one run leaves it.
+
+    async def test_replayed_acquire_keeps_the_lease(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"tokens"))
+        await store.acquire(key, "one", self.lease_ttl * 10)
+        again = await store.acquire(key, "one", self.lease_ttl * 10)
+        assert again.lease is not None and again.lease.owner == "one"
+        assert again.record is not None and again.record.payload == b"tokens"
+        assert (await store.acquire(key, "two", self.lease_ttl * 10)).lease is None
+        assert await store.extend(again.lease, self.lease_ttl * 10)
+        assert await store.commit(again.lease, _update(b"new")) is not None
+
+    async def test_replayed_extend_and_release(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"tokens"))
+        won = await store.acquire(key, "one", self.lease_ttl * 10)
+        assert won.lease is not None
+        assert await store.extend(won.lease, self.lease_ttl * 10)
+        assert await store.extend(won.lease, self.lease_ttl * 10)
+        assert await store.release(won.lease)
+        assert await store.release(won.lease)
+        other = await store.acquire(key, "two", self.lease_ttl * 10)
+        assert other.lease is not None
+        assert not await store.release(won.lease)
+
+    async def test_replayed_commit_writes_once(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"v1"))
+        won = await store.acquire(key, "one", self.lease_ttl * 10)
+        assert won.lease is not None
+        update = _update(b"v2")
+        first = await store.commit(won.lease, update)
+        again = await store.commit(won.lease, update)
+        assert first is not None and again is not None and again.version == first.version
+        record = await store.read(key)
+        assert record is not None and record.version == first.version and record.payload == b"v2"
+        assert await store.commit(won.lease, _update(b"other")) is None
+        other = await store.acquire(key, "two", self.lease_ttl * 10)
+        assert other.lease is not None
+        assert await store.commit(won.lease, update) is None
+
+    async def test_replayed_replace_writes_once(self, store: Store) -> None:
+        key = self.key()
+        holder = await store.acquire(key, "holder", self.lease_ttl * 10)
+        assert holder.lease is not None
+        update = _update(b"grant")
+        await store.replace(key, update)
+        first = await store.read(key)
+        await store.replace(key, update)
+        again = await store.read(key)
+        assert first is not None and again is not None and again.version == first.version
+        assert await store.commit(holder.lease, _update(b"late")) is None
+        await store.replace(key, None)
+        await store.replace(key, None)
+        assert await store.read(key) is None
+
+    async def test_replayed_code_steps(self, store: Store) -> None:
+        key = self.key()
+        claim = await store.claim_code(key, "h", "one", 30)
+        again = await store.claim_code(key, "h", "one", 30)
+        assert claim.won and again.won and again.state is ClaimState.CLAIMED
+        assert await store.advance_code(claim, ClaimState.SENT, 30)
+        assert await store.advance_code(claim, ClaimState.SENT, 30)
+        seen = await store.claim_code(key, "h", "two", 30)
+        assert seen.state is ClaimState.SENT and not seen.won
+        assert await store.advance_code(claim, ClaimState.FAILED, 30, '{"error": "x"}')
+        assert await store.advance_code(claim, ClaimState.FAILED, 30, '{"error": "x"}')
+        assert not await store.advance_code(claim, ClaimState.DONE, 30)
+        seen = await store.claim_code(key, "h", "two", 30)
+        assert seen.state is ClaimState.FAILED and seen.outcome == '{"error": "x"}'
 
     async def test_watch_wakes_on_commit_and_release(self, store: Store) -> None:
         key = self.key()

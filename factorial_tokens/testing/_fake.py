@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import enum
 import itertools
 import json
@@ -51,6 +52,7 @@ from aiohttp import web
 
 __all__ = [
     "AuthorizationRejected",
+    "Dialect",
     "FakeFactorial",
     "Fault",
     "RefreshMode",
@@ -71,6 +73,20 @@ class RefreshMode(enum.Enum):
     #: refreshes presenting the same refresh token all succeed (several live pairs;
     #: siblings stay live, as in Doorkeeper).
     REVOKE_ON_FIRST_USE = "revoke_on_first_use"
+
+
+class Dialect(enum.Enum):
+    """How token answers are shaped. Every dialect is valid JSON that a real OAuth server
+    (or a proxy in front of it) may send; a client must read all of them alike."""
+
+    #: Doorkeeper's own: integer ``expires_in`` and ``created_at``, ``"Bearer"``, scope string.
+    STANDARD = "standard"
+    #: Numbers as strings: ``expires_in`` ``"7200"``, ``created_at`` as an ISO 8601 string,
+    #: ``token_type`` ``"bearer"``.
+    STRINGS = "strings"
+    #: ``expires_in`` a float, ``scope`` a list, ``token_type`` ``"BEARER"``, no
+    #: ``created_at``, and extra fields (``id_token``, ``resource_owner_id``, an object).
+    LOOSE = "loose"
 
 
 class Fault(enum.Enum):
@@ -391,6 +407,12 @@ class FakeFactorial:
     - ``latency``: seconds waited before every answer;
     - ``rate_limit_per_minute``: POSTs per rolling minute per endpoint family
       (``token``, ``revoke``) before answering 429 with ``Retry-After``; None = no limit;
+    - ``answer_pieces``, ``piece_delay``: every answer body is written in this many
+      pieces, ``piece_delay`` seconds apart (as a slow network delivers it), with a
+      ``Content-Length``; ``chunked=True`` sends it with chunked transfer encoding instead;
+    - ``dialect``: the shape of token answers (see :class:`Dialect`);
+    - ``rotate_refresh_tokens``: when False a refresh answer carries no ``refresh_token``
+      and the refresh token presented stays valid (RFC 6749 section 6 allows both);
     - ``host``, ``port``: where to listen (port 0 picks a free one).
 
     Raises ``ValueError`` on nonsensical arguments.
@@ -412,6 +434,11 @@ class FakeFactorial:
         default_scope: str = "read write",
         latency: float = 0.0,
         rate_limit_per_minute: int | None = None,
+        answer_pieces: int = 1,
+        piece_delay: float = 0.0,
+        chunked: bool = False,
+        dialect: Dialect = Dialect.STANDARD,
+        rotate_refresh_tokens: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -425,6 +452,12 @@ class FakeFactorial:
             raise ValueError("latency must be >= 0")
         if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
             raise ValueError("rate_limit_per_minute must be >= 1 or None")
+        if answer_pieces < 1:
+            raise ValueError("answer_pieces must be >= 1")
+        if piece_delay < 0:
+            raise ValueError("piece_delay must be >= 0")
+        if not isinstance(dialect, Dialect):
+            raise ValueError(f"dialect must be a Dialect, not {dialect!r}")
         if not isinstance(refresh_mode, RefreshMode):
             raise ValueError(f"refresh_mode must be a RefreshMode, not {refresh_mode!r}")
         self.client_id = client_id
@@ -440,6 +473,11 @@ class FakeFactorial:
         self.default_scope = default_scope
         self.latency = float(latency)
         self.rate_limit_per_minute = rate_limit_per_minute
+        self.answer_pieces = int(answer_pieces)
+        self.piece_delay = float(piece_delay)
+        self.chunked = chunked
+        self.dialect = dialect
+        self.rotate_refresh_tokens = rotate_refresh_tokens
         self.host = host
         self.port = port
         #: When True every request is answered 503 ("provider down").
@@ -796,12 +834,15 @@ class FakeFactorial:
         self._c.codes_issued += 1
         return value
 
-    def _new_pair(self, family: _Family, previous: _Pair | None) -> _Pair:
+    def _new_pair(self, family: _Family, previous: _Pair | None, *, keep_refresh: bool = False) -> _Pair:
         now = self._now()
         expiring = not family.company_token or self.company_tokens_expire
+        refresh = secrets.token_hex(32) if expiring else None
+        if keep_refresh and previous is not None:
+            refresh = previous.refresh
         pair = _Pair(
             access=secrets.token_hex(32),
-            refresh=secrets.token_hex(32) if expiring else None,
+            refresh=refresh,
             family=family,
             created_at=now,
             expires_at=now + self.access_token_ttl if expiring else None,
@@ -815,15 +856,32 @@ class FakeFactorial:
             self._by_refresh[pair.refresh] = pair
         return pair
 
-    def _token_body(self, pair: _Pair) -> dict[str, Any]:
+    def _token_body(self, pair: _Pair, *, with_refresh: bool = True) -> dict[str, Any]:
+        expires_in = max(1, round(self.access_token_ttl)) if pair.expires_at is not None else None
         body: dict[str, Any] = {
             "access_token": pair.access,
             "token_type": "Bearer",
-            "expires_in": (max(1, round(self.access_token_ttl)) if pair.expires_at is not None else None),
-            "refresh_token": pair.refresh,
+            "expires_in": expires_in,
+            "refresh_token": pair.refresh if with_refresh else None,
             "scope": pair.family.scope,
             "created_at": int(pair.created_at),
         }
+        if self.dialect is Dialect.STRINGS:
+            body.update(
+                token_type="bearer",
+                expires_in=None if expires_in is None else str(expires_in),
+                created_at=datetime.datetime.fromtimestamp(int(pair.created_at), datetime.UTC).isoformat(),
+            )
+        elif self.dialect is Dialect.LOOSE:
+            body.update(
+                token_type="BEARER",
+                expires_in=None if expires_in is None else float(expires_in),
+                scope=pair.family.scope.split() if pair.family.scope else None,
+                created_at=None,
+                id_token="eyJhbGciOiJub25lIn0.e30.",
+                resource_owner_id=pair.family.owner.company_id,
+                info={"nested": [1, 2, {"deep": True}]},
+            )
         return {k: v for k, v in body.items() if v not in (None, "")}
 
     def _revoke_pair(self, pair: _Pair, reason: str) -> None:
@@ -973,10 +1031,12 @@ class FakeFactorial:
         elif pair.previous is not None:
             # Using the new refresh token revokes the pair it was refreshed from.
             self._revoke_pair(pair.previous, "superseded")
-        new = self._new_pair(pair.family, previous=pair)
+        keep = not self.rotate_refresh_tokens
+        # Not rotating: the refresh token presented moves on to the new pair and stays valid.
+        new = self._new_pair(pair.family, previous=pair, keep_refresh=keep)
         self._c.refreshes += 1
         self._c.refreshes_by_company[pair.family.owner.company_id] += 1
-        return self._token_body(new)
+        return self._token_body(new, with_refresh=not keep)
 
     def _revoke(self, form: Mapping[str, str], authorization: str | None) -> dict[str, Any]:
         client = self._authenticate(form, authorization)
@@ -1109,14 +1169,35 @@ class FakeFactorial:
         self, request: web.Request, queued: _QueuedFault | None, response: web.StreamResponse
     ) -> web.StreamResponse:
         """Apply a post-processing fault (DROP_AFTER, SLOW) to a computed answer."""
-        if queued is None:
+        if queued is not None:
+            if queued.fault is Fault.DROP_AFTER:
+                return _drop(request)
+            if await self._sleep(queued.delay):
+                # Stopping: do not hand out an answer early, drop the connection instead.
+                return _drop(request)
+        return await self._in_pieces(request, response)
+
+    async def _in_pieces(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        """Write ``response``'s body in ``answer_pieces`` pieces (or chunked), as configured."""
+        body = response.body if isinstance(response, web.Response) else None
+        if not isinstance(body, bytes) or not body or (self.answer_pieces == 1 and not self.chunked):
             return response
-        if queued.fault is Fault.DROP_AFTER:
-            return _drop(request)
-        if await self._sleep(queued.delay):
-            # Stopping: do not hand out an answer early, drop the connection instead.
-            return _drop(request)
-        return response
+        stream = web.StreamResponse(status=response.status, headers=response.headers)
+        if self.chunked:
+            stream.enable_chunked_encoding()
+        else:
+            stream.content_length = len(body)
+        await stream.prepare(request)
+        size = -(-len(body) // self.answer_pieces)
+        try:
+            for start in range(0, len(body), size):
+                if start and await self._sleep(self.piece_delay):
+                    break
+                await stream.write(body[start : start + size])
+            await stream.write_eof()
+        except ConnectionResetError:
+            pass  # the client hung up mid-answer (its own timeout): nothing more to send
+        return stream
 
     async def _read_form(self, request: web.Request) -> dict[str, str] | None:
         """The form body as str -> str, or None if the body is not a form."""

@@ -363,8 +363,9 @@ class PostgresStore:
         async def run(pool: Any, replay: bool) -> Any:
             # No row means a concurrent first insert our snapshot could not see: ask again.
             for _ in range(3):
+                # Always replay-safe: a client (or a proxy) may resend after a lost reply.
                 row = await pool.fetchrow(
-                    self._sql.acquire, key.namespace, key.tenant, key.digest, owner, float(ttl), replay
+                    self._sql.acquire, key.namespace, key.tenant, key.digest, owner, float(ttl), True
                 )
                 if row is not None:
                     return row
@@ -392,17 +393,13 @@ class PostgresStore:
         """Give the lease back if still ours, and announce."""
         key = lease.key
 
-        replayed = False
-
         async def run(pool: Any, replay: bool) -> Any:
-            nonlocal replayed
-            replayed = replay
             return await pool.fetch(
                 self._sql.release, key.namespace, key.tenant, lease.fence, lease.owner, self._names.channel
             )
 
         done = bool(await self._call("release", run))
-        if done or replayed:  # a replay may have found its own release already done
+        if done:
             self._announce(key.digest)
         return done
 
@@ -423,8 +420,9 @@ class PostgresStore:
                 update.updated_at,
                 self._names.channel,
             )
-            if version is None and replay:
-                # The first attempt may have committed before its answer was lost.
+            if version is None:
+                # A resent statement (ours, or a client's after a lost reply) may find its
+                # own commit done.
                 version = await pool.fetchval(
                     self._sql.committed, key.namespace, key.tenant, lease.fence, update.payload
                 )
@@ -447,6 +445,8 @@ class PostgresStore:
             values = (update.payload, update.status.value, update.expires_at, update.updated_at)
 
         async def run(pool: Any, replay: bool) -> Any:
+            if update is None:
+                return await pool.execute(self._sql.forget, key.namespace, key.tenant, self._names.channel)
             return await pool.execute(
                 self._sql.replace, key.namespace, key.tenant, key.digest, *values, self._names.channel
             )
@@ -511,7 +511,7 @@ class PostgresStore:
                 outcome,
                 hold,
                 self._names.channel,
-                replay,
+                True,  # a step this owner already made is a replay, answered alike
             )
 
         rows = await self._call("advance_code", run)
@@ -705,7 +705,8 @@ class _Statements:
         self.release = f"""
             WITH up AS (
                 UPDATE {t} SET lease_owner = NULL, lease_expires = NULL
-                 WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4
+                 WHERE namespace = $1 AND tenant = $2 AND fence = $3
+                   AND (lease_owner = $4 OR lease_owner IS NULL)  -- NULL: a replay, already done
                 RETURNING digest
             )
             SELECT pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
@@ -738,9 +739,28 @@ class _Statements:
                         expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at,
                         version = t.version + 1, fence = t.fence + 1,
                         lease_owner = NULL, lease_expires = NULL
+                    -- A replay (already written, nobody holding) changes nothing.
+                    WHERE t.lease_owner IS NOT NULL
+                       OR t.payload IS DISTINCT FROM EXCLUDED.payload
+                       OR t.status IS DISTINCT FROM EXCLUDED.status
+                       OR t.expires_at IS DISTINCT FROM EXCLUDED.expires_at
+                       OR t.updated_at IS DISTINCT FROM EXCLUDED.updated_at
                 RETURNING t.digest
             )
             SELECT pg_notify($8, digest || ' ' || '{origin}') FROM up"""
+        # $1 namespace, $2 tenant, $3 channel. Forgets a known tenant (its row stays, so the
+        # fence keeps growing); an unknown one, or a replay, writes nothing.
+        self.forget = f"""
+            WITH up AS (
+                UPDATE {t}
+                   SET payload = NULL, status = 'active', expires_at = NULL, updated_at = 0,
+                       version = version + 1, fence = fence + 1,
+                       lease_owner = NULL, lease_expires = NULL
+                 WHERE namespace = $1 AND tenant = $2
+                   AND (payload IS NOT NULL OR lease_owner IS NOT NULL)
+                RETURNING digest
+            )
+            SELECT pg_notify($3, digest || ' ' || '{origin}') FROM up"""
         # $1 namespace, $2 code_hash, $3 tenant, $4 digest, $5 owner, $6 ttl, $7 retention.
         # Takes over an expired CLAIMED claim, or any claim older than the retention.
         self.claim = f"""
@@ -768,7 +788,7 @@ class _Statements:
                    SET state = $4, outcome = $5, expires = clock_timestamp() + make_interval(secs => $6)
                  WHERE namespace = $1 AND code_hash = $2 AND owner = $3
                    AND ((state IN ('claimed', 'sent') AND ($4 <> 'sent' OR state = 'claimed'))
-                        OR ($8 AND state = $4))
+                        OR ($8 AND state = $4 AND outcome IS NOT DISTINCT FROM $5))
                 RETURNING digest
             )
             SELECT pg_notify($7, digest || ' ' || '{origin}') IS NULL FROM up"""

@@ -8,8 +8,13 @@
 -- Reply: {fence, payload, status, version, expires_at, updated_at}
 --   fence is the new fencing number (HINCRBY of `fence`, never reused) or 0 when the lease
 --   is held by someone else; the other five are the record as seen, nil when absent.
+--   A replay (the caller's own live lease: owner tokens are unique per call) returns the
+--   current fence again.
 local rec, lease = KEYS[1], KEYS[2]
 local seen = redis.call('HMGET', rec, 'payload', 'status', 'version', 'expires_at', 'updated_at')
+if redis.call('GET', lease) == ARGV[1] and redis.call('HGET', rec, 'holder') == ARGV[1] then
+  return {tonumber(redis.call('HGET', rec, 'fence')), seen[1], seen[2], seen[3], seen[4], seen[5]}
+end
 if redis.call('EXISTS', lease) == 1 then
   return {0, seen[1], seen[2], seen[3], seen[4], seen[5]}
 end

@@ -14,7 +14,14 @@
 -- Reply: 1 if advanced, 0 if the claim is missing, not the caller's, finished, or (for
 -- SENT) no longer CLAIMED.
 local claim = KEYS[1]
-local c = redis.call('HMGET', claim, 'owner', 'state', 'digest')
+local c = redis.call('HMGET', claim, 'owner', 'state', 'digest', 'outcome')
+if c[1] == ARGV[1] and c[2] == ARGV[2] then
+  -- A replay of the step already made.
+  if (ARGV[5] == '1' and c[4] == ARGV[6]) or (ARGV[5] ~= '1' and not c[4]) then
+    return 1
+  end
+  return 0
+end
 if not c[1] or c[1] ~= ARGV[1] or c[2] == 'done' or c[2] == 'failed' then
   return 0
 end

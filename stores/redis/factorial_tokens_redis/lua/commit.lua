@@ -14,9 +14,15 @@
 -- ARGV[9]  namespace   stored for listings
 -- ARGV[10] tenant      stored for listings
 --
--- Reply: the new version (> 0), or 0 when fenced out (nothing written).
+-- Reply: the new version (> 0), or 0 when fenced out (nothing written). A replay finds its
+-- own write (same fence, nobody holding, the same values) and returns its version again.
 local rec = KEYS[1]
-local held = redis.call('HMGET', rec, 'fence', 'holder')
+local held = redis.call('HMGET', rec, 'fence', 'holder', 'payload', 'status', 'expires_at',
+  'updated_at', 'version')
+if held[1] == ARGV[1] and not held[2] and held[3] == ARGV[5] and held[4] == ARGV[6]
+    and held[5] == ARGV[7] and held[6] == ARGV[8] then
+  return tonumber(held[7])
+end
 if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
   return 0
 end

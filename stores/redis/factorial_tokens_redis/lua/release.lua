@@ -7,8 +7,12 @@
 -- ARGV[3]  channel    the prefix's change channel
 -- ARGV[4]  message    "<digest> <origin>"
 --
--- Reply: 1 if released, 0 if the lease was not (or no longer) the caller's.
+-- Reply: 1 if released, 0 if the lease was not (or no longer) the caller's. A replay finds
+-- its own release done (same fence, nobody holding) and answers 1 again.
 local held = redis.call('HMGET', KEYS[1], 'fence', 'holder')
+if held[1] == ARGV[1] and not held[2] then
+  return 1
+end
 if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
   return 0
 end

@@ -14,8 +14,19 @@
 -- ARGV[9]  tenant      stored for listings
 --
 -- Reply: the new version. The hash itself (fence, version, namespace, tenant) outlives a
--- forget so that fences and versions only grow.
+-- forget so that fences and versions only grow. A replay (already written, nobody holding)
+-- changes nothing, and forgetting an unknown tenant creates nothing: both reply 0.
 local rec = KEYS[1]
+local cur = redis.call('HMGET', rec, 'holder', 'payload', 'status', 'expires_at', 'updated_at')
+if not cur[1] and redis.call('EXISTS', KEYS[2]) == 0 then
+  if ARGV[3] == 'set' then
+    if cur[2] == ARGV[4] and cur[3] == ARGV[5] and cur[4] == ARGV[6] and cur[5] == ARGV[7] then
+      return 0
+    end
+  elseif not cur[2] then
+    return 0
+  end
+end
 redis.call('HINCRBY', rec, 'fence', 1)
 redis.call('HDEL', rec, 'holder')
 redis.call('DEL', KEYS[2])

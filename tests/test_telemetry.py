@@ -20,6 +20,7 @@ from factorial_tokens import (
     EventKind,
     MemoryStore,
     ReauthorizationRequired,
+    RefreshTimeout,
     SQLiteStore,
     Telemetry,
     TokenEvent,
@@ -241,7 +242,7 @@ async def test_lease_lost_and_refresh_timeout_events(make_sim: SimFactory, tmp_p
                 provider_timeout=0.5,
                 wait_timeout=1.2,
             ) as impatient:
-                with pytest.raises(Exception, match="held the refresh lease"):
+                with pytest.raises(RefreshTimeout):
                     await impatient.refresh("acme")
                 assert await impatient.flush_events()
             await store.release(held.lease)

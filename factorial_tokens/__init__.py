@@ -4,7 +4,9 @@ across many worker processes and hosts, without ever breaking a company's grant.
 from ._client import TenantSession
 from ._codec import JsonCodec, PayloadCodec
 from ._errors import (
+    AuthorizationDenied,
     CodeReused,
+    CompanyMismatch,
     ConfigurationError,
     ExchangeInDoubt,
     FactorialTokensError,
@@ -17,6 +19,7 @@ from ._errors import (
     RefreshTimeout,
     RequestInDoubt,
     RotationLost,
+    StateReused,
     StoreUnavailable,
     TenantNotConnected,
     TokenSealError,
@@ -24,10 +27,10 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._health import Health
 from ._keepalive import KeepAliveReport
-from ._manager import TenantInfo, TokenManager
+from ._manager import CallbackResult, TenantInfo, TokenManager
 from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
-from ._sealing import Keyring, SealedCodec, ensure_key_file, rekey
+from ._sealing import Keyring, SealedCodec, rekey
 from ._serve import ConnectCheck, connect_app
 from ._sqlite import SQLiteStore
 from ._store import (
@@ -53,10 +56,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CLAIM_RETENTION",
     "Acquisition",
+    "AuthorizationDenied",
+    "CallbackResult",
     "ChangeListener",
     "ClaimState",
     "CodeClaim",
     "CodeReused",
+    "CompanyMismatch",
     "ConfigurationError",
     "ConnectCheck",
     "Credentials",
@@ -84,6 +90,7 @@ __all__ = [
     "RotationLost",
     "SQLiteStore",
     "SealedCodec",
+    "StateReused",
     "Store",
     "StoreUnavailable",
     "Telemetry",
@@ -100,7 +107,6 @@ __all__ = [
     "Update",
     "Watch",
     "connect_app",
-    "ensure_key_file",
     "fingerprint",
     "rekey",
     "store_from_url",

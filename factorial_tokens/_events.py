@@ -40,6 +40,8 @@ class EventKind(enum.Enum):
     STALE_SERVED = "stale_served"  # the store was down: a cached, still valid token was served
     LEASE_LOST = "lease_lost"  # a refresher lost its lease (renewal refused or fenced out)
     REFRESH_TIMEOUT = "refresh_timeout"  # a caller gave up waiting for another worker's refresh
+    RECONNECTED = "reconnected"  # a new grant replaced the tenant's previous one (revoked)
+    COMPANY_MISMATCH = "company_mismatch"  # a grant of another company was refused and revoked
 
 
 @attrs.frozen
@@ -49,6 +51,8 @@ class TokenEvent:
     ``duration``: seconds the operation took, where it has one (a refresh from lease
     acquired to commit, an exchange, a wait); ``error``: the error's type and message
     (never a token); ``retry_after``: the seconds Factorial asked to wait (429).
+    ``company_id`` is the grant's company where known (``exchanged``, ``reconnected``,
+    ``company_mismatch``); ``previous_company_id`` the company of the replaced or kept grant.
     """
 
     kind: EventKind
@@ -60,6 +64,9 @@ class TokenEvent:
     duration: float | None = None
     error: str | None = None
     retry_after: float | None = None
+
+    company_id: str | None = None
+    previous_company_id: str | None = None
 
 
 #: Called with each event; may return a coroutine (scheduled on the manager's loop).

@@ -19,10 +19,12 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import attrs
@@ -30,17 +32,21 @@ import attrs
 from ._client import TenantSession
 from ._codec import JsonCodec, PayloadCodec
 from ._errors import (
+    AuthorizationDenied,
     CodeReused,
+    CompanyMismatch,
     ConfigurationError,
     ExchangeInDoubt,
     FactorialTokensError,
     InvalidCallback,
+    InvalidState,
     ManagerClosed,
     ProviderError,
     ReauthorizationRequired,
     RefreshTimeout,
     RequestInDoubt,
     RotationLost,
+    StateReused,
     StoreUnavailable,
     TenantNotConnected,
     TokenSealError,
@@ -52,7 +58,7 @@ from ._logs import OperationContext, bind, install
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._oauth import OAuthClient
 from ._sealing import Keyring, SealedCodec
-from ._state import StateSigner
+from ._state import LinkSigner, StateSigner
 from ._store import (
     ClaimState,
     CodeClaim,
@@ -67,13 +73,16 @@ from ._store import (
 )
 from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 
-__all__ = ["TenantInfo", "TokenManager"]
+__all__ = ["CallbackResult", "TenantInfo", "TokenManager"]
 
 log = logging.getLogger("factorial_tokens")
 
 T = TypeVar("T")
 
 _MAX_CODE = 2048
+#: Appended to the namespace for the key whose lease connections of a tenant take turns on
+#: (it never holds a record, so no listing shows it).
+_CONNECT_TURN = "/connect-turn"
 
 
 @attrs.frozen
@@ -90,6 +99,15 @@ class TenantInfo:
     def needs_reauthorization(self) -> bool:
         """True when the company must connect again."""
         return self.status is TenantStatus.NEEDS_REAUTH
+
+
+@attrs.frozen
+class CallbackResult:
+    """What :meth:`TokenManager.complete_callback` returns: the tenant the callback was for
+    (from its signed state) and the tenant's tokens (``tokens.company_id`` names the company)."""
+
+    tenant: str
+    tokens: TokenSet
 
 
 @attrs.frozen
@@ -121,7 +139,11 @@ class TokenManager:
         keyring: seal token material at rest with AES-GCM under this keyring
             (:class:`~factorial_tokens.SealedCodec`); default: the keyring in
             ``FACTORIAL_TOKENS_KEYS`` if that variable is set, else none. Not together
-            with ``codec``.
+            with ``codec``. With a keyring, plain (unsealed) records are refused with
+            TokenSealError: someone without the key wrote them.
+        allow_plaintext: with a keyring, read plain records anyway: only while migrating
+            a store written before sealing was on, until :func:`~factorial_tokens.rekey`
+            has sealed them.
         on_event: called with every :class:`TokenEvent`, on a background thread (off the
             refresh path); exceptions it raises are logged.
         telemetry: OpenTelemetry providers and options (:class:`Telemetry`); default:
@@ -149,6 +171,7 @@ class TokenManager:
         session: aiohttp.ClientSession | None = None,
         codec: PayloadCodec | None = None,
         keyring: Keyring | None = None,
+        allow_plaintext: bool = False,
         on_event: Listener | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -173,9 +196,11 @@ class TokenManager:
             raise ConfigurationError("pass a keyring or a codec, not both")
         if codec is None:
             keyring = Keyring.from_env() if keyring is None else keyring
-            codec = JsonCodec() if keyring is None else SealedCodec(keyring)
+            codec = JsonCodec() if keyring is None else SealedCodec(keyring, allow_plaintext=allow_plaintext)
         self._codec: PayloadCodec = codec
+        self.state_ttl = state_ttl
         self._signer = StateSigner(app, state_ttl)
+        self._links = LinkSigner(app, 3600.0)
         self._events = EventDispatcher()
         if on_event is not None:
             self._events.add(on_event)
@@ -247,13 +272,27 @@ class TokenManager:
 
     # -- authorization ---------------------------------------------------------------
 
-    def authorization_url(self, tenant: str, *, company: bool = False, scope: str | None = None) -> str:
+    def authorization_url(
+        self,
+        tenant: str,
+        *,
+        company: bool = False,
+        scope: str | None = None,
+        binding: str | None = None,
+    ) -> str:
         """The Factorial URL that lets ``tenant``'s admin grant access, with a signed state.
 
         ``company=True`` asks for a company token (``resource_owner_type=company``).
+        ``binding`` is a value the application ties to the browser that starts the flow
+        (e.g. a random value in an HttpOnly cookie); only a keyed hash of it goes into the
+        state, and :meth:`complete_callback` then requires the same value, so a callback
+        completed in another browser (a victim's admin sent this URL) is refused.
         """
-        validate_tenant(tenant)
-        return self._oauth.authorization_url(self._signer.sign(tenant), company=company, scope=scope)
+        tenant = validate_tenant(tenant)
+        if binding is not None and not binding:
+            raise ConfigurationError("binding must be a non-empty string, or None")
+        state = self._signer.sign(tenant, binding=binding)
+        return self._oauth.authorization_url(state, company=company, scope=scope)
 
     def tenant_from_state(self, state: object) -> str:
         """The tenant a callback's ``state`` was issued for; raises InvalidState."""
@@ -262,6 +301,108 @@ class TokenManager:
     def verify_state(self, state: object) -> tuple[str, str]:
         """``(tenant, nonce)`` of a valid state; raises InvalidState."""
         return self._signer.verify(state)
+
+    def connect_link(self, tenant: str, *, ttl: float = 3600.0, base_url: str | None = None) -> str:
+        """A signed link that lets its holder start connecting ``tenant`` for ``ttl`` seconds.
+
+        The link is ``<base_url>/connect/<tenant>?link=<signed token>``; ``base_url``
+        defaults to the redirect URI's origin (where ``factorial-tokens serve`` and
+        :func:`~factorial_tokens.connect_app` answer); pass the mount point when the routes
+        live under a prefix (``https://example.com/factorial``). ``connect_app`` refuses
+        ``/connect/{tenant}`` without a valid link (403) unless built with ``open_routes=True``.
+        Anyone holding the link can start the flow: send it to the tenant's admin only.
+        """
+        tenant = validate_tenant(tenant)
+        if not ttl > 0:
+            raise ConfigurationError("a connect link's ttl must be positive")
+        if base_url is None:
+            parts = urlsplit(self.app.redirect_uri)
+            base_url = f"{parts.scheme}://{parts.netloc}"
+        token = self._links.sign(tenant, ttl=ttl)
+        return f"{base_url.rstrip('/')}/connect/{quote(tenant, safe='')}?{urlencode({'link': token})}"
+
+    def check_connect_link(self, link: object, tenant: str) -> None:
+        """Raise InvalidState unless ``link`` (the ``link`` query value of a
+        :meth:`connect_link`) is valid, unexpired and for ``tenant``."""
+        self._links.verify(link, validate_tenant(tenant))
+
+    async def complete_callback(
+        self,
+        *,
+        state: object,
+        code: object = None,
+        error: object = None,
+        binding: str | None = None,
+        allow_company_change: bool = False,
+    ) -> CallbackResult:
+        """Finish an OAuth callback, whatever the web framework: verify, spend, exchange.
+
+        Pass the callback's query values as they came (``state``, ``code``, ``error``)
+        and the browser's ``binding`` (the value given to :meth:`authorization_url`; None
+        if none was). In order:
+
+        1. the state's signature, app and expiry are checked (InvalidState); nothing of a
+           callback without a valid state is shown or sent anywhere;
+        2. the binding must be the one the state was issued with: a bound state needs the
+           same value, an unbound one needs None (InvalidState: "another browser");
+        3. ``error=`` raises AuthorizationDenied (no request to Factorial);
+        4. the code must be present and well-formed (InvalidCallback; the state is not spent);
+        5. the state's nonce is spent once, fleet-wide, through the store: the same state
+           with the same code again (a retried callback) goes on and gets the same result,
+           the same state with another code raises StateReused (nothing sent);
+        6. the code is exchanged exactly once (:meth:`exchange_code`), pinned to the
+           tenant's company (CompanyMismatch unless ``allow_company_change``).
+
+        Returns a :class:`CallbackResult` ``(tenant, tokens)``. Also raises what
+        :meth:`exchange_code` raises (CodeReused, ProviderError, ExchangeInDoubt,
+        StoreUnavailable, RefreshTimeout).
+        """
+        self._check_open()
+        claims = self._signer.check(state)
+        tenant = claims.tenant
+        if binding is not None and (not isinstance(binding, str) or not binding):
+            binding = "\x00"  # a malformed binding never matches anything
+        if not claims.binding_matches(binding, self._signer):
+            raise InvalidState(
+                "this connection was started in another browser (or its cookie is missing): "
+                "start the connection again from this browser"
+            )
+        if error is not None:
+            raise AuthorizationDenied(tenant, _oauth_error_code(error))
+        code = _check_code(code)
+        if not await self._spend_nonce(tenant, claims.nonce, code):
+            raise StateReused(
+                f"this connection of tenant {tenant!r} was already completed with another "
+                "authorization; start the connection again"
+            )
+        tokens = await self.exchange_code(tenant, code, allow_company_change=allow_company_change)
+        return CallbackResult(tenant, tokens)
+
+    async def _spend_nonce(self, tenant: str, nonce: str, code: str) -> bool:
+        """Bind a state's nonce to the first code it arrives with; True for that code.
+
+        The first callback claims the nonce for its code in the store, so every worker
+        agrees; the same code again passes (the exchange itself is idempotent), another
+        code is refused. Finished claims are kept for a day, longer than any state lives.
+        """
+        nonce_hash = "state:" + hashlib.sha256(nonce.encode()).hexdigest()
+        # The claim's owner is derived from the code, so a duplicate of the same callback
+        # holds the same claim; it is also kept as the finished claim's outcome.
+        binding = hmac.new(
+            self.app.client_secret.encode(), b"state-binding\x00" + code.encode(), hashlib.sha256
+        ).hexdigest()
+        key = self._key(tenant)
+        for _ in range(3):
+            claim = await self._store.claim_code(key, nonce_hash, binding, self.lease_ttl)
+            same = claim.won or (claim.outcome is not None and hmac.compare_digest(claim.outcome, binding))
+            if claim.key != key or not same:
+                return False
+            if claim.state is not ClaimState.CLAIMED:
+                return True
+            if await self._store.advance_code(claim, ClaimState.DONE, self.lease_ttl, binding):
+                return True
+            # A duplicate of this very callback finished the claim first: read it again.
+        return False
 
     # -- the hot path ----------------------------------------------------------------
 
@@ -290,7 +431,7 @@ class TokenManager:
 
     async def _current(self, tenant: str) -> _Entry:
         self._check_open()
-        validate_tenant(tenant)
+        tenant = validate_tenant(tenant)
         self._obs.misses += 1
         try:
             return await self._obtain(tenant, newer_than=None)
@@ -309,7 +450,7 @@ class TokenManager:
         returned instead of refreshing again.
         """
         self._check_open()
-        validate_tenant(tenant)
+        tenant = validate_tenant(tenant)
         entry = self._cache.get(tenant)
         if entry is None:
             record = await self._store.read(self._key(tenant))
@@ -320,7 +461,7 @@ class TokenManager:
     async def tokens(self, tenant: str) -> TokenSet:
         """The stored token set, read from the store without refreshing it."""
         self._check_open()
-        validate_tenant(tenant)
+        tenant = validate_tenant(tenant)
         record = await self._store.read(self._key(tenant))
         return self._usable(tenant, record).tokens
 
@@ -468,6 +609,8 @@ class TokenManager:
             if new.refresh_token is None:
                 # RFC 6749 section 6: no new refresh token means the current one stays valid.
                 new = attrs.evolve(new, refresh_token=old.refresh_token)
+            if new.company_id is None:
+                new = attrs.evolve(new, company_id=old.company_id)
             update = self._update(lease.key, new)
             stored = await self._patiently(
                 tenant, "refreshed tokens", lambda: self._store.commit(lease, update)
@@ -548,22 +691,37 @@ class TokenManager:
 
     # -- code exchange ---------------------------------------------------------------
 
-    async def exchange_code(self, tenant: str, code: str) -> TokenSet:
+    async def exchange_code(self, tenant: str, code: str, *, allow_company_change: bool = False) -> TokenSet:
         """Exchange an authorization code for ``tenant``'s tokens, exactly once per code.
 
         Concurrent and repeated calls with one code return the tenant's tokens after a
-        single provider exchange. Raises CodeReused if the code was claimed for another
-        tenant, ProviderError if Factorial refused it (every caller gets the same error),
-        ExchangeInDoubt if it was sent but its answer was lost.
+        single provider exchange. The new grant's company is read from Factorial's
+        credentials endpoint and kept with the tokens (``TokenSet.company_id``): a tenant
+        already connected to another company raises CompanyMismatch, keeps its stored
+        tokens, and the unwanted grant is revoked at Factorial, unless
+        ``allow_company_change=True``. When the tenant had tokens, its previous grant is
+        revoked at Factorial once the new tokens are stored, and a ``reconnected`` event
+        names the old and the new company. A tenant that was forgotten or revoked has no
+        company any more: its next connection pins a new one.
+
+        Raises CodeReused if the code was claimed for another tenant, ProviderError if
+        Factorial refused it (every caller gets the same error), ExchangeInDoubt if it was
+        sent but its answer was lost, CompanyMismatch (see above).
+
+        Connections of one tenant take turns (a lease of their own), so two that overlap
+        are compared with each other as well.
+
+        Limitations: if a connection's turn stays busy for longer than ``refresh_deadline``
+        (its holder died), the next one is compared only with what the store held just
+        before it writes.
         """
         self._check_open()
-        validate_tenant(tenant)
-        if not isinstance(code, str) or not code or len(code) > _MAX_CODE or not code.isprintable():
-            raise InvalidCallback("the authorization code is missing or malformed")
+        tenant = validate_tenant(tenant)
+        _check_code(code)
         code_hash = hmac.new(self.app.client_secret.encode(), code.encode(), hashlib.sha256).hexdigest()
         existing = self._exchanges.get(code_hash)
         if existing is None:
-            flight = self._spawn(self._exchange(self._key(tenant), code, code_hash))
+            flight = self._spawn(self._exchange(self._key(tenant), code, code_hash, allow_company_change))
             self._exchanges[code_hash] = (tenant, flight)
             flight.add_done_callback(lambda _: self._exchanges.pop(code_hash, None))
         elif existing[0] != tenant:
@@ -574,7 +732,7 @@ class TokenManager:
             flight = existing[1]
         return await asyncio.shield(flight)
 
-    async def _exchange(self, key: TenantKey, code: str, code_hash: str) -> TokenSet:
+    async def _exchange(self, key: TenantKey, code: str, code_hash: str, allow_change: bool) -> TokenSet:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_timeout
         owner = secrets.token_hex(16)
@@ -589,7 +747,9 @@ class TokenManager:
                     )
                 if claim.won:
                     if await self._store.advance_code(claim, ClaimState.SENT, self.lease_ttl):
-                        return await self._obs.exchange(key.tenant, self._exchange_holding(claim, code))
+                        return await self._obs.exchange(
+                            key.tenant, self._exchange_holding(claim, code, allow_change)
+                        )
                     await watch.wait(min(0.05, max(deadline - loop.time(), 0.0)))
                     continue
                 if claim.state is ClaimState.DONE:
@@ -605,7 +765,7 @@ class TokenManager:
                     raise RefreshTimeout(f"tenant {key.tenant!r}: another worker's exchange took too long")
                 await watch.wait(remaining)
 
-    async def _exchange_holding(self, claim: CodeClaim, code: str) -> TokenSet:
+    async def _exchange_holding(self, claim: CodeClaim, code: str, allow_change: bool) -> TokenSet:
         key = claim.key
         deadline = asyncio.get_running_loop().time() + self.refresh_deadline
         try:
@@ -623,11 +783,40 @@ class TokenManager:
                 key.tenant, f"the code was sent but the answer was lost ({exc.error})"
             ) from None
         except ProviderError as exc:
-            outcome = {"status": exc.status, "error": exc.error, "description": exc.description}
-            await self._store.advance_code(claim, ClaimState.FAILED, self.lease_ttl, json.dumps(outcome))
+            await self._fail_claim(claim, exc)
             raise
-        update = self._update(key, tokens)
-        await self._patiently(key.tenant, "exchanged tokens", lambda: self._store.replace(key, update))
+        # The grant's company, read with the exchange's own deadline so the claim (SENT,
+        # lease_ttl) outlives the whole step.
+        unknown: ProviderError | None = None
+        try:
+            owner = await self._oauth.credentials(tokens.access_token, deadline=deadline)
+            tokens = attrs.evolve(tokens, company_id=owner.company_id)
+        except ProviderError as exc:
+            unknown = exc
+            log.warning("tenant %r: the new grant's company could not be read: %s", key.tenant, exc.error)
+        replaced: list[TokenSet] = []  # what the first attempt found stored (a retry may find ours)
+        try:
+            await self._patiently(
+                key.tenant,
+                "exchanged tokens",
+                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced),
+            )
+        except (CompanyMismatch, ProviderError) as exc:
+            await self._fail_claim(claim, exc)
+            await self._revoke_quietly(key.tenant, tokens, "the refused new grant")
+            if isinstance(exc, CompanyMismatch):
+                log.warning("%s", exc)
+                self._emit(
+                    TokenEvent(
+                        EventKind.COMPANY_MISMATCH,
+                        key.tenant,
+                        tokens.fingerprint,
+                        detail=f"company {exc.expected} kept, company {exc.got} refused and revoked",
+                        company_id=exc.got,
+                        previous_company_id=exc.expected,
+                    )
+                )
+            raise
         await self._patiently(
             key.tenant,
             "exchange's outcome",
@@ -635,8 +824,93 @@ class TokenManager:
         )
         self._forget_cached(key.tenant)
         log.info("tenant %r: code exchanged, access token %s", key.tenant, tokens.fingerprint)
-        self._emit(TokenEvent(EventKind.EXCHANGED, key.tenant, tokens.fingerprint))
+        company = tokens.company_id
+        self._emit(TokenEvent(EventKind.EXCHANGED, key.tenant, tokens.fingerprint, company_id=company))
+        old = replaced[0] if replaced else None
+        if old is not None:
+            await self._revoke_quietly(key.tenant, old, "the previous grant")
+            detail = f"company {old.company_id or 'unknown'} -> company {tokens.company_id or 'unknown'}"
+            log.info("tenant %r: reconnected, %s", key.tenant, detail)
+            self._emit(
+                TokenEvent(
+                    EventKind.RECONNECTED,
+                    key.tenant,
+                    tokens.fingerprint,
+                    detail=detail,
+                    company_id=tokens.company_id,
+                    previous_company_id=old.company_id,
+                )
+            )
         return tokens
+
+    async def _pin_and_store(
+        self,
+        key: TenantKey,
+        tokens: TokenSet,
+        allow_change: bool,
+        unknown: ProviderError | None,
+        replaced: list[TokenSet],
+    ) -> None:
+        """Store a new grant's tokens unless they belong to another company than the
+        stored ones; note in ``replaced`` the tokens they replace (none for a first
+        connection). Safe to call again after a lost reply: a retry that finds the new
+        tokens already stored keeps what the first attempt noted, and never takes the new
+        grant for the one it replaced.
+
+        Connections of one tenant take turns on a lease of their own (a second key beside
+        the tenant's, never holding a record), so two that overlap are compared with each
+        other too; the write is a ``replace``, which fences out a refresh of the old grant
+        in flight. If that turn stays busy longer than a refresh may take (a holder that
+        died), the comparison is made without it.
+        """
+        turn = TenantKey(key.namespace + _CONNECT_TURN, key.tenant)
+        won = await acquire_within(self._store, turn, self.lease_ttl, self.refresh_deadline)
+        lease = won.lease if won is not None else None
+        try:
+            old = self._decode_replaced(key, await self._store.read(key))
+            if old is not None and old.access_token == tokens.access_token:
+                return  # a retry: this write landed before its reply was lost
+            replaced[:] = [] if old is None else [old]
+            pinned = old.company_id if old is not None else None
+            if pinned is not None and not allow_change:
+                if unknown is not None:
+                    raise unknown  # cannot tell the company: never replace a pinned tenant blindly
+                if tokens.company_id != pinned:
+                    raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
+            await self._store.replace(key, self._update(key, tokens))
+        finally:
+            if lease is not None:
+                with contextlib.suppress(FactorialTokensError):
+                    await asyncio.shield(self._store.release(lease))
+
+    def _decode_replaced(self, key: TenantKey, record: Record | None) -> TokenSet | None:
+        """The tokens a new grant replaces, or None (none stored, or unreadable)."""
+        if record is None:
+            return None
+        try:
+            return self._codec.decode(key, record.payload)
+        except TokenSealError as exc:
+            log.warning("tenant %r: the replaced record cannot be opened (%s)", key.tenant, exc)
+            return None
+
+    async def _fail_claim(self, claim: CodeClaim, exc: FactorialTokensError) -> None:
+        """Record a code claim's failure so duplicates of its callback get the same error."""
+        if isinstance(exc, CompanyMismatch):
+            outcome: dict[str, Any] = {"company_mismatch": [exc.expected, exc.got]}
+        elif isinstance(exc, ProviderError):
+            outcome = {"status": exc.status, "error": exc.error, "description": exc.description}
+        else:
+            outcome = {"in_doubt": True}
+        await self._store.advance_code(claim, ClaimState.FAILED, self.lease_ttl, json.dumps(outcome))
+
+    async def _revoke_quietly(self, tenant: str, tokens: TokenSet, what: str) -> None:
+        """Revoke a grant at Factorial, logging (not raising) a failure."""
+        deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+        try:
+            await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
+            log.info("tenant %r: %s (%s) revoked at Factorial", tenant, what, tokens.fingerprint)
+        except FactorialTokensError as exc:
+            log.warning("tenant %r: could not revoke %s (%s): %s", tenant, what, tokens.fingerprint, exc)
 
     # -- other operations ------------------------------------------------------------
 
@@ -666,13 +940,13 @@ class TokenManager:
         Use as ``async with tm.client("acme") as api: resp = await api.get("/api/...")``.
         """
         self._check_open()
-        validate_tenant(tenant)
+        tenant = validate_tenant(tenant)
         return TenantSession(self, tenant, self._oauth.session, self.app.base_url)
 
     async def revoke(self, tenant: str) -> None:
         """Revoke ``tenant``'s grant at Factorial, then forget it (under the lease)."""
         self._check_open()
-        validate_tenant(tenant)
+        tenant = validate_tenant(tenant)
         key = self._key(tenant)
         if await self._store.read(key) is None:
             raise TenantNotConnected(tenant)  # before the lease: leaves nothing behind
@@ -704,7 +978,7 @@ class TokenManager:
     async def forget(self, tenant: str) -> None:
         """Remove ``tenant``'s tokens from the store (without revoking them at Factorial)."""
         self._check_open()
-        validate_tenant(tenant)
+        tenant = validate_tenant(tenant)
         await self._store.replace(self._key(tenant), None)
         self._forget_cached(tenant)
         self._emit(TokenEvent(EventKind.FORGOTTEN, tenant))
@@ -810,6 +1084,19 @@ class TokenManager:
             raise
 
 
+def _check_code(code: object) -> str:
+    """``code`` if it looks like an authorization code; raise InvalidCallback otherwise."""
+    if not isinstance(code, str) or not code or len(code) > _MAX_CODE or not code.isprintable():
+        raise InvalidCallback("the authorization code is missing or malformed")
+    return code
+
+
+def _oauth_error_code(error: object) -> str:
+    """A callback's ``error=`` reduced to what is safe to show: ``[A-Za-z0-9_.-]``, 64 at most."""
+    text = re.sub(r"[^A-Za-z0-9_.\-]", "", error if isinstance(error, str) else "")[:64]
+    return text or "unknown_error"
+
+
 def _renewable(tokens: TokenSet) -> bool:
     """False for tokens that never expire and cannot be refreshed (company tokens)."""
     return tokens.refresh_token is not None or tokens.expires_at is not None
@@ -823,6 +1110,9 @@ def _claim_error(tenant: str, outcome: str | None) -> FactorialTokensError:
         data = {}
     if not isinstance(data, dict) or data.get("in_doubt"):
         return ExchangeInDoubt(tenant, "the code was sent but the answer was lost")
+    mismatch = data.get("company_mismatch")
+    if isinstance(mismatch, list) and len(mismatch) == 2:
+        return CompanyMismatch(tenant, str(mismatch[0]), str(mismatch[1]))
     status = data.get("status")
     return ProviderError(
         status if isinstance(status, int) else None,

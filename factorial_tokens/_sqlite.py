@@ -254,6 +254,17 @@ class SQLiteStore:
                 conn.close()
 
     def _open(self) -> sqlite3.Connection:
+        # Created 0600 before SQLite sees it: SQLite gives the -wal and -shm files the
+        # database file's permissions, so all three stay private to the owner.
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                mode = os.stat(self.path).st_mode & 0o777
+                if mode & 0o077:
+                    log.warning("%s is accessible to group or others (mode %04o)", self.path, mode)
+        except OSError:
+            pass  # sqlite3.connect below reports it
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")

@@ -500,8 +500,11 @@ async def test_connect_pages_hold_no_secret_and_never_redirect_elsewhere(
                 pages.append(await resp.text())
                 return resp
 
+            def link(tenant: str) -> str:
+                return parse_qs(urlsplit(tm.connect_link(tenant)).query)["link"][0]
+
             async def authorize(tenant: str) -> dict[str, str]:
-                resp = await get(f"/connect/{tenant}")
+                resp = await get(f"/connect/{tenant}", link=link(tenant))
                 assert resp.status == 302
                 query = parse_qs(urlsplit(await sim.authorize(resp.headers["Location"])).query)
                 return {name: values[0] for name, values in query.items()}
@@ -525,8 +528,12 @@ async def test_connect_pages_hold_no_secret_and_never_redirect_elsewhere(
                 resp = await get("/oauth/callback", **params)
                 assert resp.status < 300 or resp.status >= 400
                 assert "Location" not in resp.headers and "evil.example" not in pages[-1]
-            for path in ("/connect/acme", "/connect/%2F%2Fevil.example", "/connect/https:%2F%2Fevil.x"):
-                resp = await get(path, **lures)
+            for path, tenant in (
+                ("/connect/acme", "acme"),
+                ("/connect/%2F%2Fevil.example", "//evil.example"),
+                ("/connect/https:%2F%2Fevil.x", "https://evil.x"),
+            ):
+                resp = await get(path, link=link(tenant), **lures)
                 assert resp.status == 302
                 target = urlsplit(resp.headers["Location"])
                 assert target.netloc == provider and target.path == "/oauth/authorize"
@@ -575,8 +582,10 @@ def test_cli_output_holds_no_secret_but_token(
             outputs.extend([result.stdout, result.stderr])
             return result.stdout
 
-        cli("status")  # creates the key file
+        cli("keygen", "--keys-file", f"{db}.keys")  # keys only where told
         ring = Keyring.from_file(f"{db}.keys")
+        env["FACTORIAL_TOKENS_KEYS"] = ring.export().strip()
+        runner.env = env
 
         async def connect() -> None:
             async with TokenManager(app_for(sim), f"sqlite:///{db}", keyring=ring, **BUDGETS) as tm:

@@ -230,10 +230,12 @@ async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFacto
 async def test_a_cancelled_exchange_still_stores_the_tokens(make_sim: SimFactory) -> None:
     async with make_sim(latency=0.3) as sim:
         async with TokenManager(app_for(sim), "memory://") as tm:
+            exchanged = asyncio.Event()
+            tm.add_listener(lambda event: exchanged.set() if event.kind is EventKind.EXCHANGED else None)
             code = sim.issue_code(company_id=1)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(tm.exchange_code("acme", code), 0.1)
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(exchanged.wait(), 10)
             stored = await tm.tokens("acme")
             assert (await tm.exchange_code("acme", code)).access_token == stored.access_token
             assert sim.stats.exchanges == 1

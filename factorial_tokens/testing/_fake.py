@@ -210,7 +210,8 @@ class SimulatorStats:
     - ``invalid_client``, ``invalid_request``, ``unsupported_grant_type``;
     - ``families_revoked`` and ``families_revoked_by_cause`` (``code_reused``,
       ``refresh_reused``, ``reauthorized``, ``admin``);
-    - ``revocations``: pairs actually revoked through ``/oauth/revoke``;
+    - ``revocations``: pairs actually revoked through ``/oauth/revoke``
+      (``revocations_by_company`` splits them by the grant's company);
     - ``api_ok`` / ``api_unauthorized``: API calls answered 200 / 401;
     - ``faults_injected`` and ``faults_by_kind`` (``Fault`` names): injected faults
       served; ``rate_limited``: 429s from ``rate_limit_per_minute`` (not injected);
@@ -238,6 +239,7 @@ class SimulatorStats:
     families_revoked_by_cause: Mapping[str, int] = attrs.field(factory=dict, converter=_freeze)
     revoke_requests: int = 0
     revocations: int = 0
+    revocations_by_company: Mapping[int, int] = attrs.field(factory=dict, converter=_freeze)
     api_calls: int = 0
     api_ok: int = 0
     api_unauthorized: int = 0
@@ -280,6 +282,7 @@ class _Counters:
     families_revoked_by_cause: Counter[str] = attrs.field(factory=Counter)
     revoke_requests: int = 0
     revocations: int = 0
+    revocations_by_company: Counter[int] = attrs.field(factory=Counter)
     api_calls: int = 0
     api_ok: int = 0
     api_unauthorized: int = 0
@@ -1051,6 +1054,7 @@ class FakeFactorial:
         if not pair.revoked:
             self._revoke_pair(pair, "revoked")
             self._c.revocations += 1
+            self._c.revocations_by_company[pair.family.owner.company_id] += 1
         return {}
 
     def _api_auth(self, authorization: str | None) -> _Pair:

@@ -119,7 +119,7 @@ def test_serve_health_follows_the_store_and_metrics_show_the_exchange(threaded_s
             FACTORIAL_TOKENS_STORE=redis.url,
         )
         proc = subprocess.Popen(
-            [str(SCRIPT), "-v", "serve", "--port", str(port), "--log-format", "json"],
+            [str(SCRIPT), "-v", "serve", "--port", str(port), "--open", "--log-format", "json"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

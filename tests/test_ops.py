@@ -26,7 +26,7 @@ from factorial_tokens.testing import FakeFactorial
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
 from .redis_server import RedisServer
 from .test_audit import issued_secrets
-from .test_cli import SCRIPT, TOKEN_RE, _free_port, _get, age, cli, seed
+from .test_cli import SCRIPT, TOKEN_RE, _free_port, _get, age, browser, cli, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"
@@ -135,8 +135,9 @@ def test_serve_health_follows_the_store_and_metrics_show_the_exchange(threaded_s
             assert status == 200 and json.loads(body)["healthy"] is True
             assert _get(f"{base}/readyz")[0] == 200
             # Connect one company, then read the exchange in /metrics.
-            callback = sim.authorize_sync(_get(f"{base}/connect/acme")[2] or "")
-            assert _get(callback)[0] == 200
+            admin = browser()  # the callback must come back to the browser that started it
+            callback = sim.authorize_sync(_get(f"{base}/connect/acme", admin)[2] or "")
+            assert _get(callback, admin)[0] == 200
             status, text, _ = _get(f"{base}/metrics")
             assert status == 200
             m = parse_metrics(text)

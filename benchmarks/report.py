@@ -61,6 +61,15 @@ def _hotpath(hot: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|:---:|",
         f"| `await tm.access_token(t)`, cached fresh token | {_num(hot['manager_ns'], 1)} "
         f"| {hot['ratio']:.2f}x | ≤ {hot['target']:.0f}x | {_yes(hot['met'])} |",
+        *(
+            [
+                "| the same, with a configured OpenTelemetry SDK `MeterProvider` and `TracerProvider` "
+                f"| {_num(hot['manager_otel_ns'], 1)} | {hot['ratio_otel']:.2f}x | ≤ {hot['target']:.0f}x "
+                f"| {_yes(hot['ratio_otel'] <= hot['target'])} |"
+            ]
+            if hot.get("ratio_otel") is not None
+            else []
+        ),
         f"| baseline: bare `await` of a coroutine returning a dict value | {_num(hot['bare_ns'], 1)} "
         "| 1.00x | | |",
         "",

@@ -25,6 +25,7 @@ from ._errors import (
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
+from ._health import Health
 from ._keepalive import KeepAliveReport
 from ._manager import CallbackResult, TenantInfo, TokenManager
 from ._memory import MemoryStore
@@ -51,6 +52,7 @@ from ._store import (
     hold_digest,
     store_from_url,
 )
+from ._telemetry import Telemetry, TenantCounts
 
 __version__ = "0.1.0"
 
@@ -71,6 +73,7 @@ __all__ = [
     "ExchangeInDoubt",
     "FactorialApp",
     "FactorialTokensError",
+    "Health",
     "InvalidCallback",
     "InvalidState",
     "InvalidTenant",
@@ -93,6 +96,8 @@ __all__ = [
     "StateReused",
     "Store",
     "StoreUnavailable",
+    "Telemetry",
+    "TenantCounts",
     "TenantInfo",
     "TenantKey",
     "TenantNotConnected",

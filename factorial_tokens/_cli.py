@@ -298,6 +298,26 @@ def _span(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+_LOG_FORMAT = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as one JSON object per line with tenant, event, fingerprint, "
+    "store and duration_ms fields.",
+)
+
+
+def _use_log_format(log_format: str) -> None:
+    """Switch the root handlers to JSON lines when asked."""
+    if log_format != "json":
+        return
+    from ._logs import JsonFormatter
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonFormatter())
+
+
 def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -396,10 +416,27 @@ def token(cfg: Config, tenant: str) -> None:
 
 @main.command(epilog=_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--watch", is_flag=True, help="Redraw a live table (refreshes/min, failures) until Ctrl-C.")
+@click.option(
+    "--interval", default=2.0, show_default=True, type=Duration(), help="--watch: time between redraws."
+)
+@click.option("--count", default=0, type=click.IntRange(0), help="--watch: stop after this many redraws.")
 @_config_options
-def status(cfg: Config, as_json: bool) -> None:
+def status(cfg: Config, as_json: bool, watch: bool, interval: float, count: int) -> None:
     """List the tenants in the store: status, expiry, last refresh (no tokens)."""
     import time
+
+    if watch:
+        from rich.console import Console
+
+        from ._watch import watch as watch_tenants
+
+        async def live() -> int:
+            async with cfg.manager() as tm:
+                return await watch_tenants(tm, Console(), interval=interval, count=count, when=_when)
+
+        _run(live())
+        return
 
     async def run() -> list[Any]:
         async with cfg.manager() as tm:
@@ -557,6 +594,7 @@ def connect_link(cfg: Config, tenant: str, ttl: float, link_base: str | None, co
     metavar="URL",
     help="Send the admin here (303) after connecting; {tenant} is replaced [default: a page].",
 )
+@_LOG_FORMAT
 @_config_options
 def serve(
     cfg: Config,
@@ -565,16 +603,21 @@ def serve(
     allowed: tuple[str, ...],
     open_routes: bool,
     success_url: str | None,
+    log_format: str,
 ) -> None:
-    """Serve GET /connect/{tenant} and the OAuth callback (the redirect URI's path).
+    """Serve GET /connect/{tenant} and the OAuth callback (the redirect URI's path),
+    plus /healthz, /readyz and /metrics (Prometheus; needs the prometheus extra).
 
     /connect needs a signed link (`factorial-tokens connect-link TENANT`) and binds the
     flow to the admin's browser with a cookie; the callback refuses any other browser,
     and a tenant already connected refuses another company.
     """
+    from ._ops import add_ops_routes, prometheus_exporter
     from ._serve import AccessLogger, callback_path, connect_app
 
+    _use_log_format(log_format)
     allow = None if not allowed else (lambda _request, tenant: tenant in set(allowed))
+    exporter = prometheus_exporter()
     if open_routes:
         click.echo(
             "WARNING: --open: anyone who reaches this server can connect any tenant without a "
@@ -587,8 +630,9 @@ def serve(
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with cfg.manager() as tm:
+        async with cfg.manager(telemetry=exporter[0] if exporter else None) as tm:
             app = connect_app(tm, allow=allow, open_routes=open_routes, success_url=success_url)
+            add_ops_routes(app, tm, exporter[1] if exporter else None)
             runner = web.AppRunner(app, access_log_class=AccessLogger)
             await runner.setup()
             try:
@@ -601,6 +645,7 @@ def serve(
                 else:
                     click.echo("  connect a company: the link `factorial-tokens connect-link TENANT` prints")
                 click.echo(f"  OAuth callback:    {callback_path(tm.app.redirect_uri)}")
+                click.echo(f"  health:            http://{shown}:{bound}/healthz  /readyz  /metrics")
                 sys.stdout.flush()
                 await stop.wait()
             finally:
@@ -638,6 +683,7 @@ def serve(
     type=click.FloatRange(0, min_open=True),
     help="Refreshes per minute shared by every worker of the app (e.g. 180).",
 )
+@_LOG_FORMAT
 @_config_options
 def keepalive(
     cfg: Config,
@@ -647,6 +693,7 @@ def keepalive(
     once: bool,
     concurrency: int,
     refresh_rate: float | None,
+    log_format: str,
 ) -> None:
     """Refresh idle tenants before Factorial's week-long refresh tokens age out.
 
@@ -654,6 +701,7 @@ def keepalive(
     logs errors and carries on. With --once, exits 4 if any tenant needs
     re-authorization, 5 if a refresh failed.
     """
+    _use_log_format(log_format)
     if not once and not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("factorial_tokens.keepalive").setLevel(logging.INFO)
 

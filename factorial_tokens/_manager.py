@@ -55,8 +55,10 @@ from ._errors import (
     TenantNotConnected,
     TokenSealError,
 )
-from ._events import EventKind, TokenEvent
+from ._events import EventDispatcher, EventKind, Listener, TokenEvent
+from ._health import Health, check_health
 from ._keepalive import DEFAULT_CONCURRENCY, DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
+from ._logs import OperationContext, bind, install
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._oauth import OAuthClient
 from ._sealing import Keyring, SealedCodec
@@ -75,6 +77,7 @@ from ._store import (
     hold_digest,
     store_from_url,
 )
+from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 
 __all__ = ["CallbackResult", "TenantInfo", "TokenManager"]
 
@@ -157,7 +160,8 @@ class TokenManager:
         allow_plaintext: with a keyring, read plain records anyway: only while migrating
             a store written before sealing was on, until :func:`~factorial_tokens.rekey`
             has sealed them.
-        on_event: called with every :class:`TokenEvent`; exceptions it raises are logged.
+        on_event: called with every :class:`TokenEvent`, on a background thread (off the
+            refresh path); exceptions it raises are logged.
         refresh_rate: a refresh budget shared by every worker of the app (refreshes per
             minute, a token bucket in the store), so that a cold start of thousands of
             tenants stays under the provider's rate limit; default none. Independently of
@@ -168,6 +172,8 @@ class TokenManager:
         max_refreshes: refreshes this process runs at once (each holds a lease and a
             provider connection; aiohttp's default pool has 100). Others wait, without a
             lease, so other workers can take those tenants.
+        telemetry: OpenTelemetry providers and options (:class:`Telemetry`); default:
+            the global providers, when ``opentelemetry-api`` is installed.
 
     The time budgets must nest: ``provider_timeout <= refresh_deadline < lease_ttl <
     wait_timeout``, else ConfigurationError.
@@ -193,10 +199,11 @@ class TokenManager:
         codec: PayloadCodec | None = None,
         keyring: Keyring | None = None,
         allow_plaintext: bool = False,
-        on_event: Callable[[TokenEvent], object] | None = None,
+        on_event: Listener | None = None,
         refresh_rate: float | None = None,
         refresh_burst: int | None = None,
         max_refreshes: int = 100,
+        telemetry: Telemetry | None = None,
     ) -> None:
         refresh_deadline = lease_ttl * 2 / 3 if refresh_deadline is None else refresh_deadline
         wait_timeout = lease_ttl * 2 if wait_timeout is None else wait_timeout
@@ -242,8 +249,22 @@ class TokenManager:
         self.state_ttl = state_ttl
         self._signer = StateSigner(app, state_ttl)
         self._links = LinkSigner(app, 3600.0)
-        self._listeners: list[Callable[[TokenEvent], object]] = [on_event] if on_event else []
+        self._events = EventDispatcher()
+        if on_event is not None:
+            self._events.add(on_event)
         self._cache: dict[str, _Entry] = {}
+        self._hits = 0
+        self._obs = Observer(
+            telemetry,
+            store=store_scheme(self._store),
+            namespace=app.client_id,
+            publish=self._events.publish,
+            hits=lambda: self._hits,
+            list_tenants=lambda: self._store.tenants(self.app.client_id),
+        )
+        self._store = self._obs.wrap_store(self._store)
+        install()  # structured fields on the records of loggers created since import (plugins)
+        self._oauth.observer = self._obs.provider_answer
         self._digests: dict[str, str] = {}
         self._flights: dict[str, asyncio.Task[_Entry]] = {}
         self._advisory: set[str] = set()  # tenants whose flight is a background refresh
@@ -271,6 +292,7 @@ class TokenManager:
         await self._store.check()
         if self._unsubscribe is None:
             self._unsubscribe = self._store.on_change(self._on_change)
+            self._obs.attach()
 
     async def aclose(self) -> None:
         """Let work in flight finish, then close what the manager created. Idempotent."""
@@ -284,6 +306,8 @@ class TokenManager:
         if self._unsubscribe is not None:
             self._unsubscribe()
         await self._oauth.aclose()
+        self._obs.close()
+        await self._events.aclose()
         if self._owns_store:
             await self._store.aclose()
 
@@ -294,7 +318,7 @@ class TokenManager:
     @property
     def store(self) -> Store:
         """The store this manager uses."""
-        return self._store
+        return self._obs.unwrap(self._store)
 
     # -- authorization ---------------------------------------------------------------
 
@@ -444,6 +468,7 @@ class TokenManager:
         """
         entry = self._cache.get(tenant)
         if entry is not None and time.time() < entry.due and not self._closed:
+            self._hits += 1
             return entry.tokens.access_token
         return (await self._current(tenant)).tokens.access_token
 
@@ -453,6 +478,7 @@ class TokenManager:
         # would cost about as much as the whole lookup.
         entry = self._cache.get(tenant)
         if entry is not None and time.time() < entry.due and not self._closed:
+            self._hits += 1
             return entry.tokens
         return (await self._current(tenant)).tokens
 
@@ -461,6 +487,7 @@ class TokenManager:
         when it is inside the advisory window."""
         self._check_open()
         tenant = validate_tenant(tenant)
+        self._obs.misses += 1
         entry = self._cache.get(tenant)
         # Twice at most: an entry that aged into the mandatory window while this caller
         # waited to be scheduled is looked up once more (a fresh token never is).
@@ -469,10 +496,11 @@ class TokenManager:
                 break
             try:
                 entry = await self._valid(tenant)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 stale = self._cache.get(tenant)
                 if stale is not None and not stale.tokens.is_expired():
                     log.warning("store unavailable; serving tenant %r's cached token till it expires", tenant)
+                    self._obs.stale_served(tenant, stale.tokens.fingerprint, exc)
                     return stale
                 raise
         assert entry is not None
@@ -514,14 +542,14 @@ class TokenManager:
         failures = self._backoff.get(tenant, (0, 0.0))[0] + 1
         delay = min(_ADVISORY_BACKOFF * 2 ** (failures - 1), _ADVISORY_BACKOFF_MAX) * random.uniform(0.5, 1.0)
         self._backoff[tenant] = (failures, time.monotonic() + delay)
-        detail = f"{type(error).__name__}: {error}"
+        # The failure itself was emitted as ``refresh_failed`` where it happened.
         log.warning(
-            "tenant %r: background refresh failed (%s); callers keep the current token, retry in %.1fs",
+            "tenant %r: background refresh failed (%s: %s); callers keep the current token, retry in %.1fs",
             tenant,
-            detail,
+            type(error).__name__,
+            error,
             delay,
         )
-        self._emit(TokenEvent(EventKind.REFRESH_FAILED, tenant, detail=detail))
 
     async def refresh(self, tenant: str) -> TokenSet:
         """Force a new token set (single-flight, under the lease).
@@ -601,7 +629,10 @@ class TokenManager:
         """
         key = self._key(tenant)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_timeout
+        started = loop.time()
+        deadline = started + self.wait_timeout
+        waited = False
+        bind(OperationContext(tenant, "refresh", self._obs.store))  # for log records (own task)
         cached = self._cache.get(tenant)
         known_stale = cached is not None and not self._acceptable(cached, newer_than, advisory)
         while True:
@@ -609,6 +640,8 @@ class TokenManager:
                 if not known_stale:
                     entry = self._usable(tenant, await self._store.read(key))
                     if self._acceptable(entry, newer_than, advisory):
+                        if waited:
+                            self._obs.lease_waited(loop.time() - started)
                         return self._remember(tenant, entry)
                 known_stale = False  # after a wait, someone else's result is likely: read
                 # A lease is taken only with a free provider slot: a lease held while its
@@ -618,15 +651,26 @@ class TokenManager:
                     owner = secrets.token_hex(16)
                     won = await self._store.acquire(key, owner, self.lease_ttl)
                     if won.lease is not None:
-                        result = await self._refresh_holding(won.lease, won.record, newer_than, advisory)
+                        if waited:
+                            self._obs.lease_waited(loop.time() - started)
+                            waited = False
+                        before = won.record.version if won.record else None
+                        result = await self._obs.refresh(
+                            won.lease,
+                            before,
+                            self._refresh_holding(won.lease, won.record, newer_than, advisory),
+                        )
                         if result is not None:
                             return self._remember(tenant, result)
                 if won.lease is None:
                     seen = self._usable(tenant, won.record)
                     if self._acceptable(seen, newer_than, advisory):
+                        if waited:
+                            self._obs.lease_waited(loop.time() - started)
                         return self._remember(tenant, seen)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    self._obs.refresh_timeout(tenant, loop.time() - started)
                     raise RefreshTimeout(
                         f"tenant {tenant!r}: no fresh token within {self.wait_timeout:g}s "
                         "(the refresh lease stayed busy or was lost)"
@@ -634,6 +678,7 @@ class TokenManager:
                 if won.lease is not None:
                     continue
                 log.debug("tenant %r: waiting for another worker's refresh", tenant)
+                waited = True
                 await watch.wait(remaining)
 
     async def _refresh_holding(
@@ -657,6 +702,7 @@ class TokenManager:
             if not _renewable(old):
                 return entry  # a company token that never expires: nothing to refresh
             if old.refresh_token is None:
+                self._obs.note(lease, "no_refresh_token")
                 error = await self._mark_dead(lease, record, "no refresh token to renew an expiring token")
                 committed = True
                 if error is None:
@@ -684,6 +730,7 @@ class TokenManager:
                 )
                 current = await self._store.read(lease.key)
                 if current is None or record is None or current.version != record.version:
+                    self._obs.note(lease, "lost_race")
                     return None
                 try:
                     new = await self._oauth.refresh(old.refresh_token, deadline=deadline)
@@ -706,6 +753,7 @@ class TokenManager:
                 # Lost race or dead grant? Dead only if the store still holds what we sent.
                 current = await self._store.read(lease.key)
                 if current is None or record is None or current.version != record.version:
+                    self._obs.note(lease, "lost_race")
                     return None
                 error = await self._mark_dead(
                     lease, record, "Factorial refused the refresh token (invalid_grant)"
@@ -725,6 +773,7 @@ class TokenManager:
             )
             committed = True
             if stored is None:
+                self._obs.note(lease, "fenced_out")
                 log.error(
                     "tenant %r: lease lost before writing refreshed tokens %s; they are discarded",
                     tenant,
@@ -903,7 +952,9 @@ class TokenManager:
                     )
                 if claim.won:
                     if await self._store.advance_code(claim, ClaimState.SENT, self.lease_ttl):
-                        return await self._exchange_holding(claim, code, allow_change)
+                        return await self._obs.exchange(
+                            key.tenant, self._exchange_holding(claim, code, allow_change)
+                        )
                     await watch.wait(min(0.05, max(deadline - loop.time(), 0.0)))
                     continue
                 if claim.state is ClaimState.DONE:
@@ -1168,17 +1219,37 @@ class TokenManager:
 
     # -- events, cache, records ------------------------------------------------------
 
-    def add_listener(self, callback: Callable[[TokenEvent], object]) -> Callable[[], None]:
-        """Call ``callback`` with every event; returns a function that removes it."""
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+    def add_listener(self, callback: Listener) -> Callable[[], None]:
+        """Call ``callback`` with every event (on a background thread, in order; a
+        coroutine it returns runs on the manager's loop); returns a function that removes it."""
+        return self._events.add(callback)
+
+    async def flush_events(self, timeout: float = 10.0) -> bool:
+        """Wait until the listeners were handed every event emitted so far; False if
+        that took longer than ``timeout`` (a listener is stuck)."""
+        return await self._events.flush(timeout)
 
     def _emit(self, event: TokenEvent) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:
-                log.exception("event listener failed on %s", event.kind.value)
+        self._events.publish(self._obs.complete(event))
+
+    # -- health ----------------------------------------------------------------------
+
+    async def health(self, *, timeout: float = 1.0) -> Health:
+        """Whether this worker can do its job: the store answers (within ``timeout``),
+        and how long ago Factorial last answered. What ``/healthz`` and ``/readyz`` serve."""
+        return await check_health(
+            self._store,
+            store=self._obs.store,
+            open=self._unsubscribe is not None and not self._closed,
+            last_answer_at=self._obs.last_answer_at,
+            timeout=timeout,
+        )
+
+    async def tenant_counts(self, max_age: float = 60.0) -> TenantCounts:
+        """Tenants in the store by status (no tokens), listed at most every ``max_age``
+        seconds (the ``factorial_tokens.tenants`` gauge reads the same counts)."""
+        self._check_open()
+        return await self._obs.count_tenants(max_age)
 
     def _on_change(self, digest: str | None) -> None:
         if digest is None or digest == self._hold_digest:

@@ -53,6 +53,9 @@ _MAX_LIFETIME = 365 * 86400.0
 #: kept (they are authoritative), refreshed early, and a 401 reloads them anyway.
 _FALLBACK_LIFETIME = 600.0
 
+#: Told of every HTTP attempt: ``(url, status or failure kind, seconds, Retry-After)``.
+AttemptObserver = Callable[[str, int | str, float, float | None], None]
+
 
 def _excerpt(body: bytes, *secrets: str | None) -> str:
     """A short, whitespace-folded excerpt of a body with anything token-like removed:
@@ -107,6 +110,8 @@ class OAuthClient:
         self.on_retry_after = on_retry_after
         self._session = session
         self._owns_session = session is None
+        #: Told of every HTTP attempt (metrics, health); never sees a request or a body.
+        self.observer: AttemptObserver | None = None
 
     def __repr__(self) -> str:
         return f"OAuthClient(client_id={self.app.client_id!r}, base_url={self.app.base_url!r})"
@@ -251,6 +256,8 @@ class OAuthClient:
                     method, url, timeout=timeout, allow_redirects=False, **kwargs
                 ) as resp:
                     status = resp.status
+                    # Observed at the status line: a body that cannot be read is still an answer.
+                    self._observe(url, status, sent_at, resp.headers.get("Retry-After"))
                     body = await _read_body(resp, in_doubt=not idempotent)
                     if status not in (_RETRYABLE | _GATEWAY if idempotent else _RETRYABLE):
                         return status, body, sent_at
@@ -264,6 +271,7 @@ class OAuthClient:
                     failure = self._error(status, body, secret)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never connected: nothing was sent, so a retry is always safe.
+                self._observe(url, "connection_error", sent_at, None)
                 failure = ProviderError(None, "connection_error", type(exc).__name__)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 kind = (
@@ -271,6 +279,7 @@ class OAuthClient:
                     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
                     else ("connection_lost")
                 )
+                self._observe(url, kind, sent_at, None)
                 if not idempotent:
                     raise RequestInDoubt(None, kind, "the request was sent but no answer came") from None
                 failure = ProviderError(None, kind, type(exc).__name__)
@@ -281,6 +290,15 @@ class OAuthClient:
                 raise failure
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _observe(self, url: str, status: int | str, sent_at: float, retry_after: str | None) -> None:
+        if self.observer is None:
+            return
+        wait = _retry_after(retry_after) if status == 429 else None
+        try:
+            self.observer(url, status, max(time.time() - sent_at, 0.0), wait)
+        except Exception:  # instrumentation never breaks a request
+            logging.getLogger("factorial_tokens.telemetry").exception("the request observer failed")
 
     def _json(self, status: int, body: bytes, secret: str, *, in_doubt: bool) -> dict[str, Any]:
         error = RequestInDoubt if in_doubt else ProviderError

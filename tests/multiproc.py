@@ -51,6 +51,8 @@ class Scenario:
     ``until_changed``). Task ``i`` works on ``tenants[i % len(tenants)]``.
     ``manager``: TokenManager keyword arguments (time budgets, leeway).
     ``kill_at``: the worker-side kill switch (see ``tests/multiproc_worker.py``).
+    ``telemetry``: each worker reads its own metrics (OpenTelemetry SDK, in memory) and
+    reports them in ``Report.metrics``.
     """
 
     kind: str
@@ -62,6 +64,7 @@ class Scenario:
     until_changed: bool = False
     manager: dict[str, Any] = attrs.field(factory=dict)
     kill_at: str | None = None
+    telemetry: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -78,6 +81,7 @@ class Report:
     finished: list[float] = attrs.field(factory=list)
     least: dict[str, float] = attrs.field(factory=dict)
     stderr: str = ""
+    metrics: dict[str, int] = attrs.field(factory=dict)
 
 
 class WorkerPool:
@@ -127,6 +131,7 @@ class WorkerPool:
                 "until_changed": s.until_changed,
                 "manager": s.manager,
                 "kill_at": s.kill_at,
+                "telemetry": s.telemetry,
                 "marker": str(self.marker) if self.marker else None,
             }
         )
@@ -232,6 +237,7 @@ class WorkerPool:
                     finished=data["finished"],
                     least=data["least"],
                     stderr=self._stderr_of(i),
+                    metrics=data.get("metrics", {}),
                 )
             )
         return reports

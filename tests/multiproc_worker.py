@@ -167,8 +167,15 @@ async def main(config: dict[str, Any]) -> None:
     if config.get("kill_at"):
         store = KillSwitch(store, config["kill_at"], config["marker"])
     tally = Tally()
+    otel = None
+    options = dict(config.get("manager", {}))
+    if config.get("telemetry"):
+        from .otel import Otel
+
+        otel = Otel()
+        options["telemetry"] = otel.telemetry
     try:
-        async with TokenManager(app, store, **config.get("manager", {})) as tm:
+        async with TokenManager(app, store, **options) as tm:
             print("READY", flush=True)
             line = await asyncio.to_thread(sys.stdin.readline)
             if not line:
@@ -185,7 +192,24 @@ async def main(config: dict[str, Any]) -> None:
             await asyncio.gather(*tasks)
     finally:
         await store.aclose()
-    print("RESULT " + json.dumps(tally.as_json()), flush=True)
+    result = tally.as_json()
+    if otel is not None:
+        result["metrics"] = metric_totals(otel)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def metric_totals(otel: Any) -> dict[str, int]:
+    """This process's counters (and histogram point counts) as ``name|attr|attr: total``."""
+    totals: Counter[str] = Counter()
+    for name, keys in (
+        ("refreshes", ("outcome",)),
+        ("refresh.duration", ("outcome",)),
+        ("exchanges", ("outcome",)),
+        ("provider.requests", ("endpoint", "status")),
+    ):
+        for attrs, value in otel.sums(f"factorial_tokens.{name}", *keys).items():
+            totals["|".join((name, *attrs))] += value
+    return dict(totals)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from factorial_tokens import (
     TokenSealError,
     Update,
 )
+from factorial_tokens._logs import JsonFormatter
 from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens.testing import FakeFactorial, Fault
 
@@ -100,9 +101,10 @@ def exception_texts(exc: BaseException) -> list[str]:
 
 def log_texts(records: list[logging.LogRecord]) -> list[str]:
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    as_json = JsonFormatter()
     texts = []
     for record in records:
-        texts += [formatter.format(record), repr(record.args), repr(record.msg)]
+        texts += [formatter.format(record), as_json.format(record), repr(record.args), repr(record.msg)]
         if record.exc_info and record.exc_info[1] is not None:
             texts += exception_texts(record.exc_info[1])
     return texts

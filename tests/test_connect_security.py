@@ -255,6 +255,7 @@ async def test_every_reconnect_revokes_the_previous_grant(
     assert await tm.access_token("acme") == second.access_token
     assert not sim.is_active(first.access_token) and sim.is_active(second.access_token)
     assert sim.stats.revocations_by_company == {5: 1}
+    assert await tm.flush_events()  # listeners run on a background thread
     kinds = [e.kind for e in events]
     assert kinds.count(EventKind.EXCHANGED) == 2 and kinds.count(EventKind.RECONNECTED) == 1
     reconnected = next(e for e in events if e.kind is EventKind.RECONNECTED)
@@ -431,6 +432,7 @@ async def test_a_planted_plain_record_is_refused_with_a_keyring(
                 with pytest.raises(TokenSealError, match="not sealed"):
                     await call("victim")
             assert sim.stats.token_requests + sim.stats.api_calls == requests  # nothing used it
+            assert await tm.flush_events()  # listeners run on a background thread
             assert [e.kind for e in events].count(EventKind.SEAL_ERROR) == 3
         # Reading plain records takes an explicit migration switch.
         async with TokenManager(app_for(sim), store, keyring=ring, allow_plaintext=True, **BUDGETS) as tm:

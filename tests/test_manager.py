@@ -192,6 +192,7 @@ async def test_dead_grant_needs_reauthorization(make_sim: SimFactory) -> None:
             assert sim.stats.token_requests == requests  # no hammering
             [info] = await tm.tenants()
             assert info.needs_reauthorization and info.status is TenantStatus.NEEDS_REAUTH
+            assert await tm.flush_events()  # listeners run on a background thread
             assert [e.kind for e in events].count(EventKind.REAUTHORIZATION_REQUIRED) == 1
             token = await connect(tm, sim, company_id=5)  # the company connects again
             assert await tm.access_token("acme") == token
@@ -309,6 +310,7 @@ async def test_events(tm: TokenManager, sim: FakeFactorial) -> None:
     tm.add_listener(lambda e: 1 / 0)  # a broken listener must not break anything
     await connect(tm, sim)
     await tm.refresh("acme")
+    assert await tm.flush_events()  # listeners run on a background thread
     kinds = [e.kind for e in events]
     assert kinds == [EventKind.EXCHANGED, EventKind.REFRESHED]
     assert all(e.tenant == "acme" and e.fingerprint and e.fingerprint.startswith("sha256:") for e in events)

@@ -361,6 +361,7 @@ async def test_a_payload_copied_to_another_tenant_is_refused(backend: Backend, s
                 await call("attacker")
             assert victim.access_token not in str(info.value)
         assert sim.stats.token_requests == requests and sim.stats.revocations == 0
+        assert await tm.flush_events()  # listeners run on a background thread
         seals = [e for e in events if e.kind is EventKind.SEAL_ERROR]
         assert len(seals) == 5 and {e.tenant for e in seals} == {"attacker"}
         assert all(victim.access_token not in e.detail for e in seals)
@@ -404,6 +405,7 @@ async def test_a_wrong_or_missing_key_loses_nothing(backend: Backend, make_sim: 
                         await call("acme")
                     for material in _material(right):
                         assert material not in str(info.value)
+                assert await other.flush_events()  # listeners run on a background thread
                 assert [e.kind for e in events] == [EventKind.SEAL_ERROR] * 3
                 assert [i.tenant for i in await other.tenants()] == ["acme"]  # metadata stays listable
         assert sim.stats.token_requests == 1 and sim.stats.revocations == 0  # just the exchange

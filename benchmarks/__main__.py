@@ -19,13 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import drivers, exchange, holder, hotpath, report, roundtrips, storm
+from . import drivers, exchange, holder, hotpath, report, roundtrips, storm, windows
 from .common import port80_host
 from .stores import MULTIPROCESS, STORES, installed
 
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
-BENCHES = ("hotpath", "storm", "bulk", "roundtrips", "peer")
+BENCHES = ("hotpath", "storm", "bulk", "roundtrips", "peer", "windows", "budget")
 #: ``--only`` names: a section of the run, or one benchmark
 SECTIONS = {"peers": ["peer"], **{name: [name] for name in BENCHES}}
 #: The expiry case: tokens whose ``expires_in`` is this short, asked for once they expired.
@@ -71,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--bulk-stores", type=_csv, default=["redis", "postgres"], help="bulk: stores")
     parser.add_argument("--hot-rounds", type=int, help="hot path: rounds (default 30; quick 6)")
     parser.add_argument("--hot-calls", type=int, help="hot path: calls per round (default 20000; quick 5000)")
+    parser.add_argument("--budget-tenants", type=int, help="budget: due tenants (default 1000; quick 100)")
     parser.add_argument("--note", default="", help="a note on the machine's load, recorded with the results")
     parser.add_argument(
         "--json", type=Path, default=HERE / "results" / "latest.json", help="where to write JSON"
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "bulk": [],
         "roundtrips": [],
         "peer": [],
+        "windows": [],
+        "budget": [],
         "holder": [],
         "exchange": [],
         "skipped": [],
@@ -264,6 +267,37 @@ def main(argv: list[str] | None = None) -> int:
             ran = attempt(f"bulk: {name}, {bulk_tenants} tenants", functools.partial(storm.run, bulk))
             if ran is not None:
                 results["bulk"].append(ran.to_json())
+
+    if "windows" in args.bench:
+        w_tasks = _size(args.tasks, 25, 5, q)
+        w_tenants = max(tenant_counts)
+        w_procs = _size(args.processes, 4, 2, q)
+        for name in stores:
+            if name not in MULTIPROCESS:
+                continue
+            rows = attempt(
+                f"windows (rotation): {name}",
+                functools.partial(
+                    windows.rotation, name, w_procs, w_tasks, w_tenants, latency, 8.0 if q else 15.0
+                ),
+            )
+            results["windows"] += rows or []
+            rows = attempt(
+                f"windows (outage): {name}",
+                functools.partial(windows.outage, name, w_procs, w_tasks, w_tenants, latency),
+            )
+            results["windows"] += rows or []
+    if "budget" in args.bench:
+        b_tenants = _size(args.budget_tenants, 1000, 100, q)
+        name = "redis" if "redis" in stores else stores[-1]
+        for budgeted in (True, False):
+            # The simulator's 200-a-minute limit, with time scaled ten times: 200 per 6 s.
+            row = attempt(
+                f"budget: {name}, {b_tenants} tenants, budget {budgeted}",
+                functools.partial(windows.budget, name, processes, b_tenants, 200, 6.0, budgeted),
+            )
+            if row is not None:
+                results["budget"].append(row)
 
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["duration_s"] = time.time() - started

@@ -39,11 +39,13 @@ class BareResult:
     failures: int
     processes: int
     connections_per_process: int
+    #: CPU time of the bare workers per refresh (ms): what one HTTP refresh costs alone
+    cpu_ms_per_refresh: float = math.nan
 
 
 async def _refresh_all(
     app: FactorialApp, tokens: Sequence[str], limit: int, start_at: float
-) -> tuple[list[float], int]:
+) -> tuple[list[float], int, float]:
     failures = 0
     done: list[float] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit)) as session:
@@ -64,8 +66,10 @@ async def _refresh_all(
                     done.append((time.time() - start_at) * 1000)
 
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu = time.process_time()
         await asyncio.gather(*(one(t) for t in tokens))
-    return done, failures
+        cpu = time.process_time() - cpu
+    return done, failures, cpu
 
 
 def _main(
@@ -74,7 +78,7 @@ def _main(
     limit: int,
     barriers: tuple[Barrier, Barrier],
     start_at: Synchronized[float],
-    results: Queue[tuple[list[float], int] | str],
+    results: Queue[tuple[list[float], int, float] | str],
 ) -> None:
     try:
         for barrier in barriers:  # ready, then go (the start instant is set in between)
@@ -89,7 +93,7 @@ def bare_refresh(app: FactorialApp, tokens: Sequence[str], processes: int, limit
     ctx = mp.get_context("spawn")
     ready, go = ctx.Barrier(processes + 1), ctx.Barrier(processes + 1)
     start_at = ctx.Value("d", 0.0)
-    results: Queue[tuple[list[float], int] | str] = ctx.Queue()
+    results: Queue[tuple[list[float], int, float] | str] = ctx.Queue()
     chunks = [list(tokens[i::processes]) for i in range(processes)]
     workers = [
         ctx.Process(target=_main, args=(app, chunk, limit, (ready, go), start_at, results), daemon=True)
@@ -103,12 +107,14 @@ def bare_refresh(app: FactorialApp, tokens: Sequence[str], processes: int, limit
         go.wait(_TIMEOUT)
         done: list[float] = []
         failures = 0
+        cpu = 0.0
         for _ in workers:
             got = results.get(timeout=_TIMEOUT)
             if isinstance(got, str):
                 raise RuntimeError(got)
             done += got[0]
             failures += got[1]
+            cpu += got[2]
         for worker in workers:
             worker.join(timeout=60)
     finally:
@@ -124,4 +130,5 @@ def bare_refresh(app: FactorialApp, tokens: Sequence[str], processes: int, limit
         failures=failures,
         processes=processes,
         connections_per_process=limit,
+        cpu_ms_per_refresh=cpu * 1000 / max(1, len(done)),
     )

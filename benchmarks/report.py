@@ -61,6 +61,15 @@ def _hotpath(hot: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|:---:|",
         f"| `await tm.access_token(t)`, cached fresh token | {_num(hot['manager_ns'], 1)} "
         f"| {hot['ratio']:.2f}x | ≤ {hot['target']:.0f}x | {_yes(hot['met'])} |",
+        *(
+            [
+                "| the same, with a configured OpenTelemetry SDK `MeterProvider` and `TracerProvider` "
+                f"| {_num(hot['manager_otel_ns'], 1)} | {hot['ratio_otel']:.2f}x | ≤ {hot['target']:.0f}x "
+                f"| {_yes(hot['ratio_otel'] <= hot['target'])} |"
+            ]
+            if hot.get("ratio_otel") is not None
+            else []
+        ),
         f"| baseline: bare `await` of a coroutine returning a dict value | {_num(hot['bare_ns'], 1)} "
         "| 1.00x | | |",
         "",
@@ -129,8 +138,9 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
         "### 2b. Many tenants at once (every tenant expired; C = 1 caller per tenant per process)",
         "",
         "| store | PxCxT | refreshes / ideal | invalid_grant | failed calls | all refreshed (s) "
-        "| provider-bound (s) | ratio | bare HTTP refreshes, measured (s) | ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| provider-bound (s) | ratio | bare HTTP refreshes, measured (s) | ratio "
+        "| worker CPU per tenant ms | bare HTTP CPU per refresh ms | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for storm in bulk:
         spec, s = storm["spec"], storm["summary"]
@@ -147,7 +157,9 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
             f"**{s['refresh_ratio']:.2f}** | {s['invalid_grant']} | {_errors(s['errors'])} "
             f"| {all_fresh} "
             f"| {_num(s['provider_bound_s'], 2)} | {_times(ratio)} "
-            f"| {bare_s if isinstance(bare_s, str) else _num(bare_s, 2)} | {_times(bare_ratio)} |"
+            f"| {bare_s if isinstance(bare_s, str) else _num(bare_s, 2)} | {_times(bare_ratio)} "
+            f"| {_num(s['cpu_ms_per_tenant'], 2)} | {_num(s.get('bare_cpu_ms_per_refresh'), 2)} "
+            f"| {_times(s['cpu_ms_per_tenant'] / s.get('bare_cpu_ms_per_refresh', math.nan))} |"
         )
     lines += [
         "",
@@ -155,7 +167,9 @@ def _bulk(bulk: list[dict[str, Any]]) -> list[str]:
         " process keeps at most 100 requests in flight to the provider (aiohttp's default connection pool)."
         " *Bare HTTP refreshes*: the same P processes x 100 connections send one refresh per tenant straight"
         " to the simulator (no store, no manager), right after the storm: what the simulator, the HTTP stack"
-        " and this machine allow.",
+        " and this machine allow. *Worker CPU per tenant*: CPU of both worker processes during the storm"
+        " divided by T (each tenant's P callers included); *bare HTTP CPU per refresh*: CPU of the bare"
+        " processes divided by the refreshes they made.",
         "",
     ]
     return lines
@@ -264,6 +278,35 @@ def _peer(runs: list[dict[str, Any]], versions: dict[str, str], simulator: str) 
     return lines
 
 
+def _windows(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        f"### 7. Two windows under steady rotation (tokens {6:g} s, leeway 2 s, min_valid 0.5 s; "
+        "revoke on first use; callers call `access_token` without pause)",
+        "",
+        "| store | PxCxT | run | windows | calls | p50 ms | p99 ms | longest wait ms | caller errors "
+        "| refreshes | invalid_grant |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        windows = "advisory + mandatory" if r["advisory"] else "baseline: wait inside the leeway"
+        run = "1.5 s 503 outage from the leeway's start" if r["outage"] else "steady"
+        lines.append(
+            f"| {r['store']} | {r['shape']} | {run} | {windows} | {r['calls']:,} | {_num(r['p50_ms'], 3)} "
+            f"| {_num(r['p99_ms'], 2)} | {_num(r['max_ms'], 1)} | {_errors(r['errors'])} | {r['refreshes']} "
+            f"| {r['invalid_grant']} |"
+        )
+    lines += [
+        "",
+        "Targets: steady p99 ≤ 5 ms on every store; outage: 0 caller errors and a longest wait "
+        "≤ 250 ms. The baseline rows are the same run with `min_valid = leeway` (no advisory "
+        "window), which is how the manager behaved before.",
+        "",
+    ]
+    return lines
+
+
 def _phase(phase: dict[str, Any]) -> str:
     return (
         f"{phase['refresh_attempts']} | {phase['invalid_grant']} | {_errors(phase['errors'])} "
@@ -304,6 +347,32 @@ def _holder(cases: list[dict[str, Any]]) -> list[str]:
         " stop the other process's callers start (*during*), then the holder is continued (*pause*) and its"
         " callers finish; *afterwards*, every surviving process's callers ask once more, as the next"
         " requests would. Calls handed a dead token count calls (not distinct tokens).",
+        "",
+    ]
+    return lines
+
+
+def _budget(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "### 8. Shared refresh budget (due tenants against a rate-limited simulator)",
+        "",
+        "| store | tenants | simulator limit | refresh_rate /min | 429s drawn | refreshes | invalid_grant "
+        "| caller errors | all fresh (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        rate = _num(r["refresh_rate"]) if r["refresh_rate"] else "none (baseline)"
+        lines.append(
+            f"| {r['store']} | {r['tenants']:,} | {r['limit']} | {rate} | {r['rate_limited']} "
+            f"| {r['refreshes']} | {r['invalid_grant']} | {_errors(r['errors'])} | {_num(r['seconds'], 1)} |"
+        )
+    lines += [
+        "",
+        "Time is scaled ten times: the simulator allows 200 token requests per 6 s (the documented "
+        "200 a minute), the budget is 90 % of that (1,800 a minute here, 180 a minute in real time), "
+        "with a burst of 3.",
         "",
     ]
     return lines
@@ -361,6 +430,9 @@ def render(results: dict[str, Any], block: str | None = None) -> str:
         lines += _peer(results.get("peer", []), peer_versions, simulator)
         lines += _holder(results.get("holder", []))
         lines += _exchange(results.get("exchange", []))
+    if block in (None, "results"):
+        lines += _windows(results.get("windows", []))
+        lines += _budget(results.get("budget", []))
     if results.get("skipped"):
         lines += ["Skipped: " + "; ".join(results["skipped"]), ""]
     if results.get("failed"):

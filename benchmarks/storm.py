@@ -204,6 +204,7 @@ class StormResult:
                 "bare_p99_ms": median([b.p99_ms for b in self.bare]),
                 "bare_all_s": median([b.seconds for b in self.bare]),
                 "bare_failures": sum(b.failures for b in self.bare),
+                "bare_cpu_ms_per_refresh": median([b.cpu_ms_per_refresh for b in self.bare]),
             },
             "rounds": [asdict(r) for r in self.rounds],
             "bare_baseline": [asdict(b) for b in self.bare],

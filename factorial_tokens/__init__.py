@@ -4,7 +4,9 @@ across many worker processes and hosts, without ever breaking a company's grant.
 from ._client import TenantSession
 from ._codec import JsonCodec, PayloadCodec
 from ._errors import (
+    AuthorizationDenied,
     CodeReused,
+    CompanyMismatch,
     ConfigurationError,
     ExchangeInDoubt,
     FactorialTokensError,
@@ -17,16 +19,18 @@ from ._errors import (
     RefreshTimeout,
     RequestInDoubt,
     RotationLost,
+    StateReused,
     StoreUnavailable,
     TenantNotConnected,
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
+from ._health import Health
 from ._keepalive import KeepAliveReport
-from ._manager import TenantInfo, TokenManager
+from ._manager import CallbackResult, TenantInfo, TokenManager
 from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
-from ._sealing import Keyring, SealedCodec, ensure_key_file, rekey
+from ._sealing import Keyring, SealedCodec, rekey
 from ._serve import ConnectCheck, connect_app
 from ._sqlite import SQLiteStore
 from ._store import (
@@ -41,20 +45,27 @@ from ._store import (
     Store,
     TenantKey,
     TenantStatus,
+    Throttle,
+    ThrottleState,
     Update,
     Watch,
+    hold_digest,
     store_from_url,
 )
+from ._telemetry import Telemetry, TenantCounts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CLAIM_RETENTION",
     "Acquisition",
+    "AuthorizationDenied",
+    "CallbackResult",
     "ChangeListener",
     "ClaimState",
     "CodeClaim",
     "CodeReused",
+    "CompanyMismatch",
     "ConfigurationError",
     "ConnectCheck",
     "Credentials",
@@ -62,6 +73,7 @@ __all__ = [
     "ExchangeInDoubt",
     "FactorialApp",
     "FactorialTokensError",
+    "Health",
     "InvalidCallback",
     "InvalidState",
     "InvalidTenant",
@@ -81,13 +93,18 @@ __all__ = [
     "RotationLost",
     "SQLiteStore",
     "SealedCodec",
+    "StateReused",
     "Store",
     "StoreUnavailable",
+    "Telemetry",
+    "TenantCounts",
     "TenantInfo",
     "TenantKey",
     "TenantNotConnected",
     "TenantSession",
     "TenantStatus",
+    "Throttle",
+    "ThrottleState",
     "TokenEvent",
     "TokenManager",
     "TokenSealError",
@@ -95,8 +112,8 @@ __all__ = [
     "Update",
     "Watch",
     "connect_app",
-    "ensure_key_file",
     "fingerprint",
+    "hold_digest",
     "rekey",
     "store_from_url",
     "validate_tenant",

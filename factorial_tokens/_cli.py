@@ -2,8 +2,9 @@
 
 Configuration comes from flags or the environment (``FACTORIAL_CLIENT_ID``,
 ``FACTORIAL_CLIENT_SECRET``, ``FACTORIAL_REDIRECT_URI``, ``FACTORIAL_BASE_URL``,
-``FACTORIAL_TOKENS_STORE``). Secrets are never printed: not in ``--help``, not in
-errors; only ``token`` writes a token, to stdout, for shell use.
+``FACTORIAL_TOKENS_STORE``); keys from ``--keys-file`` or ``FACTORIAL_TOKENS_KEYS``, exactly
+as the library reads them (no command creates keys on its own). Secrets are never printed:
+not in ``--help``, not in errors; only ``token`` writes a token, to stdout, for shell use.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from urllib.parse import urlsplit
 
 import click
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from ._errors import (
     ConfigurationError,
@@ -42,7 +42,7 @@ from ._errors import (
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
 from ._manager import TokenManager
 from ._models import FactorialApp, validate_tenant
-from ._sealing import Keyring, ensure_key_file, rekey
+from ._sealing import Keyring, rekey
 
 # The command line is the interface; nothing here is part of the library's API.
 __all__: list[str] = []
@@ -143,7 +143,9 @@ class Config:
         redirect_uri: str | None,
         base_url: str,
         store: str,
+        keys_file: str | None = None,
     ) -> None:
+        self.keys_file = keys_file
         self.client_id = client_id
         self.client_secret = client_secret
         self.redirect_uri = redirect_uri
@@ -213,14 +215,12 @@ class Config:
         return None if os.path.exists(path) else path
 
     def keyring(self) -> Keyring | None:
-        """``FACTORIAL_TOKENS_KEYS`` if set; else, for an SQLite store, the key file
-        ``<db>.keys`` beside it (created with mode 0600 on first use); else ``None``."""
-        ring = Keyring.from_env()
-        if ring is None and urlsplit(self.store).scheme.lower() == "sqlite":
-            from ._sqlite import SQLiteStore
-
-            ring = ensure_key_file(SQLiteStore.from_url(self.store).path + ".keys")
-        return ring
+        """The key file given with ``--keys-file``, else ``FACTORIAL_TOKENS_KEYS``, else
+        ``None``: exactly what the library reads, so both open a store the same way.
+        No command creates keys on its own (``keygen`` writes them where told)."""
+        if self.keys_file:
+            return Keyring.from_file(self.keys_file)
+        return Keyring.from_env()
 
 
 def _password(url: str) -> str | None:
@@ -241,6 +241,13 @@ def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         show_envvar=True,
         metavar="URL",
         help="Token store URL: sqlite:///path, redis://..., postgresql://..., memory://.",
+    )
+    @click.option(
+        "--keys-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        metavar="PATH",
+        help="Key file (0600) sealing tokens at rest [default: FACTORIAL_TOKENS_KEYS, else none].",
     )
     @click.option(
         "--base-url",
@@ -279,10 +286,11 @@ def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         client_secret: str | None,
         redirect_uri: str | None,
         base_url: str,
+        keys_file: str | None,
         store: str,
         **kwargs: Any,
     ) -> Any:
-        cfg = Config(client_id, client_secret, redirect_uri, base_url, store)
+        cfg = Config(client_id, client_secret, redirect_uri, base_url, store, keys_file)
         return func(cfg=cfg, **kwargs)
 
     return wrapper
@@ -326,6 +334,26 @@ def _span(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.0f}s"
+
+
+_LOG_FORMAT = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text, or as one JSON object per line with tenant, event, fingerprint, "
+    "store and duration_ms fields.",
+)
+
+
+def _use_log_format(log_format: str) -> None:
+    """Switch the root handlers to JSON lines when asked."""
+    if log_format != "json":
+        return
+    from ._logs import JsonFormatter
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonFormatter())
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -441,10 +469,27 @@ def token(cfg: Config, tenant: str) -> None:
 
 @main.command(epilog=_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--watch", is_flag=True, help="Redraw a live table (refreshes/min, failures) until Ctrl-C.")
+@click.option(
+    "--interval", default=2.0, show_default=True, type=Duration(), help="--watch: time between redraws."
+)
+@click.option("--count", default=0, type=click.IntRange(0), help="--watch: stop after this many redraws.")
 @_config_options
-def status(cfg: Config, as_json: bool) -> None:
+def status(cfg: Config, as_json: bool, watch: bool, interval: float, count: int) -> None:
     """List the tenants in the store: status, expiry, last refresh (no tokens)."""
     import time
+
+    if watch:
+        from rich.console import Console
+
+        from ._watch import watch as watch_tenants
+
+        async def live() -> int:
+            async with cfg.manager() as tm:
+                return await watch_tenants(tm, Console(), interval=interval, count=count, when=_when)
+
+        _run(live())
+        return
 
     async def run() -> list[Any]:
         # Metadata only: no client secret, no keys, and nothing created.
@@ -549,7 +594,11 @@ def whoami(cfg: Config, tenant: str, as_json: bool) -> None:
 @click.option("--scope", default=None, help="OAuth scopes, space-separated.")
 @_config_options
 def connect_url(cfg: Config, tenant: str, company: bool, scope: str | None) -> None:
-    """Print the URL that lets TENANT's admin connect the app (signed state, 10 minutes)."""
+    """Print Factorial's authorize URL for TENANT (signed state, 10 minutes, bound to no browser).
+
+    For a callback handled by your own code (`complete_callback` without a binding); the
+    `serve` command refuses it unless run with --open: send a `connect-link` instead.
+    """
     try:
         # Signing a state needs neither the store nor keys: nothing is opened or created.
         manager = TokenManager(cfg.app(), "memory://")
@@ -558,11 +607,29 @@ def connect_url(cfg: Config, tenant: str, company: bool, scope: str | None) -> N
     click.echo(manager.authorization_url(tenant, company=company, scope=scope))
 
 
-class _AccessLogger(AbstractAccessLogger):
-    """Method, path and status only: a callback's query holds the code and the state."""
+@main.command("connect-link", epilog=_EPILOG)
+@click.argument("tenant", callback=_tenant)
+@click.option("--ttl", default=3600.0, show_default=True, type=Duration(), help="How long the link works.")
+@click.option(
+    "--link-base",
+    default=None,
+    metavar="URL",
+    help="Where the connect routes answer [default: the redirect URI's origin].",
+)
+@click.option("--company", is_flag=True, help="Ask for a company token (resource_owner_type=company).")
+@_config_options
+def connect_link(cfg: Config, tenant: str, ttl: float, link_base: str | None, company: bool) -> None:
+    """Print a signed link that lets TENANT's admin connect the company through `serve`.
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
+    Whoever holds the link can start connecting TENANT until it expires: send it to that
+    tenant's admin only. A tenant already connected refuses another company anyway.
+    """
+    try:
+        manager = cfg.manager()
+        link = manager.connect_link(tenant, ttl=ttl, base_url=link_base)
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+    click.echo(link + ("&company=1" if company else ""))
 
 
 @main.command(epilog=_EPILOG)
@@ -575,33 +642,70 @@ class _AccessLogger(AbstractAccessLogger):
     metavar="ID",
     help="Only these tenants may connect (repeatable); others get 404. Default: any.",
 )
+@click.option(
+    "--open",
+    "open_routes",
+    is_flag=True,
+    help="LOCAL DEVELOPMENT ONLY: /connect without a signed link, callbacks without the cookie.",
+)
+@click.option(
+    "--success-url",
+    default=None,
+    metavar="URL",
+    help="Send the admin here (303) after connecting; {tenant} is replaced [default: a page].",
+)
+@_LOG_FORMAT
 @_config_options
-def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
-    """Serve GET /connect/{tenant} and the OAuth callback (the redirect URI's path).
+def serve(
+    cfg: Config,
+    host: str,
+    port: int,
+    allowed: tuple[str, ...],
+    open_routes: bool,
+    success_url: str | None,
+    log_format: str,
+) -> None:
+    """Serve GET /connect/{tenant} and the OAuth callback (the redirect URI's path),
+    plus /healthz, /readyz and /metrics (Prometheus; needs the prometheus extra).
 
-    Anyone who reaches /connect can start connecting a company to any allowed tenant
-    id: keep it on a private network, behind your own authentication, or use --tenant.
+    /connect needs a signed link (`factorial-tokens connect-link TENANT`) and binds the
+    flow to the admin's browser with a cookie; the callback refuses any other browser,
+    and a tenant already connected refuses another company.
     """
-    from ._serve import callback_path, connect_app
+    from ._ops import add_ops_routes, prometheus_exporter
+    from ._serve import AccessLogger, callback_path, connect_app
 
+    _use_log_format(log_format)
     allow = None if not allowed else (lambda _request, tenant: tenant in set(allowed))
+    exporter = prometheus_exporter()
+    if open_routes:
+        click.echo(
+            "WARNING: --open: anyone who reaches this server can connect any tenant without a "
+            "link; for local development only",
+            err=True,
+        )
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with cfg.manager() as tm:
-            app = connect_app(tm, allow=allow)
-            runner = web.AppRunner(app, access_log_class=_AccessLogger)
+        async with cfg.manager(telemetry=exporter[0] if exporter else None) as tm:
+            app = connect_app(tm, allow=allow, open_routes=open_routes, success_url=success_url)
+            add_ops_routes(app, tm, exporter[1] if exporter else None)
+            runner = web.AppRunner(app, access_log_class=AccessLogger)
             await runner.setup()
             try:
                 await web.TCPSite(runner, host, port).start()
                 bound = runner.addresses[0][1]
                 shown = f"[{host}]" if ":" in host else host
                 click.echo(f"listening on http://{shown}:{bound}")
-                click.echo(f"  connect a company: http://{shown}:{bound}/connect/<tenant>")
+                if open_routes:
+                    click.echo(f"  connect a company: http://{shown}:{bound}/connect/<tenant>")
+                else:
+                    click.echo("  connect a company: the link `factorial-tokens connect-link TENANT` prints")
                 click.echo(f"  OAuth callback:    {callback_path(tm.app.redirect_uri)}")
+                click.echo(f"  health:            http://{shown}:{bound}/healthz  /readyz  /metrics")
                 sys.stdout.flush()
                 await stop.wait()
             finally:
@@ -630,21 +734,43 @@ def serve(cfg: Config, host: str, port: int, allowed: tuple[str, ...]) -> None:
     help="Spread: each tenant's threshold is lowered by up to this share of --max-age.",
 )
 @click.option("--once", is_flag=True, help="Run one pass and exit (for cron).")
+@click.option(
+    "--concurrency", default=16, show_default=True, type=click.IntRange(1), help="Tenants visited at once."
+)
+@click.option(
+    "--refresh-rate",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="Refreshes per minute shared by every worker of the app (e.g. 180).",
+)
+@_LOG_FORMAT
 @_config_options
-def keepalive(cfg: Config, max_age: float, interval: float, jitter: float, once: bool) -> None:
+def keepalive(
+    cfg: Config,
+    max_age: float,
+    interval: float,
+    jitter: float,
+    once: bool,
+    concurrency: int,
+    refresh_rate: float | None,
+    log_format: str,
+) -> None:
     """Refresh idle tenants before Factorial's week-long refresh tokens age out.
 
     Skips tenants that need re-authorization and company tokens that never expire;
     logs errors and carries on. With --once, exits 4 if any tenant needs
     re-authorization, 5 if a refresh failed.
     """
+    _use_log_format(log_format)
     if not once and not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger("factorial_tokens.keepalive").setLevel(logging.INFO)
 
     async def run() -> KeepAliveReport | None:
-        async with cfg.manager() as tm:
+        async with cfg.manager(refresh_rate=refresh_rate) as tm:
             work = asyncio.ensure_future(
-                tm.keep_alive(max_age=max_age, interval=interval, jitter=jitter, once=once)
+                tm.keep_alive(
+                    max_age=max_age, interval=interval, jitter=jitter, once=once, concurrency=concurrency
+                )
             )
             if once:
                 return await work
@@ -677,35 +803,49 @@ def keepalive(cfg: Config, max_age: float, interval: float, jitter: float, once:
 
 @main.command(epilog=_EPILOG)
 @click.option("--id", "kid", default=None, metavar="KID", help="Key id [default: k<UTC time>-<random>].")
-def keygen(kid: str | None) -> None:
-    """Print a new random key as a keyring entry, KID:BASE64 (keep it secret).
-
-    Append it to a key file (`factorial-tokens keygen >> tokens.db.keys`) or to
-    FACTORIAL_TOKENS_KEYS (comma-separated, newest last), then run `rekey`.
-    """
-    try:
-        click.echo(Keyring.generate(kid).export(), nl=False)
-    except FactorialTokensError as exc:
-        _fail(f"error: {exc}", _exit_code(exc))
-
-
-@main.command("rekey", epilog=_EPILOG)
 @click.option(
     "--keys-file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Key file to use [default: FACTORIAL_TOKENS_KEYS, or <db>.keys for an SQLite store].",
+    metavar="PATH",
+    help="Write the key into this file (created 0600, or the new key added as the newest).",
 )
+def keygen(kid: str | None, keys_file: str | None) -> None:
+    """Make a new random key: into --keys-file, or on stdout as KID:BASE64 (keep it secret).
+
+    With --keys-file the file is created with mode 0600, or, if it exists, the new key is
+    added as the newest (rewritten atomically, 0600). Then run `rekey --keys-file PATH`.
+    Without it, add the printed entry to FACTORIAL_TOKENS_KEYS (comma-separated, newest last).
+    """
+    import os
+
+    try:
+        if keys_file is None:
+            click.echo(Keyring.generate(kid).export(), nl=False)
+            return
+        ring = (
+            Keyring.from_file(keys_file).rotated(kid) if os.path.exists(keys_file) else Keyring.generate(kid)
+        )
+        ring.save(keys_file)
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+    except OSError as exc:
+        _fail(f"error: cannot write key file {keys_file!r}: {exc.strerror or exc}", EXIT_USAGE)
+    click.echo(f"key {ring.newest!r} written to {keys_file} (mode 0600; {len(ring)} keys, newest last)")
+
+
+@main.command("rekey", epilog=_EPILOG)
 @_config_options
-def rekey_command(cfg: Config, keys_file: str | None) -> None:
+def rekey_command(cfg: Config) -> None:
     """Re-seal every tenant's tokens under the newest key, while workers keep running.
 
-    Each tenant is re-sealed under its lease with a fenced write, so a concurrent refresh
-    is never overwritten. Records that cannot be opened are left intact (exit 6).
+    Plain (unsealed) records are sealed too: this completes a migration to sealing. Each
+    tenant is re-sealed under its lease with a fenced write, so a concurrent refresh is
+    never overwritten. Records that cannot be opened are left intact (exit 6).
     """
 
     async def run() -> int:
-        ring = Keyring.from_file(keys_file) if keys_file else cfg.keyring()
+        ring = cfg.keyring()
         if ring is None:
             raise ConfigurationError("no keys: set FACTORIAL_TOKENS_KEYS or pass --keys-file")
         async with TokenManager(cfg.app(), cfg.store, keyring=ring) as tm:

@@ -6,9 +6,10 @@ What it does, in order:
 1. starts :class:`~factorial_tokens.testing.FakeFactorial` on loopback in its strictest
    mode (revoke at refresh + reuse detection) with short-lived access tokens;
 2. starts the connect server (:func:`~factorial_tokens._serve.connect_app`) on loopback
-   and connects T companies through the real authorization-code flow:
-   ``/connect/{tenant}`` -> Factorial's authorize page -> the callback, each callback sent
-   twice at once (a retried callback must not exchange its code twice);
+   and connects T companies through the real authorization-code flow, as one browser:
+   the tenant's signed connect link ``/connect/{tenant}?link=...`` (which sets the binding
+   cookie) -> Factorial's authorize page -> the callback with that cookie, each callback
+   sent twice at once (a retried callback must not exchange its code twice);
 3. runs P worker processes x C tasks that call ``access_token`` and the simulator's API
    through ``tm.client(tenant)`` for D seconds, all on one shared store;
 4. compares what the provider counted with the ideal: each refresh must create exactly
@@ -37,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import attrs
@@ -306,15 +307,18 @@ class _Live:
             self._live = None
 
 
-async def _connect(base: str, sim: Any, tenants: list[str]) -> tuple[int, int]:
-    """Connect every tenant through /connect -> authorize -> callback (sent twice at once).
+async def _connect(tm: TokenManager, base: str, sim: Any, tenants: list[str]) -> tuple[int, int]:
+    """Connect every tenant through its connect link -> authorize -> callback (sent twice
+    at once), as one browser would: the cookie set by /connect goes with the callback.
 
     Returns (callbacks sent, callbacks answered 200).
     """
     sent = ok = 0
-    async with aiohttp.ClientSession() as http:
+    # unsafe=True: the demo's server is an IP address, whose cookies aiohttp drops otherwise.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         for tenant in tenants:
-            async with http.get(f"{base}/connect/{quote(tenant, safe='')}", allow_redirects=False) as resp:
+            link = tm.connect_link(tenant, ttl=600, base_url=base)
+            async with http.get(link, allow_redirects=False) as resp:
                 if resp.status != 302:
                     raise FactorialTokensError(f"/connect answered {resp.status} for {tenant!r}")
                 authorize = resp.headers["Location"]
@@ -382,7 +386,7 @@ async def _run(config: DemoConfig, live: _Live) -> DemoResult:
                         f"Simulated Factorial at {sim.base_url} (revoke at refresh, reuse detection, "
                         f"access tokens live {config.token_ttl:g} s); store {redact_url(store_url)}"
                     )
-                    callbacks, callbacks_ok = await _connect(base, sim, tenants)
+                    callbacks, callbacks_ok = await _connect(tm, base, sim, tenants)
                     live.say(f"Connected {len(tenants)} companies through {base}/connect/...")
                     workers = await _run_workers(config, app, store_url, tenants, sim, live)
                 finally:

@@ -4,8 +4,13 @@
 
     FactorialTokensError
     ├── ConfigurationError          bad settings, unknown store URL, time budgets that do not fit
-    ├── InvalidTenant (ValueError)  a tenant id that is empty, too long or holds control characters
-    ├── InvalidState                a callback ``state`` that is forged, expired or for another app
+    ├── InvalidTenant (ValueError)  a tenant id that is empty, too long, or holds control, format,
+    │                               private-use, surrogate or line/paragraph separator characters
+    ├── InvalidState                a callback ``state`` (or connect link) forged, expired, another
+    │   │                           app's, or from another browser than the one that started it
+    │   └── StateReused             a ``state`` already completed with another authorization code
+    ├── AuthorizationDenied         the callback carried ``error=`` (the admin did not grant access)
+    ├── CompanyMismatch             a grant of another company than the one the tenant is pinned to
     ├── InvalidCallback (ValueError) a callback's code is missing or malformed
     ├── CodeReused                  an authorization code already presented for another tenant
     ├── TenantNotConnected          no tokens are stored for this tenant
@@ -25,7 +30,9 @@ No message built here ever holds a token or a client secret: callers pass finger
 from __future__ import annotations
 
 __all__ = [
+    "AuthorizationDenied",
     "CodeReused",
+    "CompanyMismatch",
     "ConfigurationError",
     "ExchangeInDoubt",
     "FactorialTokensError",
@@ -38,6 +45,7 @@ __all__ = [
     "RefreshTimeout",
     "RequestInDoubt",
     "RotationLost",
+    "StateReused",
     "StoreUnavailable",
     "TenantNotConnected",
     "TokenSealError",
@@ -53,11 +61,50 @@ class ConfigurationError(FactorialTokensError):
 
 
 class InvalidTenant(FactorialTokensError, ValueError):
-    """A tenant id was rejected at the edge (empty, longer than 200 characters, control chars)."""
+    """A tenant id was rejected at the edge: empty, longer than 200 characters, or holding a
+    character of the Unicode categories Cc, Cf, Co, Cs, Zl or Zp (controls, zero-width and
+    bidi marks, private use, surrogates, line and paragraph separators)."""
 
 
 class InvalidState(FactorialTokensError):
-    """An OAuth ``state`` value failed verification: tampered, expired, or malformed."""
+    """An OAuth ``state`` value (or a connect link) failed verification: tampered, expired,
+    malformed, or presented by another browser than the one it was bound to."""
+
+
+class StateReused(InvalidState):
+    """A ``state`` was already completed with another authorization code: each is single-use."""
+
+
+class AuthorizationDenied(FactorialTokensError):
+    """The callback carried an OAuth ``error`` (the admin refused, or Factorial failed).
+
+    Raised only for a callback whose ``state`` is valid; nothing is sent to Factorial.
+    ``error`` is the OAuth error code, reduced to at most 64 characters of ``[A-Za-z0-9_.-]``.
+    """
+
+    def __init__(self, tenant: str, error: str) -> None:
+        super().__init__(f"access to Factorial was not granted for tenant {tenant!r} ({error})")
+        self.tenant = tenant
+        self.error = error
+
+
+class CompanyMismatch(FactorialTokensError):
+    """A tenant connected to one company received a grant of another company.
+
+    The tenant's stored tokens are left untouched and the unwanted new grant is revoked at
+    Factorial. Pass ``allow_company_change=True`` to replace the company on purpose.
+    Company ids are not secrets; no token appears in the message.
+    """
+
+    def __init__(self, tenant: str, expected: str, got: str) -> None:
+        super().__init__(
+            f"tenant {tenant!r} is connected to company {expected}, but this authorization is for "
+            f"company {got}: refused and revoked at Factorial (to move the tenant to another "
+            "company on purpose, pass allow_company_change=True)"
+        )
+        self.tenant = tenant
+        self.expected = expected
+        self.got = got
 
 
 class InvalidCallback(FactorialTokensError, ValueError):

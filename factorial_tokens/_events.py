@@ -1,13 +1,29 @@
-"""Events the manager emits: for alerts (a company must reconnect) and audit trails."""
+"""Events the manager emits: for alerts (a company must reconnect) and audit trails.
+
+Listeners run off the refresh path: :class:`EventDispatcher` hands each event to one
+background thread per manager, which calls the listeners in order. A slow listener
+delays only the events after it, a failing one is logged; neither delays nor breaks a
+refresh. A listener that returns a coroutine has it scheduled on the manager's loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import inspect
+import logging
+import queue
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
 __all__ = ["EventKind", "TokenEvent"]
+
+log = logging.getLogger("factorial_tokens.events")
 
 
 class EventKind(enum.Enum):
@@ -19,11 +35,25 @@ class EventKind(enum.Enum):
     REVOKED = "revoked"  # revoked at Factorial and forgotten
     FORGOTTEN = "forgotten"  # removed from the store
     SEAL_ERROR = "seal_error"  # a stored record could not be opened
+    REFRESH_FAILED = "refresh_failed"  # a refresh this process made failed (``error``)
+    RATE_LIMITED = "rate_limited"  # Factorial answered 429 (``retry_after``)
+    STALE_SERVED = "stale_served"  # the store was down: a cached, still valid token was served
+    LEASE_LOST = "lease_lost"  # a refresher lost its lease (renewal refused or fenced out)
+    REFRESH_TIMEOUT = "refresh_timeout"  # a caller gave up waiting for another worker's refresh
+    RECONNECTED = "reconnected"  # a new grant replaced the tenant's previous one (revoked)
+    COMPANY_MISMATCH = "company_mismatch"  # a grant of another company was refused and revoked
 
 
 @attrs.frozen
 class TokenEvent:
-    """One event. ``fingerprint`` identifies the access token without revealing it."""
+    """One event. ``fingerprint`` identifies the access token without revealing it.
+
+    ``duration``: seconds the operation took, where it has one (a refresh from lease
+    acquired to commit, an exchange, a wait); ``error``: the error's type and message
+    (never a token); ``retry_after``: the seconds Factorial asked to wait (429).
+    ``company_id`` is the grant's company where known (``exchanged``, ``reconnected``,
+    ``company_mismatch``); ``previous_company_id`` the company of the replaced or kept grant.
+    """
 
     kind: EventKind
     tenant: str
@@ -31,3 +61,102 @@ class TokenEvent:
     version: int | None = None
     detail: str = ""
     at: float = attrs.field(factory=time.time)
+    duration: float | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+    company_id: str | None = None
+    previous_company_id: str | None = None
+
+
+#: Called with each event; may return a coroutine (scheduled on the manager's loop).
+Listener = Callable[[TokenEvent], object]
+
+_STOP = object()
+
+
+class EventDispatcher:
+    """Delivers events to listeners on one background thread, in the order emitted."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def add(self, listener: Listener) -> Callable[[], None]:
+        """Add a listener; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def publish(self, event: TokenEvent) -> None:
+        """Queue ``event`` for the listeners; returns at once."""
+        if not self._listeners:
+            return
+        if self._loop is None:
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
+        self._queue.put((event, list(self._listeners)))
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="factorial-tokens-events", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            event, listeners = item
+            for listener in listeners:
+                try:
+                    result = listener(event)
+                    if inspect.iscoroutine(result):
+                        self._schedule(result)
+                except Exception:
+                    log.exception(
+                        "event listener failed on %s", event.kind.value, extra={"event": "listener_failed"}
+                    )
+
+    def _schedule(self, coro: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            log.warning("an async event listener could not be scheduled: no running loop")
+            return
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        future.add_done_callback(_log_failure)
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every event published so far was handed to the listeners.
+
+        Returns False if that took longer than ``timeout`` (a listener is stuck).
+        """
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return await asyncio.to_thread(done.wait, timeout)
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Deliver what is queued (for up to ``timeout``), then stop the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        await self.flush(timeout)
+        self._queue.put(_STOP)
+        await asyncio.to_thread(thread.join, 1.0)
+        self._thread = None
+
+
+def _log_failure(future: Any) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        failure = future.exception()
+        log.error("an async event listener failed: %r", failure, extra={"event": "listener_failed"})

@@ -9,6 +9,10 @@ agrees on who is due.
 
 Refreshes go through the manager's usual path (single-flight, under the tenant's lease,
 fenced): a tenant that another worker refreshed since the listing is not refreshed again.
+Up to ``concurrency`` tenants are visited at once, and every refresh waits for the fleet's
+back-pressure (a provider 429's hold, the manager's ``refresh_rate`` budget), so a pass over
+10,000 tenants neither runs them one by one nor all at once. With a budget, keep
+``concurrency * 60 / refresh_rate`` below the manager's ``refresh_deadline``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ log = logging.getLogger("factorial_tokens.keepalive")
 
 #: Refresh tokens older than this are renewed (Factorial's last about a week).
 DEFAULT_MAX_AGE = 5 * 86400.0
+
+#: Tenants a keepalive pass visits at once.
+DEFAULT_CONCURRENCY = 16
 
 
 @attrs.frozen
@@ -74,7 +81,9 @@ class KeepAliveReport:
         return not (self.failed or self.lost or self.needs_reauth)
 
 
-def _check(max_age: float, interval: float, jitter: float) -> None:
+def _check(max_age: float, interval: float, jitter: float, concurrency: int = 1) -> None:
+    if not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError("keepalive concurrency must be a positive integer")
     if not max_age > 0:
         raise ConfigurationError("keepalive max_age must be positive")
     if not interval > 0:
@@ -97,18 +106,28 @@ async def keep_alive_pass(
     max_age: float = DEFAULT_MAX_AGE,
     jitter: float = 0.2,
     now: float | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> KeepAliveReport:
-    """Run one pass over every tenant of the manager's app; see the module docstring.
+    """Run one pass over every tenant of the manager's app, ``concurrency`` at a time;
+    see the module docstring.
 
     Errors on one tenant are logged and the pass goes on. Raises StoreUnavailable only
     when the tenants cannot be listed, ConfigurationError for bad arguments.
     """
-    _check(max_age, 1.0, jitter)
+    _check(max_age, 1.0, jitter, concurrency)
     infos = await manager.tenants()
     now = time.time() if now is None else now
+    visited = [""] * len(infos)
+    todo = iter(enumerate(infos))
+
+    async def visitor() -> None:
+        for index, info in todo:  # one shared iterator: each tenant is taken once
+            visited[index] = await _visit(manager, info, now, max_age, jitter)
+
+    await asyncio.gather(*(visitor() for _ in range(min(concurrency, len(infos)))))
     groups: dict[str, list[str]] = {name: [] for name in attrs.fields_dict(KeepAliveReport)}
-    for info in infos:
-        groups[await _visit(manager, info, now, max_age, jitter)].append(info.tenant)
+    for info, group in zip(infos, visited, strict=True):
+        groups[group].append(info.tenant)
     report = KeepAliveReport(**{name: tuple(tenants) for name, tenants in groups.items()})
     log.info(
         "keepalive pass: %d tenants, %d refreshed, %d not due, %d need re-authorization, %d failed",
@@ -152,18 +171,20 @@ async def keep_alive(
     interval: float = 3600.0,
     jitter: float = 0.2,
     once: bool = False,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> KeepAliveReport:
     """Run keepalive passes every ``interval`` seconds (jittered by ``jitter``) until
-    cancelled; with ``once=True`` run one pass and return its report.
+    cancelled; with ``once=True`` run one pass and return its report. Each pass visits
+    ``concurrency`` tenants at once.
 
     In the loop, a pass that cannot list the tenants (StoreUnavailable) is logged and
     retried on the next tick. ``interval`` must stay well below the refresh token's
     lifetime minus ``max_age`` (an hour against two days, by default).
     """
-    _check(max_age, interval, jitter)
+    _check(max_age, interval, jitter, concurrency)
     while True:
         try:
-            report = await keep_alive_pass(manager, max_age=max_age, jitter=jitter)
+            report = await keep_alive_pass(manager, max_age=max_age, jitter=jitter, concurrency=concurrency)
         except StoreUnavailable as exc:
             if once:
                 raise

@@ -23,8 +23,10 @@ from ._store import (
     Notifier,
     Record,
     TenantKey,
+    ThrottleState,
     Update,
     Watch,
+    hold_digest,
 )
 
 __all__ = ["MemoryStore"]
@@ -55,6 +57,7 @@ class MemoryStore:
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
         self._claims: dict[tuple[str, str], _Claim] = {}
+        self._throttles: dict[str, ThrottleState] = {}
         self._notifier = Notifier()
 
     @classmethod
@@ -180,6 +183,18 @@ class MemoryStore:
         held.expires = self._clock() + (ttl if state is ClaimState.SENT else CLAIM_RETENTION)
         self._notifier.notify(held.key.digest)
         return True
+
+    async def hold(self, namespace: str, until: float) -> float:
+        state = self._throttles.get(namespace, ThrottleState())
+        if until > state.not_before:
+            state = self._throttles[namespace] = attrs.evolve(state, not_before=until)
+            self._notifier.notify(hold_digest(namespace))
+        return state.not_before
+
+    async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
+        state = self._throttles.get(namespace, ThrottleState())
+        wait, self._throttles[namespace] = state.admit(time.time(), ticket, interval, burst)
+        return wait
 
     async def tenants(self, namespace: str) -> list[Record]:
         return [s.record for s in self._slots.values() if s.record and s.record.key.namespace == namespace]

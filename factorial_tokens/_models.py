@@ -38,23 +38,37 @@ def _redacted(value: str | None) -> str:
     return "None" if value is None else f"<{fingerprint(value)}>"
 
 
-def validate_tenant(tenant: object) -> str:
-    """Return ``tenant`` if it is a valid tenant id, else raise :class:`InvalidTenant`.
+#: Unicode categories refused in tenant ids: controls, format characters (zero-width,
+#: bidi overrides), private use, surrogates, line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Zl", "Zp"})
 
-    A tenant id is a non-empty string of at most 200 characters without control
-    characters or lone surrogates; any other unicode is allowed. Stores never build keys
-    or queries by pasting it in: they hash it or bind it as a parameter.
+
+def validate_tenant(tenant: object) -> str:
+    """Return ``tenant`` NFC-normalised if it is a valid tenant id, else raise :class:`InvalidTenant`.
+
+    A tenant id is a non-empty string of at most 200 characters (after NFC normalisation)
+    with no character of the categories Cc, Cf, Co, Cs, Zl or Zp, so two ids that look
+    the same are the same id (``"acme\\u200b"`` is refused; a decomposed ``"café"`` is the
+    composed one). Stores never build keys or queries by pasting it in: they hash it or
+    bind it as a parameter.
     """
     if not isinstance(tenant, str):
         raise InvalidTenant(f"tenant id must be a string, not {type(tenant).__name__}")
     if not tenant:
         raise InvalidTenant("tenant id must not be empty")
-    if len(tenant) > MAX_TENANT_LENGTH:
+    if len(tenant) > 4 * MAX_TENANT_LENGTH:
         raise InvalidTenant(f"tenant id is {len(tenant)} characters long; at most {MAX_TENANT_LENGTH}")
     if not (tenant.isascii() and tenant.isprintable()):
         for ch in tenant:
-            if unicodedata.category(ch) in ("Cc", "Cs"):
-                raise InvalidTenant(f"tenant id holds a control character (U+{ord(ch):04X})")
+            category = unicodedata.category(ch)
+            if category in _REFUSED_CATEGORIES:
+                raise InvalidTenant(
+                    "tenant id holds a control, invisible or separator character "
+                    f"(U+{ord(ch):04X}, {category})"
+                )
+        tenant = unicodedata.normalize("NFC", tenant)
+    if len(tenant) > MAX_TENANT_LENGTH:
+        raise InvalidTenant(f"tenant id is {len(tenant)} characters long; at most {MAX_TENANT_LENGTH}")
     return tenant
 
 
@@ -98,8 +112,10 @@ class TokenSet:
     """An access token with its refresh token and lifetime, as Factorial issued it.
 
     ``expires_at`` is the wall-clock time the request was sent plus ``expires_in``;
-    ``None`` means the token does not expire (Factorial's company tokens). ``repr`` and
-    ``str`` show fingerprints, never the tokens.
+    ``None`` means the token does not expire (Factorial's company tokens). ``company_id``
+    is the Factorial company the grant belongs to, learnt from the credentials endpoint
+    when the code was exchanged (the tenant is pinned to it); ``None`` if unknown. ``repr``
+    and ``str`` show fingerprints, never the tokens.
     """
 
     access_token: str = attrs.field(repr=_redacted, validator=attrs.validators.min_len(1))
@@ -109,6 +125,7 @@ class TokenSet:
     expires_at: float | None = None
     obtained_at: float = attrs.field(factory=time.time)
     created_at: int | None = None
+    company_id: str | None = None
 
     @property
     def lifetime(self) -> float | None:

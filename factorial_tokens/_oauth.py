@@ -3,7 +3,9 @@
 It knows nothing of stores. Every call has a deadline. Rules for retries:
 
 * 429, 500 and 503 are retried with jittered exponential backoff inside the deadline,
-  honouring ``Retry-After`` (the request was refused before any grant was processed);
+  honouring ``Retry-After`` (the request was refused before any grant was processed); a
+  token request's 429, or 503 with ``Retry-After``, is also told to ``on_retry_after``
+  (the manager holds the whole fleet's refreshes until then);
 * for token requests (exchange, refresh) a read timeout, a dropped connection, 502/504
   or a success body that cannot be read may mean the grant *was* processed: that is
   raised as :class:`RequestInDoubt` and never retried here;
@@ -20,6 +22,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -51,6 +54,9 @@ _MAX_LIFETIME = 365 * 86400.0
 #: The lifetime assumed when a 2xx answer's ``expires_in`` cannot be read: the tokens are
 #: kept (they are authoritative), refreshed early, and a 401 reloads them anyway.
 _FALLBACK_LIFETIME = 600.0
+
+#: Told of every HTTP attempt: ``(url, status or failure kind, seconds, Retry-After)``.
+AttemptObserver = Callable[[str, int | str, float, float | None], None]
 
 
 def _excerpt(body: bytes, *secrets: str | None) -> str:
@@ -96,14 +102,18 @@ class OAuthClient:
         connect_timeout: float = 5.0,
         backoff: float = 0.2,
         max_backoff: float = 5.0,
+        on_retry_after: Callable[[float], None] | None = None,
     ) -> None:
         self.app = app
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.on_retry_after = on_retry_after
         self._session = session
         self._owns_session = session is None
+        #: Told of every HTTP attempt (metrics, health); never sees a request or a body.
+        self.observer: AttemptObserver | None = None
 
     def __repr__(self) -> str:
         return f"OAuthClient(client_id={self.app.client_id!r}, base_url={self.app.base_url!r})"
@@ -149,15 +159,18 @@ class OAuthClient:
         }
         return await self._grant(form, deadline, code)
 
-    async def refresh(self, refresh_token: str, *, deadline: float) -> TokenSet:
-        """Trade a refresh token for a new token set (the refresh token rotates)."""
+    async def refresh(
+        self, refresh_token: str, *, deadline: float, retry_until: float | None = None
+    ) -> TokenSet:
+        """Trade a refresh token for a new token set (the refresh token rotates).
+        ``retry_until``: no new attempt starts after it (each attempt keeps ``deadline``)."""
         form = {
             "client_id": self.app.client_id,
             "client_secret": self.app.client_secret,
             "refresh_token": refresh_token,
             "grant_type": "refresh_token",
         }
-        return await self._grant(form, deadline, refresh_token)
+        return await self._grant(form, deadline, refresh_token, retry_until)
 
     async def revoke(self, token: str, *, deadline: float) -> None:
         """Revoke an access or refresh token (either kills both); unknown tokens are fine."""
@@ -185,10 +198,21 @@ class OAuthClient:
         except ValueError as exc:
             raise ProviderError(status, "invalid_response", str(exc)) from None
 
-    async def _grant(self, form: dict[str, str], deadline: float, secret: str) -> TokenSet:
+    async def _grant(
+        self, form: dict[str, str], deadline: float, secret: str, retry_until: float | None = None
+    ) -> TokenSet:
         url = f"{self.app.base_url}/oauth/token"
         sent_at = time.time()
-        status, body, sent_at = await self._send("POST", url, deadline, secret, idempotent=False, data=form)
+        status, body, sent_at = await self._send(
+            "POST",
+            url,
+            deadline,
+            secret,
+            idempotent=False,
+            throttled=True,
+            retry_until=retry_until,
+            data=form,
+        )
         if status in _GATEWAY:
             raise RequestInDoubt(status, "gateway_error", _excerpt(body, secret, self.app.client_secret))
         if not 200 <= status < 300:
@@ -205,9 +229,19 @@ class OAuthClient:
             raise RequestInDoubt(status, "invalid_response", str(exc)) from None
 
     async def _send(
-        self, method: str, url: str, deadline: float, secret: str, *, idempotent: bool, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        deadline: float,
+        secret: str,
+        *,
+        idempotent: bool,
+        throttled: bool = False,
+        retry_until: float | None = None,
+        **kwargs: Any,
     ) -> tuple[int, bytes, float]:
-        """Send with retries; returns (status, body, wall time the answered attempt was sent)."""
+        """Send with retries; returns (status, body, wall time the answered attempt was sent).
+        ``throttled``: tell ``on_retry_after`` of a 429, or a 503 with ``Retry-After``."""
         loop = asyncio.get_running_loop()
         attempt = 0
         first_refused: float | None = None
@@ -225,16 +259,24 @@ class OAuthClient:
                     method, url, timeout=timeout, allow_redirects=False, **kwargs
                 ) as resp:
                     status = resp.status
+                    # Observed at the status line: a body that cannot be read is still an answer.
+                    self._observe(url, status, sent_at, resp.headers.get("Retry-After"))
                     body = await _read_body(resp, in_doubt=not idempotent)
                     if status not in (_RETRYABLE | _GATEWAY if idempotent else _RETRYABLE):
                         return status, body, sent_at
-                    if status == 429:
+                    if status in (429, 503):
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
+                        if throttled and self.on_retry_after is not None:
+                            if retry_after is not None:
+                                self.on_retry_after(retry_after)
+                            elif status == 429:
+                                self.on_retry_after(self.backoff * 2**attempt)
                     failure = self._error(status, body, secret)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never connected: nothing was sent, so a retry is always safe; but a host that
                 # refuses or never answers for connect_timeout is reported then, not at the
                 # deadline, and named (a wrong base URL is the usual cause).
+                self._observe(url, "connection_error", sent_at, None)
                 now = loop.time()
                 first_refused = now if first_refused is None else first_refused
                 failure = ProviderError(
@@ -248,16 +290,26 @@ class OAuthClient:
                     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
                     else ("connection_lost")
                 )
+                self._observe(url, kind, sent_at, None)
                 if not idempotent:
                     raise RequestInDoubt(None, kind, "the request was sent but no answer came") from None
                 failure = ProviderError(None, kind, type(exc).__name__)
             delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            if loop.time() + delay >= deadline:
+            if loop.time() + delay >= min(deadline, retry_until or deadline):
                 raise failure
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _observe(self, url: str, status: int | str, sent_at: float, retry_after: str | None) -> None:
+        if self.observer is None:
+            return
+        wait = _retry_after(retry_after) if status == 429 else None
+        try:
+            self.observer(url, status, max(time.time() - sent_at, 0.0), wait)
+        except Exception:  # instrumentation never breaks a request
+            logging.getLogger("factorial_tokens.telemetry").exception("the request observer failed")
 
     def _json(self, status: int, body: bytes, secret: str, *, in_doubt: bool) -> dict[str, Any]:
         error = RequestInDoubt if in_doubt else ProviderError

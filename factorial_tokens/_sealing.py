@@ -60,7 +60,7 @@ from ._store import Lease, Record, Store, TenantKey, Update, acquire_within
 if TYPE_CHECKING:
     from ._manager import TokenManager
 
-__all__ = ["Keyring", "SealedCodec", "ensure_key_file", "rekey"]
+__all__ = ["Keyring", "SealedCodec", "rekey"]
 
 log = logging.getLogger("factorial_tokens")
 
@@ -98,7 +98,8 @@ class Keyring:
 
     Build one from ``(key id, key bytes)`` pairs, from text (:meth:`parse`), from the
     ``FACTORIAL_TOKENS_KEYS`` environment variable (:meth:`from_env`), from a key file
-    (:meth:`from_file`, :func:`ensure_key_file`), or :meth:`generate` a new one.
+    (:meth:`from_file`), or :meth:`generate` a new one. Nothing here creates keys on its
+    own: a keyring is always named explicitly (``factorial-tokens keygen`` writes one).
 
     Raises ConfigurationError for an empty keyring, a duplicate or malformed key id, or
     a key that is not 32 bytes. Neither the repr nor any error shows key material.
@@ -292,20 +293,23 @@ def sealed_with(payload: bytes) -> str | None:
 class SealedCodec:
     """A :class:`~factorial_tokens.PayloadCodec` that seals token sets with AES-GCM.
 
-    Writes always seal under the keyring's newest key. Reads open any key of the ring;
-    plain ``j1:`` records (written before sealing was switched on) stay readable unless
-    ``require_sealed=True``. Anything that cannot be opened raises TokenSealError.
+    Writes always seal under the keyring's newest key. Reads open any key of the ring.
+    A plain ``j1:`` record is refused (TokenSealError): with a keyring, a record the key
+    did not seal was written by someone without the key. ``allow_plaintext=True`` reads
+    them anyway, for the migration of a store written before sealing was switched on:
+    :func:`rekey` then seals every plain record, after which the default applies again.
+    Anything that cannot be opened raises TokenSealError.
     """
 
-    def __init__(self, keyring: Keyring, *, require_sealed: bool = False) -> None:
+    def __init__(self, keyring: Keyring, *, allow_plaintext: bool = False) -> None:
         if not isinstance(keyring, Keyring):
             raise ConfigurationError("SealedCodec needs a Keyring")
         self.keyring = keyring
-        self.require_sealed = require_sealed
+        self.allow_plaintext = allow_plaintext
         self._plain = JsonCodec()
 
     def __repr__(self) -> str:
-        return f"SealedCodec({self.keyring!r}, require_sealed={self.require_sealed})"
+        return f"SealedCodec({self.keyring!r}, allow_plaintext={self.allow_plaintext})"
 
     def encode(self, key: TenantKey, tokens: TokenSet) -> bytes:
         """Seal ``tokens`` for ``key`` under the newest key."""
@@ -328,45 +332,14 @@ class SealedCodec:
         if payload.startswith(_SEALED):
             return self.keyring._open(key, payload)
         if payload.startswith(_PLAIN):
-            if self.require_sealed:
+            if not self.allow_plaintext:
                 raise TokenSealError(
-                    f"the record of tenant {key.tenant!r} is not sealed, and sealing is required "
-                    "(run rekey to seal plain records)"
+                    f"the record of tenant {key.tenant!r} is not sealed, but a keyring is set: it was "
+                    "not written with the key (to migrate a store sealed late, open it with "
+                    "allow_plaintext=True and run rekey)"
                 )
             return payload[len(_PLAIN) :]
         raise TokenSealError(f"the record of tenant {key.tenant!r} has an unknown payload format")
-
-
-# -- key files ---------------------------------------------------------------------------
-
-
-def ensure_key_file(path: str | os.PathLike[str]) -> Keyring:
-    """The keyring in key file ``path``, creating it (mode 0600, one new key) if missing.
-
-    Safe against concurrent first use: the file appears atomically, complete, once;
-    every caller reads the same keys. Raises ConfigurationError if an existing file is
-    accessible to group or others, or is malformed.
-    """
-    path = Path(path)
-    if not path.exists():
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        except OSError as exc:
-            raise ConfigurationError(f"key file {str(path)!r} cannot be created: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                os.fchmod(handle.fileno(), 0o600)
-                handle.write("# factorial-tokens keys: <key id>:<base64 key>, newest last\n")
-                handle.write(Keyring.generate().export())
-                handle.flush()
-                os.fsync(handle.fileno())
-            with contextlib.suppress(FileExistsError):  # another process created it first
-                os.link(tmp, path)
-                log.info("created key file %s (mode 0600)", path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return Keyring.from_file(path)
 
 
 # -- rotation ----------------------------------------------------------------------------
@@ -383,7 +356,9 @@ async def rekey(
     """Re-seal every record of ``namespace`` under ``keyring``'s newest key; return how many.
 
     ``target`` is a TokenManager (its store and, by default, its app's client id as the
-    namespace) or a Store (``namespace`` required). Plain ``j1:`` records are sealed too.
+    namespace) or a Store (``namespace`` required). Plain ``j1:`` records are sealed too:
+    this completes a migration to sealing (workers opened with ``allow_plaintext=True``
+    until then).
     Records already sealed under the newest key are left alone.
 
     Safe while workers run: each tenant is re-sealed under its lease (a busy tenant is
@@ -404,7 +379,7 @@ async def rekey(
         store = target
     if namespace is None:
         raise ConfigurationError("rekey on a store needs the namespace (the app's client id)")
-    codec = SealedCodec(keyring)
+    codec = SealedCodec(keyring, allow_plaintext=True)
     pending = [r.key for r in await store.tenants(namespace) if not codec.is_current(r.payload)]
     done = 0
     unopened: list[str] = []

@@ -25,6 +25,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import attrs
+
 from ._errors import ConfigurationError, StoreUnavailable
 from ._store import (
     CLAIM_RETENTION,
@@ -37,8 +39,10 @@ from ._store import (
     Record,
     TenantKey,
     TenantStatus,
+    ThrottleState,
     Update,
     Watch,
+    hold_digest,
 )
 
 __all__ = ["SQLiteStore"]
@@ -254,6 +258,17 @@ class SQLiteStore:
                 conn.close()
 
     def _open(self) -> sqlite3.Connection:
+        # Created 0600 before SQLite sees it: SQLite gives the -wal and -shm files the
+        # database file's permissions, so all three stay private to the owner.
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                mode = os.stat(self.path).st_mode & 0o777
+                if mode & 0o077:
+                    log.warning("%s is accessible to group or others (mode %04o)", self.path, mode)
+        except OSError:
+            pass  # sqlite3.connect below reports it
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -337,6 +352,17 @@ class SQLiteStore:
         """Write ``update`` (``None`` forgets the tenant), fence out any holder, announce."""
         change = await self._run(_replace, key, update)
         self._announce(key.digest, change)
+
+    async def hold(self, namespace: str, until: float) -> float:
+        """Raise the app's "not before" instant to ``until`` if later (and announce it)."""
+        not_before, change = await self._run(_hold, namespace, until)
+        if change is not None:
+            self._announce(hold_digest(namespace), change)
+        return not_before
+
+    async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
+        """Seconds to wait before a provider call (the hold, or the shared budget); 0: admitted."""
+        return await self._run(_admit, namespace, ticket, interval, burst)
 
     async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
         """Claim a code if unclaimed (or its CLAIMED claim expired); else report the claim."""
@@ -699,6 +725,37 @@ def _advance_code(
         )
         digest = TenantKey(claim.key.namespace, row[0]).digest
         return digest, _log_change(conn, digest)
+
+
+def _throttle(conn: sqlite3.Connection, namespace: str) -> ThrottleState:
+    # Kept in ``meta`` (one row per app), so the schema needs no new table.
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (f"throttle:{namespace}",)).fetchone()
+    return ThrottleState.decode(None if row is None else str(row[0]))
+
+
+def _set_throttle(conn: sqlite3.Connection, namespace: str, state: ThrottleState) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (f"throttle:{namespace}", state.encode()),
+    )
+
+
+def _hold(conn: sqlite3.Connection, namespace: str, until: float) -> tuple[float, int | None]:
+    with _immediate(conn):
+        state = _throttle(conn, namespace)
+        if until <= state.not_before:
+            return state.not_before, None
+        _set_throttle(conn, namespace, attrs.evolve(state, not_before=until))
+        return until, _log_change(conn, hold_digest(namespace))
+
+
+def _admit(conn: sqlite3.Connection, namespace: str, ticket: str, interval: float, burst: int) -> float:
+    with _immediate(conn):
+        state = _throttle(conn, namespace)
+        wait, after = state.admit(time.time(), ticket, interval, burst)
+        if after != state:
+            _set_throttle(conn, namespace, after)
+        return wait
 
 
 def _tenants(conn: sqlite3.Connection, namespace: str) -> list[Record]:

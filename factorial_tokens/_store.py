@@ -19,6 +19,11 @@ Primitives (each one atomic, each one round trip where the backend allows):
   changes; a bounded, jittered poll is only the fallback.
 * ``tenants``, ``check`` (health), ``aclose``.
 
+A capability every shipped store also has (:class:`Throttle`): fleet-wide back-pressure
+per app. ``hold`` records a "not before" instant after the provider said 429 (or 503
+with ``Retry-After``) and announces it; ``admit`` answers how long to wait before the next
+provider call, by that instant and by an optional shared rate budget (a token bucket).
+
 Every failure of the backend surfaces as :class:`~factorial_tokens.StoreUnavailable`.
 
 Every primitive must be safe to run twice (a client resends a command whose reply was
@@ -57,8 +62,11 @@ __all__ = [
     "Store",
     "TenantKey",
     "TenantStatus",
+    "Throttle",
+    "ThrottleState",
     "Update",
     "Watch",
+    "hold_digest",
     "store_from_url",
 ]
 
@@ -240,6 +248,73 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Close what the store created (not what it was given)."""
         ...
+
+
+def hold_digest(namespace: str) -> str:
+    """The digest a store announces a raised hold on: the namespace's own, which no
+    tenant has (a tenant id is never empty)."""
+    return TenantKey(namespace, "").digest
+
+
+@runtime_checkable
+class Throttle(Protocol):
+    """Fleet-wide back-pressure for one app (a namespace); every shipped store has it.
+
+    Both primitives are safe to resend: ``hold`` keeps the later instant, and ``admit``
+    with a ticket it already admitted answers 0 again without taking a second unit.
+    Instants are wall-clock seconds (hosts keep their clocks in sync, as for expiry).
+    """
+
+    async def hold(self, namespace: str, until: float) -> float:
+        """Raise the namespace's "not before" instant to ``until`` if that is later, and
+        announce it on :func:`hold_digest`; return the instant now in force (``hold(ns, 0)``
+        only reads it)."""
+        ...
+
+    async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
+        """Seconds to wait before one provider call may be sent: until the "not before"
+        instant, or, with ``interval > 0``, until the shared budget (one call per
+        ``interval`` seconds, ``burst`` at once) has room. 0 means admitted, and one unit
+        of the budget was taken for ``ticket``."""
+        ...
+
+
+@attrs.frozen
+class ThrottleState:
+    """A namespace's back-pressure state, for stores that keep it as one value: the
+    "not before" instant, the budget's theoretical arrival time (GCRA), the last ticket
+    admitted."""
+
+    not_before: float = 0.0
+    tat: float = 0.0
+    ticket: str = ""
+
+    def encode(self) -> str:
+        """As one line of text."""
+        return f"{self.not_before!r} {self.tat!r} {self.ticket}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> ThrottleState:
+        """From :meth:`encode`'s text (``None`` or malformed: the empty state)."""
+        try:
+            not_before, tat, ticket = (text or "").split(" ", 2)
+            return cls(float(not_before), float(tat), ticket)
+        except ValueError:
+            return cls()
+
+    def admit(self, now: float, ticket: str, interval: float, burst: int) -> tuple[float, ThrottleState]:
+        """The wait :meth:`Throttle.admit` answers at ``now``, and the state after it."""
+        if ticket and ticket == self.ticket:
+            return 0.0, self  # a resend of an admission already made
+        if self.not_before > now:
+            return self.not_before - now, self
+        if interval <= 0:
+            return 0.0, self
+        tat = max(self.tat, now)
+        wait = tat - (max(burst, 1) - 1) * interval - now
+        if wait > 0:
+            return wait, self
+        return 0.0, attrs.evolve(self, tat=tat + interval, ticket=ticket)
 
 
 class _EventWatch:

@@ -11,7 +11,8 @@ loop) reach it over loopback. Use::
         pool.go(initial={...})    # the go signal, the same instant for all
         reports = await pool.results()
 
-Each :class:`Report` says what one worker's callers saw. ``pool.kill(pid)`` SIGKILLs a
+Each :class:`Report` says what one worker's callers saw (``least``: the least time a
+token had left when a caller got it, per tenant). ``pool.kill(pid)`` SIGKILLs a
 worker; a worker killed (by the parent or by its own kill switch) reports ``killed``.
 """
 
@@ -36,7 +37,7 @@ from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["Report", "Scenario", "WorkerPool", "all_tokens", "total_api", "total_errors"]
+__all__ = ["Report", "Scenario", "WorkerPool", "all_tokens", "least_valid", "total_api", "total_errors"]
 
 
 @attrs.frozen(kw_only=True)
@@ -50,6 +51,8 @@ class Scenario:
     ``until_changed``). Task ``i`` works on ``tenants[i % len(tenants)]``.
     ``manager``: TokenManager keyword arguments (time budgets, leeway).
     ``kill_at``: the worker-side kill switch (see ``tests/multiproc_worker.py``).
+    ``telemetry``: each worker reads its own metrics (OpenTelemetry SDK, in memory) and
+    reports them in ``Report.metrics``.
     """
 
     kind: str
@@ -61,6 +64,7 @@ class Scenario:
     until_changed: bool = False
     manager: dict[str, Any] = attrs.field(factory=dict)
     kill_at: str | None = None
+    telemetry: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -75,7 +79,9 @@ class Report:
     api: dict[int, int] = attrs.field(factory=dict)
     calls: int = 0
     finished: list[float] = attrs.field(factory=list)
+    least: dict[str, float] = attrs.field(factory=dict)
     stderr: str = ""
+    metrics: dict[str, int] = attrs.field(factory=dict)
 
 
 class WorkerPool:
@@ -125,6 +131,7 @@ class WorkerPool:
                 "until_changed": s.until_changed,
                 "manager": s.manager,
                 "kill_at": s.kill_at,
+                "telemetry": s.telemetry,
                 "marker": str(self.marker) if self.marker else None,
             }
         )
@@ -228,7 +235,9 @@ class WorkerPool:
                     api={int(k): v for k, v in data["api"].items()},
                     calls=data["calls"],
                     finished=data["finished"],
+                    least=data["least"],
                     stderr=self._stderr_of(i),
+                    metrics=data.get("metrics", {}),
                 )
             )
         return reports
@@ -237,6 +246,11 @@ class WorkerPool:
 def all_tokens(reports: list[Report], tenant: str) -> set[str]:
     """Every access-token fingerprint any worker's callers got for ``tenant``."""
     return {fp for report in reports for fp in report.tokens.get(tenant, [])}
+
+
+def least_valid(reports: list[Report]) -> float:
+    """The least time (seconds) a token had left when any caller of any worker got it."""
+    return min((left for report in reports for left in report.least.values()), default=float("inf"))
 
 
 def total_errors(reports: list[Report]) -> Counter[str]:

@@ -36,6 +36,7 @@ from factorial_tokens import (
     Store,
     TenantKey,
     TokenManager,
+    TokenSet,
     Update,
     fingerprint,
     store_from_url,
@@ -89,11 +90,19 @@ class Tally:
         self.api: Counter[int] = Counter()
         self.calls = 0
         self.finished: list[float] = []
+        self.least: dict[str, float] = {}
 
     def saw(self, tenant: str, token: str) -> str:
         fp = fingerprint(token)
         self.tokens.setdefault(tenant, set()).add(fp)
         return fp
+
+    def saw_set(self, tenant: str, tokens: TokenSet) -> str:
+        """Also note how long the token had left when the caller got it."""
+        if tokens.expires_at is not None:
+            left = tokens.expires_at - time.time()
+            self.least[tenant] = min(self.least.get(tenant, left), left)
+        return self.saw(tenant, tokens.access_token)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +112,7 @@ class Tally:
             "api": {str(k): v for k, v in self.api.items()},
             "calls": self.calls,
             "finished": self.finished,
+            "least": self.least,
         }
 
 
@@ -129,7 +139,7 @@ async def traffic_task(
     while loop.time() < until:
         tally.calls += 1
         try:
-            fp = tally.saw(tenant, await tm.access_token(tenant))
+            fp = tally.saw_set(tenant, await tm.token_set(tenant))
             if config.get("api"):
                 async with tm.client(tenant) as api, api.get(API_PATH) as response:
                     tally.api[response.status] += 1
@@ -157,8 +167,15 @@ async def main(config: dict[str, Any]) -> None:
     if config.get("kill_at"):
         store = KillSwitch(store, config["kill_at"], config["marker"])
     tally = Tally()
+    otel = None
+    options = dict(config.get("manager", {}))
+    if config.get("telemetry"):
+        from .otel import Otel
+
+        otel = Otel()
+        options["telemetry"] = otel.telemetry
     try:
-        async with TokenManager(app, store, **config.get("manager", {})) as tm:
+        async with TokenManager(app, store, **options) as tm:
             print("READY", flush=True)
             line = await asyncio.to_thread(sys.stdin.readline)
             if not line:
@@ -175,7 +192,24 @@ async def main(config: dict[str, Any]) -> None:
             await asyncio.gather(*tasks)
     finally:
         await store.aclose()
-    print("RESULT " + json.dumps(tally.as_json()), flush=True)
+    result = tally.as_json()
+    if otel is not None:
+        result["metrics"] = metric_totals(otel)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def metric_totals(otel: Any) -> dict[str, int]:
+    """This process's counters (and histogram point counts) as ``name|attr|attr: total``."""
+    totals: Counter[str] = Counter()
+    for name, keys in (
+        ("refreshes", ("outcome",)),
+        ("refresh.duration", ("outcome",)),
+        ("exchanges", ("outcome",)),
+        ("provider.requests", ("endpoint", "status")),
+    ):
+        for attrs, value in otel.sums(f"factorial_tokens.{name}", *keys).items():
+            totals["|".join((name, *attrs))] += value
+    return dict(totals)
 
 
 if __name__ == "__main__":

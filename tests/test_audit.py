@@ -51,6 +51,7 @@ from factorial_tokens import (
     TokenSealError,
     Update,
 )
+from factorial_tokens._logs import JsonFormatter
 from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens.testing import FakeFactorial, Fault
 
@@ -100,9 +101,10 @@ def exception_texts(exc: BaseException) -> list[str]:
 
 def log_texts(records: list[logging.LogRecord]) -> list[str]:
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    as_json = JsonFormatter()
     texts = []
     for record in records:
-        texts += [formatter.format(record), repr(record.args), repr(record.msg)]
+        texts += [formatter.format(record), as_json.format(record), repr(record.args), repr(record.msg)]
         if record.exc_info and record.exc_info[1] is not None:
             texts += exception_texts(record.exc_info[1])
     return texts
@@ -498,8 +500,11 @@ async def test_connect_pages_hold_no_secret_and_never_redirect_elsewhere(
                 pages.append(await resp.text())
                 return resp
 
+            def link(tenant: str) -> str:
+                return parse_qs(urlsplit(tm.connect_link(tenant)).query)["link"][0]
+
             async def authorize(tenant: str) -> dict[str, str]:
-                resp = await get(f"/connect/{tenant}")
+                resp = await get(f"/connect/{tenant}", link=link(tenant))
                 assert resp.status == 302
                 query = parse_qs(urlsplit(await sim.authorize(resp.headers["Location"])).query)
                 return {name: values[0] for name, values in query.items()}
@@ -523,8 +528,12 @@ async def test_connect_pages_hold_no_secret_and_never_redirect_elsewhere(
                 resp = await get("/oauth/callback", **params)
                 assert resp.status < 300 or resp.status >= 400
                 assert "Location" not in resp.headers and "evil.example" not in pages[-1]
-            for path in ("/connect/acme", "/connect/%2F%2Fevil.example", "/connect/https:%2F%2Fevil.x"):
-                resp = await get(path, **lures)
+            for path, tenant in (
+                ("/connect/acme", "acme"),
+                ("/connect/%2F%2Fevil.example", "//evil.example"),
+                ("/connect/https:%2F%2Fevil.x", "https://evil.x"),
+            ):
+                resp = await get(path, link=link(tenant), **lures)
                 assert resp.status == 302
                 target = urlsplit(resp.headers["Location"])
                 assert target.netloc == provider and target.path == "/oauth/authorize"
@@ -573,8 +582,10 @@ def test_cli_output_holds_no_secret_but_token(
             outputs.extend([result.stdout, result.stderr])
             return result.stdout
 
-        cli("keepalive", "--once")  # a command that writes creates the key file (status does not)
+        cli("keygen", "--keys-file", f"{db}.keys")  # keys only where told
         ring = Keyring.from_file(f"{db}.keys")
+        env["FACTORIAL_TOKENS_KEYS"] = ring.export().strip()
+        runner.env = env
 
         async def connect() -> None:
             async with TokenManager(app_for(sim), f"sqlite:///{db}", keyring=ring, **BUDGETS) as tm:

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -37,7 +38,6 @@ from factorial_tokens import (
 )
 from factorial_tokens._cli import EXIT_CODES, main
 from factorial_tokens._keepalive import keep_alive_pass, threshold
-from factorial_tokens._sealing import ensure_key_file
 from factorial_tokens._state import StateSigner
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
@@ -100,8 +100,7 @@ def seed(sim: FakeFactorial, store: str, tenant: str, company_id: int, *, compan
     """Connect ``tenant`` in the store as the CLI would read it; return its access token."""
 
     async def run() -> str:
-        keyring = ensure_key_file(urlsplit(store).path[1:] + ".keys")
-        async with TokenManager(app_for(sim), store, keyring=keyring) as tm:
+        async with TokenManager(app_for(sim), store) as tm:
             code = sim.issue_code(company_id=company_id, company_token=company_token)
             return (await tm.exchange_code(tenant, code)).access_token
 
@@ -347,13 +346,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _get(url: str) -> tuple[int, str, str | None]:
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
+
+def browser() -> urllib.request.OpenerDirector:
+    """A client that keeps cookies and never follows redirects: one admin's browser."""
+    return urllib.request.build_opener(_NoRedirect, urllib.request.HTTPCookieProcessor(CookieJar()))
+
+
+def _get(url: str, opener: urllib.request.OpenerDirector | None = None) -> tuple[int, str, str | None]:
+    opener = opener or urllib.request.build_opener(_NoRedirect)
     try:
-        with urllib.request.build_opener(NoRedirect).open(url, timeout=20) as resp:
+        with opener.open(url, timeout=20) as resp:
             return resp.status, resp.read().decode(), resp.headers.get("Location")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(), exc.headers.get("Location")
@@ -377,24 +383,33 @@ def test_serve_connects_a_company(env: dict[str, str], sim: FakeFactorial) -> No
         line = proc.stdout.readline()
         assert line.startswith(f"listening on http://127.0.0.1:{port}"), line
         base = f"http://127.0.0.1:{port}"
-        status, _, location = _get(f"{base}/connect/caf%C3%A9%20%E2%98%95")
+        link = cli("connect-link", "café ☕", "--ttl", "10m", env=env).stdout.strip()
+        assert link.startswith(f"{base}/connect/caf%C3%A9%20%E2%98%95?link=")
+        assert _get(f"{base}/connect/caf%C3%A9%20%E2%98%95")[0] == 403  # no link: closed
+        admin = browser()
+        status, _, location = _get(link, admin)
         assert status == 302 and location and location.startswith(sim.base_url)
         callback = sim.authorize_sync(location)
         assert callback.startswith(redirect + "?")
-        status, page, location = _get(callback)
+        assert _get(callback)[0] == 400  # another browser (no cookie): refused, nothing sent
+        assert sim.stats.token_requests == 0
+        status, page, location = _get(callback, admin)
         assert status == 200 and "café ☕" in page and location is None
-        assert _get(callback)[0] == 200  # a retried callback: same answer
+        assert _get(callback, admin)[0] == 200  # a retried callback: same answer
         assert sim.stats.exchanges == 1 and sim.stats.exchange_attempts == 1
-        status, _, _ = _get(f"{base}/connect/mallory")
-        assert status == 404
-        status, page, _ = _get(f"{base}/oauth/callback?code=x&state=forged")
+        mallory = cli("connect-link", "mallory", env=env).stdout.strip()
+        assert _get(mallory, browser())[0] == 404  # not in --tenant
+        status, page, _ = _get(f"{base}/oauth/callback?code=x&state=forged", admin)
         assert status == 400 and "state" in page
+        assert _get(f"{base}/connect/a%0d%0aFORGED%20GET%20%2Fadmin%20200")[0] == 400
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "code=" not in err and "state=" not in err  # the access log omits the query
+    assert "code=" not in err and "state=" not in err and "link=" not in err  # no query logged
     assert "/oauth/callback" in err
+    assert not any(line.startswith("FORGED") for line in err.splitlines())  # no forged log line
+    assert "/connect/a\\x0d\\x0aFORGED" in err
     assert CLIENT_SECRET not in out + err and not TOKEN_RE.search(out + err)
     assert [r["tenant"] for r in status_json(env)] == ["café ☕"]
 
@@ -405,7 +420,10 @@ def test_serve_on_a_busy_port_exits_2(env: dict[str, str]) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         done = cli("serve", "--port", str(port), env=env)
+        opened = cli("serve", "--open", "--port", str(port), env=env)
     assert done.returncode == 2 and "cannot listen" in done.stderr
+    assert "WARNING" not in done.stderr
+    assert opened.returncode == 2 and "WARNING: --open" in opened.stderr
 
 
 # --------------------------------------------------------------------------- demo

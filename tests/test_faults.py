@@ -105,11 +105,16 @@ async def test_retry_after_beyond_the_deadline_fails_fast(
     connected: tuple[TokenManager, TokenSet], sim: FakeFactorial
 ) -> None:
     tm, before = connected
-    sim.inject(Fault.RATE_LIMITED, times=100, retry_after=60)
+    sim.inject(Fault.RATE_LIMITED, times=100, retry_after=3)  # beyond refresh_deadline (2 s)
     with pytest.raises(ProviderError) as info:
         await tm.refresh("acme")
     assert info.value.status == 429
     assert sim.stats.token_requests == 2
+    # Held: a refresh inside the Retry-After sends nothing and fails fast ...
+    with pytest.raises(ProviderError) as info:
+        await tm.refresh("acme")
+    assert info.value.status == 429 and sim.stats.token_requests == 2
+    await asyncio.sleep(1.2)  # ... and once less than its deadline is left, waits it out
     await assert_recovers(tm, sim, before)
 
 

@@ -192,6 +192,7 @@ async def test_dead_grant_needs_reauthorization(make_sim: SimFactory) -> None:
             assert sim.stats.token_requests == requests  # no hammering
             [info] = await tm.tenants()
             assert info.needs_reauthorization and info.status is TenantStatus.NEEDS_REAUTH
+            assert await tm.flush_events()  # listeners run on a background thread
             assert [e.kind for e in events].count(EventKind.REAUTHORIZATION_REQUIRED) == 1
             token = await connect(tm, sim, company_id=5)  # the company connects again
             assert await tm.access_token("acme") == token
@@ -229,10 +230,12 @@ async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFacto
 async def test_a_cancelled_exchange_still_stores_the_tokens(make_sim: SimFactory) -> None:
     async with make_sim(latency=0.3) as sim:
         async with TokenManager(app_for(sim), "memory://") as tm:
+            exchanged = asyncio.Event()
+            tm.add_listener(lambda event: exchanged.set() if event.kind is EventKind.EXCHANGED else None)
             code = sim.issue_code(company_id=1)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(tm.exchange_code("acme", code), 0.1)
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(exchanged.wait(), 10)
             stored = await tm.tokens("acme")
             assert (await tm.exchange_code("acme", code)).access_token == stored.access_token
             assert sim.stats.exchanges == 1
@@ -307,6 +310,7 @@ async def test_events(tm: TokenManager, sim: FakeFactorial) -> None:
     tm.add_listener(lambda e: 1 / 0)  # a broken listener must not break anything
     await connect(tm, sim)
     await tm.refresh("acme")
+    assert await tm.flush_events()  # listeners run on a background thread
     kinds = [e.kind for e in events]
     assert kinds == [EventKind.EXCHANGED, EventKind.REFRESHED]
     assert all(e.tenant == "acme" and e.fingerprint and e.fingerprint.startswith("sha256:") for e in events)

@@ -17,11 +17,13 @@ from factorial_tokens import TokenManager, TokenSet
 from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for
-from .multiproc import Scenario, WorkerPool, all_tokens, total_api, total_errors
+from .multiproc import Scenario, WorkerPool, all_tokens, least_valid, total_api, total_errors
 from .stores import MULTIPROCESS_STORES
 
 PROCESSES = 4
 TASKS = 50
+#: Clock reads between the manager's check and the worker's measure (same thread, no await).
+SLACK = 0.01
 
 
 @pytest.fixture(params=sorted(MULTIPROCESS_STORES))
@@ -81,18 +83,23 @@ async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
             reports = await pool.results()
         ended = time.time()
         stats = sim.stats
+        async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+            stored = {tenant: (await tm.tokens(tenant)).fingerprint for tenant in tenants}
 
     assert total_errors(reports) == {}
     api = total_api(reports)
     assert set(api) == {200} and api[200] == sum(r.calls for r in reports)  # no 401 reached a caller
+    # Callers got the current token inside the leeway, never one below min_valid (leeway / 4).
+    assert least_valid(reports) >= leeway / 4 - SLACK
     assert stats.exchanges == len(tenants)
     assert stats.invalid_grant == 0 and stats.families_revoked == 0
     # No refresh token was ever presented twice: every refresh was the only one of its expiry.
     assert stats.refresh_attempts == stats.refreshes
     assert stats.max_attempts_per_refresh_token == 1
     for tenant, cid in tenants.items():
-        generations = all_tokens(reports, tenant) | {initial[tenant]}
-        # Each refresh made one generation that callers got; none was made and lost.
+        # A background refresh at the very end may store a generation no caller asked for yet.
+        generations = all_tokens(reports, tenant) | {initial[tenant], stored[tenant]}
+        # Each refresh made one generation that callers got or the store holds; none was lost.
         assert stats.refreshes_by_company[cid] == len(generations) - 1, (tenant, stats.refreshes_by_company)
         # A token is replaced only once it is due: at most one refresh per lifetime-minus-leeway.
         assert 2 <= stats.refreshes_by_company[cid] <= (ended - started) / (ttl - leeway) + 1
@@ -168,12 +175,94 @@ async def test_a_lease_holder_killed(
         assert stats.refresh_attempts == 2 and stats.refreshes == 1 and stats.invalid_grant == 1
         assert info.needs_reauthorization
         assert total_errors(survivors) == {"ReauthorizationRequired": len(survivors) * tasks}
-        assert all_tokens(survivors, "acme") == set()
+        # Inside the advisory window callers may still have got the first token, no other.
+        assert all_tokens(survivors, "acme") <= {first.fingerprint}
     else:
         assert stats.refreshes == stats.refresh_attempts == (2 if lost else 1)
         assert stats.invalid_grant == 0 and not info.needs_reauthorization
         assert total_errors(survivors) == {}
-        assert all_tokens(survivors, "acme") == {stored}
+        assert all_tokens(survivors, "acme") - {first.fingerprint} == {stored}
+
+
+async def test_a_provider_outage_inside_the_advisory_window_reaches_no_caller(
+    store_url: str, make_sim: SimFactory
+) -> None:
+    """The provider answers 503 for 1.5 s from when the token enters the leeway until just
+    before the mandatory window: every caller keeps getting the current token, one refresh
+    lands after the outage, none is presented twice (revoke-on-first-use mode)."""
+    ttl, leeway, min_valid = 6.0, 2.5, 0.5  # advisory from 3.5 s, mandatory from 5.5 s
+    budgets: dict[str, Any] = {
+        "leeway": leeway,
+        "min_valid": min_valid,
+        "lease_ttl": 3.0,
+        "provider_timeout": 0.5,
+        "refresh_deadline": 1.0,  # shorter than the outage: a caller that waited would fail
+        "wait_timeout": 10.0,
+    }
+    scenario = Scenario(
+        kind="traffic", tenants=["acme"], tasks=20, duration=6.0, pace=0.1, manager=budgets
+    )  # no API calls: the simulator's outage answers those with 503 as well
+    async with make_sim(access_token_ttl=ttl, refresh_mode=ON_FIRST_USE) as sim:
+        async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
+            async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+                first = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            pool.go(initial={"acme": first.fingerprint})
+            due = first.refresh_due_at(leeway)
+            await asyncio.sleep(max(0.0, due - 0.1 - time.time()))
+            sim.unavailable = True
+            await asyncio.sleep(1.5)
+            sim.unavailable = False
+            outage = sim.stats.unavailable
+            reports = await pool.results()
+        stats = sim.stats
+
+    assert outage > 0  # the outage was seen by background refreshes ...
+    assert total_errors(reports) == {}  # ... and by no caller
+    assert least_valid(reports) >= min_valid - SLACK
+    assert stats.refreshes == stats.refresh_attempts == 1
+    assert stats.invalid_grant == 0 and stats.families_revoked == 0
+
+
+async def test_a_429_seen_by_one_process_holds_every_process(store_url: str, make_sim: SimFactory) -> None:
+    """Twelve tenants with 2 s tokens keep every process refreshing; one token request is
+    answered 429 with Retry-After: 5. Counted at the simulator: from shortly after that
+    answer (in-flight requests and the announcement's travel) until its 5 s are over, no
+    process sends a token request; afterwards refreshing resumes."""
+    tenants = {f"t{i}": 100 + i for i in range(12)}
+    budgets: dict[str, Any] = {
+        "leeway": 1.0,
+        "lease_ttl": 5.0,
+        "provider_timeout": 3.0,  # generous: a refresh in doubt would be retried (not counted once)
+        "refresh_deadline": 3.5,
+        "wait_timeout": 10.0,
+    }
+    scenario = Scenario(
+        kind="traffic", tenants=list(tenants), tasks=24, duration=8.0, pace=0.2, manager=budgets
+    )
+    async with make_sim(access_token_ttl=2.0) as sim:
+        async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
+            async with TokenManager(app_for(sim), store_url, **budgets) as tm:
+                for tenant, cid in tenants.items():
+                    await tm.exchange_code(tenant, sim.issue_code(company_id=cid))
+            pool.go()
+            async with asyncio.timeout(20):
+                while sim.stats.refreshes < 4:  # the fleet is refreshing
+                    await asyncio.sleep(0.01)
+                sim.inject(Fault.RATE_LIMITED, retry_after=5)
+                while sim.stats.faults_injected == 0:
+                    await asyncio.sleep(0.002)
+            answered = time.monotonic()
+            await asyncio.sleep(0.3)
+            held_from = sim.stats.token_requests
+            await asyncio.sleep(answered + 4.8 - time.monotonic())
+            held_until = sim.stats.token_requests
+            reports = await pool.results()
+        stats = sim.stats
+
+    assert held_until == held_from, "a process sent a token request during the hold"
+    assert stats.token_requests > held_until  # ... and refreshing resumed after it
+    assert stats.invalid_grant == 0 and stats.families_revoked == 0, "\n".join(r.stderr for r in reports)
+    assert set(total_errors(reports)) <= {"ProviderError"}  # expiring tokens could not be renewed
 
 
 #: Provider conditions of the real wire (see tests/test_wire.py), two storms per store:
@@ -226,6 +315,7 @@ async def test_a_storm_on_the_real_wire(store_url: str, make_sim: SimFactory, co
         stats = sim.stats
         async with TokenManager(app_for(sim), store_url, **budgets) as tm:
             assert not any(info.needs_reauthorization for info in await tm.tenants())
+            stored = {tenant: (await tm.tokens(tenant)).fingerprint for tenant in tenants}
     assert total_errors(reports) == {}
     api = total_api(reports)
     assert set(api) == {200} and api[200] == sum(r.calls for r in reports)
@@ -235,6 +325,7 @@ async def test_a_storm_on_the_real_wire(store_url: str, make_sim: SimFactory, co
     if options.get("rotate_refresh_tokens", True):
         assert stats.max_attempts_per_refresh_token == 1
     for tenant, cid in tenants.items():
-        generations = all_tokens(reports, tenant) | {initial[tenant]}
+        # A background refresh at the very end may store a generation no caller asked for yet.
+        generations = all_tokens(reports, tenant) | {initial[tenant], stored[tenant]}
         assert stats.refreshes_by_company[cid] == len(generations) - 1, (tenant, stats.refreshes_by_company)
         assert 1 <= stats.refreshes_by_company[cid] <= (ended - started) / (ttl - leeway) + 1

@@ -34,7 +34,6 @@ from factorial_tokens import (
     TokenSealError,
     TokenSet,
     Update,
-    ensure_key_file,
     rekey,
 )
 from factorial_tokens._sealing import sealed_with
@@ -130,14 +129,14 @@ def test_tampering_and_relabelling_are_refused() -> None:
             codec.decode(KEY, broken)
 
 
-def test_plain_records_stay_readable_unless_sealing_is_required() -> None:
+def test_plain_records_are_refused_unless_plaintext_is_allowed() -> None:
     plain = JsonCodec().encode(KEY, TOKENS)
     ring = Keyring.generate("k1")
-    assert SealedCodec(ring).decode(KEY, plain) == TOKENS
     with pytest.raises(TokenSealError, match="not sealed"):
-        SealedCodec(ring, require_sealed=True).decode(KEY, plain)
+        SealedCodec(ring).decode(KEY, plain)
+    assert SealedCodec(ring, allow_plaintext=True).decode(KEY, plain) == TOKENS
     sealed = SealedCodec(ring).encode(KEY, TOKENS)
-    assert SealedCodec(ring, require_sealed=True).decode(KEY, sealed) == TOKENS
+    assert SealedCodec(ring).decode(KEY, sealed) == TOKENS
     with pytest.raises(TokenSealError, match="configure the keyring"):
         JsonCodec().decode(KEY, sealed)
 
@@ -217,7 +216,7 @@ def test_keyring_repr_and_pickle_hide_the_keys() -> None:
     assert repr(ring) == "Keyring(kids=('k1', 'k2'), newest='k2')"
     assert (
         repr(SealedCodec(ring))
-        == "SealedCodec(Keyring(kids=('k1', 'k2'), newest='k2'), require_sealed=False)"
+        == "SealedCodec(Keyring(kids=('k1', 'k2'), newest='k2'), allow_plaintext=False)"
     )
     with pytest.raises(TypeError, match="not picklable"):
         pickle.dumps(ring)
@@ -237,32 +236,13 @@ def test_keyring_from_env() -> None:
 # -- key files ---------------------------------------------------------------------------
 
 
-def test_key_file_is_created_0600_once_and_reused(tmp_path: Path) -> None:
-    path = tmp_path / "tokens.db.keys"
-    first = ensure_key_file(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert len(first) == 1
-    again = ensure_key_file(path)
-    assert again.export() == first.export()
-    assert [p.name for p in tmp_path.iterdir()] == ["tokens.db.keys"]  # no temp files left
-
-
-async def test_concurrent_first_use_agrees_on_one_key(tmp_path: Path) -> None:
-    path = tmp_path / "keys"
-    rings = await asyncio.gather(*(asyncio.to_thread(ensure_key_file, path) for _ in range(16)))
-    assert len({ring.export() for ring in rings}) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]
-
-
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o666, 0o700 | 0o004])
 def test_a_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "keys"
-    ensure_key_file(path)
+    Keyring.generate().save(path)
     path.chmod(mode)
     with pytest.raises(ConfigurationError, match="chmod 600") as info:
         Keyring.from_file(path)
-    with pytest.raises(ConfigurationError, match="group or others"):
-        ensure_key_file(path)
     for material in _material(Keyring.parse(path.read_text())):
         assert material not in str(info.value)
 
@@ -270,8 +250,6 @@ def test_a_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> 
 def test_key_file_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="does not exist"):
         Keyring.from_file(tmp_path / "missing")
-    with pytest.raises(ConfigurationError, match="cannot be created"):
-        ensure_key_file(tmp_path / "no-such-dir" / "keys")
     bad = tmp_path / "bad"
     bad.write_bytes(b"k1:\xff\xfe")
     bad.chmod(0o600)
@@ -383,6 +361,7 @@ async def test_a_payload_copied_to_another_tenant_is_refused(backend: Backend, s
                 await call("attacker")
             assert victim.access_token not in str(info.value)
         assert sim.stats.token_requests == requests and sim.stats.revocations == 0
+        assert await tm.flush_events()  # listeners run on a background thread
         seals = [e for e in events if e.kind is EventKind.SEAL_ERROR]
         assert len(seals) == 5 and {e.tenant for e in seals} == {"attacker"}
         assert all(victim.access_token not in e.detail for e in seals)
@@ -426,6 +405,7 @@ async def test_a_wrong_or_missing_key_loses_nothing(backend: Backend, make_sim: 
                         await call("acme")
                     for material in _material(right):
                         assert material not in str(info.value)
+                assert await other.flush_events()  # listeners run on a background thread
                 assert [e.kind for e in events] == [EventKind.SEAL_ERROR] * 3
                 assert [i.tenant for i in await other.tenants()] == ["acme"]  # metadata stays listable
         assert sim.stats.token_requests == 1 and sim.stats.revocations == 0  # just the exchange
@@ -456,7 +436,10 @@ async def test_rotation_rekey_then_drop_the_old_key(backend: Backend, sim: FakeF
     async with TokenManager(app_for(sim), store, keyring=new_only, **BUDGETS) as early:
         with pytest.raises(TokenSealError, match="'k1'"):
             await early.access_token("a")  # dropping k1 before rekey would lock tenants out
-    async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as tm:
+    async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as strict:
+        with pytest.raises(TokenSealError, match="not sealed"):
+            await strict.access_token("legacy")  # a plain record: only during a migration
+    async with TokenManager(app_for(sim), store, keyring=both, allow_plaintext=True, **BUDGETS) as tm:
         for tenant, issued in tokens.items():
             assert await tm.access_token(tenant) == issued.access_token  # old keys open
         tokens["d"] = await connect(tm, sim, "d", 4)  # new writes seal with the newest
@@ -598,7 +581,7 @@ async def test_rekey_leaves_what_it_cannot_open_intact(backend: Backend, sim: Fa
 # -- the CLI -------------------------------------------------------------------------------
 
 
-def test_cli_key_file_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_keys_only_where_told_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
     from factorial_tokens._cli import main
@@ -607,7 +590,7 @@ def test_cli_key_file_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.delenv("FACTORIAL_TOKENS_KEYS", raising=False)
     db = tmp_path / "tokens.db"
-    keys = tmp_path / "tokens.db.keys"
+    keys = tmp_path / "tokens.keys"
     with FakeFactorial(
         client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI
     ).serve_in_thread() as sim:
@@ -620,35 +603,48 @@ def test_cli_key_file_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.Monke
                 "FACTORIAL_TOKENS_STORE": f"sqlite:///{db}",
             }
         )
-        assert not keys.exists()
         assert runner.invoke(main, ["status"]).exit_code == 0
-        assert not keys.exists()  # a read-only command creates nothing
-        assert runner.invoke(main, ["keepalive", "--once"]).exit_code == 0
-        assert stat.S_IMODE(keys.stat().st_mode) == 0o600  # made on first write
-        first = Keyring.from_file(keys)
+        assert sorted(p.name for p in tmp_path.iterdir() if "keys" in p.name) == []  # no key made
 
         async def connect() -> list[TokenSet]:
-            async with TokenManager(app_for(sim), f"sqlite:///{db}", keyring=first, **BUDGETS) as tm:
-                return [await connect_one(tm, sim, t, n) for n, t in enumerate(["acme", "globex"], 1)]
+            async with TokenManager(app_for(sim), f"sqlite:///{db}", **BUDGETS) as tm:
+                return [await connect_one(tm, t, n) for n, t in enumerate(["acme", "globex"], 1)]
 
-        async def connect_one(tm: TokenManager, sim: FakeFactorial, tenant: str, n: int) -> TokenSet:
+        async def connect_one(tm: TokenManager, tenant: str, n: int) -> TokenSet:
             return await tm.exchange_code(tenant, sim.issue_code(company_id=n))
 
+        async def read(tenant: str, keyring: Keyring | None = None) -> TokenSet:
+            async with TokenManager(app_for(sim), f"sqlite:///{db}", keyring=keyring, **BUDGETS) as tm:
+                return await tm.tokens(tenant)
+
         issued = asyncio.run(connect())
+        # The library and the CLI read the store the same way: a CLI refresh does not lock
+        # the application (no keyring) out of the tenant.
         refreshed = runner.invoke(main, ["refresh", "acme"])
         assert refreshed.exit_code == 0, refreshed.output
-        assert (
-            leaked(db.read_bytes(), *(t.access_token for t in issued), *(t.refresh_token for t in issued))
-            == []
-        )
+        assert asyncio.run(read("acme")).access_token != issued[0].access_token
+        assert not any("keys" in p.name for p in tmp_path.iterdir())
 
-        made = runner.invoke(main, ["keygen", "--id", "k-new"])
-        assert made.exit_code == 0 and made.stdout.startswith("k-new:") and made.stdout.count("\n") == 1
-        assert len(Keyring.parse(made.stdout)) == 1
-        with keys.open("a") as handle:  # `factorial-tokens keygen >> tokens.db.keys`
-            handle.write(made.stdout)
-        moved = runner.invoke(main, ["rekey"])
+        made = runner.invoke(main, ["keygen", "--keys-file", str(keys)])
+        assert made.exit_code == 0 and "written to" in made.stdout
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o600
+        first = Keyring.from_file(keys)
+        assert len(first) == 1 and first.newest in made.stdout
+        for material in _material(first):
+            assert material not in made.stdout
+        with pytest.raises(TokenSealError, match="not sealed"):
+            asyncio.run(read("globex", first))  # a keyring refuses the plain records...
+        moved = runner.invoke(main, ["rekey", "--keys-file", str(keys)])  # ...until rekey seals them
         assert moved.exit_code == 0, moved.output
+        assert moved.stdout == f"re-sealed 2 tenant records under key {first.newest!r}\n"
+        assert asyncio.run(read("globex", first)).access_token == issued[1].access_token
+        assert leaked(db.read_bytes(), issued[1].access_token, issued[1].refresh_token) == []
+
+        rotated = runner.invoke(main, ["keygen", "--keys-file", str(keys), "--id", "k-new"])
+        assert rotated.exit_code == 0 and "2 keys" in rotated.stdout
+        assert Keyring.from_file(keys).kids == (first.newest, "k-new")
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o600
+        moved = runner.invoke(main, ["rekey", "--keys-file", str(keys)])
         assert moved.stdout == "re-sealed 2 tenant records under key 'k-new'\n"
 
         async def kids() -> set[str | None]:
@@ -659,17 +655,23 @@ def test_cli_key_file_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.Monke
                 await store.aclose()
 
         assert asyncio.run(kids()) == {"k-new"}
-        assert runner.invoke(main, ["rekey"]).stdout == "re-sealed 0 tenant records under key 'k-new'\n"
-        token = runner.invoke(main, ["token", "globex"])
+        again = runner.invoke(main, ["rekey", "--keys-file", str(keys)])
+        assert again.stdout == "re-sealed 0 tenant records under key 'k-new'\n"
+        token = runner.invoke(main, ["token", "globex", "--keys-file", str(keys)])
         assert token.exit_code == 0 and token.stdout.strip() == issued[1].access_token
+        sealed = runner.invoke(main, ["token", "globex"])  # no keys given: refused, not served
+        assert sealed.exit_code == 6 and sealed.stdout == ""
 
         keys.chmod(0o644)
-        refused = runner.invoke(main, ["token", "globex"])
+        refused = runner.invoke(main, ["token", "globex", "--keys-file", str(keys)])
         assert refused.exit_code == 2 and "chmod 600" in refused.stderr and refused.stdout == ""
         keys.chmod(0o600)
-        from_env = runner.invoke(
-            main, ["token", "globex"], env={"FACTORIAL_TOKENS_KEYS": made.stdout.strip()}
+        printed = runner.invoke(main, ["keygen", "--id", "k-env"])
+        assert (
+            printed.exit_code == 0 and printed.stdout.startswith("k-env:") and printed.stdout.count("\n") == 1
         )
+        newest = Keyring.from_file(keys).without(first.newest).export().strip()
+        from_env = runner.invoke(main, ["token", "globex"], env={"FACTORIAL_TOKENS_KEYS": newest})
         assert from_env.exit_code == 0  # the env keyring (k-new alone) opens what rekey moved
         stale = runner.invoke(
             main, ["token", "globex"], env={"FACTORIAL_TOKENS_KEYS": first.export().strip()}
@@ -677,3 +679,5 @@ def test_cli_key_file_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.Monke
         assert stale.exit_code == 6 and "'k-new'" in stale.stderr and stale.stdout == ""
         empty = runner.invoke(main, ["rekey", "--keys-file", str(tmp_path / "none")])
         assert empty.exit_code == 2 and "does not exist" in empty.stderr
+        nokeys = runner.invoke(main, ["rekey"])
+        assert nokeys.exit_code == 2 and "no keys" in nokeys.stderr

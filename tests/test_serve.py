@@ -7,17 +7,19 @@ provider's counters prove what reached it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from factorial_tokens import ConfigurationError, FactorialApp, TokenManager
-from factorial_tokens._serve import callback_path, connect_app
-from factorial_tokens._state import StateSigner
+from factorial_tokens._serve import COOKIE, AccessLogger, callback_path, connect_app
+from factorial_tokens._state import LinkSigner, StateSigner
 from factorial_tokens.testing import FakeFactorial, Fault
 
 from .conftest import CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
@@ -25,18 +27,36 @@ from .conftest import CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
 CALLBACK = urlsplit(REDIRECT_URI).path
 
 
+MANAGER = web.AppKey("manager", TokenManager)
+
+
+def served(tm: TokenManager, **options: Any) -> web.Application:
+    """``connect_app(tm, **options)``, remembering ``tm`` for the helpers below."""
+    app = connect_app(tm, **options)
+    app[MANAGER] = tm
+    return app
+
+
 @pytest.fixture
 async def client(tm: TokenManager) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    async with TestClient(TestServer(connect_app(tm))) as test_client:
+    async with TestClient(TestServer(served(tm))) as test_client:
         yield test_client
 
 
 Client = TestClient[web.Request, web.Application]
 
 
+def link_path(tm: TokenManager, tenant: str, **options: Any) -> str:
+    """The path and query of ``tenant``'s connect link."""
+    url = urlsplit(tm.connect_link(tenant, **options))
+    return f"{url.path}?{url.query}"
+
+
 async def start(client: Client, sim: FakeFactorial, tenant: str, query: str = "") -> str:
-    """GET /connect/{tenant}, let the simulator approve it; return the callback's path+query."""
-    resp = await client.get(f"/connect/{quote(tenant, safe='')}{query}", allow_redirects=False)
+    """Open the tenant's connect link (this client is the browser: it keeps the cookie), let
+    the simulator approve it; return the callback's path+query."""
+    tm = client.app[MANAGER]
+    resp = await client.get(link_path(tm, tenant) + query, allow_redirects=False)
     assert resp.status == 302, await resp.text()
     location = resp.headers["Location"]
     assert location.startswith(sim.base_url + "/oauth/authorize?")
@@ -70,7 +90,7 @@ def assert_clean(body: str, *secrets: str) -> None:
 async def test_connect_redirects_to_factorial_with_a_signed_state(
     client: Client, tm: TokenManager, sim: FakeFactorial
 ) -> None:
-    resp = await client.get("/connect/acme", allow_redirects=False)
+    resp = await client.get(link_path(tm, "acme"), allow_redirects=False)
     assert resp.status == 302
     url = urlsplit(resp.headers["Location"])
     assert f"{url.scheme}://{url.netloc}" == sim.base_url and url.path == "/oauth/authorize"
@@ -80,13 +100,15 @@ async def test_connect_redirects_to_factorial_with_a_signed_state(
     assert query["response_type"] == ["code"]
     assert "resource_owner_type" not in query
     assert tm.tenant_from_state(query["state"][0]) == "acme"
-    company = await client.get("/connect/acme?company=1", allow_redirects=False)
+    company = await client.get(link_path(tm, "acme") + "&company=1", allow_redirects=False)
     assert parse_qs(urlsplit(company.headers["Location"]).query)["resource_owner_type"] == ["company"]
 
 
-async def test_connect_never_redirects_to_a_url_from_the_request(client: Client, sim: FakeFactorial) -> None:
+async def test_connect_never_redirects_to_a_url_from_the_request(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
     resp = await client.get(
-        "/connect/acme?redirect_uri=https://evil.example/&next=https://evil.example/",
+        link_path(tm, "acme") + "&redirect_uri=https://evil.example/&next=https://evil.example/",
         headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
         allow_redirects=False,
     )
@@ -247,7 +269,7 @@ async def test_factorial_unavailable_shows_a_provider_error_page(make_sim: SimFa
         app = app_for(sim)
         async with (
             TokenManager(app, "memory://", lease_ttl=3, provider_timeout=0.5, refresh_deadline=1) as tm,
-            TestClient(TestServer(connect_app(tm))) as client,
+            TestClient(TestServer(served(tm))) as client,
         ):
             callback = await start(client, sim, "acme")
             sim.inject(Fault.HTTP_503, times=100)
@@ -262,11 +284,23 @@ async def test_access_denied(client: Client, sim: FakeFactorial) -> None:
     state = params(callback)["state"]
     status, body = await call(client, f"{CALLBACK}?{urlencode({'error': 'access_denied', 'state': state})}")
     assert status == 403 and "not granted" in body and "acme" in body
-    status, _ = await call(client, f"{CALLBACK}?error=access_denied")
-    assert status == 403
-    status, body = await call(client, f"{CALLBACK}?{urlencode({'error': '<script>x</script>'})}")
-    assert status == 400 and "<script>" not in body and "&lt;script&gt;" in body
+    status, body = await call(
+        client, f"{CALLBACK}?{urlencode({'error': '<script>x</script>', 'state': state})}"
+    )
+    assert status == 400 and "<script>" not in body and "scriptxscript" in body
     assert sim.stats.exchange_attempts == 0
+
+
+async def test_an_error_without_a_valid_state_shows_nothing_of_it(client: Client, sim: FakeFactorial) -> None:
+    for query in (
+        {"error": "access_denied"},
+        {"error": "phishing_text_call_0800", "error_description": "Call +1 555 0100"},
+        {"error": "access_denied", "state": "forged.state"},
+    ):
+        status, body = await call(client, f"{CALLBACK}?{urlencode(query)}")
+        assert status == 400 and "state" in body
+        assert "phishing" not in body and "555" not in body and "not granted" not in body
+    assert sim.stats.token_requests == 0
 
 
 async def test_head_never_exchanges(client: Client, sim: FakeFactorial) -> None:
@@ -286,8 +320,8 @@ async def test_unknown_tenant_is_refused_when_an_allow_hook_is_given(
         await asyncio.sleep(0)
         return tenant == "acme"
 
-    async with TestClient(TestServer(connect_app(tm, allow=allow))) as client:
-        resp = await client.get("/connect/nobody", allow_redirects=False)
+    async with TestClient(TestServer(served(tm, allow=allow))) as client:
+        resp = await client.get(link_path(tm, "nobody"), allow_redirects=False)
         assert resp.status == 404 and "Location" not in resp.headers
         # A state for a tenant the hook refuses (e.g. issued before it was removed).
         state = params(tm.authorization_url("nobody"))["state"]
@@ -331,6 +365,7 @@ async def test_odd_tenant_ids_round_trip(
 
 @pytest.mark.parametrize("raw", ["x" * 201, "%00", "a%0Ab", "%1B%5B31m", "a%7Fb", "%C2%85"])
 async def test_invalid_tenant_ids_are_refused(client: Client, sim: FakeFactorial, raw: str) -> None:
+    # Refused before the link is even looked at.
     resp = await client.get(f"/connect/{raw}", allow_redirects=False)
     assert resp.status == 400 and "Location" not in resp.headers
     assert sim.stats.authorize_requests == 0
@@ -367,7 +402,9 @@ async def test_mounted_as_a_sub_app(sim: FakeFactorial) -> None:
         root.router.add_get("/", home)
         root.add_subapp("/factorial", connect_app(tm, prefix="/factorial"))
         async with TestClient(TestServer(root)) as client:
-            resp = await client.get("/factorial/connect/acme", allow_redirects=False)
+            link = urlsplit(tm.connect_link("acme", base_url=str(client.make_url("/factorial"))))
+            assert link.path == "/factorial/connect/acme"
+            resp = await client.get(f"{link.path}?{link.query}", allow_redirects=False)
             assert resp.status == 302
             callback = urlsplit(await sim.authorize(resp.headers["Location"]))
             assert callback.path == "/factorial/oauth/callback"
@@ -383,3 +420,120 @@ def test_callback_path_must_fit_the_prefix() -> None:
     assert callback_path("https://x.example/f/oauth/cb", "/f/") == "/oauth/cb"
     with pytest.raises(ConfigurationError):
         callback_path("https://x.example/oauth/callback", "/factorial")
+
+
+# --------------------------------------------------------------------------- closed by default
+
+
+async def test_connect_without_a_valid_link_is_403(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    expired = LinkSigner(tm.app, 600).sign("acme", now=time.time() - 3600)
+    state = params(tm.authorization_url("acme"))["state"]
+    for query in ("", "?link=", "?link=forged.link", f"?link={expired}", f"?link={state}"):
+        resp = await client.get(f"/connect/acme{query}", allow_redirects=False)
+        assert resp.status == 403 and "Location" not in resp.headers and "Set-Cookie" not in resp.headers
+    other = link_path(tm, "globex").split("?")[1]
+    resp = await client.get(f"/connect/acme?{other}", allow_redirects=False)
+    assert resp.status == 403
+    assert sim.stats.authorize_requests == 0 and await tm.tenants() == []
+
+
+async def test_connect_sets_an_httponly_samesite_cookie(sim: FakeFactorial) -> None:
+    for redirect, secure in ((REDIRECT_URI, False), ("https://app.example/oauth/callback", True)):
+        app = FactorialApp(
+            client_id="c", client_secret="s" * 20, redirect_uri=redirect, base_url=sim.base_url
+        )
+        async with (
+            TokenManager(app, "memory://", lease_ttl=6, provider_timeout=2) as tm,
+            TestClient(TestServer(served(tm))) as client,
+        ):
+            resp = await client.get(link_path(tm, "acme"), allow_redirects=False)
+            assert resp.status == 302
+            cookie = resp.headers["Set-Cookie"]
+            assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+            assert ("Secure" in cookie) is secure and "Path=/;" in cookie + ";"
+            if not secure:  # (the test client sends no Secure cookie over http)
+                # A second connect in the same browser keeps its binding (two tabs both work).
+                again = await client.get(link_path(tm, "acme"), allow_redirects=False)
+                assert again.headers["Set-Cookie"].split(";")[0] == cookie.split(";")[0]
+
+
+async def test_a_callback_from_another_browser_is_refused_without_a_provider_request(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    callback = await start(client, sim, "acme")
+    async with TestClient(TestServer(served(tm))) as other:
+        status, body = await call(other, callback)  # no cookie at all
+        assert status == 400 and "browser" in body
+        other.session.cookie_jar.update_cookies({COOKIE: "x" * 43})  # another browser's cookie
+        status, body = await call(other, callback)
+        assert status == 400 and "another browser" in body
+    assert sim.stats.token_requests == 0 and await tm.tenants() == []
+    assert (await call(client, callback))[0] == 200  # the admin's own browser still completes it
+
+
+async def test_a_victim_admin_tricked_into_an_attackers_authorize_url_connects_nothing(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    """Reproduction: the attacker opened /connect/<their tenant> and sent the authorize URL
+    to a victim's admin, whose company landed in the attacker's tenant."""
+    resp = await client.get(link_path(tm, "attacker"), allow_redirects=False)  # the attacker's browser
+    authorize_url = resp.headers["Location"]
+    async with TestClient(TestServer(served(tm))) as victim:  # the victim's browser
+        sim.next_owner(20002)
+        callback = urlsplit(await sim.authorize(authorize_url))
+        status, _ = await call(victim, f"{callback.path}?{callback.query}")
+        assert status == 400
+    assert sim.stats.token_requests == 0 and await tm.tenants() == []
+
+
+async def test_takeover_of_a_connected_tenant_over_http_is_refused_and_revoked(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    sim.next_owner(10001)
+    assert (await call(client, await start(client, sim, "acme")))[0] == 200
+    mine = await tm.access_token("acme")
+    async with TestClient(TestServer(served(tm))) as attacker:
+        sim.next_owner(10003)
+        status, body = await call(attacker, await start(attacker, sim, "acme"))
+    assert status == 409 and "10001" in body and "10003" in body and "revoked" in body
+    assert (await tm.credentials("acme")).company_id == "10001" and await tm.access_token("acme") == mine
+    assert sim.stats.exchanges == 2 and sim.stats.revocations_by_company == {10003: 1}
+    assert sim.live_pairs(10003) == 0
+    assert_clean(body, mine)
+
+
+async def test_success_url_sends_the_admin_back_to_the_app(tm: TokenManager, sim: FakeFactorial) -> None:
+    async with TestClient(TestServer(served(tm, success_url="https://app.example/done?t={tenant}"))) as c:
+        callback = await start(c, sim, "café ☕")
+        resp = await c.get(callback, allow_redirects=False)
+        assert resp.status == 303
+        assert resp.headers["Location"] == "https://app.example/done?t=caf%C3%A9%20%E2%98%95"
+    with pytest.raises(ConfigurationError):
+        connect_app(tm, success_url="/relative")
+
+
+async def test_open_routes_connect_without_a_link(tm: TokenManager, sim: FakeFactorial) -> None:
+    async with TestClient(TestServer(served(tm, open_routes=True))) as open_client:
+        resp = await open_client.get("/connect/acme", allow_redirects=False)
+        assert resp.status == 302
+        callback = urlsplit(await sim.authorize(resp.headers["Location"]))
+        assert (await call(open_client, f"{callback.path}?{callback.query}"))[0] == 200
+        # An unbound state (connect-url) completes without a cookie in open mode only.
+        unbound = urlsplit(await sim.authorize(tm.authorization_url("globex")))
+        async with TestClient(TestServer(served(tm, open_routes=True))) as fresh:
+            assert (await call(fresh, f"{unbound.path}?{unbound.query}"))[0] == 200
+
+
+async def test_the_access_log_escapes_control_characters(
+    tm: TokenManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    server = TestServer(served(tm))
+    await server.start_server(access_log_class=AccessLogger)
+    async with TestClient(server) as c:
+        await c.get("/connect/a%0d%0aFORGED%20200%20%E2%80%AEx", allow_redirects=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert lines and all("\n" not in line and "\r" not in line and "\u202e" not in line for line in lines)
+    assert any("a\\x0d\\x0aFORGED 200 \\u202ex" in line for line in lines)

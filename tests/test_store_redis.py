@@ -441,7 +441,8 @@ async def test_redis_restart_mid_run(make_sim: SimFactory, throwaway: RedisServe
             throwaway.start()  # same port, same AOF
             after = await store.read(tm._key("acme"))  # the same worker reconnects by itself
             assert after == before  # nothing lost
-            fresh = await tm.access_token("acme")  # due: a real refresh through Redis
+            assert await tm.access_token("acme") == token  # in the leeway: still the current token
+            fresh = (await tm.refresh("acme")).access_token  # a real refresh through Redis
             assert fresh != token and sim.is_active(fresh)
             deadline = time.monotonic() + 10
             while store._listener.subscriptions < 2:  # the subscription came back too

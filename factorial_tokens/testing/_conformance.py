@@ -23,7 +23,7 @@ import asyncio
 import secrets
 import time
 
-from .._store import ClaimState, Store, TenantKey, TenantStatus, Update, Watch
+from .._store import ClaimState, Store, TenantKey, TenantStatus, Throttle, Update, Watch, hold_digest
 
 __all__ = ["HOSTILE_TENANTS", "StoreConformance"]
 
@@ -460,6 +460,66 @@ class StoreConformance:
             assert key.digest in seen
         finally:
             unsubscribe()
+
+    # -- back-pressure (the Throttle capability) ---------------------------------------
+
+    @staticmethod
+    def namespace() -> str:
+        """A fresh namespace."""
+        return f"conformance-{secrets.token_hex(6)}"
+
+    async def test_is_a_throttle(self, store: Store) -> None:
+        assert isinstance(store, Throttle)
+
+    async def test_hold_keeps_the_later_instant(self, store: Store) -> None:
+        assert isinstance(store, Throttle)
+        ns, until = self.namespace(), time.time() + 30
+        assert await store.hold(ns, 0) == 0
+        assert await store.hold(ns, until) == until
+        assert await store.hold(ns, until) == until  # a resend
+        assert await store.hold(ns, until - 10) == until
+        assert await store.hold(ns, 0) == until
+        assert await store.hold(self.namespace(), 0) == 0  # namespaces are isolated
+
+    async def test_hold_is_announced(self, store: Store) -> None:
+        assert isinstance(store, Throttle)
+        ns = self.namespace()
+        seen: list[str | None] = []
+        unsubscribe = store.on_change(seen.append)
+        try:
+            await store.hold(ns, time.time() + 30)
+            deadline = time.monotonic() + 5
+            while hold_digest(ns) not in seen and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            assert hold_digest(ns) in seen
+        finally:
+            unsubscribe()
+
+    async def test_admit_waits_out_the_hold(self, store: Store) -> None:
+        assert isinstance(store, Throttle)
+        ns = self.namespace()
+        assert await store.admit(ns, secrets.token_hex(8), 0, 1) == 0
+        await store.hold(ns, time.time() + 30)
+        for interval in (0.0, 1.0):
+            assert 20 < await store.admit(ns, secrets.token_hex(8), interval, 5) <= 30.5
+        assert await store.admit(self.namespace(), secrets.token_hex(8), 1.0, 5) == 0
+
+    async def test_admit_spends_a_shared_budget(self, store: Store) -> None:
+        assert isinstance(store, Throttle)
+        ns, interval = self.namespace(), 60.0
+        first, second = secrets.token_hex(8), secrets.token_hex(8)
+        assert await store.admit(ns, first, interval, 2) == 0
+        assert await store.admit(ns, second, interval, 2) == 0
+        assert await store.admit(ns, second, interval, 2) == 0  # a resend takes nothing more
+        wait = await store.admit(ns, secrets.token_hex(8), interval, 2)
+        assert 50 < wait <= 60.5
+
+    async def test_concurrent_admits_take_one_unit_each(self, store: Store) -> None:
+        assert isinstance(store, Throttle)
+        ns = self.namespace()
+        waits = await asyncio.gather(*(store.admit(ns, secrets.token_hex(8), 100.0, 5) for _ in range(30)))
+        assert sum(1 for wait in waits if wait == 0) == 5
+        assert all(wait > 0 for wait in waits if wait != 0)
 
 
 async def _woken(watch: Watch, within: float) -> bool:

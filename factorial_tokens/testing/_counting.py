@@ -15,6 +15,7 @@ from .._store import (
     Record,
     Store,
     TenantKey,
+    Throttle,
     Update,
     Watch,
 )
@@ -78,6 +79,16 @@ class CountingStore:
     async def tenants(self, namespace: str) -> list[Record]:
         self.calls["tenants"] += 1
         return await self.inner.tenants(namespace)
+
+    async def hold(self, namespace: str, until: float) -> float:
+        self.calls["hold"] += 1
+        assert isinstance(self.inner, Throttle)
+        return await self.inner.hold(namespace, until)
+
+    async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
+        self.calls["admit"] += 1
+        assert isinstance(self.inner, Throttle)
+        return await self.inner.admit(namespace, ticket, interval, burst)
 
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         return self.inner.watch(key)

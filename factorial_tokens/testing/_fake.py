@@ -211,7 +211,8 @@ class SimulatorStats:
     - ``invalid_client``, ``invalid_request``, ``unsupported_grant_type``;
     - ``families_revoked`` and ``families_revoked_by_cause`` (``code_reused``,
       ``refresh_reused``, ``reauthorized``, ``admin``);
-    - ``revocations``: pairs actually revoked through ``/oauth/revoke``;
+    - ``revocations``: pairs actually revoked through ``/oauth/revoke``
+      (``revocations_by_company`` splits them by the grant's company);
     - ``api_ok`` / ``api_unauthorized``: API calls answered 200 / 401;
     - ``faults_injected`` and ``faults_by_kind`` (``Fault`` names): injected faults
       served; ``rate_limited``: 429s from ``rate_limit_per_minute`` (not injected);
@@ -239,6 +240,7 @@ class SimulatorStats:
     families_revoked_by_cause: Mapping[str, int] = attrs.field(factory=dict, converter=_freeze)
     revoke_requests: int = 0
     revocations: int = 0
+    revocations_by_company: Mapping[int, int] = attrs.field(factory=dict, converter=_freeze)
     api_calls: int = 0
     api_ok: int = 0
     api_unauthorized: int = 0
@@ -281,6 +283,7 @@ class _Counters:
     families_revoked_by_cause: Counter[str] = attrs.field(factory=Counter)
     revoke_requests: int = 0
     revocations: int = 0
+    revocations_by_company: Counter[int] = attrs.field(factory=Counter)
     api_calls: int = 0
     api_ok: int = 0
     api_unauthorized: int = 0
@@ -408,6 +411,8 @@ class FakeFactorial:
     - ``latency``: seconds waited before every answer;
     - ``rate_limit_per_minute``: POSTs per rolling minute per endpoint family
       (``token``, ``revoke``) before answering 429 with ``Retry-After``; None = no limit;
+    - ``rate_limit_window``: the rolling window's length in seconds (default 60; shorter
+      windows let tests run a rate limit in seconds);
     - ``answer_pieces``, ``piece_delay``: every answer body is written in this many
       pieces, ``piece_delay`` seconds apart (as a slow network delivers it), with a
       ``Content-Length``; ``chunked=True`` sends it with chunked transfer encoding instead;
@@ -438,6 +443,7 @@ class FakeFactorial:
         default_scope: str = "read write",
         latency: float = 0.0,
         rate_limit_per_minute: int | None = None,
+        rate_limit_window: float = 60.0,
         answer_pieces: int = 1,
         piece_delay: float = 0.0,
         chunked: bool = False,
@@ -457,6 +463,8 @@ class FakeFactorial:
             raise ValueError("latency must be >= 0")
         if rate_limit_per_minute is not None and rate_limit_per_minute < 1:
             raise ValueError("rate_limit_per_minute must be >= 1 or None")
+        if not rate_limit_window > 0:
+            raise ValueError("rate_limit_window must be > 0")
         if answer_pieces < 1:
             raise ValueError("answer_pieces must be >= 1")
         if piece_delay < 0:
@@ -478,6 +486,7 @@ class FakeFactorial:
         self.default_scope = default_scope
         self.latency = float(latency)
         self.rate_limit_per_minute = rate_limit_per_minute
+        self.rate_limit_window = float(rate_limit_window)
         self.answer_pieces = int(answer_pieces)
         self.piece_delay = float(piece_delay)
         self.chunked = chunked
@@ -1057,6 +1066,7 @@ class FakeFactorial:
         if not pair.revoked:
             self._revoke_pair(pair, "revoked")
             self._c.revocations += 1
+            self._c.revocations_by_company[pair.family.owner.company_id] += 1
         return {}
 
     def _api_auth(self, authorization: str | None) -> _Pair:
@@ -1092,12 +1102,12 @@ class FakeFactorial:
         window = self._rate_windows.get(endpoint)
         if limit is None or window is None:
             return None
-        now = time.monotonic()
-        while window and now - window[0] >= 60.0:
+        now, span = time.monotonic(), self.rate_limit_window
+        while window and now - window[0] >= span:
             window.popleft()
         if len(window) >= limit:
             self._c.rate_limited += 1
-            return max(1.0, math.ceil(60.0 - (now - window[0])))
+            return max(1.0, math.ceil(span - (now - window[0])))
         window.append(now)
         return None
 

@@ -51,8 +51,10 @@ from factorial_tokens import (
     StoreUnavailable,
     TenantKey,
     TenantStatus,
+    ThrottleState,
     Update,
     Watch,
+    hold_digest,
 )
 
 from ._schema import SCHEMA_VERSION, Names, migrations
@@ -532,6 +534,37 @@ class PostgresStore:
         self._announce(claim.key.digest)
         return True
 
+    async def hold(self, namespace: str, until: float) -> float:
+        """Raise the app's "not before" instant to ``until`` if later, and announce it."""
+        if "\x00" in namespace:
+            raise InvalidTenant("namespaces must not contain NUL characters")
+        digest = hold_digest(namespace)
+
+        async def run(pool: Any, replay: bool) -> Any:
+            return await pool.fetchrow(self._sql.hold, namespace, digest, float(until), self._names.channel)
+
+        row = await self._call("hold", run)
+        if row["raised"]:
+            self._announce(digest)
+        return float(row["not_before"])
+
+    async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
+        """Seconds to wait before a provider call (the hold, or the shared budget); 0: admitted.
+        The database clock judges."""
+        if "\x00" in namespace:
+            raise InvalidTenant("namespaces must not contain NUL characters")
+        digest = hold_digest(namespace)
+        burst = max(burst, 1)
+
+        async def run(pool: Any, replay: bool) -> Any:
+            if await pool.fetchval(self._sql.admit, namespace, digest, ticket, float(interval), burst):
+                return 0.0
+            row = await pool.fetchrow(self._sql.throttle, namespace)
+            state = ThrottleState(row["not_before"] or 0.0, row["tat"] or 0.0, row["ticket"] or "")
+            return state.admit(float(row["now"]), ticket, interval, burst)[0]
+
+        return float(await self._call("admit", run))
+
     async def tenants(self, namespace: str) -> list[Record]:
         """Every stored tenant record of ``namespace`` (forgotten tenants excluded)."""
 
@@ -804,5 +837,42 @@ class _Statements:
                 RETURNING digest
             )
             SELECT pg_notify($7, digest || ' ' || '{origin}') IS NULL FROM up"""
+        # The app's back-pressure lives in its own row of the tenants table: tenant '' (never
+        # a tenant id), payload NULL (so never read or listed); expires_at is the "not
+        # before" instant, updated_at the budget's theoretical arrival time (GCRA),
+        # lease_owner the last ticket admitted.
+        # $1 namespace, $2 hold digest, $3 until, $4 channel. Keeps the later instant.
+        self.hold = f"""
+            WITH up AS (
+                INSERT INTO {t} AS t (namespace, tenant, digest, expires_at)
+                VALUES ($1, '', $2, $3)
+                ON CONFLICT (namespace, tenant) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                    WHERE coalesce(t.expires_at, 0) < EXCLUDED.expires_at
+                RETURNING t.expires_at, t.digest
+            ), note AS (
+                SELECT pg_notify($4, digest || ' ' || '{origin}') FROM up
+            )
+            SELECT coalesce((SELECT expires_at FROM up),
+                            (SELECT expires_at FROM {t} WHERE namespace = $1 AND tenant = ''),
+                            0) AS not_before,
+                   (SELECT count(*) FROM note) > 0 AS raised"""
+        # $1 namespace, $2 hold digest, $3 ticket, $4 interval seconds (0: no budget), $5 burst.
+        # One row when admitted (one unit taken); none when held, out of budget, or a resend.
+        now = "extract(epoch FROM statement_timestamp())::float8"
+        self.admit = f"""
+            INSERT INTO {t} AS t (namespace, tenant, digest, expires_at, updated_at, lease_owner)
+            VALUES ($1, '', $2, 0, {now} + $4, $3)
+            ON CONFLICT (namespace, tenant) DO UPDATE
+                SET updated_at = greatest(t.updated_at, {now}) + $4, lease_owner = $3
+                WHERE t.lease_owner IS DISTINCT FROM $3
+                  AND coalesce(t.expires_at, 0) <= {now}
+                  AND $4 > 0
+                  AND greatest(t.updated_at, {now}) - ($5 - 1) * $4 <= {now}
+            RETURNING true"""
+        # $1 namespace. The back-pressure row as it is, and the database clock.
+        self.throttle = f"""
+            SELECT n.now, t.expires_at AS not_before, t.updated_at AS tat, t.lease_owner AS ticket
+              FROM (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) n
+              LEFT JOIN {t} t ON t.namespace = $1 AND t.tenant = ''"""
         # $1 retention seconds.
         self.prune = f"DELETE FROM {c} WHERE expires <= clock_timestamp() - make_interval(secs => $1)"

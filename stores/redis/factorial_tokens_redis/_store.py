@@ -45,6 +45,7 @@ from factorial_tokens import (
     TenantStatus,
     Update,
     Watch,
+    hold_digest,
 )
 
 from ._listener import Listener
@@ -59,7 +60,17 @@ _FALSE = {"0", "false", "no", "off"}
 #: Options of ours in a store URL; everything else goes to redis-py.
 _OPTIONS = ("prefix", "cluster", "poll")
 _RECORD_FIELDS = ("payload", "status", "version", "expires_at", "updated_at")
-_SCRIPTS = ("acquire", "extend", "release", "commit", "replace", "claim_code", "advance_code")
+_SCRIPTS = (
+    "acquire",
+    "extend",
+    "release",
+    "commit",
+    "replace",
+    "claim_code",
+    "advance_code",
+    "hold",
+    "admit",
+)
 
 Client = aioredis.Redis | RedisCluster
 
@@ -240,6 +251,9 @@ class RedisStore:
         digest = hashlib.sha256(f"{namespace}\x00{code_hash}".encode()).hexdigest()[:32]
         return f"{self.prefix}:claim:{{{digest}}}"
 
+    def _throttle(self, namespace: str) -> str:
+        return f"{self.prefix}:{{{hold_digest(namespace)}}}:throttle"
+
     def _message(self, digest: str) -> str:
         return f"{digest} {self._origin}"
 
@@ -394,6 +408,24 @@ class RedisStore:
         return records
 
     # -- code claims -----------------------------------------------------------------
+
+    async def hold(self, namespace: str, until: float) -> float:
+        """Raise the app's "not before" instant to ``until`` if later, and announce it."""
+        digest = hold_digest(namespace)
+        reply = await self._script(
+            "hold", [self._throttle(namespace)], [repr(float(until)), self._channel, self._message(digest)]
+        )
+        in_force = float(_text(reply) or 0.0)
+        if until > 0 and in_force == until:  # raised now (or a resend: a spare wake-up)
+            self._notifier.notify(digest)
+        return in_force
+
+    async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
+        """Seconds to wait before a provider call (the hold, or the shared budget); 0: admitted."""
+        reply = await self._script(
+            "admit", [self._throttle(namespace)], [ticket, repr(float(interval)), str(max(burst, 1))]
+        )
+        return max(float(_text(reply) or 0.0), 0.0)
 
     async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
         """Claim a code (one script, expiry judged by Redis ``TIME``)."""

@@ -1,0 +1,457 @@
+"""Connecting a company is safe by default: each reproduction of issue 12, through the
+public API (``complete_callback``, ``exchange_code``, ``connect_link``) and the stores.
+
+The simulator's counters prove what reached Factorial: no exchange without a valid,
+browser-bound state; a refused company's grant revoked; a replaced grant revoked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+import unicodedata
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from factorial_tokens import (
+    Acquisition,
+    AuthorizationDenied,
+    CallbackResult,
+    CompanyMismatch,
+    EventKind,
+    InvalidCallback,
+    InvalidState,
+    InvalidTenant,
+    Keyring,
+    MemoryStore,
+    ProviderError,
+    Record,
+    StateReused,
+    TenantKey,
+    TokenEvent,
+    TokenManager,
+    TokenSealError,
+    Update,
+    validate_tenant,
+)
+from factorial_tokens._codec import JsonCodec
+from factorial_tokens._sqlite import SQLiteStore
+from factorial_tokens._state import LinkSigner
+from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
+
+from ._raw_stores import BACKENDS, Backend, open_backend
+from .conftest import CLIENT_ID, SimFactory, app_for
+
+BUDGETS = {"lease_ttl": 6.0, "provider_timeout": 2.0}
+
+
+def state_of(url: str) -> str:
+    return parse_qs(urlsplit(url).query)["state"][0]
+
+
+async def approve(sim: FakeFactorial, url: str, company_id: int, employee_id: int | None = None) -> str:
+    """The company's admin approves ``url`` at the simulator; return the callback's code."""
+    sim.next_owner(company_id, employee_id)
+    callback = await sim.authorize(url)
+    return parse_qs(urlsplit(callback).query)["code"][0]
+
+
+@pytest.fixture
+async def events_tm(sim: FakeFactorial) -> AsyncIterator[tuple[TokenManager, list[TokenEvent]]]:
+    events: list[TokenEvent] = []
+    async with TokenManager(app_for(sim), "memory://", on_event=events.append, **BUDGETS) as tm:
+        yield tm, events
+
+
+# -- complete_callback: state, nonce, binding, error ------------------------------------------
+
+
+async def test_complete_callback_connects_and_returns_the_tenant_and_tokens(
+    tm: TokenManager, sim: FakeFactorial
+) -> None:
+    url = tm.authorization_url("acme", binding="cookie-value-1")
+    code = await approve(sim, url, 10001)
+    result = await tm.complete_callback(state=state_of(url), code=code, binding="cookie-value-1")
+    assert isinstance(result, CallbackResult) and result.tenant == "acme"
+    assert result.tokens.company_id == "10001"
+    assert (await tm.tokens("acme")).company_id == "10001"
+    assert sim.stats.exchanges == 1
+
+
+async def test_one_state_with_other_codes_is_refused(tm: TokenManager, sim: FakeFactorial) -> None:
+    """Reproduction: one state with different codes was accepted three times."""
+    url = tm.authorization_url("acme")
+    state = state_of(url)
+    first = await approve(sim, url, 10001)
+    done = await tm.complete_callback(state=state, code=first)
+    again = await tm.complete_callback(state=state, code=first)  # a retried callback
+    assert again.tokens.access_token == done.tokens.access_token
+    for company in (10002, 10003):
+        other = sim.issue_code(company_id=company)
+        with pytest.raises(StateReused):
+            await tm.complete_callback(state=state, code=other)
+    assert sim.stats.exchange_attempts == 1 and sim.stats.token_requests == 1
+    assert (await tm.tokens("acme")).access_token == done.tokens.access_token
+
+
+async def test_a_state_is_spent_fleet_wide_through_the_store(sim: FakeFactorial, tmp_path: Path) -> None:
+    """Two managers (two workers) on one store agree: the second code is refused."""
+    path = f"sqlite:///{tmp_path / 'tokens.db'}"
+    async with (
+        TokenManager(app_for(sim), path, **BUDGETS) as one,
+        TokenManager(app_for(sim), path, **BUDGETS) as two,
+    ):
+        url = one.authorization_url("acme")
+        code = await approve(sim, url, 1)
+        await one.complete_callback(state=state_of(url), code=code)
+        assert (await two.complete_callback(state=state_of(url), code=code)).tenant == "acme"
+        with pytest.raises(StateReused):
+            await two.complete_callback(state=state_of(url), code=sim.issue_code(company_id=2))
+    assert sim.stats.exchange_attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("issued", "presented"),
+    [("browser-a-cookie", None), ("browser-a-cookie", "browser-b-cookie"), (None, "browser-b-cookie")],
+)
+async def test_a_callback_from_another_browser_is_refused_before_anything_happens(
+    tm: TokenManager, sim: FakeFactorial, issued: str | None, presented: str | None
+) -> None:
+    url = tm.authorization_url("acme", binding=issued)
+    code = await approve(sim, url, 10001)
+    with pytest.raises(InvalidState, match="another browser"):
+        await tm.complete_callback(state=state_of(url), code=code, binding=presented)
+    assert sim.stats.token_requests == 0 and await tm.tenants() == []
+    # The state was not spent: the browser that started the flow still completes it.
+    done = await tm.complete_callback(state=state_of(url), code=code, binding=issued)
+    assert done.tokens.company_id == "10001"
+
+
+async def test_callbacks_without_a_valid_state_and_binding_never_touch_store_or_provider(
+    sim: FakeFactorial,
+) -> None:
+    store = CountingStore(MemoryStore())
+    async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+        url = tm.authorization_url("acme", binding="the-admin-browser")
+        code = await approve(sim, url, 1)
+        store.reset()
+        forged = state_of(url)[:-4] + "AAAA"
+        attempts = [
+            {"state": None, "code": code},
+            {"state": forged, "code": code, "binding": "the-admin-browser"},
+            {"state": state_of(url), "code": code},  # no binding
+            {"state": state_of(url), "code": code, "binding": "another-browser"},
+            {"state": state_of(url), "error": "access_denied", "binding": "another-browser"},
+            {"state": state_of(url), "error": "access_denied", "binding": "the-admin-browser"},
+            {"state": state_of(url), "code": None, "binding": "the-admin-browser"},
+        ]
+        for attempt in attempts:
+            with pytest.raises((InvalidState, AuthorizationDenied, InvalidCallback)):
+                await tm.complete_callback(**attempt)  # type: ignore[arg-type]
+        assert store.calls.total() == 0
+    assert sim.stats.token_requests == 0 and sim.stats.api_calls == 0
+
+
+async def test_the_binding_is_only_a_hash_in_the_state(tm: TokenManager) -> None:
+    import base64
+
+    url = tm.authorization_url("acme", binding="the-browser-cookie-value")
+    body = state_of(url).split(".")[0]
+    assert b"the-browser-cookie-value" not in base64.urlsafe_b64decode(body + "==")
+
+
+async def test_an_error_callback_is_typed_and_sends_nothing(tm: TokenManager, sim: FakeFactorial) -> None:
+    state = state_of(tm.authorization_url("acme", binding="b" * 40))
+    with pytest.raises(AuthorizationDenied) as info:
+        await tm.complete_callback(state=state, error="access_denied", binding="b" * 40)
+    assert info.value.error == "access_denied" and info.value.tenant == "acme"
+    with pytest.raises(AuthorizationDenied) as info:
+        await tm.complete_callback(state=state, error="<b>Call 555</b>\r\nX: y", binding="b" * 40)
+    assert info.value.error == "bCall555bXy"
+    # Without a valid state, nothing of the error is believed or shown.
+    for bad in (None, "", "forged.state"):
+        with pytest.raises(InvalidState) as refused:
+            await tm.complete_callback(state=bad, error="phishing_text", binding="b" * 40)
+        assert "phishing" not in str(refused.value)
+    assert sim.stats.token_requests == 0 and sim.stats.api_calls == 0
+
+
+async def test_a_missing_code_does_not_spend_the_state(tm: TokenManager, sim: FakeFactorial) -> None:
+    url = tm.authorization_url("acme")
+    for bad in (None, "", "x" * 5000, "a\nb", 42):
+        with pytest.raises(InvalidCallback):
+            await tm.complete_callback(state=state_of(url), code=bad)
+    code = await approve(sim, url, 7)
+    assert (await tm.complete_callback(state=state_of(url), code=code)).tenant == "acme"
+
+
+# -- company pinning ---------------------------------------------------------------------------
+
+
+async def test_takeover_of_a_connected_tenant_is_refused_and_the_new_grant_revoked(
+    events_tm: tuple[TokenManager, list[TokenEvent]], sim: FakeFactorial
+) -> None:
+    """Reproduction: anyone completing a flow for acme with their own company replaced
+    acme's grant silently; the old grant stayed live."""
+    tm, events = events_tm
+    mine = await tm.exchange_code("acme", sim.issue_code(company_id=10001))
+    assert (await tm.credentials("acme")).company_id == "10001"
+    theirs = sim.issue_code(company_id=10003)
+    with pytest.raises(CompanyMismatch) as info:
+        await tm.exchange_code("acme", theirs)
+    assert (info.value.expected, info.value.got) == ("10001", "10003")
+    assert (await tm.tokens("acme")) == mine  # untouched
+    assert (await tm.credentials("acme")).company_id == "10001"
+    assert sim.stats.revocations_by_company == {10003: 1} and sim.live_pairs(10003) == 0  # revoked
+    assert sim.is_active(mine.access_token)
+    # A retried callback with the same code gets the same refusal, without a second exchange.
+    with pytest.raises(CompanyMismatch):
+        await tm.exchange_code("acme", theirs)
+    assert sim.stats.exchange_attempts == 2  # acme's own code and the refused one, once each
+    mismatch = [e for e in events if e.kind is EventKind.COMPANY_MISMATCH]
+    assert [(e.previous_company_id, e.company_id) for e in mismatch] == [("10001", "10003")]
+    assert not [e for e in events if e.kind is EventKind.RECONNECTED]
+
+
+async def test_takeover_through_complete_callback_is_refused(tm: TokenManager, sim: FakeFactorial) -> None:
+    first = tm.authorization_url("acme", binding="admin-browser-cookie")
+    await tm.complete_callback(
+        state=state_of(first), code=await approve(sim, first, 10001), binding="admin-browser-cookie"
+    )
+    second = tm.authorization_url("acme", binding="attacker-browser-cookie")
+    code = await approve(sim, second, 10003)
+    with pytest.raises(CompanyMismatch):
+        await tm.complete_callback(state=state_of(second), code=code, binding="attacker-browser-cookie")
+    assert (await tm.tokens("acme")).company_id == "10001" and sim.live_pairs(10003) == 0
+
+
+async def test_a_company_change_on_purpose_replaces_and_revokes_the_old_grant(
+    events_tm: tuple[TokenManager, list[TokenEvent]], sim: FakeFactorial
+) -> None:
+    tm, events = events_tm
+    old = await tm.exchange_code("acme", sim.issue_code(company_id=10001))
+    url = tm.authorization_url("acme")
+    code = await approve(sim, url, 10003)
+    new = (await tm.complete_callback(state=state_of(url), code=code, allow_company_change=True)).tokens
+    assert new.company_id == "10003" and (await tm.credentials("acme")).company_id == "10003"
+    assert not sim.is_active(old.access_token) and not sim.is_refresh_usable(old.refresh_token or "")
+    assert sim.live_pairs(10001) == 0 and sim.stats.revocations_by_company == {10001: 1}
+    reconnected = [e for e in events if e.kind is EventKind.RECONNECTED]
+    assert [(e.previous_company_id, e.company_id) for e in reconnected] == [("10001", "10003")]
+    assert "10001" in reconnected[0].detail and "10003" in reconnected[0].detail
+
+
+async def test_every_reconnect_revokes_the_previous_grant(
+    events_tm: tuple[TokenManager, list[TokenEvent]], sim: FakeFactorial
+) -> None:
+    tm, events = events_tm
+    first = await tm.exchange_code("acme", sim.issue_code(company_id=5))
+    second = await tm.exchange_code("acme", sim.issue_code(company_id=5))
+    assert await tm.access_token("acme") == second.access_token
+    assert not sim.is_active(first.access_token) and sim.is_active(second.access_token)
+    assert sim.stats.revocations_by_company == {5: 1}
+    assert await tm.flush_events()  # listeners run on a background thread
+    kinds = [e.kind for e in events]
+    assert kinds.count(EventKind.EXCHANGED) == 2 and kinds.count(EventKind.RECONNECTED) == 1
+    reconnected = next(e for e in events if e.kind is EventKind.RECONNECTED)
+    assert (reconnected.previous_company_id, reconnected.company_id) == ("5", "5")
+
+
+async def test_a_user_token_pins_on_its_company(tm: TokenManager, sim: FakeFactorial) -> None:
+    await tm.exchange_code("acme", sim.issue_code(company_id=20, employee_id=1))
+    # Another admin of the same company (or a company-wide token of it): accepted.
+    await tm.exchange_code("acme", sim.issue_code(company_id=20, employee_id=2))
+    await tm.exchange_code("acme", sim.issue_code(company_id=20, company_token=True))
+    with pytest.raises(CompanyMismatch):
+        await tm.exchange_code("acme", sim.issue_code(company_id=21, employee_id=3))
+    assert (await tm.credentials("acme")).company_id == "20"
+    assert sim.live_pairs(21) == 0 and sim.stats.revocations_by_company == {20: 2, 21: 1}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+async def test_two_overlapping_connections_of_one_tenant_are_compared(
+    name: str, make_sim: SimFactory, tmp_path: Path
+) -> None:
+    """Two admins of different companies connecting a new tenant at the same moment: one
+    company wins, the other is refused and revoked (never "the last one wins")."""
+
+    class SlowStore(CountingStore):
+        """The real store, with a round trip slow enough for the connections to overlap."""
+
+        async def read(self, key: TenantKey) -> Record | None:
+            record = await super().read(key)
+            await asyncio.sleep(0.05)  # the answer is on its way: other writes can happen
+            return record
+
+        async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+            won = await super().acquire(key, owner, ttl)
+            await asyncio.sleep(0.05)
+            return won
+
+    async with make_sim() as sim, open_backend(name, tmp_path) as backend:
+        async with TokenManager(app_for(sim), SlowStore(backend.store), **BUDGETS) as tm:
+            codes = [sim.issue_code(company_id=company) for company in (1, 2, 1, 2)]
+            outcomes = await asyncio.gather(
+                *(tm.exchange_code("acme", code) for code in codes), return_exceptions=True
+            )
+            won = {o.company_id for o in outcomes if not isinstance(o, BaseException)}
+            refused = [o for o in outcomes if isinstance(o, BaseException)]
+            assert len(won) == 1 and len(refused) == 2
+            assert all(isinstance(o, CompanyMismatch) for o in refused)
+            loser = 2 if won == {"1"} else 1
+            stored = await tm.tokens("acme")
+            assert stored.company_id in won and sim.is_active(stored.access_token)
+            assert sim.live_pairs(loser) == 0 and sim.stats.revocations_by_company[loser] == 2
+            # The winner's two grants: one stored, the other replaced and revoked.
+            assert sim.live_pairs(3 - loser) == 1
+
+
+async def test_a_pinned_tenant_is_not_replaced_when_the_company_cannot_be_read(sim: FakeFactorial) -> None:
+    budgets = {"lease_ttl": 3.0, "provider_timeout": 0.5, "refresh_deadline": 0.5}
+    async with TokenManager(app_for(sim), "memory://", **budgets) as tm:
+        mine = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.inject(Fault.HTTP_500, endpoint="api", times=50)
+        with pytest.raises(ProviderError):
+            await tm.exchange_code("acme", sim.issue_code(company_id=2))
+        sim.clear_faults()
+        assert await tm.tokens("acme") == mine and sim.live_pairs(2) == 0
+
+
+async def test_the_company_survives_refreshes(tm: TokenManager, sim: FakeFactorial) -> None:
+    await tm.exchange_code("acme", sim.issue_code(company_id=77))
+    refreshed = await tm.refresh("acme")
+    assert refreshed.company_id == "77" and (await tm.tokens("acme")).company_id == "77"
+    with pytest.raises(CompanyMismatch):
+        await tm.exchange_code("acme", sim.issue_code(company_id=78))
+
+
+# -- connect links -------------------------------------------------------------------------------
+
+
+async def test_connect_links_are_signed_expiring_and_per_tenant(tm: TokenManager) -> None:
+    link = tm.connect_link("café ☕", ttl=60)
+    parts = urlsplit(link)
+    assert f"{parts.scheme}://{parts.netloc}" == "http://127.0.0.1:8765"
+    assert parts.path == "/connect/caf%C3%A9%20%E2%98%95"
+    token = parse_qs(parts.query)["link"][0]
+    tm.check_connect_link(token, "café ☕")
+    with pytest.raises(InvalidState, match="another tenant"):
+        tm.check_connect_link(token, "acme")
+    expired = LinkSigner(tm.app, 600).sign("acme", now=time.time() - 3600)
+    with pytest.raises(InvalidState, match="expired"):
+        tm.check_connect_link(expired, "acme")
+    state = state_of(tm.authorization_url("acme"))
+    for bad in (None, "", "x.y", token[:-2] + "AA", state):  # a state is not a link
+        with pytest.raises(InvalidState):
+            tm.check_connect_link(bad, "café ☕")
+    assert tm.connect_link("a", base_url="https://x.example/f/").startswith("https://x.example/f/connect/a?")
+
+
+# -- tenant ids --------------------------------------------------------------------------------
+
+
+HOSTILE = [
+    "acme\u200b",  # zero-width space (Cf)
+    "\u202eemca",  # right-to-left override (Cf)
+    "ac\u2066me",  # bidi isolate (Cf)
+    "\ufeffacme",  # byte order mark (Cf)
+    "acme\ue000",  # private use (Co)
+    "acme\u2028",  # line separator (Zl)
+    "acme\u2029",  # paragraph separator (Zp)
+    "acme\x00",
+    "acme\r\nX",
+    "acme\x85",  # next line (Cc)
+]
+
+
+@pytest.mark.parametrize("tenant", HOSTILE)
+def test_hostile_tenant_ids_are_refused(tenant: str) -> None:
+    with pytest.raises(InvalidTenant) as info:
+        validate_tenant(tenant)
+    assert unicodedata.category(next(c for c in tenant if not c.isalnum())) in str(info.value)
+
+
+def test_tenant_ids_are_nfc_normalised() -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert validate_tenant(decomposed) == composed == validate_tenant(composed)
+    assert validate_tenant("x" * 150 + "e\u0301" * 50) == "x" * 150 + "\u00e9" * 50  # 250 -> 200
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    async with open_backend(request.param, tmp_path) as opened:
+        yield opened
+
+
+async def test_hostile_tenant_ids_on_every_store(backend: Backend, sim: FakeFactorial) -> None:
+    async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
+        await tm.exchange_code("cafe\u0301", sim.issue_code(company_id=1))  # stored as NFC
+        assert [i.tenant for i in await tm.tenants()] == ["caf\u00e9"]
+        assert (await tm.tokens("caf\u00e9")).company_id == "1"
+        for tenant in HOSTILE:
+            for call in (tm.access_token, tm.tokens, tm.refresh, tm.forget):
+                with pytest.raises(InvalidTenant):
+                    await call(tenant)
+            with pytest.raises(InvalidTenant):
+                await tm.exchange_code(tenant, sim.issue_code(company_id=2))
+            with pytest.raises(InvalidTenant):
+                tm.authorization_url(tenant)
+            with pytest.raises(InvalidTenant):
+                tm.connect_link(tenant)
+        assert [i.tenant for i in await tm.tenants()] == ["caf\u00e9"]
+    assert sim.stats.exchange_attempts == 1
+
+
+# -- sealing defaults: a planted plain record --------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b != "memory"])
+async def test_a_planted_plain_record_is_refused_with_a_keyring(
+    name: str, sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """Reproduction: with a keyring, a plain record written without the key was served
+    (company 111 became 666 for tenant ``victim``)."""
+    ring = Keyring.generate("k1")
+    async with open_backend(name, tmp_path) as backend:
+        store = backend.store
+        events: list[TokenEvent] = []
+        async with TokenManager(app_for(sim), store, keyring=ring, on_event=events.append, **BUDGETS) as tm:
+            await tm.exchange_code("victim", sim.issue_code(company_id=111))
+            attacker = await tm.exchange_code("attacker", sim.issue_code(company_id=666))
+            # Someone with write access but no key plants their own grant, in plain JSON.
+            key = TenantKey(CLIENT_ID, "victim")
+            planted = Update(JsonCodec().encode(key, attacker), expires_at=attacker.expires_at)
+            await store.replace(key, planted)
+            requests = sim.stats.token_requests + sim.stats.api_calls
+            for call in (tm.access_token, tm.tokens, tm.credentials):
+                with pytest.raises(TokenSealError, match="not sealed"):
+                    await call("victim")
+            assert sim.stats.token_requests + sim.stats.api_calls == requests  # nothing used it
+            assert await tm.flush_events()  # listeners run on a background thread
+            assert [e.kind for e in events].count(EventKind.SEAL_ERROR) == 3
+        # Reading plain records takes an explicit migration switch.
+        async with TokenManager(app_for(sim), store, keyring=ring, allow_plaintext=True, **BUDGETS) as tm:
+            assert (await tm.tokens("victim")).access_token == attacker.access_token
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+async def test_sqlite_database_wal_and_shm_are_created_0600(tmp_path: Path, sim: FakeFactorial) -> None:
+    old = os.umask(0o022)  # the usual umask, which gave 0644 before
+    try:
+        path = tmp_path / "tokens.db"
+        store = SQLiteStore(path)
+        async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            files = [path, tmp_path / "tokens.db-wal", tmp_path / "tokens.db-shm"]
+            assert all(f.exists() for f in files)
+            assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}
+        await store.aclose()
+    finally:
+        os.umask(old)

@@ -1,0 +1,204 @@
+"""The two windows (advisory and mandatory), as botocore's refreshable credentials have.
+
+Tokens are put inside a window by rewriting the stored expiry of a real token (the
+simulator's own tokens live an hour), so no test sleeps until a window opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import attrs
+import pytest
+
+from factorial_tokens import (
+    ConfigurationError,
+    EventKind,
+    FactorialApp,
+    JsonCodec,
+    MemoryStore,
+    ProviderError,
+    TenantKey,
+    TokenEvent,
+    TokenManager,
+    TokenSet,
+    Update,
+)
+from factorial_tokens.testing import CountingStore, FakeFactorial
+
+from .conftest import SimFactory, app_for
+
+LEEWAY = 60.0  # min_valid defaults to 15 s
+
+
+async def place(tm: TokenManager, sim: FakeFactorial, left: float, tenant: str = "acme") -> TokenSet:
+    """Connect ``tenant`` and store its tokens as if they had ``left`` seconds to live
+    (of a one-hour lifetime); returns the stored token set."""
+    tokens = await tm.exchange_code(tenant, sim.issue_code(company_id=1))
+    now = time.time()
+    aged = attrs.evolve(tokens, expires_at=now + left, obtained_at=now + left - 3600)
+    key = TenantKey(tm.app.client_id, tenant)
+    await tm.store.replace(key, Update(JsonCodec().encode(key, aged), expires_at=aged.expires_at))
+    return aged
+
+
+async def settle(tm: TokenManager) -> None:
+    """Wait until the manager's background work is done."""
+    for _ in range(500):
+        if not tm._flights:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a background refresh never ended")
+
+
+async def test_advisory_window_returns_the_current_token_and_refreshes_once_behind(
+    sim: FakeFactorial,
+) -> None:
+    async with TokenManager(app_for(sim), "memory://", leeway=LEEWAY) as tm:
+        old = await place(tm, sim, left=40)  # inside the leeway, above min_valid
+        got = await asyncio.gather(*(tm.access_token("acme") for _ in range(200)))
+        assert set(got) == {old.access_token}  # nobody waited for the refresh
+        await settle(tm)
+        assert sim.stats.refreshes == sim.stats.refresh_attempts == 1
+        fresh = await tm.access_token("acme")
+        assert fresh != old.access_token and sim.is_active(fresh)
+        assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+async def test_advisory_hit_costs_no_store_call(make_sim: SimFactory) -> None:
+    """Inside the advisory window, callers after the first one cost no store I/O either."""
+    store = CountingStore(MemoryStore())
+    async with make_sim(access_token_ttl=3600, latency=0.5) as sim:
+        async with TokenManager(app_for(sim), store, leeway=LEEWAY) as tm:
+            old = await place(tm, sim, left=40)
+            assert await tm.access_token("acme") == old.access_token  # starts the background refresh
+            while store.calls["acquire"] == 0:  # ... which now holds the lease and waits on HTTP
+                await asyncio.sleep(0.005)
+            store.reset()
+            for _ in range(200):
+                assert await tm.access_token("acme") == old.access_token
+            assert store.calls.total() == 0
+            await settle(tm)
+
+
+async def test_mandatory_window_waits_for_the_refresh(sim: FakeFactorial) -> None:
+    async with TokenManager(app_for(sim), "memory://", leeway=LEEWAY) as tm:
+        old = await place(tm, sim, left=10)  # below min_valid (15 s)
+        got = await asyncio.gather(*(tm.access_token("acme") for _ in range(100)))
+        assert len(set(got)) == 1 and old.access_token not in got
+        assert sim.stats.refreshes == sim.stats.refresh_attempts == 1
+
+
+async def test_outage_inside_the_advisory_window_reaches_no_caller(sim: FakeFactorial) -> None:
+    events: list[TokenEvent] = []
+    async with TokenManager(
+        app_for(sim),
+        "memory://",
+        leeway=LEEWAY,
+        lease_ttl=3,
+        provider_timeout=0.5,
+        refresh_deadline=0.5,
+        on_event=events.append,
+    ) as tm:
+        old = await place(tm, sim, left=40)
+        sim.unavailable = True
+        errors = 0
+        for _ in range(60):  # about 1.2 s of callers while every refresh fails
+            try:
+                assert await tm.access_token("acme") == old.access_token
+            except ProviderError:
+                errors += 1
+            await asyncio.sleep(0.02)
+        await settle(tm)
+        await tm.flush_events()
+        failed = [e for e in events if e.kind is EventKind.REFRESH_FAILED]
+        assert errors == 0
+        assert failed and all(e.tenant == "acme" and "ProviderError" in (e.error or "") for e in failed)
+        # Backed off: far fewer background attempts than callers.
+        assert 1 <= len(failed) <= 5, len(failed)
+        sim.unavailable = False
+        tm._backoff.clear()  # skip the backoff's wait, then the next caller retries
+        assert await tm.access_token("acme") == old.access_token
+        await settle(tm)
+        assert await tm.access_token("acme") != old.access_token
+        assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+async def test_outage_in_the_mandatory_window_reaches_the_caller(sim: FakeFactorial) -> None:
+    async with TokenManager(
+        app_for(sim), "memory://", leeway=LEEWAY, lease_ttl=3, provider_timeout=0.5, refresh_deadline=0.5
+    ) as tm:
+        await place(tm, sim, left=10)
+        sim.unavailable = True
+        with pytest.raises(ProviderError):
+            await tm.access_token("acme")
+        sim.unavailable = False
+
+
+async def test_refresh_still_forces_and_waits(sim: FakeFactorial) -> None:
+    async with TokenManager(app_for(sim), "memory://", leeway=LEEWAY) as tm:
+        old = await place(tm, sim, left=40)
+        new = await tm.refresh("acme")
+        assert new.access_token != old.access_token
+        assert sim.stats.refreshes == 1
+
+
+async def test_short_lived_tokens_scale_both_windows() -> None:
+    """A token shorter than twice the leeway is due at half its lifetime; min_valid shrinks
+    in proportion (here an eighth of the lifetime before expiry)."""
+    async with TokenManager(app_for_nothing(), "memory://", leeway=60) as tm:
+        now = time.time()
+        entry = tm._entry_of(TokenSet("a", "r", expires_at=now + 40, obtained_at=now), 1)
+        assert entry.due == pytest.approx(now + 20) and entry.must == pytest.approx(now + 35)
+        entry = tm._entry_of(TokenSet("a", "r", expires_at=now + 3600, obtained_at=now), 1)
+        assert entry.due == pytest.approx(now + 3540) and entry.must == pytest.approx(now + 3585)
+
+
+def app_for_nothing() -> FactorialApp:
+    return FactorialApp(client_id="c", client_secret="s", redirect_uri="https://example.com/cb")
+
+
+@pytest.mark.parametrize("min_valid", [-1, 61])
+def test_min_valid_must_fit_in_the_leeway(min_valid: float) -> None:
+    with pytest.raises(ConfigurationError, match="min_valid"):
+        TokenManager(app_for_nothing(), "memory://", leeway=60, min_valid=min_valid)
+
+
+async def test_a_refresh_this_process_knows_is_due_is_two_round_trips(sim: FakeFactorial) -> None:
+    """Acquire (which returns the record) and the fenced commit; no read, no extend (no
+    watchdog for a refresh that ends within a third of the lease)."""
+    store = CountingStore(MemoryStore())
+    async with TokenManager(app_for(sim), store, leeway=LEEWAY) as tm:
+        await place(tm, sim, left=3000)
+        await tm.access_token("acme")  # cached now
+        store.reset()
+        await tm.refresh("acme")
+        assert dict(store.calls) == {"acquire": 1, "commit": 1}
+        await place(tm, sim, left=40, tenant="beta")
+        tm._cache.pop("beta", None)
+        store.reset()
+        await tm.access_token("beta")  # a cold miss: one read; the token is in the leeway
+        await settle(tm)  # the background refresh: acquire and commit only
+        assert dict(store.calls) == {"read": 1, "acquire": 1, "commit": 1}
+
+
+async def test_a_caller_that_joined_a_background_refresh_which_gave_up_refreshes_itself(
+    make_sim: SimFactory,
+) -> None:
+    """The background refresh stops retrying once the mandatory window opens. A caller who
+    joined it there (it must wait) gets a refresh of its own, not the background one's error.
+    Found by the outage benchmark; this test failed before the fix (ProviderError 503)."""
+    budgets = {"leeway": LEEWAY, "lease_ttl": 8.0, "provider_timeout": 3.0, "refresh_deadline": 5.0}
+    async with make_sim(access_token_ttl=3600, latency=1.0) as sim:
+        async with TokenManager(app_for(sim), "memory://", **budgets) as tm:
+            old = await place(tm, sim, left=15.3)  # mandatory window in 0.3 s
+            sim.unavailable = True
+            assert await tm.access_token("acme") == old.access_token  # the background refresh starts
+            await asyncio.sleep(0.6)  # past min_valid; its first answer (a 503) comes at 1.0 s
+            waiter = asyncio.ensure_future(tm.access_token("acme"))  # joins it, must wait
+            await asyncio.sleep(0.5)
+            sim.unavailable = False  # after that 503: the background refresh gave up on it
+            fresh = await waiter
+        assert fresh != old.access_token and sim.is_active(fresh)
+        assert sim.stats.refreshes == 1 and sim.stats.unavailable == 1

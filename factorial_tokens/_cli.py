@@ -625,7 +625,8 @@ def connect_link(cfg: Config, tenant: str, ttl: float, link_base: str | None, co
     tenant's admin only. A tenant already connected refuses another company anyway.
     """
     try:
-        manager = cfg.manager()
+        # Signing a link needs neither the store nor keys: nothing is opened or created.
+        manager = TokenManager(cfg.app(), "memory://")
         link = manager.connect_link(tenant, ttl=ttl, base_url=link_base)
     except FactorialTokensError as exc:
         _fail(f"error: {exc}", _exit_code(exc))

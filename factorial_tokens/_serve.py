@@ -35,10 +35,8 @@ per-request check.
 
 from __future__ import annotations
 
-import html
 import inspect
 import logging
-import re
 import secrets
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -49,47 +47,30 @@ from aiohttp.abc import AbstractAccessLogger
 
 from ._errors import (
     AuthorizationDenied,
-    CodeReused,
-    CompanyMismatch,
     ConfigurationError,
-    ExchangeInDoubt,
     FactorialTokensError,
     InvalidCallback,
     InvalidState,
     InvalidTenant,
     ProviderError,
-    ReauthorizationRequired,
     RefreshTimeout,
-    StateReused,
     StoreUnavailable,
 )
 from ._manager import TokenManager
 from ._models import validate_tenant
+from ._pages import BINDING_COOKIE, PAGE_HEADERS, callback_failure, page_html, valid_binding
 
 __all__ = ["ConnectCheck", "connect_app"]
 
 #: The cookie that binds a connection to the browser that started it.
-COOKIE = "factorial_tokens_binding"
-_COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{32,64}")
+COOKIE = BINDING_COOKIE
+_HEADERS = PAGE_HEADERS
 _UNPRINTABLE = frozenset({"Cc", "Cf", "Co", "Cs", "Zl", "Zp"})
 
 log = logging.getLogger("factorial_tokens.serve")
 
 #: Decides whether a request may connect a tenant: ``allow(request, tenant) -> bool``.
 ConnectCheck = Callable[[web.Request, str], bool | Awaitable[bool]]
-
-_HEADERS = {
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-}
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}</style>
-</head><body><h1>{title}</h1><p>{message}</p></body></html>
-"""
 
 
 def callback_path(redirect_uri: str, prefix: str = "") -> str:
@@ -144,9 +125,10 @@ def connect_app(
 
 
 def _page(status: int, title: str, message: str) -> web.Response:
-    """A plain HTML page; both strings are escaped here."""
-    body = _PAGE.format(title=html.escape(title), message=html.escape(message))
-    return web.Response(status=status, text=body, content_type="text/html", headers=_HEADERS)
+    """A plain HTML page (see ``_pages``)."""
+    return web.Response(
+        status=status, text=page_html(title, message), content_type="text/html", headers=_HEADERS
+    )
 
 
 def printable(text: str) -> str:
@@ -202,8 +184,7 @@ class _Routes:
 
     @staticmethod
     def _binding(request: web.Request) -> str | None:
-        value = request.cookies.get(COOKIE)
-        return value if value is not None and _COOKIE_VALUE.fullmatch(value) else None
+        return valid_binding(request.cookies.get(COOKIE))
 
     async def connect(self, request: web.Request) -> web.StreamResponse:
         """Check the link, bind the browser, 302 to Factorial's authorize URL."""
@@ -262,59 +243,14 @@ class _Routes:
             result = await self._tm.complete_callback(
                 state=state, code=query.get("code"), error=query.get("error"), binding=binding
             )
-        except StateReused:
-            return _page(
-                409,
-                "Connection link already used",
-                f"This connection of {tenant!r} was already completed with another "
-                "authorization; start the connection again.",
-            )
-        except InvalidState as exc:
-            return _page(400, "Connection failed", f"{exc}.")
-        except AuthorizationDenied as exc:
-            if exc.error == "access_denied":
-                message = f"Access to Factorial was not granted for {tenant!r}."
-                return _page(403, "Access not granted", message)
-            return _page(
-                400, "Connection failed", f"Factorial answered {exc.error!r} for {tenant!r}; start again."
-            )
-        except InvalidCallback as exc:
-            return _page(400, "Connection failed", f"{exc}.")
-        except CompanyMismatch as exc:
-            return _page(
-                409,
-                "Another company",
-                f"Tenant {tenant!r} is connected to Factorial company {exc.expected}; this "
-                f"authorization was for company {exc.got}, so it was refused and revoked. Sign in "
-                "to Factorial with the right company and connect again.",
-            )
-        except CodeReused:
-            return _page(
-                409, "Connection failed", "This authorization code was already used for another tenant."
-            )
-        except ExchangeInDoubt:
-            return _page(
-                409,
-                "Connect again",
-                f"The answer from Factorial for {tenant!r} was lost; connect the company again.",
-            )
-        except ReauthorizationRequired as exc:
-            return _page(409, "Connect again", f"{exc}.")
-        except ProviderError as exc:
-            log.warning("tenant %r: code exchange refused: %s", tenant, exc.error)
-            detail = f" ({exc.error})" if exc.error else ""
-            return _page(
-                502,
-                "Factorial refused the connection",
-                f"Factorial did not accept the authorization of {tenant!r}{detail}; "
-                "start the connection again.",
-            )
-        except (StoreUnavailable, RefreshTimeout):
-            log.exception("tenant %r: code exchange failed on the token store", tenant)
-            return _page(503, "Try again", "The token store is unavailable; try again in a moment.")
-        except FactorialTokensError:
-            log.exception("tenant %r: code exchange failed", tenant)
-            return _page(500, "Connection failed", "The connection failed; start it again.")
+        except FactorialTokensError as exc:
+            if isinstance(exc, StoreUnavailable | RefreshTimeout):
+                log.exception("tenant %r: code exchange failed on the token store", tenant)
+            elif isinstance(exc, ProviderError):
+                log.warning("tenant %r: code exchange refused: %s", tenant, exc.error)
+            elif not isinstance(exc, InvalidState | InvalidCallback | AuthorizationDenied):
+                log.warning("tenant %r: callback refused: %s", tenant, type(exc).__name__)
+            return _page(*callback_failure(exc, tenant))
         if self._success_url is not None:
             target = self._success_url.replace("{tenant}", quote(result.tenant, safe=""))
             return web.Response(status=303, headers={**_HEADERS, "Location": target})

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from ._errors import ManagerClosed
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
-from ._manager import TenantInfo, TokenManager
+from ._manager import CallbackResult, TenantInfo, TokenManager
 from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet
 from ._store import Store
@@ -201,13 +201,52 @@ class SyncTokenManager:
 
     # -- the TokenManager's API, blocking ------------------------------------------------
 
-    def authorization_url(self, tenant: str, *, company: bool = False, scope: str | None = None) -> str:
+    def authorization_url(
+        self, tenant: str, *, company: bool = False, scope: str | None = None, binding: str | None = None
+    ) -> str:
         """See :meth:`TokenManager.authorization_url`."""
 
         async def call(tm: TokenManager) -> str:
-            return tm.authorization_url(tenant, company=company, scope=scope)
+            return tm.authorization_url(tenant, company=company, scope=scope, binding=binding)
 
         return self._call(call)
+
+    def connect_link(self, tenant: str, *, ttl: float = 3600.0, base_url: str | None = None) -> str:
+        """See :meth:`TokenManager.connect_link`."""
+
+        async def call(tm: TokenManager) -> str:
+            return tm.connect_link(tenant, ttl=ttl, base_url=base_url)
+
+        return self._call(call)
+
+    def check_connect_link(self, link: object, tenant: str) -> None:
+        """See :meth:`TokenManager.check_connect_link`."""
+
+        async def call(tm: TokenManager) -> None:
+            tm.check_connect_link(link, tenant)
+
+        return self._call(call)
+
+    def complete_callback(
+        self,
+        *,
+        state: object,
+        code: object = None,
+        error: object = None,
+        binding: str | None = None,
+        allow_company_change: bool = False,
+    ) -> CallbackResult:
+        """See :meth:`TokenManager.complete_callback`: a framework-neutral OAuth callback
+        (signed state, browser binding, single-use state, one exchange per code)."""
+        return self._call(
+            lambda tm: tm.complete_callback(
+                state=state,
+                code=code,
+                error=error,
+                binding=binding,
+                allow_company_change=allow_company_change,
+            )
+        )
 
     def tenant_from_state(self, state: object) -> str:
         """See :meth:`TokenManager.tenant_from_state`."""
@@ -237,9 +276,11 @@ class SyncTokenManager:
         """See :meth:`TokenManager.tokens`."""
         return self._call(lambda tm: tm.tokens(tenant))
 
-    def exchange_code(self, tenant: str, code: str) -> TokenSet:
+    def exchange_code(self, tenant: str, code: str, *, allow_company_change: bool = False) -> TokenSet:
         """See :meth:`TokenManager.exchange_code`."""
-        return self._call(lambda tm: tm.exchange_code(tenant, code))
+        return self._call(
+            lambda tm: tm.exchange_code(tenant, code, allow_company_change=allow_company_change)
+        )
 
     def credentials(self, tenant: str) -> Credentials:
         """See :meth:`TokenManager.credentials`."""

@@ -8,7 +8,19 @@ import pkgutil
 import factorial_tokens
 
 #: Names the private modules share among themselves but do not promise to users.
-INTERNAL = {"DEFAULT_API_VERSION", "MAX_TENANT_LENGTH", "OAuthClient", "StateSigner", "same_origin"}
+INTERNAL = {
+    "DEFAULT_API_VERSION",
+    "MAX_TENANT_LENGTH",
+    "OAuthClient",
+    "StateSigner",
+    "same_origin",
+    # the connect routes' pages, shared by the aiohttp and Starlette adapters
+    "BINDING_COOKIE",
+    "PAGE_HEADERS",
+    "callback_failure",
+    "page_html",
+    "valid_binding",
+}
 
 
 def test_all_is_sorted_and_resolves() -> None:

@@ -80,13 +80,21 @@ def test_sixteen_threads_one_refresh_per_tenant_and_clean_shutdown(
 ) -> None:
     before = len(loop_threads())
     with make_thread_sim(access_token_ttl=3) as sim:
+        # min_valid == leeway: no advisory window, so every caller of a due token waits for
+        # its refresh (inside an advisory window callers would get the current token at
+        # once while the refresh runs behind them).
         stm = SyncTokenManager(
-            app_for(sim), f"sqlite:///{tmp_path / 'tokens.db'}", lease_ttl=6.0, provider_timeout=2.0
+            app_for(sim),
+            f"sqlite:///{tmp_path / 'tokens.db'}",
+            lease_ttl=6.0,
+            provider_timeout=2.0,
+            leeway=1.0,
+            min_valid=1.0,
         )
         connect(sim, stm, TENANTS)
         assert len(loop_threads()) == before + 1  # one loop thread for every caller
-        # A 3 s token is due at half its lifetime: wait until every tenant is due.
-        time.sleep(1.7)
+        # A 3 s token is due a leeway before expiry: wait until every tenant is due.
+        time.sleep(2.1)
         sim.reset_stats()
         tokens: dict[str, set[str]] = {tenant: set() for tenant in TENANTS}
 

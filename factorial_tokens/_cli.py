@@ -467,6 +467,42 @@ def token(cfg: Config, tenant: str) -> None:
     click.echo(_run(run()))
 
 
+def _listing(cfg: Config) -> tuple[list[Any], str | None]:
+    """The tenants in the store (metadata only) and the path of a missing SQLite file.
+
+    Shared by ``status`` and ``tenants``: needs only the client id, reads no keys, and
+    creates nothing (a missing SQLite file lists as empty).
+    """
+
+    async def run() -> list[Any]:
+        async with TokenManager(app, cfg.store) as tm:
+            return await tm.tenants()
+
+    try:
+        app = cfg.app(listing=True)
+        missing = cfg.sqlite_missing()
+    except FactorialTokensError as exc:
+        _fail(f"error: {exc}", _exit_code(exc))
+    return ([] if missing else _run(run())), missing
+
+
+@main.command("tenants", epilog=_EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@_config_options
+def tenants_command(cfg: Config, as_json: bool) -> None:
+    """List the tenants of the app, one per line: tenant id and status (tab-separated).
+
+    Needs only the client id; prints nothing when the store holds no tenants.
+    """
+    infos, _ = _listing(cfg)
+    if as_json:
+        rows = [{"tenant": info.tenant, "status": info.status.value} for info in infos]
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    for info in infos:
+        click.echo(f"{info.tenant}\t{info.status.value}")
+
+
 @main.command(epilog=_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--watch", is_flag=True, help="Redraw a live table (refreshes/min, failures) until Ctrl-C.")
@@ -491,17 +527,7 @@ def status(cfg: Config, as_json: bool, watch: bool, interval: float, count: int)
         _run(live())
         return
 
-    async def run() -> list[Any]:
-        # Metadata only: no client secret, no keys, and nothing created.
-        async with TokenManager(app, cfg.store) as tm:
-            return await tm.tenants()
-
-    try:
-        app = cfg.app(listing=True)
-        missing = cfg.sqlite_missing()
-    except FactorialTokensError as exc:
-        _fail(f"error: {exc}", _exit_code(exc))
-    infos = [] if missing else _run(run())
+    infos, missing = _listing(cfg)
     now = time.time()
     if as_json:
         rows = [

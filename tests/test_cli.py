@@ -593,3 +593,32 @@ def expire(store: str, tenant: str) -> None:
             await backend.aclose()
 
     asyncio.run(run())
+
+
+def test_tenants_lists_ids_and_statuses_with_only_the_client_id(
+    env: dict[str, str], sim: FakeFactorial, store: str
+) -> None:
+    seed(sim, store, "acme", 1)
+    seed(sim, store, "café ☕", 2)
+    del env["FACTORIAL_CLIENT_SECRET"], env["FACTORIAL_REDIRECT_URI"]
+    done = cli("tenants", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["acme\tactive", "café ☕\tactive"]
+    done = cli("tenants", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [
+        {"tenant": "acme", "status": "active"},
+        {"tenant": "café ☕", "status": "active"},
+    ]
+
+
+def test_tenants_on_a_missing_sqlite_file_creates_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    folder, data = tmp_path / "cwd", tmp_path / "data"
+    folder.mkdir()
+    env.pop("FACTORIAL_TOKENS_STORE")
+    env.pop("FACTORIAL_CLIENT_SECRET")
+    env["XDG_DATA_HOME"] = str(data)
+    done = run_in(folder, "tenants", env=env)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert run_in(folder, "tenants", "--json", env=env).stdout.strip() == "[]"
+    assert not data.exists() and list(folder.iterdir()) == []

@@ -146,6 +146,37 @@ async def test_schema_is_created_versioned_and_idempotent(base_url: str) -> None
             await store.aclose()
 
 
+async def test_migrate_false_reads_a_missing_schema_as_empty_and_creates_nothing(base_url: str) -> None:
+    url = store_url(base_url, migrate="false")
+    schema = url.split("schema=")[1].split("&")[0]
+    key = TenantKey("app", "acme")
+    store = PostgresStore.from_url(url)
+    try:
+        await store.check()
+        assert await store.read(key) is None
+        assert await store.tenants("app") == []
+        with pytest.raises(StoreUnavailable, match="migrate=false"):
+            await store.acquire(key, "me", 5.0)
+        found = await _fetch(base_url, "SELECT nspname FROM pg_namespace WHERE nspname = $1", schema)
+        assert found == []
+        # Once a migrating store has made it, the read-only one uses it.
+        writer = PostgresStore.from_url(url.replace("migrate=false", "migrate=true"))
+        await writer.check()
+        await writer.aclose()
+        assert await store.tenants("app") == []
+        assert (await store.acquire(key, "me", 5.0)).lease is not None
+    finally:
+        await store.aclose()
+    # A schema at another version is refused, not migrated.
+    await _fetch(base_url, f'UPDATE "{schema}"."meta" SET value = {SCHEMA_VERSION - 1}')
+    old = PostgresStore.from_url(url)
+    try:
+        with pytest.raises(ConfigurationError, match="version"):
+            await old.check()
+    finally:
+        await old.aclose()
+
+
 async def test_url_options_do_not_reach_asyncpg(base_url: str) -> None:
     url = store_url(base_url, pgbouncer="false", poll="2", command_timeout="5", max_size="3")
     store = PostgresStore.from_url(url + "&application_name=ft_options_test")

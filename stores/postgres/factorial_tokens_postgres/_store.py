@@ -112,8 +112,10 @@ _URL_OPTIONS = (
     "max_size",
     "command_timeout",
     "connect_timeout",
+    "migrate",
 )
 _PRUNE_EVERY = 600.0
+_READS = frozenset({"read", "tenants", "check"})  # what a missing schema answers (migrate=false)
 
 
 def _flag(name: str, value: str) -> bool:
@@ -159,6 +161,10 @@ class PostgresStore:
             cache, no session state; wake-ups by a shorter poll.
         poll: the fallback poll period (seconds); default 1.0, or 0.25 with ``pgbouncer``.
         min_size, max_size, command_timeout, connect_timeout: for the pool built from ``dsn``.
+        migrate: create or upgrade the schema on first use (the default). With ``False``
+            (for read-only tools) a schema that does not exist yet reads as empty and is
+            not created (a write then raises StoreUnavailable); a schema at another
+            version than this package's raises ConfigurationError.
 
     Every backend failure raises :class:`~factorial_tokens.StoreUnavailable`; a connection
     lost mid-statement is retried on a fresh connection first (each statement is safe to
@@ -178,6 +184,7 @@ class PostgresStore:
         max_size: int = 10,
         command_timeout: float = 10.0,
         connect_timeout: float = 5.0,
+        migrate: bool = True,
     ) -> None:
         if (pool is None) == (dsn is None):
             raise ConfigurationError("PostgresStore needs exactly one of pool= or dsn=")
@@ -201,6 +208,8 @@ class PostgresStore:
         self._notifier = Notifier(poll=poll if poll is not None else (0.25 if pgbouncer else 1.0))
         self._init_lock = asyncio.Lock()
         self._migrated = False
+        self._migrate_schema = migrate
+        self._absent = False  # migrate=False and the schema does not exist (yet)
         self._closed = False
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
@@ -221,7 +230,7 @@ class PostgresStore:
 
         Options (removed before the URL reaches asyncpg): ``schema``, ``table_prefix``,
         ``pgbouncer``, ``poll``, ``min_size``, ``max_size``, ``command_timeout``,
-        ``connect_timeout``. Other query parameters (``sslmode``, ...) go to asyncpg.
+        ``connect_timeout``, ``migrate``. Other query parameters (``sslmode``, ...) go to asyncpg.
         """
         dsn, opts = _split_url(url)
         kwargs: dict[str, Any] = {}
@@ -231,6 +240,8 @@ class PostgresStore:
             kwargs["table_prefix"] = opts["table_prefix"]
         if "pgbouncer" in opts:
             kwargs["pgbouncer"] = _flag("pgbouncer", opts["pgbouncer"])
+        if "migrate" in opts:
+            kwargs["migrate"] = _flag("migrate", opts["migrate"])
         for name in ("poll", "command_timeout", "connect_timeout"):
             if name in opts:
                 kwargs[name] = _number(name, opts[name])
@@ -266,9 +277,29 @@ class PostgresStore:
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
             if not self._migrated:
-                await self._migrate(self._pool)
-                self._migrated = True
+                if self._migrate_schema:
+                    await self._migrate(self._pool)
+                    self._migrated = True
+                else:
+                    # Looked up again on each use while absent: another process may create it.
+                    self._absent = not await self._schema_current(self._pool)
+                    self._migrated = not self._absent
         return self._pool
+
+    async def _schema_current(self, pool: Any) -> bool:
+        """With ``migrate=False``: True if the schema is at this package's version, False
+        if it does not exist; ConfigurationError if it is at another version."""
+        n = self._names
+        async with pool.acquire() as con:
+            if not await con.fetchval("SELECT to_regclass($1) IS NOT NULL", n.meta):
+                return False
+            version = await con.fetchval(f"SELECT value FROM {n.meta} WHERE name = 'schema_version'")
+        if version != SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"Postgres store{self._where()}: schema {n.schema!r} is at version {version}, not "
+                f"{SCHEMA_VERSION}, and migrate=false: run a command that writes to migrate it"
+            )
+        return True
 
     async def _migrate(self, pool: Any) -> None:
         # A starter that waited on the migration lock may still not see, in its catalog
@@ -327,6 +358,11 @@ class PostgresStore:
         for attempt in range(attempts):
             try:
                 pool = await self._ready()
+                if self._absent and op not in _READS:
+                    raise StoreUnavailable(
+                        f"Postgres store{self._where()}: {op} refused: schema {self.schema!r} does not "
+                        "exist and this store was opened with migrate=false (read-only)"
+                    )
                 return await fn(pool, attempt > 0)
             except _FAILURES as exc:
                 retry = isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
@@ -364,6 +400,8 @@ class PostgresStore:
         self._check_key(key)
 
         async def run(pool: Any, replay: bool) -> Any:
+            if self._absent:
+                return None
             return await pool.fetchrow(self._sql.read, key.namespace, key.tenant)
 
         row = await self._call("read", run)
@@ -572,6 +610,8 @@ class PostgresStore:
             raise InvalidTenant("namespaces must not contain NUL characters")
 
         async def run(pool: Any, replay: bool) -> Any:
+            if self._absent:
+                return []
             return await pool.fetch(self._sql.tenants, namespace)
 
         rows = await self._call("tenants", run)

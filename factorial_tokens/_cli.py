@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, NoReturn, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import click
 from aiohttp import web
@@ -188,21 +188,41 @@ class Config:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
 
-    def manager(self, *, tenant: str | None = None, listing: bool = False, **options: Any) -> TokenManager:
+    def manager(
+        self, *, tenant: str | None = None, listing: bool = False, read_only: bool = False, **options: Any
+    ) -> TokenManager:
         """A TokenManager on the configured store (enter it with ``async with``), sealing
         tokens under :meth:`keyring`.
 
         With ``tenant`` (a command about one tenant) an SQLite file that does not exist is
-        not created: TenantNotConnected instead. Otherwise its folder is made (0700).
-        ``listing`` as in :meth:`app` (a manager that will not refresh nor connect).
+        not created: TenantNotConnected instead; otherwise its folder is made (0700). With
+        ``tenant`` or ``read_only`` a Postgres schema is neither created nor migrated
+        (:meth:`read_store`). ``listing`` as in :meth:`app`
+        (a manager that will not refresh nor connect).
         """
         app = self.app(listing=listing)
+        read_only = read_only or tenant is not None
         missing = self.sqlite_missing()
         if missing is not None:
             if tenant is not None:
                 raise TenantNotConnected(tenant)
             os.makedirs(os.path.dirname(missing) or ".", mode=0o700, exist_ok=True)
-        return TokenManager(app, self.store, keyring=self.keyring(), **options)
+        store = self.read_store() if read_only else self.store
+        return TokenManager(app, store, keyring=self.keyring(), **options)
+
+    def read_store(self) -> str:
+        """The store URL for a command that must create nothing: a Postgres store gets
+        ``migrate=false`` (a schema that does not exist reads as empty and is not made);
+        other URLs are returned as given (SQLite is handled by :meth:`sqlite_missing`).
+
+        A tenant that exists lives in a current schema, so its refresh still writes.
+        """
+        parts = urlsplit(self.store)
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            return self.store
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "migrate"]
+        query.append(("migrate", "false"))
+        return urlunsplit(parts._replace(query=urlencode(query)))
 
     def sqlite_missing(self) -> str | None:
         """The path of an SQLite store file that does not exist yet (else None): read-only
@@ -475,7 +495,7 @@ def _listing(cfg: Config) -> tuple[list[Any], str | None]:
     """
 
     async def run() -> list[Any]:
-        async with TokenManager(app, cfg.store) as tm:
+        async with TokenManager(app, cfg.read_store()) as tm:
             return await tm.tenants()
 
     try:
@@ -521,7 +541,7 @@ def status(cfg: Config, as_json: bool, watch: bool, interval: float, count: int)
         from ._watch import watch as watch_tenants
 
         async def live() -> int:
-            async with cfg.manager() as tm:
+            async with cfg.manager(read_only=True) as tm:
                 return await watch_tenants(tm, Console(), interval=interval, count=count, when=_when)
 
         _run(live())

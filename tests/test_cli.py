@@ -622,3 +622,37 @@ def test_tenants_on_a_missing_sqlite_file_creates_nothing(env: dict[str, str], t
     assert done.returncode == 0 and done.stdout == "", done.stderr
     assert run_in(folder, "tenants", "--json", env=env).stdout.strip() == "[]"
     assert not data.exists() and list(folder.iterdir()) == []
+
+
+def test_read_only_commands_do_not_create_a_postgres_schema(env: dict[str, str]) -> None:
+    import asyncpg  # type: ignore[import-untyped]
+
+    from .postgres_server import server_url, store_url
+
+    url = store_url()
+    schema = parse_qs(urlsplit(url).query)["schema"][0]
+
+    async def exists() -> bool:
+        con = await asyncpg.connect(server_url(), timeout=5)
+        try:
+            found = await con.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema)
+            return bool(found)
+        finally:
+            await con.close()
+
+    env["FACTORIAL_TOKENS_STORE"] = url
+    done = cli("status", "--json", env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    done = cli("tenants", env=env)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    for command in ("token", "whoami", "refresh", "revoke"):
+        assert cli(command, "acme", env=env).returncode == 3  # not connected
+    assert (
+        cli("token", "acme", env={k: v for k, v in env.items() if k != "FACTORIAL_CLIENT_SECRET"}).returncode
+        == 3
+    )
+    assert not asyncio.run(exists())
+    # A command that writes creates it.
+    done = cli("keepalive", "--once", env=env)
+    assert done.returncode == 0, done.stderr
+    assert asyncio.run(exists())

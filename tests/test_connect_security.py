@@ -213,6 +213,7 @@ async def test_takeover_of_a_connected_tenant_is_refused_and_the_new_grant_revok
     with pytest.raises(CompanyMismatch):
         await tm.exchange_code("acme", theirs)
     assert sim.stats.exchange_attempts == 2  # acme's own code and the refused one, once each
+    assert await tm.flush_events()  # listeners run on a background thread
     mismatch = [e for e in events if e.kind is EventKind.COMPANY_MISMATCH]
     assert [(e.previous_company_id, e.company_id) for e in mismatch] == [("10001", "10003")]
     assert not [e for e in events if e.kind is EventKind.RECONNECTED]
@@ -241,6 +242,7 @@ async def test_a_company_change_on_purpose_replaces_and_revokes_the_old_grant(
     assert new.company_id == "10003" and (await tm.credentials("acme")).company_id == "10003"
     assert not sim.is_active(old.access_token) and not sim.is_refresh_usable(old.refresh_token or "")
     assert sim.live_pairs(10001) == 0 and sim.stats.revocations_by_company == {10001: 1}
+    assert await tm.flush_events()  # listeners run on a background thread
     reconnected = [e for e in events if e.kind is EventKind.RECONNECTED]
     assert [(e.previous_company_id, e.company_id) for e in reconnected] == [("10001", "10003")]
     assert "10001" in reconnected[0].detail and "10003" in reconnected[0].detail

@@ -34,7 +34,6 @@ import aiohttp
 import attrs
 
 from ._client import TenantSession
-from ._codec import JsonCodec, PayloadCodec
 from ._errors import (
     AuthorizationDenied,
     CodeReused,
@@ -59,9 +58,17 @@ from ._events import EventDispatcher, EventKind, Listener, TokenEvent
 from ._health import Health, check_health
 from ._keepalive import DEFAULT_CONCURRENCY, DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
 from ._logs import OperationContext, bind, install
-from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
+from ._models import (
+    CallbackResult,
+    Credentials,
+    FactorialApp,
+    TenantInfo,
+    TokenSet,
+    fingerprint,
+    validate_tenant,
+)
 from ._oauth import OAuthClient
-from ._sealing import Keyring, SealedCodec
+from ._secret import AppSecret
 from ._state import LinkSigner, StateSigner
 from ._store import (
     ClaimState,
@@ -78,8 +85,9 @@ from ._store import (
     store_from_url,
 )
 from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
+from .sealing import JsonCodec, Keyring, PayloadCodec, SealedCodec
 
-__all__ = ["CallbackResult", "TenantInfo", "TokenManager"]
+__all__ = ["TokenManager"]
 
 log = logging.getLogger("factorial_tokens")
 
@@ -96,36 +104,30 @@ _CONNECT_TURN = "/connect-turn"
 
 
 @attrs.frozen
-class TenantInfo:
-    """A tenant as listed by :meth:`TokenManager.tenants` (metadata only, no tokens)."""
-
-    tenant: str
-    status: TenantStatus
-    expires_at: float | None
-    refreshed_at: float
-    version: int
-
-    @property
-    def needs_reauthorization(self) -> bool:
-        """True when the company must connect again."""
-        return self.status is TenantStatus.NEEDS_REAUTH
-
-
-@attrs.frozen
-class CallbackResult:
-    """What :meth:`TokenManager.complete_callback` returns: the tenant the callback was for
-    (from its signed state) and the tenant's tokens (``tokens.company_id`` names the company)."""
-
-    tenant: str
-    tokens: TokenSet
-
-
-@attrs.frozen
 class _Entry:
     tokens: TokenSet
     version: int
     due: float  # the advisory window opens: refresh in the background
     must: float  # the mandatory window opens: callers wait for a refresh
+
+
+class Held:
+    """A lease being worked under (see ``TokenManager._holding``): its one fenced write."""
+
+    __slots__ = ("_store", "committed", "lease", "lost", "record")
+
+    def __init__(self, store: Store, lease: Lease, record: Record | None) -> None:
+        self._store = store
+        self.lease = lease
+        self.record = record  # what the store held when the lease was taken
+        self.committed = False  # a commit was answered: the lease is over, written or fenced out
+        self.lost = asyncio.Event()  # the renewing watchdog found the lease taken over
+
+    async def commit(self, update: Update) -> Record | None:
+        """Write ``update`` fenced by the lease, which it ends; ``None`` when fenced out."""
+        stored = await self._store.commit(self.lease, update)
+        self.committed = True
+        return stored
 
 
 class TokenManager:
@@ -153,12 +155,12 @@ class TokenManager:
         session: an aiohttp session to use for Factorial (not closed by the manager).
         codec: how token sets are written to the store (plain JSON by default).
         keyring: seal token material at rest with AES-GCM under this keyring
-            (:class:`~factorial_tokens.SealedCodec`); default: the keyring in
+            (:class:`~factorial_tokens.sealing.SealedCodec`); default: the keyring in
             ``FACTORIAL_TOKENS_KEYS`` if that variable is set, else none. Not together
             with ``codec``. With a keyring, plain (unsealed) records are refused with
             TokenSealError: someone without the key wrote them.
         allow_plaintext: with a keyring, read plain records anyway: only while migrating
-            a store written before sealing was on, until :func:`~factorial_tokens.rekey`
+            a store written before sealing was on, until :meth:`rekey`
             has sealed them.
         on_event: called with every :class:`TokenEvent`, on a background thread (off the
             refresh path); exceptions it raises are logged.
@@ -247,6 +249,7 @@ class TokenManager:
             codec = JsonCodec() if keyring is None else SealedCodec(keyring, allow_plaintext=allow_plaintext)
         self._codec: PayloadCodec = codec
         self.state_ttl = state_ttl
+        self._secret = AppSecret(app)
         self._signer = StateSigner(app, state_ttl)
         self._links = LinkSigner(app, 3600.0)
         self._events = EventDispatcher()
@@ -438,9 +441,7 @@ class TokenManager:
         nonce_hash = "state:" + hashlib.sha256(nonce.encode()).hexdigest()
         # The claim's owner is derived from the code, so a duplicate of the same callback
         # holds the same claim; it is also kept as the finished claim's outcome.
-        binding = hmac.new(
-            self.app.client_secret.encode(), b"state-binding\x00" + code.encode(), hashlib.sha256
-        ).hexdigest()
+        binding = self._secret.code_binding(code)
         key = self._key(tenant)
         for _ in range(3):
             claim = await self._store.claim_code(key, nonce_hash, binding, self.lease_ttl)
@@ -551,20 +552,24 @@ class TokenManager:
             delay,
         )
 
-    async def refresh(self, tenant: str) -> TokenSet:
+    async def refresh(self, tenant: str, *, newer_than: int | None = None) -> TokenSet:
         """Force a new token set (single-flight, under the lease).
 
         If another worker refreshed since this process last saw the tenant, its result is
-        returned instead of refreshing again.
+        returned instead of refreshing again. ``newer_than`` is the stored version the
+        caller last saw (a :class:`TenantInfo`'s ``version``, as keepalive passes it):
+        any stored version above it counts as refreshed already. Raises what
+        :meth:`access_token` raises.
         """
         self._check_open()
         tenant = validate_tenant(tenant)
-        entry = self._cache.get(tenant)
-        if entry is None:
-            record = await self._store.read(self._key(tenant))
-            entry = self._usable(tenant, record) if record else None
-        seen = entry.version if entry else 0
-        return (await self._obtain(tenant, newer_than=seen)).tokens
+        if newer_than is None:
+            entry = self._cache.get(tenant)
+            if entry is None:
+                record = await self._store.read(self._key(tenant))
+                entry = self._usable(tenant, record) if record else None
+            newer_than = entry.version if entry else 0
+        return (await self._obtain(tenant, newer_than=newer_than)).tokens
 
     async def tokens(self, tenant: str) -> TokenSet:
         """The stored token set, read from the store without refreshing it."""
@@ -689,14 +694,7 @@ class TokenManager:
     ) -> _Entry | None:
         """Refresh while holding ``lease``; ``None`` means "start over" (lease lost)."""
         tenant = lease.key.tenant
-        committed = False
-        lost = asyncio.Event()
-        # No watchdog task for a refresh that ends within a third of the lease (nearly all).
-        watchdog: list[asyncio.Task[None]] = []
-        timer = asyncio.get_running_loop().call_later(
-            self.lease_ttl / 3, lambda: watchdog.append(self._spawn(self._renew(lease, lost)))
-        )
-        try:
+        async with self._holding(lease, record, renew=True) as held:
             entry = self._usable(tenant, record)
             if self._acceptable(entry, newer_than, advisory):
                 return entry  # someone refreshed between our read and our acquire
@@ -706,8 +704,7 @@ class TokenManager:
                 return entry  # a company token that never expires: nothing to refresh
             if old.refresh_token is None:
                 self._obs.note(lease, "no_refresh_token")
-                error = await self._mark_dead(lease, record, "no refresh token to renew an expiring token")
-                committed = True
+                error = await self._mark_dead(held, "no refresh token to renew an expiring token")
                 if error is None:
                     return None
                 raise error
@@ -716,7 +713,7 @@ class TokenManager:
             # The provider call gets its whole budget after the wait: a request cut short by
             # a spent deadline would be in doubt, and its retry could cost the grant.
             deadline = loop.time() + self.refresh_deadline
-            if lost.is_set():
+            if held.lost.is_set():
                 return None
             # A background refresh stops retrying when the mandatory window opens: callers
             # who must wait then start a refresh of their own at once, rather than wait
@@ -741,12 +738,10 @@ class TokenManager:
                     if again.error != "invalid_grant":
                         raise
                     error = await self._mark_dead(
-                        lease,
-                        record,
+                        held,
                         "the refresh token was rotated by a request whose answer was lost",
                         error=RotationLost,
                     )
-                    committed = True
                     if error is None:
                         return None
                     raise error from None
@@ -758,10 +753,7 @@ class TokenManager:
                 if current is None or record is None or current.version != record.version:
                     self._obs.note(lease, "lost_race")
                     return None
-                error = await self._mark_dead(
-                    lease, record, "Factorial refused the refresh token (invalid_grant)"
-                )
-                committed = True
+                error = await self._mark_dead(held, "Factorial refused the refresh token (invalid_grant)")
                 if error is None:
                     return None
                 raise error from None
@@ -771,10 +763,7 @@ class TokenManager:
             if new.company_id is None:
                 new = attrs.evolve(new, company_id=old.company_id)
             update = self._update(lease.key, new)
-            stored = await self._patiently(
-                tenant, "refreshed tokens", lambda: self._store.commit(lease, update)
-            )
-            committed = True
+            stored = await self._patiently(tenant, "refreshed tokens", lambda: held.commit(update))
             if stored is None:
                 self._obs.note(lease, "fenced_out")
                 log.error(
@@ -791,14 +780,6 @@ class TokenManager:
             )
             self._emit(TokenEvent(EventKind.REFRESHED, tenant, new.fingerprint, stored.version))
             return self._entry_of(new, stored.version)
-        finally:
-            timer.cancel()
-            for task in watchdog:
-                task.cancel()
-            if not committed:
-                # Shielded: the lease must go back even if this task is being cancelled.
-                with contextlib.suppress(FactorialTokensError):
-                    await asyncio.shield(self._store.release(lease))
 
     # -- fleet-wide back-pressure -----------------------------------------------------
 
@@ -866,8 +847,7 @@ class TokenManager:
 
     async def _mark_dead(
         self,
-        lease: Lease,
-        record: Record,
+        held: Held,
         reason: str,
         *,
         error: type[ReauthorizationRequired] = ReauthorizationRequired,
@@ -875,10 +855,12 @@ class TokenManager:
         """Record (fenced) that the tenant needs re-authorization; return the error to raise,
         or ``None`` when the write was refused (someone reconnected or refreshed meanwhile:
         the tenant may be fine, so start over)."""
-        tenant = lease.key.tenant
+        tenant = held.lease.key.tenant
+        record = held.record
+        assert record is not None  # only a stored grant dies
         update = Update(record.payload, TenantStatus.NEEDS_REAUTH, record.expires_at, record.updated_at)
         self._forget_cached(tenant)
-        if await self._store.commit(lease, update) is None:
+        if await held.commit(update) is None:
             log.info("tenant %r: the store changed before it could be marked dead; re-reading", tenant)
             return None
         log.error("tenant %r needs re-authorization: %s", tenant, reason)
@@ -926,7 +908,7 @@ class TokenManager:
         self._check_open()
         tenant = validate_tenant(tenant)
         _check_code(code)
-        code_hash = hmac.new(self.app.client_secret.encode(), code.encode(), hashlib.sha256).hexdigest()
+        code_hash = self._secret.code_hash(code)
         existing = self._exchanges.get(code_hash)
         if existing is None:
             flight = self._spawn(self._exchange(self._key(tenant), code, code_hash, allow_company_change))
@@ -1074,7 +1056,7 @@ class TokenManager:
         turn = TenantKey(key.namespace + _CONNECT_TURN, key.tenant)
         won = await acquire_within(self._store, turn, self.lease_ttl, self.refresh_deadline)
         lease = won.lease if won is not None else None
-        try:
+        async with self._holding(lease, None) if lease is not None else contextlib.nullcontext():
             old = self._decode_replaced(key, await self._store.read(key))
             if old is not None and old.access_token == tokens.access_token:
                 return  # a retry: this write landed before its reply was lost
@@ -1086,10 +1068,6 @@ class TokenManager:
                 if tokens.company_id != pinned:
                     raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
             await self._store.replace(key, self._update(key, tokens))
-        finally:
-            if lease is not None:
-                with contextlib.suppress(FactorialTokensError):
-                    await asyncio.shield(self._store.release(lease))
 
     def _decode_replaced(self, key: TenantKey, record: Record | None) -> TokenSet | None:
         """The tokens a new grant replaces, or None (none stored, or unreadable)."""
@@ -1172,8 +1150,11 @@ class TokenManager:
         key = self._key(tenant)
         if await self._store.read(key) is None:
             raise TenantNotConnected(tenant)  # before the lease: leaves nothing behind
-        async with self._lease(key) as record:
-            tokens = self._usable(tenant, record, allow_reauth=True).tokens
+        won = await acquire_within(self._store, key, self.lease_ttl, self.wait_timeout)
+        if won is None or won.lease is None:
+            raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
+        async with self._holding(won.lease, won.record):
+            tokens = self._usable(tenant, won.record, allow_reauth=True).tokens
             deadline = asyncio.get_running_loop().time() + self.refresh_deadline
             await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
             await self._store.replace(key, None)
@@ -1219,20 +1200,116 @@ class TokenManager:
             key=lambda info: info.tenant,
         )
 
+    async def rekey(self, keyring: Keyring, *, wait_timeout: float | None = None) -> int:
+        """Re-seal every record of this app under ``keyring``'s newest key; return how many.
+
+        Plain ``j1:`` records are sealed too: this completes a migration to sealing
+        (workers opened with ``allow_plaintext=True`` until then). Records already sealed
+        under the newest key are left alone.
+
+        Safe while workers run: each tenant is re-sealed under its lease (a busy tenant is
+        retried after the others, waiting up to ``wait_timeout``, default the manager's,
+        for its holder to finish) and written with a fenced ``commit`` that keeps status and
+        expiry, so a concurrent refresh is never overwritten. Workers must already know
+        every key of ``keyring`` (see ``docs/security.md``).
+
+        Raises TokenSealError after processing every other tenant if some records could not
+        be opened (their count and tenant ids in the message; those records are left
+        intact), RefreshTimeout if a tenant's lease stayed busy for ``wait_timeout``,
+        StoreUnavailable.
+        """
+        self._check_open()
+        wait_timeout = self.wait_timeout if wait_timeout is None else wait_timeout
+        namespace = self.app.client_id
+        codec = SealedCodec(keyring, allow_plaintext=True)
+        pending = [r.key for r in await self._store.tenants(namespace) if not codec.is_current(r.payload)]
+        done = 0
+        unopened: list[str] = []
+        busy: list[TenantKey] = []
+        for key in pending:  # first pass: never wait, defer busy tenants
+            outcome = await self._reseal(codec, key, wait=0.0)
+            if outcome is None:
+                busy.append(key)
+            elif isinstance(outcome, TokenSealError):
+                unopened.append(key.tenant)
+            else:
+                done += outcome
+        for key in busy:
+            outcome = await self._reseal(codec, key, wait=wait_timeout)
+            if isinstance(outcome, TokenSealError):
+                unopened.append(key.tenant)
+            elif outcome is None:
+                raise RefreshTimeout(
+                    f"rekey: tenant {key.tenant!r}'s lease stayed busy for {wait_timeout:g}s "
+                    f"({done} records re-sealed so far; run rekey again)"
+                )
+            else:
+                done += outcome
+        log.info("rekey: %d records of %r re-sealed under key %r", done, namespace, keyring.newest)
+        if unopened:
+            shown = ", ".join(repr(t) for t in unopened[:10]) + (", ..." if len(unopened) > 10 else "")
+            raise TokenSealError(
+                f"rekey: {done} records re-sealed, {len(unopened)} could not be opened and were left "
+                f"intact: {shown}"
+            )
+        return done
+
+    async def _reseal(
+        self, codec: SealedCodec, key: TenantKey, *, wait: float
+    ) -> int | TokenSealError | None:
+        """Re-seal one tenant under its lease: 1 if written, 0 if nothing to do, the error if
+        its record cannot be opened, ``None`` if its lease stayed busy for ``wait`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            won = await acquire_within(self._store, key, self.lease_ttl, deadline - loop.time())
+            if won is None or won.lease is None:
+                return None
+            async with self._holding(won.lease, won.record) as held:
+                record = held.record
+                if record is None or codec.is_current(record.payload):
+                    return 0  # forgotten, or re-sealed (by a writer with the new key) since listed
+                try:
+                    payload = codec.reseal(key, record.payload)
+                except TokenSealError as exc:
+                    log.error("rekey: %s", exc)
+                    return exc
+                update = Update(payload, record.status, record.expires_at, record.updated_at)
+                if await held.commit(update) is not None:
+                    return 1
+            # Fenced out (a replace in between): read again under a new lease.
+
+    # -- the lease protocol ----------------------------------------------------------
+
     @contextlib.asynccontextmanager
-    async def _lease(self, key: TenantKey) -> AsyncIterator[Record]:
-        """Hold ``key``'s lease for a block that ends with ``replace`` (which releases it)."""
-        won = await acquire_within(self._store, key, self.lease_ttl, self.wait_timeout)
-        if won is None or won.lease is None:
-            raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
-        lease = won.lease
+    async def _holding(
+        self, lease: Lease, record: Record | None, *, renew: bool = False
+    ) -> AsyncIterator[Held]:
+        """Work under ``lease`` (which found ``record``): every write under a lease goes
+        through this. The block ends with one fenced :meth:`Held.commit`, or the lease is
+        released on the way out, shielded, so that a cancelled holder still gives it back.
+        With ``renew``, a watchdog extends the lease from a third of its TTL into the work
+        on, and sets ``held.lost`` if it was taken over."""
+        held = Held(self._store, lease, record)
+        # No watchdog task for work that ends within a third of the lease (nearly all).
+        watchdog: list[asyncio.Task[None]] = []
+        timer = (
+            asyncio.get_running_loop().call_later(
+                self.lease_ttl / 3, lambda: watchdog.append(self._spawn(self._renew(lease, held.lost)))
+            )
+            if renew
+            else None
+        )
         try:
-            if won.record is None:
-                raise TenantNotConnected(key.tenant)
-            yield won.record
+            yield held
         finally:
-            with contextlib.suppress(FactorialTokensError):
-                await asyncio.shield(self._store.release(lease))
+            if timer is not None:
+                timer.cancel()
+            for task in watchdog:
+                task.cancel()
+            if not held.committed:
+                with contextlib.suppress(FactorialTokensError):
+                    await asyncio.shield(self._store.release(lease))
 
     # -- events, cache, records ------------------------------------------------------
 

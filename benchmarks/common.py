@@ -16,7 +16,6 @@ import attrs
 
 from factorial_tokens import (
     FactorialApp,
-    JsonCodec,
     Store,
     TenantKey,
     TenantStatus,
@@ -24,6 +23,7 @@ from factorial_tokens import (
     TokenSet,
     Update,
 )
+from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 CLIENT_SECRET = "bench-client-secret-0f3a9c"

@@ -37,7 +37,6 @@ from typing import Any
 
 from factorial_tokens import (
     EventKind,
-    JsonCodec,
     MemoryStore,
     Store,
     TenantKey,
@@ -45,6 +44,7 @@ from factorial_tokens import (
     TokenManager,
     store_from_url,
 )
+from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from . import drivers

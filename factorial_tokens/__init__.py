@@ -2,7 +2,6 @@
 across many worker processes and hosts, without ever breaking a company's grant."""
 
 from ._client import TenantSession
-from ._codec import JsonCodec, PayloadCodec
 from ._errors import (
     AuthorizationDenied,
     CodeReused,
@@ -27,10 +26,17 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._health import Health
 from ._keepalive import KeepAliveReport
-from ._manager import CallbackResult, TenantInfo, TokenManager
+from ._manager import TokenManager
 from ._memory import MemoryStore
-from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
-from ._sealing import Keyring, SealedCodec, rekey
+from ._models import (
+    CallbackResult,
+    Credentials,
+    FactorialApp,
+    TenantInfo,
+    TokenSet,
+    fingerprint,
+    validate_tenant,
+)
 from ._serve import ConnectCheck, connect_app
 from ._sqlite import SQLiteStore
 from ._store import (
@@ -53,8 +59,8 @@ from ._store import (
     store_from_url,
 )
 from ._telemetry import Telemetry, TenantCounts
-
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
+from .sealing import Keyring
 
 __all__ = [
     "CLAIM_RETENTION",
@@ -77,14 +83,12 @@ __all__ = [
     "InvalidCallback",
     "InvalidState",
     "InvalidTenant",
-    "JsonCodec",
     "KeepAliveReport",
     "Keyring",
     "Lease",
     "ManagerClosed",
     "MemoryStore",
     "Notifier",
-    "PayloadCodec",
     "ProviderError",
     "ReauthorizationRequired",
     "Record",
@@ -92,7 +96,6 @@ __all__ = [
     "RequestInDoubt",
     "RotationLost",
     "SQLiteStore",
-    "SealedCodec",
     "StateReused",
     "Store",
     "StoreUnavailable",
@@ -114,7 +117,6 @@ __all__ = [
     "connect_app",
     "fingerprint",
     "hold_digest",
-    "rekey",
     "store_from_url",
     "validate_tenant",
 ]

@@ -42,7 +42,7 @@ from ._errors import (
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
 from ._manager import TokenManager
 from ._models import FactorialApp, validate_tenant
-from ._sealing import Keyring, rekey
+from .sealing import Keyring
 
 # The command line is the interface; nothing here is part of the library's API.
 __all__: list[str] = []
@@ -896,7 +896,7 @@ def rekey_command(cfg: Config) -> None:
         if ring is None:
             raise ConfigurationError("no keys: set FACTORIAL_TOKENS_KEYS or pass --keys-file")
         async with TokenManager(cfg.app(), cfg.store, keyring=ring) as tm:
-            moved = await rekey(tm, ring)
+            moved = await tm.rekey(ring)
         click.echo(f"re-sealed {moved} tenant records under key {ring.newest!r}")
         return moved
 

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine, Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 from ._errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from ._manager import TokenManager
-
 __all__ = ["TenantSession", "same_origin"]
+
+
+class TokenSource(Protocol):
+    """Where a session gets its tokens (:class:`~factorial_tokens.TokenManager`)."""
+
+    async def access_token(self, tenant: str) -> str:
+        """A valid access token for ``tenant``."""
+        ...
+
+    async def token_rejected(self, tenant: str, token: str) -> str:
+        """The token to retry with after the API answered 401 to ``token``."""
+        ...
 
 
 def same_origin(url: str, base_url: str) -> bool:
@@ -53,7 +62,7 @@ class TenantSession:
     """
 
     def __init__(
-        self, manager: TokenManager, tenant: str, session: aiohttp.ClientSession, base_url: str
+        self, manager: TokenSource, tenant: str, session: aiohttp.ClientSession, base_url: str
     ) -> None:
         self._manager = manager
         self._session = session

@@ -22,14 +22,12 @@ import hashlib
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 
 from ._errors import ConfigurationError, ReauthorizationRequired, StoreUnavailable
-
-if TYPE_CHECKING:
-    from ._manager import TenantInfo, TokenManager
+from ._models import FactorialApp, TenantInfo, TokenSet
 
 __all__ = ["KeepAliveReport"]
 
@@ -81,6 +79,23 @@ class KeepAliveReport:
         return not (self.failed or self.lost or self.needs_reauth)
 
 
+class Renewer(Protocol):
+    """What a keepalive pass needs of the manager (:class:`~factorial_tokens.TokenManager`)."""
+
+    @property
+    def app(self) -> FactorialApp:
+        """The OAuth application (its client id spreads the tenants' thresholds)."""
+        ...
+
+    async def tenants(self) -> list[TenantInfo]:
+        """Every tenant of the app, with its status and stored version."""
+        ...
+
+    async def refresh(self, tenant: str, *, newer_than: int | None = None) -> TokenSet:
+        """Refresh ``tenant`` unless its stored version is already above ``newer_than``."""
+        ...
+
+
 def _check(max_age: float, interval: float, jitter: float, concurrency: int = 1) -> None:
     if not isinstance(concurrency, int) or concurrency < 1:
         raise ConfigurationError("keepalive concurrency must be a positive integer")
@@ -101,7 +116,7 @@ def threshold(namespace: str, tenant: str, max_age: float, jitter: float) -> flo
 
 
 async def keep_alive_pass(
-    manager: TokenManager,
+    manager: Renewer,
     *,
     max_age: float = DEFAULT_MAX_AGE,
     jitter: float = 0.2,
@@ -140,7 +155,7 @@ async def keep_alive_pass(
     return report
 
 
-async def _visit(manager: TokenManager, info: TenantInfo, now: float, max_age: float, jitter: float) -> str:
+async def _visit(manager: Renewer, info: TenantInfo, now: float, max_age: float, jitter: float) -> str:
     """Refresh one tenant if due; return the report group it belongs to."""
     tenant = info.tenant
     if info.needs_reauthorization:
@@ -153,7 +168,7 @@ async def _visit(manager: TokenManager, info: TenantInfo, now: float, max_age: f
     try:
         # newer_than the listed version: if another worker renewed the tenant since the
         # listing, its result is taken instead of refreshing a second time.
-        await manager._obtain(tenant, newer_than=info.version)
+        await manager.refresh(tenant, newer_than=info.version)
     except ReauthorizationRequired as exc:
         log.error("keepalive: tenant %r needs re-authorization: %s", tenant, exc.reason)
         return "lost"
@@ -165,7 +180,7 @@ async def _visit(manager: TokenManager, info: TenantInfo, now: float, max_age: f
 
 
 async def keep_alive(
-    manager: TokenManager,
+    manager: Renewer,
     *,
     max_age: float = DEFAULT_MAX_AGE,
     interval: float = 3600.0,

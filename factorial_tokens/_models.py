@@ -1,4 +1,5 @@
-"""Value types: the app's credentials, a token set, a token's owner, tenant ids."""
+"""Value types: the app's credentials, a token set, a token's owner, tenant ids, and what
+the manager answers about tenants (listings, completed callbacks)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._errors import InvalidTenant
+from ._store import TenantStatus
 
 __all__ = [
     "DEFAULT_API_VERSION",
     "MAX_TENANT_LENGTH",
+    "CallbackResult",
     "Credentials",
     "FactorialApp",
+    "TenantInfo",
     "TokenSet",
     "fingerprint",
     "validate_tenant",
@@ -211,3 +215,28 @@ class Credentials:
     def is_company(self) -> bool:
         """True for a company token (no employee behind it)."""
         return self.employee_id is None
+
+
+@attrs.frozen
+class TenantInfo:
+    """A tenant as listed by :meth:`TokenManager.tenants` (metadata only, no tokens)."""
+
+    tenant: str
+    status: TenantStatus
+    expires_at: float | None
+    refreshed_at: float
+    version: int
+
+    @property
+    def needs_reauthorization(self) -> bool:
+        """True when the company must connect again."""
+        return self.status is TenantStatus.NEEDS_REAUTH
+
+
+@attrs.frozen
+class CallbackResult:
+    """What :meth:`TokenManager.complete_callback` returns: the tenant the callback was for
+    (from its signed state) and the tenant's tokens (``tokens.company_id`` names the company)."""
+
+    tenant: str
+    tokens: TokenSet

@@ -25,6 +25,7 @@ import attrs
 
 from ._errors import InvalidState, InvalidTenant
 from ._models import FactorialApp, validate_tenant
+from ._secret import AppSecret
 
 __all__ = ["StateSigner"]  # LinkSigner and VerifiedState are shared with the manager only
 
@@ -46,11 +47,7 @@ class _Signer:
     _what = "value"
 
     def __init__(self, app: FactorialApp, ttl: float) -> None:
-        self._key = hmac.new(
-            app.client_secret.encode(),
-            b"factorial-tokens/" + self._purpose + b"/v1/" + app.client_id.encode(),
-            hashlib.sha256,
-        ).digest()
+        self._key = AppSecret(app).signing_key(self._purpose)
         self.ttl = ttl
 
     def __repr__(self) -> str:

@@ -68,6 +68,7 @@ from ._store import (
     Update,
     Watch,
 )
+from ._version import __version__
 
 __all__ = ["Telemetry", "TenantCounts"]
 
@@ -221,8 +222,6 @@ def _instruments(config: Telemetry) -> _Instruments | None:
         from opentelemetry import metrics, trace
     except ImportError:
         return None
-    from . import __version__
-
     meter_provider = config.meter_provider or metrics.get_meter_provider()
     tracer_provider = config.tracer_provider or trace.get_tracer_provider()
     by_tracer = _INSTRUMENTS.setdefault(meter_provider, {})

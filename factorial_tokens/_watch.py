@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from ._manager import TenantInfo, TokenManager
+    from ._manager import TokenManager
+    from ._models import TenantInfo
 
 __all__: list[str] = []
 

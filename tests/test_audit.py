@@ -41,7 +41,6 @@ from factorial_tokens import (
     ReauthorizationRequired,
     RefreshTimeout,
     RotationLost,
-    SealedCodec,
     StoreUnavailable,
     TenantKey,
     TenantNotConnected,
@@ -53,6 +52,7 @@ from factorial_tokens import (
 )
 from factorial_tokens._logs import JsonFormatter
 from factorial_tokens._sqlite import SQLiteStore
+from factorial_tokens.sealing import SealedCodec
 from factorial_tokens.testing import FakeFactorial, Fault
 
 from ._raw_stores import BACKENDS, Backend, open_backend

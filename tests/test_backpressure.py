@@ -16,7 +16,6 @@ import pytest
 from factorial_tokens import (
     Acquisition,
     ConfigurationError,
-    JsonCodec,
     Lease,
     MemoryStore,
     Record,
@@ -26,6 +25,7 @@ from factorial_tokens import (
     Update,
 )
 from factorial_tokens._keepalive import keep_alive_pass
+from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for

@@ -576,7 +576,7 @@ def expire(store: str, tenant: str) -> None:
     """Make ``tenant``'s stored tokens expired (re-sealed with the CLI's key file)."""
     import attrs
 
-    from factorial_tokens import JsonCodec, Keyring, PayloadCodec, SealedCodec
+    from factorial_tokens.sealing import JsonCodec, Keyring, PayloadCodec, SealedCodec
 
     async def run() -> None:
         keys = urlsplit(store).path[1:] + ".keys"

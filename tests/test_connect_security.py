@@ -39,9 +39,9 @@ from factorial_tokens import (
     Update,
     validate_tenant,
 )
-from factorial_tokens._codec import JsonCodec
 from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens._state import LinkSigner
+from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
 from ._raw_stores import BACKENDS, Backend, open_backend

@@ -21,12 +21,10 @@ from factorial_tokens import (
     ConfigurationError,
     EventKind,
     FactorialApp,
-    JsonCodec,
     Keyring,
     Lease,
     MemoryStore,
     Record,
-    SealedCodec,
     Store,
     TenantKey,
     TokenEvent,
@@ -34,10 +32,9 @@ from factorial_tokens import (
     TokenSealError,
     TokenSet,
     Update,
-    rekey,
 )
-from factorial_tokens._sealing import sealed_with
 from factorial_tokens._sqlite import SQLiteStore
+from factorial_tokens.sealing import JsonCodec, SealedCodec, sealed_with
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from ._raw_stores import BACKENDS, Backend, open_backend
@@ -445,11 +442,11 @@ async def test_rotation_rekey_then_drop_the_old_key(backend: Backend, sim: FakeF
         tokens["d"] = await connect(tm, sim, "d", 4)  # new writes seal with the newest
         assert (await kids())["d"] == "k2"
         versions = {r.key.tenant: r.version for r in await store.tenants(CLIENT_ID)}
-        assert await rekey(tm, both) == 4  # legacy, a, b, c; d is already current
+        assert await tm.rekey(both) == 4  # legacy, a, b, c; d is already current
         assert await kids() == dict.fromkeys(["legacy", "a", "b", "c", "d"], "k2")
         after = {r.key.tenant: r.version for r in await store.tenants(CLIENT_ID)}
         assert after == {t: v + (t != "d") for t, v in versions.items()}
-        assert await rekey(store, both, CLIENT_ID) == 0  # idempotent
+        assert await tm.rekey(both) == 0  # idempotent
     async with TokenManager(app_for(sim), store, keyring=new_only, **BUDGETS) as tm:
         for tenant, issued in tokens.items():
             assert await tm.access_token(tenant) == issued.access_token
@@ -471,7 +468,7 @@ async def test_rekey_waits_for_a_busy_tenant_and_keeps_its_refresh(
         busy = TenantKey(CLIENT_ID, "busy")
         held = await store.acquire(busy, "a-worker-mid-refresh", 120.0)
         assert held.lease is not None and held.record is not None
-        job = asyncio.create_task(rekey(worker, both))
+        job = asyncio.create_task(worker.rekey(both))
         idle = TenantKey(CLIENT_ID, "idle")
         for _ in range(400):  # the idle tenant is re-sealed first, while "busy" is held
             record = await store.read(idle)
@@ -514,7 +511,8 @@ async def test_rekey_fenced_out_by_a_new_exchange_keeps_it(backend: Backend, sim
         await connect(tm, sim, "acme", 1)
     newer = TokenSet(access_token="exchanged-" + "n" * 40, refresh_token="exchanged-refresh")
     store = _ExchangeLandsFirst(backend.store, Update(SealedCodec(old).encode(KEY, newer)))
-    assert await rekey(store, both, CLIENT_ID) == 1
+    async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as tm:
+        assert await tm.rekey(both) == 1
     assert store.calls["commit"] == 2 and store.calls["acquire"] == 2  # fenced out once, then again
     record = await backend.store.read(KEY)
     assert record is not None and sealed_with(record.payload) == "k2"
@@ -545,7 +543,7 @@ async def test_rekey_while_workers_refresh(backend: Backend, make_sim: SimFactor
 
             workers = [asyncio.create_task(work()) for _ in range(2)]
             await asyncio.sleep(0.05)
-            moved = await rekey(worker, both)
+            moved = await worker.rekey(both)
             stop.set()
             refreshes = sum(await asyncio.gather(*workers))
             assert 0 <= moved <= len(tenants)
@@ -566,12 +564,11 @@ async def test_rekey_leaves_what_it_cannot_open_intact(backend: Backend, sim: Fa
     async with TokenManager(app_for(sim), store, keyring=current, **BUDGETS) as tm:
         await connect(tm, sim, "fine", 2)
     orphan = await store.read(TenantKey(CLIENT_ID, "orphan"))
-    with pytest.raises(TokenSealError, match=r"1 records re-sealed, 1 could not be opened.*'orphan'"):
-        await rekey(store, both, CLIENT_ID)
+    async with TokenManager(app_for(sim), store, keyring=both, **BUDGETS) as tm:
+        with pytest.raises(TokenSealError, match=r"1 records re-sealed, 1 could not be opened.*'orphan'"):
+            await tm.rekey(both)
     assert await store.read(TenantKey(CLIENT_ID, "orphan")) == orphan
     assert sealed_with((await store.read(TenantKey(CLIENT_ID, "fine"))).payload) == "k2"  # type: ignore[union-attr]
-    with pytest.raises(ConfigurationError, match="namespace"):
-        await rekey(store, both)
     # The lease of the record it could not open was given back.
     taken = await store.acquire(TenantKey(CLIENT_ID, "orphan"), "next", 5.0)
     assert taken.lease is not None

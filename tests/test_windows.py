@@ -16,7 +16,6 @@ from factorial_tokens import (
     ConfigurationError,
     EventKind,
     FactorialApp,
-    JsonCodec,
     MemoryStore,
     ProviderError,
     TenantKey,
@@ -25,6 +24,7 @@ from factorial_tokens import (
     TokenSet,
     Update,
 )
+from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for

@@ -306,7 +306,6 @@ async def test_a_refresh_without_a_new_refresh_token_keeps_the_old_one(
 
 async def test_a_kept_refresh_token_survives_a_rekey(make_sim: SimFactory) -> None:
     from factorial_tokens import Keyring
-    from factorial_tokens._sealing import rekey
 
     old = Keyring.generate("k1")
     new = old.rotated("k2")
@@ -318,7 +317,7 @@ async def test_a_kept_refresh_token_survives_a_rekey(make_sim: SimFactory) -> No
             original = (await tm.tokens("acme")).refresh_token
             await tm.refresh("acme")
         async with TokenManager(app_for(sim), store, keyring=new, **budgets) as tm:
-            assert await rekey(tm, new) == 1
+            assert await tm.rekey(new) == 1
             assert (await tm.tokens("acme")).refresh_token == original
             await tm.refresh("acme")
             assert (await tm.tokens("acme")).refresh_token == original

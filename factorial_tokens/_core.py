@@ -1,0 +1,155 @@
+"""What every part of the manager shares: its settings and state, the cache entries, and
+the helpers that turn records into entries and back.
+
+TokenManager (``_manager``) sets the state; the parts (``_leases``, ``_flight``,
+``_exchange``, ``_callback``) read and change it as methods of the one object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import attrs
+
+from ._errors import (
+    ManagerClosed,
+    ReauthorizationRequired,
+    StoreUnavailable,
+    TenantNotConnected,
+    TokenSealError,
+)
+from ._events import EventDispatcher, EventKind, TokenEvent
+from ._models import FactorialApp, TokenSet
+from ._oauth import OAuthClient
+from ._secret import AppSecret
+from ._state import LinkSigner, StateSigner
+from ._store import Record, Store, TenantKey, TenantStatus, Update
+from ._telemetry import Observer
+from .sealing import PayloadCodec
+
+log = logging.getLogger("factorial_tokens")
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Entry:
+    """A tenant's cached token set, its stored version, and its two windows."""
+
+    tokens: TokenSet
+    version: int
+    due: float  # the advisory window opens: refresh in the background
+    must: float  # the mandatory window opens: callers wait for a refresh
+
+
+class Core:
+    """The state and shared helpers of a :class:`~factorial_tokens.TokenManager`."""
+
+    app: FactorialApp
+    leeway: float
+    min_valid: float
+    lease_ttl: float
+    refresh_deadline: float
+    wait_timeout: float
+    refresh_rate: float | None
+    state_ttl: float
+    _owns_store: bool
+    _store: Store
+    _oauth: OAuthClient
+    _interval: float
+    _burst: int
+    _hold_digest: str
+    _slots: asyncio.Semaphore
+    _not_before: float  # wall clock: no refresh is sent before (a 429's Retry-After)
+    _codec: PayloadCodec
+    _secret: AppSecret
+    _signer: StateSigner
+    _links: LinkSigner
+    _events: EventDispatcher
+    _cache: dict[str, Entry]
+    _hits: int
+    _obs: Observer
+    _digests: dict[str, str]
+    _flights: dict[str, asyncio.Task[Entry]]
+    _advisory: set[str]  # tenants whose flight is a background refresh
+    _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
+    _exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]]
+    _tasks: set[asyncio.Task[Any]]
+    _unsubscribe: Callable[[], None] | None
+    _closed: bool
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosed("this TokenManager is closed; create a new one")
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _patiently(self, tenant: str, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Write tokens Factorial just issued, retrying for up to ``lease_ttl`` while the
+        store is unavailable: they exist nowhere else, and the grant they replace is spent.
+        (Fenced writes stay safe to retry: a lost lease is refused, never overwritten.)"""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_ttl
+        delay = 0.05
+        while True:
+            try:
+                return await write()
+            except StoreUnavailable as exc:
+                if loop.time() + delay >= deadline:
+                    log.error("tenant %r: could not store the %s, they are lost: %s", tenant, what, exc)
+                    raise
+                log.warning("tenant %r: store unavailable while writing the %s; retrying", tenant, what)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _emit(self, event: TokenEvent) -> None:
+        self._events.publish(self._obs.complete(event))
+
+    def _forget_cached(self, tenant: str) -> None:
+        self._cache.pop(tenant, None)
+
+    def _remember(self, tenant: str, entry: Entry) -> Entry:
+        self._cache[tenant] = entry
+        self._digests.setdefault(self._key(tenant).digest, tenant)
+        return entry
+
+    def _key(self, tenant: str) -> TenantKey:
+        return TenantKey(self.app.client_id, tenant)
+
+    def _update(self, key: TenantKey, tokens: TokenSet) -> Update:
+        return Update(
+            self._codec.encode(key, tokens), TenantStatus.ACTIVE, tokens.expires_at, tokens.obtained_at
+        )
+
+    def _entry(self, record: Record) -> Entry:
+        return self._entry_of(self._codec.decode(record.key, record.payload), record.version)
+
+    def _entry_of(self, tokens: TokenSet, version: int) -> Entry:
+        """The entry with its two windows. A short-lived token's leeway shrinks to half its
+        lifetime; ``min_valid`` shrinks in the same proportion."""
+        due = tokens.refresh_due_at(self.leeway)
+        if tokens.expires_at is None or self.leeway == 0:
+            return Entry(tokens, version, due, due)
+        margin = (tokens.expires_at - due) * self.min_valid / self.leeway
+        return Entry(tokens, version, due, tokens.expires_at - margin)
+
+    def _usable(self, tenant: str, record: Record | None, *, allow_reauth: bool = False) -> Entry:
+        """The record's entry, or the error that tells why there is none."""
+        if record is None:
+            raise TenantNotConnected(tenant)
+        if record.status is TenantStatus.NEEDS_REAUTH and not allow_reauth:
+            raise ReauthorizationRequired(tenant, "the grant was refused earlier; connect again")
+        try:
+            return self._entry(record)
+        except TokenSealError as exc:
+            # Never served, never overwritten: the record stays as it is for the right key.
+            log.error("tenant %r: stored tokens cannot be opened: %s", tenant, exc)
+            self._emit(TokenEvent(EventKind.SEAL_ERROR, tenant, detail=str(exc)))
+            raise

@@ -1,0 +1,285 @@
+"""Exactly-once code exchange: a code is claimed in the store, sent once, and its outcome
+shared with every duplicate; the new grant is pinned to the tenant's company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from typing import Any
+
+import attrs
+
+from ._errors import (
+    CodeReused,
+    CompanyMismatch,
+    ExchangeInDoubt,
+    FactorialTokensError,
+    InvalidCallback,
+    ProviderError,
+    RefreshTimeout,
+    RequestInDoubt,
+    TokenSealError,
+)
+from ._events import EventKind, TokenEvent
+from ._leases import Leases
+from ._models import TokenSet, validate_tenant
+from ._store import ClaimState, CodeClaim, Record, TenantKey, acquire_within
+
+log = logging.getLogger("factorial_tokens")
+
+_MAX_CODE = 2048
+
+#: Appended to the namespace for the key whose lease connections of a tenant take turns on
+#: (it never holds a record, so no listing shows it).
+_CONNECT_TURN = "/connect-turn"
+
+
+def check_code(code: object) -> str:
+    """``code`` if it looks like an authorization code; raise InvalidCallback otherwise."""
+    if not isinstance(code, str) or not code or len(code) > _MAX_CODE or not code.isprintable():
+        raise InvalidCallback("the authorization code is missing or malformed")
+    return code
+
+
+def _claim_error(tenant: str, outcome: str | None) -> FactorialTokensError:
+    """Rebuild the error a failed code claim recorded, for callers that did not send it."""
+    try:
+        data = json.loads(outcome or "{}")
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict) or data.get("in_doubt"):
+        return ExchangeInDoubt(tenant, "the code was sent but the answer was lost")
+    mismatch = data.get("company_mismatch")
+    if isinstance(mismatch, list) and len(mismatch) == 2:
+        return CompanyMismatch(tenant, str(mismatch[0]), str(mismatch[1]))
+    status = data.get("status")
+    return ProviderError(
+        status if isinstance(status, int) else None,
+        str(data.get("error", "exchange_failed")),
+        str(data.get("description", "")),
+    )
+
+
+class Exchanges(Leases):
+    """Exactly-once code exchange and pinning a grant to its company."""
+
+    async def exchange_code(self, tenant: str, code: str, *, allow_company_change: bool = False) -> TokenSet:
+        """Exchange an authorization code for ``tenant``'s tokens, exactly once per code.
+
+        Concurrent and repeated calls with one code return the tenant's tokens after a
+        single provider exchange. The new grant's company is read from Factorial's
+        credentials endpoint and kept with the tokens (``TokenSet.company_id``): a tenant
+        already connected to another company raises CompanyMismatch, keeps its stored
+        tokens, and the unwanted grant is revoked at Factorial, unless
+        ``allow_company_change=True``. When the tenant had tokens, its previous grant is
+        revoked at Factorial once the new tokens are stored, and a ``reconnected`` event
+        names the old and the new company. A tenant that was forgotten or revoked has no
+        company any more: its next connection pins a new one.
+
+        Raises CodeReused if the code was claimed for another tenant, ProviderError if
+        Factorial refused it (every caller gets the same error), ExchangeInDoubt if it was
+        sent but its answer was lost, CompanyMismatch (see above).
+
+        Connections of one tenant take turns (a lease of their own), so two that overlap
+        are compared with each other as well.
+
+        Limitations: if a connection's turn stays busy for longer than ``refresh_deadline``
+        (its holder died), the next one is compared only with what the store held just
+        before it writes.
+        """
+        self._check_open()
+        tenant = validate_tenant(tenant)
+        check_code(code)
+        code_hash = self._secret.code_hash(code)
+        existing = self._exchanges.get(code_hash)
+        if existing is None:
+            flight = self._spawn(self._exchange(self._key(tenant), code, code_hash, allow_company_change))
+            self._exchanges[code_hash] = (tenant, flight)
+            flight.add_done_callback(lambda _: self._exchanges.pop(code_hash, None))
+        elif existing[0] != tenant:
+            raise CodeReused(
+                f"this authorization code was already presented for another tenant, not {tenant!r}"
+            )
+        else:
+            flight = existing[1]
+        return await asyncio.shield(flight)
+
+    async def _exchange(self, key: TenantKey, code: str, code_hash: str, allow_change: bool) -> TokenSet:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        owner = secrets.token_hex(16)
+        while True:
+            if loop.time() >= deadline:
+                raise RefreshTimeout(f"tenant {key.tenant!r}: the code exchange did not finish in time")
+            async with self._store.watch(key) as watch:
+                claim = await self._store.claim_code(key, code_hash, owner, self.lease_ttl)
+                if claim.key != key:
+                    raise CodeReused(
+                        f"this code was already presented for another tenant, not {key.tenant!r}"
+                    )
+                if claim.won:
+                    if await self._store.advance_code(claim, ClaimState.SENT, self.lease_ttl):
+                        return await self._obs.exchange(
+                            key.tenant, self._exchange_holding(claim, code, allow_change)
+                        )
+                    await watch.wait(min(0.05, max(deadline - loop.time(), 0.0)))
+                    continue
+                if claim.state is ClaimState.DONE:
+                    return self._usable(key.tenant, await self._store.read(key)).tokens
+                if claim.state is ClaimState.FAILED:
+                    raise _claim_error(key.tenant, claim.outcome)
+                if claim.expired and claim.state is ClaimState.SENT:
+                    raise ExchangeInDoubt(
+                        key.tenant, "the code was sent by a worker that died before storing the answer"
+                    )
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise RefreshTimeout(f"tenant {key.tenant!r}: another worker's exchange took too long")
+                await watch.wait(remaining)
+
+    async def _exchange_holding(self, claim: CodeClaim, code: str, allow_change: bool) -> TokenSet:
+        key = claim.key
+        deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+        try:
+            tokens = await self._oauth.exchange_code(code, deadline=deadline)
+        except RequestInDoubt as exc:
+            await self._store.advance_code(
+                claim, ClaimState.FAILED, self.lease_ttl, json.dumps({"in_doubt": True})
+            )
+            log.error(
+                "tenant %r: code exchange in doubt (%s); the company must connect again",
+                key.tenant,
+                exc.error,
+            )
+            raise ExchangeInDoubt(
+                key.tenant, f"the code was sent but the answer was lost ({exc.error})"
+            ) from None
+        except ProviderError as exc:
+            await self._fail_claim(claim, exc)
+            raise
+        # The grant's company, read with the exchange's own deadline so the claim (SENT,
+        # lease_ttl) outlives the whole step.
+        unknown: ProviderError | None = None
+        try:
+            owner = await self._oauth.credentials(tokens.access_token, deadline=deadline)
+            tokens = attrs.evolve(tokens, company_id=owner.company_id)
+        except ProviderError as exc:
+            unknown = exc
+            log.warning("tenant %r: the new grant's company could not be read: %s", key.tenant, exc.error)
+        replaced: list[TokenSet] = []  # what the first attempt found stored (a retry may find ours)
+        try:
+            await self._patiently(
+                key.tenant,
+                "exchanged tokens",
+                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced),
+            )
+        except (CompanyMismatch, ProviderError) as exc:
+            await self._fail_claim(claim, exc)
+            await self._revoke_quietly(key.tenant, tokens, "the refused new grant")
+            if isinstance(exc, CompanyMismatch):
+                log.warning("%s", exc)
+                self._emit(
+                    TokenEvent(
+                        EventKind.COMPANY_MISMATCH,
+                        key.tenant,
+                        tokens.fingerprint,
+                        detail=f"company {exc.expected} kept, company {exc.got} refused and revoked",
+                        company_id=exc.got,
+                        previous_company_id=exc.expected,
+                    )
+                )
+            raise
+        await self._patiently(
+            key.tenant,
+            "exchange's outcome",
+            lambda: self._store.advance_code(claim, ClaimState.DONE, self.lease_ttl),
+        )
+        self._forget_cached(key.tenant)
+        log.info("tenant %r: code exchanged, access token %s", key.tenant, tokens.fingerprint)
+        company = tokens.company_id
+        self._emit(TokenEvent(EventKind.EXCHANGED, key.tenant, tokens.fingerprint, company_id=company))
+        old = replaced[0] if replaced else None
+        if old is not None:
+            await self._revoke_quietly(key.tenant, old, "the previous grant")
+            detail = f"company {old.company_id or 'unknown'} -> company {tokens.company_id or 'unknown'}"
+            log.info("tenant %r: reconnected, %s", key.tenant, detail)
+            self._emit(
+                TokenEvent(
+                    EventKind.RECONNECTED,
+                    key.tenant,
+                    tokens.fingerprint,
+                    detail=detail,
+                    company_id=tokens.company_id,
+                    previous_company_id=old.company_id,
+                )
+            )
+        return tokens
+
+    async def _pin_and_store(
+        self,
+        key: TenantKey,
+        tokens: TokenSet,
+        allow_change: bool,
+        unknown: ProviderError | None,
+        replaced: list[TokenSet],
+    ) -> None:
+        """Store a new grant's tokens unless they belong to another company than the
+        stored ones; note in ``replaced`` the tokens they replace (none for a first
+        connection). Safe to call again after a lost reply: a retry that finds the new
+        tokens already stored keeps what the first attempt noted, and never takes the new
+        grant for the one it replaced.
+
+        Connections of one tenant take turns on a lease of their own (a second key beside
+        the tenant's, never holding a record), so two that overlap are compared with each
+        other too; the write is a ``replace``, which fences out a refresh of the old grant
+        in flight. If that turn stays busy longer than a refresh may take (a holder that
+        died), the comparison is made without it.
+        """
+        turn = TenantKey(key.namespace + _CONNECT_TURN, key.tenant)
+        won = await acquire_within(self._store, turn, self.lease_ttl, self.refresh_deadline)
+        lease = won.lease if won is not None else None
+        async with self._holding(lease, None) if lease is not None else contextlib.nullcontext():
+            old = self._decode_replaced(key, await self._store.read(key))
+            if old is not None and old.access_token == tokens.access_token:
+                return  # a retry: this write landed before its reply was lost
+            replaced[:] = [] if old is None else [old]
+            pinned = old.company_id if old is not None else None
+            if pinned is not None and not allow_change:
+                if unknown is not None:
+                    raise unknown  # cannot tell the company: never replace a pinned tenant blindly
+                if tokens.company_id != pinned:
+                    raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
+            await self._store.replace(key, self._update(key, tokens))
+
+    def _decode_replaced(self, key: TenantKey, record: Record | None) -> TokenSet | None:
+        """The tokens a new grant replaces, or None (none stored, or unreadable)."""
+        if record is None:
+            return None
+        try:
+            return self._codec.decode(key, record.payload)
+        except TokenSealError as exc:
+            log.warning("tenant %r: the replaced record cannot be opened (%s)", key.tenant, exc)
+            return None
+
+    async def _fail_claim(self, claim: CodeClaim, exc: FactorialTokensError) -> None:
+        """Record a code claim's failure so duplicates of its callback get the same error."""
+        if isinstance(exc, CompanyMismatch):
+            outcome: dict[str, Any] = {"company_mismatch": [exc.expected, exc.got]}
+        elif isinstance(exc, ProviderError):
+            outcome = {"status": exc.status, "error": exc.error, "description": exc.description}
+        else:
+            outcome = {"in_doubt": True}
+        await self._store.advance_code(claim, ClaimState.FAILED, self.lease_ttl, json.dumps(outcome))
+
+    async def _revoke_quietly(self, tenant: str, tokens: TokenSet, what: str) -> None:
+        """Revoke a grant at Factorial, logging (not raising) a failure."""
+        deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+        try:
+            await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
+            log.info("tenant %r: %s (%s) revoked at Factorial", tenant, what, tokens.fingerprint)
+        except FactorialTokensError as exc:
+            log.warning("tenant %r: could not revoke %s (%s): %s", tenant, what, tokens.fingerprint, exc)

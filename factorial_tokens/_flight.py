@@ -1,0 +1,400 @@
+"""The hot path and single-flight refresh: cached tokens, the advisory and mandatory
+windows, one flight per tenant in a process and one lease holder across processes, and
+the fleet's back-pressure on refreshes. See the ``_manager`` module docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import secrets
+import time
+
+import attrs
+
+from ._core import Entry
+from ._errors import ProviderError, RefreshTimeout, RequestInDoubt, RotationLost, StoreUnavailable
+from ._events import EventKind, TokenEvent
+from ._leases import Leases
+from ._logs import OperationContext, bind
+from ._models import TokenSet, fingerprint, validate_tenant
+from ._store import Lease, Record, Throttle
+
+log = logging.getLogger("factorial_tokens")
+
+#: A failed background refresh is retried after this (doubling per failure, jittered) ...
+_ADVISORY_BACKOFF = 0.5
+
+#: ... up to this many seconds.
+_ADVISORY_BACKOFF_MAX = 30.0
+
+
+def _renewable(tokens: TokenSet) -> bool:
+    """False for tokens that never expire and cannot be refreshed (company tokens)."""
+    return tokens.refresh_token is not None or tokens.expires_at is not None
+
+
+class Flights(Leases):
+    """Cached tokens and single-flight, lease-fenced refreshes."""
+
+    async def access_token(self, tenant: str) -> str:
+        """A valid access token for ``tenant``, with at least ``min_valid`` seconds left.
+
+        Costs no I/O while the cached token is fresh. Inside the leeway it still returns
+        the current token at once and starts one background refresh (a failed one is
+        logged, emitted as ``refresh_failed`` and retried later with backoff); it waits
+        only when the token has less than ``min_valid`` left or there is none. Raises
+        TenantNotConnected, ReauthorizationRequired, ProviderError, StoreUnavailable (only
+        when no cached token is still valid), RefreshTimeout.
+        """
+        entry = self._cache.get(tenant)
+        if entry is not None and time.time() < entry.due and not self._closed:
+            self._hits += 1
+            return entry.tokens.access_token
+        return (await self._current(tenant)).tokens.access_token
+
+    async def token_set(self, tenant: str) -> TokenSet:
+        """Like :meth:`access_token`, but the whole token set."""
+        # The cache check is repeated, not shared: on the hot path one more coroutine call
+        # would cost about as much as the whole lookup.
+        entry = self._cache.get(tenant)
+        if entry is not None and time.time() < entry.due and not self._closed:
+            self._hits += 1
+            return entry.tokens
+        return (await self._current(tenant)).tokens
+
+    async def _current(self, tenant: str) -> Entry:
+        """The tenant's entry with at least ``min_valid`` left; starts a background refresh
+        when it is inside the advisory window."""
+        self._check_open()
+        tenant = validate_tenant(tenant)
+        self._obs.misses += 1
+        entry = self._cache.get(tenant)
+        # Twice at most: an entry that aged into the mandatory window while this caller
+        # waited to be scheduled is looked up once more (a fresh token never is).
+        for _ in range(2):
+            if entry is not None and time.time() < entry.must:
+                break
+            try:
+                entry = await self._valid(tenant)
+            except StoreUnavailable as exc:
+                stale = self._cache.get(tenant)
+                if stale is not None and not stale.tokens.is_expired():
+                    log.warning("store unavailable; serving tenant %r's cached token till it expires", tenant)
+                    self._obs.stale_served(tenant, stale.tokens.fingerprint, exc)
+                    return stale
+                raise
+        assert entry is not None
+        if time.time() >= entry.due:
+            self._advise(tenant)
+        return entry
+
+    async def _valid(self, tenant: str) -> Entry:
+        """An entry outside the mandatory window: the store's, or a refreshed one."""
+        if tenant in self._advisory and tenant in self._flights:
+            # A background refresh is under way and the cache was dropped (an announcement):
+            # the stored token may still do, so read it rather than wait for the refresh.
+            entry = self._usable(tenant, await self._store.read(self._key(tenant)))
+            if time.time() < entry.must:
+                return self._remember(tenant, entry)
+        return await self._obtain(tenant, newer_than=None)
+
+    def _advise(self, tenant: str) -> None:
+        """Start one background refresh of ``tenant`` unless one flies or a failed one
+        is backing off. Callers never await it; its failure is logged, never raised."""
+        if tenant in self._flights or self._closed:
+            return
+        backoff = self._backoff.get(tenant)
+        if backoff is not None and time.monotonic() < backoff[1]:
+            return
+        flight = self._launch(tenant, newer_than=None, advisory=True)
+        self._advisory.add(tenant)
+        flight.add_done_callback(functools.partial(self._advised, tenant))
+
+    def _advised(self, tenant: str, flight: asyncio.Task[Entry]) -> None:
+        """A background refresh ended: forget its backoff, or log it and back off."""
+        self._advisory.discard(tenant)
+        if flight.cancelled():
+            return
+        error = flight.exception()
+        if error is None:
+            self._backoff.pop(tenant, None)
+            return
+        failures = self._backoff.get(tenant, (0, 0.0))[0] + 1
+        delay = min(_ADVISORY_BACKOFF * 2 ** (failures - 1), _ADVISORY_BACKOFF_MAX) * random.uniform(0.5, 1.0)
+        self._backoff[tenant] = (failures, time.monotonic() + delay)
+        # The failure itself was emitted as ``refresh_failed`` where it happened.
+        log.warning(
+            "tenant %r: background refresh failed (%s: %s); callers keep the current token, retry in %.1fs",
+            tenant,
+            type(error).__name__,
+            error,
+            delay,
+        )
+
+    async def refresh(self, tenant: str, *, newer_than: int | None = None) -> TokenSet:
+        """Force a new token set (single-flight, under the lease).
+
+        If another worker refreshed since this process last saw the tenant, its result is
+        returned instead of refreshing again. ``newer_than`` is the stored version the
+        caller last saw (a :class:`TenantInfo`'s ``version``, as keepalive passes it):
+        any stored version above it counts as refreshed already. Raises what
+        :meth:`access_token` raises.
+        """
+        self._check_open()
+        tenant = validate_tenant(tenant)
+        if newer_than is None:
+            entry = self._cache.get(tenant)
+            if entry is None:
+                record = await self._store.read(self._key(tenant))
+                entry = self._usable(tenant, record) if record else None
+            newer_than = entry.version if entry else 0
+        return (await self._obtain(tenant, newer_than=newer_than)).tokens
+
+    async def tokens(self, tenant: str) -> TokenSet:
+        """The stored token set, read from the store without refreshing it."""
+        self._check_open()
+        tenant = validate_tenant(tenant)
+        record = await self._store.read(self._key(tenant))
+        return self._usable(tenant, record).tokens
+
+    def _launch(self, tenant: str, *, newer_than: int | None, advisory: bool = False) -> asyncio.Task[Entry]:
+        flight = self._spawn(self._fly(tenant, newer_than, advisory))
+        self._flights[tenant] = flight
+        flight.add_done_callback(functools.partial(self._land, tenant))
+        return flight
+
+    async def _obtain(self, tenant: str, *, newer_than: int | None) -> Entry:
+        """Join (or start) the tenant's flight until it yields an acceptable entry."""
+        while True:
+            flight = self._flights.get(tenant)
+            joined_advisory = flight is not None and tenant in self._advisory
+            if flight is None:
+                flight = self._launch(tenant, newer_than=newer_than)
+            try:
+                entry = await asyncio.shield(flight)
+            except (ProviderError, StoreUnavailable, RefreshTimeout):
+                # A background refresh gave up (it stops retrying when the mandatory window
+                # opens): a caller that must wait starts one of its own instead.
+                if joined_advisory and self._flights.get(tenant) is not flight:
+                    continue
+                raise
+            if newer_than is None or entry.version > newer_than or not _renewable(entry.tokens):
+                return entry
+            # A finished flight is awaited without yielding, and its landing may not have run
+            # yet: forget it here, or this loop would join it again forever.
+            self._land(tenant, flight)
+
+    def _land(self, tenant: str, flight: asyncio.Task[Entry]) -> None:
+        """Forget a finished flight (unless a newer one took its place)."""
+        if self._flights.get(tenant) is flight:
+            del self._flights[tenant]
+        if not flight.cancelled():
+            flight.exception()  # mark retrieved: callers that awaited it got it already
+
+    def _acceptable(self, entry: Entry, newer_than: int | None, advisory: bool) -> bool:
+        """Forced: newer than ``newer_than``; advisory: not yet due; else: not yet in the
+        mandatory window (the caller starts the advisory refresh itself)."""
+        if newer_than is not None:
+            return entry.version > newer_than
+        return time.time() < (entry.due if advisory else entry.must)
+
+    async def _fly(self, tenant: str, newer_than: int | None, advisory: bool = False) -> Entry:
+        """Across processes: read; if stale, take the lease or wait for whoever has it.
+
+        When this process already knows its cached entry is stale, the first read is left
+        out: the acquisition returns the record, so a refresh is two round trips (acquire,
+        commit). A cold process reads first, so that a fresh stored token costs one read
+        and no lease (a lease taken and given back would wake every other worker).
+        """
+        key = self._key(tenant)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.wait_timeout
+        waited = False
+        bind(OperationContext(tenant, "refresh", self._obs.store))  # for log records (own task)
+        cached = self._cache.get(tenant)
+        known_stale = cached is not None and not self._acceptable(cached, newer_than, advisory)
+        while True:
+            async with self._store.watch(key) as watch:
+                if not known_stale:
+                    entry = self._usable(tenant, await self._store.read(key))
+                    if self._acceptable(entry, newer_than, advisory):
+                        if waited:
+                            self._obs.lease_waited(loop.time() - started)
+                        return self._remember(tenant, entry)
+                known_stale = False  # after a wait, someone else's result is likely: read
+                # A lease is taken only with a free provider slot: a lease held while its
+                # request queues for a connection could lapse under a large backlog, and
+                # the tenants this process cannot start yet stay free for other workers.
+                async with self._slots:
+                    owner = secrets.token_hex(16)
+                    won = await self._store.acquire(key, owner, self.lease_ttl)
+                    if won.lease is not None:
+                        if waited:
+                            self._obs.lease_waited(loop.time() - started)
+                            waited = False
+                        before = won.record.version if won.record else None
+                        result = await self._obs.refresh(
+                            won.lease,
+                            before,
+                            self._refresh_holding(won.lease, won.record, newer_than, advisory),
+                        )
+                        if result is not None:
+                            return self._remember(tenant, result)
+                if won.lease is None:
+                    seen = self._usable(tenant, won.record)
+                    if self._acceptable(seen, newer_than, advisory):
+                        if waited:
+                            self._obs.lease_waited(loop.time() - started)
+                        return self._remember(tenant, seen)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    self._obs.refresh_timeout(tenant, loop.time() - started)
+                    raise RefreshTimeout(
+                        f"tenant {tenant!r}: no fresh token within {self.wait_timeout:g}s "
+                        "(the refresh lease stayed busy or was lost)"
+                    )
+                if won.lease is not None:
+                    continue
+                log.debug("tenant %r: waiting for another worker's refresh", tenant)
+                waited = True
+                await watch.wait(remaining)
+
+    async def _refresh_holding(
+        self, lease: Lease, record: Record | None, newer_than: int | None, advisory: bool = False
+    ) -> Entry | None:
+        """Refresh while holding ``lease``; ``None`` means "start over" (lease lost)."""
+        tenant = lease.key.tenant
+        async with self._holding(lease, record, renew=True) as held:
+            entry = self._usable(tenant, record)
+            if self._acceptable(entry, newer_than, advisory):
+                return entry  # someone refreshed between our read and our acquire
+            old = entry.tokens
+            assert record is not None  # _usable raised otherwise
+            if not _renewable(old):
+                return entry  # a company token that never expires: nothing to refresh
+            if old.refresh_token is None:
+                self._obs.note(lease, "no_refresh_token")
+                error = await self._mark_dead(held, "no refresh token to renew an expiring token")
+                if error is None:
+                    return None
+                raise error
+            loop = asyncio.get_running_loop()
+            await self._admitted(tenant, loop.time() + self.refresh_deadline)
+            # The provider call gets its whole budget after the wait: a request cut short by
+            # a spent deadline would be in doubt, and its retry could cost the grant.
+            deadline = loop.time() + self.refresh_deadline
+            if held.lost.is_set():
+                return None
+            # A background refresh stops retrying when the mandatory window opens: callers
+            # who must wait then start a refresh of their own at once, rather than wait
+            # out this one's backoff.
+            retry_until = loop.time() + (entry.must - time.time()) if advisory else None
+            try:
+                new = await self._oauth.refresh(old.refresh_token, deadline=deadline, retry_until=retry_until)
+            except RequestInDoubt as exc:
+                log.warning(
+                    "tenant %r: refresh of %s in doubt (%s); re-reading, then one more try",
+                    tenant,
+                    fingerprint(old.refresh_token),
+                    exc.error,
+                )
+                current = await self._store.read(lease.key)
+                if current is None or record is None or current.version != record.version:
+                    self._obs.note(lease, "lost_race")
+                    return None
+                try:
+                    new = await self._oauth.refresh(old.refresh_token, deadline=deadline)
+                except ProviderError as again:
+                    if again.error != "invalid_grant":
+                        raise
+                    error = await self._mark_dead(
+                        held,
+                        "the refresh token was rotated by a request whose answer was lost",
+                        error=RotationLost,
+                    )
+                    if error is None:
+                        return None
+                    raise error from None
+            except ProviderError as exc:
+                if exc.error != "invalid_grant":
+                    raise
+                # Lost race or dead grant? Dead only if the store still holds what we sent.
+                current = await self._store.read(lease.key)
+                if current is None or record is None or current.version != record.version:
+                    self._obs.note(lease, "lost_race")
+                    return None
+                error = await self._mark_dead(held, "Factorial refused the refresh token (invalid_grant)")
+                if error is None:
+                    return None
+                raise error from None
+            if new.refresh_token is None:
+                # RFC 6749 section 6: no new refresh token means the current one stays valid.
+                new = attrs.evolve(new, refresh_token=old.refresh_token)
+            if new.company_id is None:
+                new = attrs.evolve(new, company_id=old.company_id)
+            update = self._update(lease.key, new)
+            stored = await self._patiently(tenant, "refreshed tokens", lambda: held.commit(update))
+            if stored is None:
+                self._obs.note(lease, "fenced_out")
+                log.error(
+                    "tenant %r: lease lost before writing refreshed tokens %s; they are discarded",
+                    tenant,
+                    new.fingerprint,
+                )
+                return None
+            log.info(
+                "tenant %r: refreshed, access token %s, expires in %s",
+                tenant,
+                new.fingerprint,
+                "never" if new.lifetime is None else f"{new.lifetime:.0f}s",
+            )
+            self._emit(TokenEvent(EventKind.REFRESHED, tenant, new.fingerprint, stored.version))
+            return self._entry_of(new, stored.version)
+
+    def _provider_held(self, seconds: float) -> None:
+        """The token endpoint said 429 (or 503 with Retry-After): hold every worker."""
+        until = time.time() + seconds
+        if until <= self._not_before:
+            return
+        self._not_before = until
+        log.warning("the provider asked to hold refreshes for %.1fs; holding every worker", seconds)
+        if isinstance(self._store, Throttle) and not self._closed:
+            self._spawn(self._share_hold(until))
+
+    async def _share_hold(self, until: float) -> None:
+        assert isinstance(self._store, Throttle)
+        try:
+            await self._store.hold(self.app.client_id, until)
+        except StoreUnavailable as exc:
+            log.warning("could not share the provider's hold with other workers: %s", exc)
+
+    async def _learn_hold(self) -> None:
+        """Another worker recorded a hold (or announcements were lost): read it."""
+        assert isinstance(self._store, Throttle)
+        try:
+            self._not_before = max(self._not_before, await self._store.hold(self.app.client_id, 0.0))
+        except StoreUnavailable as exc:
+            log.warning("could not read the fleet's refresh hold: %s", exc)
+
+    async def _admitted(self, tenant: str, deadline: float) -> None:
+        """Wait until a refresh may be sent: past the fleet's hold and, with a
+        ``refresh_rate``, with a unit of the shared budget. Raises ProviderError when that
+        is later than ``deadline`` (callers with a valid token never see it)."""
+        loop = asyncio.get_running_loop()
+        ticket = secrets.token_hex(8)
+        while True:
+            wait = self._not_before - time.time()
+            if wait <= 0 and self._interval > 0 and isinstance(self._store, Throttle):
+                wait = await self._store.admit(self.app.client_id, ticket, self._interval, self._burst)
+            if wait <= 0:
+                return
+            if loop.time() + wait >= deadline:
+                raise ProviderError(
+                    429, "rate_limited", f"refreshes are held {wait:.1f}s more, past this refresh's deadline"
+                )
+            log.debug("tenant %r: refresh held %.2fs by the fleet's back-pressure", tenant, wait)
+            await asyncio.sleep(wait)

@@ -1,0 +1,189 @@
+"""The lease protocol, written once (``_holding``), and what works under a lease besides a
+refresh: marking a tenant dead, re-sealing under a new key (``rekey``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from ._core import Core
+from ._errors import (
+    FactorialTokensError,
+    ReauthorizationRequired,
+    RefreshTimeout,
+    StoreUnavailable,
+    TokenSealError,
+)
+from ._events import EventKind, TokenEvent
+from ._store import Lease, Record, Store, TenantKey, TenantStatus, Update, acquire_within
+from .sealing import Keyring, SealedCodec
+
+log = logging.getLogger("factorial_tokens")
+
+
+class Held:
+    """A lease being worked under (see ``TokenManager._holding``): its one fenced write."""
+
+    __slots__ = ("_store", "committed", "lease", "lost", "record")
+
+    def __init__(self, store: Store, lease: Lease, record: Record | None) -> None:
+        self._store = store
+        self.lease = lease
+        self.record = record  # what the store held when the lease was taken
+        self.committed = False  # a commit was answered: the lease is over, written or fenced out
+        self.lost = asyncio.Event()  # the renewing watchdog found the lease taken over
+
+    async def commit(self, update: Update) -> Record | None:
+        """Write ``update`` fenced by the lease, which it ends; ``None`` when fenced out."""
+        stored = await self._store.commit(self.lease, update)
+        self.committed = True
+        return stored
+
+
+class Leases(Core):
+    """Work under a tenant's lease: the one lease helper, mark-dead, rekey."""
+
+    async def rekey(self, keyring: Keyring, *, wait_timeout: float | None = None) -> int:
+        """Re-seal every record of this app under ``keyring``'s newest key; return how many.
+
+        Plain ``j1:`` records are sealed too: this completes a migration to sealing
+        (workers opened with ``allow_plaintext=True`` until then). Records already sealed
+        under the newest key are left alone.
+
+        Safe while workers run: each tenant is re-sealed under its lease (a busy tenant is
+        retried after the others, waiting up to ``wait_timeout``, default the manager's,
+        for its holder to finish) and written with a fenced ``commit`` that keeps status and
+        expiry, so a concurrent refresh is never overwritten. Workers must already know
+        every key of ``keyring`` (see ``docs/security.md``).
+
+        Raises TokenSealError after processing every other tenant if some records could not
+        be opened (their count and tenant ids in the message; those records are left
+        intact), RefreshTimeout if a tenant's lease stayed busy for ``wait_timeout``,
+        StoreUnavailable.
+        """
+        self._check_open()
+        wait_timeout = self.wait_timeout if wait_timeout is None else wait_timeout
+        namespace = self.app.client_id
+        codec = SealedCodec(keyring, allow_plaintext=True)
+        pending = [r.key for r in await self._store.tenants(namespace) if not codec.is_current(r.payload)]
+        done = 0
+        unopened: list[str] = []
+        busy: list[TenantKey] = []
+        for key in pending:  # first pass: never wait, defer busy tenants
+            outcome = await self._reseal(codec, key, wait=0.0)
+            if outcome is None:
+                busy.append(key)
+            elif isinstance(outcome, TokenSealError):
+                unopened.append(key.tenant)
+            else:
+                done += outcome
+        for key in busy:
+            outcome = await self._reseal(codec, key, wait=wait_timeout)
+            if isinstance(outcome, TokenSealError):
+                unopened.append(key.tenant)
+            elif outcome is None:
+                raise RefreshTimeout(
+                    f"rekey: tenant {key.tenant!r}'s lease stayed busy for {wait_timeout:g}s "
+                    f"({done} records re-sealed so far; run rekey again)"
+                )
+            else:
+                done += outcome
+        log.info("rekey: %d records of %r re-sealed under key %r", done, namespace, keyring.newest)
+        if unopened:
+            shown = ", ".join(repr(t) for t in unopened[:10]) + (", ..." if len(unopened) > 10 else "")
+            raise TokenSealError(
+                f"rekey: {done} records re-sealed, {len(unopened)} could not be opened and were left "
+                f"intact: {shown}"
+            )
+        return done
+
+    async def _reseal(
+        self, codec: SealedCodec, key: TenantKey, *, wait: float
+    ) -> int | TokenSealError | None:
+        """Re-seal one tenant under its lease: 1 if written, 0 if nothing to do, the error if
+        its record cannot be opened, ``None`` if its lease stayed busy for ``wait`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            won = await acquire_within(self._store, key, self.lease_ttl, deadline - loop.time())
+            if won is None or won.lease is None:
+                return None
+            async with self._holding(won.lease, won.record) as held:
+                record = held.record
+                if record is None or codec.is_current(record.payload):
+                    return 0  # forgotten, or re-sealed (by a writer with the new key) since listed
+                try:
+                    payload = codec.reseal(key, record.payload)
+                except TokenSealError as exc:
+                    log.error("rekey: %s", exc)
+                    return exc
+                update = Update(payload, record.status, record.expires_at, record.updated_at)
+                if await held.commit(update) is not None:
+                    return 1
+
+    @contextlib.asynccontextmanager
+    async def _holding(
+        self, lease: Lease, record: Record | None, *, renew: bool = False
+    ) -> AsyncIterator[Held]:
+        """Work under ``lease`` (which found ``record``): every write under a lease goes
+        through this. The block ends with one fenced :meth:`Held.commit`, or the lease is
+        released on the way out, shielded, so that a cancelled holder still gives it back.
+        With ``renew``, a watchdog extends the lease from a third of its TTL into the work
+        on, and sets ``held.lost`` if it was taken over."""
+        held = Held(self._store, lease, record)
+        # No watchdog task for work that ends within a third of the lease (nearly all).
+        watchdog: list[asyncio.Task[None]] = []
+        timer = (
+            asyncio.get_running_loop().call_later(
+                self.lease_ttl / 3, lambda: watchdog.append(self._spawn(self._renew(lease, held.lost)))
+            )
+            if renew
+            else None
+        )
+        try:
+            yield held
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for task in watchdog:
+                task.cancel()
+            if not held.committed:
+                with contextlib.suppress(FactorialTokensError):
+                    await asyncio.shield(self._store.release(lease))
+
+    async def _mark_dead(
+        self,
+        held: Held,
+        reason: str,
+        *,
+        error: type[ReauthorizationRequired] = ReauthorizationRequired,
+    ) -> ReauthorizationRequired | None:
+        """Record (fenced) that the tenant needs re-authorization; return the error to raise,
+        or ``None`` when the write was refused (someone reconnected or refreshed meanwhile:
+        the tenant may be fine, so start over)."""
+        tenant = held.lease.key.tenant
+        record = held.record
+        assert record is not None  # only a stored grant dies
+        update = Update(record.payload, TenantStatus.NEEDS_REAUTH, record.expires_at, record.updated_at)
+        self._forget_cached(tenant)
+        if await held.commit(update) is None:
+            log.info("tenant %r: the store changed before it could be marked dead; re-reading", tenant)
+            return None
+        log.error("tenant %r needs re-authorization: %s", tenant, reason)
+        self._emit(TokenEvent(EventKind.REAUTHORIZATION_REQUIRED, tenant, detail=reason))
+        return error(tenant, reason)
+
+    async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
+        """Watchdog: keep the lease alive while its holder works (started a third of the
+        lease into the work, then renewing every third)."""
+        while True:
+            try:
+                if not await self._store.extend(lease, self.lease_ttl):
+                    lost.set()
+                    return
+            except StoreUnavailable:
+                log.warning("tenant %r: could not renew the lease; retrying", lease.key.tenant)
+            await asyncio.sleep(self.lease_ttl / 3)

@@ -14,16 +14,8 @@ from collections.abc import Iterator, Sequence
 import aiohttp
 import attrs
 
-from factorial_tokens import (
-    FactorialApp,
-    JsonCodec,
-    Store,
-    TenantKey,
-    TenantStatus,
-    TokenManager,
-    TokenSet,
-    Update,
-)
+from factorial_tokens import FactorialApp, JsonCodec, TokenManager, TokenSet
+from factorial_tokens.store import Store, TenantKey, TenantStatus, Update
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 CLIENT_SECRET = "bench-client-secret-0f3a9c"

@@ -21,7 +21,8 @@ from typing import Any
 from authlib.integrations.base_client import OAuthError  # type: ignore[import-untyped]
 from authlib.integrations.httpx_client import AsyncOAuth2Client  # type: ignore[import-untyped]
 
-from factorial_tokens import FactorialApp, JsonCodec, Store, TenantKey, TenantStatus, TokenSet, Update
+from factorial_tokens import FactorialApp, JsonCodec, TokenSet
+from factorial_tokens.store import Store, TenantKey, TenantStatus, Update
 
 LEEWAY = 60
 

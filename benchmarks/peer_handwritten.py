@@ -25,7 +25,8 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from factorial_tokens import FactorialApp, JsonCodec, Store, TenantKey
+from factorial_tokens import FactorialApp, JsonCodec
+from factorial_tokens.store import Store, TenantKey
 
 #: Refresh this many seconds before expiry (the same leeway as the other clients).
 LEEWAY = 60.0

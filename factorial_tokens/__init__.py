@@ -28,42 +28,16 @@ from ._events import EventKind, TokenEvent
 from ._health import Health
 from ._keepalive import KeepAliveReport
 from ._manager import CallbackResult, TenantInfo, TokenManager
-from ._memory import MemoryStore
 from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
 from ._sealing import Keyring, SealedCodec, rekey
 from ._serve import ConnectCheck, connect_app
-from ._sqlite import SQLiteStore
-from ._store import (
-    CLAIM_RETENTION,
-    Acquisition,
-    ChangeListener,
-    ClaimState,
-    CodeClaim,
-    Lease,
-    Notifier,
-    Record,
-    Store,
-    TenantKey,
-    TenantStatus,
-    Throttle,
-    ThrottleState,
-    Update,
-    Watch,
-    hold_digest,
-    store_from_url,
-)
 from ._telemetry import Telemetry, TenantCounts
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLAIM_RETENTION",
-    "Acquisition",
     "AuthorizationDenied",
     "CallbackResult",
-    "ChangeListener",
-    "ClaimState",
-    "CodeClaim",
     "CodeReused",
     "CompanyMismatch",
     "ConfigurationError",
@@ -80,41 +54,27 @@ __all__ = [
     "JsonCodec",
     "KeepAliveReport",
     "Keyring",
-    "Lease",
     "ManagerClosed",
-    "MemoryStore",
-    "Notifier",
     "PayloadCodec",
     "ProviderError",
     "ReauthorizationRequired",
-    "Record",
     "RefreshTimeout",
     "RequestInDoubt",
     "RotationLost",
-    "SQLiteStore",
     "SealedCodec",
     "StateReused",
-    "Store",
     "StoreUnavailable",
     "Telemetry",
     "TenantCounts",
     "TenantInfo",
-    "TenantKey",
     "TenantNotConnected",
     "TenantSession",
-    "TenantStatus",
-    "Throttle",
-    "ThrottleState",
     "TokenEvent",
     "TokenManager",
     "TokenSealError",
     "TokenSet",
-    "Update",
-    "Watch",
     "connect_app",
     "fingerprint",
-    "hold_digest",
     "rekey",
-    "store_from_url",
     "validate_tenant",
 ]

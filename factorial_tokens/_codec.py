@@ -11,7 +11,7 @@ from typing import Protocol
 
 from ._errors import TokenSealError
 from ._models import TokenSet
-from ._store import TenantKey
+from .store import TenantKey
 
 __all__ = ["JsonCodec", "PayloadCodec"]
 

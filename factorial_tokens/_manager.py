@@ -63,7 +63,8 @@ from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_
 from ._oauth import OAuthClient
 from ._sealing import Keyring, SealedCodec
 from ._state import LinkSigner, StateSigner
-from ._store import (
+from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
+from .store import (
     ClaimState,
     CodeClaim,
     Lease,
@@ -77,7 +78,6 @@ from ._store import (
     hold_digest,
     store_from_url,
 )
-from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 
 __all__ = ["CallbackResult", "TenantInfo", "TokenManager"]
 

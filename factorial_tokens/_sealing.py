@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ._codec import JsonCodec
 from ._errors import ConfigurationError, FactorialTokensError, RefreshTimeout, TokenSealError
 from ._models import TokenSet
-from ._store import Lease, Record, Store, TenantKey, Update, acquire_within
+from .store import Lease, Record, Store, TenantKey, Update, acquire_within
 
 if TYPE_CHECKING:
     from ._manager import TokenManager

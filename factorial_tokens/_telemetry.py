@@ -56,7 +56,7 @@ from ._errors import (
     StoreUnavailable,
 )
 from ._events import EventKind, TokenEvent
-from ._store import (
+from .store import (
     Acquisition,
     ChangeListener,
     ClaimState,

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from factorial_tokens import MemoryStore, store_from_url
+from factorial_tokens.store import MemoryStore, store_from_url
 from factorial_tokens.testing import StoreConformance
 
 

@@ -23,21 +23,16 @@ from factorial_tokens import (
     FactorialApp,
     JsonCodec,
     Keyring,
-    Lease,
-    MemoryStore,
-    Record,
     SealedCodec,
-    Store,
-    TenantKey,
     TokenEvent,
     TokenManager,
     TokenSealError,
     TokenSet,
-    Update,
     rekey,
 )
 from factorial_tokens._sealing import sealed_with
-from factorial_tokens._sqlite import SQLiteStore
+from factorial_tokens.store import Lease, MemoryStore, Record, Store, TenantKey, Update
+from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from ._raw_stores import BACKENDS, Backend, open_backend

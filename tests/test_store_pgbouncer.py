@@ -20,7 +20,8 @@ import asyncpg
 import pytest
 from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
 
-from factorial_tokens import StoreUnavailable, TenantKey, TenantStatus, TokenManager, Update, store_from_url
+from factorial_tokens import StoreUnavailable, TokenManager
+from factorial_tokens.store import TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import CountingStore, StoreConformance
 
 from . import postgres_server

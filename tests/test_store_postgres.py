@@ -21,18 +21,14 @@ import pytest
 from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
 
 from factorial_tokens import (
-    ClaimState,
     ConfigurationError,
     InvalidTenant,
     RefreshTimeout,
     StoreUnavailable,
-    TenantKey,
-    TenantStatus,
     TokenManager,
     TokenSet,
-    Update,
-    store_from_url,
 )
+from factorial_tokens.store import ClaimState, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, Fault, StoreConformance
 
 from . import postgres_server

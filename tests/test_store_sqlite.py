@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from factorial_tokens import (
+from factorial_tokens import ConfigurationError, StoreUnavailable
+from factorial_tokens.store import (
+    CLAIM_RETENTION,
     ClaimState,
-    ConfigurationError,
     SQLiteStore,
-    StoreUnavailable,
     TenantKey,
     TenantStatus,
     Update,
     store_from_url,
 )
-from factorial_tokens._store import CLAIM_RETENTION
 from factorial_tokens.testing import StoreConformance
 
 KEY = TenantKey("app", "acme")
@@ -368,7 +367,7 @@ def test_a_store_used_before_a_fork_works_in_the_child(tmp_path: Path) -> None:
 
 _RACE = """
 import asyncio, os, sys, traceback
-from factorial_tokens import SQLiteStore, TenantKey
+from factorial_tokens.store import SQLiteStore, TenantKey
 
 async def race(name):
     store = SQLiteStore(sys.argv[1])

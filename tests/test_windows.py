@@ -17,14 +17,12 @@ from factorial_tokens import (
     EventKind,
     FactorialApp,
     JsonCodec,
-    MemoryStore,
     ProviderError,
-    TenantKey,
     TokenEvent,
     TokenManager,
     TokenSet,
-    Update,
 )
+from factorial_tokens.store import MemoryStore, TenantKey, Update
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for

@@ -23,7 +23,7 @@ import asyncio
 import secrets
 import time
 
-from .._store import ClaimState, Store, TenantKey, TenantStatus, Throttle, Update, Watch, hold_digest
+from ..store import ClaimState, Store, TenantKey, TenantStatus, Throttle, Update, Watch, hold_digest
 
 __all__ = ["HOSTILE_TENANTS", "StoreConformance"]
 

@@ -13,19 +13,18 @@ from contextlib import AbstractAsyncContextManager
 
 import attrs
 
-from ._store import (
+from ._contract import ChangeListener, Watch
+from ._notifier import Notifier
+from ._values import (
     CLAIM_RETENTION,
     Acquisition,
-    ChangeListener,
     ClaimState,
     CodeClaim,
     Lease,
-    Notifier,
     Record,
     TenantKey,
     ThrottleState,
     Update,
-    Watch,
     hold_digest,
 )
 

@@ -23,26 +23,26 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from ._errors import ConfigurationError, StoreUnavailable
-from ._store import (
+from .._errors import ConfigurationError, StoreUnavailable
+from ._contract import ChangeListener, Watch, closed_error
+from ._notifier import Notifier
+from ._options import choice, seconds, url_options
+from ._values import (
     CLAIM_RETENTION,
     Acquisition,
-    ChangeListener,
     ClaimState,
     CodeClaim,
     Lease,
-    Notifier,
     Record,
     TenantKey,
-    TenantStatus,
     ThrottleState,
     Update,
-    Watch,
     hold_digest,
+    record_from_columns,
 )
 
 __all__ = ["SQLiteStore"]
@@ -95,6 +95,9 @@ _SCHEMA = (
 )
 
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
+#: Options of an sqlite URL, and the constructor arguments they set.
+_URL_OPTIONS = {"timeout": seconds, "poll": seconds, "synchronous": choice(*_SYNCHRONOUS)}
+_URL_NAMES = {"timeout": "busy_timeout", "poll": "poll_interval"}
 _FINISHED = (ClaimState.DONE.value, ClaimState.FAILED.value)
 
 
@@ -187,22 +190,7 @@ class SQLiteStore:
         path = path[1:] if path.startswith("/") else path
         if not path:
             raise ConfigurationError("an sqlite URL needs a file path, e.g. sqlite:///tokens.db")
-        options: dict[str, Any] = {}
-        names = {"timeout": "busy_timeout", "poll": "poll_interval", "synchronous": "synchronous"}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
-            if name not in names:
-                raise ConfigurationError(
-                    f"unknown sqlite store option {name!r} (known: {', '.join(sorted(names))})"
-                )
-            if name == "synchronous":
-                options[names[name]] = value
-                continue
-            try:
-                options[names[name]] = float(value)
-            except ValueError:
-                raise ConfigurationError(
-                    f"sqlite store option {name!r} must be a number of seconds"
-                ) from None
+        options, _ = url_options(url, _URL_OPTIONS, store="sqlite", rename=_URL_NAMES)
         return cls(path, **options)
 
     def __repr__(self) -> str:
@@ -213,14 +201,14 @@ class SQLiteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on the store's thread; sqlite3 errors become StoreUnavailable."""
         if self._closed:
-            raise StoreUnavailable(f"the SQLite store at {self.path} is closed")
+            raise closed_error("SQLite", f" at {self.path}")
         if self._pid != os.getpid():
             self._after_fork()
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._call, fn, args)
         except RuntimeError as exc:  # the executor was shut down under us
-            raise StoreUnavailable(f"the SQLite store at {self.path} is closed") from exc
+            raise closed_error("SQLite", f" at {self.path}") from exc
 
     def _after_fork(self) -> None:
         """Built before a fork (a pre-loading server): start afresh in the child.
@@ -546,17 +534,7 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
 
 
 def _record(key: TenantKey, row: tuple[Any, ...]) -> Record | None:
-    payload, status, version, expires_at, updated_at = row[:5]
-    if payload is None:
-        return None
-    return Record(
-        key=key,
-        payload=bytes(payload),
-        status=TenantStatus(status),
-        version=int(version),
-        expires_at=expires_at,
-        updated_at=float(updated_at),
-    )
+    return record_from_columns(key, *row[:5])
 
 
 def _log_change(conn: sqlite3.Connection, digest: str) -> int:

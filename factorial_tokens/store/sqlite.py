@@ -167,6 +167,7 @@ class SQLiteStore:
         # A dead lease holder announces nothing: waiters re-check at least this often.
         self._notifier = Notifier(poll=max(1.0, 10 * self.poll_interval))
         self._poller: asyncio.Task[None] | None = None
+        self._baseline: asyncio.Event | None = None  # set once the poller read its starting point
         self._own_changes: set[int] = set()
         self._closed = False
 
@@ -223,6 +224,7 @@ class SQLiteStore:
             self._inherited.append(self._conn)
             self._conn = None
         self._poller = None
+        self._baseline = None
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
@@ -438,6 +440,12 @@ class SQLiteStore:
     async def _watch(self, key: TenantKey) -> AsyncIterator[Watch]:
         async with self._notifier.watch(key) as watch:
             self._ensure_poller()
+            baseline = self._baseline
+            if baseline is not None and not baseline.is_set():
+                # Registering must miss nothing: another process's write made before the
+                # poller read its starting point would never be announced.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(baseline.wait()), self.busy_timeout)
             yield watch
 
     def on_change(self, callback: ChangeListener) -> Callable[[], None]:
@@ -465,17 +473,24 @@ class SQLiteStore:
         if poller is not None and not poller.done() and poller.get_loop() is loop:
             return
         # None yet, or left behind by an event loop that is gone (one asyncio.run after another).
-        self._poller = loop.create_task(self._poll(), name="factorial-tokens-sqlite-poll")
+        self._baseline = asyncio.Event()
+        self._poller = loop.create_task(self._poll(self._baseline), name="factorial-tokens-sqlite-poll")
 
-    async def _poll(self) -> None:
-        """While anyone watches: look for other processes' writes and announce them."""
+    async def _poll(self, baseline: asyncio.Event) -> None:
+        """While anyone watches: look for other processes' writes and announce them.
+
+        ``baseline`` is set once the first starting point was read (or could not be).
+        """
         me = asyncio.current_task()
         try:
             version, last = -1, -1
             while self._notifier.watching and not self._closed:
                 try:
                     if last < 0:
-                        version, last = await self._run(_poll_start)
+                        try:
+                            version, last = await self._run(_poll_start)
+                        finally:
+                            baseline.set()
                         self._own_changes.clear()
                     await asyncio.sleep(self.poll_interval * random.uniform(0.5, 1.5))
                     version, last, digests, complete = await self._run(_poll_changes, version, last)
@@ -500,6 +515,7 @@ class SQLiteStore:
                     # forget them (at worst a few redundant announcements later).
                     self._own_changes.clear()
         finally:
+            baseline.set()
             if self._poller is me:
                 self._poller = None
 

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from factorial_tokens_redis import RedisStore
 
 from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable, TokenManager
-from factorial_tokens.store import ClaimState, TenantKey, TenantStatus, Update, store_from_url
+from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, CountingStore, FakeFactorial, StoreConformance
 
 from .conftest import SimFactory, app_for
@@ -95,13 +95,25 @@ async def connect(tm: TokenManager, sim: FakeFactorial, tenant: str = "acme") ->
 class TestRedisStore(StoreConformance):
     """The shared contract on a single Redis server."""
 
+    @pytest.fixture
+    async def store(self, redis_url: str, prefix: str) -> AsyncIterator[RedisStore]:
+        self.url = _url(redis_url, prefix)
+        built = store_from_url(self.url)
+        assert isinstance(built, RedisStore)
+        yield built
+        await built.aclose()
 
-class TestRedisClusterStore(StoreConformance):
+    async def open_peer(self, store: Store) -> Store:
+        return store_from_url(self.url)  # a client, a subscription and an origin of its own
+
+
+class TestRedisClusterStore(TestRedisStore):
     """The shared contract on a 3-master Redis Cluster (every script in one slot)."""
 
     @pytest.fixture
     async def store(self, cluster: RedisClusterServers) -> AsyncIterator[RedisStore]:
-        built = store_from_url(_url(cluster.url, unique_prefix()))
+        self.url = _url(cluster.url, unique_prefix())
+        built = store_from_url(self.url)
         assert isinstance(built, RedisStore) and built.cluster
         yield built
         await built.aclose()

@@ -50,7 +50,10 @@ class _Claim:
 
 
 class MemoryStore:
-    """A token store held in this process's memory (``memory://``). One process only."""
+    """A token store held in this process's memory (``memory://``). One process only.
+
+    After :meth:`aclose` every primitive raises StoreUnavailable, as every store does.
+    """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

@@ -14,16 +14,9 @@ from collections.abc import Iterator, Sequence
 import aiohttp
 import attrs
 
-from factorial_tokens import (
-    FactorialApp,
-    Store,
-    TenantKey,
-    TenantStatus,
-    TokenManager,
-    TokenSet,
-    Update,
-)
+from factorial_tokens import FactorialApp, TokenManager, TokenSet
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import Store, TenantKey, TenantStatus, Update
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 CLIENT_SECRET = "bench-client-secret-0f3a9c"

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from factorial_tokens import FactorialApp, Store, TokenManager
+from factorial_tokens import FactorialApp, TokenManager
+from factorial_tokens.store import Store
 
 FACTORIAL = "factorial-tokens"
 AUTHLIB = "authlib"

@@ -14,7 +14,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from factorial_tokens import MemoryStore, TokenManager
+from factorial_tokens import TokenManager
+from factorial_tokens.store import MemoryStore
 
 from . import drivers
 from .common import app_for, new_client_id, strict_sim

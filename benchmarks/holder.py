@@ -33,8 +33,8 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from typing import Any
 
-from factorial_tokens import Store, TenantKey, TenantStatus, store_from_url
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import Store, TenantKey, TenantStatus, store_from_url
 from factorial_tokens.testing import FakeFactorial
 
 from . import drivers

@@ -21,8 +21,9 @@ from typing import Any
 from authlib.integrations.base_client import OAuthError  # type: ignore[import-untyped]
 from authlib.integrations.httpx_client import AsyncOAuth2Client  # type: ignore[import-untyped]
 
-from factorial_tokens import FactorialApp, Store, TenantKey, TenantStatus, TokenSet, Update
+from factorial_tokens import FactorialApp, TokenSet
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import Store, TenantKey, TenantStatus, Update
 
 LEEWAY = 60
 

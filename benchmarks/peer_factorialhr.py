@@ -27,8 +27,9 @@ from pathlib import Path
 import factorialhr  # type: ignore[import-untyped,unused-ignore]
 import httpx
 
-from factorial_tokens import FactorialApp, Store, TenantKey, TokenSet
+from factorial_tokens import FactorialApp, TokenSet
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import Store, TenantKey
 
 #: What the client would send: any API request goes through the same auth flow.
 API_PATH = "/api/2026-04-01/resources/api_public/credentials"

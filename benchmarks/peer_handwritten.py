@@ -25,8 +25,9 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from factorial_tokens import FactorialApp, Store, TenantKey
+from factorial_tokens import FactorialApp
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import Store, TenantKey
 
 #: Refresh this many seconds before expiry (the same leeway as the other clients).
 LEEWAY = 60.0

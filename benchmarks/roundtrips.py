@@ -29,15 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from factorial_tokens import (
-    FactorialApp,
-    Store,
-    TenantKey,
-    TenantStatus,
-    TokenManager,
-    Update,
-    store_from_url,
-)
+from factorial_tokens import FactorialApp, TokenManager
+from factorial_tokens.store import Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .common import app_for, expire_tenants, median, new_client_id, strict_sim

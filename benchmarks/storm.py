@@ -35,16 +35,9 @@ from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from factorial_tokens import (
-    EventKind,
-    MemoryStore,
-    Store,
-    TenantKey,
-    TokenEvent,
-    TokenManager,
-    store_from_url,
-)
+from factorial_tokens import EventKind, TokenEvent, TokenManager
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import MemoryStore, Store, TenantKey, store_from_url
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from . import drivers

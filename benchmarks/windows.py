@@ -21,7 +21,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from factorial_tokens import FactorialTokensError, TokenManager, store_from_url
+from factorial_tokens import FactorialTokensError, TokenManager
+from factorial_tokens.store import store_from_url
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from .common import CLIENT_SECRET, REDIRECT_URI, app_for, connect_tenants, new_client_id, percentile

@@ -27,7 +27,6 @@ from ._events import EventKind, TokenEvent
 from ._health import Health
 from ._keepalive import KeepAliveReport
 from ._manager import TokenManager
-from ._memory import MemoryStore
 from ._models import (
     CallbackResult,
     Credentials,
@@ -38,38 +37,13 @@ from ._models import (
     validate_tenant,
 )
 from ._serve import ConnectCheck, connect_app
-from ._sqlite import SQLiteStore
-from ._store import (
-    CLAIM_RETENTION,
-    Acquisition,
-    ChangeListener,
-    ClaimState,
-    CodeClaim,
-    Lease,
-    Notifier,
-    Record,
-    Store,
-    TenantKey,
-    TenantStatus,
-    Throttle,
-    ThrottleState,
-    Update,
-    Watch,
-    hold_digest,
-    store_from_url,
-)
 from ._telemetry import Telemetry, TenantCounts
 from ._version import __version__ as __version__
 from .sealing import Keyring
 
 __all__ = [
-    "CLAIM_RETENTION",
-    "Acquisition",
     "AuthorizationDenied",
     "CallbackResult",
-    "ChangeListener",
-    "ClaimState",
-    "CodeClaim",
     "CodeReused",
     "CompanyMismatch",
     "ConfigurationError",
@@ -85,38 +59,24 @@ __all__ = [
     "InvalidTenant",
     "KeepAliveReport",
     "Keyring",
-    "Lease",
     "ManagerClosed",
-    "MemoryStore",
-    "Notifier",
     "ProviderError",
     "ReauthorizationRequired",
-    "Record",
     "RefreshTimeout",
     "RequestInDoubt",
     "RotationLost",
-    "SQLiteStore",
     "StateReused",
-    "Store",
     "StoreUnavailable",
     "Telemetry",
     "TenantCounts",
     "TenantInfo",
-    "TenantKey",
     "TenantNotConnected",
     "TenantSession",
-    "TenantStatus",
-    "Throttle",
-    "ThrottleState",
     "TokenEvent",
     "TokenManager",
     "TokenSealError",
     "TokenSet",
-    "Update",
-    "Watch",
     "connect_app",
     "fingerprint",
-    "hold_digest",
-    "store_from_url",
     "validate_tenant",
 ]

@@ -13,7 +13,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from ._errors import AuthorizationDenied, ConfigurationError, InvalidState, StateReused
 from ._exchange import Exchanges, check_code
 from ._models import CallbackResult, validate_tenant
-from ._store import ClaimState
+from .store import ClaimState
 
 log = logging.getLogger("factorial_tokens")
 

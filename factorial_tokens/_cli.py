@@ -229,7 +229,7 @@ class Config:
         commands report it instead of creating it."""
         if urlsplit(self.store).scheme.lower() != "sqlite":
             return None
-        from ._sqlite import SQLiteStore
+        from .store import SQLiteStore
 
         path = SQLiteStore.from_url(self.store).path
         return None if os.path.exists(path) else path

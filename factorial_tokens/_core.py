@@ -26,9 +26,9 @@ from ._models import FactorialApp, TokenSet
 from ._oauth import OAuthClient
 from ._secret import AppSecret
 from ._state import LinkSigner, StateSigner
-from ._store import Record, Store, TenantKey, TenantStatus, Update
 from ._telemetry import Observer
 from .sealing import PayloadCodec
+from .store import Record, Store, TenantKey, TenantStatus, Update
 
 log = logging.getLogger("factorial_tokens")
 

@@ -49,7 +49,7 @@ from ._events import EventKind, TokenEvent
 from ._manager import TokenManager
 from ._models import FactorialApp, fingerprint
 from ._serve import connect_app
-from ._store import store_from_url
+from .store import store_from_url
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

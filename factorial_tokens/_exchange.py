@@ -27,7 +27,7 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._models import TokenSet, validate_tenant
-from ._store import ClaimState, CodeClaim, Record, TenantKey, acquire_within
+from .store import ClaimState, CodeClaim, Record, TenantKey, acquire_within
 
 log = logging.getLogger("factorial_tokens")
 

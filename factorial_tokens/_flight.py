@@ -20,7 +20,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from ._store import Lease, Record, Throttle
+from .store import Lease, Record, Throttle
 
 log = logging.getLogger("factorial_tokens")
 

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from ._errors import FactorialTokensError
-from ._store import Store
+from .store import Store
 
 __all__ = ["Health"]
 

@@ -18,8 +18,8 @@ from ._errors import (
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
-from ._store import Lease, Record, Store, TenantKey, TenantStatus, Update, acquire_within
 from .sealing import Keyring, SealedCodec
+from .store import Lease, Record, Store, TenantKey, TenantStatus, Update, acquire_within
 
 log = logging.getLogger("factorial_tokens")
 

@@ -39,9 +39,9 @@ from ._models import Credentials, FactorialApp, TenantInfo, validate_tenant
 from ._oauth import OAuthClient
 from ._secret import AppSecret
 from ._state import LinkSigner, StateSigner
-from ._store import Store, Throttle, acquire_within, hold_digest, store_from_url
 from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 from .sealing import JsonCodec, Keyring, PayloadCodec, SealedCodec
+from .store import Store, Throttle, acquire_within, hold_digest, store_from_url
 
 __all__ = ["TokenManager"]
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._errors import InvalidTenant
-from ._store import TenantStatus
+from .store import TenantStatus
 
 __all__ = [
     "DEFAULT_API_VERSION",

@@ -56,7 +56,8 @@ from ._errors import (
     StoreUnavailable,
 )
 from ._events import EventKind, TokenEvent
-from ._store import (
+from ._version import __version__
+from .store import (
     Acquisition,
     ChangeListener,
     ClaimState,
@@ -68,7 +69,6 @@ from ._store import (
     Update,
     Watch,
 )
-from ._version import __version__
 
 __all__ = ["Telemetry", "TenantCounts"]
 

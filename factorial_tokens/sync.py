@@ -33,9 +33,8 @@ from typing import Any, TypeVar
 from ._errors import ManagerClosed
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
 from ._manager import TokenManager
-from ._memory import MemoryStore
 from ._models import CallbackResult, Credentials, FactorialApp, TenantInfo, TokenSet
-from ._store import Store
+from .store import MemoryStore, Store
 
 __all__ = ["SyncTokenManager"]
 

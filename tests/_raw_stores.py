@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from factorial_tokens import MemoryStore, Store, store_from_url
+from factorial_tokens.store import MemoryStore, Store, store_from_url
 
 #: Every backend the security tests run on (the plugins are installed by ``make test``).
 BACKENDS = ["memory", "sqlite", "redis", "postgres"]
@@ -38,7 +38,7 @@ async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
         store = MemoryStore()
         yield Backend(name, store)
     elif name == "sqlite":
-        from factorial_tokens._sqlite import SQLiteStore
+        from factorial_tokens.store.sqlite import SQLiteStore
 
         path = tmp_path / "tokens.db"
         sqlite = SQLiteStore(path)

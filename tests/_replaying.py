@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from factorial_tokens import Store
+from factorial_tokens.store import Store
 
 PRIMITIVES = ("read", "acquire", "extend", "release", "commit", "replace", "claim_code", "advance_code")
 

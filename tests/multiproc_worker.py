@@ -27,20 +27,14 @@ from collections import Counter
 from typing import Any
 
 from factorial_tokens import (
-    Acquisition,
     FactorialApp,
     FactorialTokensError,
-    Lease,
     ReauthorizationRequired,
-    Record,
-    Store,
-    TenantKey,
     TokenManager,
     TokenSet,
-    Update,
     fingerprint,
-    store_from_url,
 )
+from factorial_tokens.store import Acquisition, Lease, Record, Store, TenantKey, Update, store_from_url
 from factorial_tokens.testing import CountingStore
 
 API_PATH = "/api/2026-01-01/resources/employees/employees"

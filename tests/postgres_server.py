@@ -185,7 +185,7 @@ def migrate_worker(url: str, index: int, start: object, results: object) -> None
     """One of the processes that start at once on an empty schema (spawned by a test)."""
     from factorial_tokens_postgres import PostgresStore
 
-    from factorial_tokens import TenantKey, Update
+    from factorial_tokens.store import TenantKey, Update
 
     async def run() -> str:
         store = PostgresStore.from_url(url)

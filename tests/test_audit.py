@@ -24,8 +24,6 @@ import pytest
 from aiohttp import web
 
 from factorial_tokens import (
-    Acquisition,
-    ClaimState,
     CodeReused,
     ConfigurationError,
     EventKind,
@@ -36,23 +34,20 @@ from factorial_tokens import (
     InvalidTenant,
     Keyring,
     ManagerClosed,
-    MemoryStore,
     ProviderError,
     ReauthorizationRequired,
     RefreshTimeout,
     RotationLost,
     StoreUnavailable,
-    TenantKey,
     TenantNotConnected,
-    TenantStatus,
     TokenEvent,
     TokenManager,
     TokenSealError,
-    Update,
 )
 from factorial_tokens._logs import JsonFormatter
-from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens.sealing import SealedCodec
+from factorial_tokens.store import Acquisition, ClaimState, MemoryStore, TenantKey, TenantStatus, Update
+from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import FakeFactorial, Fault
 
 from ._raw_stores import BACKENDS, Backend, open_backend
@@ -269,7 +264,7 @@ async def test_no_secret_in_any_repr(sim: FakeFactorial, tmp_path: Path) -> None
     ],
 )
 async def test_store_reprs_and_errors_hide_url_passwords(url: str) -> None:
-    from factorial_tokens import store_from_url
+    from factorial_tokens.store import store_from_url
 
     store = store_from_url(url)
     try:

@@ -13,19 +13,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from factorial_tokens import (
-    Acquisition,
-    ConfigurationError,
-    Lease,
-    MemoryStore,
-    Record,
-    Store,
-    TenantKey,
-    TokenManager,
-    Update,
-)
+from factorial_tokens import ConfigurationError, TokenManager
 from factorial_tokens._keepalive import keep_alive_pass
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import Acquisition, Lease, MemoryStore, Record, Store, TenantKey, Update
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for

@@ -28,17 +28,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from click.testing import CliRunner
 
-from factorial_tokens import (
-    MemoryStore,
-    ReauthorizationRequired,
-    TenantKey,
-    TokenManager,
-    Update,
-    store_from_url,
-)
+from factorial_tokens import ReauthorizationRequired, TokenManager
 from factorial_tokens._cli import EXIT_CODES, main
 from factorial_tokens._keepalive import keep_alive_pass, threshold
 from factorial_tokens._state import StateSigner
+from factorial_tokens.store import MemoryStore, TenantKey, Update, store_from_url
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for

@@ -19,7 +19,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from factorial_tokens import (
-    Acquisition,
     AuthorizationDenied,
     CallbackResult,
     CompanyMismatch,
@@ -28,20 +27,17 @@ from factorial_tokens import (
     InvalidState,
     InvalidTenant,
     Keyring,
-    MemoryStore,
     ProviderError,
-    Record,
     StateReused,
-    TenantKey,
     TokenEvent,
     TokenManager,
     TokenSealError,
-    Update,
     validate_tenant,
 )
-from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens._state import LinkSigner
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import Acquisition, MemoryStore, Record, TenantKey, Update
+from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
 from ._raw_stores import BACKENDS, Backend, open_backend

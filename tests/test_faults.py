@@ -20,6 +20,7 @@ from factorial_tokens import (
     TokenManager,
     TokenSet,
 )
+from factorial_tokens.store import MemoryStore
 from factorial_tokens.testing import FakeFactorial, Fault, RefreshMode
 
 from .conftest import CLIENT_ID, REDIRECT_URI, SimFactory, app_for
@@ -129,12 +130,13 @@ async def test_provider_down(connected: tuple[TokenManager, TokenSet], sim: Fake
 
 
 async def test_a_wrong_client_secret_is_not_a_dead_grant(sim: FakeFactorial) -> None:
-    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+    store = MemoryStore()  # given, so not closed by the first manager
+    async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
         await tm.exchange_code("acme", sim.issue_code(company_id=1))
     wrong = FactorialApp(
         client_id=CLIENT_ID, client_secret="wrong", redirect_uri=REDIRECT_URI, base_url=sim.base_url
     )
-    async with TokenManager(wrong, tm.store, **BUDGETS) as bad:
+    async with TokenManager(wrong, store, **BUDGETS) as bad:
         with pytest.raises(ProviderError) as info:
             await bad.exchange_code("other", sim.issue_code(company_id=2))
         assert info.value.status == 401 and info.value.error == "invalid_client"

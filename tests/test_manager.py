@@ -16,13 +16,12 @@ from factorial_tokens import (
     InvalidState,
     InvalidTenant,
     ManagerClosed,
-    MemoryStore,
     ReauthorizationRequired,
     TenantNotConnected,
-    TenantStatus,
     TokenEvent,
     TokenManager,
 )
+from factorial_tokens.store import MemoryStore, TenantStatus
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for

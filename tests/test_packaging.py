@@ -103,7 +103,7 @@ def test_the_wheels_install_into_a_fresh_virtualenv(dist: Path, tmp_path: Path) 
             root = importlib.resources.files(name)
             for file in files:
                 assert root.joinpath(file).is_file(), (name, file)
-        from factorial_tokens import store_from_url
+        from factorial_tokens.store import store_from_url
         for url in ("redis://127.0.0.1:1/0", "postgresql://u@127.0.0.1:1/db", "sqlite:///x.db"):
             store = store_from_url(url)
             assert type(store).__module__.split(".")[0] in sys.modules

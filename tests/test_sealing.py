@@ -22,19 +22,14 @@ from factorial_tokens import (
     EventKind,
     FactorialApp,
     Keyring,
-    Lease,
-    MemoryStore,
-    Record,
-    Store,
-    TenantKey,
     TokenEvent,
     TokenManager,
     TokenSealError,
     TokenSet,
-    Update,
 )
-from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens.sealing import JsonCodec, SealedCodec, sealed_with
+from factorial_tokens.store import Lease, MemoryStore, Record, Store, TenantKey, Update
+from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from ._raw_stores import BACKENDS, Backend, open_backend

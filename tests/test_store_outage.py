@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from factorial_tokens import MemoryStore, StoreUnavailable, TokenManager
+from factorial_tokens import StoreUnavailable, TokenManager
+from factorial_tokens.store import MemoryStore
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for

@@ -21,18 +21,14 @@ import pytest
 from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
 
 from factorial_tokens import (
-    ClaimState,
     ConfigurationError,
     InvalidTenant,
     RefreshTimeout,
     StoreUnavailable,
-    TenantKey,
-    TenantStatus,
     TokenManager,
     TokenSet,
-    Update,
-    store_from_url,
 )
+from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, Fault, StoreConformance
 
 from . import postgres_server
@@ -54,20 +50,31 @@ def module_url(base_url: str) -> Iterator[str]:
 class TestPostgresStore(StoreConformance):
     @pytest.fixture
     async def store(self, module_url: str) -> AsyncIterator[PostgresStore]:
+        self.url = module_url
         store = store_from_url(module_url)
         assert isinstance(store, PostgresStore) and not store.pgbouncer
         yield store
         await store.aclose()
 
+    async def open_peer(self, store: Store) -> Store:
+        return store_from_url(self.url)  # a pool and a LISTEN connection of its own
+
 
 class TestPostgresStorePgBouncerMode(StoreConformance):
+    # No LISTEN in PgBouncer mode: other instances' writes are seen by the poll only.
+    cross_instance_wakeups = False
+
     @pytest.fixture
     async def store(self, module_url: str) -> AsyncIterator[PostgresStore]:
-        store = store_from_url(module_url.replace("postgresql://", "postgres://") + "&pgbouncer=true")
+        self.url = module_url.replace("postgresql://", "postgres://") + "&pgbouncer=true"
+        store = store_from_url(self.url)
         assert isinstance(store, PostgresStore) and store.pgbouncer
         yield store
         await store.aclose()
         assert store.listens == 0  # never LISTENed
+
+    async def open_peer(self, store: Store) -> Store:
+        return store_from_url(self.url)
 
 
 async def _fetch(url: str, query: str, *args: object) -> list[asyncpg.Record]:

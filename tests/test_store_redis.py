@@ -21,17 +21,8 @@ import pytest
 import redis.asyncio as aioredis
 from factorial_tokens_redis import RedisStore
 
-from factorial_tokens import (
-    ClaimState,
-    ConfigurationError,
-    InvalidTenant,
-    StoreUnavailable,
-    TenantKey,
-    TenantStatus,
-    TokenManager,
-    Update,
-    store_from_url,
-)
+from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable, TokenManager
+from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, CountingStore, FakeFactorial, StoreConformance
 
 from .conftest import SimFactory, app_for
@@ -104,13 +95,25 @@ async def connect(tm: TokenManager, sim: FakeFactorial, tenant: str = "acme") ->
 class TestRedisStore(StoreConformance):
     """The shared contract on a single Redis server."""
 
+    @pytest.fixture
+    async def store(self, redis_url: str, prefix: str) -> AsyncIterator[RedisStore]:
+        self.url = _url(redis_url, prefix)
+        built = store_from_url(self.url)
+        assert isinstance(built, RedisStore)
+        yield built
+        await built.aclose()
 
-class TestRedisClusterStore(StoreConformance):
+    async def open_peer(self, store: Store) -> Store:
+        return store_from_url(self.url)  # a client, a subscription and an origin of its own
+
+
+class TestRedisClusterStore(TestRedisStore):
     """The shared contract on a 3-master Redis Cluster (every script in one slot)."""
 
     @pytest.fixture
     async def store(self, cluster: RedisClusterServers) -> AsyncIterator[RedisStore]:
-        built = store_from_url(_url(cluster.url, unique_prefix()))
+        self.url = _url(cluster.url, unique_prefix())
+        built = store_from_url(self.url)
         assert isinstance(built, RedisStore) and built.cluster
         yield built
         await built.aclose()
@@ -225,7 +228,7 @@ async def _settled(store: RedisStore) -> None:
     """Wait until the store's subscription is up and a command connection is open, so
     neither SUBSCRIBE nor a new connection's HELLO is counted later."""
     deadline = time.monotonic() + 10
-    while store._listener.subscriptions < 1:
+    while store._listener.connections < 1:
         assert time.monotonic() < deadline, "the store never subscribed"
         await asyncio.sleep(0.01)
     await store.check()
@@ -402,7 +405,7 @@ async def test_a_lost_subscription_resubscribes_and_wakes_everyone(throwaway: Re
             assert await admin.client_kill_filter(_type="pubsub") == 1
             assert await _woken(watch, 5.0)  # notify_all after the resubscription
             deadline = time.monotonic() + 10
-            while store._listener.subscriptions < 2:
+            while store._listener.connections < 2:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
             other = RedisStore.from_url(throwaway.url)
@@ -445,7 +448,7 @@ async def test_redis_restart_mid_run(make_sim: SimFactory, throwaway: RedisServe
             fresh = (await tm.refresh("acme")).access_token  # a real refresh through Redis
             assert fresh != token and sim.is_active(fresh)
             deadline = time.monotonic() + 10
-            while store._listener.subscriptions < 2:  # the subscription came back too
+            while store._listener.connections < 2:  # the subscription came back too
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
         await store.aclose()

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from factorial_tokens import (
+from factorial_tokens import ConfigurationError, StoreUnavailable
+from factorial_tokens.store import (
+    CLAIM_RETENTION,
     ClaimState,
-    ConfigurationError,
     SQLiteStore,
-    StoreUnavailable,
+    Store,
     TenantKey,
     TenantStatus,
     Update,
     store_from_url,
 )
-from factorial_tokens._store import CLAIM_RETENTION
 from factorial_tokens.testing import StoreConformance
 
 KEY = TenantKey("app", "acme")
@@ -38,6 +38,41 @@ class TestSQLiteStore(StoreConformance):
         store = store_from_url(f"sqlite:///{tmp_path}/tokens.db")
         assert isinstance(store, SQLiteStore)
         yield store
+        await store.aclose()
+
+    async def open_peer(self, store: Store) -> Store:
+        assert isinstance(store, SQLiteStore)
+        return SQLiteStore(store.path)
+
+
+class _DeafSQLiteStore(SQLiteStore):
+    """A broken store: it never polls the file, so it never hears another instance's writes."""
+
+    def _ensure_poller(self) -> None:
+        return None
+
+
+class _DeafConformance(TestSQLiteStore):
+    __test__ = False  # run by hand below, to see it fail
+    wakeup_within = 0.5
+
+    async def open_peer(self, store: Store) -> Store:
+        assert isinstance(store, SQLiteStore)
+        return _DeafSQLiteStore(store.path)
+
+
+async def test_the_suite_fails_a_store_deaf_to_other_instances(tmp_path: Path) -> None:
+    """The conformance suite catches a store whose cross-instance wake-ups are broken (its
+    own writes still wake its own watchers, so the single-instance checks pass)."""
+    suite = _DeafConformance()
+    store = _DeafSQLiteStore(tmp_path / "deaf.db")
+    try:
+        await suite.test_watch_wakes_on_commit_and_release(store)  # one instance: fine
+        with pytest.raises(AssertionError, match="did not wake another instance"):
+            await suite.test_wakes_up_another_instance(store)
+        with pytest.raises(AssertionError):
+            await suite.test_on_change_hears_another_instance(store)
+    finally:
         await store.aclose()
 
 
@@ -368,7 +403,7 @@ def test_a_store_used_before_a_fork_works_in_the_child(tmp_path: Path) -> None:
 
 _RACE = """
 import asyncio, os, sys, traceback
-from factorial_tokens import SQLiteStore, TenantKey
+from factorial_tokens.store import SQLiteStore, TenantKey
 
 async def race(name):
     store = SQLiteStore(sys.argv[1])

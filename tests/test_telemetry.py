@@ -18,14 +18,13 @@ import pytest
 
 from factorial_tokens import (
     EventKind,
-    MemoryStore,
     ReauthorizationRequired,
     RefreshTimeout,
-    SQLiteStore,
     Telemetry,
     TokenEvent,
     TokenManager,
 )
+from factorial_tokens.store import MemoryStore, SQLiteStore
 from factorial_tokens.testing import CountingStore, Fault
 
 from .conftest import CLIENT_SECRET, SimFactory, app_for
@@ -230,7 +229,7 @@ async def test_lease_lost_and_refresh_timeout_events(make_sim: SimFactory, tmp_p
         app = app_for(sim)
         async with TokenManager(app, store, **BUDGETS) as holder:
             await holder.exchange_code("acme", sim.issue_code(company_id=1))
-            from factorial_tokens import TenantKey
+            from factorial_tokens.store import TenantKey
 
             held = await store.acquire(TenantKey(app.client_id, "acme"), "another-worker", 30)
             assert held.lease is not None
@@ -280,7 +279,7 @@ async def test_a_refresh_fenced_out_is_counted_with_a_lease_lost_event(make_sim:
 
 
 async def test_a_wait_for_another_workers_lease_is_timed(make_sim: SimFactory) -> None:
-    from factorial_tokens import TenantKey
+    from factorial_tokens.store import TenantKey
 
     otel = Otel()
     store = CountingStore(MemoryStore())
@@ -385,7 +384,8 @@ def test_the_core_works_without_opentelemetry(tmp_path: Path) -> None:
 import sys
 sys.modules["opentelemetry"] = None  # import opentelemetry -> ImportError
 import asyncio
-from factorial_tokens import TokenManager, MemoryStore
+from factorial_tokens import TokenManager
+from factorial_tokens.store import MemoryStore
 from factorial_tokens.testing import FakeFactorial
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from factorial_tokens import TenantInfo, TenantStatus
+from factorial_tokens import TenantInfo
 from factorial_tokens._watch import Tracker
+from factorial_tokens.store import TenantStatus
 from factorial_tokens.testing import FakeFactorial
 
 from .test_cli import cli, env, seed, sim, store  # noqa: F401  (env, sim, store: fixtures)

@@ -16,15 +16,13 @@ from factorial_tokens import (
     ConfigurationError,
     EventKind,
     FactorialApp,
-    MemoryStore,
     ProviderError,
-    TenantKey,
     TokenEvent,
     TokenManager,
     TokenSet,
-    Update,
 )
 from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import MemoryStore, TenantKey, Update
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for

@@ -22,16 +22,14 @@ from hypothesis import strategies as st
 from factorial_tokens import (
     EventKind,
     FactorialTokensError,
-    MemoryStore,
     ProviderError,
     RequestInDoubt,
     TenantNotConnected,
-    TenantStatus,
     TokenEvent,
     TokenManager,
-    Update,
 )
 from factorial_tokens._oauth import OAuthClient, _excerpt, _token_set
+from factorial_tokens.store import MemoryStore, TenantStatus, Update
 from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
 from ._raw_stores import BACKENDS, open_backend

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from factorial_tokens import FactorialTokensError, Store, TokenManager
+from factorial_tokens import FactorialTokensError, TokenManager
+from factorial_tokens.store import Store
 
 from . import postgres_server, redis_server
 from .conftest import SimFactory, app_for

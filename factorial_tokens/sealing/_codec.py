@@ -11,7 +11,7 @@ from typing import Protocol
 
 from .._errors import ConfigurationError, TokenSealError
 from .._models import TokenSet
-from .._store import TenantKey
+from ..store import TenantKey
 from ._keyring import SEALED, Keyring, sealed_with
 
 __all__ = ["JsonCodec", "PayloadCodec", "SealedCodec"]

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .._errors import ConfigurationError, TokenSealError
-from .._store import TenantKey
+from ..store import TenantKey
 from ._keyfile import KEY_BYTES, KID, format_keys, parse_keys, read_key_file, write_key_file
 
 __all__ = ["KEYS_ENV", "SEALED", "Keyring", "sealed_with"]

@@ -15,6 +15,36 @@ needs no flushing)::
 
 pytest-asyncio must run the tests (``asyncio_mode = "auto"``, or mark them yourself).
 Stores with a coarse clock may set ``lease_ttl`` (seconds) on the subclass.
+
+Several processes (or hosts) each open their own instance of a store on one backend, so
+the suite also checks two instances against each other: wake-ups, 100 concurrent
+acquirers, code claims and replays across instances, and state that outlives an
+instance. A subclass opens the second instance in :meth:`StoreConformance.open_peer`
+(its ``store`` fixture may keep on ``self`` what that needs: pytest binds both to the
+same test instance)::
+
+    class TestMyStore(StoreConformance):
+        @pytest.fixture
+        async def store(self, tmp_path):
+            self.url = f"my://{tmp_path}/db"
+            store = MyStore.from_url(self.url)
+            yield store
+            await store.aclose()
+
+        async def open_peer(self, store):
+            return MyStore.from_url(self.url)
+
+A store that lacks something the contract allows it to lack says so with a capability
+flag (as SQLAlchemy's ``requirements.py`` does), and the tests of it are skipped:
+
+* ``cross_instance``: a second instance can be opened on the backend and shares every
+  lease, fence, record and code claim (False for a store confined to one instance, such
+  as ``memory://``);
+* ``cross_instance_wakeups``: a write through one instance wakes the watchers and
+  ``on_change`` listeners of another (False when other instances' writes are seen only
+  by the poll of ``Watch.wait``, e.g. PostgreSQL behind PgBouncer);
+* ``persistent``: what an instance wrote outlives it (the backend keeps it);
+* ``throttle``: the store implements :class:`~factorial_tokens.store.Throttle`.
 """
 
 from __future__ import annotations
@@ -22,8 +52,21 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
-from .._store import ClaimState, Store, TenantKey, TenantStatus, Throttle, Update, Watch, hold_digest
+from .._errors import StoreUnavailable
+from ..store import (
+    ClaimState,
+    Store,
+    TenantKey,
+    TenantStatus,
+    Throttle,
+    Update,
+    Watch,
+    hold_digest,
+)
 
 __all__ = ["HOSTILE_TENANTS", "StoreConformance"]
 
@@ -50,9 +93,43 @@ def _update(
 
 
 class StoreConformance:
-    """Shared tests of the Store contract. Subclass and provide a ``store`` fixture."""
+    """Shared tests of the Store contract. Subclass and provide a ``store`` fixture, and
+    :meth:`open_peer` unless the store sets ``cross_instance = False``; see the module
+    docstring for the capability flags."""
 
     lease_ttl = 0.4
+    #: How long (seconds) a watcher may wait for a wake-up caused by another instance.
+    wakeup_within = 5.0
+    #: Capability flags: what the store offers (see the module docstring).
+    cross_instance = True
+    cross_instance_wakeups = True
+    persistent = True
+    throttle = True
+
+    async def open_peer(self, store: Store) -> Store:
+        """Open a second instance on ``store``'s backend (same file, server, schema, prefix),
+        as another process would; the suite closes it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement open_peer(store), or set cross_instance = False "
+            "if its store cannot be shared by two instances"
+        )
+
+    def require(self, capability: str) -> None:
+        """Skip the running test unless the store declares ``capability``."""
+        if not getattr(self, capability):
+            import pytest  # here: importing factorial_tokens.testing must not need pytest
+
+            pytest.skip(f"{type(self).__name__} declares {capability} = False")
+
+    @asynccontextmanager
+    async def peer(self, store: Store) -> AsyncIterator[Store]:
+        """A second instance on ``store``'s backend for the block (skips without ``cross_instance``)."""
+        self.require("cross_instance")
+        other = await self.open_peer(store)
+        try:
+            yield other
+        finally:
+            await other.aclose()
 
     @staticmethod
     def key(tenant: str = "acme", namespace: str | None = None) -> TenantKey:
@@ -469,9 +546,11 @@ class StoreConformance:
         return f"conformance-{secrets.token_hex(6)}"
 
     async def test_is_a_throttle(self, store: Store) -> None:
+        self.require("throttle")
         assert isinstance(store, Throttle)
 
     async def test_hold_keeps_the_later_instant(self, store: Store) -> None:
+        self.require("throttle")
         assert isinstance(store, Throttle)
         ns, until = self.namespace(), time.time() + 30
         assert await store.hold(ns, 0) == 0
@@ -482,6 +561,7 @@ class StoreConformance:
         assert await store.hold(self.namespace(), 0) == 0  # namespaces are isolated
 
     async def test_hold_is_announced(self, store: Store) -> None:
+        self.require("throttle")
         assert isinstance(store, Throttle)
         ns = self.namespace()
         seen: list[str | None] = []
@@ -496,6 +576,7 @@ class StoreConformance:
             unsubscribe()
 
     async def test_admit_waits_out_the_hold(self, store: Store) -> None:
+        self.require("throttle")
         assert isinstance(store, Throttle)
         ns = self.namespace()
         assert await store.admit(ns, secrets.token_hex(8), 0, 1) == 0
@@ -505,6 +586,7 @@ class StoreConformance:
         assert await store.admit(self.namespace(), secrets.token_hex(8), 1.0, 5) == 0
 
     async def test_admit_spends_a_shared_budget(self, store: Store) -> None:
+        self.require("throttle")
         assert isinstance(store, Throttle)
         ns, interval = self.namespace(), 60.0
         first, second = secrets.token_hex(8), secrets.token_hex(8)
@@ -515,11 +597,190 @@ class StoreConformance:
         assert 50 < wait <= 60.5
 
     async def test_concurrent_admits_take_one_unit_each(self, store: Store) -> None:
+        self.require("throttle")
         assert isinstance(store, Throttle)
         ns = self.namespace()
         waits = await asyncio.gather(*(store.admit(ns, secrets.token_hex(8), 100.0, 5) for _ in range(30)))
         assert sum(1 for wait in waits if wait == 0) == 5
         assert all(wait > 0 for wait in waits if wait != 0)
+
+    # -- a closed store ----------------------------------------------------------------
+
+    async def test_a_closed_store_refuses_every_primitive(self, store: Store) -> None:
+        key = self.key()
+        await store.replace(key, _update(b"tokens"))
+        won = await store.acquire(key, "one", 30)
+        claim = await store.claim_code(key, "h", "one", 30)
+        assert won.lease is not None
+        lease = won.lease
+        await store.aclose()
+        await store.aclose()  # closing again is allowed (the fixture may close it once more)
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "read": lambda: store.read(key),
+            "acquire": lambda: store.acquire(key, "two", 30),
+            "extend": lambda: store.extend(lease, 30),
+            "release": lambda: store.release(lease),
+            "commit": lambda: store.commit(lease, _update(b"late")),
+            "replace": lambda: store.replace(key, _update(b"late")),
+            "forget": lambda: store.replace(key, None),
+            "claim_code": lambda: store.claim_code(key, "h2", "two", 30),
+            "advance_code": lambda: store.advance_code(claim, ClaimState.SENT, 30),
+            "tenants": lambda: store.tenants(key.namespace),
+            "check": store.check,
+        }
+        if isinstance(store, Throttle):
+            calls["hold"] = lambda: store.hold(key.namespace, time.time() + 30)
+            calls["admit"] = lambda: store.admit(key.namespace, "ticket", 1.0, 1)
+        for name, call in calls.items():
+            try:
+                await call()
+            except StoreUnavailable as exc:
+                assert "closed" in str(exc), f"{name} on a closed store: {exc}"
+            else:
+                raise AssertionError(f"{name} on a closed store did not raise StoreUnavailable")
+
+    # -- two instances on one backend (as two processes have them) -----------------------
+
+    async def test_two_instances_share_state(self, store: Store) -> None:
+        key = self.key()
+        async with self.peer(store) as peer:
+            await store.replace(key, _update(b"v1"))
+            seen = await peer.read(key)
+            assert seen is not None and seen.payload == b"v1"
+            won = await peer.acquire(key, "peer", 30)
+            assert won.lease is not None and won.record == seen
+            assert (await store.acquire(key, "store", 30)).lease is None
+            record = await store.commit(won.lease, _update(b"v2"))  # a lease is the backend's
+            assert record is not None and await peer.read(key) == record
+            assert [r.key for r in await peer.tenants(key.namespace)] == [key]
+
+    async def test_state_outlives_the_instance(self, store: Store) -> None:
+        self.require("persistent")
+        key = self.key()
+        async with self.peer(store) as peer:
+            await store.replace(key, _update(b"kept"))
+            assert (await store.acquire(key, "holder", 30)).lease is not None
+            await store.aclose()
+            record = await peer.read(key)
+            assert record is not None and record.payload == b"kept"
+            assert (await peer.acquire(key, "other", 30)).lease is None
+
+    async def test_wakes_up_another_instance(self, store: Store) -> None:
+        self.require("cross_instance_wakeups")
+        key = self.key()
+        within = self.wakeup_within
+        async with self.peer(store) as peer:
+            await store.replace(key, _update(b"v1"))
+            won = await store.acquire(key, "one", 30)
+            assert won.lease is not None
+            async with peer.watch(key) as watch:
+                await store.release(won.lease)
+                assert await _woken(watch, within), "a release did not wake another instance's watcher"
+            won = await store.acquire(key, "two", 30)
+            assert won.lease is not None
+            async with peer.watch(key) as watch:
+                await store.commit(won.lease, _update(b"v2"))
+                assert await _woken(watch, within), "a commit did not wake another instance's watcher"
+            async with peer.watch(key) as watch:
+                await store.replace(key, _update(b"v3"))
+                assert await _woken(watch, within), "a replace did not wake another instance's watcher"
+            claim = await store.claim_code(key, "h", "one", 30)
+            async with peer.watch(key) as watch:
+                await store.advance_code(claim, ClaimState.SENT, 30)
+                assert await _woken(watch, within), "a claim step did not wake another instance's watcher"
+
+    async def test_on_change_hears_another_instance(self, store: Store) -> None:
+        self.require("cross_instance_wakeups")
+        key = self.key()
+        async with self.peer(store) as peer:
+            seen: list[str | None] = []
+            unsubscribe = store.on_change(seen.append)
+            try:
+                async with store.watch(key) as watch:  # the subscription is up before the write
+                    await peer.replace(key, _update(b"x"))
+                    await _woken(watch, self.wakeup_within)
+                assert await _heard(seen, key.digest, self.wakeup_within)
+                if self.throttle and isinstance(peer, Throttle):
+                    await peer.hold(key.namespace, time.time() + 30)
+                    assert await _heard(seen, hold_digest(key.namespace), self.wakeup_within)
+            finally:
+                unsubscribe()
+
+    async def test_hundred_acquirers_across_instances(self, store: Store) -> None:
+        """Rounds of 100 concurrent acquirers, half on each instance: exactly one holder per
+        round, nobody else gets in while it holds, fences strictly increase, and every
+        holder's fenced write lands (through either instance)."""
+        key = self.key()
+        async with self.peer(store) as peer:
+            sides = (store, peer)
+            await store.replace(key, _update(b"0"))
+            fences: list[int] = []
+            for round_ in range(1, 4):
+                results = await asyncio.gather(
+                    *(sides[i % 2].acquire(key, f"r{round_}-{i}", 30) for i in range(100))
+                )
+                winners = [(i, r.lease) for i, r in enumerate(results) if r.lease is not None]
+                assert len(winners) == 1, f"round {round_}: {len(winners)} holders"
+                index, lease = winners[0]
+                fences.append(lease.fence)
+                for side in sides:
+                    assert (await side.acquire(key, f"late-{round_}", 30)).lease is None
+                record = await sides[(index + 1) % 2].commit(lease, _update(str(round_).encode()))
+                assert record is not None and record.payload == str(round_).encode()
+            assert fences == sorted(set(fences)), fences
+            final = await peer.read(key)
+            assert final is not None and final.payload == b"3"
+
+    async def test_code_claims_across_instances(self, store: Store) -> None:
+        key = self.key()
+        async with self.peer(store) as peer:
+            sides = (store, peer)
+            claims = await asyncio.gather(
+                *(sides[i % 2].claim_code(key, "h", f"o{i}", 30) for i in range(50))
+            )
+            won = [(i, c) for i, c in enumerate(claims) if c.won]
+            assert len(won) == 1
+            index, claim = won[0]
+            mine, other = sides[index % 2], sides[(index + 1) % 2]
+            loser = next(c for c in claims if not c.won)
+            assert not await other.advance_code(loser, ClaimState.SENT, 30)
+            assert await other.advance_code(claim, ClaimState.SENT, 30)  # the claim is the backend's
+            seen = await mine.claim_code(key, "h", "late", 30)
+            assert seen.state is ClaimState.SENT and not seen.won and seen.key == key
+            assert await mine.advance_code(claim, ClaimState.DONE, 30)
+            seen = await other.claim_code(key, "h", "late", 30)
+            assert seen.state is ClaimState.DONE and not seen.won
+
+    async def test_replays_through_another_instance(self, store: Store) -> None:
+        """A resent command may reach the backend over another connection: every
+        primitive's second run, through another instance, answers as the first did."""
+        key = self.key()
+        async with self.peer(store) as peer:
+            update = _update(b"grant")
+            await store.replace(key, update)
+            await peer.replace(key, update)
+            first = await store.read(key)
+            assert first is not None and await peer.read(key) == first
+            await store.acquire(key, "one", 30)
+            won = await peer.acquire(key, "one", 30)  # the answer the caller finally gets
+            assert won.lease is not None and won.lease.owner == "one"
+            assert (await store.acquire(key, "two", 30)).lease is None
+            assert await store.extend(won.lease, 30) and await peer.extend(won.lease, 30)
+            written = _update(b"refreshed")
+            committed = await store.commit(won.lease, written)
+            replayed = await peer.commit(won.lease, written)
+            assert committed is not None and replayed is not None
+            assert replayed.version == committed.version
+            held = await peer.acquire(key, "two", 30)
+            assert held.lease is not None
+            assert await peer.release(held.lease) and await store.release(held.lease)
+            claim = await store.claim_code(key, "h", "one", 30)
+            assert (await peer.claim_code(key, "h", "one", 30)).won
+            assert await store.advance_code(claim, ClaimState.SENT, 30)
+            assert await peer.advance_code(claim, ClaimState.SENT, 30)
+            await store.replace(key, None)
+            await peer.replace(key, None)
+            assert await store.read(key) is None and await peer.read(key) is None
 
 
 async def _woken(watch: Watch, within: float) -> bool:
@@ -529,3 +790,11 @@ async def _woken(watch: Watch, within: float) -> bool:
         if await watch.wait(left):
             return True
     return False
+
+
+async def _heard(seen: list[str | None], digest: str, within: float) -> bool:
+    """True once ``digest`` is in ``seen`` (filled by an ``on_change`` listener) within ``within``."""
+    deadline = time.monotonic() + within
+    while digest not in seen and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    return digest in seen

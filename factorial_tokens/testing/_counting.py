@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-from .._store import (
+from ..store import (
     Acquisition,
     ChangeListener,
     ClaimState,

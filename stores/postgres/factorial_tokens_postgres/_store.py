@@ -32,29 +32,35 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
-from factorial_tokens import (
+from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable
+from factorial_tokens.store import (
     CLAIM_RETENTION,
     Acquisition,
     ChangeListener,
     ClaimState,
     CodeClaim,
-    ConfigurationError,
-    InvalidTenant,
     Lease,
     Notifier,
+    PushListener,
     Record,
-    StoreUnavailable,
     TenantKey,
     TenantStatus,
     ThrottleState,
     Update,
     Watch,
+    closed_error,
+    flag,
     hold_digest,
+    integer,
+    number,
+    record_from_columns,
+    text,
+    url_options,
 )
 
 from ._schema import SCHEMA_VERSION, Names, migrations
@@ -103,49 +109,20 @@ _CREATE_RACES: tuple[type[BaseException], ...] = (
 _MIGRATE_ATTEMPTS = 3
 _ATTEMPTS = 3
 _COMMIT_ATTEMPTS = 6
-_URL_OPTIONS = (
-    "schema",
-    "table_prefix",
-    "pgbouncer",
-    "poll",
-    "min_size",
-    "max_size",
-    "command_timeout",
-    "connect_timeout",
-    "migrate",
-)
+#: Options of ours in a store URL (removed before the URL reaches asyncpg).
+_URL_OPTIONS = {
+    "schema": text,
+    "table_prefix": text,
+    "pgbouncer": flag,
+    "poll": number,
+    "min_size": integer,
+    "max_size": integer,
+    "command_timeout": number,
+    "connect_timeout": number,
+    "migrate": flag,
+}
 _PRUNE_EVERY = 600.0
 _READS = frozenset({"read", "tenants", "check"})  # what a missing schema answers (migrate=false)
-
-
-def _flag(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigurationError(f"store URL option {name}={value!r} must be true or false")
-
-
-def _number(name: str, value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigurationError(f"store URL option {name}={value!r} must be a number") from None
-
-
-def _split_url(url: str) -> tuple[str, dict[str, str]]:
-    """Separate our options from the DSN asyncpg gets (its own query options stay)."""
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in _URL_OPTIONS:
-            ours[name] = value
-        else:
-            theirs.append((name, value))
-    dsn = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(theirs), parts.fragment))
-    return dsn, ours
 
 
 class PostgresStore:
@@ -211,18 +188,12 @@ class PostgresStore:
         self._migrate_schema = migrate
         self._absent = False  # migrate=False and the schema does not exist (yet)
         self._closed = False
-        self._listener: asyncio.Task[None] | None = None
-        self._listening = False
-        self._first_try = asyncio.Event()  # set once the first LISTEN attempt has finished
         self._last_prune = -_PRUNE_EVERY
-        # Tenants this process has touched: after a reconnect they are all announced as
-        # changed, since their notifications may have been lost while not listening.
         # Tags this store's NOTIFY payloads: its own writes are announced locally at once,
         # so their echo from the server is ignored (it would only evict fresh caches).
         self._origin = secrets.token_hex(8)
         self._sql = _Statements(self._names, self._origin)
-        #: How many times the LISTEN connection was (re)established; for health checks.
-        self.listens = 0
+        self._listener = _Listen(self)
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStore:
@@ -232,22 +203,7 @@ class PostgresStore:
         ``pgbouncer``, ``poll``, ``min_size``, ``max_size``, ``command_timeout``,
         ``connect_timeout``, ``migrate``. Other query parameters (``sslmode``, ...) go to asyncpg.
         """
-        dsn, opts = _split_url(url)
-        kwargs: dict[str, Any] = {}
-        if "schema" in opts:
-            kwargs["schema"] = opts["schema"]
-        if "table_prefix" in opts:
-            kwargs["table_prefix"] = opts["table_prefix"]
-        if "pgbouncer" in opts:
-            kwargs["pgbouncer"] = _flag("pgbouncer", opts["pgbouncer"])
-        if "migrate" in opts:
-            kwargs["migrate"] = _flag("migrate", opts["migrate"])
-        for name in ("poll", "command_timeout", "connect_timeout"):
-            if name in opts:
-                kwargs[name] = _number(name, opts[name])
-        for name in ("min_size", "max_size"):
-            if name in opts:
-                kwargs[name] = int(_number(name, opts[name]))
+        kwargs, dsn = url_options(url, _URL_OPTIONS, store="postgres", rest=True)
         return cls(dsn=dsn, **kwargs)
 
     def __repr__(self) -> str:
@@ -264,13 +220,18 @@ class PostgresStore:
     @property
     def listening(self) -> bool:
         """True while the LISTEN connection is up (always False in PgBouncer mode)."""
-        return self._listening
+        return self._listener.listening
+
+    @property
+    def listens(self) -> int:
+        """How many times the LISTEN connection was (re)established; for health checks."""
+        return self._listener.connections
 
     # -- plumbing --------------------------------------------------------------------
 
     async def _ready(self) -> Any:
         if self._closed:
-            raise StoreUnavailable("the Postgres store is closed")
+            raise closed_error("Postgres")
         if self._pool is not None and self._migrated:
             return self._pool
         async with self._init_lock:
@@ -625,12 +586,10 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _watch(self, key: TenantKey) -> AsyncIterator[Watch]:
-        self._start_listener()
-        if self._listener is not None and not self._first_try.is_set():
+        if self._start_listener():
             # Registering must miss nothing: let the first LISTEN take effect before the
             # caller reads (the poll covers a database that does not answer).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._first_try.wait()), 5.0)
+            await self._listener.ready(5.0)
         async with self._notifier.watch(key) as watch:
             yield watch
 
@@ -641,61 +600,12 @@ class PostgresStore:
             self._start_listener()
         return unsubscribe
 
-    def _start_listener(self) -> None:
-        if self.pgbouncer or self._closed or self._listener is not None:
-            return
-        self._listener = asyncio.get_running_loop().create_task(self._listen_forever())
-
-    def _on_notify(self, con: object, pid: int, channel: str, payload: str) -> None:
-        digest, _, origin = payload.partition(" ")
-        if origin != self._origin:
-            self._notifier.notify(digest)
-
-    async def _listen_forever(self) -> None:
-        delay = 0.1
-        while not self._closed:
-            try:
-                await self._listen_once()
-                delay = 0.1
-            except _LISTEN_FAILURES as exc:
-                self._first_try.set()
-                log.warning("postgres store: LISTEN connection failed (%s); reconnecting", _describe(exc))
-            if self._closed:
-                return
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 5.0)
-
-    async def _listen_once(self) -> None:
-        pool = await self._ready()
-        con = await pool.acquire()
-        lost = asyncio.Event()
-        try:
-            con.add_termination_listener(lambda _con: lost.set())
-            await con.add_listener(self._names.channel, self._on_notify)
-            self._listening = True
-            self.listens += 1
-            if self._first_try.is_set():
-                # Whatever was announced while we were not listening is lost.
-                self._notifier.notify_all()
-            self._first_try.set()
-            while not lost.is_set() and not con.is_closed():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), 5.0)
-                if not lost.is_set() and not con.is_closed():
-                    await con.execute("SELECT 1", timeout=5.0)  # finds a half-open socket
-        finally:
-            self._listening = False
-            await self._give_back(pool, con)
-
-    async def _give_back(self, pool: Any, con: Any) -> None:
-        with contextlib.suppress(*_CLOSE_FAILURES):
-            if not con.is_closed():
-                await asyncio.shield(con.remove_listener(self._names.channel, self._on_notify))
-        try:
-            await asyncio.shield(pool.release(con, timeout=5.0))
-        except _CLOSE_FAILURES:
-            with contextlib.suppress(*_FAILURES):
-                con.terminate()
+    def _start_listener(self) -> bool:
+        """Start the LISTEN connection unless in PgBouncer mode or closed; True if it runs."""
+        if self.pgbouncer or self._closed:
+            return False
+        self._listener.start()
+        return True
 
     # -- health and lifecycle --------------------------------------------------------
 
@@ -712,15 +622,52 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        await self._listener.aclose()
         if self._owns_pool and self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), 5.0)
             except _FAILURES:
                 self._pool.terminate()
+
+
+class _Listen(PushListener):
+    """The store's one LISTEN connection (taken from its pool)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store._notifier, name="postgres", log=log, origin=store._origin, backoff=(0.1, 5.0))
+        self._store = store
+        self._channel = store._names.channel
+
+    def _on_notify(self, con: object, pid: int, channel: str, payload: str) -> None:
+        self.deliver(payload)
+
+    async def listen(self, connected: Callable[[], None]) -> None:
+        """LISTEN on a pooled connection until it is lost; a ``SELECT 1`` every 5 s finds a
+        half-open socket."""
+        pool = await self._store._ready()
+        con = await pool.acquire()
+        lost = asyncio.Event()
+        try:
+            con.add_termination_listener(lambda _con: lost.set())
+            await con.add_listener(self._channel, self._on_notify)
+            connected()
+            while not lost.is_set() and not con.is_closed():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), 5.0)
+                if not lost.is_set() and not con.is_closed():
+                    await con.execute("SELECT 1", timeout=5.0)
+        finally:
+            await self._give_back(pool, con)
+
+    async def _give_back(self, pool: Any, con: Any) -> None:
+        with contextlib.suppress(*_CLOSE_FAILURES):
+            if not con.is_closed():
+                await asyncio.shield(con.remove_listener(self._channel, self._on_notify))
+        try:
+            await asyncio.shield(pool.release(con, timeout=5.0))
+        except _CLOSE_FAILURES:
+            with contextlib.suppress(*_FAILURES):
+                con.terminate()
 
 
 async def _keep_session(con: Any) -> None:
@@ -742,14 +689,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _record(key: TenantKey, row: Any) -> Record:
-    return Record(
-        key=key,
-        payload=bytes(row["payload"]),
-        status=TenantStatus(row["status"]),
-        version=int(row["version"]),
-        expires_at=cast(float | None, row["expires_at"]),
-        updated_at=float(row["updated_at"]),
+    record = record_from_columns(
+        key, row["payload"], row["status"], row["version"], row["expires_at"], row["updated_at"]
     )
+    assert record is not None  # every caller selects rows with a payload
+    return record
 
 
 class _Statements:

@@ -30,22 +30,26 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from factorial_tokens import (
+from factorial_tokens import ConfigurationError, StoreUnavailable
+from factorial_tokens.store import (
     CLAIM_RETENTION,
     Acquisition,
     ChangeListener,
     ClaimState,
     CodeClaim,
-    ConfigurationError,
     Lease,
     Notifier,
     Record,
-    StoreUnavailable,
     TenantKey,
-    TenantStatus,
     Update,
     Watch,
+    closed_error,
+    flag,
     hold_digest,
+    record_from_columns,
+    seconds,
+    text,
+    url_options,
 )
 
 from ._listener import Listener
@@ -55,10 +59,8 @@ __all__ = ["RedisStore"]
 T = TypeVar("T")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 #: Options of ours in a store URL; everything else goes to redis-py.
-_OPTIONS = ("prefix", "cluster", "poll")
+_OPTIONS = {"prefix": text, "cluster": flag, "poll": seconds}
 _RECORD_FIELDS = ("payload", "status", "version", "expires_at", "updated_at")
 _SCRIPTS = (
     "acquire",
@@ -170,19 +172,12 @@ class RedisStore:
         scheme = scheme.removesuffix("+cluster")
         if scheme not in ("redis", "rediss"):
             raise ConfigurationError(f"not a redis URL: {scheme}://")
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        ours = {k: v for k, v in query if k in _OPTIONS}
-        rest = [(k, v) for k, v in query if k not in _OPTIONS]
-        flag = ours.get("cluster", "").lower()
-        if flag and flag not in _TRUE | _FALSE:
-            raise ConfigurationError(f"cluster= takes true or false, not {flag!r}")
-        cluster = cluster or flag in _TRUE
-        try:
-            poll = float(ours.get("poll", "1"))
-        except ValueError:
-            raise ConfigurationError("poll= takes a number of seconds") from None
+        ours, rest_url = url_options(url, _OPTIONS, store="redis", rest=True)
+        cluster = cluster or ours.get("cluster", False)
+        poll = ours.get("poll", 1.0)
         prefix = ours.get("prefix", "ft")
         _check_options(prefix, poll)  # before a client exists that would need closing
+        rest = parse_qsl(urlsplit(rest_url).query, keep_blank_values=True)
         names = {k for k, _ in rest}
         # RESP2 by default: redis-py 8 skips its check for idle connections the server
         # closed when RESP3 maintenance notifications are on, so a restart or a killed
@@ -262,7 +257,7 @@ class RedisStore:
     async def _call(self, what: str, operation: Any) -> Any:
         if self._closed:
             operation.close()  # never awaited: close it so it does not warn
-            raise StoreUnavailable("the redis store is closed")
+            raise closed_error("redis")
         try:
             if self._uninitialized:
                 await self._initialize()
@@ -292,19 +287,8 @@ class RedisStore:
     # -- records ---------------------------------------------------------------------
 
     def _record(self, key: TenantKey, fields: Sequence[Any]) -> Record | None:
-        payload, status, version, expires_at, updated_at = fields
-        if payload is None:
-            return None
         try:
-            expires = _text(expires_at)
-            return Record(
-                key=key,
-                payload=_bytes(payload),
-                status=TenantStatus(_text(status)),
-                version=int(version),
-                expires_at=float(expires) if expires else None,
-                updated_at=float(_text(updated_at) or 0.0),
-            )
+            return record_from_columns(key, *fields)
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             raise StoreUnavailable(f"redis holds a malformed record for tenant {key.tenant!r}") from exc
 

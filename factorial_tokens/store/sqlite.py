@@ -23,26 +23,26 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from ._errors import ConfigurationError, StoreUnavailable
-from ._store import (
+from .._errors import ConfigurationError, StoreUnavailable
+from ._contract import ChangeListener, Watch, closed_error
+from ._notifier import Notifier
+from ._options import choice, seconds, url_options
+from ._values import (
     CLAIM_RETENTION,
     Acquisition,
-    ChangeListener,
     ClaimState,
     CodeClaim,
     Lease,
-    Notifier,
     Record,
     TenantKey,
-    TenantStatus,
     ThrottleState,
     Update,
-    Watch,
     hold_digest,
+    record_from_columns,
 )
 
 __all__ = ["SQLiteStore"]
@@ -95,6 +95,9 @@ _SCHEMA = (
 )
 
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
+#: Options of an sqlite URL, and the constructor arguments they set.
+_URL_OPTIONS = {"timeout": seconds, "poll": seconds, "synchronous": choice(*_SYNCHRONOUS)}
+_URL_NAMES = {"timeout": "busy_timeout", "poll": "poll_interval"}
 _FINISHED = (ClaimState.DONE.value, ClaimState.FAILED.value)
 
 
@@ -164,6 +167,7 @@ class SQLiteStore:
         # A dead lease holder announces nothing: waiters re-check at least this often.
         self._notifier = Notifier(poll=max(1.0, 10 * self.poll_interval))
         self._poller: asyncio.Task[None] | None = None
+        self._baseline: asyncio.Event | None = None  # set once the poller read its starting point
         self._own_changes: set[int] = set()
         self._closed = False
 
@@ -187,22 +191,7 @@ class SQLiteStore:
         path = path[1:] if path.startswith("/") else path
         if not path:
             raise ConfigurationError("an sqlite URL needs a file path, e.g. sqlite:///tokens.db")
-        options: dict[str, Any] = {}
-        names = {"timeout": "busy_timeout", "poll": "poll_interval", "synchronous": "synchronous"}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
-            if name not in names:
-                raise ConfigurationError(
-                    f"unknown sqlite store option {name!r} (known: {', '.join(sorted(names))})"
-                )
-            if name == "synchronous":
-                options[names[name]] = value
-                continue
-            try:
-                options[names[name]] = float(value)
-            except ValueError:
-                raise ConfigurationError(
-                    f"sqlite store option {name!r} must be a number of seconds"
-                ) from None
+        options, _ = url_options(url, _URL_OPTIONS, store="sqlite", rename=_URL_NAMES)
         return cls(path, **options)
 
     def __repr__(self) -> str:
@@ -213,14 +202,14 @@ class SQLiteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on the store's thread; sqlite3 errors become StoreUnavailable."""
         if self._closed:
-            raise StoreUnavailable(f"the SQLite store at {self.path} is closed")
+            raise closed_error("SQLite", f" at {self.path}")
         if self._pid != os.getpid():
             self._after_fork()
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, self._call, fn, args)
         except RuntimeError as exc:  # the executor was shut down under us
-            raise StoreUnavailable(f"the SQLite store at {self.path} is closed") from exc
+            raise closed_error("SQLite", f" at {self.path}") from exc
 
     def _after_fork(self) -> None:
         """Built before a fork (a pre-loading server): start afresh in the child.
@@ -235,6 +224,7 @@ class SQLiteStore:
             self._inherited.append(self._conn)
             self._conn = None
         self._poller = None
+        self._baseline = None
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
@@ -450,6 +440,12 @@ class SQLiteStore:
     async def _watch(self, key: TenantKey) -> AsyncIterator[Watch]:
         async with self._notifier.watch(key) as watch:
             self._ensure_poller()
+            baseline = self._baseline
+            if baseline is not None and not baseline.is_set():
+                # Registering must miss nothing: another process's write made before the
+                # poller read its starting point would never be announced.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(baseline.wait()), self.busy_timeout)
             yield watch
 
     def on_change(self, callback: ChangeListener) -> Callable[[], None]:
@@ -477,17 +473,24 @@ class SQLiteStore:
         if poller is not None and not poller.done() and poller.get_loop() is loop:
             return
         # None yet, or left behind by an event loop that is gone (one asyncio.run after another).
-        self._poller = loop.create_task(self._poll(), name="factorial-tokens-sqlite-poll")
+        self._baseline = asyncio.Event()
+        self._poller = loop.create_task(self._poll(self._baseline), name="factorial-tokens-sqlite-poll")
 
-    async def _poll(self) -> None:
-        """While anyone watches: look for other processes' writes and announce them."""
+    async def _poll(self, baseline: asyncio.Event) -> None:
+        """While anyone watches: look for other processes' writes and announce them.
+
+        ``baseline`` is set once the first starting point was read (or could not be).
+        """
         me = asyncio.current_task()
         try:
             version, last = -1, -1
             while self._notifier.watching and not self._closed:
                 try:
                     if last < 0:
-                        version, last = await self._run(_poll_start)
+                        try:
+                            version, last = await self._run(_poll_start)
+                        finally:
+                            baseline.set()
                         self._own_changes.clear()
                     await asyncio.sleep(self.poll_interval * random.uniform(0.5, 1.5))
                     version, last, digests, complete = await self._run(_poll_changes, version, last)
@@ -512,6 +515,7 @@ class SQLiteStore:
                     # forget them (at worst a few redundant announcements later).
                     self._own_changes.clear()
         finally:
+            baseline.set()
             if self._poller is me:
                 self._poller = None
 
@@ -546,17 +550,7 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
 
 
 def _record(key: TenantKey, row: tuple[Any, ...]) -> Record | None:
-    payload, status, version, expires_at, updated_at = row[:5]
-    if payload is None:
-        return None
-    return Record(
-        key=key,
-        payload=bytes(payload),
-        status=TenantStatus(status),
-        version=int(version),
-        expires_at=expires_at,
-        updated_at=float(updated_at),
-    )
+    return record_from_columns(key, *row[:5])
 
 
 def _log_change(conn: sqlite3.Connection, digest: str) -> int:

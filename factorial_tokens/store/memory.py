@@ -13,19 +13,18 @@ from contextlib import AbstractAsyncContextManager
 
 import attrs
 
-from ._store import (
+from ._contract import ChangeListener, Watch, closed_error
+from ._notifier import Notifier
+from ._values import (
     CLAIM_RETENTION,
     Acquisition,
-    ChangeListener,
     ClaimState,
     CodeClaim,
     Lease,
-    Notifier,
     Record,
     TenantKey,
     ThrottleState,
     Update,
-    Watch,
     hold_digest,
 )
 
@@ -51,7 +50,10 @@ class _Claim:
 
 
 class MemoryStore:
-    """A token store held in this process's memory (``memory://``). One process only."""
+    """A token store held in this process's memory (``memory://``). One process only.
+
+    After :meth:`aclose` every primitive raises StoreUnavailable, as every store does.
+    """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -59,6 +61,7 @@ class MemoryStore:
         self._claims: dict[tuple[str, str], _Claim] = {}
         self._throttles: dict[str, ThrottleState] = {}
         self._notifier = Notifier()
+        self._closed = False
 
     @classmethod
     def from_url(cls, url: str) -> MemoryStore:
@@ -68,14 +71,20 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore(tenants={len(self._slots)})"
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise closed_error("memory")
+
     def _slot(self, key: TenantKey) -> _Slot:
         return self._slots.setdefault(key.digest, _Slot())
 
     async def read(self, key: TenantKey) -> Record | None:
+        self._check_open()
         slot = self._slots.get(key.digest)
         return slot.record if slot else None
 
     async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        self._check_open()
         slot = self._slot(key)
         now = self._clock()
         if slot.lease_owner == owner and slot.lease_expires > now:
@@ -94,6 +103,7 @@ class MemoryStore:
         return None
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
+        self._check_open()
         slot = self._holds(lease)
         if slot is None:
             return False
@@ -101,6 +111,7 @@ class MemoryStore:
         return True
 
     async def release(self, lease: Lease) -> bool:
+        self._check_open()
         slot = self._holds(lease)
         if slot is None:
             # A replay finds its own release done: same fence, nobody holding.
@@ -129,6 +140,7 @@ class MemoryStore:
         return slot.record
 
     async def commit(self, lease: Lease, update: Update) -> Record | None:
+        self._check_open()
         slot = self._holds(lease)
         if slot is None:
             # A replay finds its own write: same fence, nobody holding, the same payload.
@@ -145,6 +157,7 @@ class MemoryStore:
         return self._write(lease.key, slot, update)
 
     async def replace(self, key: TenantKey, update: Update | None) -> None:
+        self._check_open()
         slot = self._slots.get(key.digest)
         if slot is None and update is None:
             return  # forgetting an unknown tenant leaves nothing behind
@@ -157,6 +170,7 @@ class MemoryStore:
         self._write(key, slot, update)
 
     async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
+        self._check_open()
         now = self._clock()
         self._claims = {k: c for k, c in self._claims.items() if c.expires > now - CLAIM_RETENTION}
         ident = (key.namespace, code_hash)
@@ -172,6 +186,7 @@ class MemoryStore:
     async def advance_code(
         self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
     ) -> bool:
+        self._check_open()
         held = self._claims.get((claim.key.namespace, claim.code_hash))
         if held is not None and held.owner == claim.owner and held.state is state:
             return held.outcome == outcome  # a replay of the step already made
@@ -185,6 +200,7 @@ class MemoryStore:
         return True
 
     async def hold(self, namespace: str, until: float) -> float:
+        self._check_open()
         state = self._throttles.get(namespace, ThrottleState())
         if until > state.not_before:
             state = self._throttles[namespace] = attrs.evolve(state, not_before=until)
@@ -192,11 +208,13 @@ class MemoryStore:
         return state.not_before
 
     async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
+        self._check_open()
         state = self._throttles.get(namespace, ThrottleState())
         wait, self._throttles[namespace] = state.admit(time.time(), ticket, interval, burst)
         return wait
 
     async def tenants(self, namespace: str) -> list[Record]:
+        self._check_open()
         return [s.record for s in self._slots.values() if s.record and s.record.key.namespace == namespace]
 
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
@@ -206,10 +224,10 @@ class MemoryStore:
         return self._notifier.on_change(callback)
 
     async def check(self) -> None:
-        return None
+        self._check_open()
 
     async def aclose(self) -> None:
-        return None
+        self._closed = True
 
 
 def _same(record: Record, update: Update) -> bool:

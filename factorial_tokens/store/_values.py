@@ -1,0 +1,198 @@
+"""The values the store contract speaks in: keys, records, leases, code claims, throttle state.
+
+Plain frozen data (attrs), shared by the manager and every store.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+
+import attrs
+
+__all__ = [
+    "CLAIM_RETENTION",
+    "Acquisition",
+    "ClaimState",
+    "CodeClaim",
+    "Lease",
+    "Record",
+    "TenantKey",
+    "TenantStatus",
+    "ThrottleState",
+    "Update",
+    "hold_digest",
+    "record_from_columns",
+]
+
+#: How long a finished code claim is remembered (seconds). Doorkeeper's codes live
+#: ten minutes; a day covers any retried callback.
+CLAIM_RETENTION = 24 * 3600.0
+
+
+@attrs.frozen
+class TenantKey:
+    """A tenant within a namespace (the app's client id), so apps can share one store.
+
+    ``digest`` is what stores use to build keys: a hash, so no tenant id can escape its
+    key, collide with another's, or pick a Redis Cluster slot.
+    """
+
+    namespace: str
+    tenant: str
+    digest: str = attrs.field(init=False, repr=False, eq=False)
+
+    @digest.default
+    def _digest(self) -> str:
+        raw = f"{self.namespace}\x00{self.tenant}".encode()
+        return hashlib.sha256(raw).hexdigest()[:32]
+
+
+class TenantStatus(enum.Enum):
+    """Whether a tenant's grant can still be refreshed."""
+
+    ACTIVE = "active"
+    NEEDS_REAUTH = "needs_reauth"
+
+
+@attrs.frozen
+class Update:
+    """What a write stores: the opaque payload plus the metadata listings need."""
+
+    payload: bytes = attrs.field(repr=False)
+    status: TenantStatus = TenantStatus.ACTIVE
+    expires_at: float | None = None
+    updated_at: float = 0.0
+
+
+@attrs.frozen
+class Record:
+    """A tenant's stored state. ``version`` grows by one on every write."""
+
+    key: TenantKey
+    payload: bytes = attrs.field(repr=False)
+    status: TenantStatus
+    version: int
+    expires_at: float | None
+    updated_at: float
+
+
+def record_from_columns(
+    key: TenantKey,
+    payload: bytes | bytearray | memoryview | str | None,
+    status: str | bytes,
+    version: int | str | bytes,
+    expires_at: float | str | bytes | None,
+    updated_at: float | str | bytes | None,
+) -> Record | None:
+    """A record from the five columns a store keeps, as a driver returns them (numbers as
+    numbers or as text, text as ``str`` or ``bytes``); ``None`` when ``payload`` is (a
+    tenant forgotten, or never written). A malformed column raises ValueError or TypeError.
+    """
+    if payload is None:
+        return None
+    expires = _text(expires_at)
+    return Record(
+        key=key,
+        payload=payload.encode() if isinstance(payload, str) else bytes(payload),
+        status=TenantStatus(_text(status)),
+        version=int(_text(version) or 0),
+        expires_at=None if expires is None or expires == "" else float(expires),
+        updated_at=float(_text(updated_at) or 0.0),
+    )
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@attrs.frozen
+class Lease:
+    """Proof of holding a tenant's lease. ``fence`` is unique and only grows per tenant."""
+
+    key: TenantKey
+    owner: str = attrs.field(repr=False)
+    fence: int
+
+
+@attrs.frozen
+class Acquisition:
+    """The answer to ``acquire``: the lease if won (else ``None``) and the record seen."""
+
+    lease: Lease | None
+    record: Record | None
+
+
+class ClaimState(enum.Enum):
+    """The steps of a code exchange, as recorded in its claim."""
+
+    CLAIMED = "claimed"  # claimed, not yet sent: may be taken over once expired
+    SENT = "sent"  # sent to the provider: never sent again
+    DONE = "done"  # tokens stored for the claim's tenant
+    FAILED = "failed"  # the provider refused; ``outcome`` says why
+
+
+@attrs.frozen
+class CodeClaim:
+    """A code claim as the store holds it, seen by the asking ``owner``.
+
+    ``won`` is True when the asking owner holds the claim (never the holder's secret
+    owner token: a loser's ``CodeClaim`` cannot advance the claim).
+
+    ``expired`` is True when a CLAIMED or SENT claim outlived its TTL (its holder is
+    presumed dead), judged by the store's clock.
+    """
+
+    key: TenantKey
+    code_hash: str
+    owner: str = attrs.field(repr=False)
+    state: ClaimState
+    won: bool
+    expired: bool = False
+    outcome: str | None = None
+
+
+def hold_digest(namespace: str) -> str:
+    """The digest a store announces a raised hold on: the namespace's own, which no
+    tenant has (a tenant id is never empty)."""
+    return TenantKey(namespace, "").digest
+
+
+@attrs.frozen
+class ThrottleState:
+    """A namespace's back-pressure state, for stores that keep it as one value: the
+    "not before" instant, the budget's theoretical arrival time (GCRA), the last ticket
+    admitted."""
+
+    not_before: float = 0.0
+    tat: float = 0.0
+    ticket: str = ""
+
+    def encode(self) -> str:
+        """As one line of text."""
+        return f"{self.not_before!r} {self.tat!r} {self.ticket}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> ThrottleState:
+        """From :meth:`encode`'s text (``None`` or malformed: the empty state)."""
+        try:
+            not_before, tat, ticket = (text or "").split(" ", 2)
+            return cls(float(not_before), float(tat), ticket)
+        except ValueError:
+            return cls()
+
+    def admit(self, now: float, ticket: str, interval: float, burst: int) -> tuple[float, ThrottleState]:
+        """The wait :meth:`Throttle.admit` answers at ``now``, and the state after it."""
+        if ticket and ticket == self.ticket:
+            return 0.0, self  # a resend of an admission already made
+        if self.not_before > now:
+            return self.not_before - now, self
+        if interval <= 0:
+            return 0.0, self
+        tat = max(self.tat, now)
+        wait = tat - (max(burst, 1) - 1) * interval - now
+        if wait > 0:
+            return wait, self
+        return 0.0, attrs.evolve(self, tat=tat + interval, ticket=ticket)

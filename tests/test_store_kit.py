@@ -1,0 +1,133 @@
+"""factorial_tokens.store, the kit for store authors: its names, the scheme registry and
+its install hints, URL options, and what the top-level namespace no longer carries."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import pkgutil
+from typing import Any
+
+import pytest
+
+import factorial_tokens
+import factorial_tokens.store
+from factorial_tokens import ConfigurationError
+from factorial_tokens.store import (
+    MemoryStore,
+    SQLiteStore,
+    choice,
+    flag,
+    known_schemes,
+    seconds,
+    store_from_url,
+    url_options,
+)
+from factorial_tokens.store import _registry as registry
+
+KIT = factorial_tokens.store
+
+
+def test_the_kit_exports_every_public_name_of_its_modules() -> None:
+    names = KIT.__all__
+    assert names == sorted(names, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
+    for name in names:
+        assert getattr(KIT, name) is not None
+    for info in pkgutil.iter_modules(KIT.__path__):
+        module = importlib.import_module(f"factorial_tokens.store.{info.name}")
+        missing = set(getattr(module, "__all__", ())) - set(names) - {"HINT_GROUP", "STORE_GROUP"}
+        assert not missing, f"factorial_tokens.store.{info.name} exports {missing} but the kit does not"
+
+
+def test_store_author_names_are_not_in_the_top_level() -> None:
+    for name in ("Store", "Lease", "Notifier", "MemoryStore", "SQLiteStore", "store_from_url", "Record"):
+        assert name not in factorial_tokens.__all__
+
+
+def test_builtin_schemes() -> None:
+    assert {"memory", "sqlite"} <= set(known_schemes())
+    assert isinstance(store_from_url("memory://"), MemoryStore)
+    assert isinstance(store_from_url("SQLite:///x.db"), SQLiteStore)
+
+
+def test_every_plugin_scheme_has_an_install_hint() -> None:
+    hints = {ep.name for ep in importlib.metadata.entry_points(group=registry.HINT_GROUP)}
+    plugins = {
+        ep.name
+        for ep in importlib.metadata.entry_points(group=registry.STORE_GROUP)
+        if not ep.value.startswith("factorial_tokens.")
+    }
+    assert (
+        plugins == hints == {"redis", "rediss", "redis+cluster", "rediss+cluster", "postgresql", "postgres"}
+    )
+
+
+def test_unknown_scheme_lists_the_known_ones() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"no token store for mongodb:// \(known: .*memory://"
+    ) as info:
+        store_from_url("mongodb://x")
+    assert "pip install" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="needs a scheme"):
+        store_from_url("tokens.db")
+
+
+def _without_plugin(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """As if ``module``'s distribution were not installed: its store entry points vanish."""
+    real = importlib.metadata.entry_points
+
+    def entry_points(**params: Any) -> Any:
+        found = real(**params)
+        if params.get("group") == registry.STORE_GROUP:
+            return [ep for ep in found if ep.module != module]
+        return found
+
+    monkeypatch.setattr(registry, "entry_points", entry_points)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "extra"),
+    [("rediss+cluster", "redis"), ("redis", "redis"), ("postgres", "postgres")],
+)
+def test_a_missing_plugin_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, scheme: str, extra: str
+) -> None:
+    _without_plugin(monkeypatch, f"factorial_tokens_{extra}")
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(f"{scheme}://127.0.0.1:1/0")
+    message = str(info.value)
+    assert f"no token store for {scheme}://" in message
+    assert f"pip install 'factorial-tokens[{extra}]' for {scheme}://" in message
+
+
+def test_a_plugin_that_cannot_be_imported_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.metadata.entry_points
+    broken = importlib.metadata.EntryPoint("redis", "factorial_tokens_nosuch:Store", registry.STORE_GROUP)
+
+    def entry_points(**params: Any) -> Any:
+        if params.get("group") == registry.STORE_GROUP and params.get("name") == "redis":
+            return [broken]
+        return real(**params)
+
+    monkeypatch.setattr(registry, "entry_points", entry_points)
+    with pytest.raises(
+        ConfigurationError, match=r"cannot be imported: .*pip install 'factorial-tokens\[redis\]'"
+    ):
+        store_from_url("redis://127.0.0.1:1/0")
+
+
+def test_url_options() -> None:
+    options, rest = url_options(
+        "x://h/db?poll=0.5&on=yes&mode=FULL&sslmode=require",
+        {"poll": seconds, "on": flag, "mode": choice("normal", "full")},
+        store="x",
+        rest=True,
+        rename={"poll": "poll_interval"},
+    )
+    assert options == {"poll_interval": 0.5, "on": True, "mode": "full"}
+    assert rest == "x://h/db?sslmode=require"
+    with pytest.raises(ConfigurationError, match=r"unknown x store option 'sslmode' \(known: on, poll\)"):
+        url_options("x://h?sslmode=1", {"poll": seconds, "on": flag}, store="x")
+    for bad, message in (("poll=soon", "number of seconds"), ("on=maybe", "true or false")):
+        with pytest.raises(ConfigurationError, match=message):
+            url_options(f"x://h?{bad}", {"poll": seconds, "on": flag}, store="x")

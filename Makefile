@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements-dev.txt $(wildcard stores/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e . $(foreach d,$(wildcard stores/*/pyproject.toml),-e $(dir $(d))) -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -e ".[cli]" $(foreach d,$(wildcard stores/*/pyproject.toml),-e $(dir $(d))) -r requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from factorial_tokens import MemoryStore, Telemetry, TokenManager
+from factorial_tokens import MemoryStore, TokenManager
+from factorial_tokens.telemetry import Telemetry
 
 from .common import app_for, connect_tenants, median, new_client_id, strict_sim
 

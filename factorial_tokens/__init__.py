@@ -1,6 +1,7 @@
 """factorial-tokens: keep Factorial HR OAuth tokens valid for many companies at once,
 across many worker processes and hosts, without ever breaking a company's grant."""
 
+from . import _errors
 from ._client import TenantSession
 from ._codec import JsonCodec, PayloadCodec
 from ._errors import (
@@ -29,9 +30,8 @@ from ._health import Health
 from ._keepalive import KeepAliveReport
 from ._manager import CallbackResult, TenantInfo, TokenManager
 from ._memory import MemoryStore
-from ._models import Credentials, FactorialApp, TokenSet, fingerprint, validate_tenant
+from ._models import Credentials, FactorialApp, TokenSet
 from ._sealing import Keyring, SealedCodec, rekey
-from ._serve import ConnectCheck, connect_app
 from ._sqlite import SQLiteStore
 from ._store import (
     CLAIM_RETENTION,
@@ -52,9 +52,14 @@ from ._store import (
     hold_digest,
     store_from_url,
 )
-from ._telemetry import Telemetry, TenantCounts
 
 __version__ = "0.1.0"
+
+# Errors read as ``factorial_tokens.InvalidState`` in tracebacks and reprs, where users
+# import them from (as httpx does); pickling finds them here too.
+for _name in _errors.__all__:
+    getattr(_errors, _name).__module__ = __name__
+del _name
 
 __all__ = [
     "CLAIM_RETENTION",
@@ -67,7 +72,6 @@ __all__ = [
     "CodeReused",
     "CompanyMismatch",
     "ConfigurationError",
-    "ConnectCheck",
     "Credentials",
     "EventKind",
     "ExchangeInDoubt",
@@ -96,8 +100,6 @@ __all__ = [
     "StateReused",
     "Store",
     "StoreUnavailable",
-    "Telemetry",
-    "TenantCounts",
     "TenantInfo",
     "TenantKey",
     "TenantNotConnected",
@@ -111,10 +113,7 @@ __all__ = [
     "TokenSet",
     "Update",
     "Watch",
-    "connect_app",
-    "fingerprint",
     "hold_digest",
     "rekey",
     "store_from_url",
-    "validate_tenant",
 ]

@@ -38,9 +38,9 @@ from factorial_tokens import (
     TokenManager,
     TokenSet,
     Update,
-    fingerprint,
     store_from_url,
 )
+from factorial_tokens._models import fingerprint
 from factorial_tokens.testing import CountingStore
 
 API_PATH = "/api/2026-01-01/resources/employees/employees"

@@ -483,7 +483,7 @@ async def test_connect_pages_hold_no_secret_and_never_redirect_elsewhere(
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from factorial_tokens._serve import connect_app
+    from factorial_tokens.web import connect_app
 
     ring = Keyring.generate("k1")
     store = SQLiteStore(tmp_path / "tokens.db")
@@ -558,7 +558,7 @@ def test_cli_output_holds_no_secret_but_token(
 
     from click.testing import CliRunner
 
-    from factorial_tokens._cli import main
+    from factorial_tokens.cli._commands import main
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.delenv("FACTORIAL_TOKENS_KEYS", raising=False)

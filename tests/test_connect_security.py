@@ -37,9 +37,9 @@ from factorial_tokens import (
     TokenManager,
     TokenSealError,
     Update,
-    validate_tenant,
 )
 from factorial_tokens._codec import JsonCodec
+from factorial_tokens._models import validate_tenant
 from factorial_tokens._sqlite import SQLiteStore
 from factorial_tokens._state import LinkSigner
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault

@@ -22,10 +22,10 @@ from factorial_tokens import (
     ReauthorizationRequired,
     RefreshTimeout,
     SQLiteStore,
-    Telemetry,
     TokenEvent,
     TokenManager,
 )
+from factorial_tokens.telemetry import Telemetry
 from factorial_tokens.testing import CountingStore, Fault
 
 from .conftest import CLIENT_SECRET, SimFactory, app_for

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from ._manager import TenantInfo, TokenManager
+    from .._manager import TenantInfo, TokenManager
 
 __all__: list[str] = []
 

@@ -29,7 +29,7 @@ DISTS = {
 }
 LUA = sorted(p.name for p in (ROOT / "stores/redis/factorial_tokens_redis/lua").glob("*.lua"))
 REQUIRED = {
-    "factorial_tokens": ["py.typed", "sync.py", "httpx.py", "requests.py", "testing/_fake.py"],
+    "factorial_tokens": ["py.typed", "sync.py", "httpx.py", "requests.py", "testing/_server.py"],
     "factorial_tokens_redis": ["py.typed", *(f"lua/{name}" for name in LUA)],
     "factorial_tokens_postgres": ["py.typed", "_schema.py"],
 }

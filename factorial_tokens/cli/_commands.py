@@ -909,7 +909,7 @@ SIM_REDIRECT_URI = "http://127.0.0.1:8000/oauth/callback"
 
 def _fault(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, int, str]]:
     from ..testing import Fault
-    from ..testing._fake import ENDPOINTS
+    from ..testing._faults import ENDPOINTS
 
     faults = []
     for value in values:

@@ -25,8 +25,8 @@ def main() -> None:
     missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
     if missing:
         print(
-            f"factorial-tokens: the command line needs {' and '.join(missing)}, "
-            f"which are not installed: {INSTALL_HINT}",
+            f"factorial-tokens: the command line needs click and rich ({' and '.join(missing)} "
+            f"not installed): {INSTALL_HINT}",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   the main job: the demo on the embedded default store
-#   make test   lint, type-check and the whole test suite (starts Redis/Postgres if needed)
+#   make test   lint (ruff, the import layers), type-check and the whole test suite (starts Redis/Postgres if needed)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements-dev.txt $(wildcard stores/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e . $(foreach d,$(wildcard stores/*/pyproject.toml),-e $(dir $(d))) -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -e ".[cli]" $(foreach d,$(wildcard stores/*/pyproject.toml),-e $(dir $(d))) -r requirements-dev.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +20,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy factorial_tokens $(filter-out %.egg-info,$(wildcard stores/*/factorial_tokens_*))

@@ -21,8 +21,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from factorial_tokens import Telemetry, TokenManager
+from factorial_tokens import TokenManager
 from factorial_tokens.store import MemoryStore
+from factorial_tokens.telemetry import Telemetry
 
 from .common import app_for, connect_tenants, median, new_client_id, strict_sim
 

@@ -1,6 +1,7 @@
 """factorial-tokens: keep Factorial HR OAuth tokens valid for many companies at once,
 across many worker processes and hosts, without ever breaking a company's grant."""
 
+from . import _errors
 from ._client import TenantSession
 from ._errors import (
     AuthorizationDenied,
@@ -27,19 +28,15 @@ from ._events import EventKind, TokenEvent
 from ._health import Health
 from ._keepalive import KeepAliveReport
 from ._manager import TokenManager
-from ._models import (
-    CallbackResult,
-    Credentials,
-    FactorialApp,
-    TenantInfo,
-    TokenSet,
-    fingerprint,
-    validate_tenant,
-)
-from ._serve import ConnectCheck, connect_app
-from ._telemetry import Telemetry, TenantCounts
+from ._models import CallbackResult, Credentials, FactorialApp, TenantInfo, TokenSet
 from ._version import __version__ as __version__
 from .sealing import Keyring
+
+# Errors read as ``factorial_tokens.InvalidState`` in tracebacks and reprs, where users
+# import them from (as httpx does); pickling finds them here too.
+for _name in _errors.__all__:
+    getattr(_errors, _name).__module__ = __name__
+del _name
 
 __all__ = [
     "AuthorizationDenied",
@@ -47,7 +44,6 @@ __all__ = [
     "CodeReused",
     "CompanyMismatch",
     "ConfigurationError",
-    "ConnectCheck",
     "Credentials",
     "EventKind",
     "ExchangeInDoubt",
@@ -67,8 +63,6 @@ __all__ = [
     "RotationLost",
     "StateReused",
     "StoreUnavailable",
-    "Telemetry",
-    "TenantCounts",
     "TenantInfo",
     "TenantNotConnected",
     "TenantSession",
@@ -76,7 +70,4 @@ __all__ = [
     "TokenManager",
     "TokenSealError",
     "TokenSet",
-    "connect_app",
-    "fingerprint",
-    "validate_tenant",
 ]

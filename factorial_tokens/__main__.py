@@ -1,6 +1,6 @@
-"""``python -m factorial_tokens``: the ``factorial-tokens`` command."""
+"""``python -m factorial_tokens``: the ``factorial-tokens`` command (extra ``cli``)."""
 
-from factorial_tokens._cli import main
+from factorial_tokens.cli import main
 
 if __name__ == "__main__":
     main()

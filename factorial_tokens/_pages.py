@@ -1,8 +1,8 @@
 """What the connect routes answer, whatever the web framework: the small HTML pages, their
 security headers, the browser-binding cookie, and the page for each callback failure.
 
-Framework adapters (``factorial_tokens.starlette``) render these; the callback's checks
-themselves live in :meth:`TokenManager.complete_callback`.
+The route steps (``_connect``) answer with these, whatever the framework; the callback's
+checks themselves live in :meth:`TokenManager.complete_callback`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Install with ``pip install "factorial-tokens[starlette]"``::
     api.mount("/factorial", connect_app(tm, prefix="/factorial"))
     link = tm.connect_link("acme", base_url="https://example.com/factorial")
 
-The routes are those of the aiohttp :func:`~factorial_tokens.connect_app`, on the same
-framework-neutral :meth:`~factorial_tokens.TokenManager.complete_callback`:
+The routes are those of the aiohttp :func:`factorial_tokens.web.connect_app`, through the
+same framework-neutral steps and :meth:`~factorial_tokens.TokenManager.complete_callback`:
 
 * ``GET /connect/{tenant}?link=...`` checks the signed connect link (403 without one),
   sets an HttpOnly, SameSite=Lax cookie that binds the flow to this browser, and answers
@@ -25,31 +25,18 @@ per-request check (your own sign-in).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from ._errors import (
-    ConfigurationError,
-    FactorialTokensError,
-    InvalidState,
-    InvalidTenant,
-    ProviderError,
-    RefreshTimeout,
-    StoreUnavailable,
-)
+from ._connect import Answer, ConnectFlow, callback_path
 from ._manager import TokenManager
-from ._models import validate_tenant
-from ._pages import BINDING_COOKIE, PAGE_HEADERS, callback_failure, page_html, valid_binding
-from ._serve import callback_path
+from ._pages import BINDING_COOKIE
 
 __all__ = ["StarletteConnectCheck", "connect_app", "lifespan"]
 
@@ -95,113 +82,42 @@ def connect_app(
     Raises ConfigurationError if the redirect URI does not fit ``prefix``, or if
     ``success_url`` is not an absolute http(s) URL.
     """
-    if success_url is not None:
-        parts = urlsplit(success_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigurationError("success_url must be an absolute http(s) URL")
-    routes = _Routes(manager, allow, open_routes, success_url, prefix)
+    flow: ConnectFlow[Request] = ConnectFlow(
+        manager, allow=allow, open_routes=open_routes, success_url=success_url, prefix=prefix, log=log
+    )
+
+    async def connect(request: Request) -> Response:
+        return _response(
+            await flow.connect(
+                request,
+                request.path_params["tenant"],
+                request.query_params,
+                request.cookies.get(BINDING_COOKIE),
+                request.url.scheme == "https",
+            )
+        )
+
+    async def callback(request: Request) -> Response:
+        return _response(
+            await flow.callback(request, request.query_params, request.cookies.get(BINDING_COOKIE))
+        )
+
     return Starlette(
         routes=[
-            Route("/connect/{tenant}", routes.connect, methods=["GET"]),
-            Route(callback_path(manager.app.redirect_uri, prefix), routes.callback, methods=["GET"]),
+            Route("/connect/{tenant}", connect, methods=["GET"]),
+            Route(callback_path(manager.app.redirect_uri, prefix), callback, methods=["GET"]),
         ]
     )
 
 
-def _page(status: int, title: str, message: str) -> HTMLResponse:
-    return HTMLResponse(page_html(title, message), status_code=status, headers=PAGE_HEADERS)
-
-
-class _Routes:
-    def __init__(
-        self,
-        manager: TokenManager,
-        allow: StarletteConnectCheck | None,
-        open_routes: bool,
-        success_url: str | None,
-        prefix: str,
-    ) -> None:
-        self._tm = manager
-        self._allow = allow
-        self._open = open_routes
-        self._success_url = success_url
-        self._cookie_path = prefix.rstrip("/") + "/"
-        self._secure = urlsplit(manager.app.redirect_uri).scheme == "https"
-
-    async def _allowed(self, request: Request, tenant: str) -> bool:
-        if self._allow is None:
-            return True
-        verdict = self._allow(request, tenant)
-        if inspect.isawaitable(verdict):
-            verdict = await verdict
-        return bool(verdict)
-
-    async def connect(self, request: Request) -> Response:
-        """Check the link, bind the browser, 302 to Factorial's authorize URL."""
-        try:
-            tenant = validate_tenant(request.path_params["tenant"])
-        except InvalidTenant as exc:
-            return _page(400, "Invalid tenant", str(exc))
-        if not self._open:
-            try:
-                self._tm.check_connect_link(request.query_params.get("link"), tenant)
-            except InvalidState as exc:
-                return _page(
-                    403,
-                    "Connect link required",
-                    f"Connecting {tenant!r} needs a valid connect link ({exc}); ask for a new one.",
-                )
-        if not await self._allowed(request, tenant):
-            return _page(404, "Unknown tenant", f"No tenant {tenant!r} may be connected here.")
-        company = request.query_params.get("company", "") in ("1", "true", "yes")
-        binding = valid_binding(request.cookies.get(BINDING_COOKIE)) or secrets.token_urlsafe(32)
-        # The target is built from the app's configured base URL only, never from the request.
-        location = self._tm.authorization_url(tenant, company=company, binding=binding)
-        response = RedirectResponse(location, status_code=302, headers=PAGE_HEADERS)
+def _response(answer: Answer) -> Response:
+    response: Response
+    if answer.html is None:
+        response = Response(status_code=answer.status, headers=dict(answer.headers))
+    else:
+        response = HTMLResponse(answer.html, status_code=answer.status, headers=dict(answer.headers))
+    if answer.cookie is not None:
         response.set_cookie(
-            BINDING_COOKIE,
-            binding,
-            max_age=int(self._tm.state_ttl),
-            path=self._cookie_path,
-            httponly=True,
-            samesite="lax",
-            secure=self._secure or request.url.scheme == "https",
+            answer.cookie.name, answer.cookie.value, samesite="lax", **answer.cookie.options()
         )
-        return response
-
-    async def callback(self, request: Request) -> Response:
-        """Hand the callback to the manager; answer a success or error page."""
-        query = request.query_params
-        state = query.get("state")
-        if not state:
-            return _page(400, "Connection failed", "The callback has no state: start the connection again.")
-        try:
-            tenant = self._tm.tenant_from_state(state)
-        except InvalidState as exc:
-            return _page(400, "Connection failed", f"{exc}.")
-        if not await self._allowed(request, tenant):
-            return _page(404, "Unknown tenant", f"No tenant {tenant!r} may be connected here.")
-        binding = valid_binding(request.cookies.get(BINDING_COOKIE))
-        if binding is None and not self._open:
-            return _page(
-                400,
-                "Connection failed",
-                f"This connection of {tenant!r} was not started in this browser (its cookie is "
-                "missing): open the connect link again in this browser.",
-            )
-        try:
-            result = await self._tm.complete_callback(
-                state=state, code=query.get("code"), error=query.get("error"), binding=binding
-            )
-        except FactorialTokensError as exc:
-            if isinstance(exc, StoreUnavailable | RefreshTimeout):
-                log.warning("tenant %r: code exchange failed on the token store: %s", tenant, exc)
-            elif isinstance(exc, ProviderError):
-                log.warning("tenant %r: code exchange refused: %s", tenant, exc.error)
-            return _page(*callback_failure(exc, tenant))
-        if self._success_url is not None:
-            target = self._success_url.replace("{tenant}", quote(result.tenant, safe=""))
-            return Response(status_code=303, headers={**PAGE_HEADERS, "Location": target})
-        return _page(
-            200, "Connected", f"Tenant {result.tenant!r} is connected to Factorial. You can close this page."
-        )
+    return response

@@ -32,8 +32,8 @@ from factorial_tokens import (
     ReauthorizationRequired,
     TokenManager,
     TokenSet,
-    fingerprint,
 )
+from factorial_tokens._models import fingerprint
 from factorial_tokens.store import Acquisition, Lease, Record, Store, TenantKey, Update, store_from_url
 from factorial_tokens.testing import CountingStore
 

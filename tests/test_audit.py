@@ -58,7 +58,7 @@ BUDGETS = {"lease_ttl": 3.0, "provider_timeout": 1.0, "refresh_deadline": 2.0}
 
 def issued_secrets(sim: FakeFactorial) -> set[str]:
     """Every access token, refresh token and code the simulator ever issued."""
-    found = set(sim._by_access) | {r for r in sim._by_refresh if r} | set(sim._codes)
+    found = sim.secrets_issued()
     assert found, "the simulator issued nothing: the audit would prove nothing"
     return found
 
@@ -478,7 +478,7 @@ async def test_connect_pages_hold_no_secret_and_never_redirect_elsewhere(
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from factorial_tokens._serve import connect_app
+    from factorial_tokens.web import connect_app
 
     ring = Keyring.generate("k1")
     store = SQLiteStore(tmp_path / "tokens.db")
@@ -553,7 +553,7 @@ def test_cli_output_holds_no_secret_but_token(
 
     from click.testing import CliRunner
 
-    from factorial_tokens._cli import main
+    from factorial_tokens.cli._commands import main
 
     caplog.set_level(logging.DEBUG)
     monkeypatch.delenv("FACTORIAL_TOKENS_KEYS", raising=False)
@@ -614,7 +614,7 @@ def test_cli_output_holds_no_secret_but_token(
         cli("refresh", "acme", code=6)  # a wrong key: a seal error, no token printed
         runner.env = env
         printed = runner.invoke(main, ["token", "acme"])  # the one command that prints a token
-        assert printed.exit_code == 0 and printed.stdout.strip() in sim._by_access
+        assert printed.exit_code == 0 and printed.stdout.strip() in sim.secrets_issued()
         assert sim.is_active(printed.stdout.strip())
         cli("revoke", "acme")
         cli("token", "acme", code=3)

@@ -29,9 +29,9 @@ import pytest
 from click.testing import CliRunner
 
 from factorial_tokens import ReauthorizationRequired, TokenManager
-from factorial_tokens._cli import EXIT_CODES, main
 from factorial_tokens._keepalive import keep_alive_pass, threshold
 from factorial_tokens._state import StateSigner
+from factorial_tokens.cli._commands import EXIT_CODES, main
 from factorial_tokens.store import MemoryStore, TenantKey, Update, store_from_url
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
@@ -455,9 +455,25 @@ def test_demo_refuses_a_store_workers_cannot_share(env: dict[str, str]) -> None:
     assert done.returncode == 2 and "memory://" in done.stderr
 
 
+@pytest.mark.parametrize("blocked", [("click",), ("rich",), ("click", "rich")])
+def test_without_the_cli_extra_the_command_says_what_to_install(blocked: tuple[str, ...]) -> None:
+    # A missing dependency, simulated: a None entry in sys.modules makes its import fail.
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        "from factorial_tokens.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "status"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "pip install 'factorial-tokens[cli]'" in done.stderr
+    assert all(name in done.stderr for name in blocked)
+    assert "Traceback" not in done.stderr
+
+
 def test_the_demo_verdict_can_fail() -> None:
     """The judge flags each broken guarantee (so a green demo means something)."""
-    from factorial_tokens._demo import DemoConfig, _judge
+    from factorial_tokens.cli.demo import DemoConfig, judge
     from factorial_tokens.testing import SimulatorStats
 
     config = DemoConfig(tenants=2, workers=1, tasks=1, duration=4)
@@ -472,14 +488,14 @@ def test_the_demo_verdict_can_fail() -> None:
     }
     healthy = SimulatorStats(exchanges=2, exchange_attempts=2, refresh_attempts=3, refreshes=3)
     infos: list[Any] = []
-    result = _judge(
+    result = judge(
         config, ["acme", "globex"], 4, 4, {}, {"done": {0: worker}, "crashed": {}}, infos, healthy, "x"
     )
     assert set(result.broken) == {"zero 401 seen by callers", "zero tenants needing re-authorization"}
     racy = SimulatorStats(
         exchanges=2, exchange_attempts=2, refresh_attempts=5, refreshes=4, invalid_grant=1, families_revoked=1
     )
-    result = _judge(
+    result = judge(
         config, ["acme", "globex"], 4, 3, {}, {"done": {}, "crashed": {0: "killed"}}, infos, racy, "x"
     )
     assert {

@@ -32,8 +32,8 @@ from factorial_tokens import (
     TokenEvent,
     TokenManager,
     TokenSealError,
-    validate_tenant,
 )
+from factorial_tokens._models import validate_tenant
 from factorial_tokens._state import LinkSigner
 from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.store import Acquisition, MemoryStore, Record, TenantKey, Update

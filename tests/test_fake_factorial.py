@@ -16,13 +16,8 @@ import aiohttp
 import attrs
 import pytest
 
-from factorial_tokens.testing._fake import (
-    AuthorizationRejected,
-    FakeFactorial,
-    Fault,
-    RefreshMode,
-    SimulatorStats,
-)
+from factorial_tokens.testing import FakeFactorial, Fault, RefreshMode, SimulatorStats
+from factorial_tokens.testing._server import AuthorizationRejected
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from factorial_tokens import ManagerClosed, ReauthorizationRequired, TokenManager
 from factorial_tokens._logs import FIELDS, JsonFormatter
-from factorial_tokens._ops import add_ops_routes, prometheus_exporter
 from factorial_tokens.store import MemoryStore
 from factorial_tokens.testing import FakeFactorial
+from factorial_tokens.web import add_ops_routes, prometheus_exporter
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
 from .redis_server import RedisServer

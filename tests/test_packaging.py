@@ -29,7 +29,7 @@ DISTS = {
 }
 LUA = sorted(p.name for p in (ROOT / "stores/redis/factorial_tokens_redis/lua").glob("*.lua"))
 REQUIRED = {
-    "factorial_tokens": ["py.typed", "sync.py", "httpx.py", "requests.py", "testing/_fake.py"],
+    "factorial_tokens": ["py.typed", "sync.py", "httpx.py", "requests.py", "testing/_server.py"],
     "factorial_tokens_redis": ["py.typed", *(f"lua/{name}" for name in LUA)],
     "factorial_tokens_postgres": ["py.typed", "_schema.py"],
 }
@@ -123,8 +123,9 @@ def test_the_wheels_install_into_a_fresh_virtualenv(dist: Path, tmp_path: Path) 
 
 def test_the_readme_install_lines_name_the_checkouts_projects() -> None:
     readme = (ROOT / "README.md").read_text()
-    line = next(x for x in readme.splitlines() if x.startswith("pip install -e ."))
-    folders = [word for word in line.split()[2:] if word != "-e"]
+    line = next(x for x in readme.splitlines() if x.startswith("pip install -e "))
+    # "-e '.[cli]'": the folder without its extras
+    folders = [word.strip("'\"").split("[")[0] for word in line.split()[2:] if word != "-e"]
     assert folders and set(folders) <= set(DISTS), folders
     for folder in folders:
         assert (ROOT / folder / "pyproject.toml").is_file()

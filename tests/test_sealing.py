@@ -576,7 +576,7 @@ async def test_rekey_leaves_what_it_cannot_open_intact(backend: Backend, sim: Fa
 def test_cli_keys_only_where_told_keygen_and_rekey(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from factorial_tokens._cli import main
+    from factorial_tokens.cli._commands import main
 
     from .conftest import CLIENT_SECRET, REDIRECT_URI
 

@@ -18,9 +18,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from factorial_tokens import ConfigurationError, FactorialApp, TokenManager
-from factorial_tokens._serve import COOKIE, AccessLogger, callback_path, connect_app
 from factorial_tokens._state import LinkSigner, StateSigner
 from factorial_tokens.testing import FakeFactorial, Fault
+from factorial_tokens.web import COOKIE, AccessLogger, callback_path, connect_app
 
 from .conftest import CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
 

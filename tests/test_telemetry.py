@@ -20,11 +20,11 @@ from factorial_tokens import (
     EventKind,
     ReauthorizationRequired,
     RefreshTimeout,
-    Telemetry,
     TokenEvent,
     TokenManager,
 )
 from factorial_tokens.store import MemoryStore, SQLiteStore
+from factorial_tokens.telemetry import Telemetry
 from factorial_tokens.testing import CountingStore, Fault
 
 from .conftest import CLIENT_SECRET, SimFactory, app_for

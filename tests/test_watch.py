@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from factorial_tokens import TenantInfo
-from factorial_tokens._watch import Tracker
+from factorial_tokens.cli._watch import Tracker
 from factorial_tokens.store import TenantStatus
 from factorial_tokens.testing import FakeFactorial
 

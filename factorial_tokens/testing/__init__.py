@@ -3,7 +3,11 @@ conformance suite any store (a third party's too) can run."""
 
 from ._conformance import HOSTILE_TENANTS, StoreConformance
 from ._counting import CountingStore
-from ._fake import Dialect, FakeFactorial, Fault, RefreshMode, SimulatorStats
+from ._faults import Fault
+from ._rules import RefreshMode
+from ._server import FakeFactorial
+from ._stats import SimulatorStats
+from ._wire import Dialect
 
 __all__ = [
     "HOSTILE_TENANTS",

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from ._manager import TokenManager
-    from ._models import TenantInfo
+    from .._manager import TokenManager
+    from .._models import TenantInfo
 
 __all__: list[str] = []
 

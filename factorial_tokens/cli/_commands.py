@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import click
 from aiohttp import web
 
-from ._errors import (
+from .._errors import (
     ConfigurationError,
     FactorialTokensError,
     InvalidCallback,
@@ -39,10 +39,10 @@ from ._errors import (
     TenantNotConnected,
     TokenSealError,
 )
-from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
-from ._manager import TokenManager
-from ._models import FactorialApp, validate_tenant
-from .sealing import Keyring
+from .._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
+from .._manager import TokenManager
+from .._models import FactorialApp, validate_tenant
+from ..sealing import Keyring
 
 # The command line is the interface; nothing here is part of the library's API.
 __all__: list[str] = []
@@ -229,7 +229,7 @@ class Config:
         commands report it instead of creating it."""
         if urlsplit(self.store).scheme.lower() != "sqlite":
             return None
-        from .store import SQLiteStore
+        from ..store import SQLiteStore
 
         path = SQLiteStore.from_url(self.store).path
         return None if os.path.exists(path) else path
@@ -370,7 +370,7 @@ def _use_log_format(log_format: str) -> None:
     """Switch the root handlers to JSON lines when asked."""
     if log_format != "json":
         return
-    from ._logs import JsonFormatter
+    from .._logs import JsonFormatter
 
     for handler in logging.getLogger().handlers:
         handler.setFormatter(JsonFormatter())
@@ -438,7 +438,7 @@ def demo(
     """
     from rich.console import Console
 
-    from ._demo import DemoConfig, render, run_demo
+    from .demo import DemoConfig, render, run_demo
 
     if store:
         password = _password(store)
@@ -719,8 +719,7 @@ def serve(
     flow to the admin's browser with a cookie; the callback refuses any other browser,
     and a tenant already connected refuses another company.
     """
-    from ._ops import add_ops_routes, prometheus_exporter
-    from ._serve import AccessLogger, callback_path, connect_app
+    from ..web import AccessLogger, add_ops_routes, callback_path, connect_app, prometheus_exporter
 
     _use_log_format(log_format)
     allow = None if not allowed else (lambda _request, tenant: tenant in set(allowed))
@@ -909,8 +908,8 @@ SIM_REDIRECT_URI = "http://127.0.0.1:8000/oauth/callback"
 
 
 def _fault(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, int, str]]:
-    from .testing import Fault
-    from .testing._fake import ENDPOINTS
+    from ..testing import Fault
+    from ..testing._faults import ENDPOINTS
 
     faults = []
     for value in values:
@@ -997,7 +996,7 @@ def simulate(
     strict rules of FakeFactorial. Point your app or `factorial-tokens serve` at it with
     FACTORIAL_BASE_URL. State lives in memory: a restart forgets every grant.
     """
-    from .testing import FakeFactorial, Fault, RefreshMode
+    from ..testing import FakeFactorial, Fault, RefreshMode
 
     try:
         sim = FakeFactorial(

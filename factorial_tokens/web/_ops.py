@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ._errors import FactorialTokensError
-from ._telemetry import Telemetry
+from .._errors import FactorialTokensError
+from .._telemetry import Telemetry
 
 if TYPE_CHECKING:
-    from ._manager import TokenManager
+    from .._manager import TokenManager
 
-__all__: list[str] = []
+__all__ = ["MetricsRenderer", "add_ops_routes", "prometheus_exporter"]
 
 #: Renders the metrics in Prometheus' text format: ``(body, content type)``.
 MetricsRenderer = Callable[[], tuple[bytes, str]]

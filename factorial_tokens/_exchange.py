@@ -27,6 +27,7 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._models import TokenSet, validate_tenant
+from ._secret import SIGNING_PREFIX
 from .store import ClaimState, CodeClaim, Record, TenantKey, acquire_within
 
 log = logging.getLogger("factorial_tokens")
@@ -40,7 +41,13 @@ _CONNECT_TURN = "/connect-turn"
 
 def check_code(code: object) -> str:
     """``code`` if it looks like an authorization code; raise InvalidCallback otherwise."""
-    if not isinstance(code, str) or not code or len(code) > _MAX_CODE or not code.isprintable():
+    if (
+        not isinstance(code, str)
+        or not code
+        or len(code) > _MAX_CODE
+        or not code.isprintable()
+        or code.startswith(SIGNING_PREFIX)  # its hash would be a signing key (see _secret)
+    ):
         raise InvalidCallback("the authorization code is missing or malformed")
     return code
 

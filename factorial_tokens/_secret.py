@@ -12,7 +12,12 @@ import hmac
 
 from ._models import FactorialApp
 
-__all__: list[str] = []
+__all__ = ["SIGNING_PREFIX"]
+
+#: Every signing key's message starts with this. A code is hashed as it is (so claims keep
+#: their names across releases during a rolling deploy), so a code with this prefix is
+#: refused: its hash would be a signing key, stored as the code's claim name.
+SIGNING_PREFIX = "factorial-tokens/"
 
 
 class AppSecret:
@@ -32,11 +37,13 @@ class AppSecret:
 
     def signing_key(self, purpose: bytes) -> bytes:
         """The key that signs values of ``purpose`` (``b"state"``, ``b"connect-link"``)."""
-        return self._mac(b"factorial-tokens/" + purpose + b"/v1/" + self._client_id)
+        return self._mac(SIGNING_PREFIX.encode() + purpose + b"/v1/" + self._client_id)
 
     def code_hash(self, code: str) -> str:
         """The name an authorization code is claimed under in the store (hex): the code
-        itself never reaches the store."""
+        itself never reaches the store. A code in the signing keys' namespace is refused."""
+        if code.startswith(SIGNING_PREFIX):
+            raise ValueError("an authorization code may not start with the signing prefix")
         return self._mac(code.encode()).hex()
 
     def code_binding(self, code: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import platform
@@ -26,6 +27,7 @@ def machine(note: str) -> dict[str, Any]:
         "cpu": model,
         "python": f"{platform.python_implementation()} {sys.version.split()[0]}",
         "platform": platform.platform(),
+        "redis_parser": "hiredis" if importlib.util.find_spec("hiredis") else "redis-py (pure Python)",
         "loadavg_start": list(os.getloadavg()),
         "note": note,
     }
@@ -415,7 +417,8 @@ def render(results: dict[str, Any], block: str | None = None) -> str:
     lines = [
         f"Run {results['started']} UTC with `{results['command']}` ({results['duration_s']:.0f} s).",
         "",
-        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['python']}, {m['platform']}; load average"
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['python']}, {m['platform']}; Redis replies parsed"
+        f" by {m.get('redis_parser', 'redis-py')}; load average"
         f" {load} at start, {load_end} at end. {m['note']}".rstrip(),
         "",
     ]

@@ -23,7 +23,7 @@ import aiohttp
 
 from factorial_tokens import FactorialApp
 
-from .common import percentile
+from .common import percentile, profiled
 
 _TIMEOUT = 600.0
 
@@ -83,7 +83,8 @@ def _main(
     try:
         for barrier in barriers:  # ready, then go (the start instant is set in between)
             barrier.wait(_TIMEOUT)
-        results.put(asyncio.run(_refresh_all(app, tokens, limit, start_at.value)))
+        with profiled("bare-worker"):
+            results.put(asyncio.run(_refresh_all(app, tokens, limit, start_at.value)))
     except Exception as exc:
         results.put(f"baseline worker failed: {type(exc).__name__}: {exc}")
 

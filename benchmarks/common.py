@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import cProfile
 import math
+import os
 import secrets
 import socket
 import statistics
@@ -24,6 +26,27 @@ REDIRECT_URI = "http://127.0.0.1:8765/oauth/callback"
 
 #: Setting up tenants sends this many code exchanges at once.
 SETUP_CONCURRENCY = 64
+
+
+#: Set to a directory to profile every worker process (cProfile, one ``.prof`` file each).
+PROFILE_ENV = "FT_BENCH_PROFILE"
+
+
+@contextlib.contextmanager
+def profiled(what: str) -> Iterator[None]:
+    """Profile the block with cProfile into ``$FT_BENCH_PROFILE/<what>-<pid>.prof`` when that
+    variable names a directory; otherwise do nothing (the figures are taken unprofiled)."""
+    folder = os.environ.get(PROFILE_ENV)
+    if not folder:
+        yield
+        return
+    profile = cProfile.Profile(time.process_time)  # CPU, not wall: the load of others stays out
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        profile.dump_stats(os.path.join(folder, f"{what}-{os.getpid()}.prof"))
 
 
 def new_client_id() -> str:

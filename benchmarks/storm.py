@@ -42,7 +42,7 @@ from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from . import drivers
 from .baseline import BareResult, bare_refresh
-from .common import app_for, median, mint_expired_tenants, new_client_id, percentile, strict_sim
+from .common import app_for, median, mint_expired_tenants, new_client_id, percentile, profiled, strict_sim
 from .drivers import FACTORIAL, Getter, Place
 from .stores import STORES
 
@@ -285,7 +285,8 @@ def _worker_main(
 ) -> None:
     """Entry point of a worker process."""
     try:
-        asyncio.run(_worker(args, barriers, start_at, results))
+        with profiled("storm-worker"):
+            asyncio.run(_worker(args, barriers, start_at, results))
     except Exception as exc:  # tell the parent instead of leaving it at a barrier
         results.put(f"worker failed: {type(exc).__name__}: {exc}")
         for barrier in barriers:

@@ -116,6 +116,11 @@ class Core:
         self._cache.pop(tenant, None)
 
     def _remember(self, tenant: str, entry: Entry) -> Entry:
+        """Cache ``entry`` and return it; but a read sent before a refresh landed may
+        answer after it: a newer cached entry (versions only grow) stays and is returned."""
+        cached = self._cache.get(tenant)
+        if cached is not None and cached.version > entry.version:
+            return cached
         self._cache[tenant] = entry
         self._digests.setdefault(self._key(tenant).digest, tenant)
         return entry

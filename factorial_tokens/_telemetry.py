@@ -126,8 +126,14 @@ class TenantCounts:
 class _Instruments:
     """The instruments of one meter provider (created once, shared by its managers)."""
 
-    def __init__(self, meter: Any, tracer: Any) -> None:
+    def __init__(self, meter: Any, tracer: Any, tracer_provider: Any) -> None:
+        from opentelemetry import trace
+
         self.tracer = tracer
+        self._trace = trace
+        # The API's proxy provider: spans go nowhere until an SDK provider is set globally.
+        self._proxied = isinstance(tracer_provider, trace.ProxyTracerProvider)
+        self._noop = isinstance(tracer_provider, trace.NoOpTracerProvider)
         self.refreshes = meter.create_counter(
             "factorial_tokens.refreshes", unit="{refresh}", description="Refreshes made under a lease."
         )
@@ -187,6 +193,16 @@ class _Instruments:
             description="Tenants in the store by status (read at most once a minute).",
         )
 
+    def tracing(self) -> bool:
+        """False while a span would record nothing (no SDK tracer provider), so none is
+        made: a no-op span still costs several microseconds per store call. Asked per
+        span, since a global provider may be set after the manager was built."""
+        if self._noop:
+            return False
+        return not (
+            self._proxied and isinstance(self._trace.get_tracer_provider(), self._trace.ProxyTracerProvider)
+        )
+
     def _observe_cache(self, options: Any) -> Iterator[Any]:
         from opentelemetry.metrics import Observation
 
@@ -229,7 +245,7 @@ def _instruments(config: Telemetry) -> _Instruments | None:
     if cached is None or cached[0] is not tracer_provider:
         meter = meter_provider.get_meter(METER_NAME, __version__)
         tracer = tracer_provider.get_tracer(METER_NAME, __version__)
-        cached = (tracer_provider, _Instruments(meter, tracer))
+        cached = (tracer_provider, _Instruments(meter, tracer, tracer_provider))
         by_tracer[id(tracer_provider)] = cached
     return cached[1]
 
@@ -328,7 +344,7 @@ class Observer:
     def _span(
         self, name: str, tenant: str | None, **attributes: str
     ) -> contextlib.AbstractContextManager[Any]:
-        if self._inst is None:
+        if self._inst is None or not self._inst.tracing():
             return contextlib.nullcontext(None)
         attrs_: dict[str, str] = {"factorial_tokens.store": self.store, **attributes}
         if tenant is not None and self.config.tenant_ids:

@@ -558,3 +558,34 @@ async def test_more_concurrent_calls_than_connections_wait_for_one(redis_url: st
         assert all(r is not None and r.payload == b"tokens" for r in records)
     finally:
         await store.aclose()
+
+
+async def test_calls_issued_at_once_share_pipelines_each_with_its_own_reply(throwaway: RedisServer) -> None:
+    """Auto-pipelining: reads and scripts issued in one turn of the loop leave together,
+    yet each call gets its own reply; scripts the server forgot (SCRIPT FLUSH) are loaded
+    again by the fallback and run once."""
+    store = RedisStore.from_url(throwaway.url)
+    admin = aioredis.Redis.from_url(throwaway.url)
+    try:
+        keys = [TenantKey("ns", f"t{i}") for i in range(50)]
+        for key in keys:
+            await store.replace(key, _update(key.tenant.encode()))
+        await admin.script_flush()
+        sent = store._send_batch
+        batches: list[int] = []
+
+        async def counted(batch: Any) -> None:
+            batches.append(len(batch))
+            await sent(batch)
+
+        store._send_batch = counted  # type: ignore[method-assign]
+        won = await asyncio.gather(*(store.acquire(key, "owner", 30) for key in keys))
+        assert [w.record.payload if w.record else None for w in won] == [k.tenant.encode() for k in keys]
+        fences = {w.lease.fence if w.lease else None for w in won}
+        assert len(fences) == 1 and None not in fences  # each key: the same history, one lease
+        records = await asyncio.gather(*(store.read(key) for key in keys * 4))
+        assert [r.payload if r else None for r in records] == [k.tenant.encode() for k in keys * 4]
+        assert sum(batches) == 250 and len(batches) < 20
+    finally:
+        await admin.aclose()
+        await store.aclose()

@@ -200,3 +200,59 @@ async def test_a_caller_that_joined_a_background_refresh_which_gave_up_refreshes
             fresh = await waiter
         assert fresh != old.access_token and sim.is_active(fresh)
         assert sim.stats.refreshes == 1 and sim.stats.unavailable == 1
+
+
+class _HeldReads:
+    """A store whose reads, once :meth:`hold` is called, see the record when sent but
+    answer only after :meth:`answer`: a read that crosses a refresh on the wire."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        self.inner = inner
+        self.sent = asyncio.Event()
+        self._open: asyncio.Event | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def hold(self) -> None:
+        self._open = asyncio.Event()
+
+    def answer(self) -> None:
+        assert self._open is not None
+        self._open.set()
+        self._open = None
+
+    async def read(self, key: TenantKey) -> object:
+        record = await self.inner.read(key)
+        gate = self._open
+        if gate is not None:
+            self.sent.set()
+            await gate.wait()
+        return record
+
+
+async def test_a_read_answered_after_a_newer_refresh_never_brings_the_older_token_back(
+    make_sim: SimFactory,
+) -> None:
+    """The flaky wire storm's 401 after its retry: a caller's read, sent before a background
+    refresh committed and answered after it, put the older (revoked) token back in the
+    cache over the newer one; callers (a 401's retry among them) were then handed it."""
+    store = _HeldReads(MemoryStore())
+    async with make_sim(access_token_ttl=3600, latency=0.2) as sim:
+        async with TokenManager(app_for(sim), store, leeway=LEEWAY) as tm:  # type: ignore[arg-type]
+            old = await place(tm, sim, left=40)
+            sent = sim.stats.token_requests
+            assert await tm.access_token("acme") == old.access_token  # starts the background refresh
+            while sim.stats.token_requests == sent:  # ... which now waits on HTTP
+                await asyncio.sleep(0.005)
+            store.hold()
+            tm._forget_cached("acme")  # as another worker's announcement does
+            late = asyncio.create_task(tm.access_token("acme"))  # reads the old record ...
+            await store.sent.wait()
+            await settle(tm)  # ... and the refresh commits before that read answers
+            store.answer()
+            got = await late
+            new = await tm.access_token("acme")
+            assert new != old.access_token and sim.is_active(new)
+            assert got == new
+            assert sim.stats.refreshes == 1

@@ -34,8 +34,8 @@ from factorial_tokens import (
 )
 from factorial_tokens.testing import HOSTILE_TENANTS, CountingStore, FakeFactorial, StoreConformance
 
-from .conftest import SimFactory, app_for
-from .redis_server import CommandLog, RedisClusterServers, RedisServer, shared_redis_url, unique_prefix
+from ..conftest import SimFactory, app_for
+from ..redis_server import CommandLog, RedisClusterServers, RedisServer, shared_redis_url, unique_prefix
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
 from factorial_tokens import StoreUnavailable, TenantKey, TenantStatus, TokenManager, Update, store_from_url
 from factorial_tokens.testing import CountingStore, StoreConformance
 
-from . import postgres_server
-from .conftest import SimFactory, app_for
-from .pgbouncer_server import TempPgBouncer, store_url
+from .. import postgres_server
+from ..conftest import SimFactory, app_for
+from ..pgbouncer_server import TempPgBouncer, store_url
 
 POOL_SIZE = 4  # server connections PgBouncer may open to PostgreSQL
 

@@ -35,9 +35,9 @@ from factorial_tokens import (
 )
 from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, Fault, StoreConformance
 
-from . import postgres_server
-from .conftest import SimFactory, app_for
-from .postgres_server import TempCluster, store_url
+from .. import postgres_server
+from ..conftest import SimFactory, app_for
+from ..postgres_server import TempCluster, store_url
 
 
 @pytest.fixture(scope="module")

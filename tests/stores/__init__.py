@@ -20,13 +20,13 @@ def _sqlite(tmp: Path) -> str:
 
 
 def _postgres(tmp: Path) -> str:
-    from .postgres_server import store_url
+    from ..postgres_server import store_url
 
     return store_url(max_size="4")  # a fresh schema (ft_<random>), dropped at exit; never skipped
 
 
 def _redis(tmp: Path) -> str:
-    from .redis_server import store_url
+    from ..redis_server import store_url
 
     return store_url()  # a unique key prefix (ft-test-<random>), its keys deleted at exit; never skipped
 

@@ -1,15 +1,19 @@
-"""Shared fixtures: a strict FakeFactorial, an app pointed at it, a manager on it."""
+"""Shared fixtures: a strict FakeFactorial, an app pointed at it, a manager on it, and a
+fresh store of every kind in the table of stores (``tests/stores``)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from factorial_tokens import FactorialApp, TokenManager
 from factorial_tokens.testing import FakeFactorial, RefreshMode
+
+from .stores import STORES, Backend, open_backend
 
 CLIENT_ID = "app-client-id"
 CLIENT_SECRET = "app-client-secret-4f9d2b7e1c"
@@ -62,6 +66,31 @@ async def tm(app: FactorialApp) -> AsyncIterator[TokenManager]:
     """A manager on a memory store, with short budgets so failures surface fast."""
     async with TokenManager(app, "memory://", lease_ttl=6.0, provider_timeout=2.0) as manager:
         yield manager
+
+
+@pytest.fixture(params=list(STORES))
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """A fresh store of each kind in ``tests/stores.STORES``: the test runs once per kind
+    (``@pytest.mark.parametrize("backend", ["memory"], indirect=True)`` narrows it)."""
+    async with open_backend(request.param, tmp_path) as opened:
+        yield opened
+
+
+#: Modules whose module-scoped fixtures start something costly (wheel builds, a Redis Cluster,
+#: a PgBouncer): under pytest-xdist each stays on one worker, so it starts once.
+ONE_WORKER_MODULES = ("test_packaging.py", "test_redis.py", "test_pgbouncer.py", "test_postgres.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for ``make test``'s ``pytest -n N --dist loadgroup``: every ``storm`` in one
+    group, so two never run at once (each one loads both cores), and first, so the longest
+    group does not start last; see also :data:`ONE_WORKER_MODULES`."""
+    for item in items:
+        if item.get_closest_marker("storm"):
+            item.add_marker(pytest.mark.xdist_group("storms"))
+        elif item.path.name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=lambda item: item.get_closest_marker("storm") is None)
 
 
 ThreadSimFactory = Callable[..., contextlib.AbstractContextManager[FakeFactorial]]

@@ -1,9 +1,14 @@
-"""TokenManager against the strict FakeFactorial: the guarantees, proven by counting."""
+"""TokenManager against the strict FakeFactorial: the guarantees, proven by counting.
+
+Every test that touches the store runs once per store of the table (``tests/stores``); "two
+workers" are two store instances on one backend (``backend.open()``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,16 +21,32 @@ from factorial_tokens import (
     InvalidState,
     InvalidTenant,
     ManagerClosed,
-    MemoryStore,
     ReauthorizationRequired,
+    StoreUnavailable,
     TenantNotConnected,
     TenantStatus,
     TokenEvent,
     TokenManager,
+    TokenSet,
 )
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for
+from .stores import STORES, Backend
+
+#: For tests whose subject is refused before any store call: the memory store is enough.
+MEMORY_ONLY = pytest.mark.parametrize("backend", ["memory"], indirect=True)
+#: The stores with backend connections a test can kill.
+KILLABLE = pytest.mark.parametrize(
+    "backend", [name for name, kind in STORES.items() if kind.killable], indirect=True
+)
+
+
+@pytest.fixture
+async def tm(app: FactorialApp, backend: Backend) -> AsyncIterator[TokenManager]:
+    """A manager on a fresh store of each kind, with short budgets so failures surface fast."""
+    async with TokenManager(app, backend.store, lease_ttl=6.0, provider_timeout=2.0) as manager:
+        yield manager
 
 
 async def connect(tm: TokenManager, sim: FakeFactorial, tenant: str = "acme", company_id: int = 1) -> str:
@@ -41,8 +62,8 @@ async def test_exchange_then_access_token(tm: TokenManager, sim: FakeFactorial) 
     assert sim.stats.exchanges == 1 and sim.stats.refreshes == 0
 
 
-async def test_hot_path_costs_no_store_call(sim: FakeFactorial) -> None:
-    store = CountingStore(MemoryStore())
+async def test_hot_path_costs_no_store_call(sim: FakeFactorial, backend: Backend) -> None:
+    store = CountingStore(backend.store)
     async with TokenManager(app_for(sim), store) as tm:
         await connect(tm, sim)
         await tm.access_token("acme")
@@ -52,20 +73,21 @@ async def test_hot_path_costs_no_store_call(sim: FakeFactorial) -> None:
         assert store.calls.total() == 0
 
 
-async def test_miss_with_fresh_tokens_is_one_read(sim: FakeFactorial) -> None:
-    shared = MemoryStore()
-    async with TokenManager(app_for(sim), shared) as first:
+async def test_miss_with_fresh_tokens_is_one_read(sim: FakeFactorial, backend: Backend) -> None:
+    async with TokenManager(app_for(sim), backend.store) as first:
         await connect(first, sim)
-    store = CountingStore(shared)
+    store = CountingStore(backend.open())
     async with TokenManager(app_for(sim), store) as second:
         store.reset()
         await second.access_token("acme")
         assert dict(store.calls) == {"read": 1}
 
 
-async def test_500_callers_on_an_expired_tenant_cause_one_refresh(make_sim: SimFactory) -> None:
+async def test_500_callers_on_an_expired_tenant_cause_one_refresh(
+    make_sim: SimFactory, backend: Backend
+) -> None:
     async with make_sim(access_token_ttl=1) as sim:
-        store = CountingStore(MemoryStore())
+        store = CountingStore(backend.store)
         async with TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as tm:
             old = await connect(tm, sim)
             await asyncio.sleep(1.1)
@@ -88,12 +110,11 @@ async def test_200_concurrent_exchanges_of_one_code(tm: TokenManager, sim: FakeF
     assert sim.stats.invalid_grant == 0
 
 
-async def test_retried_callback_gets_the_same_tokens(sim: FakeFactorial) -> None:
-    store = MemoryStore()
+async def test_retried_callback_gets_the_same_tokens(sim: FakeFactorial, backend: Backend) -> None:
     code = sim.issue_code(company_id=7)
-    async with TokenManager(app_for(sim), store) as first:
+    async with TokenManager(app_for(sim), backend.store) as first:
         original = await first.exchange_code("acme", code)
-    async with TokenManager(app_for(sim), store) as second:  # another worker, same store
+    async with TokenManager(app_for(sim), backend.open()) as second:  # another worker, same store
         again = await second.exchange_code("acme", code)
     assert again.access_token == original.access_token
     assert sim.stats.exchanges == 1 and sim.stats.token_requests == 1
@@ -123,6 +144,7 @@ async def test_a_refused_code_gives_every_caller_the_same_error(tm: TokenManager
     assert sim.stats.token_requests == 1
 
 
+@MEMORY_ONLY
 @pytest.mark.parametrize("code", ["", "x" * 5000, "line\nbreak", None])
 async def test_malformed_codes_are_refused_before_any_request(
     tm: TokenManager, sim: FakeFactorial, code: object
@@ -141,9 +163,29 @@ async def test_forced_refresh_is_single_flight(tm: TokenManager, sim: FakeFactor
     assert await tm.access_token("acme") == results[0].access_token
 
 
-async def test_short_lifetime_is_not_refreshed_on_every_call(make_sim: SimFactory) -> None:
+@KILLABLE
+async def test_killed_store_connections_lose_nothing(
+    tm: TokenManager, sim: FakeFactorial, backend: Backend
+) -> None:
+    await connect(tm, sim)
+    assert await backend.kill_connections() >= 1
+    outcomes: list[TokenSet | StoreUnavailable] = []
+    for _ in range(2):  # the next call reconnects, or fails typed and the one after works
+        try:
+            outcomes.append(await tm.refresh("acme"))
+        except StoreUnavailable as exc:
+            outcomes.append(exc)
+    fresh = outcomes[-1]
+    assert isinstance(fresh, TokenSet) and sim.is_active(fresh.access_token)
+    assert (await tm.tokens("acme")).access_token == fresh.access_token
+    assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+
+
+async def test_short_lifetime_is_not_refreshed_on_every_call(make_sim: SimFactory, backend: Backend) -> None:
     async with make_sim(access_token_ttl=2) as sim:
-        async with TokenManager(app_for(sim), "memory://", leeway=60, lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(
+            app_for(sim), backend.store, leeway=60, lease_ttl=6, provider_timeout=2
+        ) as tm:
             await connect(tm, sim)
             for _ in range(200):
                 await tm.access_token("acme")
@@ -158,12 +200,11 @@ async def test_company_tokens_never_refresh(tm: TokenManager, sim: FakeFactorial
     assert sim.stats.refreshes == 0
 
 
-async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory) -> None:
+async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory, backend: Backend) -> None:
     async with make_sim(access_token_ttl=1, latency=0.05) as sim:
-        store = MemoryStore()
         async with (
-            TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as one,
-            TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as two,
+            TokenManager(app_for(sim), backend.store, lease_ttl=6, provider_timeout=2) as one,
+            TokenManager(app_for(sim), backend.open(), lease_ttl=6, provider_timeout=2) as two,
         ):
             await connect(one, sim)
             await two.access_token("acme")
@@ -173,11 +214,11 @@ async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory) -> N
         assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
 
 
-async def test_dead_grant_needs_reauthorization(make_sim: SimFactory) -> None:
+async def test_dead_grant_needs_reauthorization(make_sim: SimFactory, backend: Backend) -> None:
     events: list[TokenEvent] = []
     async with make_sim(access_token_ttl=1) as sim:
         async with TokenManager(
-            app_for(sim), "memory://", on_event=events.append, lease_ttl=6, provider_timeout=2
+            app_for(sim), backend.store, on_event=events.append, lease_ttl=6, provider_timeout=2
         ) as tm:
             await connect(tm, sim, company_id=5)
             sim.revoke_company(5)
@@ -199,9 +240,11 @@ async def test_dead_grant_needs_reauthorization(make_sim: SimFactory) -> None:
             assert not (await tm.tenants())[0].needs_reauthorization
 
 
-async def test_invalid_grant_after_a_newer_write_is_a_lost_race(make_sim: SimFactory) -> None:
+async def test_invalid_grant_after_a_newer_write_is_a_lost_race(
+    make_sim: SimFactory, backend: Backend
+) -> None:
     async with make_sim(access_token_ttl=1) as sim:
-        async with TokenManager(app_for(sim), "memory://", lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(app_for(sim), backend.store, lease_ttl=6, provider_timeout=2) as tm:
             await connect(tm, sim, company_id=5)
             sim.revoke_company(5)
             await asyncio.sleep(1.1)
@@ -213,9 +256,9 @@ async def test_invalid_grant_after_a_newer_write_is_a_lost_race(make_sim: SimFac
             assert not (await tm.tenants())[0].needs_reauthorization
 
 
-async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFactory) -> None:
+async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFactory, backend: Backend) -> None:
     async with make_sim(access_token_ttl=1, latency=0.4) as sim:
-        async with TokenManager(app_for(sim), "memory://", lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(app_for(sim), backend.store, lease_ttl=6, provider_timeout=2) as tm:
             await connect(tm, sim)
             await asyncio.sleep(1.2)
             waiting = asyncio.create_task(tm.access_token("acme"))
@@ -227,9 +270,9 @@ async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFacto
             assert sim.stats.refreshes == 1
 
 
-async def test_a_cancelled_exchange_still_stores_the_tokens(make_sim: SimFactory) -> None:
+async def test_a_cancelled_exchange_still_stores_the_tokens(make_sim: SimFactory, backend: Backend) -> None:
     async with make_sim(latency=0.3) as sim:
-        async with TokenManager(app_for(sim), "memory://") as tm:
+        async with TokenManager(app_for(sim), backend.store) as tm:
             exchanged = asyncio.Event()
             tm.add_listener(lambda event: exchanged.set() if event.kind is EventKind.EXCHANGED else None)
             code = sim.issue_code(company_id=1)
@@ -262,8 +305,8 @@ async def test_credentials(tm: TokenManager, sim: FakeFactorial) -> None:
     assert not owner.is_company
 
 
-async def test_credentials_ids_as_strings_in_2026_versions(sim: FakeFactorial) -> None:
-    async with TokenManager(app_for(sim, api_version="2026-01-01"), "memory://") as tm:
+async def test_credentials_ids_as_strings_in_2026_versions(sim: FakeFactorial, backend: Backend) -> None:
+    async with TokenManager(app_for(sim, api_version="2026-01-01"), backend.store) as tm:
         await tm.exchange_code("acme", sim.issue_code(company_id=42, company_token=True))
         owner = await tm.credentials("acme")
         assert owner.company_id == "42" and owner.is_company
@@ -289,15 +332,17 @@ async def test_tenants_lists_status(tm: TokenManager, sim: FakeFactorial) -> Non
     assert all(i.status is TenantStatus.ACTIVE and i.expires_at and i.expires_at > time.time() for i in infos)
 
 
-async def test_two_apps_share_one_store_safely(sim: FakeFactorial) -> None:
-    store = MemoryStore()
+async def test_two_apps_share_one_store_safely(sim: FakeFactorial, backend: Backend) -> None:
     other_app = FactorialApp(
         client_id="demo-app",
         client_secret="other-secret",
         redirect_uri="http://127.0.0.1/cb",
         base_url=sim.base_url,
     )
-    async with TokenManager(app_for(sim), store) as prod, TokenManager(other_app, store) as demo:
+    async with (
+        TokenManager(app_for(sim), backend.store) as prod,
+        TokenManager(other_app, backend.open()) as demo,
+    ):
         await connect(prod, sim)
         with pytest.raises(TenantNotConnected):
             await demo.access_token("acme")
@@ -355,6 +400,7 @@ def test_company_authorization_url(app: FactorialApp) -> None:
     assert "resource_owner_type=company" in url and "scope=read" in url and "response_type=code" in url
 
 
+@MEMORY_ONLY
 @pytest.mark.parametrize("tenant", ["", "x" * 201, "new\nline", "nul\x00", "\ud800", 42, None])
 async def test_hostile_tenant_ids_are_refused(tm: TokenManager, tenant: object) -> None:
     with pytest.raises(InvalidTenant):
@@ -392,8 +438,10 @@ def test_unknown_store_scheme_names_the_package(app: FactorialApp) -> None:
         TokenManager(app, "just-a-path")
 
 
-async def test_a_closed_manager_refuses_reuse(app: FactorialApp, sim: FakeFactorial) -> None:
-    tm = TokenManager(app, "memory://")
+async def test_a_closed_manager_refuses_reuse(
+    app: FactorialApp, sim: FakeFactorial, backend: Backend
+) -> None:
+    tm = TokenManager(app, backend.url)  # a store instance of its own, closed with the manager
     async with tm:
         await connect(tm, sim)
     with pytest.raises(ManagerClosed):
@@ -403,9 +451,9 @@ async def test_a_closed_manager_refuses_reuse(app: FactorialApp, sim: FakeFactor
     await tm.aclose()  # idempotent
 
 
-async def test_revoke_on_first_use_mode_keeps_one_live_pair(make_sim: SimFactory) -> None:
+async def test_revoke_on_first_use_mode_keeps_one_live_pair(make_sim: SimFactory, backend: Backend) -> None:
     async with make_sim(access_token_ttl=1, refresh_mode=RefreshMode.REVOKE_ON_FIRST_USE) as sim:
-        async with TokenManager(app_for(sim), "memory://", lease_ttl=6, provider_timeout=2) as tm:
+        async with TokenManager(app_for(sim), backend.store, lease_ttl=6, provider_timeout=2) as tm:
             await connect(tm, sim, company_id=4)
             for _ in range(2):
                 await asyncio.sleep(1.1)

@@ -2,7 +2,7 @@
 3-master Cluster), round trips counted by redis itself, restarts, dropped connections,
 hostile tenant ids, one subscription per process.
 
-The shared server (127.0.0.1:6379 or $FACTORIAL_TOKENS_REDIS_URL) is never flushed or
+The shared server (127.0.0.1:6379 or $FT_TEST_REDIS_URL) is never flushed or
 restarted: every test uses its own key prefix and deletes only its own keys. Tests that
 stop, kill or count commands on a server start a throwaway one.
 """

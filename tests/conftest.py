@@ -76,21 +76,51 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield opened
 
 
+#: Multi-process storms (worker processes at once, each loading both cores) by node id prefix.
+STORMS = (
+    "tests/test_multiprocess.py::",
+    "tests/test_telemetry.py::test_counts_from_worker_processes_add_up_to_the_simulators",
+    "tests/test_cli.py::test_demo_holds_every_guarantee",
+    "tests/stores/test_postgres.py::test_eight_processes_start_at_once_on_an_empty_schema",
+    "tests/stores/test_sqlite.py::test_eight_processes_create_the_schema_at_once",
+)
 #: Modules whose module-scoped fixtures start something costly (wheel builds, a Redis Cluster,
 #: a PgBouncer): under pytest-xdist each stays on one worker, so it starts once.
-ONE_WORKER_MODULES = ("test_packaging.py", "test_redis.py", "test_pgbouncer.py", "test_postgres.py")
+ONE_WORKER_MODULES = (
+    "tests/test_packaging.py",
+    "tests/stores/test_redis.py",
+    "tests/stores/test_pgbouncer.py",
+    "tests/stores/test_postgres.py",
+)
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit pytest-xdist hands to one worker: all storms together (so two never run at
+    once), a module of :data:`ONE_WORKER_MODULES`, else the test alone."""
+    if nodeid.startswith(STORMS):
+        return "storms"
+    module = nodeid.split("::", 1)[0]
+    return module if module in ONE_WORKER_MODULES else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``pytest -n N`` (``make test``) schedules by :func:`xdist_scope`. (pytest-xdist's own
+    ``--dist loadgroup`` cannot be used: it renames node ids, which pytest 9 ignores.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class StormScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return StormScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for ``make test``'s ``pytest -n N --dist loadgroup``: every ``storm`` in one
-    group, so two never run at once (each one loads both cores), and first, so the longest
-    group does not start last; see also :data:`ONE_WORKER_MODULES`."""
-    for item in items:
-        if item.get_closest_marker("storm"):
-            item.add_marker(pytest.mark.xdist_group("storms"))
-        elif item.path.name in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-    items.sort(key=lambda item: item.get_closest_marker("storm") is None)
+    """Storms first: the longest unit of work must not start last."""
+    items.sort(key=lambda item: xdist_scope(item.nodeid) != "storms")
 
 
 ThreadSimFactory = Callable[..., contextlib.AbstractContextManager[FakeFactorial]]

@@ -429,7 +429,6 @@ def test_serve_on_a_busy_port_exits_2(env: dict[str, str]) -> None:
 # --------------------------------------------------------------------------- demo
 
 
-@pytest.mark.storm
 def test_demo_holds_every_guarantee(env: dict[str, str], tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     done = cli(

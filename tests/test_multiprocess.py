@@ -20,8 +20,6 @@ from .conftest import SimFactory, app_for
 from .multiproc import Scenario, WorkerPool, all_tokens, least_valid, total_api, total_errors
 from .stores import MULTIPROCESS_STORES, STORES
 
-pytestmark = pytest.mark.storm
-
 PROCESSES = 4
 TASKS = 50
 #: Clock reads between the manager's check and the worker's measure (same thread, no await).

@@ -335,7 +335,6 @@ async def test_stale_served_when_the_store_is_down(make_sim: SimFactory, tmp_pat
     otel.shutdown()
 
 
-@pytest.mark.storm
 async def test_counts_from_worker_processes_add_up_to_the_simulators(
     make_sim: SimFactory, tmp_path: Path
 ) -> None:

@@ -412,7 +412,6 @@ async def test_pgbouncer_mode_wakes_by_polling(module_url: str) -> None:
 # -- many workers at once --------------------------------------------------------------
 
 
-@pytest.mark.storm
 def test_eight_processes_start_at_once_on_an_empty_schema(base_url: str) -> None:
     url = store_url(base_url)
     schema = url.split("schema=")[1].split("&")[0]

@@ -396,7 +396,6 @@ print("exits", *[os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in chi
 """
 
 
-@pytest.mark.storm
 async def test_eight_processes_create_the_schema_at_once(tmp_path: Path) -> None:
     path = str(tmp_path / "fresh.db")
     proc = await asyncio.create_subprocess_exec(

@@ -93,8 +93,8 @@ async def test_500_callers_on_an_expired_tenant_cause_one_refresh(
             await asyncio.sleep(1.1)
             store.reset()
             tokens = await asyncio.gather(*(tm.access_token("acme") for _ in range(500)))
-        assert set(tokens) != {old} and len(set(tokens)) == 1
-        assert sim.stats.refreshes == 1
+        assert set(tokens) != {old} and len(set(tokens)) == 1 and sim.is_active(tokens[0])
+        assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
         assert sim.stats.invalid_grant == 0
         assert sim.stats.families_revoked == 0
         assert store.calls["acquire"] == 1 and store.calls["commit"] == 1
@@ -202,16 +202,23 @@ async def test_company_tokens_never_refresh(tm: TokenManager, sim: FakeFactorial
 
 async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory, backend: Backend) -> None:
     async with make_sim(access_token_ttl=1, latency=0.05) as sim:
+        stores = [CountingStore(backend.store), CountingStore(backend.open())]  # two workers
         async with (
-            TokenManager(app_for(sim), backend.store, lease_ttl=6, provider_timeout=2) as one,
-            TokenManager(app_for(sim), backend.open(), lease_ttl=6, provider_timeout=2) as two,
+            TokenManager(app_for(sim), stores[0], lease_ttl=6, provider_timeout=2) as one,
+            TokenManager(app_for(sim), stores[1], lease_ttl=6, provider_timeout=2) as two,
         ):
-            await connect(one, sim)
-            await two.access_token("acme")
+            old = await connect(one, sim)
+            assert await two.access_token("acme") == old
             await asyncio.sleep(1.1)
+            for store in stores:
+                store.reset()
             calls = [m.access_token("acme") for m in (one, two) for _ in range(100)]
-            assert len(set(await asyncio.gather(*calls))) == 1
-        assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+            tokens = await asyncio.gather(*calls)
+        assert len(set(tokens)) == 1 and tokens[0] != old and sim.is_active(tokens[0])
+        assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
+        assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+        assert sum(s.calls["commit"] for s in stores) == 1
+        assert sum(s.calls["acquire"] for s in stores) <= len(stores)
 
 
 async def test_dead_grant_needs_reauthorization(make_sim: SimFactory, backend: Backend) -> None:

@@ -305,47 +305,6 @@ async def test_each_primitive_is_one_command(throwaway: RedisServer) -> None:
     await store.aclose()
 
 
-# -- stampedes -------------------------------------------------------------------------
-
-
-async def _stampede(make_sim: SimFactory, url: str, workers: int = 4, callers: int = 50) -> None:
-    """``workers`` managers (as separate processes would be) x ``callers`` gathered calls
-    on one expired tenant: exactly one refresh, no invalid_grant."""
-    async with make_sim(access_token_ttl=1) as sim:
-        stores = [CountingStore(store_from_url(url)) for _ in range(workers)]
-        managers = [TokenManager(app_for(sim), s, lease_ttl=6, provider_timeout=2) for s in stores]
-        for tm in managers:
-            await tm.open()
-        try:
-            old = await connect(managers[0], sim)
-            await asyncio.sleep(1.1)
-            for s in stores:
-                s.reset()
-            tokens = await asyncio.gather(
-                *(tm.access_token("acme") for tm in managers for _ in range(callers))
-            )
-        finally:
-            for tm in managers:
-                await tm.aclose()
-            for s in stores:
-                await s.aclose()
-        assert len(tokens) == workers * callers
-        assert len(set(tokens)) == 1 and tokens[0] != old
-        assert sim.stats.refreshes == 1
-        assert sim.stats.invalid_grant == 0
-        assert sim.stats.families_revoked == 0
-        assert sum(s.calls["commit"] for s in stores) == 1
-        assert sum(s.calls["acquire"] for s in stores) <= workers
-
-
-async def test_stampede_on_one_server(make_sim: SimFactory, redis_url: str, prefix: str) -> None:
-    await _stampede(make_sim, _url(redis_url, prefix))
-
-
-async def test_stampede_on_the_cluster(make_sim: SimFactory, cluster: RedisClusterServers) -> None:
-    await _stampede(make_sim, _url(cluster.url, unique_prefix()), workers=4, callers=50)
-
-
 # -- wake-ups: one subscription per store, across stores, after a reconnect -------------
 
 

@@ -268,6 +268,7 @@ class TokenManager:
         self._digests: dict[str, str] = {}
         self._flights: dict[str, asyncio.Task[_Entry]] = {}
         self._advisory: set[str] = set()  # tenants whose flight is a background refresh
+        self._forced: set[str] = set()  # tenants whose flight forces a new token set
         self._backoff: dict[str, tuple[int, float]] = {}  # failed advisory refreshes, retry at
         self._exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -560,6 +561,11 @@ class TokenManager:
         self._check_open()
         tenant = validate_tenant(tenant)
         entry = self._cache.get(tenant)
+        if entry is None and tenant in self._forced:
+            # Nothing cached, but a forced refresh is in flight: its result is newer than
+            # anything this caller could read now, and a read answered after it committed
+            # would take it for an old one and force a second refresh.
+            return (await self._obtain(tenant, newer_than=None)).tokens
         if entry is None:
             record = await self._store.read(self._key(tenant))
             entry = self._usable(tenant, record) if record else None
@@ -584,6 +590,10 @@ class TokenManager:
     def _launch(self, tenant: str, *, newer_than: int | None, advisory: bool = False) -> asyncio.Task[_Entry]:
         flight = self._spawn(self._fly(tenant, newer_than, advisory))
         self._flights[tenant] = flight
+        if newer_than is None:
+            self._forced.discard(tenant)
+        else:
+            self._forced.add(tenant)
         flight.add_done_callback(functools.partial(self._land, tenant))
         return flight
 
@@ -612,6 +622,7 @@ class TokenManager:
         """Forget a finished flight (unless a newer one took its place)."""
         if self._flights.get(tenant) is flight:
             del self._flights[tenant]
+            self._forced.discard(tenant)
         if not flight.cancelled():
             flight.exception()  # mark retrieved: callers that awaited it got it already
 

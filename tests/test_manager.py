@@ -7,6 +7,7 @@ workers" are two store instances on one backend (``backend.open()``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator
 
@@ -20,14 +21,19 @@ from factorial_tokens import (
     InvalidCallback,
     InvalidState,
     InvalidTenant,
+    Lease,
     ManagerClosed,
+    MemoryStore,
     ReauthorizationRequired,
+    Record,
     StoreUnavailable,
+    TenantKey,
     TenantNotConnected,
     TenantStatus,
     TokenEvent,
     TokenManager,
     TokenSet,
+    Update,
 )
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault, RefreshMode
 
@@ -161,6 +167,51 @@ async def test_forced_refresh_is_single_flight(tm: TokenManager, sim: FakeFactor
     assert len({r.access_token for r in results}) == 1
     assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
     assert await tm.access_token("acme") == results[0].access_token
+
+
+#: Set in a caller's task: its store reads are answered only after a commit.
+_LATE = contextvars.ContextVar("late", default=False)
+
+
+class _LateReads(CountingStore):
+    """Reads made by late callers (:data:`_LATE`) are answered after the first commit, as a
+    busy connection pool may answer them after another caller's refresh."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        super().__init__(inner)
+        self.committed = asyncio.Event()
+
+    async def read(self, key: TenantKey) -> Record | None:
+        if _LATE.get():
+            await self.committed.wait()
+        return await super().read(key)
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        try:
+            return await super().commit(lease, update)
+        finally:
+            self.committed.set()
+
+
+async def test_a_forced_refresh_by_a_cold_manager_is_single_flight(sim: FakeFactorial) -> None:
+    """Fifty concurrent refreshes on a manager with nothing cached (another worker, or its
+    cache emptied by a change announcement): one refresh, even when the other callers' reads
+    would be answered after the first caller's refresh committed (seen on Postgres under load).
+    Memory only: the timing is the wrapper's."""
+    shared = MemoryStore()
+    async with TokenManager(app_for(sim), shared) as first:
+        old = await connect(first, sim)
+    store = _LateReads(shared)
+
+    async def late(tm: TokenManager) -> TokenSet:
+        _LATE.set(True)  # this caller's task only
+        return await tm.refresh("acme")
+
+    async with TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as cold:
+        results = await asyncio.gather(cold.refresh("acme"), *(late(cold) for _ in range(49)))
+    assert {r.access_token for r in results} != {old}
+    assert len({r.access_token for r in results}) == 1
+    assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
 
 
 @KILLABLE

@@ -28,8 +28,12 @@ typecheck: $(STAMP)
 services:
 	bash scripts/ensure-services.sh
 
+# The suite waits more than it computes (simulated latency, token lifetimes, storms), so it
+# runs in TEST_WORKERS processes; conftest.py keeps the multi-process storms on one of them.
+TEST_WORKERS ?= 3
+
 test: $(STAMP) lint typecheck services
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 # Benchmarks (on demand, not part of the tests): `make bench BENCH_ARGS="--quick"`; see benchmarks/README.md
 bench: $(STAMP) services

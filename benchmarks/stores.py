@@ -1,15 +1,15 @@
 """The stores a benchmark can run on: each gives a fresh URL per run and cleans up after it.
 
 ``memory://`` is one process only; the others are shared by worker processes. Redis and
-Postgres runs use a unique key prefix / schema on the shared local servers, so they never
-touch anyone else's data.
+Postgres runs use a unique key prefix / schema on the servers of the tests' table of stores
+(``tests/stores``: ``$FT_TEST_REDIS_URL``, ``$FT_TEST_POSTGRES_URL``), so they never touch
+anyone else's data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
@@ -17,9 +17,8 @@ from contextlib import AbstractContextManager
 from importlib.metadata import entry_points
 from pathlib import Path
 
-#: The servers the tests use, overridable with the same variables as the test suite's.
-REDIS_URL = os.environ.get("FACTORIAL_TOKENS_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("FT_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.stores import POSTGRES_URL, REDIS_URL
+from tests.stores import STORES as TABLE  # the tests' servers: one set of variables
 
 
 @contextlib.contextmanager
@@ -79,7 +78,7 @@ STORES: dict[str, Callable[[], AbstractContextManager[str]]] = {
 }
 
 #: Stores shared by several processes (memory is one process only).
-MULTIPROCESS = ("sqlite", "redis", "postgres")
+MULTIPROCESS = tuple(name for name in STORES if TABLE[name].multiprocess)
 
 
 _SCHEMES = {"memory": "memory", "sqlite": "sqlite", "redis": "redis", "postgres": "postgresql"}

@@ -75,6 +75,7 @@ class Core:
     _digests: dict[str, str]
     _flights: dict[str, asyncio.Task[Entry]]
     _advisory: set[str]  # tenants whose flight is a background refresh
+    _forced: set[str]  # tenants whose flight forces a new token set
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
     _exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]]
     _tasks: set[asyncio.Task[Any]]

@@ -147,6 +147,11 @@ class Flights(Leases):
         tenant = validate_tenant(tenant)
         if newer_than is None:
             entry = self._cache.get(tenant)
+            if entry is None and tenant in self._forced:
+                # Nothing cached, but a forced refresh is in flight: its result is newer than
+                # anything this caller could read now, and a read answered after it committed
+                # would take it for an old one and force a second refresh.
+                return (await self._obtain(tenant, newer_than=None)).tokens
             if entry is None:
                 record = await self._store.read(self._key(tenant))
                 entry = self._usable(tenant, record) if record else None
@@ -163,6 +168,10 @@ class Flights(Leases):
     def _launch(self, tenant: str, *, newer_than: int | None, advisory: bool = False) -> asyncio.Task[Entry]:
         flight = self._spawn(self._fly(tenant, newer_than, advisory))
         self._flights[tenant] = flight
+        if newer_than is None:
+            self._forced.discard(tenant)
+        else:
+            self._forced.add(tenant)
         flight.add_done_callback(functools.partial(self._land, tenant))
         return flight
 
@@ -191,6 +200,7 @@ class Flights(Leases):
         """Forget a finished flight (unless a newer one took its place)."""
         if self._flights.get(tenant) is flight:
             del self._flights[tenant]
+            self._forced.discard(tenant)
         if not flight.cancelled():
             flight.exception()  # mark retrieved: callers that awaited it got it already
 

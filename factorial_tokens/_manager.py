@@ -189,6 +189,7 @@ class TokenManager(Callbacks, Flights):
         self._digests = {}
         self._flights = {}
         self._advisory = set()  # tenants whose flight is a background refresh
+        self._forced = set()  # tenants whose flight forces a new token set
         self._backoff = {}  # failed advisory refreshes, retry at
         self._exchanges = {}
         self._tasks = set()

@@ -1,7 +1,7 @@
 """The multi-process harness: P real worker processes x C tasks on one store URL.
 
 A store is one parameter: the harness only ever passes its URL to the workers, so adding
-a store is one entry in ``tests/stores.py``. FakeFactorial runs in the test process; the
+a store is one entry in ``tests/stores``. FakeFactorial runs in the test process; the
 workers (``python -m tests.multiproc_worker``, fresh interpreters: no inherited event
 loop) reach it over loopback. Use::
 

@@ -1,7 +1,7 @@
 """PostgreSQL for the tests: the shared server when it answers, else a throwaway cluster.
 
-* :func:`server_url` is the base URL of a server to test against: the one on
-  127.0.0.1:5432 (database ``test``) when it answers, else a cluster started from the local
+* :func:`server_url` is the base URL of a server to test against: ``$FT_TEST_POSTGRES_URL``
+  (default 127.0.0.1:5432, database ``test``) when it answers, else a cluster started from the local
   ``initdb``/``pg_ctl`` for this test run. If neither works it raises, so the Postgres tests
   FAIL instead of being skipped.
 * :func:`store_url` gives a URL with a fresh schema (``ft_<random>``); every schema made
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-SHARED_URL = os.environ.get("FT_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from .stores import POSTGRES_URL as SHARED_URL
 
 _base: str | None = None
 _fallback: TempCluster | None = None

@@ -1,12 +1,13 @@
 """Real Redis servers for the tests: the shared one, throwaway ones, a 3-master cluster.
 
-* :func:`shared_redis_url` reuses ``$FACTORIAL_TOKENS_REDIS_URL`` or 127.0.0.1:6379 when it
+* :func:`shared_redis_url` reuses ``$FT_TEST_REDIS_URL`` (default 127.0.0.1:6379) when it
   answers (never flushed: tests use a unique key prefix), else starts one throwaway server
   for the session. When neither works it raises: Redis tests fail, they never skip.
 * :class:`RedisServer` is a throwaway ``redis-server`` on a free port with its own temp
   dir, which a test may stop, kill and restart (optionally with AOF).
 * :class:`RedisClusterServers` starts three masters with ``--cluster-enabled yes`` and
-  joins them with ``redis-cli --cluster create``.
+  joins them with ``redis-cli --cluster create``; :func:`shared_cluster` is one for the
+  whole run (started on first use, stopped at exit).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SHARED_URL_ENV = "FACTORIAL_TOKENS_REDIS_URL"
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
+from .stores import REDIS_URL as DEFAULT_URL
+from .stores import REDIS_URL_ENV as SHARED_URL_ENV
 
 
 def _binary(name: str) -> str:
@@ -222,7 +223,7 @@ class RedisClusterServers:
 def shared_redis_url() -> Iterator[str]:
     """The URL of a Redis the tests may share (with unique prefixes), for the session.
 
-    Reuses ``$FACTORIAL_TOKENS_REDIS_URL`` or 127.0.0.1:6379 when it answers; otherwise
+    Reuses ``$FT_TEST_REDIS_URL`` (default 127.0.0.1:6379) when it answers; otherwise
     starts a throwaway server. Raises (the tests fail, never skip) when neither works.
     """
     url = os.environ.get(SHARED_URL_ENV, DEFAULT_URL)
@@ -300,6 +301,7 @@ class CommandLog:
 
 _prefixes: list[tuple[str, str]] = []
 _fallback: RedisServer | None = None
+_cluster: RedisClusterServers | None = None
 
 
 def server_url() -> str:
@@ -319,12 +321,44 @@ def server_url() -> str:
 
 
 def store_url(base: str | None = None) -> str:
-    """For the multi-process harness: a store URL with a unique key prefix, whose keys
-    are deleted at exit (only that prefix's)."""
+    """A store URL on ``base`` (default :func:`server_url`) with a unique key prefix, whose
+    keys are deleted at exit (only that prefix's); its connections are named after the
+    prefix (``client_name``), so a test can find and kill them."""
     base = base or server_url()
     prefix = unique_prefix()
     _prefixes.append((base, prefix))
-    return f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
+    return f"{base}{'&' if '?' in base else '?'}prefix={prefix}&client_name={prefix}"
+
+
+def shared_cluster() -> RedisClusterServers:
+    """One 3-master Redis Cluster for the whole test run, started on first use."""
+    global _cluster
+    if _cluster is None:
+        cluster = RedisClusterServers()
+        cluster.__enter__()
+        atexit.register(cluster.close)
+        _cluster = cluster
+    return _cluster
+
+
+def node_urls(url: str) -> list[str]:
+    """The plain ``redis://`` URL of every master behind a store URL (one for a single server)."""
+    from urllib.parse import urlsplit
+
+    import redis
+
+    parts = urlsplit(url)
+    plain = f"redis://{parts.netloc}{'' if '+cluster' in parts.scheme else parts.path}"
+    if "+cluster" not in parts.scheme:
+        return [plain]
+    client = redis.Redis.from_url(plain, socket_timeout=5)
+    try:
+        nodes = client.execute_command("CLUSTER NODES")  # {"host:port": {"flags": "master,...", ...}}
+    finally:
+        client.close()
+    return [
+        f"redis://{address.split('@')[0]}" for address, node in nodes.items() if "master" in node["flags"]
+    ]
 
 
 def _drop_prefixes() -> None:
@@ -332,13 +366,14 @@ def _drop_prefixes() -> None:
 
     for base, prefix in _prefixes:
         with contextlib.suppress(Exception):
-            client = redis.Redis.from_url(base.split("?", 1)[0], socket_timeout=5)
-            try:
-                keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-                if keys:
-                    client.unlink(*keys)
-            finally:
-                client.close()
+            for node in node_urls(base.split("?", 1)[0]):
+                client = redis.Redis.from_url(node, socket_timeout=5)
+                try:
+                    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                    if keys:
+                        client.unlink(*keys)
+                finally:
+                    client.close()
 
 
 atexit.register(_drop_prefixes)

@@ -50,8 +50,8 @@ from factorial_tokens.store import Acquisition, ClaimState, MemoryStore, TenantK
 from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import FakeFactorial, Fault
 
-from ._raw_stores import BACKENDS, Backend, open_backend
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
+from .stores import BACKENDS, Backend, open_backend
 
 BUDGETS = {"lease_ttl": 3.0, "provider_timeout": 1.0, "refresh_deadline": 2.0}
 

@@ -1,6 +1,7 @@
 """Every fault the provider can throw: a typed error, stored tokens intact, recovery after.
 
-Faults come from the strict simulator, never from a patched HTTP client.
+Faults come from the strict simulator, never from a patched HTTP client. Every test whose
+tokens reach a store runs once per store of the table (``tests/stores``).
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ from factorial_tokens import (
     TokenManager,
     TokenSet,
 )
-from factorial_tokens.store import MemoryStore
 from factorial_tokens.testing import FakeFactorial, Fault, RefreshMode
 
 from .conftest import CLIENT_ID, REDIRECT_URI, SimFactory, app_for
+from .stores import Backend
 
 BUDGETS = {"lease_ttl": 3.0, "provider_timeout": 1.0, "refresh_deadline": 2.0}
 
 
 @pytest.fixture
-async def connected(sim: FakeFactorial) -> AsyncIterator[tuple[TokenManager, TokenSet]]:
-    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+async def connected(sim: FakeFactorial, backend: Backend) -> AsyncIterator[tuple[TokenManager, TokenSet]]:
+    async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
         tokens = await tm.exchange_code("acme", sim.issue_code(company_id=1))
         yield tm, tokens
 
@@ -129,21 +130,20 @@ async def test_provider_down(connected: tuple[TokenManager, TokenSet], sim: Fake
     await assert_recovers(tm, sim, before)
 
 
-async def test_a_wrong_client_secret_is_not_a_dead_grant(sim: FakeFactorial) -> None:
-    store = MemoryStore()  # given, so not closed by the first manager
-    async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+async def test_a_wrong_client_secret_is_not_a_dead_grant(sim: FakeFactorial, backend: Backend) -> None:
+    async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
         await tm.exchange_code("acme", sim.issue_code(company_id=1))
     wrong = FactorialApp(
         client_id=CLIENT_ID, client_secret="wrong", redirect_uri=REDIRECT_URI, base_url=sim.base_url
     )
-    async with TokenManager(wrong, store, **BUDGETS) as bad:
+    async with TokenManager(wrong, backend.store, **BUDGETS) as bad:
         with pytest.raises(ProviderError) as info:
             await bad.exchange_code("other", sim.issue_code(company_id=2))
         assert info.value.status == 401 and info.value.error == "invalid_client"
         assert "wrong" not in str(info.value)
 
 
-async def test_unreachable_provider(sim: FakeFactorial) -> None:
+async def test_unreachable_provider(sim: FakeFactorial) -> None:  # memory: no token reaches a store
     app = FactorialApp(
         client_id=CLIENT_ID, client_secret="s", redirect_uri=REDIRECT_URI, base_url="http://127.0.0.1:9"
     )
@@ -155,7 +155,7 @@ async def test_unreachable_provider(sim: FakeFactorial) -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_a_provider_that_refuses_connections_fails_well_before_the_deadline() -> None:
+async def test_a_provider_that_refuses_connections_fails_well_before_the_deadline() -> None:  # as above
     # A wrong base URL is reported after a few quick tries (within connect_timeout), not
     # after a whole 60 s refresh deadline of retries (the suite's timeout is the check).
     app = FactorialApp(
@@ -189,9 +189,11 @@ async def test_slow_answer_past_the_timeout_is_in_doubt(
         await tm.refresh("acme")
 
 
-async def test_lost_rotation_heals_in_revoke_on_first_use_mode(make_sim: SimFactory) -> None:
+async def test_lost_rotation_heals_in_revoke_on_first_use_mode(
+    make_sim: SimFactory, backend: Backend
+) -> None:
     async with make_sim(refresh_mode=RefreshMode.REVOKE_ON_FIRST_USE) as sim:
-        async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+        async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
             before = await tm.exchange_code("acme", sim.issue_code(company_id=1))
             sim.inject(Fault.DROP_AFTER)
             fresh = await tm.refresh("acme")
@@ -203,8 +205,10 @@ async def test_lost_rotation_heals_in_revoke_on_first_use_mode(make_sim: SimFact
 
 
 @pytest.mark.parametrize("fault", [Fault.DROP_AFTER, Fault.HTML_ERROR, Fault.HTTP_504, Fault.MALFORMED_JSON])
-async def test_an_exchange_in_doubt_never_resends_the_code(sim: FakeFactorial, fault: Fault) -> None:
-    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+async def test_an_exchange_in_doubt_never_resends_the_code(
+    sim: FakeFactorial, backend: Backend, fault: Fault
+) -> None:
+    async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
         code = sim.issue_code(company_id=1)
         sim.inject(fault)
         results = await asyncio.gather(
@@ -218,8 +222,8 @@ async def test_an_exchange_in_doubt_never_resends_the_code(sim: FakeFactorial, f
         assert await tm.access_token("acme") == fresh.access_token
 
 
-async def test_a_transient_refusal_of_an_exchange_is_retried(sim: FakeFactorial) -> None:
-    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+async def test_a_transient_refusal_of_an_exchange_is_retried(sim: FakeFactorial, backend: Backend) -> None:
+    async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
         sim.inject(Fault.HTTP_503)
         tokens = await tm.exchange_code("acme", sim.issue_code(company_id=1))
         assert sim.is_active(tokens.access_token) and sim.stats.exchanges == 1

@@ -1,6 +1,6 @@
 """Many worker processes on one store, against the strict simulator, counted exactly.
 
-Every test runs once per entry of ``tests.stores.MULTIPROCESS_STORES``; the workers are
+Every test runs once per store of ``tests.stores.MULTIPROCESS_STORES``; the workers are
 real processes (``tests/multiproc_worker.py``) that reach FakeFactorial over loopback.
 """
 
@@ -18,7 +18,7 @@ from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for
 from .multiproc import Scenario, WorkerPool, all_tokens, least_valid, total_api, total_errors
-from .stores import MULTIPROCESS_STORES
+from .stores import MULTIPROCESS_STORES, STORES
 
 PROCESSES = 4
 TASKS = 50
@@ -29,7 +29,7 @@ SLACK = 0.01
 @pytest.fixture(params=sorted(MULTIPROCESS_STORES))
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh store URL, once per store that several processes can share."""
-    return MULTIPROCESS_STORES[request.param](tmp_path)
+    return STORES[request.param].url(tmp_path)
 
 
 async def test_one_code_exchanged_by_every_process_at_once(store_url: str, sim: FakeFactorial) -> None:

@@ -32,8 +32,8 @@ from factorial_tokens.store import Lease, MemoryStore, Record, Store, TenantKey,
 from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
-from ._raw_stores import BACKENDS, Backend, open_backend
 from .conftest import CLIENT_ID, SimFactory, app_for
+from .stores import BACKENDS, Backend, open_backend
 
 BUDGETS = {"lease_ttl": 6.0, "provider_timeout": 2.0}
 KEY = TenantKey(CLIENT_ID, "acme")

@@ -32,9 +32,9 @@ from factorial_tokens._oauth import OAuthClient, _excerpt, _token_set
 from factorial_tokens.store import MemoryStore, TenantStatus, Update
 from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
-from ._raw_stores import BACKENDS, open_backend
 from ._replaying import HookedStore, ReplayingStore
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
+from .stores import BACKENDS, open_backend
 
 
 async def _connect(sim: FakeFactorial, tm: TokenManager, tenant: str = "acme") -> None:
@@ -411,7 +411,7 @@ async def test_revoking_an_unknown_tenant_leaves_nothing(
 async def _rows(opened: Any, tmp_path: Path) -> object:
     """What the backend holds: SQLite's tenant rows, else the raw dump (Redis keys, Postgres rows)."""
     if opened.name == "sqlite":
-        with contextlib.closing(sqlite3.connect(tmp_path / "tokens.db")) as conn:
+        with contextlib.closing(sqlite3.connect(opened.url.removeprefix("sqlite:///"))) as conn:
             return conn.execute("SELECT namespace, tenant FROM tenants ORDER BY 1, 2").fetchall()
     return await opened.dump() if opened.dump else None
 

@@ -2,7 +2,7 @@
 3-master Cluster), round trips counted by redis itself, restarts, dropped connections,
 hostile tenant ids, one subscription per process.
 
-The shared server (127.0.0.1:6379 or $FACTORIAL_TOKENS_REDIS_URL) is never flushed or
+The shared server (127.0.0.1:6379 or $FT_TEST_REDIS_URL) is never flushed or
 restarted: every test uses its own key prefix and deletes only its own keys. Tests that
 stop, kill or count commands on a server start a throwaway one.
 """
@@ -25,8 +25,8 @@ from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable
 from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, CountingStore, FakeFactorial, StoreConformance
 
-from .conftest import SimFactory, app_for
-from .redis_server import CommandLog, RedisClusterServers, RedisServer, shared_redis_url, unique_prefix
+from ..conftest import SimFactory, app_for
+from ..redis_server import CommandLog, RedisClusterServers, RedisServer, shared_redis_url, unique_prefix
 
 
 @pytest.fixture(scope="session")
@@ -306,47 +306,6 @@ async def test_each_primitive_is_one_command(throwaway: RedisServer) -> None:
         assert await log.measure(store.advance_code(claim, ClaimState.SENT, 30)) == (True, ["evalsha"])
         assert (await log.measure(store.tenants("ns")))[1] == ["smembers", "hmget"]
     await store.aclose()
-
-
-# -- stampedes -------------------------------------------------------------------------
-
-
-async def _stampede(make_sim: SimFactory, url: str, workers: int = 4, callers: int = 50) -> None:
-    """``workers`` managers (as separate processes would be) x ``callers`` gathered calls
-    on one expired tenant: exactly one refresh, no invalid_grant."""
-    async with make_sim(access_token_ttl=1) as sim:
-        stores = [CountingStore(store_from_url(url)) for _ in range(workers)]
-        managers = [TokenManager(app_for(sim), s, lease_ttl=6, provider_timeout=2) for s in stores]
-        for tm in managers:
-            await tm.open()
-        try:
-            old = await connect(managers[0], sim)
-            await asyncio.sleep(1.1)
-            for s in stores:
-                s.reset()
-            tokens = await asyncio.gather(
-                *(tm.access_token("acme") for tm in managers for _ in range(callers))
-            )
-        finally:
-            for tm in managers:
-                await tm.aclose()
-            for s in stores:
-                await s.aclose()
-        assert len(tokens) == workers * callers
-        assert len(set(tokens)) == 1 and tokens[0] != old
-        assert sim.stats.refreshes == 1
-        assert sim.stats.invalid_grant == 0
-        assert sim.stats.families_revoked == 0
-        assert sum(s.calls["commit"] for s in stores) == 1
-        assert sum(s.calls["acquire"] for s in stores) <= workers
-
-
-async def test_stampede_on_one_server(make_sim: SimFactory, redis_url: str, prefix: str) -> None:
-    await _stampede(make_sim, _url(redis_url, prefix))
-
-
-async def test_stampede_on_the_cluster(make_sim: SimFactory, cluster: RedisClusterServers) -> None:
-    await _stampede(make_sim, _url(cluster.url, unique_prefix()), workers=4, callers=50)
 
 
 # -- wake-ups: one subscription per store, across stores, after a reconnect -------------

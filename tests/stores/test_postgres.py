@@ -31,9 +31,9 @@ from factorial_tokens import (
 from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, Fault, StoreConformance
 
-from . import postgres_server
-from .conftest import SimFactory, app_for
-from .postgres_server import TempCluster, store_url
+from .. import postgres_server
+from ..conftest import SimFactory, app_for
+from ..postgres_server import TempCluster, store_url
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@
 
 The PgBouncers are throwaway (``tests/pgbouncer_server.py``): own port, own temp dir, in
 front of the tests' PostgreSQL. The conformance suite, schema creation by many starters,
-poll-only wake-ups, NOTIFY still reaching a worker connected directly, a TokenManager
-stampede, and the control that shows why the mode exists: the default mode's prepared
-statements break as soon as PgBouncer hands the next transaction to another server.
+poll-only wake-ups, NOTIFY still reaching a worker connected directly, and the control that
+shows why the mode exists: the default mode's prepared statements break as soon as PgBouncer
+hands the next transaction to another server. TokenManager stampedes run on every store in
+``tests/test_manager.py``.
 
 Never skipped: without a ``pgbouncer`` binary (``scripts/ensure-services.sh`` installs it)
 these tests fail.
@@ -20,13 +21,12 @@ import asyncpg
 import pytest
 from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
 
-from factorial_tokens import StoreUnavailable, TokenManager
+from factorial_tokens import StoreUnavailable
 from factorial_tokens.store import Store, TenantKey, TenantStatus, Update, store_from_url
-from factorial_tokens.testing import CountingStore, StoreConformance
+from factorial_tokens.testing import StoreConformance
 
-from . import postgres_server
-from .conftest import SimFactory, app_for
-from .pgbouncer_server import TempPgBouncer, store_url
+from .. import postgres_server
+from ..pgbouncer_server import TempPgBouncer, store_url
 
 POOL_SIZE = 4  # server connections PgBouncer may open to PostgreSQL
 
@@ -168,56 +168,6 @@ async def test_notify_sent_through_pgbouncer_reaches_a_direct_listener(bouncer: 
     finally:
         await direct.aclose()
         await bounced.aclose()
-
-
-async def test_200_callers_on_an_expired_tenant_cause_one_refresh(
-    make_sim: SimFactory, bouncer: TempPgBouncer
-) -> None:
-    async with make_sim(access_token_ttl=1) as sim:
-        inner = _pgbouncer_store(store_url(bouncer))
-        store = CountingStore(inner)
-        try:
-            async with TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=3) as tm:
-                old = await tm.exchange_code("acme", sim.issue_code(company_id=1))
-                await asyncio.sleep(1.1)
-                store.reset()
-                sim.reset_stats()
-                tokens = await asyncio.gather(*(tm.access_token("acme") for _ in range(200)))
-        finally:
-            await inner.aclose()
-        assert len(set(tokens)) == 1 and tokens[0] != old.access_token
-        assert sim.is_active(tokens[0])
-        assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
-        assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
-        assert store.calls["acquire"] == 1 and store.calls["commit"] == 1
-
-
-async def test_two_workers_200_callers_one_refresh(make_sim: SimFactory, bouncer: TempPgBouncer) -> None:
-    """Two managers (as two processes would) on one schema through PgBouncer: the one that
-    waits for the other's lease learns of its commit by polling, and never refreshes."""
-    url = store_url(bouncer)
-    stores = [_pgbouncer_store(url), _pgbouncer_store(url)]
-    try:
-        async with make_sim(access_token_ttl=1, latency=0.05) as sim:
-            app = app_for(sim)
-            async with (
-                TokenManager(app, stores[0], lease_ttl=6, provider_timeout=3) as one,
-                TokenManager(app, stores[1], lease_ttl=6, provider_timeout=3) as two,
-            ):
-                old = await one.exchange_code("acme", sim.issue_code(company_id=1))
-                assert await two.access_token("acme") == old.access_token
-                await asyncio.sleep(1.1)
-                sim.reset_stats()
-                calls = [tm.access_token("acme") for tm in (one, two) for _ in range(100)]
-                tokens = await asyncio.gather(*calls)
-            assert len(set(tokens)) == 1 and tokens[0] != old.access_token
-            assert sim.is_active(tokens[0])
-            assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
-            assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
-            assert stores[0].listens == stores[1].listens == 0
-    finally:
-        for store in stores:
-            await store.aclose()
 
 
 @pytest.mark.parametrize("pgbouncer", [False, True], ids=["default-mode", "pgbouncer-mode"])

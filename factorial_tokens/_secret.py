@@ -12,7 +12,7 @@ import hmac
 
 from ._models import FactorialApp
 
-__all__ = ["SIGNING_PREFIX"]
+__all__: list[str] = []
 
 #: Every signing key's message starts with this. A code is hashed as it is (so claims keep
 #: their names across releases during a rolling deploy), so a code with this prefix is

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from factorial_tokens import Store
+    from factorial_tokens.store import Store
 
 __all__ = [
     "BACKENDS",
@@ -155,7 +155,7 @@ class Backend:
         backend; for ``memory``, the one store itself."""
         if self.kind.name == "memory":
             return self.store
-        from factorial_tokens import store_from_url
+        from factorial_tokens.store import store_from_url
 
         another = store_from_url(self.url)
         self._opened.append(another)
@@ -175,7 +175,7 @@ class Backend:
 @contextlib.asynccontextmanager
 async def open_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
     """A fresh, isolated store of kind ``name``, closed (and cleaned up) afterwards."""
-    from factorial_tokens import store_from_url
+    from factorial_tokens.store import store_from_url
 
     kind = STORES[name]
     url = kind.url(tmp_path)

@@ -277,6 +277,58 @@ async def test_store_reprs_and_errors_hide_url_passwords(url: str) -> None:
         await store.aclose()
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nosuchstore://user:pw-S3cret-kit@host/db",  # the registry: an unknown scheme
+        "rediss+cluster://:pw-S3cret-kit@127.0.0.1:7000?poll=-1",
+        "sqlite:///tokens.db?password=pw-S3cret-kit",  # an unknown option: named, its value not shown
+        "redis://:pw-S3cret-kit@127.0.0.1:6379/0?poll=soon",
+        "redis://:pw-S3cret-kit@127.0.0.1:notaport/0",
+        "postgresql://u:pw-S3cret-kit@127.0.0.1:5432/test?pgbouncer=maybe",
+        "postgresql://u:pw-S3cret-kit@127.0.0.1:5432/test?schema=bad;schema",
+    ],
+)
+def test_store_url_errors_never_echo_a_password(url: str) -> None:
+    """The kit's registry and URL option parsing, and the plugins' URL checks, refuse a
+    bad store URL without quoting its password (an unknown option is named, not shown)."""
+    from factorial_tokens.store import store_from_url
+
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(url)
+    assert assert_clean(exception_texts(info.value), {"pw-S3cret-kit"}, "a store URL error") > 0
+
+
+async def test_a_lost_push_subscription_logs_no_password(caplog: pytest.LogCaptureFixture) -> None:
+    """PushListener logs the class of a lost subscription's error, never its message (a
+    driver's message may carry the URL, host or user)."""
+    from collections.abc import Callable
+
+    from factorial_tokens.store import Notifier, PushListener
+
+    tries = 0
+
+    class Failing(PushListener):
+        async def listen(self, connected: Callable[[], None]) -> None:
+            nonlocal tries
+            tries += 1
+            raise ConnectionError("cannot reach redis://:pw-S3cret-push@db.internal:6379/0")
+
+    log = logging.getLogger("factorial_tokens.kit")
+    listener = Failing(Notifier(), name="kit", log=log, backoff=(0.01, 0.01))
+    caplog.set_level(logging.DEBUG)
+    listener.start()
+    try:
+        await listener.ready(5)
+        while tries < 2:
+            await asyncio.sleep(0.01)
+    finally:
+        await listener.aclose()
+    records = [r for r in caplog.records if r.name == "factorial_tokens.kit"]
+    assert records and "ConnectionError" in records[0].getMessage()
+    assert assert_clean([*log_texts(records), repr(listener)], {"pw-S3cret-push"}, "a listener log") > 0
+
+
 # -- TLS ----------------------------------------------------------------------------------
 
 

@@ -62,7 +62,7 @@ class Callbacks(Exchanges):
 
         The link is ``<base_url>/connect/<tenant>?link=<signed token>``; ``base_url``
         defaults to the redirect URI's origin (where ``factorial-tokens serve`` and
-        :func:`~factorial_tokens.connect_app` answer); pass the mount point when the routes
+        :func:`~factorial_tokens.web.connect_app` answer); pass the mount point when the routes
         live under a prefix (``https://example.com/factorial``). ``connect_app`` refuses
         ``/connect/{tenant}`` without a valid link (403) unless built with ``open_routes=True``.
         Anyone holding the link can start the flow: send it to the tenant's admin only.

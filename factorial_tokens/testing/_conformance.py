@@ -649,7 +649,10 @@ class StoreConformance:
             assert seen is not None and seen.payload == b"v1"
             won = await peer.acquire(key, "peer", 30)
             assert won.lease is not None and won.record == seen
-            assert (await store.acquire(key, "store", 30)).lease is None
+            lost = await store.acquire(key, "store", 30)
+            assert lost.lease is None and lost.record == seen  # the loser sees the holder's record
+            forged = type(won.lease)(key, "store", won.lease.fence)  # the fence, another owner
+            assert await store.commit(forged, _update(b"stolen")) is None
             record = await store.commit(won.lease, _update(b"v2"))  # a lease is the backend's
             assert record is not None and await peer.read(key) == record
             assert [r.key for r in await peer.tenants(key.namespace)] == [key]
@@ -700,6 +703,11 @@ class StoreConformance:
                     await peer.replace(key, _update(b"x"))
                     await _woken(watch, self.wakeup_within)
                 assert await _heard(seen, key.digest, self.wakeup_within)
+                seen.clear()
+                won = await peer.acquire(key, "peer", 30)
+                assert won.lease is not None
+                await peer.commit(won.lease, _update(b"y"))
+                assert await _heard(seen, key.digest, self.wakeup_within), "a commit was not heard"
                 if self.throttle and isinstance(peer, Throttle):
                     await peer.hold(key.namespace, time.time() + 30)
                     assert await _heard(seen, hold_digest(key.namespace), self.wakeup_within)

@@ -1,5 +1,5 @@
-"""PostgresStore against a real PostgreSQL: the conformance suite (direct and PgBouncer
-mode), schema migration, wake-ups, adversity (killed backends, a restarted server), many
+"""PostgresStore against a real PostgreSQL: the conformance suite (PgBouncer mode runs it
+through a real PgBouncer in ``test_pgbouncer.py``), schema migration, wake-ups, adversity (killed backends, a restarted server), many
 workers starting at once, and hostile tenant ids.
 
 Never skipped: without a server on 127.0.0.1:5432 a throwaway cluster is started, and if
@@ -58,23 +58,6 @@ class TestPostgresStore(StoreConformance):
 
     async def open_peer(self, store: Store) -> Store:
         return store_from_url(self.url)  # a pool and a LISTEN connection of its own
-
-
-class TestPostgresStorePgBouncerMode(StoreConformance):
-    # No LISTEN in PgBouncer mode: other instances' writes are seen by the poll only.
-    cross_instance_wakeups = False
-
-    @pytest.fixture
-    async def store(self, module_url: str) -> AsyncIterator[PostgresStore]:
-        self.url = module_url.replace("postgresql://", "postgres://") + "&pgbouncer=true"
-        store = store_from_url(self.url)
-        assert isinstance(store, PostgresStore) and store.pgbouncer
-        yield store
-        await store.aclose()
-        assert store.listens == 0  # never LISTENed
-
-    async def open_peer(self, store: Store) -> Store:
-        return store_from_url(self.url)
 
 
 async def _fetch(url: str, query: str, *args: object) -> list[asyncpg.Record]:

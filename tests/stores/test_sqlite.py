@@ -189,29 +189,6 @@ async def test_tenant_ids_are_bound_not_spliced(tmp_path: Path) -> None:
 # -- two stores on one file ------------------------------------------------------------
 
 
-async def test_two_stores_share_leases_records_and_claims(pair: tuple[SQLiteStore, SQLiteStore]) -> None:
-    one, two = pair
-    await one.replace(KEY, _update(b"v1"))
-    won = await one.acquire(KEY, "one", 30)
-    lost = await two.acquire(KEY, "two", 30)
-    assert won.lease is not None and lost.lease is None
-    assert lost.record is not None and lost.record.payload == b"v1"
-    forged = type(won.lease)(KEY, "two", won.lease.fence)
-    assert await two.commit(forged, _update(b"stolen")) is None
-    assert await two.commit(won.lease, _update(b"v2")) is not None  # the lease, not the store, holds
-    record = await two.read(KEY)
-    assert record is not None and record.payload == b"v2"
-    retry = await two.acquire(KEY, "two", 30)
-    assert retry.lease is not None and retry.lease.fence > won.lease.fence
-
-    claim = await one.claim_code(KEY, "code", "one", 30)
-    seen = await two.claim_code(KEY, "code", "two", 30)
-    assert claim.won and not seen.won and seen.state is ClaimState.CLAIMED
-    assert await one.advance_code(claim, ClaimState.SENT, 30)
-    assert (await two.claim_code(KEY, "code", "two", 30)).state is ClaimState.SENT
-    assert [r.payload for r in await two.tenants("app")] == [b"v2"]
-
-
 async def test_fence_grows_across_stores_and_forget(pair: tuple[SQLiteStore, SQLiteStore]) -> None:
     one, two = pair
     fences = []
@@ -221,27 +198,6 @@ async def test_fence_grows_across_stores_and_forget(pair: tuple[SQLiteStore, SQL
         fences.append(won.lease.fence)
         await (two if store is one else one).replace(KEY, None)  # forgets and fences out
     assert fences == sorted(set(fences))
-
-
-async def test_wake_up_across_stores(pair: tuple[SQLiteStore, SQLiteStore]) -> None:
-    one, two = pair
-    await one.replace(KEY, _update(b"v1"))
-    won = await one.acquire(KEY, "one", 30)
-    assert won.lease is not None
-    changed: list[str] = []
-    unsubscribe = two.on_change(changed.append)
-    async with two.watch(KEY) as watch:
-        await asyncio.sleep(0.2)  # let the poller take its first look
-        started = time.monotonic()
-        await one.commit(won.lease, _update(b"v2"))
-        woke = False
-        while not woke and time.monotonic() - started < 5:
-            woke = await watch.wait(5)
-        assert woke
-    unsubscribe()
-    assert KEY.digest in changed
-    record = await two.read(KEY)
-    assert record is not None and record.payload == b"v2"
 
 
 async def test_own_writes_are_announced_once(tmp_path: Path) -> None:

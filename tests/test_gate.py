@@ -5,6 +5,8 @@
   imports another module's private names.
 * Only the manager (and the stores, their observing wrapper, and ``testing``) calls the
   store's lease and claim primitives.
+* Only ``web``, ``cli`` and ``testing`` import ``aiohttp.web``, only ``cli`` click and rich
+  (import-linter sees a third-party package whole, not ``aiohttp.web`` apart from ``aiohttp``).
 * The import graph of ``factorial_tokens`` has no cycle, counting imports made inside
   functions and under ``TYPE_CHECKING`` (which would hide a cycle, not remove it).
 
@@ -104,6 +106,33 @@ def test_only_the_manager_calls_store_primitives() -> None:
             if attr in PRIMITIVES:
                 calls.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
     assert not calls, "store primitives called outside the manager:\n" + "\n".join(calls)
+
+
+#: Third-party modules only some packages of the library may import: the aiohttp server
+#: (``import factorial_tokens`` must not load it) and the ``cli`` extra's click and rich.
+CONFINED = {
+    "aiohttp.web": ("factorial_tokens.web", "factorial_tokens.cli", "factorial_tokens.testing"),
+    "click": ("factorial_tokens.cli",),
+    "rich": ("factorial_tokens.cli",),
+}
+
+
+def test_the_server_and_the_command_lines_libraries_stay_in_their_packages() -> None:
+    found: list[str] = []
+    for name, path, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                imported = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for target in imported:
+                for confined, owners in CONFINED.items():
+                    inside = target == confined or target.startswith(confined + ".")
+                    if inside and not name.startswith(owners):
+                        found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: imports {target}")
+    assert not found, "imported outside web, cli and testing:\n" + "\n".join(found)
 
 
 def _import_graph() -> dict[str, set[str]]:

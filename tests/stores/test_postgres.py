@@ -1,6 +1,6 @@
 """PostgresStore against a real PostgreSQL: the conformance suite (PgBouncer mode runs it
-through a real PgBouncer in ``test_pgbouncer.py``), schema migration, wake-ups, adversity (killed backends, a restarted server), many
-workers starting at once, and hostile tenant ids.
+through a real PgBouncer in ``test_pgbouncer.py``), schema migration, wake-ups, adversity
+(killed backends, a restarted server), many workers starting at once, and hostile tenant ids.
 
 Never skipped: without a server on 127.0.0.1:5432 a throwaway cluster is started, and if
 that fails the tests fail.

@@ -172,7 +172,8 @@ async def test_lost_rotation_in_strict_mode_surfaces(
     tm, _ = connected
     sim.inject(Fault.DROP_AFTER)
     results = await asyncio.gather(*(tm.refresh("acme") for _ in range(10)), return_exceptions=True)
-    assert all(isinstance(r, RotationLost) for r in results)
+    got = [f"{type(r).__name__}: {r}"[:90] for r in results]
+    assert all(isinstance(r, RotationLost) for r in results), got
     assert sim.stats.refreshes == 1  # the one whose answer was lost
     assert sim.stats.refresh_attempts == 2  # and exactly one try with what was stored
     with pytest.raises(ReauthorizationRequired):

@@ -77,6 +77,7 @@ class Core:
     _advisory: set[str]  # tenants whose flight is a background refresh
     _forced: set[str]  # tenants whose flight forces a new token set
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
+    _deaths: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # marked dead here: version, cause
     _exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]]
     _tasks: set[asyncio.Task[Any]]
     _unsubscribe: Callable[[], None] | None
@@ -151,6 +152,11 @@ class Core:
         if record is None:
             raise TenantNotConnected(tenant)
         if record.status is TenantStatus.NEEDS_REAUTH and not allow_reauth:
+            death = self._deaths.get(tenant)
+            if death is not None and death[0] == record.version:
+                # This process marked it dead: every caller learns the same cause (a caller
+                # whose read is answered after the mark would otherwise get a vaguer one).
+                raise death[1](tenant, death[2])
             raise ReauthorizationRequired(tenant, "the grant was refused earlier; connect again")
         try:
             return self._entry(record)

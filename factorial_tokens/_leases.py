@@ -169,11 +169,13 @@ class Leases(Core):
         assert record is not None  # only a stored grant dies
         update = Update(record.payload, TenantStatus.NEEDS_REAUTH, record.expires_at, record.updated_at)
         self._forget_cached(tenant)
-        if await held.commit(update) is None:
+        stored = await held.commit(update)
+        if stored is None:
             log.info("tenant %r: the store changed before it could be marked dead; re-reading", tenant)
             return None
         log.error("tenant %r needs re-authorization: %s", tenant, reason)
         self._emit(TokenEvent(EventKind.REAUTHORIZATION_REQUIRED, tenant, detail=reason))
+        self._deaths[tenant] = (stored.version, error, reason)
         return error(tenant, reason)
 
     async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:

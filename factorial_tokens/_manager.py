@@ -191,6 +191,7 @@ class TokenManager(Callbacks, Flights):
         self._advisory = set()  # tenants whose flight is a background refresh
         self._forced = set()  # tenants whose flight forces a new token set
         self._backoff = {}  # failed advisory refreshes, retry at
+        self._deaths = {}  # tenants this process marked dead: stored version, cause
         self._exchanges = {}
         self._tasks = set()
         self._unsubscribe = None

@@ -23,6 +23,7 @@ from factorial_tokens import (
     InvalidTenant,
     ManagerClosed,
     ReauthorizationRequired,
+    RotationLost,
     StoreUnavailable,
     TenantNotConnected,
     TokenEvent,
@@ -207,6 +208,31 @@ async def test_a_forced_refresh_by_a_cold_manager_is_single_flight(sim: FakeFact
     assert {r.access_token for r in results} != {old}
     assert len({r.access_token for r in results}) == 1
     assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
+async def test_a_caller_whose_read_lands_after_the_grant_died_gets_its_cause(sim: FakeFactorial) -> None:
+    """A lost rotation (strict mode) marks the tenant dead; a caller of the same process whose
+    store read is answered only after that gets the same ``RotationLost``, not a vaguer
+    ``ReauthorizationRequired`` (seen on Postgres under load). Memory only: the timing is
+    the wrapper's."""
+    shared = MemoryStore()
+    async with TokenManager(app_for(sim), shared) as first:
+        await connect(first, sim)
+    store = _LateReads(shared)
+    sim.inject(Fault.DROP_AFTER)
+
+    async def late(tm: TokenManager) -> TokenSet:
+        _LATE.set(True)  # this caller's task only
+        return await tm.refresh("acme")
+
+    async with TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as cold:
+        results = await asyncio.gather(
+            cold.refresh("acme"), *(late(cold) for _ in range(9)), return_exceptions=True
+        )
+        assert all(isinstance(r, RotationLost) for r in results), results
+        with pytest.raises(RotationLost):  # and so does a caller that comes later
+            await cold.access_token("acme")
+    assert sim.stats.refresh_attempts == 2
 
 
 @KILLABLE

@@ -908,8 +908,7 @@ SIM_REDIRECT_URI = "http://127.0.0.1:8000/oauth/callback"
 
 
 def _fault(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, int, str]]:
-    from ..testing import Fault
-    from ..testing._faults import ENDPOINTS
+    from ..testing import ENDPOINTS, Fault
 
     faults = []
     for value in values:

@@ -74,6 +74,7 @@ class Core:
     _obs: Observer
     _digests: dict[str, str]
     _flights: dict[str, asyncio.Task[Entry]]
+    _joined: dict[asyncio.Task[Entry], dict[asyncio.Future[Entry], None]]  # callers waiting per flight
     _advisory: set[str]  # tenants whose flight is a background refresh
     _forced: set[str]  # tenants whose flight forces a new token set
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at

@@ -183,7 +183,18 @@ class Flights(Leases):
             if flight is None:
                 flight = self._launch(tenant, newer_than=newer_than)
             try:
-                entry = await asyncio.shield(flight)
+                if flight.done():
+                    entry = flight.result()
+                else:
+                    waiter = self._waiter(flight)
+                    try:
+                        entry = await waiter
+                    except asyncio.CancelledError:
+                        # This caller was cancelled, never the flight (its other callers wait on).
+                        waiters = self._joined.get(flight)
+                        if waiters is not None:
+                            waiters.pop(waiter, None)
+                        raise
             except (ProviderError, StoreUnavailable, RefreshTimeout):
                 # A background refresh gave up (it stops retrying when the mandatory window
                 # opens): a caller that must wait starts one of its own instead.
@@ -195,6 +206,36 @@ class Flights(Leases):
             # A finished flight is awaited without yielding, and its landing may not have run
             # yet: forget it here, or this loop would join it again forever.
             self._land(tenant, flight)
+
+    def _waiter(self, flight: asyncio.Task[Entry]) -> asyncio.Future[Entry]:
+        """A future of this caller's own that gets ``flight``'s outcome when it lands.
+
+        What ``asyncio.shield`` gives each caller, for less: one done callback per flight
+        wakes every caller (a shield costs each caller two more callbacks), and a
+        cancelled caller cancels its own future only, never the flight."""
+        waiters = self._joined.get(flight)
+        if waiters is None:
+            waiters = self._joined[flight] = {}
+            flight.add_done_callback(self._wake)
+        waiter: asyncio.Future[Entry] = flight.get_loop().create_future()
+        waiters[waiter] = None
+        return waiter
+
+    def _wake(self, flight: asyncio.Task[Entry]) -> None:
+        """Hand a landed flight's entry, or its error, to every caller still waiting."""
+        waiters = self._joined.pop(flight, {})
+        if flight.cancelled():
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        error = flight.exception()
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(flight.result())
+            else:
+                waiter.set_exception(error)
 
     def _land(self, tenant: str, flight: asyncio.Task[Entry]) -> None:
         """Forget a finished flight (unless a newer one took its place)."""

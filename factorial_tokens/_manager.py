@@ -6,8 +6,9 @@ Data flows one way: caller -> TokenManager -> (Store, OAuthClient).
 * Two windows, as botocore's refreshable credentials: inside the leeway (advisory) callers
   still get the cached token at cache-hit cost while one background refresh runs; only
   below ``min_valid`` (mandatory), or with no token, does a caller wait for the refresh.
-* In-process single-flight: one task per tenant (per code) does the work; callers await
-  it through ``asyncio.shield``, so a cancelled caller never cancels a refresh in flight.
+* In-process single-flight: one task per tenant (per code) does the work; each caller
+  awaits a future of its own that the task's landing resolves (``asyncio.shield`` for an
+  exchange), so a cancelled caller never cancels a refresh in flight.
 * Across processes: the store's lease (with a fencing number) picks one refresher; the
   others wait for the store's announcement and read the result. No refresh ever happens
   without the lease (fail closed).
@@ -188,6 +189,7 @@ class TokenManager(Callbacks, Flights):
         self._oauth.observer = self._obs.provider_answer
         self._digests = {}
         self._flights = {}
+        self._joined = {}  # the callers waiting on each flight
         self._advisory = set()  # tenants whose flight is a background refresh
         self._forced = set()  # tenants whose flight forces a new token set
         self._backoff = {}  # failed advisory refreshes, retry at

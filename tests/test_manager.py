@@ -349,6 +349,38 @@ async def test_a_cancelled_caller_does_not_cancel_the_refresh(make_sim: SimFacto
             assert sim.stats.refreshes == 1
 
 
+@pytest.mark.parametrize("revoked", [False, True], ids=["refreshed", "grant-revoked"])
+async def test_cancelled_callers_never_cancel_the_refresh_their_joiners_get(
+    make_sim: SimFactory, backend: Backend, revoked: bool
+) -> None:
+    """The caller that started the refresh and half of those that joined it are cancelled:
+    the refresh goes on, every other caller gets its one outcome (the token, or the
+    refusal), and the cancelled callers leave nothing behind."""
+    async with make_sim(access_token_ttl=1, latency=0.3) as sim:
+        async with TokenManager(app_for(sim), backend.store, lease_ttl=6, provider_timeout=2) as tm:
+            await connect(tm, sim, company_id=5)
+            if revoked:
+                sim.revoke_company(5)
+            await asyncio.sleep(1.1)
+            first = asyncio.create_task(tm.access_token("acme"))
+            await asyncio.sleep(0)
+            assert "acme" in tm._flights  # the first caller started the refresh
+            joiners = [asyncio.create_task(tm.access_token("acme")) for _ in range(20)]
+            await asyncio.sleep(0.1)
+            for task in (first, *joiners[::2]):
+                task.cancel()
+            results = await asyncio.gather(*joiners[1::2], return_exceptions=True)
+            assert first.cancelled() and all(task.cancelled() for task in joiners[::2])
+            if revoked:
+                assert all(isinstance(r, ReauthorizationRequired) for r in results), results
+                assert sim.stats.refreshes == 0
+            else:
+                assert len(set(results)) == 1 and sim.is_active(results[0])  # type: ignore[arg-type]
+                assert sim.stats.refreshes == 1
+            assert sim.stats.refresh_attempts == 1
+            assert not tm._joined and not tm._flights
+
+
 async def test_a_cancelled_exchange_still_stores_the_tokens(make_sim: SimFactory, backend: Backend) -> None:
     async with make_sim(latency=0.3) as sim:
         async with TokenManager(app_for(sim), backend.store) as tm:

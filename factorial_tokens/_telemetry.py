@@ -62,12 +62,14 @@ from .store import (
     ChangeListener,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Record,
     Store,
     TenantKey,
     Update,
     Watch,
+    acquires_unless_fresh,
 )
 
 __all__ = ["Telemetry", "TenantCounts"]
@@ -632,8 +634,14 @@ class InstrumentedStore:
     async def read(self, key: TenantKey) -> Record | None:
         return await self._obs.store_call("read", key.tenant, self.inner.read(key))
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
-        return await self._obs.store_call("acquire", key.tenant, self.inner.acquire(key, owner, ttl))
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        if unless_fresh is None:
+            return await self._obs.store_call("acquire", key.tenant, self.inner.acquire(key, owner, ttl))
+        assert acquires_unless_fresh(self.inner)  # the manager asks only a store that declares it
+        work = self.inner.acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        return await self._obs.store_call("acquire", key.tenant, work)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         return await self._obs.store_call("extend", lease.key.tenant, self.inner.extend(lease, ttl))

@@ -6,21 +6,30 @@ the fleet's back-pressure on refreshes. See the ``_manager`` module docstring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
 import secrets
 import time
+from typing import cast
 
 import attrs
 
 from ._core import Entry
-from ._errors import ProviderError, RefreshTimeout, RequestInDoubt, RotationLost, StoreUnavailable
+from ._errors import (
+    FactorialTokensError,
+    ProviderError,
+    RefreshTimeout,
+    RequestInDoubt,
+    RotationLost,
+    StoreUnavailable,
+)
 from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from .store import Freshness, Lease, Record, Throttle, acquires_unless_fresh
+from .store import AcquireUnlessFresh, Freshness, Lease, Record, Throttle
 
 log = logging.getLogger("factorial_tokens")
 
@@ -242,7 +251,7 @@ class Flights(Leases):
         bind(OperationContext(tenant, "refresh", self._obs.store))  # for log records (own task)
         cached = self._cache.get(tenant)
         known_stale = cached is not None and not self._acceptable(cached, newer_than, advisory)
-        conditional = newer_than is None and acquires_unless_fresh(self._store)
+        conditional = newer_than is None and self._unless_fresh
         look = conditional and not known_stale  # a first look, by the acquisition itself
         while True:
             async with self._store.watch(key) as watch:
@@ -258,21 +267,22 @@ class Flights(Leases):
                 # the tenants this process cannot start yet stay free for other workers.
                 async with self._slots:
                     owner = secrets.token_hex(16)
-                    store = self._store
                     rule = self._freshness(advisory) if conditional else None
-                    if rule is not None and acquires_unless_fresh(store):
+                    if rule is not None:
+                        store = cast(AcquireUnlessFresh, self._store)
                         won = await store.acquire(key, owner, self.lease_ttl, unless_fresh=rule)
                     else:
-                        won = await store.acquire(key, owner, self.lease_ttl)
+                        won = await self._store.acquire(key, owner, self.lease_ttl)
                     if won.lease is not None:
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
                             waited = False
+                        found = await self._opened(tenant, won.lease, won.record)
                         before = won.record.version if won.record else None
                         result = await self._obs.refresh(
                             won.lease,
                             before,
-                            self._refresh_holding(won.lease, won.record, newer_than, advisory),
+                            self._refresh_holding(won.lease, won.record, found, newer_than, advisory),
                         )
                         if result is not None:
                             return self._remember(tenant, result)
@@ -300,13 +310,29 @@ class Flights(Leases):
                 waited = True
                 await watch.wait(remaining)
 
+    async def _opened(self, tenant: str, lease: Lease, record: Record | None) -> Entry:
+        """The entry of the ``record`` a lease was taken on; when there is none (forgotten,
+        dead, or sealed under a key this process lacks), the lease is given back untouched
+        and the error raised as a read's would be: no refresh was attempted."""
+        try:
+            return self._usable(tenant, record)
+        except BaseException:
+            with contextlib.suppress(FactorialTokensError):
+                await asyncio.shield(self._store.release(lease))
+            raise
+
     async def _refresh_holding(
-        self, lease: Lease, record: Record | None, newer_than: int | None, advisory: bool = False
+        self,
+        lease: Lease,
+        record: Record | None,
+        entry: Entry,
+        newer_than: int | None,
+        advisory: bool = False,
     ) -> Entry | None:
-        """Refresh while holding ``lease``; ``None`` means "start over" (lease lost)."""
+        """Refresh while holding ``lease`` (taken on ``record``, whose entry is ``entry``);
+        ``None`` means "start over" (lease lost)."""
         tenant = lease.key.tenant
         async with self._holding(lease, record, renew=True) as held:
-            entry = self._usable(tenant, record)
             if self._acceptable(entry, newer_than, advisory):
                 return entry  # someone refreshed between our read and our acquire
             old = entry.tokens

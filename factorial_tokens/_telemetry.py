@@ -42,7 +42,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -58,6 +58,7 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._version import __version__
 from .store import (
+    AcquireUnlessFresh,
     Acquisition,
     ChangeListener,
     ClaimState,
@@ -631,6 +632,11 @@ class InstrumentedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    @property
+    def acquires_unless_fresh(self) -> bool:
+        """The inner store's capability (its attribute and its ``acquire``'s signature)."""
+        return acquires_unless_fresh(self.inner)
+
     async def read(self, key: TenantKey) -> Record | None:
         return await self._obs.store_call("read", key.tenant, self.inner.read(key))
 
@@ -639,8 +645,8 @@ class InstrumentedStore:
     ) -> Acquisition:
         if unless_fresh is None:
             return await self._obs.store_call("acquire", key.tenant, self.inner.acquire(key, owner, ttl))
-        assert acquires_unless_fresh(self.inner)  # the manager asks only a store that declares it
-        work = self.inner.acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        # The manager passes ``unless_fresh`` only to a store that takes it.
+        work = cast(AcquireUnlessFresh, self.inner).acquire(key, owner, ttl, unless_fresh=unless_fresh)
         return await self._obs.store_call("acquire", key.tenant, work)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:

@@ -231,6 +231,32 @@ class _OldContract:
         await self.inner.aclose()
 
 
+class _OldOverride(MemoryStore):
+    """A subclass written before ``unless_fresh``: it inherits the attribute, not the capability."""
+
+    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        return await super().acquire(key, owner, ttl)
+
+
+async def test_a_subclass_overriding_acquire_the_older_way_is_read_first(sim: FakeFactorial) -> None:
+    store = _OldOverride()
+    assert store.acquires_unless_fresh and not acquires_unless_fresh(store)
+    assert acquires_unless_fresh(MemoryStore()) and acquires_unless_fresh(CountingStore(MemoryStore()))
+    assert not acquires_unless_fresh(CountingStore(store))
+    counting = CountingStore(store)
+    async with TokenManager(app_for(sim), counting) as tm:
+        old = await connect(tm, sim)
+        tm._cache.clear()
+        counting.reset()
+        assert await tm.access_token("acme") == old
+        assert dict(counting.calls) == {"read": 1}
+        await age(tm, left=5)
+        tm._cache.clear()
+        counting.reset()
+        assert await tm.access_token("acme") != old
+        assert dict(counting.calls) == {"read": 1, "acquire": 1, "commit": 1}
+
+
 async def test_a_store_written_to_the_older_contract_is_read_first(
     sim: FakeFactorial, backend: Backend
 ) -> None:

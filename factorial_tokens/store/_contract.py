@@ -48,6 +48,7 @@ called again.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -153,10 +154,10 @@ class Store(Protocol):
 class AcquireUnlessFresh(Protocol):
     """A store whose ``acquire`` can leave a fresh record alone (every shipped store).
 
-    Declared by a true ``acquires_unless_fresh`` attribute (checked by
-    :func:`acquires_unless_fresh`, not by the signature: a wrapper forwards its inner
-    store's answer). ``Store.acquire`` keeps its older signature, so a store written to it
-    still type-checks as a :class:`Store`.
+    Declared by a true ``acquires_unless_fresh`` attribute, checked with the signature of
+    ``acquire`` by :func:`acquires_unless_fresh` (a wrapper answers for its inner store).
+    ``Store.acquire`` keeps its older signature, so a store written to it still
+    type-checks as a :class:`Store`.
     """
 
     acquires_unless_fresh: bool
@@ -174,8 +175,16 @@ class AcquireUnlessFresh(Protocol):
 
 def acquires_unless_fresh(store: object) -> TypeGuard[AcquireUnlessFresh]:
     """True when ``store`` declares :class:`AcquireUnlessFresh` (a true
-    ``acquires_unless_fresh`` attribute)."""
-    return getattr(store, "acquires_unless_fresh", False) is True
+    ``acquires_unless_fresh`` attribute) and its ``acquire`` takes ``unless_fresh`` (or any
+    keyword): a subclass that overrides ``acquire`` with the older signature inherits the
+    attribute, not the capability. Inspects a signature: ask once per store, not per call."""
+    if getattr(store, "acquires_unless_fresh", False) is not True:
+        return False
+    try:
+        parameters = inspect.signature(store.acquire).parameters.values()  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return any(p.name == "unless_fresh" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 @runtime_checkable

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import cast
 
 from ..store import (
+    AcquireUnlessFresh,
     Acquisition,
     ChangeListener,
     ClaimState,
@@ -59,8 +61,7 @@ class CountingStore:
         self.calls["acquire"] += 1
         if unless_fresh is None:
             return await self.inner.acquire(key, owner, ttl)
-        assert acquires_unless_fresh(self.inner)
-        return await self.inner.acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        return await cast(AcquireUnlessFresh, self.inner).acquire(key, owner, ttl, unless_fresh=unless_fresh)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         self.calls["extend"] += 1

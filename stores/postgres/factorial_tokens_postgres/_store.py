@@ -761,16 +761,17 @@ class _Statements:
              WHERE namespace = $1 AND tenant = $2 AND NOT EXISTS (SELECT FROM won)"""
         # $1 namespace, $2 tenant, $3 owner, $4 ttl seconds, $5 at, $6 margin, $7 share:
         # the lease only for an ACTIVE record that is not fresh by the rule (Freshness in the
-        # store kit, the same doubles as Python's); an absent row is left absent.
+        # store kit, the same doubles as Python's); an absent row is left absent. A replay
+        # (this owner's live lease) takes it again with a new fence, as ``acquire`` does.
         self.acquire_if_due = f"""
             WITH won AS (
                 UPDATE {t} AS t
                    SET fence = t.fence + 1, lease_owner = $3,
                        lease_expires = clock_timestamp() + make_interval(secs => $4)
                  WHERE t.namespace = $1 AND t.tenant = $2
-                   AND (t.lease_owner IS NULL OR t.lease_expires <= clock_timestamp() OR t.lease_owner = $3)
-                   AND (t.lease_owner = $3
-                        OR (t.payload IS NOT NULL AND t.status = 'active'
+                   AND ((t.lease_owner = $3 AND t.lease_expires > clock_timestamp())  -- a replay
+                        OR ((t.lease_owner IS NULL OR t.lease_expires <= clock_timestamp())
+                            AND t.payload IS NOT NULL AND t.status = 'active'
                             AND t.expires_at IS NOT NULL
                             AND t.expires_at - LEAST($6, $7 * GREATEST(t.expires_at - t.updated_at, 0))
                                 <= $5))

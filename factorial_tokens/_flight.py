@@ -294,9 +294,11 @@ class Flights(Leases):
                             self._obs.lease_waited(loop.time() - started)
                         return self._remember(tenant, seen)
                     if rule is not None and not rule.due(won.record):
-                        # Fresh when the store judged it, due now (it aged on the way back):
-                        # nobody holds the lease and no announcement will come; ask again.
+                        # Fresh when the store judged it, due now (it aged on the way back,
+                        # or the windows' arithmetic differs in the last bit): nobody holds
+                        # the lease and no announcement will come; ask again, plainly.
                         again = known_stale = True
+                        conditional = False
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     self._obs.refresh_timeout(tenant, loop.time() - started)

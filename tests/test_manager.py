@@ -132,6 +132,34 @@ async def test_a_cold_refresh_is_two_round_trips(sim: FakeFactorial, backend: Ba
     assert token != old and sim.is_active(token) and sim.stats.refreshes == 1
 
 
+class _SlowAnswer(CountingStore):
+    """Its first acquisition unless fresh answers 0.3 s late."""
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        first = unless_fresh is not None and not self.calls["acquire"]
+        won = await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        if first:
+            await asyncio.sleep(0.3)
+        return won
+
+
+async def test_a_record_found_fresh_that_is_due_on_arrival_is_asked_for_again(sim: FakeFactorial) -> None:
+    """The store left the record alone (fresh at the instant it judged), and the answer
+    arrived once the mandatory window had opened: the manager asks again at once, plainly,
+    rather than wait for an announcement that will not come."""
+    store = _SlowAnswer(MemoryStore())
+    async with TokenManager(app_for(sim), store) as tm:
+        old = await connect(tm, sim)
+        await age(tm, left=15.15)  # min_valid is 15 s: the window opens in 0.15 s
+        tm._cache.clear()
+        store.reset()
+        token = await asyncio.wait_for(tm.access_token("acme"), 5)
+        assert dict(store.calls) == {"acquire": 2, "commit": 1}
+    assert token != old and sim.stats.refreshes == 1
+
+
 class _InOrder(CountingStore):
     """Also records the order of reads and acquisitions."""
 

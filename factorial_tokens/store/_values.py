@@ -80,8 +80,9 @@ class Record:
 
 @attrs.frozen
 class Freshness:
-    """When a record needs no refresh yet: the rule :meth:`Store.acquire` checks when
-    given ``unless_fresh`` (the manager's windows, in terms a store can evaluate).
+    """When a record needs no refresh yet: the rule an
+    :class:`~factorial_tokens.store.AcquireUnlessFresh` store's ``acquire`` checks when given
+    ``unless_fresh`` (the manager's windows, in terms a store can evaluate).
 
     A record is *fresh* when it is ACTIVE and, at the wall-clock instant ``at``, its token
     has more than ``min(margin, share * lifetime)`` seconds left, where the lifetime is
@@ -91,8 +92,9 @@ class Freshness:
 
         E is None  or  E - min(margin, share * max(E - U, 0)) > at
 
-    Stores evaluate exactly this, in IEEE doubles (Lua, SQL ``double precision``), so every
-    store agrees with :meth:`due` to the last bit.
+    Stores evaluate this very expression in IEEE doubles (Python, Lua, SQL ``double
+    precision``), at ``at``, never by their own clock; the conformance suite checks its
+    boundaries against :meth:`due`.
     """
 
     at: float

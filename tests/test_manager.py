@@ -516,6 +516,23 @@ async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory, back
         assert sum(s.calls["acquire"] for s in stores) <= len(stores)
 
 
+async def test_a_rolling_deploy_refreshes_once(make_sim: SimFactory, backend: Backend) -> None:
+    """Workers of the older contract (read, then acquire) and of the newer (acquire unless
+    fresh) on one store, every token expired at once: still one refresh."""
+    async with make_sim(access_token_ttl=1, latency=0.05) as sim:
+        async with (
+            TokenManager(app_for(sim), _OldContract(backend.store), lease_ttl=6, provider_timeout=2) as old,
+            TokenManager(app_for(sim), backend.open(), lease_ttl=6, provider_timeout=2) as new,
+        ):
+            before = await connect(new, sim)
+            await asyncio.sleep(1.1)
+            calls = [m.access_token("acme") for m in (old, new, old, new) for _ in range(50)]
+            tokens = await asyncio.gather(*calls)
+        assert len(set(tokens)) == 1 and tokens[0] != before and sim.is_active(tokens[0])
+        assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
+        assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
+
+
 async def test_dead_grant_needs_reauthorization(make_sim: SimFactory, backend: Backend) -> None:
     events: list[TokenEvent] = []
     async with make_sim(access_token_ttl=1) as sim:

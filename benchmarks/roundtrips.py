@@ -3,7 +3,8 @@
 Every primitive of a store is one round trip, so the counts are round trips:
 
 * ``hit``: ``access_token`` with a fresh cached token (per call, over many calls);
-* ``miss``: ``access_token`` in a new manager (empty cache), the stored token fresh;
+* ``miss``: ``access_token`` in a new manager (empty cache), the stored token fresh (an
+  acquisition unless fresh, which takes nothing; a read on a store without it);
 * ``refresh``: ``access_token`` in a new manager, the stored token expired;
 * ``exchange``: ``exchange_code`` of a new code.
 
@@ -30,7 +31,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from factorial_tokens import FactorialApp, TokenManager
-from factorial_tokens.store import Store, TenantKey, TenantStatus, Update, store_from_url
+from factorial_tokens.store import (
+    Freshness,
+    Store,
+    TenantKey,
+    TenantStatus,
+    Update,
+    acquires_unless_fresh,
+    store_from_url,
+)
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .common import app_for, expire_tenants, median, new_client_id, strict_sim
@@ -48,7 +57,8 @@ class RoundTrips:
     store: str
     per_operation: dict[str, dict[str, float]] = field(default_factory=dict)
     redis_commands: dict[str, dict[str, int]] | None = None
-    #: median microseconds of one primitive, called one at a time (the refresh path's three)
+    #: median microseconds of one primitive, called one at a time (``acquire_fresh``: an
+    #: acquisition unless fresh of a fresh record, the cold miss)
     latency_us: dict[str, float] = field(default_factory=dict)
 
     def total(self, operation: str) -> float:
@@ -206,7 +216,8 @@ async def _sequence(
 async def _primitive_latency(
     store: Store, namespace: str, repeats: int = LATENCY_REPEATS
 ) -> dict[str, float]:
-    """Median time of read, acquire and commit (the refresh path's primitives), one at a time."""
+    """Median time of read, acquire (of a fresh record unless fresh, as a cold miss asks:
+    nothing taken; and plainly) and commit, one at a time."""
     key = TenantKey(namespace, "latency")
     now = time.time()
     update = Update(b"j1:{}", TenantStatus.ACTIVE, now + 3600, now)
@@ -216,6 +227,12 @@ async def _primitive_latency(
         start = time.perf_counter()
         await store.read(key)
         samples["read"].append(time.perf_counter() - start)
+        if acquires_unless_fresh(store):
+            rule = Freshness(time.time(), 60.0, 0.5)
+            start = time.perf_counter()
+            left = await store.acquire(key, secrets.token_hex(8), 30, unless_fresh=rule)
+            samples.setdefault("acquire_fresh", []).append(time.perf_counter() - start)
+            assert left.lease is None
         start = time.perf_counter()
         won = await store.acquire(key, secrets.token_hex(8), 30)
         samples["acquire"].append(time.perf_counter() - start)

@@ -63,6 +63,7 @@ class Core:
     _burst: int
     _hold_digest: str
     _slots: asyncio.Semaphore
+    _unless_fresh: bool  # the store takes a lease only for a due record (AcquireUnlessFresh)
     _not_before: float  # wall clock: no refresh is sent before (a 429's Retry-After)
     _codec: PayloadCodec
     _secret: AppSecret

@@ -6,21 +6,30 @@ the fleet's back-pressure on refreshes. See the ``_manager`` module docstring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
 import secrets
 import time
+from typing import cast
 
 import attrs
 
 from ._core import Entry
-from ._errors import ProviderError, RefreshTimeout, RequestInDoubt, RotationLost, StoreUnavailable
+from ._errors import (
+    FactorialTokensError,
+    ProviderError,
+    RefreshTimeout,
+    RequestInDoubt,
+    RotationLost,
+    StoreUnavailable,
+)
 from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from .store import Lease, Record, Throttle
+from .store import AcquireUnlessFresh, Freshness, Lease, Record, Throttle
 
 log = logging.getLogger("factorial_tokens")
 
@@ -252,13 +261,28 @@ class Flights(Leases):
             return entry.version > newer_than
         return time.time() < (entry.due if advisory else entry.must)
 
-    async def _fly(self, tenant: str, newer_than: int | None, advisory: bool = False) -> Entry:
-        """Across processes: read; if stale, take the lease or wait for whoever has it.
+    def _freshness(self, advisory: bool) -> Freshness:
+        """:meth:`_acceptable` for a flight that is not forced, as the store checks it now:
+        the advisory window opens ``min(leeway, lifetime / 2)`` before expiry, the mandatory
+        one ``min_valid / leeway`` of that (see ``_entry_of``); the lifetime is what the
+        store keeps as ``expires_at - updated_at`` (``updated_at`` is ``obtained_at``)."""
+        if advisory:
+            return Freshness(time.time(), self.leeway, 0.5)
+        if self.leeway == 0:
+            return Freshness(time.time(), 0.0, 0.0)
+        return Freshness(time.time(), self.min_valid, self.min_valid / (2 * self.leeway))
 
-        When this process already knows its cached entry is stale, the first read is left
-        out: the acquisition returns the record, so a refresh is two round trips (acquire,
-        commit). A cold process reads first, so that a fresh stored token costs one read
-        and no lease (a lease taken and given back would wake every other worker).
+    async def _fly(self, tenant: str, newer_than: int | None, advisory: bool = False) -> Entry:
+        """Across processes: take the lease if the record is due, or wait for whoever has it.
+
+        A flight that is not forced asks the store to take the lease only if the record is
+        due (``unless_fresh``): a fresh stored token costs that one round trip and no lease
+        (a lease taken and given back would wake every other worker), a refresh two
+        (acquire, commit). It reads first instead when the store was written to the older
+        contract, when it is forced (judged by version, which the store does not know), or
+        when no provider slot is free: a fresh token must not queue behind refreshes. When
+        this process already knows its cached entry is stale, that read is left out; after
+        waiting for another worker's refresh, it reads (the likely answer is a fresh token).
         """
         key = self._key(tenant)
         loop = asyncio.get_running_loop()
@@ -268,39 +292,54 @@ class Flights(Leases):
         bind(OperationContext(tenant, "refresh", self._obs.store))  # for log records (own task)
         cached = self._cache.get(tenant)
         known_stale = cached is not None and not self._acceptable(cached, newer_than, advisory)
+        conditional = newer_than is None and self._unless_fresh
+        look = conditional and not known_stale  # a first look, by the acquisition itself
         while True:
             async with self._store.watch(key) as watch:
-                if not known_stale:
+                if not known_stale and not (look and not self._slots.locked()):
                     entry = self._usable(tenant, await self._store.read(key))
                     if self._acceptable(entry, newer_than, advisory):
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
                         return self._remember(tenant, entry)
-                known_stale = False  # after a wait, someone else's result is likely: read
+                known_stale = look = False  # after a wait, someone else's result is likely: read
                 # A lease is taken only with a free provider slot: a lease held while its
                 # request queues for a connection could lapse under a large backlog, and
                 # the tenants this process cannot start yet stay free for other workers.
                 async with self._slots:
                     owner = secrets.token_hex(16)
-                    won = await self._store.acquire(key, owner, self.lease_ttl)
+                    rule = self._freshness(advisory) if conditional else None
+                    if rule is not None:
+                        store = cast(AcquireUnlessFresh, self._store)
+                        won = await store.acquire(key, owner, self.lease_ttl, unless_fresh=rule)
+                    else:
+                        won = await self._store.acquire(key, owner, self.lease_ttl)
                     if won.lease is not None:
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
                             waited = False
+                        found = await self._opened(tenant, won.lease, won.record)
                         before = won.record.version if won.record else None
                         result = await self._obs.refresh(
                             won.lease,
                             before,
-                            self._refresh_holding(won.lease, won.record, newer_than, advisory),
+                            self._refresh_holding(won.lease, won.record, found, newer_than, advisory),
                         )
                         if result is not None:
                             return self._remember(tenant, result)
+                again = won.lease is not None
                 if won.lease is None:
                     seen = self._usable(tenant, won.record)
                     if self._acceptable(seen, newer_than, advisory):
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
                         return self._remember(tenant, seen)
+                    if rule is not None and not rule.due(won.record):
+                        # Fresh when the store judged it, due now (it aged on the way back,
+                        # or the windows' arithmetic differs in the last bit): nobody holds
+                        # the lease and no announcement will come; ask again, plainly.
+                        again = known_stale = True
+                        conditional = False
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     self._obs.refresh_timeout(tenant, loop.time() - started)
@@ -308,19 +347,35 @@ class Flights(Leases):
                         f"tenant {tenant!r}: no fresh token within {self.wait_timeout:g}s "
                         "(the refresh lease stayed busy or was lost)"
                     )
-                if won.lease is not None:
+                if again:
                     continue
                 log.debug("tenant %r: waiting for another worker's refresh", tenant)
                 waited = True
                 await watch.wait(remaining)
 
+    async def _opened(self, tenant: str, lease: Lease, record: Record | None) -> Entry:
+        """The entry of the ``record`` a lease was taken on; when there is none (forgotten,
+        dead, or sealed under a key this process lacks), the lease is given back untouched
+        and the error raised as a read's would be: no refresh was attempted."""
+        try:
+            return self._usable(tenant, record)
+        except BaseException:
+            with contextlib.suppress(FactorialTokensError):
+                await asyncio.shield(self._store.release(lease))
+            raise
+
     async def _refresh_holding(
-        self, lease: Lease, record: Record | None, newer_than: int | None, advisory: bool = False
+        self,
+        lease: Lease,
+        record: Record | None,
+        entry: Entry,
+        newer_than: int | None,
+        advisory: bool = False,
     ) -> Entry | None:
-        """Refresh while holding ``lease``; ``None`` means "start over" (lease lost)."""
+        """Refresh while holding ``lease`` (taken on ``record``, whose entry is ``entry``);
+        ``None`` means "start over" (lease lost)."""
         tenant = lease.key.tenant
         async with self._holding(lease, record, renew=True) as held:
-            entry = self._usable(tenant, record)
             if self._acceptable(entry, newer_than, advisory):
                 return entry  # someone refreshed between our read and our acquire
             old = entry.tokens

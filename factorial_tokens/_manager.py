@@ -42,7 +42,7 @@ from ._secret import AppSecret
 from ._state import LinkSigner, StateSigner
 from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 from .sealing import JsonCodec, Keyring, PayloadCodec, SealedCodec
-from .store import Store, Throttle, acquire_within, hold_digest, store_from_url
+from .store import Store, Throttle, acquire_within, acquires_unless_fresh, hold_digest, store_from_url
 
 __all__ = ["TokenManager"]
 
@@ -185,6 +185,7 @@ class TokenManager(Callbacks, Flights):
             list_tenants=lambda: self._store.tenants(self.app.client_id),
         )
         self._store = self._obs.wrap_store(self._store)
+        self._unless_fresh = acquires_unless_fresh(self._store)
         install()  # structured fields on the records of loggers created since import (plugins)
         self._oauth.observer = self._obs.provider_answer
         self._digests = {}

@@ -42,7 +42,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -58,16 +58,19 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._version import __version__
 from .store import (
+    AcquireUnlessFresh,
     Acquisition,
     ChangeListener,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Record,
     Store,
     TenantKey,
     Update,
     Watch,
+    acquires_unless_fresh,
 )
 
 __all__ = ["Telemetry", "TenantCounts"]
@@ -629,11 +632,22 @@ class InstrumentedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    @property
+    def acquires_unless_fresh(self) -> bool:
+        """The inner store's capability (its attribute and its ``acquire``'s signature)."""
+        return acquires_unless_fresh(self.inner)
+
     async def read(self, key: TenantKey) -> Record | None:
         return await self._obs.store_call("read", key.tenant, self.inner.read(key))
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
-        return await self._obs.store_call("acquire", key.tenant, self.inner.acquire(key, owner, ttl))
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        if unless_fresh is None:
+            return await self._obs.store_call("acquire", key.tenant, self.inner.acquire(key, owner, ttl))
+        # The manager passes ``unless_fresh`` only to a store that takes it.
+        work = cast(AcquireUnlessFresh, self.inner).acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        return await self._obs.store_call("acquire", key.tenant, work)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         return await self._obs.store_call("extend", lease.key.tenant, self.inner.extend(lease, ttl))

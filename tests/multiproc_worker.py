@@ -34,7 +34,16 @@ from factorial_tokens import (
     TokenSet,
 )
 from factorial_tokens._models import fingerprint
-from factorial_tokens.store import Acquisition, Lease, Record, Store, TenantKey, Update, store_from_url
+from factorial_tokens.store import (
+    Acquisition,
+    Freshness,
+    Lease,
+    Record,
+    Store,
+    TenantKey,
+    Update,
+    store_from_url,
+)
 from factorial_tokens.testing import CountingStore
 
 API_PATH = "/api/2026-01-01/resources/employees/employees"
@@ -62,8 +71,10 @@ class KillSwitch(CountingStore):
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
-        won = await super().acquire(key, owner, ttl)
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        won = await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
         holder = won.lease is not None and self.point in ("after_acquire", "record_holder")
         if holder and self._first() and self.point == "after_acquire":
             self._die()

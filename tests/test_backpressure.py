@@ -16,7 +16,16 @@ import pytest
 from factorial_tokens import ConfigurationError, TokenManager
 from factorial_tokens._keepalive import keep_alive_pass
 from factorial_tokens.sealing import JsonCodec
-from factorial_tokens.store import Acquisition, Lease, MemoryStore, Record, Store, TenantKey, Update
+from factorial_tokens.store import (
+    Acquisition,
+    Freshness,
+    Lease,
+    MemoryStore,
+    Record,
+    Store,
+    TenantKey,
+    Update,
+)
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for
@@ -84,8 +93,10 @@ class LeaseGauge(CountingStore):
         super().__init__(inner)
         self.held = self.most = 0
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
-        won = await super().acquire(key, owner, ttl)
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        won = await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
         if won.lease is not None:
             self.held += 1
             self.most = max(self.most, self.held)

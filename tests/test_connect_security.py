@@ -36,7 +36,7 @@ from factorial_tokens import (
 from factorial_tokens._models import validate_tenant
 from factorial_tokens._state import LinkSigner
 from factorial_tokens.sealing import JsonCodec
-from factorial_tokens.store import Acquisition, MemoryStore, Record, TenantKey, Update
+from factorial_tokens.store import Acquisition, Freshness, MemoryStore, Record, TenantKey, Update
 from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
@@ -286,8 +286,10 @@ async def test_two_overlapping_connections_of_one_tenant_are_compared(
             await asyncio.sleep(0.05)  # the answer is on its way: other writes can happen
             return record
 
-        async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
-            won = await super().acquire(key, owner, ttl)
+        async def acquire(
+            self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+        ) -> Acquisition:
+            won = await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
             await asyncio.sleep(0.05)
             return won
 

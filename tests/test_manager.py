@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
+import attrs
 import pytest
 
 from factorial_tokens import (
@@ -30,7 +32,23 @@ from factorial_tokens import (
     TokenManager,
     TokenSet,
 )
-from factorial_tokens.store import Lease, MemoryStore, Record, TenantKey, TenantStatus, Update
+from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.store import (
+    Acquisition,
+    ChangeListener,
+    ClaimState,
+    CodeClaim,
+    Freshness,
+    Lease,
+    MemoryStore,
+    Record,
+    Store,
+    TenantKey,
+    TenantStatus,
+    Update,
+    Watch,
+    acquires_unless_fresh,
+)
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for
@@ -75,14 +93,219 @@ async def test_hot_path_costs_no_store_call(sim: FakeFactorial, backend: Backend
         assert store.calls.total() == 0
 
 
-async def test_miss_with_fresh_tokens_is_one_read(sim: FakeFactorial, backend: Backend) -> None:
+async def test_miss_with_fresh_tokens_is_one_round_trip_and_no_lease(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """An acquisition that leaves the fresh record alone: no read first, no lease to give back."""
     async with TokenManager(app_for(sim), backend.store) as first:
         await connect(first, sim)
     store = CountingStore(backend.open())
     async with TokenManager(app_for(sim), store) as second:
         store.reset()
         await second.access_token("acme")
+        assert dict(store.calls) == {"acquire": 1}
+
+
+async def age(tm: TokenManager, left: float, tenant: str = "acme") -> TokenSet:
+    """Store ``tenant``'s tokens as if they had ``left`` seconds to live (of an hour)."""
+    tokens = await tm.tokens(tenant)
+    now = time.time()
+    aged = attrs.evolve(tokens, expires_at=now + left, obtained_at=now + left - 3600)
+    key = TenantKey(tm.app.client_id, tenant)
+    await tm.store.replace(
+        key, Update(JsonCodec().encode(key, aged), TenantStatus.ACTIVE, aged.expires_at, aged.obtained_at)
+    )
+    return aged
+
+
+async def test_a_cold_refresh_is_two_round_trips(sim: FakeFactorial, backend: Backend) -> None:
+    """A process with nothing cached (just started, or its cache dropped by an announcement):
+    the acquisition, which takes the lease because the record is due, then the commit."""
+    async with TokenManager(app_for(sim), backend.store) as first:
+        old = await connect(first, sim)
+        await age(first, left=5)  # inside min_valid (15 s of the default 60 s leeway)
+    store = CountingStore(backend.open())
+    async with TokenManager(app_for(sim), store) as cold:
+        store.reset()
+        token = await cold.access_token("acme")
+        assert dict(store.calls) == {"acquire": 1, "commit": 1}
+    assert token != old and sim.is_active(token) and sim.stats.refreshes == 1
+
+
+class _SlowAnswer(CountingStore):
+    """Its first acquisition unless fresh answers 0.3 s late."""
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        first = unless_fresh is not None and not self.calls["acquire"]
+        won = await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        if first:
+            await asyncio.sleep(0.3)
+        return won
+
+
+async def test_a_record_found_fresh_that_is_due_on_arrival_is_asked_for_again(sim: FakeFactorial) -> None:
+    """The store left the record alone (fresh at the instant it judged), and the answer
+    arrived once the mandatory window had opened: the manager asks again at once, plainly,
+    rather than wait for an announcement that will not come."""
+    store = _SlowAnswer(MemoryStore())
+    async with TokenManager(app_for(sim), store) as tm:
+        old = await connect(tm, sim)
+        await age(tm, left=15.15)  # min_valid is 15 s: the window opens in 0.15 s
+        tm._cache.clear()
+        store.reset()
+        token = await asyncio.wait_for(tm.access_token("acme"), 5)
+        assert dict(store.calls) == {"acquire": 2, "commit": 1}
+    assert token != old and sim.stats.refreshes == 1
+
+
+class _InOrder(CountingStore):
+    """Also records the order of reads and acquisitions."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.order: list[str] = []
+
+    async def read(self, key: TenantKey) -> Record | None:
+        self.order.append("read")
+        return await super().read(key)
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        self.order.append("acquire")
+        return await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
+
+
+async def test_a_cold_caller_waiting_for_another_workers_refresh_sends_two_commands(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """The acquisition (refused: the lease is busy) and, once woken, a read: no read first.
+    (A wake-up before the holder commits, a poll tick, costs a read and an acquisition.)"""
+    async with TokenManager(app_for(sim), backend.store) as first:
+        await connect(first, sim)
+        aged = await age(first, left=5)
+    key = TenantKey(app_for(sim).client_id, "acme")
+    holder = await backend.store.acquire(key, "the-other-worker", 10.0)
+    assert holder.lease is not None
+    store = _InOrder(backend.open())
+    async with TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as cold:
+        store.reset()
+        waiter = asyncio.ensure_future(cold.access_token("acme"))
+        for _ in range(500):
+            if store.calls["acquire"]:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        fresh = attrs.evolve(aged, expires_at=time.time() + 3600, obtained_at=time.time())
+        await backend.store.commit(
+            holder.lease,
+            Update(JsonCodec().encode(key, fresh), TenantStatus.ACTIVE, fresh.expires_at, fresh.obtained_at),
+        )
+        assert await asyncio.wait_for(waiter, 10) == fresh.access_token
+    early = (len(store.order) - 2) // 2
+    assert store.order == ["acquire", *["read", "acquire"] * early, "read"]
+    assert sim.stats.refreshes == 0
+
+
+class _OldContract:
+    """A third party's store written before ``acquire`` took ``unless_fresh``: every
+    primitive forwarded, ``acquire`` with its older signature, no capability declared."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    async def read(self, key: TenantKey) -> Record | None:
+        return await self.inner.read(key)
+
+    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        return await self.inner.acquire(key, owner, ttl)
+
+    async def extend(self, lease: Lease, ttl: float) -> bool:
+        return await self.inner.extend(lease, ttl)
+
+    async def release(self, lease: Lease) -> bool:
+        return await self.inner.release(lease)
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        return await self.inner.commit(lease, update)
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        await self.inner.replace(key, update)
+
+    async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
+        return await self.inner.claim_code(key, code_hash, owner, ttl)
+
+    async def advance_code(
+        self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
+    ) -> bool:
+        return await self.inner.advance_code(claim, state, ttl, outcome)
+
+    async def tenants(self, namespace: str) -> list[Record]:
+        return await self.inner.tenants(namespace)
+
+    def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
+        return self.inner.watch(key)
+
+    def on_change(self, callback: ChangeListener) -> Callable[[], None]:
+        return self.inner.on_change(callback)
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _OldOverride(MemoryStore):
+    """A subclass written before ``unless_fresh``: it inherits the attribute, not the capability."""
+
+    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+        return await super().acquire(key, owner, ttl)
+
+
+async def test_a_subclass_overriding_acquire_the_older_way_is_read_first(sim: FakeFactorial) -> None:
+    store = _OldOverride()
+    assert store.acquires_unless_fresh and not acquires_unless_fresh(store)
+    assert acquires_unless_fresh(MemoryStore()) and acquires_unless_fresh(CountingStore(MemoryStore()))
+    assert not acquires_unless_fresh(CountingStore(store))
+    counting = CountingStore(store)
+    async with TokenManager(app_for(sim), counting) as tm:
+        old = await connect(tm, sim)
+        tm._cache.clear()
+        counting.reset()
+        assert await tm.access_token("acme") == old
+        assert dict(counting.calls) == {"read": 1}
+        await age(tm, left=5)
+        tm._cache.clear()
+        counting.reset()
+        assert await tm.access_token("acme") != old
+        assert dict(counting.calls) == {"read": 1, "acquire": 1, "commit": 1}
+
+
+async def test_a_store_written_to_the_older_contract_is_read_first(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """Without the capability the manager reads, then acquires: a fresh token one read, a
+    cold refresh three round trips, and never an ``unless_fresh`` the store does not take."""
+    assert isinstance(_OldContract(backend.store), Store) and not acquires_unless_fresh(
+        _OldContract(backend.store)
+    )
+    async with TokenManager(app_for(sim), backend.store) as first:
+        old = await connect(first, sim)
+    store = CountingStore(_OldContract(backend.open()))
+    async with TokenManager(app_for(sim), store) as cold:
+        store.reset()
+        assert await cold.access_token("acme") == old
         assert dict(store.calls) == {"read": 1}
+    async with TokenManager(app_for(sim), store) as cold:
+        await age(cold, left=5)
+        store.reset()
+        token = await cold.access_token("acme")
+        assert dict(store.calls) == {"read": 1, "acquire": 1, "commit": 1}
+    assert token != old and sim.is_active(token) and sim.stats.refreshes == 1
 
 
 async def test_500_callers_on_an_expired_tenant_cause_one_refresh(
@@ -291,6 +514,23 @@ async def test_two_managers_on_one_store_refresh_once(make_sim: SimFactory, back
         assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
         assert sum(s.calls["commit"] for s in stores) == 1
         assert sum(s.calls["acquire"] for s in stores) <= len(stores)
+
+
+async def test_a_rolling_deploy_refreshes_once(make_sim: SimFactory, backend: Backend) -> None:
+    """Workers of the older contract (read, then acquire) and of the newer (acquire unless
+    fresh) on one store, every token expired at once: still one refresh."""
+    async with make_sim(access_token_ttl=1, latency=0.05) as sim:
+        async with (
+            TokenManager(app_for(sim), _OldContract(backend.store), lease_ttl=6, provider_timeout=2) as old,
+            TokenManager(app_for(sim), backend.open(), lease_ttl=6, provider_timeout=2) as new,
+        ):
+            before = await connect(new, sim)
+            await asyncio.sleep(1.1)
+            calls = [m.access_token("acme") for m in (old, new, old, new) for _ in range(50)]
+            tokens = await asyncio.gather(*calls)
+        assert len(set(tokens)) == 1 and tokens[0] != before and sim.is_active(tokens[0])
+        assert sim.stats.refreshes == 1 and sim.stats.refresh_attempts == 1
+        assert sim.stats.invalid_grant == 0 and sim.stats.families_revoked == 0
 
 
 async def test_dead_grant_needs_reauthorization(make_sim: SimFactory, backend: Backend) -> None:

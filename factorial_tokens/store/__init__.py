@@ -1,10 +1,11 @@
 """The kit for token store authors: the contract, its values, and the shared plumbing.
 
-What a store implements: :class:`Store` (the primitives the manager composes) and, for
-fleet-wide back-pressure, :class:`Throttle`. Their values: :class:`TenantKey`,
-:class:`Record`, :class:`Update`, :class:`Lease`, :class:`Acquisition`,
-:class:`TenantStatus`, :class:`ClaimState`, :class:`CodeClaim`, :class:`ThrottleState`,
-:data:`CLAIM_RETENTION`, :func:`hold_digest`.
+What a store implements: :class:`Store` (the primitives the manager composes),
+:class:`AcquireUnlessFresh` (a lease taken only when the record is due, declared as
+:func:`acquires_unless_fresh` checks) and, for fleet-wide back-pressure, :class:`Throttle`.
+Their values: :class:`TenantKey`, :class:`Record`, :class:`Update`, :class:`Lease`,
+:class:`Acquisition`, :class:`Freshness`, :class:`TenantStatus`, :class:`ClaimState`,
+:class:`CodeClaim`, :class:`ThrottleState`, :data:`CLAIM_RETENTION`, :func:`hold_digest`.
 
 What a store reuses instead of rebuilding it: :class:`Notifier` (the in-process fan-out of
 change announcements behind ``watch``/``on_change``), :class:`PushListener` (a push
@@ -24,7 +25,16 @@ Applications need none of this: they pass a store URL (or a store) to
 :class:`factorial_tokens.TokenManager`.
 """
 
-from ._contract import ChangeListener, Store, Throttle, Watch, acquire_within, closed_error
+from ._contract import (
+    AcquireUnlessFresh,
+    ChangeListener,
+    Store,
+    Throttle,
+    Watch,
+    acquire_within,
+    acquires_unless_fresh,
+    closed_error,
+)
 from ._listener import PushListener
 from ._notifier import Notifier
 from ._options import OptionParser, choice, flag, integer, number, seconds, text, url_options
@@ -34,6 +44,7 @@ from ._values import (
     Acquisition,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Record,
     TenantKey,
@@ -48,10 +59,12 @@ from .sqlite import SQLiteStore
 
 __all__ = [
     "CLAIM_RETENTION",
+    "AcquireUnlessFresh",
     "Acquisition",
     "ChangeListener",
     "ClaimState",
     "CodeClaim",
+    "Freshness",
     "Lease",
     "MemoryStore",
     "Notifier",
@@ -67,6 +80,7 @@ __all__ = [
     "Update",
     "Watch",
     "acquire_within",
+    "acquires_unless_fresh",
     "choice",
     "closed_error",
     "flag",

@@ -19,7 +19,15 @@ Primitives (each one atomic, each one round trip where the backend allows):
   changes; a bounded, jittered poll is only the fallback.
 * ``tenants``, ``check`` (health), ``aclose``.
 
-A capability every shipped store also has (:class:`Throttle`): fleet-wide back-pressure
+A capability every shipped store has (:class:`AcquireUnlessFresh`): ``acquire`` with
+``unless_fresh`` takes the lease only when the record is due (ACTIVE and not fresh by the
+given :class:`Freshness`); otherwise it returns the record with no lease and writes and
+announces nothing. A process with nothing cached then refreshes in two round trips
+(acquire, commit) and pays one for a fresh record, with no read first. A store declares
+it with a true ``acquires_unless_fresh`` attribute; a store without it (written to the
+older contract) keeps working: the manager reads first, then acquires.
+
+Another capability every shipped store has (:class:`Throttle`): fleet-wide back-pressure
 per app. ``hold`` records a "not before" instant after the provider said 429 (or 503
 with ``Retry-After``) and announces it; ``admit`` answers how long to wait before the next
 provider call, by that instant and by an optional shared rate budget (a token bucket).
@@ -40,15 +48,25 @@ called again.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 from .._errors import StoreUnavailable
-from ._values import Acquisition, ClaimState, CodeClaim, Lease, Record, TenantKey, Update
+from ._values import Acquisition, ClaimState, CodeClaim, Freshness, Lease, Record, TenantKey, Update
 
-__all__ = ["ChangeListener", "Store", "Throttle", "Watch", "acquire_within", "closed_error"]
+__all__ = [
+    "AcquireUnlessFresh",
+    "ChangeListener",
+    "Store",
+    "Throttle",
+    "Watch",
+    "acquire_within",
+    "acquires_unless_fresh",
+    "closed_error",
+]
 
 #: Told the digest of a tenant that changed, or ``None`` when anything may have changed.
 ChangeListener = Callable[[str | None], None]
@@ -130,6 +148,43 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Close what the store created (not what it was given)."""
         ...
+
+
+@runtime_checkable
+class AcquireUnlessFresh(Protocol):
+    """A store whose ``acquire`` can leave a fresh record alone (every shipped store).
+
+    Declared by a true ``acquires_unless_fresh`` attribute, checked with the signature of
+    ``acquire`` by :func:`acquires_unless_fresh` (a wrapper answers for its inner store).
+    ``Store.acquire`` keeps its older signature, so a store written to it still
+    type-checks as a :class:`Store`.
+    """
+
+    acquires_unless_fresh: bool
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        """Without ``unless_fresh``, :meth:`Store.acquire`. With it, take the lease only when
+        ``unless_fresh.due(record)``: an ACTIVE record that is not fresh at
+        ``unless_fresh.at``; a lease held by someone else is refused as always. Otherwise
+        return ``Acquisition(None, record)`` (``record`` may be ``None``) having written
+        nothing and announced nothing. A replay by the owner of a live lease returns it."""
+        ...
+
+
+def acquires_unless_fresh(store: object) -> TypeGuard[AcquireUnlessFresh]:
+    """True when ``store`` declares :class:`AcquireUnlessFresh` (a true
+    ``acquires_unless_fresh`` attribute) and its ``acquire`` takes ``unless_fresh`` (or any
+    keyword): a subclass that overrides ``acquire`` with the older signature inherits the
+    attribute, not the capability. Inspects a signature: ask once per store, not per call."""
+    if getattr(store, "acquires_unless_fresh", False) is not True:
+        return False
+    try:
+        parameters = inspect.signature(store.acquire).parameters.values()  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return any(p.name == "unless_fresh" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 @runtime_checkable

@@ -15,6 +15,7 @@ __all__ = [
     "Acquisition",
     "ClaimState",
     "CodeClaim",
+    "Freshness",
     "Lease",
     "Record",
     "TenantKey",
@@ -75,6 +76,44 @@ class Record:
     version: int
     expires_at: float | None
     updated_at: float
+
+
+@attrs.frozen
+class Freshness:
+    """When a record needs no refresh yet: the rule an
+    :class:`~factorial_tokens.store.AcquireUnlessFresh` store's ``acquire`` checks when given
+    ``unless_fresh`` (the manager's windows, in terms a store can evaluate).
+
+    A record is *fresh* when it is ACTIVE and, at the wall-clock instant ``at``, its token
+    has more than ``min(margin, share * lifetime)`` seconds left, where the lifetime is
+    ``expires_at - updated_at`` (never below 0); a record without ``expires_at`` never
+    expires and is always fresh. In one expression, with ``E`` the record's
+    ``expires_at`` and ``U`` its ``updated_at``::
+
+        E is None  or  E - min(margin, share * max(E - U, 0)) > at
+
+    Stores evaluate this very expression in IEEE doubles (Python, Lua, SQL ``double
+    precision``), at ``at``, never by their own clock; the conformance suite checks its
+    boundaries against :meth:`due`.
+    """
+
+    at: float
+    margin: float
+    share: float = 0.0
+
+    def fresh(self, record: Record) -> bool:
+        """True when ``record`` is ACTIVE and fresh at ``at`` (see the class docstring)."""
+        if record.status is not TenantStatus.ACTIVE:
+            return False
+        expires = record.expires_at
+        if expires is None:
+            return True
+        return expires - min(self.margin, self.share * max(expires - record.updated_at, 0.0)) > self.at
+
+    def due(self, record: Record | None) -> bool:
+        """True when a lease is worth taking for ``record``: it is ACTIVE and not fresh.
+        An absent record, or one that needs re-authorization, has nothing to refresh."""
+        return record is not None and record.status is TenantStatus.ACTIVE and not self.fresh(record)
 
 
 def record_from_columns(

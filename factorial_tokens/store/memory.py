@@ -20,6 +20,7 @@ from ._values import (
     Acquisition,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Record,
     TenantKey,
@@ -55,6 +56,8 @@ class MemoryStore:
     After :meth:`aclose` every primitive raises StoreUnavailable, as every store does.
     """
 
+    acquires_unless_fresh = True
+
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
@@ -83,8 +86,18 @@ class MemoryStore:
         slot = self._slots.get(key.digest)
         return slot.record if slot else None
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
         self._check_open()
+        if unless_fresh is not None:
+            found = self._slots.get(key.digest)
+            if found is None:
+                return Acquisition(None, None)
+            if not unless_fresh.due(found.record) and not (
+                found.lease_owner == owner and found.lease_expires > self._clock()
+            ):
+                return Acquisition(None, found.record)
         slot = self._slot(key)
         now = self._clock()
         if slot.lease_owner == owner and slot.lease_expires > now:

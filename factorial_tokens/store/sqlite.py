@@ -36,6 +36,7 @@ from ._values import (
     Acquisition,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Record,
     TenantKey,
@@ -137,6 +138,8 @@ class SQLiteStore:
     shortens or stretches the leases running at that moment (fencing still refuses a
     stale holder's write).
     """
+
+    acquires_unless_fresh = True
 
     def __init__(
         self,
@@ -316,9 +319,12 @@ class SQLiteStore:
         """Return the tenant's record, or ``None``."""
         return await self._run(_read, key)
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
-        """Take the tenant's lease if free or expired, with the next fencing number."""
-        return await self._run(_acquire, key, owner, ttl)
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        """Take the tenant's lease if free or expired, with the next fencing number; with
+        ``unless_fresh``, only if the record is due (a fresh one costs a read, no write)."""
+        return await self._run(_acquire, key, owner, ttl, unless_fresh)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         """Push the lease's expiry to ``ttl`` from now, if ``lease`` is still current."""
@@ -571,18 +577,30 @@ def _read(conn: sqlite3.Connection, key: TenantKey) -> Record | None:
     return None if row is None else _record(key, row)
 
 
-def _acquire(conn: sqlite3.Connection, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+_LEASE_ROW = (
+    "SELECT payload, status, version, expires_at, updated_at, fence, lease_owner, lease_expires "
+    "FROM tenants WHERE namespace = ? AND tenant = ?"
+)
+
+
+def _acquire(
+    conn: sqlite3.Connection, key: TenantKey, owner: str, ttl: float, unless_fresh: Freshness | None
+) -> Acquisition:
+    if unless_fresh is not None:
+        # Judged outside the write lock first: a fresh record costs a read, as ``read`` does.
+        row = conn.execute(_LEASE_ROW, (key.namespace, key.tenant)).fetchone()
+        record = None if row is None else _record(key, row)
+        if not unless_fresh.due(record) and not (row is not None and row[6] == owner):
+            return Acquisition(None, record)
     with _immediate(conn):
         now = time.time()
-        row = conn.execute(
-            "SELECT payload, status, version, expires_at, updated_at, fence, lease_owner, lease_expires "
-            "FROM tenants WHERE namespace = ? AND tenant = ?",
-            (key.namespace, key.tenant),
-        ).fetchone()
+        row = conn.execute(_LEASE_ROW, (key.namespace, key.tenant)).fetchone()
         record = None if row is None else _record(key, row)
         if row is not None and row[6] == owner and row[7] > now:
             # A replay: owner tokens are unique per call, so this lease is the caller's own.
             return Acquisition(Lease(key, owner, int(row[5])), record)
+        if unless_fresh is not None and not unless_fresh.due(record):
+            return Acquisition(None, record)  # written meanwhile: fresh (or gone) now
         if row is not None and row[6] is not None and row[7] > now:
             return Acquisition(None, record)
         fence = conn.execute(

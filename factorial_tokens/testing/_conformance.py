@@ -44,7 +44,10 @@ flag (as SQLAlchemy's ``requirements.py`` does), and the tests of it are skipped
   ``on_change`` listeners of another (False when other instances' writes are seen only
   by the poll of ``Watch.wait``, e.g. PostgreSQL behind PgBouncer);
 * ``persistent``: what an instance wrote outlives it (the backend keeps it);
-* ``throttle``: the store implements :class:`~factorial_tokens.store.Throttle`.
+* ``throttle``: the store implements :class:`~factorial_tokens.store.Throttle`;
+* ``acquire_unless_fresh``: the store implements
+  :class:`~factorial_tokens.store.AcquireUnlessFresh` (a store written before it existed
+  sets it to False: the manager then reads first).
 """
 
 from __future__ import annotations
@@ -58,13 +61,16 @@ from typing import Any
 
 from .._errors import StoreUnavailable
 from ..store import (
+    Acquisition,
     ClaimState,
+    Freshness,
     Store,
     TenantKey,
     TenantStatus,
     Throttle,
     Update,
     Watch,
+    acquires_unless_fresh,
     hold_digest,
 )
 
@@ -105,6 +111,7 @@ class StoreConformance:
     cross_instance_wakeups = True
     persistent = True
     throttle = True
+    acquire_unless_fresh = True
 
     async def open_peer(self, store: Store) -> Store:
         """Open a second instance on ``store``'s backend (same file, server, schema, prefix),
@@ -411,6 +418,106 @@ class StoreConformance:
         await asyncio.sleep(self.lease_ttl * 1.5)
         seen = await store.claim_code(key, "h", "alive", 30)
         assert not seen.won and seen.state is ClaimState.SENT and seen.expired
+
+    # -- a lease only for a due record (the AcquireUnlessFresh capability) ----------------
+
+    #: Records (expires_at, updated_at, status) and rules (margin, share) at the instant
+    #: _AT, each with whether the lease is taken: the boundaries of ``Freshness.due``.
+    _AT = 1_000_000.0
+    _DUE_CASES = (
+        # an hour's token: the margin decides
+        ((_AT + 100.0, _AT - 3500.0, TenantStatus.ACTIVE), (60.0, 0.5), False),
+        ((_AT + 60.5, _AT - 3539.5, TenantStatus.ACTIVE), (60.0, 0.5), False),
+        ((_AT + 60.0, _AT - 3540.0, TenantStatus.ACTIVE), (60.0, 0.5), True),  # exactly at it
+        ((_AT - 5.0, _AT - 3605.0, TenantStatus.ACTIVE), (60.0, 0.5), True),  # expired
+        # a minute's token: the share of its lifetime decides (30 s, then 45 s)
+        ((_AT + 40.0, _AT - 20.0, TenantStatus.ACTIVE), (60.0, 0.5), False),
+        ((_AT + 40.0, _AT - 20.0, TenantStatus.ACTIVE), (60.0, 0.75), True),
+        ((_AT + 30.0, _AT - 30.0, TenantStatus.ACTIVE), (60.0, 0.5), True),
+        # updated after its expiry (a lifetime below 0 counts as 0), or never (0: a long one)
+        ((_AT + 1.0, _AT + 5.0, TenantStatus.ACTIVE), (60.0, 0.5), False),
+        ((_AT + 59.0, 0.0, TenantStatus.ACTIVE), (60.0, 0.5), True),
+        # no margin at all: fresh until it expires
+        ((_AT + 0.25, _AT - 100.0, TenantStatus.ACTIVE), (0.0, 0.0), False),
+        ((_AT, _AT - 100.0, TenantStatus.ACTIVE), (0.0, 0.0), True),
+        # never expires; needs re-authorization (nothing to refresh, however old)
+        ((None, _AT - 100.0, TenantStatus.ACTIVE), (60.0, 0.5), False),
+        ((_AT - 100.0, _AT - 3700.0, TenantStatus.NEEDS_REAUTH), (60.0, 0.5), False),
+    )
+
+    async def _acquire_unless_fresh(
+        self, store: Store, key: TenantKey, owner: str, rule: Freshness
+    ) -> Acquisition:
+        self.require("acquire_unless_fresh")
+        assert acquires_unless_fresh(store), "the store does not declare acquires_unless_fresh = True"
+        return await store.acquire(key, owner, self.lease_ttl * 10, unless_fresh=rule)
+
+    async def test_acquire_unless_fresh_takes_the_lease_exactly_when_due(self, store: Store) -> None:
+        for (expires_at, updated_at, status), (margin, share), due in self._DUE_CASES:
+            key = self.key()
+            await store.replace(key, Update(b"tokens", status, expires_at, updated_at))
+            before = await store.read(key)
+            assert before is not None
+            rule = Freshness(self._AT, margin, share)
+            assert rule.due(before) is due, (expires_at, updated_at, status, margin, share)
+            won = await self._acquire_unless_fresh(store, key, "one", rule)
+            case = f"expires_at={expires_at!r} updated_at={updated_at!r} {status.value} {rule}"
+            assert (won.lease is not None) is due, case
+            assert won.record == before, case
+            assert await store.read(key) == before, case  # no write either way
+            other = await store.acquire(key, "two", self.lease_ttl * 10)
+            assert (other.lease is None) is due, f"{case}: the lease was taken (or not) anyway"
+
+    async def test_acquire_unless_fresh_leaves_a_fresh_record_unannounced(self, store: Store) -> None:
+        key = self.key()
+        now = time.time()
+        await store.replace(key, Update(b"tokens", TenantStatus.ACTIVE, now + 3600, now))
+        seen: list[str | None] = []
+        unsubscribe = store.on_change(seen.append)
+        try:
+            async with store.watch(key) as watch:
+                won = await self._acquire_unless_fresh(store, key, "one", Freshness(now, 60.0, 0.5))
+                assert won.lease is None and won.record is not None and won.record.payload == b"tokens"
+                assert not await _woken(watch, 0.3), "leaving a fresh record alone announced a change"
+            assert key.digest not in seen
+        finally:
+            unsubscribe()
+
+    async def test_acquire_unless_fresh_of_an_absent_record_takes_nothing(self, store: Store) -> None:
+        key = self.key()
+        won = await self._acquire_unless_fresh(store, key, "one", Freshness(time.time(), 60.0, 0.5))
+        assert won == Acquisition(None, None)
+        assert await store.read(key) is None
+        await store.replace(key, _update(b"x"))
+        await store.replace(key, None)  # forgotten: absent again
+        won = await self._acquire_unless_fresh(store, key, "one", Freshness(time.time(), 60.0, 0.5))
+        assert won == Acquisition(None, None)
+        assert (await store.acquire(key, "two", self.lease_ttl)).lease is not None
+
+    async def test_acquire_unless_fresh_is_refused_while_the_lease_is_held(self, store: Store) -> None:
+        key = self.key()
+        now = time.time()
+        await store.replace(key, Update(b"tokens", TenantStatus.ACTIVE, now - 1, now - 3601))
+        holder = await store.acquire(key, "holder", self.lease_ttl * 10)
+        assert holder.lease is not None
+        won = await self._acquire_unless_fresh(store, key, "one", Freshness(now, 60.0, 0.5))
+        assert won.lease is None and won.record is not None and won.record.payload == b"tokens"
+        committed = await store.commit(holder.lease, Update(b"new", TenantStatus.ACTIVE, now + 3600, now))
+        assert committed is not None
+        won = await self._acquire_unless_fresh(store, key, "one", Freshness(now, 60.0, 0.5))
+        assert won.lease is None and won.record == committed  # refreshed meanwhile: fresh
+
+    async def test_replayed_acquire_unless_fresh_keeps_the_lease(self, store: Store) -> None:
+        key = self.key()
+        now = time.time()
+        await store.replace(key, Update(b"tokens", TenantStatus.ACTIVE, now - 1, now - 3601))
+        rule = Freshness(now, 60.0, 0.5)
+        first = await self._acquire_unless_fresh(store, key, "one", rule)
+        again = await self._acquire_unless_fresh(store, key, "one", rule)
+        assert first.lease is not None and again.lease is not None and again.lease.owner == "one"
+        assert (await store.acquire(key, "two", self.lease_ttl * 10)).lease is None
+        committed = await store.commit(again.lease, Update(b"new", TenantStatus.ACTIVE, now + 3600, now))
+        assert committed is not None and committed.payload == b"new"
 
     # -- replayed primitives: a client resends a command whose reply was lost; the second
     # run must give what the first gave, and leave the store as one run leaves it.

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import cast
 
 from ..store import (
+    AcquireUnlessFresh,
     Acquisition,
     ChangeListener,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Record,
     Store,
@@ -18,6 +21,7 @@ from ..store import (
     Throttle,
     Update,
     Watch,
+    acquires_unless_fresh,
 )
 
 __all__ = ["CountingStore"]
@@ -46,9 +50,18 @@ class CountingStore:
         self.calls["read"] += 1
         return await self.inner.read(key)
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+    @property
+    def acquires_unless_fresh(self) -> bool:
+        """The inner store's answer: a lease taken only when the record is due."""
+        return acquires_unless_fresh(self.inner)
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
         self.calls["acquire"] += 1
-        return await self.inner.acquire(key, owner, ttl)
+        if unless_fresh is None:
+            return await self.inner.acquire(key, owner, ttl)
+        return await cast(AcquireUnlessFresh, self.inner).acquire(key, owner, ttl, unless_fresh=unless_fresh)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         self.calls["extend"] += 1

@@ -28,7 +28,16 @@ from factorial_tokens import (
     TokenManager,
     TokenSet,
 )
-from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
+from factorial_tokens.store import (
+    Acquisition,
+    ClaimState,
+    Freshness,
+    Store,
+    TenantKey,
+    TenantStatus,
+    Update,
+    store_from_url,
+)
 from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, Fault, StoreConformance
 
 from .. import postgres_server
@@ -147,6 +156,10 @@ async def test_migrate_false_reads_a_missing_schema_as_empty_and_creates_nothing
         assert await store.tenants("app") == []
         with pytest.raises(StoreUnavailable, match="migrate=false"):
             await store.acquire(key, "me", 5.0)
+        # Taking a lease only for a due record writes nothing when there is none.
+        assert await store.acquire(key, "me", 5.0, unless_fresh=Freshness(time.time(), 1.0)) == Acquisition(
+            None, None
+        )
         found = await _fetch(base_url, "SELECT nspname FROM pg_namespace WHERE nspname = $1", schema)
         assert found == []
         # Once a migrating store has made it, the read-only one uses it.

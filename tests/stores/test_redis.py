@@ -248,11 +248,12 @@ async def test_round_trips_measured_by_redis(make_sim: SimFactory, throwaway: Re
         async with TokenManager(app_for(sim), store, lease_ttl=6, provider_timeout=2) as tm:
             await _settled(inner)
             await asyncio.sleep(1.1)  # expire what the first manager stored
-            # A whole refresh: three store calls, three commands.
+            # A whole refresh in a cold process: two store calls, two commands (the
+            # acquisition takes the lease because the record is due; no read first).
             store.reset()
             refreshed, commands = await log.measure(tm.access_token("acme"))
-            assert dict(store.calls) == {"read": 1, "acquire": 1, "commit": 1}
-            assert commands == ["hmget", "evalsha", "evalsha"]
+            assert dict(store.calls) == {"acquire": 1, "commit": 1}
+            assert commands == ["evalsha", "evalsha"]
             # The hot path: no store call, no command.
             store.reset()
             tokens, commands = await log.measure(
@@ -268,9 +269,9 @@ async def test_round_trips_measured_by_redis(make_sim: SimFactory, throwaway: Re
             await _settled(other_inner)
             other.reset()
             token, commands = await log.measure(second.access_token("acme"))
-            assert token == refreshed  # fresh in Redis: one read
-            assert dict(other.calls) == {"read": 1}
-            assert commands == ["hmget"]
+            assert token == refreshed  # fresh in Redis: one acquisition that takes nothing
+            assert dict(other.calls) == {"acquire": 1}
+            assert commands == ["evalsha"]
         await other_inner.aclose()
         await inner.aclose()
 

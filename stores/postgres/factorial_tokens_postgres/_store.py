@@ -44,6 +44,7 @@ from factorial_tokens.store import (
     ChangeListener,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Notifier,
     PushListener,
@@ -122,7 +123,9 @@ _URL_OPTIONS = {
     "migrate": flag,
 }
 _PRUNE_EVERY = 600.0
-_READS = frozenset({"read", "tenants", "check"})  # what a missing schema answers (migrate=false)
+#: What a missing schema answers (migrate=false); a conditional acquire writes nothing for
+#: an absent record.
+_READS = frozenset({"read", "tenants", "check", "acquire_if_due"})
 
 
 class PostgresStore:
@@ -147,6 +150,8 @@ class PostgresStore:
     lost mid-statement is retried on a fresh connection first (each statement is safe to
     replay). Bad names raise :class:`~factorial_tokens.ConfigurationError`.
     """
+
+    acquires_unless_fresh = True
 
     def __init__(
         self,
@@ -368,10 +373,15 @@ class PostgresStore:
         row = await self._call("read", run)
         return None if row is None else _record(key, row)
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
         """Take the lease if free or expired (by the database clock), with a new fence;
-        also returns the record seen, all in one statement."""
+        also returns the record seen, all in one statement. With ``unless_fresh``, only if
+        the record is due (judged in the same statement; a fresh one is not written)."""
         self._check_key(key)
+        if unless_fresh is not None:
+            return await self._acquire_if_due(key, owner, ttl, unless_fresh)
 
         async def run(pool: Any, replay: bool) -> Any:
             # No row means a concurrent first insert our snapshot could not see: ask again.
@@ -387,6 +397,29 @@ class PostgresStore:
         row = await self._call("acquire", run)
         if row is None:
             return Acquisition(None, None)
+        record = None if row["payload"] is None else _record(key, row)
+        lease = Lease(key, owner, int(row["fence"])) if row["won"] else None
+        return Acquisition(lease, record)
+
+    async def _acquire_if_due(self, key: TenantKey, owner: str, ttl: float, rule: Freshness) -> Acquisition:
+        async def run(pool: Any, replay: bool) -> Any:
+            if self._absent:
+                return None
+            # Replay-safe as it is: a lease already held by this very owner is ours.
+            return await pool.fetchrow(
+                self._sql.acquire_if_due,
+                key.namespace,
+                key.tenant,
+                owner,
+                float(ttl),
+                float(rule.at),
+                float(rule.margin),
+                float(rule.share),
+            )
+
+        row = await self._call("acquire_if_due", run)
+        if row is None:
+            return Acquisition(None, None)  # no row: never written
         record = None if row["payload"] is None else _record(key, row)
         lease = Lease(key, owner, int(row["fence"])) if row["won"] else None
         return Acquisition(lease, record)
@@ -720,6 +753,28 @@ class _Statements:
                     WHERE t.lease_owner IS NULL
                        OR t.lease_expires <= clock_timestamp()
                        OR ($6 AND t.lease_owner = $4)
+                RETURNING t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
+            )
+            SELECT true AS won, fence, {cols} FROM won
+            UNION ALL
+            SELECT false, fence, {cols} FROM {t}
+             WHERE namespace = $1 AND tenant = $2 AND NOT EXISTS (SELECT FROM won)"""
+        # $1 namespace, $2 tenant, $3 owner, $4 ttl seconds, $5 at, $6 margin, $7 share:
+        # the lease only for an ACTIVE record that is not fresh by the rule (Freshness in the
+        # store kit, the same doubles as Python's); an absent row is left absent. A replay
+        # (this owner's live lease) takes it again with a new fence, as ``acquire`` does.
+        self.acquire_if_due = f"""
+            WITH won AS (
+                UPDATE {t} AS t
+                   SET fence = t.fence + 1, lease_owner = $3,
+                       lease_expires = clock_timestamp() + make_interval(secs => $4)
+                 WHERE t.namespace = $1 AND t.tenant = $2
+                   AND ((t.lease_owner = $3 AND t.lease_expires > clock_timestamp())  -- a replay
+                        OR ((t.lease_owner IS NULL OR t.lease_expires <= clock_timestamp())
+                            AND t.payload IS NOT NULL AND t.status = 'active'
+                            AND t.expires_at IS NOT NULL
+                            AND t.expires_at - LEAST($6, $7 * GREATEST(t.expires_at - t.updated_at, 0))
+                                <= $5))
                 RETURNING t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
             )
             SELECT true AS won, fence, {cols} FROM won

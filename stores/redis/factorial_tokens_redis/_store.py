@@ -37,6 +37,7 @@ from factorial_tokens.store import (
     ChangeListener,
     ClaimState,
     CodeClaim,
+    Freshness,
     Lease,
     Notifier,
     Record,
@@ -128,6 +129,8 @@ class RedisStore:
     with asynchronous replication can lose a lease or a fence increment (the Redlock
     caveat); see the package README.
     """
+
+    acquires_unless_fresh = True
 
     def __init__(
         self,
@@ -404,11 +407,16 @@ class RedisStore:
         fields = await self._call("read", command, queued=not self.cluster)
         return self._record(key, fields)
 
-    async def acquire(self, key: TenantKey, owner: str, ttl: float) -> Acquisition:
-        """Take the lease (one script): a new fence from ``HINCRBY`` and the record seen."""
-        reply = await self._script(
-            "acquire", [self._rec(key.digest), self._lease(key.digest)], [owner, _ms(ttl)]
-        )
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        """Take the lease (one script): a new fence from ``HINCRBY`` and the record seen;
+        with ``unless_fresh``, only if the record is due (judged in the same script)."""
+        args: list[str | bytes | int] = [owner, _ms(ttl)]
+        if unless_fresh is not None:
+            rule = unless_fresh
+            args += [_float_text(rule.at), _float_text(rule.margin), _float_text(rule.share)]
+        reply = await self._script("acquire", [self._rec(key.digest), self._lease(key.digest)], args)
         fence = int(reply[0])
         record = self._record(key, reply[1:6])
         return Acquisition(Lease(key, owner, fence) if fence else None, record)

@@ -220,6 +220,12 @@ class PostgresStore:
             size=_BATCH_SIZE,
             cancelled=self._cancelled,
         )
+        self._releases: Batcher[Lease, bool] = Batcher(
+            functools.partial(self._each, self._release_batch),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+        )
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStore:
@@ -460,18 +466,29 @@ class PostgresStore:
         return bool(await self._call("extend", run) == "UPDATE 1")
 
     async def release(self, lease: Lease) -> bool:
-        """Give the lease back if still ours, and announce."""
-        key = lease.key
+        """Give the lease back if still ours, and announce.
 
-        async def run(pool: Any, replay: bool) -> Any:
-            return await pool.fetch(
-                self._sql.release, key.namespace, key.tenant, lease.fence, lease.owner, self._names.channel
-            )
+        Releases issued in one turn of the event loop are sent as one statement."""
+        return await self._releases(lease)
 
-        done = bool(await self._call("release", run))
-        if done:
-            self._announce(key.digest)
-        return done
+    async def _release_batch(self, leases: list[Lease]) -> list[bool]:
+        """Whether each lease was given back, in one statement; announces each."""
+
+        async def run(pool: Any, replay: bool) -> list[bool]:
+            done = [False] * len(leases)
+            async with pool.acquire() as con:
+                for indices in _rounds([lease.key for lease in leases]):
+                    part = [leases[i] for i in indices]
+                    columns = _lease_columns(part)
+                    for row in await con.fetch(self._sql.release_many, *columns, self._names.channel):
+                        done[indices[row["i"] - 1]] = True
+            return done
+
+        released = await self._call("release", run)
+        for lease, done in zip(leases, released, strict=True):
+            if done:
+                self._announce(lease.key.digest)
+        return released
 
     async def commit(self, lease: Lease, update: Update) -> Record | None:
         """Write ``update`` iff ``lease`` is still the tenant's current one; release; announce.
@@ -490,17 +507,10 @@ class PostgresStore:
         async def run(pool: Any, replay: bool) -> list[int | None]:
             versions: list[int | None] = [None] * len(commits)
             async with pool.acquire() as con:
-                # A row joined twice in one UPDATE is written once: a tenant committed twice
-                # in one batch (two leases of one process, at most one current) waits for
-                # the next round, on this connection.
-                rounds: list[list[int]] = []
-                for index, seen in _occurrences([lease.key for lease, _ in commits]):
-                    if seen == len(rounds):
-                        rounds.append([])
-                    rounds[seen].append(index)
-                for indices in rounds:
+                for indices in _rounds([lease.key for lease, _ in commits]):
                     part = [commits[i] for i in indices]
-                    rows = await con.fetch(self._sql.commit_many, *_commit_columns(part), self._names.channel)
+                    columns = _lease_columns([lease for lease, _ in part]) + _update_columns(part)
+                    rows = await con.fetch(self._sql.commit_many, *columns, self._names.channel)
                     for row in rows:
                         versions[indices[row["i"] - 1]] = int(row["version"])
                 for index, (lease, update) in enumerate(commits):
@@ -769,23 +779,34 @@ def _record(key: TenantKey, row: Any) -> Record:
     return record
 
 
-def _occurrences(keys: list[TenantKey]) -> list[tuple[int, int]]:
-    """(position, how many times its key came before) for each key."""
+def _rounds(keys: list[TenantKey]) -> list[list[int]]:
+    """Positions of ``keys`` in rounds with no key twice: a row that an ``UPDATE ... FROM``
+    joins twice is written once, so a tenant twice in one batch (two leases of one process,
+    at most one of them current, or a resent call) waits for the next round."""
+    rounds: list[list[int]] = []
     seen: dict[TenantKey, int] = {}
-    out = []
     for index, key in enumerate(keys):
-        out.append((index, seen.get(key, 0)))
-        seen[key] = seen.get(key, 0) + 1
-    return out
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        if count == len(rounds):
+            rounds.append([])
+        rounds[count].append(index)
+    return rounds
 
 
-def _commit_columns(commits: list[tuple[Lease, Update]]) -> tuple[list[Any], ...]:
-    """``commit_many``'s arrays $1-$8."""
+def _lease_columns(leases: list[Lease]) -> tuple[list[Any], ...]:
+    """Arrays of namespaces, tenants, fences and owners ($1-$4 of the batched writes)."""
     return (
-        [lease.key.namespace for lease, _ in commits],
-        [lease.key.tenant for lease, _ in commits],
-        [lease.fence for lease, _ in commits],
-        [lease.owner for lease, _ in commits],
+        [lease.key.namespace for lease in leases],
+        [lease.key.tenant for lease in leases],
+        [lease.fence for lease in leases],
+        [lease.owner for lease in leases],
+    )
+
+
+def _update_columns(commits: list[tuple[Lease, Update]]) -> tuple[list[Any], ...]:
+    """``commit_many``'s arrays $5-$8."""
+    return (
         [update.payload for _, update in commits],
         [update.status.value for _, update in commits],
         [update.expires_at for _, update in commits],
@@ -832,15 +853,20 @@ class _Statements:
         self.extend = f"""
             UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)
              WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4"""
-        # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 channel.
-        self.release = f"""
-            WITH up AS (
-                UPDATE {t} SET lease_owner = NULL, lease_expires = NULL
-                 WHERE namespace = $1 AND tenant = $2 AND fence = $3
-                   AND (lease_owner = $4 OR lease_owner IS NULL)  -- NULL: a replay, already done
-                RETURNING digest
+        # Arrays, one element per lease: $1 namespaces, $2 tenants, $3 fences, $4 owners;
+        # $5 channel. Returns the position (from 1) of each lease given back.
+        self.release_many = f"""
+            WITH u AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY
+                    AS u(namespace, tenant, fence, owner, i)
+            ), up AS (
+                UPDATE {t} AS t SET lease_owner = NULL, lease_expires = NULL
+                  FROM u
+                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant AND t.fence = u.fence
+                   AND (t.lease_owner = u.owner OR t.lease_owner IS NULL)  -- NULL: a replay, done
+                RETURNING u.i, t.digest
             )
-            SELECT pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
+            SELECT i, pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
         # Arrays, one element per commit: $1 namespaces, $2 tenants, $3 fences, $4 owners,
         # $5 payloads, $6 statuses, $7 expires_at, $8 updated_at; $9 channel. Each row is
         # fenced on its own; returns (position from 1, new version) per commit that landed.

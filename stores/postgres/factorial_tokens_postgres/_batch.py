@@ -9,6 +9,7 @@ waits one turn of the loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -58,7 +59,8 @@ class Batcher(Generic[I, R]):
 
     def _kick(self) -> None:
         if self._queue and self._collector is None and len(self._drainers) < self._concurrency:
-            task = asyncio.get_running_loop().create_task(self._drain())
+            # In an empty context: the batch is no one caller's (their log fields stay theirs).
+            task = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
             self._collector = task
             self._drainers.add(task)
             task.add_done_callback(self._finished)

@@ -796,23 +796,28 @@ def _rounds(keys: list[TenantKey]) -> list[list[int]]:
     return rounds
 
 
-def _lease_columns(leases: list[Lease]) -> tuple[list[Any], ...]:
+# The batched writes take every array as text[] (cast in the statement): asyncpg encodes
+# text[] with a built-in codec, while bigint[], bytea[] or float8[] would each cost a type
+# introspection query on every new connection (about a second on a loaded server).
+
+
+def _lease_columns(leases: list[Lease]) -> tuple[list[str], ...]:
     """Arrays of namespaces, tenants, fences and owners ($1-$4 of the batched writes)."""
     return (
         [lease.key.namespace for lease in leases],
         [lease.key.tenant for lease in leases],
-        [lease.fence for lease in leases],
+        [str(lease.fence) for lease in leases],
         [lease.owner for lease in leases],
     )
 
 
-def _update_columns(commits: list[tuple[Lease, Update]]) -> tuple[list[Any], ...]:
-    """``commit_many``'s arrays $5-$8."""
+def _update_columns(commits: list[tuple[Lease, Update]]) -> tuple[list[str | None], ...]:
+    """``commit_many``'s arrays $5-$8: payloads in hex, numbers as exact float text."""
     return (
-        [update.payload for _, update in commits],
+        [update.payload.hex() for _, update in commits],
         [update.status.value for _, update in commits],
-        [update.expires_at for _, update in commits],
-        [update.updated_at for _, update in commits],
+        [None if update.expires_at is None else repr(float(update.expires_at)) for _, update in commits],
+        [repr(float(update.updated_at)) for _, update in commits],
     )
 
 
@@ -855,36 +860,38 @@ class _Statements:
         self.extend = f"""
             UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)
              WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4"""
-        # Arrays, one element per lease: $1 namespaces, $2 tenants, $3 fences, $4 owners;
+        # Arrays (text[]), one element per lease: $1 namespaces, $2 tenants, $3 fences, $4 owners;
         # $5 channel. Returns the position (from 1) of each lease given back.
         self.release_many = f"""
             WITH u AS (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
                     AS u(namespace, tenant, fence, owner, i)
             ), up AS (
                 UPDATE {t} AS t SET lease_owner = NULL, lease_expires = NULL
                   FROM u
-                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant AND t.fence = u.fence
+                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant AND t.fence = u.fence::bigint
                    AND (t.lease_owner = u.owner OR t.lease_owner IS NULL)  -- NULL: a replay, done
                 RETURNING u.i, t.digest
             )
             SELECT i, pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
-        # Arrays, one element per commit: $1 namespaces, $2 tenants, $3 fences, $4 owners,
-        # $5 payloads, $6 statuses, $7 expires_at, $8 updated_at; $9 channel. Each row is
+        # Arrays (text[], see _lease_columns), one element per commit: $1 namespaces,
+        # $2 tenants, $3 fences, $4 owners, $5 payloads, $6 statuses, $7 expires_at,
+        # $8 updated_at; $9 channel. Each row is
         # fenced on its own; returns (position from 1, new version) per commit that landed.
         self.commit_many = f"""
             WITH u AS (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bytea[],
-                                     $6::text[], $7::float8[], $8::float8[]) WITH ORDINALITY
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                     $6::text[], $7::text[], $8::text[]) WITH ORDINALITY
                     AS u(namespace, tenant, fence, owner, payload, status, expires_at, updated_at, i)
             ), up AS (
                 UPDATE {t} AS t
-                   SET payload = u.payload, status = u.status, expires_at = u.expires_at,
-                       updated_at = u.updated_at, version = t.version + 1, written_fence = t.fence,
+                   SET payload = decode(u.payload, 'hex'), status = u.status,
+                       expires_at = u.expires_at::float8, updated_at = u.updated_at::float8,
+                       version = t.version + 1, written_fence = t.fence,
                        lease_owner = NULL, lease_expires = NULL
                   FROM u
                  WHERE t.namespace = u.namespace AND t.tenant = u.tenant
-                   AND t.fence = u.fence AND t.lease_owner = u.owner
+                   AND t.fence = u.fence::bigint AND t.lease_owner = u.owner
                 RETURNING u.i, t.digest, t.version
             )
             SELECT i, version, pg_notify($9, digest || ' ' || '{origin}') IS NULL FROM up"""

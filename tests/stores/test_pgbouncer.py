@@ -14,6 +14,7 @@ these tests fail.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -27,6 +28,7 @@ from factorial_tokens.testing import StoreConformance
 
 from .. import postgres_server
 from ..pgbouncer_server import TempPgBouncer, store_url
+from .test_postgres import mixed_batch
 
 POOL_SIZE = 4  # server connections PgBouncer may open to PostgreSQL
 
@@ -93,10 +95,21 @@ async def test_traffic_is_multiplexed_by_transaction_pooling(bouncer: TempPgBoun
         servers = sum(int(pool[k]) for k in ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login"))
         assert pool["pool_mode"] == "transaction"
         assert clients > POOL_SIZE >= servers >= 1, pool
-        assert int(bouncer.stats()["total_xact_count"]) - before >= 2 * len(keys)
+        # One transaction per replace; the reads of one turn of the loop go as one batch.
+        assert int(bouncer.stats()["total_xact_count"]) - before >= len(keys) + len(stores)
     finally:
         for store in stores:
             await store.aclose()
+
+
+async def test_a_mixed_batch_gives_each_caller_its_own_answer(module_url: str) -> None:
+    """Batched reads, commits and releases (one statement each, arrays as parameters, no
+    statement cache) through transaction pooling: each caller gets its own answer."""
+    store = _pgbouncer_store(module_url)
+    try:
+        await mixed_batch(store, f"batch-{secrets.token_hex(4)}")
+    finally:
+        await store.aclose()
 
 
 async def test_many_starters_create_the_schema_once(bouncer: TempPgBouncer) -> None:

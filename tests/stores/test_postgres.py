@@ -9,12 +9,15 @@ that fails the tests fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import multiprocessing
 import queue
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -32,6 +35,8 @@ from factorial_tokens.store import (
     Acquisition,
     ClaimState,
     Freshness,
+    Lease,
+    Record,
     Store,
     TenantKey,
     TenantStatus,
@@ -43,6 +48,7 @@ from factorial_tokens.testing import HOSTILE_TENANTS, FakeFactorial, Fault, Stor
 from .. import postgres_server
 from ..conftest import SimFactory, app_for
 from ..postgres_server import TempCluster, store_url
+from ..tcp_proxy import TcpProxy
 
 
 @pytest.fixture(scope="module")
@@ -649,3 +655,292 @@ async def test_store_down_from_the_start_is_a_typed_error() -> None:
             await store.read(TenantKey("ns", "acme"))
     finally:
         await store.aclose()
+
+
+# -- batching: the calls of one turn of the loop go as one statement per kind -----------
+
+
+async def _leases(store: PostgresStore, ns: str, count: int) -> tuple[list[TenantKey], list[Lease]]:
+    """``count`` tenants of ``ns`` written as ``old-<i>``, each leased by its own owner."""
+    keys = [TenantKey(ns, f"t{i}") for i in range(count)]
+    for key in keys:
+        await store.replace(key, _update(f"old-{key.tenant}".encode()))
+    won = await asyncio.gather(*(store.acquire(key, f"owner-{key.tenant}", 60) for key in keys))
+    leases = [w.lease for w in won]
+    assert all(lease is not None for lease in leases)
+    return keys, [lease for lease in leases if lease is not None]
+
+
+async def mixed_batch(store: PostgresStore, ns: str) -> None:
+    """Commits, fenced-out commits, releases and reads (a key twice, unknown keys) of 60
+    tenants issued in one turn: each caller gets exactly its own answer, and every write
+    that landed is announced. Also run through PgBouncer (``test_pgbouncer.py``)."""
+    keys, leases = await _leases(store, ns, 60)
+    versions = {k: r.version for k in keys if (r := await store.read(k)) is not None}
+    announced: list[str] = []
+    unsubscribe = store.on_change(announced.append)
+    try:
+        calls: list[Awaitable[object]] = []
+        for i, lease in enumerate(leases):
+            if i % 3 == 0:
+                calls.append(store.commit(lease, _update(f"new-{lease.key.tenant}".encode())))
+            elif i % 3 == 1:
+                calls.append(store.release(lease))
+            else:  # a stale lease: fenced out
+                stale = Lease(lease.key, lease.owner, lease.fence - 1)
+                calls.append(store.commit(stale, _update(b"never")))
+        unknown = [TenantKey(ns, f"unknown-{i}") for i in range(5)]
+        reads = [*keys, *keys[:10], *unknown]
+        outcomes = await asyncio.gather(*calls, *(store.read(k) for k in reads))
+    finally:
+        unsubscribe()
+    for i, (key, outcome) in enumerate(zip(keys, outcomes[: len(keys)], strict=True)):
+        if i % 3 == 0:
+            assert isinstance(outcome, Record) and outcome.key == key
+            assert outcome.payload == f"new-{key.tenant}".encode()
+            assert outcome.version == versions[key] + 1
+        elif i % 3 == 1:
+            assert outcome is True
+        else:
+            assert outcome is None
+    for key, read in zip(reads, outcomes[len(keys) :], strict=True):
+        if key in unknown:
+            assert read is None
+        else:
+            assert isinstance(read, Record) and read.key == key
+            assert read.payload in (f"old-{key.tenant}".encode(), f"new-{key.tenant}".encode())
+    for i, key in enumerate(keys):
+        record = await store.read(key)
+        assert record is not None
+        written = i % 3 == 0
+        assert record.payload == (f"new-{key.tenant}" if written else f"old-{key.tenant}").encode()
+        assert record.version == versions[key] + written
+    assert {k.digest for i, k in enumerate(keys) if i % 3 != 2} <= set(announced)
+    assert not {k.digest for i, k in enumerate(keys) if i % 3 == 2} & set(announced)
+    # The released leases are free; the fenced-out ones are still held.
+    for i, key in enumerate(keys):
+        again = await store.acquire(key, "next", 60)
+        assert (again.lease is not None) == (i % 3 != 2)
+
+
+async def test_a_mixed_batch_gives_each_caller_its_own_answer(module_url: str) -> None:
+    store = PostgresStore.from_url(module_url)
+    try:
+        await mixed_batch(store, f"batch-{secrets.token_hex(4)}")
+    finally:
+        await store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _proxied(base_url: str, **options: str) -> AsyncIterator[tuple[TcpProxy, PostgresStore]]:
+    parts = urlsplit(base_url)
+    async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        proxied = base_url.replace(
+            parts.netloc, f"{parts.username + '@' if parts.username else ''}127.0.0.1:{proxy.port}"
+        )
+        store = PostgresStore.from_url(store_url(proxied, **options))
+        try:
+            yield proxy, store
+        finally:
+            await store.aclose()
+
+
+async def test_reads_and_commits_of_one_turn_go_as_one_statement_each(base_url: str) -> None:
+    """200 reads, 100 commits, 100 releases, each kind issued at once: one statement on the
+    wire per kind, not one per call."""
+    async with _proxied(base_url, max_size="3") as (proxy, store):
+        ns = f"wire-{secrets.token_hex(4)}"
+        keys, leases = await _leases(store, ns, 100)
+        before = proxy.requests
+        reads = await asyncio.gather(*(store.read(k) for k in keys + keys))
+        assert [r.key for r in reads if r is not None] == keys + keys
+        # At most a prepare and an execute; no type introspection (which bigint[], bytea[]
+        # or float8[] parameters would cost on every new connection: 6 more requests).
+        assert proxy.requests - before <= 2
+        before = proxy.requests
+        commits = await asyncio.gather(*(store.commit(lease, _update(b"new")) for lease in leases))
+        assert [c.key for c in commits if c is not None] == keys
+        assert proxy.requests - before <= 2
+        keys, leases = await _leases(store, ns + "-2", 100)
+        before = proxy.requests
+        assert all(await asyncio.gather(*(store.release(lease) for lease in leases)))
+        assert proxy.requests - before <= 2
+
+
+async def test_a_reply_lost_mid_batch_is_replayed_for_every_caller(base_url: str) -> None:
+    """The connection drops after the server ran a batch of commits: the replay finds each
+    commit done, and each caller gets its own new version, written once."""
+    async with _proxied(base_url, max_size="2") as (proxy, store):
+        ns = f"lost-{secrets.token_hex(4)}"
+        keys, leases = await _leases(store, ns, 30)
+        # Prepare the batched statement on the connection first (its reply is not the one lost).
+        first = await asyncio.gather(*(store.commit(lease, _update(b"one")) for lease in leases[:2]))
+        assert all(r is not None for r in first)
+        versions = {k: r.version for k in keys if (r := await store.read(k)) is not None}
+        proxy.drop_reply(1)
+        outcomes = await asyncio.gather(
+            *(store.commit(lease, _update(f"two-{lease.key.tenant}".encode())) for lease in leases[2:])
+        )
+        assert proxy.dropped == 1
+        for lease, outcome in zip(leases[2:], outcomes, strict=True):
+            assert outcome is not None and outcome.key == lease.key
+            assert outcome.payload == f"two-{lease.key.tenant}".encode()
+            assert outcome.version == versions[lease.key] + 1
+            record = await store.read(lease.key)
+            assert record is not None and record.version == outcome.version
+
+
+async def _lock_rows(base_url: str, schema: str, ns: str) -> asyncpg.Connection:
+    """An open transaction holding every row of ``ns``: writes to them wait."""
+    con = await asyncpg.connect(base_url, timeout=5)
+    await con.execute("BEGIN")
+    await con.execute(f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 FOR UPDATE', ns)
+    return con
+
+
+async def test_connections_killed_mid_batch_fail_every_caller_and_lose_nothing(base_url: str) -> None:
+    """A batch of commits blocked on locked rows while its connection is killed, again and
+    again until it gives up: every caller gets StoreUnavailable, none another's answer; no
+    commit landed, and each one sent again lands once. Reads meanwhile get their own
+    records or a typed error."""
+    app_name = f"ft_batch_{secrets.token_hex(4)}"
+    url = store_url(base_url, application_name=app_name, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"kill-{secrets.token_hex(4)}"
+    try:
+        keys, leases = await _leases(store, ns, 40)
+        versions = {k: r.version for k in keys if (r := await store.read(k)) is not None}
+        locker = await _lock_rows(base_url, schema, ns)
+        try:
+            commits = [
+                asyncio.ensure_future(store.commit(lease, _update(f"new-{lease.key.tenant}".encode())))
+                for lease in leases
+            ]
+            reads = [asyncio.ensure_future(store.read(k)) for k in keys]
+            killer = await asyncpg.connect(base_url, timeout=5)
+            kills = 0
+            try:
+                while not all(c.done() for c in commits):
+                    await asyncio.sleep(0.1)
+                    kills += await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                        app_name,
+                    )
+            finally:
+                await killer.close()
+            assert kills >= 2
+            for commit in commits:
+                assert isinstance(commit.exception(), StoreUnavailable)
+            for key, read in zip(keys, await asyncio.gather(*reads, return_exceptions=True), strict=True):
+                assert isinstance(read, StoreUnavailable) or (isinstance(read, Record) and read.key == key)
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        for key in keys:
+            record = await store.read(key)
+            assert record is not None and record.payload == f"old-{key.tenant}".encode()
+            assert record.version == versions[key]
+        again = await asyncio.gather(
+            *(store.commit(lease, _update(f"new-{lease.key.tenant}".encode())) for lease in leases)
+        )
+        for lease, record in zip(leases, again, strict=True):
+            assert record is not None and record.version == versions[lease.key] + 1
+            assert record.payload == f"new-{lease.key.tenant}".encode()
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_caller_leaves_the_others_answers_alone(base_url: str) -> None:
+    """One commit cancelled before its batch leaves is not sent; one cancelled while its
+    batch waits on the database is still written and announced; every other caller of
+    both batches gets its own record."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"cancel-{secrets.token_hex(4)}"
+    announced: list[str] = []
+    unsubscribe = store.on_change(announced.append)
+    try:
+        keys, leases = await _leases(store, ns, 20)
+        versions = {k: r.version for k in keys if (r := await store.read(k)) is not None}
+
+        def commit(lease: Lease) -> asyncio.Task[Record | None]:
+            update = _update(f"new-{lease.key.tenant}".encode())
+            return asyncio.ensure_future(store.commit(lease, update))
+
+        # Cancelled after queueing, before the batch was taken.
+        first = [commit(lease) for lease in leases[:10]]
+        await asyncio.sleep(0)  # every call queued; the batch not yet taken
+        first[3].cancel()
+        done = await asyncio.gather(*first, return_exceptions=True)
+        assert isinstance(done[3], asyncio.CancelledError)
+        record = await store.read(keys[3])
+        assert record is not None and record.version == versions[keys[3]]  # never sent
+        # Cancelled while its batch waits on a lock.
+        locker = await _lock_rows(base_url, schema, ns)
+        try:
+            second = [commit(lease) for lease in leases[10:]]
+            await asyncio.sleep(0.3)
+            second[4].cancel()
+            await asyncio.sleep(0.1)
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        later = await asyncio.gather(*second, return_exceptions=True)
+        assert isinstance(later[4], asyncio.CancelledError)
+        record = await store.read(keys[14])
+        assert record is not None and record.version == versions[keys[14]] + 1  # it was sent
+        assert keys[14].digest in announced
+        for i, (lease, outcome) in enumerate(zip(leases, [*done, *later], strict=True)):
+            if i in (3, 14):
+                continue
+            assert isinstance(outcome, Record) and outcome.key == lease.key
+            assert outcome.payload == f"new-{lease.key.tenant}".encode()
+            assert outcome.version == versions[lease.key] + 1
+    finally:
+        unsubscribe()
+        await store.aclose()
+
+
+async def test_a_value_the_database_refuses_fails_only_its_own_caller(module_url: str) -> None:
+    """A commit whose key the database refuses (a NUL byte, in a lease made by hand) in a
+    batch with others: the batch is split, that caller gets StoreUnavailable, the others
+    their records."""
+    store = PostgresStore.from_url(module_url)
+    try:
+        ns = f"bad-{secrets.token_hex(4)}"
+        keys, leases = await _leases(store, ns, 10)
+        bad = Lease(TenantKey(ns, "bad\x00id"), "owner", 1)
+        outcomes = await asyncio.gather(
+            *(store.commit(lease, _update(b"new")) for lease in [*leases[:5], bad, *leases[5:]]),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[5], StoreUnavailable)
+        good = outcomes[:5] + outcomes[6:]
+        assert [r.key for r in good if isinstance(r, Record)] == keys
+    finally:
+        await store.aclose()
+
+
+async def test_a_batch_runs_in_no_callers_context() -> None:
+    """The batch's work (its log lines among it) carries no one caller's context variables,
+    such as the tenant the log fields name."""
+    from factorial_tokens_postgres._batch import Batcher
+
+    tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="-")
+    seen: list[str] = []
+
+    async def send(items: list[str]) -> list[str]:
+        seen.append(tenant.get())
+        return [f"answer-{item}" for item in items]
+
+    batcher: Batcher[str, str] = Batcher(send, concurrency=1, size=10, cancelled=StoreUnavailable)
+
+    async def call(item: str) -> str:
+        tenant.set(item)
+        return await batcher(item)
+
+    assert await asyncio.gather(*(call(i) for i in "abc")) == ["answer-a", "answer-b", "answer-c"]
+    assert seen == ["-"]

@@ -5,7 +5,9 @@ compare-and-set (``UPDATE ... WHERE ... RETURNING`` or ``INSERT ... ON CONFLICT 
 ... WHERE ... RETURNING``) whose announcement (``pg_notify``) rides in the same statement,
 so it is sent exactly when the write commits. No transaction and no connection is held
 between primitives, hence never across a provider call. Lease expiry is judged by the
-database's clock (``clock_timestamp()``), never the client's.
+database's clock (``clock_timestamp()``), never the client's. Reads, commits and releases
+issued in one turn of the event loop go as one such statement per kind, over arrays
+(``Batcher``); each row is still fenced, and each caller gets its own answer.
 
 Wake-ups: one dedicated LISTEN connection per store, started when the first watcher or
 change listener registers, re-listening after any reconnect (then waking every watcher,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import secrets
@@ -64,6 +67,7 @@ from factorial_tokens.store import (
     url_options,
 )
 
+from ._batch import Batcher
 from ._schema import SCHEMA_VERSION, Names, migrations
 
 __all__ = ["PostgresStore"]
@@ -83,8 +87,9 @@ _FAILURES: tuple[type[BaseException], ...] = (
 #: Connection-level failures: the statement may not have run (or its answer was lost);
 #: a retry on another connection is safe because every statement tolerates a replay.
 #: (asyncpg reports a connection killed under it in several ways, including "another
-#: operation is in progress" internal errors.)
+#: operation is in progress" internal errors.) A deadlock victim was rolled back whole.
 _RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
@@ -123,6 +128,16 @@ _URL_OPTIONS = {
     "migrate": flag,
 }
 _PRUNE_EVERY = 600.0
+#: Batching: at most this many reads (or commits) in one statement, and this many such
+#: statements of each kind in flight; what comes meanwhile waits for the next batch.
+_BATCH_SIZE = 500
+_BATCHES_IN_FLIGHT = 2
+#: A batch failing with one of these may be one item's fault (a value the database
+#: refuses): each item then runs alone, so the others are not failed for it.
+_ITEM_FAULTS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+)
 #: What a missing schema answers (migrate=false); a conditional acquire writes nothing for
 #: an absent record.
 _READS = frozenset({"read", "tenants", "check", "acquire_if_due"})
@@ -199,6 +214,25 @@ class PostgresStore:
         self._origin = secrets.token_hex(8)
         self._sql = _Statements(self._names, self._origin)
         self._listener = _Listen(self)
+        # Reads and commits issued in one turn of the loop leave as one statement each.
+        self._reads: Batcher[TenantKey, Any] = Batcher(
+            functools.partial(self._each, self._read_batch),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+        )
+        self._commits: Batcher[tuple[Lease, Update], int | None] = Batcher(
+            functools.partial(self._each, self._commit_batch),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+        )
+        self._releases: Batcher[Lease, bool] = Batcher(
+            functools.partial(self._each, self._release_batch),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+        )
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStore:
@@ -340,6 +374,26 @@ class PostgresStore:
                 await asyncio.sleep(min(0.05 * (3**attempt), 0.5) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _each(self, send: Callable[[list[T]], Awaitable[list[Any]]], items: list[T]) -> list[Any]:
+        """``send(items)``, one outcome per item; when the database refused the batch for
+        what may be one item's value, each item alone, with its own result or error."""
+        try:
+            return await send(items)
+        except StoreUnavailable as exc:
+            if len(items) == 1 or not isinstance(exc.__cause__, _ITEM_FAULTS):
+                raise
+        log.info("postgres store: a batch of %d was refused; sending each alone", len(items))
+        outcomes: list[Any] = []
+        for item in items:
+            try:
+                outcomes.extend(await send([item]))
+            except StoreUnavailable as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _cancelled(self) -> StoreUnavailable:
+        return StoreUnavailable(f"Postgres store{self._where()}: the batch was cancelled before its answer")
+
     def _where(self) -> str:
         """`` at host:port/database`` of the store's own DSN, for errors; never a password."""
         if not self._dsn:
@@ -362,16 +416,27 @@ class PostgresStore:
     # -- primitives ------------------------------------------------------------------
 
     async def read(self, key: TenantKey) -> Record | None:
-        """The tenant's record, or ``None`` (never written, or forgotten)."""
+        """The tenant's record, or ``None`` (never written, or forgotten).
+
+        Reads issued in one turn of the event loop are sent as one statement."""
         self._check_key(key)
+        row = await self._reads(key)
+        return None if row is None else _record(key, row)
+
+    async def _read_batch(self, keys: list[TenantKey]) -> list[Any]:
+        """Each key's row (or ``None``), read in one statement."""
 
         async def run(pool: Any, replay: bool) -> Any:
             if self._absent:
-                return None
-            return await pool.fetchrow(self._sql.read, key.namespace, key.tenant)
+                return []
+            return await pool.fetch(
+                self._sql.read_many, [k.namespace for k in keys], [k.tenant for k in keys]
+            )
 
-        row = await self._call("read", run)
-        return None if row is None else _record(key, row)
+        found: list[Any] = [None] * len(keys)
+        for row in await self._call("read", run):
+            found[row["i"] - 1] = row
+        return found
 
     async def acquire(
         self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
@@ -436,51 +501,71 @@ class PostgresStore:
         return bool(await self._call("extend", run) == "UPDATE 1")
 
     async def release(self, lease: Lease) -> bool:
-        """Give the lease back if still ours, and announce."""
-        key = lease.key
+        """Give the lease back if still ours, and announce.
 
-        async def run(pool: Any, replay: bool) -> Any:
-            return await pool.fetch(
-                self._sql.release, key.namespace, key.tenant, lease.fence, lease.owner, self._names.channel
-            )
+        Releases issued in one turn of the event loop are sent as one statement."""
+        return await self._releases(lease)
 
-        done = bool(await self._call("release", run))
-        if done:
-            self._announce(key.digest)
-        return done
+    async def _release_batch(self, leases: list[Lease]) -> list[bool]:
+        """Whether each lease was given back, in one statement; announces each."""
+
+        async def run(pool: Any, replay: bool) -> list[bool]:
+            done = [False] * len(leases)
+            async with pool.acquire() as con:
+                for indices in _rounds([lease.key for lease in leases]):
+                    part = [leases[i] for i in indices]
+                    columns = _lease_columns(part)
+                    for row in await con.fetch(self._sql.release_many, *columns, self._names.channel):
+                        done[indices[row["i"] - 1]] = True
+            return done
+
+        released = await self._call("release", run)
+        for lease, done in zip(leases, released, strict=True):
+            if done:
+                self._announce(lease.key.digest)
+        return released
 
     async def commit(self, lease: Lease, update: Update) -> Record | None:
-        """Write ``update`` iff ``lease`` is still the tenant's current one; release; announce."""
-        key = lease.key
+        """Write ``update`` iff ``lease`` is still the tenant's current one; release; announce.
 
-        async def run(pool: Any, replay: bool) -> Any:
-            version = await pool.fetchval(
-                self._sql.commit,
-                key.namespace,
-                key.tenant,
-                lease.fence,
-                lease.owner,
-                update.payload,
-                update.status.value,
-                update.expires_at,
-                update.updated_at,
-                self._names.channel,
-            )
-            if version is None:
-                # A resent statement (ours, or a client's after a lost reply) may find its
-                # own commit done.
-                version = await pool.fetchval(
-                    self._sql.committed, key.namespace, key.tenant, lease.fence, update.payload
-                )
-            return version
+        Commits issued in one turn of the event loop are sent as one statement (each row
+        fenced on its own)."""
+        version = await self._commits((lease, update))
+        if version is None:
+            return None
+        return Record(lease.key, update.payload, update.status, version, update.expires_at, update.updated_at)
+
+    async def _commit_batch(self, commits: list[tuple[Lease, Update]]) -> list[int | None]:
+        """Each commit's new version (``None``: fenced out), written in one statement;
+        announces each commit that landed."""
+
+        async def run(pool: Any, replay: bool) -> list[int | None]:
+            versions: list[int | None] = [None] * len(commits)
+            async with pool.acquire() as con:
+                for indices in _rounds([lease.key for lease, _ in commits]):
+                    part = [commits[i] for i in indices]
+                    columns = _lease_columns([lease for lease, _ in part]) + _update_columns(part)
+                    rows = await con.fetch(self._sql.commit_many, *columns, self._names.channel)
+                    for row in rows:
+                        versions[indices[row["i"] - 1]] = int(row["version"])
+                for index, (lease, update) in enumerate(commits):
+                    if versions[index] is None:
+                        # A resent statement (ours, or a client's after a lost reply) may
+                        # find its own commit done.
+                        key = lease.key
+                        found = await con.fetchval(
+                            self._sql.committed, key.namespace, key.tenant, lease.fence, update.payload
+                        )
+                        versions[index] = None if found is None else int(found)
+            return versions
 
         # A commit is the one write whose loss costs a rotated token: retry it harder. A
         # replay is always safe, since it is fenced.
-        version = await self._call("commit", run, attempts=_COMMIT_ATTEMPTS)
-        if version is None:
-            return None
-        self._announce(key.digest)
-        return Record(key, update.payload, update.status, int(version), update.expires_at, update.updated_at)
+        versions = await self._call("commit", run, attempts=_COMMIT_ATTEMPTS)
+        for (lease, _), version in zip(commits, versions, strict=True):
+            if version is not None:
+                self._announce(lease.key.digest)  # even if its caller was cancelled meanwhile
+        return list(versions)
 
     async def replace(self, key: TenantKey, update: Update | None) -> None:
         """Write ``update`` unconditionally (``None`` forgets), fence out any holder, announce."""
@@ -729,6 +814,46 @@ def _record(key: TenantKey, row: Any) -> Record:
     return record
 
 
+def _rounds(keys: list[TenantKey]) -> list[list[int]]:
+    """Positions of ``keys`` in rounds with no key twice: a row that an ``UPDATE ... FROM``
+    joins twice is written once, so a tenant twice in one batch (two leases of one process,
+    at most one of them current, or a resent call) waits for the next round."""
+    rounds: list[list[int]] = []
+    seen: dict[TenantKey, int] = {}
+    for index, key in enumerate(keys):
+        count = seen.get(key, 0)
+        seen[key] = count + 1
+        if count == len(rounds):
+            rounds.append([])
+        rounds[count].append(index)
+    return rounds
+
+
+# The batched writes take every array as text[] (cast in the statement): asyncpg encodes
+# text[] with a built-in codec, while bigint[], bytea[] or float8[] would each cost a type
+# introspection query on every new connection (about a second on a loaded server).
+
+
+def _lease_columns(leases: list[Lease]) -> tuple[list[str], ...]:
+    """Arrays of namespaces, tenants, fences and owners ($1-$4 of the batched writes)."""
+    return (
+        [lease.key.namespace for lease in leases],
+        [lease.key.tenant for lease in leases],
+        [str(lease.fence) for lease in leases],
+        [lease.owner for lease in leases],
+    )
+
+
+def _update_columns(commits: list[tuple[Lease, Update]]) -> tuple[list[str | None], ...]:
+    """``commit_many``'s arrays $5-$8: payloads in hex, numbers as exact float text."""
+    return (
+        [update.payload.hex() for _, update in commits],
+        [update.status.value for _, update in commits],
+        [None if update.expires_at is None else repr(float(update.expires_at)) for _, update in commits],
+        [repr(float(update.updated_at)) for _, update in commits],
+    )
+
+
 class _Statements:
     """The store's SQL, one statement per primitive, built once per (schema, prefix)."""
 
@@ -736,7 +861,12 @@ class _Statements:
         assert origin.isalnum()  # pasted into the SQL as a literal
         t, c = n.tenants, n.claims
         cols = "payload, status, version, expires_at, updated_at"
-        self.read = f"SELECT {cols} FROM {t} WHERE namespace = $1 AND tenant = $2 AND payload IS NOT NULL"
+        # $1 namespaces, $2 tenants: the rows found, each with its key's position (from 1).
+        self.read_many = f"""
+            SELECT k.i, t.payload, t.status, t.version, t.expires_at, t.updated_at
+              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(namespace, tenant, i)
+              JOIN {t} t ON t.namespace = k.namespace AND t.tenant = k.tenant
+             WHERE t.payload IS NOT NULL"""
         self.tenants = (
             f"SELECT tenant, {cols} FROM {t} WHERE namespace = $1 AND payload IS NOT NULL ORDER BY tenant"
         )
@@ -785,27 +915,41 @@ class _Statements:
         self.extend = f"""
             UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)
              WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4"""
-        # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 channel.
-        self.release = f"""
-            WITH up AS (
-                UPDATE {t} SET lease_owner = NULL, lease_expires = NULL
-                 WHERE namespace = $1 AND tenant = $2 AND fence = $3
-                   AND (lease_owner = $4 OR lease_owner IS NULL)  -- NULL: a replay, already done
-                RETURNING digest
+        # Arrays (text[]), one element per lease: $1 namespaces, $2 tenants, $3 fences, $4 owners;
+        # $5 channel. Returns the position (from 1) of each lease given back.
+        self.release_many = f"""
+            WITH u AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+                    AS u(namespace, tenant, fence, owner, i)
+            ), up AS (
+                UPDATE {t} AS t SET lease_owner = NULL, lease_expires = NULL
+                  FROM u
+                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant AND t.fence = u.fence::bigint
+                   AND (t.lease_owner = u.owner OR t.lease_owner IS NULL)  -- NULL: a replay, done
+                RETURNING u.i, t.digest
             )
-            SELECT pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
-        # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 payload, $6 status, $7 expires_at,
-        # $8 updated_at, $9 channel. Returns the new version, or no row when fenced out.
-        self.commit = f"""
-            WITH up AS (
-                UPDATE {t}
-                   SET payload = $5, status = $6, expires_at = $7, updated_at = $8,
-                       version = version + 1, written_fence = fence,
+            SELECT i, pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
+        # Arrays (text[], see _lease_columns), one element per commit: $1 namespaces,
+        # $2 tenants, $3 fences, $4 owners, $5 payloads, $6 statuses, $7 expires_at,
+        # $8 updated_at; $9 channel. Each row is
+        # fenced on its own; returns (position from 1, new version) per commit that landed.
+        self.commit_many = f"""
+            WITH u AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                     $6::text[], $7::text[], $8::text[]) WITH ORDINALITY
+                    AS u(namespace, tenant, fence, owner, payload, status, expires_at, updated_at, i)
+            ), up AS (
+                UPDATE {t} AS t
+                   SET payload = decode(u.payload, 'hex'), status = u.status,
+                       expires_at = u.expires_at::float8, updated_at = u.updated_at::float8,
+                       version = t.version + 1, written_fence = t.fence,
                        lease_owner = NULL, lease_expires = NULL
-                 WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4
-                RETURNING digest, version
+                  FROM u
+                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant
+                   AND t.fence = u.fence::bigint AND t.lease_owner = u.owner
+                RETURNING u.i, t.digest, t.version
             )
-            SELECT version, pg_notify($9, digest || ' ' || '{origin}') IS NULL FROM up"""
+            SELECT i, version, pg_notify($9, digest || ' ' || '{origin}') IS NULL FROM up"""
         # After a lost answer: did the commit with fence $3 land, with nothing since?
         self.committed = f"""
             SELECT version FROM {t}

@@ -80,6 +80,7 @@ class Core:
     _forced: set[str]  # tenants whose flight forces a new token set
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
     _deaths: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # marked dead here: version, cause
+    _dying: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # being marked: version held, cause
     _exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]]
     _tasks: set[asyncio.Task[Any]]
     _unsubscribe: Callable[[], None] | None
@@ -159,6 +160,9 @@ class Core:
                 # This process marked it dead: every caller learns the same cause (a caller
                 # whose read is answered after the mark would otherwise get a vaguer one).
                 raise death[1](tenant, death[2])
+            dying = self._dying.get(tenant)
+            if dying is not None and record.version > dying[0]:
+                raise dying[1](tenant, dying[2])  # the mark landed; its answer is on the way
             raise ReauthorizationRequired(tenant, "the grant was refused earlier; connect again")
         try:
             return self._entry(record)

@@ -169,7 +169,12 @@ class Leases(Core):
         assert record is not None  # only a stored grant dies
         update = Update(record.payload, TenantStatus.NEEDS_REAUTH, record.expires_at, record.updated_at)
         self._forget_cached(tenant)
-        stored = await held.commit(update)
+        # Until the commit is answered: a read answered in between may already see the mark.
+        self._dying[tenant] = (record.version, error, reason)
+        try:
+            stored = await held.commit(update)
+        finally:
+            self._dying.pop(tenant, None)
         if stored is None:
             log.info("tenant %r: the store changed before it could be marked dead; re-reading", tenant)
             return None

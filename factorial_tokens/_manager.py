@@ -195,6 +195,7 @@ class TokenManager(Callbacks, Flights):
         self._forced = set()  # tenants whose flight forces a new token set
         self._backoff = {}  # failed advisory refreshes, retry at
         self._deaths = {}  # tenants this process marked dead: stored version, cause
+        self._dying = {}  # tenants this process is marking dead: version held, cause
         self._exchanges = {}
         self._tasks = set()
         self._unsubscribe = None

@@ -7,6 +7,7 @@ workers" are two store instances on one backend (``backend.open()``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections.abc import AsyncIterator, Callable
@@ -455,6 +456,60 @@ async def test_a_caller_whose_read_lands_after_the_grant_died_gets_its_cause(sim
         assert all(isinstance(r, RotationLost) for r in results), results
         with pytest.raises(RotationLost):  # and so does a caller that comes later
             await cold.access_token("acme")
+    assert sim.stats.refresh_attempts == 2
+
+
+class _DeathAnsweredLate(_LateReads):
+    """The commit that marks the tenant dead lands, and its answer arrives only after the
+    late callers' reads, sent once it landed, were answered (the reads on another connection,
+    or the commit in a Postgres batch that has more work to do before it answers)."""
+
+    def __init__(self, inner: MemoryStore, late_reads: int) -> None:
+        super().__init__(inner)
+        self.late_reads = late_reads
+        self.read_after_death = asyncio.Event()
+
+    async def read(self, key: TenantKey) -> Record | None:
+        await asyncio.sleep(0)  # a round trip: the late callers read before any flight starts
+        record = await super().read(key)
+        if _LATE.get():
+            self.late_reads -= 1
+            if self.late_reads == 0:
+                self.read_after_death.set()  # the callers see this record before the answer
+        return record
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        if update.status is not TenantStatus.NEEDS_REAUTH:
+            return await super().commit(lease, update)
+        stored = await self.inner.commit(lease, update)
+        self.calls["commit"] += 1
+        self.committed.set()  # landed: the late reads go now
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.read_after_death.wait(), 5)
+        return stored
+
+
+async def test_a_caller_whose_read_lands_before_the_death_is_answered_gets_its_cause(
+    sim: FakeFactorial,
+) -> None:
+    """As above, but the callers' reads see the dead record before the commit that marked it
+    is answered to the marking flight: they too get ``RotationLost``."""
+    shared = MemoryStore()
+    async with TokenManager(app_for(sim), shared) as first:
+        await connect(first, sim)
+    store = _DeathAnsweredLate(shared, late_reads=9)
+    sim.inject(Fault.DROP_AFTER)
+
+    async def late(tm: TokenManager) -> TokenSet:
+        _LATE.set(True)  # this caller's task only
+        return await tm.refresh("acme")
+
+    async with TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as cold:
+        results = await asyncio.gather(
+            cold.refresh("acme"), *(late(cold) for _ in range(9)), return_exceptions=True
+        )
+        assert store.read_after_death.is_set()  # every late read saw the dead record first
+        assert all(isinstance(r, RotationLost) for r in results), results
     assert sim.stats.refresh_attempts == 2
 
 

@@ -5,9 +5,9 @@ compare-and-set (``UPDATE ... WHERE ... RETURNING`` or ``INSERT ... ON CONFLICT 
 ... WHERE ... RETURNING``) whose announcement (``pg_notify``) rides in the same statement,
 so it is sent exactly when the write commits. No transaction and no connection is held
 between primitives, hence never across a provider call. Lease expiry is judged by the
-database's clock (``clock_timestamp()``), never the client's. Reads, commits and releases
-issued in one turn of the event loop go as one such statement per kind, over arrays
-(``Batcher``); each row is still fenced, and each caller gets its own answer.
+database's clock (``clock_timestamp()``), never the client's. Reads, acquisitions, commits
+and releases issued in one turn of the event loop go as one such statement per kind, over
+arrays (``Batcher``); each row is still fenced, and each caller gets its own answer.
 
 Wake-ups: one dedicated LISTEN connection per store, started when the first watcher or
 change listener registers, re-listening after any reconnect (then waking every watcher,

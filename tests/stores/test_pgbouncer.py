@@ -28,7 +28,7 @@ from factorial_tokens.testing import StoreConformance
 
 from .. import postgres_server
 from ..pgbouncer_server import TempPgBouncer, store_url
-from .test_postgres import mixed_batch
+from .test_postgres import mixed_acquire_batch, mixed_batch
 
 POOL_SIZE = 4  # server connections PgBouncer may open to PostgreSQL
 
@@ -214,3 +214,13 @@ async def test_why_the_mode_exists(pgbouncer: bool) -> None:
         finally:
             await blocker.close()
             await store.aclose()
+
+
+async def test_a_mixed_acquire_batch_gives_each_caller_its_own_answer(module_url: str) -> None:
+    """Batched plain and conditional acquisitions through transaction pooling: each caller
+    gets what the same call alone would."""
+    store = _pgbouncer_store(module_url)
+    try:
+        await mixed_acquire_batch(store, f"acq-{secrets.token_hex(4)}")
+    finally:
+        await store.aclose()

@@ -944,3 +944,390 @@ async def test_a_batch_runs_in_no_callers_context() -> None:
 
     assert await asyncio.gather(*(call(i) for i in "abc")) == ["answer-a", "answer-b", "answer-c"]
     assert seen == ["-"]
+
+
+# -- batched acquisitions ----------------------------------------------------------------
+
+
+def _due(
+    payload: bytes, *, expires_in: float | None = 10.0, status: TenantStatus = TenantStatus.ACTIVE
+) -> Update:
+    now = time.time()
+    return Update(payload, status, None if expires_in is None else now + expires_in, now - 3600)
+
+
+async def _lease_row(url: str, schema: str, key: TenantKey) -> tuple[int, str | None] | None:
+    rows = await _fetch(
+        url,
+        f'SELECT fence, lease_owner FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2',
+        key.namespace,
+        key.tenant,
+    )
+    return None if not rows else (int(rows[0]["fence"]), rows[0]["lease_owner"])
+
+
+async def mixed_acquire_batch(store: PostgresStore, ns: str) -> None:
+    """Plain and conditional acquisitions of due, fresh, never-expiring, NEEDS_REAUTH,
+    absent, forgotten, held, expired-lease and self-held (a replay) records, some keys
+    twice, issued in one turn: each caller gets exactly what the same call alone would.
+    Also run through PgBouncer (``test_pgbouncer.py``)."""
+    rule = Freshness(at=time.time(), margin=100.0, share=1.0)
+    k = {
+        name: TenantKey(ns, name)
+        for name in (
+            "due",
+            "fresh",
+            "forever",
+            "reauth",
+            "absent",
+            "forgotten",
+            "held",
+            "expired",
+            "mine",
+            "twice",
+            "new",
+            "new-twice",
+            "plain-free",
+            "plain-held",
+            "plain-mine",
+            "plain-expired",
+        )
+    }
+    for name in (
+        "due",
+        "held",
+        "expired",
+        "mine",
+        "twice",
+        "plain-free",
+        "plain-held",
+        "plain-mine",
+        "plain-expired",
+    ):
+        await store.replace(k[name], _due(name.encode()))
+    await store.replace(k["fresh"], _due(b"fresh", expires_in=1000.0))
+    await store.replace(k["forever"], _due(b"forever", expires_in=None))
+    await store.replace(k["reauth"], _due(b"reauth", status=TenantStatus.NEEDS_REAUTH))
+    await store.replace(k["forgotten"], _due(b"forgotten"))
+    await store.replace(k["forgotten"], None)
+    held = {
+        name: (await store.acquire(k[name], f"holder-{name}", 60)).lease
+        for name in ("held", "plain-held", "mine", "plain-mine")
+    }
+    expired = {
+        name: (await store.acquire(k[name], f"holder-{name}", 0.05)).lease
+        for name in ("expired", "plain-expired")
+    }
+    assert all(lease is not None for lease in (*held.values(), *expired.values()))
+    await asyncio.sleep(0.2)  # the short leases expire (by the database clock)
+
+    def cond(name: str, owner: str | None = None) -> Awaitable[Acquisition]:
+        return store.acquire(k[name], owner or f"c-{name}", 60, unless_fresh=rule)
+
+    def plain(name: str, owner: str | None = None) -> Awaitable[Acquisition]:
+        return store.acquire(k[name], owner or f"p-{name}", 60)
+
+    calls = {
+        "due": cond("due"),
+        "fresh": cond("fresh"),
+        "forever": cond("forever"),
+        "reauth": cond("reauth"),
+        "absent": cond("absent"),
+        "forgotten": cond("forgotten"),
+        "held": cond("held"),
+        "expired": cond("expired"),
+        "mine": cond("mine", "holder-mine"),
+        "twice-1": cond("twice", "first"),
+        "twice-2": cond("twice", "second"),
+        "new": plain("new"),
+        "new-twice-1": plain("new-twice", "first"),
+        "new-twice-2": plain("new-twice", "second"),
+        "plain-free": plain("plain-free"),
+        "plain-held": plain("plain-held"),
+        "plain-mine": plain("plain-mine", "holder-plain-mine"),
+        "plain-expired": plain("plain-expired"),
+    }
+    got = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
+
+    def won(name: str, key: str | None = None) -> int:
+        lease = got[name].lease
+        assert lease is not None and lease.key == k[key or name], name
+        return lease.fence
+
+    def lost(name: str) -> None:
+        assert got[name].lease is None, name
+
+    for name in ("due", "expired", "plain-free", "plain-expired"):
+        won(name)
+        record = got[name].record
+        assert record is not None and record.key == k[name] and record.payload == name.encode(), name
+    for name in ("fresh", "forever", "reauth", "held", "plain-held"):
+        lost(name)
+        record = got[name].record
+        assert record is not None and record.key == k[name] and record.payload == name.encode(), name
+    assert got["absent"] == Acquisition(None, None)
+    assert await store.read(k["absent"]) is None
+    lost("forgotten")
+    assert got["forgotten"].record is None
+    # A replay by the holder itself takes its live lease again, with a new fence.
+    assert won("mine") == held["mine"].fence + 1  # type: ignore[union-attr]
+    assert won("plain-mine") == held["plain-mine"].fence + 1  # type: ignore[union-attr]
+    assert won("expired") == expired["expired"].fence + 1  # type: ignore[union-attr]
+    # A new tenant: its first fence; the same key twice: one winner, the other sees it held.
+    assert won("new") == 1 and got["new"].record is None
+    for pair in ("twice", "new-twice"):
+        first, second = got[f"{pair}-1"], got[f"{pair}-2"]
+        assert (first.lease is None) != (second.lease is None), pair
+    # What each winner holds is what the database says.
+    for name, acquisition in got.items():
+        if acquisition.lease is not None:
+            again = await store.acquire(acquisition.lease.key, "someone-else", 60)
+            assert again.lease is None, name
+            assert await store.release(acquisition.lease), name
+
+
+async def test_a_mixed_acquire_batch_gives_each_caller_its_own_answer(module_url: str) -> None:
+    store = PostgresStore.from_url(module_url)
+    try:
+        await mixed_acquire_batch(store, f"acq-{secrets.token_hex(4)}")
+    finally:
+        await store.aclose()
+
+
+async def test_acquisitions_of_one_turn_go_as_one_statement_each(base_url: str) -> None:
+    """100 plain and 100 conditional acquisitions, each kind issued at once: one statement
+    on the wire per kind."""
+    async with _proxied(base_url, max_size="3") as (proxy, store):
+        ns = f"wire-acq-{secrets.token_hex(4)}"
+        keys = [TenantKey(ns, f"t{i}") for i in range(100)]
+        for key in keys[:50]:
+            await store.replace(key, _due(b"x"))
+        before = proxy.requests
+        won = await asyncio.gather(*(store.acquire(key, f"o-{key.tenant}", 60) for key in keys))
+        assert [w.lease.key for w in won if w.lease is not None] == keys
+        assert proxy.requests - before <= 2
+        assert all(await asyncio.gather(*(store.release(w.lease) for w in won if w.lease is not None)))
+        rule = Freshness(at=time.time(), margin=100.0, share=1.0)
+        before = proxy.requests
+        won = await asyncio.gather(
+            *(store.acquire(key, f"c-{key.tenant}", 60, unless_fresh=rule) for key in keys)
+        )
+        assert [w.lease.key for w in won if w.lease is not None] == keys[:50]
+        assert proxy.requests - before <= 2
+
+
+async def test_two_stores_race_for_many_keys_one_lease_each(
+    module_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two stores (two pools) acquire 40 keys, half never written, four callers per key
+    (plain and conditional on each), six rounds: exactly one lease per key per round, the
+    database holds the winner's fence and owner, and fences strictly increase. Every batch
+    locks the rows it shares with another in the same order: no deadlock to retry."""
+    stores = [PostgresStore.from_url(module_url), PostgresStore.from_url(module_url)]
+    schema = module_url.split("schema=")[1].split("&")[0]
+    ns = f"race-many-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, f"t{i}") for i in range(40)]
+    try:
+        for key in keys[:20]:
+            await stores[0].replace(key, _due(b"first"))
+        last = dict.fromkeys(keys, 0)
+        for round_ in range(6):
+            rule = Freshness(at=time.time(), margin=100.0, share=1.0)
+            calls: list[tuple[TenantKey, Awaitable[Acquisition]]] = []
+            for key in keys:
+                for s, store in enumerate(stores):
+                    calls.append((key, store.acquire(key, f"r{round_}-s{s}-plain-{key.tenant}", 60)))
+                    calls.append(
+                        (key, store.acquire(key, f"r{round_}-s{s}-cond-{key.tenant}", 60, unless_fresh=rule))
+                    )
+            random.shuffle(calls)
+            outcomes = await asyncio.gather(*(call for _, call in calls))
+            winners: dict[TenantKey, list[Lease]] = {key: [] for key in keys}
+            for (key, _), outcome in zip(calls, outcomes, strict=True):
+                if outcome.lease is not None:
+                    assert outcome.lease.key == key
+                    winners[key].append(outcome.lease)
+            for key in keys:
+                assert len(winners[key]) == 1, (round_, key, winners[key])
+                lease = winners[key][0]
+                assert lease.fence > last[key]
+                last[key] = lease.fence
+                assert await _lease_row(module_url, schema, key) == (lease.fence, lease.owner)
+            done = await asyncio.gather(
+                *(
+                    stores[i % 2].commit(winners[key][0], _due(f"r{round_}".encode()))
+                    for i, key in enumerate(keys)
+                )
+            )
+            assert all(record is not None for record in done)
+        assert not [r for r in caplog.records if "Deadlock" in r.getMessage()]
+    finally:
+        await asyncio.gather(*(s.aclose() for s in stores))
+
+
+async def test_a_reply_lost_mid_acquire_batch_is_replayed_for_every_caller(base_url: str) -> None:
+    """The connection drops after the server ran a batch of acquisitions (plain, then
+    conditional): the replay takes each caller's own lease again, and what each caller
+    holds is what the database holds."""
+    async with _proxied(base_url, max_size="2") as (proxy, store):
+        ns = f"lost-acq-{secrets.token_hex(4)}"
+        schema = store._names.schema
+        keys = [TenantKey(ns, f"t{i}") for i in range(30)]
+        for key in keys[:20]:
+            await store.replace(key, _due(b"x"))
+        rule = Freshness(at=time.time(), margin=100.0, share=1.0)
+        # Prepare both statements on the connection first (their replies are not the ones lost).
+        for warm in await asyncio.gather(
+            store.acquire(TenantKey(ns, "warm"), "w", 60),
+            store.acquire(TenantKey(ns, "warm-c"), "w", 60, unless_fresh=rule),
+        ):
+            if warm.lease is not None:
+                await store.release(warm.lease)
+        for kind in ("plain", "cond"):
+            proxy.drop_reply(1)
+            won = await asyncio.gather(
+                *(
+                    store.acquire(
+                        key, f"{kind}-{key.tenant}", 60, unless_fresh=rule if kind == "cond" else None
+                    )
+                    for key in (keys if kind == "plain" else keys[:20])
+                )
+            )
+            assert proxy.dropped == (1 if kind == "plain" else 2)
+            for w in won:
+                assert w.lease is not None
+                assert await _lease_row(base_url, schema, w.lease.key) == (w.lease.fence, w.lease.owner)
+            assert all(await asyncio.gather(*(store.release(w.lease) for w in won if w.lease is not None)))
+
+
+async def test_connections_killed_mid_acquire_batch_are_retried(base_url: str) -> None:
+    """Batches of acquisitions blocked on locked rows while their connections are killed:
+    the retry (a replay) answers every caller with its own lease, one per key, which is
+    what the database holds."""
+    app_name = f"ft_acq_{secrets.token_hex(4)}"
+    url = store_url(base_url, application_name=app_name, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"kill-acq-{secrets.token_hex(4)}"
+    try:
+        keys = [TenantKey(ns, f"t{i}") for i in range(40)]
+        for key in keys:
+            await store.replace(key, _due(b"x"))
+        rule = Freshness(at=time.time(), margin=100.0, share=1.0)
+        locker = await _lock_rows(base_url, schema, ns)
+        try:
+            calls = [
+                asyncio.ensure_future(
+                    store.acquire(key, f"o-{key.tenant}", 60, unless_fresh=rule if i % 2 else None)
+                )
+                for i, key in enumerate(keys)
+            ]
+            killer = await asyncpg.connect(base_url, timeout=5)
+            try:
+                kills = 0
+                for _ in range(50):
+                    await asyncio.sleep(0.1)
+                    kills += await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                        app_name,
+                    )
+                    if kills:
+                        break
+                assert kills >= 1
+            finally:
+                await killer.close()
+            await asyncio.sleep(0.3)  # the retry is blocked again
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        won = await asyncio.gather(*calls)
+        for key, w in zip(keys, won, strict=True):
+            assert w.lease is not None and w.lease.key == key
+            assert await _lease_row(url, schema, key) == (w.lease.fence, w.lease.owner)
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_acquirer_leaves_the_others_answers_alone(base_url: str) -> None:
+    """An acquisition cancelled while its batch waits on a lock: every other caller gets
+    its own lease, and the one won for the cancelled caller is given back at once."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"cancel-acq-{secrets.token_hex(4)}"
+    try:
+        keys = [TenantKey(ns, f"t{i}") for i in range(10)]
+        for key in keys:
+            await store.replace(key, _due(b"x"))
+        locker = await _lock_rows(base_url, schema, ns)
+        try:
+            calls = [asyncio.ensure_future(store.acquire(key, f"o-{key.tenant}", 60)) for key in keys]
+            await asyncio.sleep(0.3)
+            calls[4].cancel()
+            await asyncio.sleep(0.1)
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(outcomes[4], asyncio.CancelledError)
+
+        async def given_back() -> bool:
+            row = await _lease_row(url, schema, keys[4])
+            return row is not None and row[1] is None
+
+        deadline = time.monotonic() + 5
+        while not await given_back():
+            assert time.monotonic() < deadline, "the orphaned lease was not given back"
+            await asyncio.sleep(0.05)
+        assert (await store.acquire(keys[4], "next", 60)).lease is not None
+        for i, (key, outcome) in enumerate(zip(keys, outcomes, strict=True)):
+            if i != 4:
+                assert isinstance(outcome, Acquisition) and outcome.lease is not None
+                assert await _lease_row(url, schema, key) == (outcome.lease.fence, outcome.lease.owner)
+    finally:
+        await store.aclose()
+
+
+async def test_two_batches_on_the_same_rows_lock_them_in_one_order(
+    base_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain batch waits on a row locked halfway down its keys (holding the rows before
+    it) while another store's conditional batch on the same keys arrives: the second waits
+    for the first row instead of taking the rows from the end (the table holds them in
+    reverse order): no deadlock, and one lease per key."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    stores = [PostgresStore.from_url(url), PostgresStore.from_url(url)]
+    ns = f"order-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, f"t{i:02}") for i in range(20)]
+    try:
+        for key in reversed(keys):
+            await stores[0].replace(key, _due(b"x"))
+        locker = await asyncpg.connect(base_url, timeout=5)
+        try:
+            await locker.execute("BEGIN")
+            await locker.execute(
+                f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE',
+                ns,
+                keys[10].tenant,
+            )
+            rule = Freshness(at=time.time(), margin=100.0, share=1.0)
+            plain = [asyncio.ensure_future(stores[0].acquire(key, f"p-{key.tenant}", 60)) for key in keys]
+            await asyncio.sleep(0.3)
+            cond = [
+                asyncio.ensure_future(stores[1].acquire(key, f"c-{key.tenant}", 60, unless_fresh=rule))
+                for key in keys
+            ]
+            await asyncio.sleep(0.3)
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        outcomes = await asyncio.gather(*plain, *cond)
+        for i, key in enumerate(keys):
+            won = [o.lease for o in (outcomes[i], outcomes[len(keys) + i]) if o.lease is not None]
+            assert len(won) == 1 and won[0].key == key
+            assert await _lease_row(url, schema, key) == (won[0].fence, won[0].owner)
+        assert not [r for r in caplog.records if "Deadlock" in r.getMessage()]
+    finally:
+        await asyncio.gather(*(s.aclose() for s in stores))

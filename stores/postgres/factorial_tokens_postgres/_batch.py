@@ -29,7 +29,8 @@ class Batcher(Generic[I, R]):
     itself raises, every caller of the batch gets its own copy of the error. Calls made
     while ``concurrency`` batches are in flight wait and leave together in the next one,
     so batches grow with the load. A cancelled caller is left out of a batch not yet sent,
-    and its result is dropped if sent; the other callers are not affected.
+    and its result, if sent, goes to ``orphaned`` (or is dropped); the other callers are
+    not affected.
     """
 
     def __init__(
@@ -39,8 +40,10 @@ class Batcher(Generic[I, R]):
         concurrency: int,
         size: int,
         cancelled: Callable[[], BaseException],
+        orphaned: Callable[[R], None] | None = None,
     ) -> None:
         self._send = send
+        self._orphaned = orphaned  # what to do with a result whose caller is gone
         self._concurrency = concurrency
         self._size = size
         self._cancelled = cancelled  # what callers of a batch whose drainer was cancelled get
@@ -103,6 +106,8 @@ class Batcher(Generic[I, R]):
             return
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
+                if self._orphaned is not None and not isinstance(outcome, BaseException):
+                    self._orphaned(outcome)
                 continue
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)

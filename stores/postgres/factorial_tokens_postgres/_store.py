@@ -5,9 +5,9 @@ compare-and-set (``UPDATE ... WHERE ... RETURNING`` or ``INSERT ... ON CONFLICT 
 ... WHERE ... RETURNING``) whose announcement (``pg_notify``) rides in the same statement,
 so it is sent exactly when the write commits. No transaction and no connection is held
 between primitives, hence never across a provider call. Lease expiry is judged by the
-database's clock (``clock_timestamp()``), never the client's. Reads, commits and releases
-issued in one turn of the event loop go as one such statement per kind, over arrays
-(``Batcher``); each row is still fenced, and each caller gets its own answer.
+database's clock (``clock_timestamp()``), never the client's. Reads, acquisitions, commits
+and releases issued in one turn of the event loop go as one such statement per kind, over
+arrays (``Batcher``); each row is still fenced, and each caller gets its own answer.
 
 Wake-ups: one dedicated LISTEN connection per store, started when the first watcher or
 change listener registers, re-listening after any reconnect (then waking every watcher,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import random
@@ -214,7 +215,8 @@ class PostgresStore:
         self._origin = secrets.token_hex(8)
         self._sql = _Statements(self._names, self._origin)
         self._listener = _Listen(self)
-        # Reads and commits issued in one turn of the loop leave as one statement each.
+        # Reads, acquisitions, commits and releases issued in one turn of the loop leave as
+        # one statement per kind.
         self._reads: Batcher[TenantKey, Any] = Batcher(
             functools.partial(self._each, self._read_batch),
             concurrency=_BATCHES_IN_FLIGHT,
@@ -226,6 +228,22 @@ class PostgresStore:
             concurrency=_BATCHES_IN_FLIGHT,
             size=_BATCH_SIZE,
             cancelled=self._cancelled,
+        )
+        # A lease won for a caller cancelled meanwhile is given back at once, not left to expire.
+        self._orphans: set[asyncio.Task[None]] = set()
+        self._acquires: Batcher[tuple[TenantKey, str, float], Acquisition] = Batcher(
+            functools.partial(self._each, self._acquire_batch),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+            orphaned=self._give_back,
+        )
+        self._acquires_if_due: Batcher[tuple[TenantKey, str, float, Freshness], Acquisition] = Batcher(
+            functools.partial(self._each, self._acquire_if_due_batch),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+            orphaned=self._give_back,
         )
         self._releases: Batcher[Lease, bool] = Batcher(
             functools.partial(self._each, self._release_batch),
@@ -443,51 +461,112 @@ class PostgresStore:
     ) -> Acquisition:
         """Take the lease if free or expired (by the database clock), with a new fence;
         also returns the record seen, all in one statement. With ``unless_fresh``, only if
-        the record is due (judged in the same statement; a fresh one is not written)."""
+        the record is due (judged in the same statement; a fresh one is not written).
+
+        Acquisitions issued in one turn of the event loop are sent as one statement per
+        kind (plain, conditional), each row fenced on its own."""
         self._check_key(key)
         if unless_fresh is not None:
-            return await self._acquire_if_due(key, owner, ttl, unless_fresh)
+            return await self._acquires_if_due((key, owner, float(ttl), unless_fresh))
+        return await self._acquires((key, owner, float(ttl)))
 
-        async def run(pool: Any, replay: bool) -> Any:
-            # No row means a concurrent first insert our snapshot could not see: ask again.
-            for _ in range(3):
-                # Always replay-safe: a client (or a proxy) may resend after a lost reply.
-                row = await pool.fetchrow(
-                    self._sql.acquire, key.namespace, key.tenant, key.digest, owner, float(ttl), True
-                )
-                if row is not None:
-                    return row
-            return None
+    def _give_back(self, acquisition: Acquisition) -> None:
+        """Release a lease won for a caller cancelled while its batch was out."""
+        if acquisition.lease is None or self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._release_orphan(acquisition.lease), context=contextvars.Context()
+        )
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
 
-        row = await self._call("acquire", run)
-        if row is None:
-            return Acquisition(None, None)
-        record = None if row["payload"] is None else _record(key, row)
-        lease = Lease(key, owner, int(row["fence"])) if row["won"] else None
-        return Acquisition(lease, record)
+    async def _release_orphan(self, lease: Lease) -> None:
+        try:
+            await self._releases(lease)
+        except StoreUnavailable as exc:  # it expires on its own
+            log.info("postgres store: could not give back an unclaimed lease: %s", exc)
 
-    async def _acquire_if_due(self, key: TenantKey, owner: str, ttl: float, rule: Freshness) -> Acquisition:
-        async def run(pool: Any, replay: bool) -> Any:
-            if self._absent:
-                return None
-            # Replay-safe as it is: a lease already held by this very owner is ours.
-            return await pool.fetchrow(
-                self._sql.acquire_if_due,
-                key.namespace,
-                key.tenant,
-                owner,
-                float(ttl),
-                float(rule.at),
-                float(rule.margin),
-                float(rule.share),
+    async def _acquire_batch(self, items: list[tuple[TenantKey, str, float]]) -> list[Acquisition]:
+        """Each plain acquisition's answer, in one statement per round (a key twice waits
+        for the next round)."""
+
+        def columns(part: list[tuple[TenantKey, str, float]]) -> tuple[list[str], ...]:
+            return (
+                [key.namespace for key, _, _ in part],
+                [key.tenant for key, _, _ in part],
+                [key.digest for key, _, _ in part],
+                [owner for _, owner, _ in part],
+                [repr(ttl) for _, _, ttl in part],
             )
 
-        row = await self._call("acquire_if_due", run)
-        if row is None:
-            return Acquisition(None, None)  # no row: never written
-        record = None if row["payload"] is None else _record(key, row)
-        lease = Lease(key, owner, int(row["fence"])) if row["won"] else None
-        return Acquisition(lease, record)
+        return await self._acquire_rounds("acquire", self._sql.acquire_many, items, columns, tries=3)
+
+    async def _acquire_if_due_batch(
+        self, items: list[tuple[TenantKey, str, float, Freshness]]
+    ) -> list[Acquisition]:
+        """Each conditional acquisition's answer, in one statement per round."""
+
+        def columns(part: list[tuple[TenantKey, str, float, Freshness]]) -> tuple[list[str], ...]:
+            return (
+                [key.namespace for key, *_ in part],
+                [key.tenant for key, *_ in part],
+                [owner for _, owner, _, _ in part],
+                [repr(ttl) for _, _, ttl, _ in part],
+                [repr(float(rule.at)) for *_, rule in part],
+                [repr(float(rule.margin)) for *_, rule in part],
+                [repr(float(rule.share)) for *_, rule in part],
+            )
+
+        return await self._acquire_rounds(
+            "acquire_if_due", self._sql.acquire_if_due_many, items, columns, tries=1
+        )
+
+    async def _acquire_rounds(
+        self,
+        op: str,
+        statement: str,
+        items: list[Any],
+        columns: Callable[[list[Any]], tuple[list[str], ...]],
+        *,
+        tries: int,
+    ) -> list[Acquisition]:
+        """Run an acquisition ``statement`` over ``items`` (each a key first, then its
+        owner), in rounds with no key twice, each round's rows in key order (so that two
+        batches lock the rows they share in the same order, never each waiting for the
+        other). An item without a row is asked again, up to ``tries`` times in all: a
+        plain acquisition finds no row when a concurrent first insert committed after its
+        statement began (its snapshot cannot see the row it conflicted with)."""
+
+        async def run(pool: Any, replay: bool) -> list[Any]:
+            found: list[Any] = [None] * len(items)
+            if self._absent:
+                return found
+            async with pool.acquire() as con:
+                pending = list(range(len(items)))
+                for _ in range(tries):
+                    for indices in _rounds([items[i][0] for i in pending]):
+                        positions = sorted((pending[j] for j in indices), key=lambda i: _order(items[i][0]))
+                        rows = await con.fetch(statement, *columns([items[i] for i in positions]))
+                        for row in rows:
+                            found[positions[row["i"] - 1]] = row
+                    pending = [i for i in pending if found[i] is None]
+                    if not pending:
+                        break
+            return found
+
+        # Always replay-safe: a lease already held by this very owner (random per call) is
+        # taken again, with a new fence.
+        rows = await self._call(op, run)
+        answers: list[Acquisition] = []
+        for item, row in zip(items, rows, strict=True):
+            key, owner = item[0], item[1]
+            if row is None:
+                answers.append(Acquisition(None, None))  # never written
+                continue
+            record = None if row["payload"] is None else _record(key, row)
+            lease = Lease(key, owner, int(row["fence"])) if row["won"] else None
+            answers.append(Acquisition(lease, record))
+        return answers
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         """Push the lease's expiry to ``ttl`` from now (database clock) if still ours."""
@@ -740,6 +819,8 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
+        if self._orphans:  # leases being given back
+            await asyncio.wait(set(self._orphans), timeout=5.0)
         await self._listener.aclose()
         if self._owns_pool and self._pool is not None:
             try:
@@ -829,6 +910,11 @@ def _rounds(keys: list[TenantKey]) -> list[list[int]]:
     return rounds
 
 
+def _order(key: TenantKey) -> tuple[bytes, bytes]:
+    """The order in which a batch takes its rows' locks: the same in every process."""
+    return key.namespace.encode(), key.tenant.encode()
+
+
 # The batched writes take every array as text[] (cast in the statement): asyncpg encodes
 # text[] with a built-in codec, while bigint[], bytea[] or float8[] would each cost a type
 # introspection query on every new connection (about a second on a loaded server).
@@ -870,47 +956,77 @@ class _Statements:
         self.tenants = (
             f"SELECT tenant, {cols} FROM {t} WHERE namespace = $1 AND payload IS NOT NULL ORDER BY tenant"
         )
-        # $1 namespace, $2 tenant, $3 digest, $4 owner, $5 ttl seconds, $6 replay.
-        # On a replay, a lease already held by this very owner (random per call) is ours.
-        self.acquire = f"""
-            WITH won AS (
+        # Arrays (text[]), one element per acquisition, keys unique, in lock order:
+        # $1 namespaces, $2 tenants, $3 digests, $4 owners, $5 ttl seconds. Returns each
+        # one's position (from 1), whether it won, and the row: taken if free, expired, or
+        # already this very owner's (a replay: owners are random per call), with a new
+        # fence; the rows are locked in the order given (INSERT ... SELECT ... ORDER BY).
+        # No row for a key means a concurrent first insert our snapshot could not see.
+        self.acquire_many = f"""
+            WITH u AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                    WITH ORDINALITY AS u(namespace, tenant, digest, owner, ttl, i)
+            ), won AS (
                 INSERT INTO {t} AS t (namespace, tenant, digest, fence, lease_owner, lease_expires)
-                VALUES ($1, $2, $3, 1, $4, clock_timestamp() + make_interval(secs => $5))
+                SELECT namespace, tenant, digest, 1, owner,
+                       clock_timestamp() + make_interval(secs => ttl::float8)
+                  FROM u ORDER BY i
                 ON CONFLICT (namespace, tenant) DO UPDATE
                     SET fence = t.fence + 1,
                         lease_owner = EXCLUDED.lease_owner,
                         lease_expires = EXCLUDED.lease_expires
                     WHERE t.lease_owner IS NULL
                        OR t.lease_expires <= clock_timestamp()
-                       OR ($6 AND t.lease_owner = $4)
-                RETURNING t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
+                       OR t.lease_owner = EXCLUDED.lease_owner
+                RETURNING t.namespace, t.tenant, t.fence, t.payload, t.status, t.version,
+                          t.expires_at, t.updated_at
             )
-            SELECT true AS won, fence, {cols} FROM won
+            SELECT u.i, true AS won, w.fence, w.payload, w.status, w.version, w.expires_at, w.updated_at
+              FROM u JOIN won w ON w.namespace = u.namespace AND w.tenant = u.tenant
             UNION ALL
-            SELECT false, fence, {cols} FROM {t}
-             WHERE namespace = $1 AND tenant = $2 AND NOT EXISTS (SELECT FROM won)"""
-        # $1 namespace, $2 tenant, $3 owner, $4 ttl seconds, $5 at, $6 margin, $7 share:
-        # the lease only for an ACTIVE record that is not fresh by the rule (Freshness in the
-        # store kit, the same doubles as Python's); an absent row is left absent. A replay
-        # (this owner's live lease) takes it again with a new fence, as ``acquire`` does.
-        self.acquire_if_due = f"""
-            WITH won AS (
+            SELECT u.i, false, t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
+              FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
+             WHERE NOT EXISTS (SELECT FROM won w WHERE w.namespace = u.namespace AND w.tenant = u.tenant)"""
+        # Arrays (text[]), one element per acquisition, keys unique, in lock order:
+        # $1 namespaces, $2 tenants, $3 owners, $4 ttl seconds, $5 at, $6 margin, $7 share
+        # (doubles in exact text): the lease only for an ACTIVE record that is not fresh by
+        # the rule (Freshness in the store kit, the same doubles as Python's); an absent row
+        # is left absent (no answer row). A replay (this owner's live lease) takes it again
+        # with a new fence. The rows to take are chosen and locked first, in the order given
+        # (FOR UPDATE rechecks a row changed meanwhile, as an UPDATE's WHERE would), so that
+        # the UPDATE, whatever its join order, waits for no one; rows left alone are not locked.
+        self.acquire_if_due_many = f"""
+            WITH u AS MATERIALIZED (
+                SELECT namespace, tenant, owner, ttl::float8 AS ttl, at::float8 AS at,
+                       margin::float8 AS margin, share::float8 AS share, i
+                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[]) WITH ORDINALITY
+                    AS u(namespace, tenant, owner, ttl, at, margin, share, i)
+            ), due AS (
+                SELECT u.i, u.namespace, u.tenant, u.owner, u.ttl
+                  FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
+                 WHERE (t.lease_owner = u.owner AND t.lease_expires > clock_timestamp())  -- a replay
+                    OR ((t.lease_owner IS NULL OR t.lease_expires <= clock_timestamp())
+                        AND t.payload IS NOT NULL AND t.status = 'active'
+                        AND t.expires_at IS NOT NULL
+                        AND t.expires_at
+                            - LEAST(u.margin, u.share * GREATEST(t.expires_at - t.updated_at, 0))
+                            <= u.at)
+                 ORDER BY u.i
+                   FOR UPDATE OF t
+            ), won AS (
                 UPDATE {t} AS t
-                   SET fence = t.fence + 1, lease_owner = $3,
-                       lease_expires = clock_timestamp() + make_interval(secs => $4)
-                 WHERE t.namespace = $1 AND t.tenant = $2
-                   AND ((t.lease_owner = $3 AND t.lease_expires > clock_timestamp())  -- a replay
-                        OR ((t.lease_owner IS NULL OR t.lease_expires <= clock_timestamp())
-                            AND t.payload IS NOT NULL AND t.status = 'active'
-                            AND t.expires_at IS NOT NULL
-                            AND t.expires_at - LEAST($6, $7 * GREATEST(t.expires_at - t.updated_at, 0))
-                                <= $5))
-                RETURNING t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
+                   SET fence = t.fence + 1, lease_owner = d.owner,
+                       lease_expires = clock_timestamp() + make_interval(secs => d.ttl)
+                  FROM due d
+                 WHERE t.namespace = d.namespace AND t.tenant = d.tenant
+                RETURNING d.i, t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
             )
-            SELECT true AS won, fence, {cols} FROM won
+            SELECT i, true AS won, fence, {cols} FROM won
             UNION ALL
-            SELECT false, fence, {cols} FROM {t}
-             WHERE namespace = $1 AND tenant = $2 AND NOT EXISTS (SELECT FROM won)"""
+            SELECT u.i, false, t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
+              FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
+             WHERE NOT EXISTS (SELECT FROM won w WHERE w.i = u.i)"""
         # $1 namespace, $2 tenant, $3 fence, $4 owner, $5 ttl seconds.
         self.extend = f"""
             UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)

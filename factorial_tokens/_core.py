@@ -76,7 +76,7 @@ class Core:
     _digests: dict[str, str]
     _flights: dict[str, asyncio.Task[Entry]]
     _joined: dict[asyncio.Task[Entry], dict[asyncio.Future[Entry], None]]  # callers waiting per flight
-    _advisory: set[str]  # tenants whose flight is a background refresh
+    _advisory: set[asyncio.Task[Entry]]  # flights that are background refreshes
     _forced: set[str]  # tenants whose flight forces a new token set
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
     _deaths: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # marked dead here: version, cause

@@ -102,7 +102,7 @@ class Flights(Leases):
 
     async def _valid(self, tenant: str) -> Entry:
         """An entry outside the mandatory window: the store's, or a refreshed one."""
-        if tenant in self._advisory and tenant in self._flights:
+        if self._flights.get(tenant) in self._advisory:
             # A background refresh is under way and the cache was dropped (an announcement):
             # the stored token may still do, so read it rather than wait for the refresh.
             entry = self._usable(tenant, await self._store.read(self._key(tenant)))
@@ -119,12 +119,12 @@ class Flights(Leases):
         if backoff is not None and time.monotonic() < backoff[1]:
             return
         flight = self._launch(tenant, newer_than=None, advisory=True)
-        self._advisory.add(tenant)
+        self._advisory.add(flight)
         flight.add_done_callback(functools.partial(self._advised, tenant))
 
     def _advised(self, tenant: str, flight: asyncio.Task[Entry]) -> None:
         """A background refresh ended: forget its backoff, or log it and back off."""
-        self._advisory.discard(tenant)
+        self._advisory.discard(flight)
         if flight.cancelled():
             return
         error = flight.exception()
@@ -188,7 +188,7 @@ class Flights(Leases):
         """Join (or start) the tenant's flight until it yields an acceptable entry."""
         while True:
             flight = self._flights.get(tenant)
-            joined_advisory = flight is not None and tenant in self._advisory
+            joined_advisory = flight in self._advisory
             if flight is None:
                 flight = self._launch(tenant, newer_than=newer_than)
             try:
@@ -206,10 +206,12 @@ class Flights(Leases):
                         raise
             except (ProviderError, StoreUnavailable, RefreshTimeout):
                 # A background refresh gave up (it stops retrying when the mandatory window
-                # opens): a caller that must wait starts one of its own instead.
-                if joined_advisory and self._flights.get(tenant) is not flight:
-                    continue
-                raise
+                # opens): a caller that must wait starts one of its own instead. The ended
+                # flight may not have landed yet (its callbacks run a turn later): forget it.
+                if not joined_advisory:
+                    raise
+                self._land(tenant, flight)
+                continue
             if newer_than is None or entry.version > newer_than or not _renewable(entry.tokens):
                 return entry
             # A finished flight is awaited without yielding, and its landing may not have run

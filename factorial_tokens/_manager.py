@@ -191,7 +191,7 @@ class TokenManager(Callbacks, Flights):
         self._digests = {}
         self._flights = {}
         self._joined = {}  # the callers waiting on each flight
-        self._advisory = set()  # tenants whose flight is a background refresh
+        self._advisory = set()  # flights that are background refreshes
         self._forced = set()  # tenants whose flight forces a new token set
         self._backoff = {}  # failed advisory refreshes, retry at
         self._deaths = {}  # tenants this process marked dead: stored version, cause

@@ -204,6 +204,48 @@ async def test_a_caller_that_joined_a_background_refresh_which_gave_up_refreshes
         assert sim.stats.refreshes == 1 and sim.stats.unavailable == 1
 
 
+class _ReadsAfterTheFlight:
+    """A store whose reads, once armed with a flight, answer as soon as that flight has
+    ended, before its done callbacks run (a reply that lands in that very turn)."""
+
+    def __init__(self, inner: MemoryStore, sim: FakeFactorial) -> None:
+        self.inner = inner
+        self.sim = sim
+        self.flight: asyncio.Task[object] | None = None
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def read(self, key: TenantKey) -> object:
+        flight, self.flight = self.flight, None
+        if flight is not None:
+            while not flight.done():  # each turn re-queues this step before the flight's callbacks
+                await asyncio.sleep(0)
+            self.sim.unavailable = False
+        return await self.inner.read(key)
+
+
+async def test_a_caller_whose_read_lands_as_the_background_refresh_gives_up_refreshes_itself(
+    make_sim: SimFactory,
+) -> None:
+    """As above, but the mandatory caller's store read is answered after the background
+    refresh ended and before its landing ran: the ended flight is still registered, and the
+    caller got its error (ProviderError 503) instead of starting a refresh of its own. Seen
+    as a few ProviderErrors in the outage benchmark; this test failed before the fix."""
+    budgets = {"leeway": LEEWAY, "lease_ttl": 8.0, "provider_timeout": 3.0, "refresh_deadline": 5.0}
+    async with make_sim(access_token_ttl=3600, latency=0.1) as sim:
+        store = _ReadsAfterTheFlight(MemoryStore(), sim)
+        async with TokenManager(app_for(sim), store, **budgets) as tm:  # type: ignore[arg-type]
+            old = await place(tm, sim, left=15.3)  # mandatory window in 0.3 s
+            sim.unavailable = True
+            assert await tm.access_token("acme") == old.access_token  # the background refresh starts
+            store.flight = tm._flights["acme"]
+            await asyncio.sleep(0.35)  # past min_valid: the next caller must wait
+            fresh = await tm.access_token("acme")
+        assert fresh != old.access_token and sim.is_active(fresh)
+        assert sim.stats.refreshes == 1 and sim.stats.unavailable >= 1
+
+
 class _HeldReads:
     """A store whose reads, once :meth:`hold` is called, see the record when sent but
     answer only after :meth:`answer`: a read that crosses a refresh on the wire."""

@@ -1331,3 +1331,45 @@ async def test_two_batches_on_the_same_rows_lock_them_in_one_order(
         assert not [r for r in caplog.records if "Deadlock" in r.getMessage()]
     finally:
         await asyncio.gather(*(s.aclose() for s in stores))
+
+
+async def _given_back(url: str, schema: str, key: TenantKey, within: float = 5.0) -> bool:
+    """Whether ``key``'s lease is free (given back) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        row = await _lease_row(url, schema, key)
+        if row is not None and row[1] is None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
+async def test_a_caller_cancelled_after_its_answer_came_gives_its_lease_back(base_url: str) -> None:
+    """Two acquisitions answered by one batch; the first caller, on waking, cancels the
+    second (a task group whose sibling failed, a ``wait(FIRST_COMPLETED)``): the second's
+    answer is already set but never seen by it, so the lease won for it is given back
+    rather than held, unused, until it expires."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"late-cancel-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, "first"), TenantKey(ns, "second")]
+    try:
+        second: asyncio.Task[Acquisition] | None = None
+
+        async def first() -> Acquisition:
+            won = await store.acquire(keys[0], "o-first", 60)
+            assert second is not None
+            second.cancel()  # its answer is set; it has not run since
+            return won
+
+        one = asyncio.ensure_future(first())
+        second = asyncio.ensure_future(store.acquire(keys[1], "o-second", 60))
+        outcomes = await asyncio.gather(one, second, return_exceptions=True)
+        assert isinstance(outcomes[0], Acquisition) and outcomes[0].lease is not None
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+        assert await _given_back(url, schema, keys[1]), "the lease of a caller that never saw it is held"
+        assert (await store.acquire(keys[1], "next", 60)).lease is not None
+    finally:
+        await store.aclose()

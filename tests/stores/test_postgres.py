@@ -1373,3 +1373,32 @@ async def test_a_caller_cancelled_after_its_answer_came_gives_its_lease_back(bas
         assert (await store.acquire(keys[1], "next", 60)).lease is not None
     finally:
         await store.aclose()
+
+
+async def test_aclose_gives_back_the_leases_of_cancelled_callers_first(base_url: str) -> None:
+    """``aclose`` right after a caller was cancelled with a lease won for it: the lease is
+    still given back (``aclose`` waits for it) rather than refused as "closed"."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"close-orphan-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, "first"), TenantKey(ns, "second")]
+    second: asyncio.Task[Acquisition] | None = None
+    closing: list[asyncio.Future[None]] = []
+
+    async def first() -> Acquisition:
+        won = await store.acquire(keys[0], "o-first", 60)
+        assert second is not None
+        second.cancel()  # a shutdown: cancel the work, then close the store
+        closing.append(asyncio.ensure_future(store.aclose()))
+        return won
+
+    try:
+        one = asyncio.ensure_future(first())
+        second = asyncio.ensure_future(store.acquire(keys[1], "o-second", 60))
+        outcomes = await asyncio.gather(one, second, return_exceptions=True)
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+        await closing[0]
+    finally:
+        await store.aclose()
+    assert await _given_back(base_url, schema, keys[1], within=1.0), "aclose dropped a lease being given back"

@@ -245,6 +245,14 @@ class PostgresStore:
             cancelled=self._cancelled,
             orphaned=self._give_back,
         )
+        # The leases of cancelled callers go in batches of their own: ``aclose`` waits for
+        # these and lets them run (a caller's own release after ``aclose`` is refused).
+        self._orphan_releases: Batcher[Lease, bool] = Batcher(
+            functools.partial(self._each, functools.partial(self._release_batch, closing=True)),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+        )
         self._releases: Batcher[Lease, bool] = Batcher(
             functools.partial(self._each, self._release_batch),
             concurrency=_BATCHES_IN_FLIGHT,
@@ -286,8 +294,9 @@ class PostgresStore:
 
     # -- plumbing --------------------------------------------------------------------
 
-    async def _ready(self) -> Any:
-        if self._closed:
+    async def _ready(self, closing: bool = False) -> Any:
+        # ``closing``: the leases of cancelled callers, which ``aclose`` still gives back.
+        if self._closed and not (closing and self._pool is not None and self._migrated):
             raise closed_error("Postgres")
         if self._pool is not None and self._migrated:
             return self._pool
@@ -367,7 +376,14 @@ class PostgresStore:
                     SCHEMA_VERSION,
                 )
 
-    async def _call(self, op: str, fn: Callable[[Any, bool], Awaitable[T]], attempts: int = _ATTEMPTS) -> T:
+    async def _call(
+        self,
+        op: str,
+        fn: Callable[[Any, bool], Awaitable[T]],
+        attempts: int = _ATTEMPTS,
+        *,
+        closing: bool = False,
+    ) -> T:
         """Run ``fn(pool, replay)``; the one place driver errors become StoreUnavailable.
 
         A connection lost mid-statement is retried on a fresh connection with
@@ -375,7 +391,7 @@ class PostgresStore:
         """
         for attempt in range(attempts):
             try:
-                pool = await self._ready()
+                pool = await self._ready(closing)
                 if self._absent and op not in _READS:
                     raise StoreUnavailable(
                         f"Postgres store{self._where()}: {op} refused: schema {self.schema!r} does not "
@@ -482,7 +498,7 @@ class PostgresStore:
 
     async def _release_orphan(self, lease: Lease) -> None:
         try:
-            await self._releases(lease)
+            await self._orphan_releases(lease)
         except StoreUnavailable as exc:  # it expires on its own
             log.info("postgres store: could not give back an unclaimed lease: %s", exc)
 
@@ -585,8 +601,9 @@ class PostgresStore:
         Releases issued in one turn of the event loop are sent as one statement."""
         return await self._releases(lease)
 
-    async def _release_batch(self, leases: list[Lease]) -> list[bool]:
-        """Whether each lease was given back, in one statement; announces each."""
+    async def _release_batch(self, leases: list[Lease], *, closing: bool = False) -> list[bool]:
+        """Whether each lease was given back, in one statement; announces each.
+        ``closing``: also while ``aclose`` waits for it (the leases of cancelled callers)."""
 
         async def run(pool: Any, replay: bool) -> list[bool]:
             done = [False] * len(leases)
@@ -598,7 +615,7 @@ class PostgresStore:
                         done[indices[row["i"] - 1]] = True
             return done
 
-        released = await self._call("release", run)
+        released = await self._call("release", run, closing=closing)
         for lease, done in zip(leases, released, strict=True):
             if done:
                 self._announce(lease.key.digest)

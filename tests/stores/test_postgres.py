@@ -1402,3 +1402,50 @@ async def test_aclose_gives_back_the_leases_of_cancelled_callers_first(base_url:
     finally:
         await store.aclose()
     assert await _given_back(base_url, schema, keys[1], within=1.0), "aclose dropped a lease being given back"
+
+
+@pytest.mark.parametrize("write", ["commit", "release"])
+async def test_a_write_batch_and_an_acquire_batch_lock_shared_rows_in_one_order(
+    base_url: str, caplog: pytest.LogCaptureFixture, write: str
+) -> None:
+    """A plain acquisition batch waits on a row locked halfway down its keys (holding the
+    rows before it, held leases included) while another store commits (or releases) the
+    leases it holds on the same keys, issued in reverse order and stored in reverse
+    order: the write waits for the first row instead of taking the rows from the end, so
+    no deadlock (a second's stall, then a replay) and every write lands."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    acquirer, holder = PostgresStore.from_url(url), PostgresStore.from_url(url)
+    ns = f"order-w-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, f"t{i:02}") for i in range(20)]
+    try:
+        for key in reversed(keys):
+            await holder.replace(key, _due(b"x"))
+        leases = [(await holder.acquire(key, f"h-{key.tenant}", 60)).lease for key in reversed(keys)]
+        assert all(lease is not None for lease in leases)
+        locker = await asyncpg.connect(base_url, timeout=5)
+        try:
+            await locker.execute("BEGIN")
+            await locker.execute(
+                f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE',
+                ns,
+                keys[10].tenant,
+            )
+            plain = [asyncio.ensure_future(acquirer.acquire(key, f"p-{key.tenant}", 60)) for key in keys]
+            await asyncio.sleep(0.3)
+            writes: list[asyncio.Future[object]] = [
+                asyncio.ensure_future(
+                    holder.commit(lease, _due(b"y")) if write == "commit" else holder.release(lease)
+                )
+                for lease in leases
+                if lease is not None
+            ]
+            await asyncio.sleep(0.3)
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        await asyncio.gather(*plain)
+        assert all(done is not None and done is not False for done in await asyncio.gather(*writes))
+        assert not [r for r in caplog.records if "Deadlock" in r.getMessage()]
+    finally:
+        await asyncio.gather(acquirer.aclose(), holder.aclose())

@@ -609,6 +609,7 @@ class PostgresStore:
             done = [False] * len(leases)
             async with pool.acquire() as con:
                 for indices in _rounds([lease.key for lease in leases]):
+                    indices = sorted(indices, key=lambda i: _order(leases[i].key))
                     part = [leases[i] for i in indices]
                     columns = _lease_columns(part)
                     for row in await con.fetch(self._sql.release_many, *columns, self._names.channel):
@@ -639,6 +640,7 @@ class PostgresStore:
             versions: list[int | None] = [None] * len(commits)
             async with pool.acquire() as con:
                 for indices in _rounds([lease.key for lease, _ in commits]):
+                    indices = sorted(indices, key=lambda i: _order(commits[i][0].key))
                     part = [commits[i] for i in indices]
                     columns = _lease_columns([lease for lease, _ in part]) + _update_columns(part)
                     rows = await con.fetch(self._sql.commit_many, *columns, self._names.channel)
@@ -1048,39 +1050,54 @@ class _Statements:
         self.extend = f"""
             UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)
              WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4"""
-        # Arrays (text[]), one element per lease: $1 namespaces, $2 tenants, $3 fences, $4 owners;
-        # $5 channel. Returns the position (from 1) of each lease given back.
+        # Arrays (text[]), one element per lease, keys unique, in lock order: $1 namespaces,
+        # $2 tenants, $3 fences, $4 owners; $5 channel. Returns the position (from 1) of each
+        # lease given back. The rows are chosen and locked first, in the order given, as in
+        # ``acquire_if_due_many`` (a plan-ordered UPDATE ... FROM deadlocked against an
+        # acquisition batch, which locks every row it conflicts with, held ones too).
         self.release_many = f"""
-            WITH u AS (
+            WITH u AS MATERIALIZED (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
                     AS u(namespace, tenant, fence, owner, i)
+            ), mine AS (
+                SELECT u.i, u.namespace, u.tenant
+                  FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
+                 WHERE t.fence = u.fence::bigint
+                   AND (t.lease_owner = u.owner OR t.lease_owner IS NULL)  -- NULL: a replay, done
+                 ORDER BY u.i
+                   FOR UPDATE OF t
             ), up AS (
                 UPDATE {t} AS t SET lease_owner = NULL, lease_expires = NULL
-                  FROM u
-                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant AND t.fence = u.fence::bigint
-                   AND (t.lease_owner = u.owner OR t.lease_owner IS NULL)  -- NULL: a replay, done
-                RETURNING u.i, t.digest
+                  FROM mine m
+                 WHERE t.namespace = m.namespace AND t.tenant = m.tenant
+                RETURNING m.i, t.digest
             )
             SELECT i, pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
-        # Arrays (text[], see _lease_columns), one element per commit: $1 namespaces,
-        # $2 tenants, $3 fences, $4 owners, $5 payloads, $6 statuses, $7 expires_at,
-        # $8 updated_at; $9 channel. Each row is
-        # fenced on its own; returns (position from 1, new version) per commit that landed.
+        # Arrays (text[], see _lease_columns), one element per commit, keys unique, in lock
+        # order: $1 namespaces, $2 tenants, $3 fences, $4 owners, $5 payloads, $6 statuses,
+        # $7 expires_at, $8 updated_at; $9 channel. Each row is fenced on its own; returns
+        # (position from 1, new version) per commit that landed. Rows locked first, in the
+        # order given, as in ``release_many``.
         self.commit_many = f"""
-            WITH u AS (
+            WITH u AS MATERIALIZED (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                      $6::text[], $7::text[], $8::text[]) WITH ORDINALITY
                     AS u(namespace, tenant, fence, owner, payload, status, expires_at, updated_at, i)
+            ), mine AS (
+                SELECT u.*
+                  FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
+                 WHERE t.fence = u.fence::bigint AND t.lease_owner = u.owner
+                 ORDER BY u.i
+                   FOR UPDATE OF t
             ), up AS (
                 UPDATE {t} AS t
-                   SET payload = decode(u.payload, 'hex'), status = u.status,
-                       expires_at = u.expires_at::float8, updated_at = u.updated_at::float8,
+                   SET payload = decode(m.payload, 'hex'), status = m.status,
+                       expires_at = m.expires_at::float8, updated_at = m.updated_at::float8,
                        version = t.version + 1, written_fence = t.fence,
                        lease_owner = NULL, lease_expires = NULL
-                  FROM u
-                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant
-                   AND t.fence = u.fence::bigint AND t.lease_owner = u.owner
-                RETURNING u.i, t.digest, t.version
+                  FROM mine m
+                 WHERE t.namespace = m.namespace AND t.tenant = m.tenant
+                RETURNING m.i, t.digest, t.version
             )
             SELECT i, version, pg_notify($9, digest || ' ' || '{origin}') IS NULL FROM up"""
         # After a lost answer: did the commit with fence $3 land, with nothing since?

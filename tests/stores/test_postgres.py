@@ -1331,3 +1331,121 @@ async def test_two_batches_on_the_same_rows_lock_them_in_one_order(
         assert not [r for r in caplog.records if "Deadlock" in r.getMessage()]
     finally:
         await asyncio.gather(*(s.aclose() for s in stores))
+
+
+async def _given_back(url: str, schema: str, key: TenantKey, within: float = 5.0) -> bool:
+    """Whether ``key``'s lease is free (given back) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        row = await _lease_row(url, schema, key)
+        if row is not None and row[1] is None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
+async def test_a_caller_cancelled_after_its_answer_came_gives_its_lease_back(base_url: str) -> None:
+    """Two acquisitions answered by one batch; the first caller, on waking, cancels the
+    second (a task group whose sibling failed, a ``wait(FIRST_COMPLETED)``): the second's
+    answer is already set but never seen by it, so the lease won for it is given back
+    rather than held, unused, until it expires."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"late-cancel-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, "first"), TenantKey(ns, "second")]
+    try:
+        second: asyncio.Task[Acquisition] | None = None
+
+        async def first() -> Acquisition:
+            won = await store.acquire(keys[0], "o-first", 60)
+            assert second is not None
+            second.cancel()  # its answer is set; it has not run since
+            return won
+
+        one = asyncio.ensure_future(first())
+        second = asyncio.ensure_future(store.acquire(keys[1], "o-second", 60))
+        outcomes = await asyncio.gather(one, second, return_exceptions=True)
+        assert isinstance(outcomes[0], Acquisition) and outcomes[0].lease is not None
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+        assert await _given_back(url, schema, keys[1]), "the lease of a caller that never saw it is held"
+        assert (await store.acquire(keys[1], "next", 60)).lease is not None
+    finally:
+        await store.aclose()
+
+
+async def test_aclose_gives_back_the_leases_of_cancelled_callers_first(base_url: str) -> None:
+    """``aclose`` right after a caller was cancelled with a lease won for it: the lease is
+    still given back (``aclose`` waits for it) rather than refused as "closed"."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    ns = f"close-orphan-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, "first"), TenantKey(ns, "second")]
+    second: asyncio.Task[Acquisition] | None = None
+    closing: list[asyncio.Future[None]] = []
+
+    async def first() -> Acquisition:
+        won = await store.acquire(keys[0], "o-first", 60)
+        assert second is not None
+        second.cancel()  # a shutdown: cancel the work, then close the store
+        closing.append(asyncio.ensure_future(store.aclose()))
+        return won
+
+    try:
+        one = asyncio.ensure_future(first())
+        second = asyncio.ensure_future(store.acquire(keys[1], "o-second", 60))
+        outcomes = await asyncio.gather(one, second, return_exceptions=True)
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+        await closing[0]
+    finally:
+        await store.aclose()
+    assert await _given_back(base_url, schema, keys[1], within=1.0), "aclose dropped a lease being given back"
+
+
+@pytest.mark.parametrize("write", ["commit", "release"])
+async def test_a_write_batch_and_an_acquire_batch_lock_shared_rows_in_one_order(
+    base_url: str, caplog: pytest.LogCaptureFixture, write: str
+) -> None:
+    """A plain acquisition batch waits on a row locked halfway down its keys (holding the
+    rows before it, held leases included) while another store commits (or releases) the
+    leases it holds on the same keys, issued in reverse order and stored in reverse
+    order: the write waits for the first row instead of taking the rows from the end, so
+    no deadlock (a second's stall, then a replay) and every write lands."""
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    acquirer, holder = PostgresStore.from_url(url), PostgresStore.from_url(url)
+    ns = f"order-w-{secrets.token_hex(4)}"
+    keys = [TenantKey(ns, f"t{i:02}") for i in range(20)]
+    try:
+        for key in reversed(keys):
+            await holder.replace(key, _due(b"x"))
+        leases = [(await holder.acquire(key, f"h-{key.tenant}", 60)).lease for key in reversed(keys)]
+        assert all(lease is not None for lease in leases)
+        locker = await asyncpg.connect(base_url, timeout=5)
+        try:
+            await locker.execute("BEGIN")
+            await locker.execute(
+                f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE',
+                ns,
+                keys[10].tenant,
+            )
+            plain = [asyncio.ensure_future(acquirer.acquire(key, f"p-{key.tenant}", 60)) for key in keys]
+            await asyncio.sleep(0.3)
+            writes: list[asyncio.Future[object]] = [
+                asyncio.ensure_future(
+                    holder.commit(lease, _due(b"y")) if write == "commit" else holder.release(lease)
+                )
+                for lease in leases
+                if lease is not None
+            ]
+            await asyncio.sleep(0.3)
+        finally:
+            await locker.execute("ROLLBACK")
+            await locker.close()
+        await asyncio.gather(*plain)
+        assert all(done is not None and done is not False for done in await asyncio.gather(*writes))
+        assert not [r for r in caplog.records if "Deadlock" in r.getMessage()]
+    finally:
+        await asyncio.gather(acquirer.aclose(), holder.aclose())

@@ -29,7 +29,8 @@ class Batcher(Generic[I, R]):
     itself raises, every caller of the batch gets its own copy of the error. Calls made
     while ``concurrency`` batches are in flight wait and leave together in the next one,
     so batches grow with the load. A cancelled caller is left out of a batch not yet sent,
-    and its result, if sent, goes to ``orphaned`` (or is dropped); the other callers are
+    and its result, if sent, goes to ``orphaned`` (or is dropped), even when it came
+    before the cancellation but the caller never ran to see it; the other callers are
     not affected.
     """
 
@@ -58,7 +59,19 @@ class Batcher(Generic[I, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         self._kick()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled after its answer was set but before it ran again: the answer is
+            # as orphaned as one that came after the cancellation.
+            if (
+                self._orphaned is not None
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+            ):
+                self._orphaned(future.result())
+            raise
 
     def _kick(self) -> None:
         if self._queue and self._collector is None and len(self._drainers) < self._concurrency:

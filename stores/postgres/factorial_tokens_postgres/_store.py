@@ -245,6 +245,14 @@ class PostgresStore:
             cancelled=self._cancelled,
             orphaned=self._give_back,
         )
+        # The leases of cancelled callers go in batches of their own: ``aclose`` waits for
+        # these and lets them run (a caller's own release after ``aclose`` is refused).
+        self._orphan_releases: Batcher[Lease, bool] = Batcher(
+            functools.partial(self._each, functools.partial(self._release_batch, closing=True)),
+            concurrency=_BATCHES_IN_FLIGHT,
+            size=_BATCH_SIZE,
+            cancelled=self._cancelled,
+        )
         self._releases: Batcher[Lease, bool] = Batcher(
             functools.partial(self._each, self._release_batch),
             concurrency=_BATCHES_IN_FLIGHT,
@@ -286,8 +294,9 @@ class PostgresStore:
 
     # -- plumbing --------------------------------------------------------------------
 
-    async def _ready(self) -> Any:
-        if self._closed:
+    async def _ready(self, closing: bool = False) -> Any:
+        # ``closing``: the leases of cancelled callers, which ``aclose`` still gives back.
+        if self._closed and not (closing and self._pool is not None and self._migrated):
             raise closed_error("Postgres")
         if self._pool is not None and self._migrated:
             return self._pool
@@ -367,7 +376,14 @@ class PostgresStore:
                     SCHEMA_VERSION,
                 )
 
-    async def _call(self, op: str, fn: Callable[[Any, bool], Awaitable[T]], attempts: int = _ATTEMPTS) -> T:
+    async def _call(
+        self,
+        op: str,
+        fn: Callable[[Any, bool], Awaitable[T]],
+        attempts: int = _ATTEMPTS,
+        *,
+        closing: bool = False,
+    ) -> T:
         """Run ``fn(pool, replay)``; the one place driver errors become StoreUnavailable.
 
         A connection lost mid-statement is retried on a fresh connection with
@@ -375,7 +391,7 @@ class PostgresStore:
         """
         for attempt in range(attempts):
             try:
-                pool = await self._ready()
+                pool = await self._ready(closing)
                 if self._absent and op not in _READS:
                     raise StoreUnavailable(
                         f"Postgres store{self._where()}: {op} refused: schema {self.schema!r} does not "
@@ -482,7 +498,7 @@ class PostgresStore:
 
     async def _release_orphan(self, lease: Lease) -> None:
         try:
-            await self._releases(lease)
+            await self._orphan_releases(lease)
         except StoreUnavailable as exc:  # it expires on its own
             log.info("postgres store: could not give back an unclaimed lease: %s", exc)
 
@@ -585,20 +601,22 @@ class PostgresStore:
         Releases issued in one turn of the event loop are sent as one statement."""
         return await self._releases(lease)
 
-    async def _release_batch(self, leases: list[Lease]) -> list[bool]:
-        """Whether each lease was given back, in one statement; announces each."""
+    async def _release_batch(self, leases: list[Lease], *, closing: bool = False) -> list[bool]:
+        """Whether each lease was given back, in one statement; announces each.
+        ``closing``: also while ``aclose`` waits for it (the leases of cancelled callers)."""
 
         async def run(pool: Any, replay: bool) -> list[bool]:
             done = [False] * len(leases)
             async with pool.acquire() as con:
                 for indices in _rounds([lease.key for lease in leases]):
+                    indices = sorted(indices, key=lambda i: _order(leases[i].key))
                     part = [leases[i] for i in indices]
                     columns = _lease_columns(part)
                     for row in await con.fetch(self._sql.release_many, *columns, self._names.channel):
                         done[indices[row["i"] - 1]] = True
             return done
 
-        released = await self._call("release", run)
+        released = await self._call("release", run, closing=closing)
         for lease, done in zip(leases, released, strict=True):
             if done:
                 self._announce(lease.key.digest)
@@ -622,6 +640,7 @@ class PostgresStore:
             versions: list[int | None] = [None] * len(commits)
             async with pool.acquire() as con:
                 for indices in _rounds([lease.key for lease, _ in commits]):
+                    indices = sorted(indices, key=lambda i: _order(commits[i][0].key))
                     part = [commits[i] for i in indices]
                     columns = _lease_columns([lease for lease, _ in part]) + _update_columns(part)
                     rows = await con.fetch(self._sql.commit_many, *columns, self._names.channel)
@@ -1031,39 +1050,54 @@ class _Statements:
         self.extend = f"""
             UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)
              WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4"""
-        # Arrays (text[]), one element per lease: $1 namespaces, $2 tenants, $3 fences, $4 owners;
-        # $5 channel. Returns the position (from 1) of each lease given back.
+        # Arrays (text[]), one element per lease, keys unique, in lock order: $1 namespaces,
+        # $2 tenants, $3 fences, $4 owners; $5 channel. Returns the position (from 1) of each
+        # lease given back. The rows are chosen and locked first, in the order given, as in
+        # ``acquire_if_due_many`` (a plan-ordered UPDATE ... FROM deadlocked against an
+        # acquisition batch, which locks every row it conflicts with, held ones too).
         self.release_many = f"""
-            WITH u AS (
+            WITH u AS MATERIALIZED (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
                     AS u(namespace, tenant, fence, owner, i)
+            ), mine AS (
+                SELECT u.i, u.namespace, u.tenant
+                  FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
+                 WHERE t.fence = u.fence::bigint
+                   AND (t.lease_owner = u.owner OR t.lease_owner IS NULL)  -- NULL: a replay, done
+                 ORDER BY u.i
+                   FOR UPDATE OF t
             ), up AS (
                 UPDATE {t} AS t SET lease_owner = NULL, lease_expires = NULL
-                  FROM u
-                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant AND t.fence = u.fence::bigint
-                   AND (t.lease_owner = u.owner OR t.lease_owner IS NULL)  -- NULL: a replay, done
-                RETURNING u.i, t.digest
+                  FROM mine m
+                 WHERE t.namespace = m.namespace AND t.tenant = m.tenant
+                RETURNING m.i, t.digest
             )
             SELECT i, pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
-        # Arrays (text[], see _lease_columns), one element per commit: $1 namespaces,
-        # $2 tenants, $3 fences, $4 owners, $5 payloads, $6 statuses, $7 expires_at,
-        # $8 updated_at; $9 channel. Each row is
-        # fenced on its own; returns (position from 1, new version) per commit that landed.
+        # Arrays (text[], see _lease_columns), one element per commit, keys unique, in lock
+        # order: $1 namespaces, $2 tenants, $3 fences, $4 owners, $5 payloads, $6 statuses,
+        # $7 expires_at, $8 updated_at; $9 channel. Each row is fenced on its own; returns
+        # (position from 1, new version) per commit that landed. Rows locked first, in the
+        # order given, as in ``release_many``.
         self.commit_many = f"""
-            WITH u AS (
+            WITH u AS MATERIALIZED (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                      $6::text[], $7::text[], $8::text[]) WITH ORDINALITY
                     AS u(namespace, tenant, fence, owner, payload, status, expires_at, updated_at, i)
+            ), mine AS (
+                SELECT u.*
+                  FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
+                 WHERE t.fence = u.fence::bigint AND t.lease_owner = u.owner
+                 ORDER BY u.i
+                   FOR UPDATE OF t
             ), up AS (
                 UPDATE {t} AS t
-                   SET payload = decode(u.payload, 'hex'), status = u.status,
-                       expires_at = u.expires_at::float8, updated_at = u.updated_at::float8,
+                   SET payload = decode(m.payload, 'hex'), status = m.status,
+                       expires_at = m.expires_at::float8, updated_at = m.updated_at::float8,
                        version = t.version + 1, written_fence = t.fence,
                        lease_owner = NULL, lease_expires = NULL
-                  FROM u
-                 WHERE t.namespace = u.namespace AND t.tenant = u.tenant
-                   AND t.fence = u.fence::bigint AND t.lease_owner = u.owner
-                RETURNING u.i, t.digest, t.version
+                  FROM mine m
+                 WHERE t.namespace = m.namespace AND t.tenant = m.tenant
+                RETURNING m.i, t.digest, t.version
             )
             SELECT i, version, pg_notify($9, digest || ' ' || '{origin}') IS NULL FROM up"""
         # After a lost answer: did the commit with fence $3 land, with nothing since?

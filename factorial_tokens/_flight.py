@@ -163,7 +163,8 @@ class Flights(Leases):
                 return (await self._obtain(tenant, newer_than=None)).tokens
             if entry is None:
                 record = await self._store.read(self._key(tenant))
-                entry = self._usable(tenant, record) if record else None
+                # Remembered: the flight then knows this version is stale and does not read it again.
+                entry = self._remember(tenant, self._usable(tenant, record)) if record else None
             newer_than = entry.version if entry else 0
         return (await self._obtain(tenant, newer_than=newer_than)).tokens
 

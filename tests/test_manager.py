@@ -133,6 +133,22 @@ async def test_a_cold_refresh_is_two_round_trips(sim: FakeFactorial, backend: Ba
     assert token != old and sim.is_active(token) and sim.stats.refreshes == 1
 
 
+async def test_a_forced_refresh_in_a_cold_process_is_three_round_trips(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """``refresh()`` with nothing cached reads once (to know which version it must beat),
+    then the acquisition and the commit: the flight does not read the same record again."""
+    async with TokenManager(app_for(sim), backend.store) as first:
+        old = await connect(first, sim)
+    store = CountingStore(backend.open())
+    async with TokenManager(app_for(sim), store) as cold:
+        store.reset()
+        fresh = await cold.refresh("acme")
+        assert dict(store.calls) == {"read": 1, "acquire": 1, "commit": 1}
+    assert fresh.access_token != old and sim.is_active(fresh.access_token)
+    assert sim.stats.refreshes == 1
+
+
 class _SlowAnswer(CountingStore):
     """Its first acquisition unless fresh answers 0.3 s late."""
 

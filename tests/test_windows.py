@@ -212,6 +212,7 @@ class _ReadsAfterTheFlight:
         self.inner = inner
         self.sim = sim
         self.flight: asyncio.Task[object] | None = None
+        self.crossed = False  # an armed read was answered in the turn its flight ended
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -221,6 +222,7 @@ class _ReadsAfterTheFlight:
         if flight is not None:
             while not flight.done():  # each turn re-queues this step before the flight's callbacks
                 await asyncio.sleep(0)
+            self.crossed = True
             self.sim.unavailable = False
         return await self.inner.read(key)
 
@@ -233,15 +235,16 @@ async def test_a_caller_whose_read_lands_as_the_background_refresh_gives_up_refr
     caller got its error (ProviderError 503) instead of starting a refresh of its own. Seen
     as a few ProviderErrors in the outage benchmark; this test failed before the fix."""
     budgets = {"leeway": LEEWAY, "lease_ttl": 8.0, "provider_timeout": 3.0, "refresh_deadline": 5.0}
-    async with make_sim(access_token_ttl=3600, latency=0.1) as sim:
+    async with make_sim(access_token_ttl=3600, latency=2.0) as sim:
         store = _ReadsAfterTheFlight(MemoryStore(), sim)
         async with TokenManager(app_for(sim), store, **budgets) as tm:  # type: ignore[arg-type]
             old = await place(tm, sim, left=15.3)  # mandatory window in 0.3 s
             sim.unavailable = True
             assert await tm.access_token("acme") == old.access_token  # the background refresh starts
-            store.flight = tm._flights["acme"]
+            store.flight = tm._flights["acme"]  # its first answer (a 503, and it gives up) at 2 s
             await asyncio.sleep(0.35)  # past min_valid: the next caller must wait
             fresh = await tm.access_token("acme")
+            assert store.crossed  # that caller's read was answered as the refresh gave up
         assert fresh != old.access_token and sim.is_active(fresh)
         assert sim.stats.refreshes == 1 and sim.stats.unavailable >= 1
 

@@ -245,10 +245,13 @@ class OAuthClient:
         loop = asyncio.get_running_loop()
         attempt = 0
         first_refused: float | None = None
+        failure: ProviderError | None = None
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise ProviderError(None, "timeout", "no answer before the deadline")
+                # The backoff slept past the deadline (a busy loop): nothing more was sent,
+                # so the last answer is the truth to report.
+                raise failure or ProviderError(None, "timeout", "no answer before the deadline")
             timeout = aiohttp.ClientTimeout(
                 total=min(self.timeout, remaining), sock_connect=min(self.connect_timeout, remaining)
             )

@@ -7,6 +7,7 @@ tokens reach a store runs once per store of the table (``tests/stores``).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -128,6 +129,29 @@ async def test_provider_down(connected: tuple[TokenManager, TokenSet], sim: Fake
     assert info.value.status == 503
     sim.unavailable = False
     await assert_recovers(tm, sim, before)
+
+
+async def test_a_backoff_that_sleeps_past_the_deadline_reports_the_last_answer(sim: FakeFactorial) -> None:
+    """A busy event loop wakes the retry backoff after the refresh deadline: nothing more is
+    sent, and the caller gets Factorial's last answer (here a 429), not a bare timeout (seen
+    as a flaky 503 test under load). Memory only: the stall is this test's own."""
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.inject(Fault.RATE_LIMITED, times=5, retry_after=1.0)  # the backoff sleeps 1 s of 2
+        sent = sim.stats.token_requests
+
+        async def stall_the_loop() -> None:
+            while sim.stats.token_requests == sent:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.3)  # the refresh now sleeps its backoff
+            time.sleep(2.0)  # a busy loop: the backoff ends after the deadline
+
+        stall = asyncio.ensure_future(stall_the_loop())
+        with pytest.raises(ProviderError) as info:
+            await tm.refresh("acme")
+        await stall
+    assert info.value.status == 429
+    assert sim.stats.token_requests == sent + 1
 
 
 async def test_a_wrong_client_secret_is_not_a_dead_grant(sim: FakeFactorial, backend: Backend) -> None:

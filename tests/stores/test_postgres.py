@@ -790,12 +790,25 @@ async def test_a_reply_lost_mid_batch_is_replayed_for_every_caller(base_url: str
             assert record is not None and record.version == outcome.version
 
 
-async def _lock_rows(base_url: str, schema: str, ns: str) -> asyncpg.Connection:
-    """An open transaction holding every row of ``ns``: writes to them wait."""
+@contextlib.asynccontextmanager
+async def _rows_locked(base_url: str, schema: str, ns: str, tenant: str | None = None) -> AsyncIterator[None]:
+    """An open transaction holding every row of ``ns`` (or only ``tenant``'s) for the block:
+    writes to them wait till it ends."""
     con = await asyncpg.connect(base_url, timeout=5)
-    await con.execute("BEGIN")
-    await con.execute(f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 FOR UPDATE', ns)
-    return con
+    try:
+        await con.execute("BEGIN")
+        if tenant is None:
+            await con.execute(f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 FOR UPDATE', ns)
+        else:
+            await con.execute(
+                f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE',
+                ns,
+                tenant,
+            )
+        yield
+    finally:
+        await con.execute("ROLLBACK")
+        await con.close()
 
 
 async def test_connections_killed_mid_batch_fail_every_caller_and_lose_nothing(base_url: str) -> None:
@@ -811,8 +824,7 @@ async def test_connections_killed_mid_batch_fail_every_caller_and_lose_nothing(b
     try:
         keys, leases = await _leases(store, ns, 40)
         versions = {k: r.version for k in keys if (r := await store.read(k)) is not None}
-        locker = await _lock_rows(base_url, schema, ns)
-        try:
+        async with _rows_locked(base_url, schema, ns):
             commits = [
                 asyncio.ensure_future(store.commit(lease, _update(f"new-{lease.key.tenant}".encode())))
                 for lease in leases
@@ -835,9 +847,6 @@ async def test_connections_killed_mid_batch_fail_every_caller_and_lose_nothing(b
                 assert isinstance(commit.exception(), StoreUnavailable)
             for key, read in zip(keys, await asyncio.gather(*reads, return_exceptions=True), strict=True):
                 assert isinstance(read, StoreUnavailable) or (isinstance(read, Record) and read.key == key)
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
         for key in keys:
             record = await store.read(key)
             assert record is not None and record.payload == f"old-{key.tenant}".encode()
@@ -879,15 +888,11 @@ async def test_a_cancelled_caller_leaves_the_others_answers_alone(base_url: str)
         record = await store.read(keys[3])
         assert record is not None and record.version == versions[keys[3]]  # never sent
         # Cancelled while its batch waits on a lock.
-        locker = await _lock_rows(base_url, schema, ns)
-        try:
+        async with _rows_locked(base_url, schema, ns):
             second = [commit(lease) for lease in leases[10:]]
             await asyncio.sleep(0.3)
             second[4].cancel()
             await asyncio.sleep(0.1)
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
         later = await asyncio.gather(*second, return_exceptions=True)
         assert isinstance(later[4], asyncio.CancelledError)
         record = await store.read(keys[14])
@@ -1214,8 +1219,7 @@ async def test_connections_killed_mid_acquire_batch_are_retried(base_url: str) -
         for key in keys:
             await store.replace(key, _due(b"x"))
         rule = Freshness(at=time.time(), margin=100.0, share=1.0)
-        locker = await _lock_rows(base_url, schema, ns)
-        try:
+        async with _rows_locked(base_url, schema, ns):
             calls = [
                 asyncio.ensure_future(
                     store.acquire(key, f"o-{key.tenant}", 60, unless_fresh=rule if i % 2 else None)
@@ -1238,9 +1242,6 @@ async def test_connections_killed_mid_acquire_batch_are_retried(base_url: str) -
             finally:
                 await killer.close()
             await asyncio.sleep(0.3)  # the retry is blocked again
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
         won = await asyncio.gather(*calls)
         for key, w in zip(keys, won, strict=True):
             assert w.lease is not None and w.lease.key == key
@@ -1260,15 +1261,11 @@ async def test_a_cancelled_acquirer_leaves_the_others_answers_alone(base_url: st
         keys = [TenantKey(ns, f"t{i}") for i in range(10)]
         for key in keys:
             await store.replace(key, _due(b"x"))
-        locker = await _lock_rows(base_url, schema, ns)
-        try:
+        async with _rows_locked(base_url, schema, ns):
             calls = [asyncio.ensure_future(store.acquire(key, f"o-{key.tenant}", 60)) for key in keys]
             await asyncio.sleep(0.3)
             calls[4].cancel()
             await asyncio.sleep(0.1)
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         assert isinstance(outcomes[4], asyncio.CancelledError)
 
@@ -1304,14 +1301,7 @@ async def test_two_batches_on_the_same_rows_lock_them_in_one_order(
     try:
         for key in reversed(keys):
             await stores[0].replace(key, _due(b"x"))
-        locker = await asyncpg.connect(base_url, timeout=5)
-        try:
-            await locker.execute("BEGIN")
-            await locker.execute(
-                f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE',
-                ns,
-                keys[10].tenant,
-            )
+        async with _rows_locked(base_url, schema, ns, keys[10].tenant):
             rule = Freshness(at=time.time(), margin=100.0, share=1.0)
             plain = [asyncio.ensure_future(stores[0].acquire(key, f"p-{key.tenant}", 60)) for key in keys]
             await asyncio.sleep(0.3)
@@ -1320,9 +1310,6 @@ async def test_two_batches_on_the_same_rows_lock_them_in_one_order(
                 for key in keys
             ]
             await asyncio.sleep(0.3)
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
         outcomes = await asyncio.gather(*plain, *cond)
         for i, key in enumerate(keys):
             won = [o.lease for o in (outcomes[i], outcomes[len(keys) + i]) if o.lease is not None]
@@ -1423,14 +1410,7 @@ async def test_a_write_batch_and_an_acquire_batch_lock_shared_rows_in_one_order(
             await holder.replace(key, _due(b"x"))
         leases = [(await holder.acquire(key, f"h-{key.tenant}", 60)).lease for key in reversed(keys)]
         assert all(lease is not None for lease in leases)
-        locker = await asyncpg.connect(base_url, timeout=5)
-        try:
-            await locker.execute("BEGIN")
-            await locker.execute(
-                f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE',
-                ns,
-                keys[10].tenant,
-            )
+        async with _rows_locked(base_url, schema, ns, keys[10].tenant):
             plain = [asyncio.ensure_future(acquirer.acquire(key, f"p-{key.tenant}", 60)) for key in keys]
             await asyncio.sleep(0.3)
             writes: list[asyncio.Future[object]] = [
@@ -1441,9 +1421,6 @@ async def test_a_write_batch_and_an_acquire_batch_lock_shared_rows_in_one_order(
                 if lease is not None
             ]
             await asyncio.sleep(0.3)
-        finally:
-            await locker.execute("ROLLBACK")
-            await locker.close()
         await asyncio.gather(*plain)
         assert all(done is not None and done is not False for done in await asyncio.gather(*writes))
         assert not [r for r in caplog.records if "Deadlock" in r.getMessage()]

@@ -12,7 +12,6 @@ import logging
 import random
 import secrets
 import time
-from typing import cast
 
 import attrs
 
@@ -29,7 +28,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from .store import AcquireUnlessFresh, Freshness, Lease, Record, Throttle
+from .store import Freshness, Lease, Record, Throttle, acquire_lease
 
 log = logging.getLogger("factorial_tokens")
 
@@ -312,11 +311,7 @@ class Flights(Leases):
                 async with self._slots:
                     owner = secrets.token_hex(16)
                     rule = self._freshness(advisory) if conditional else None
-                    if rule is not None:
-                        store = cast(AcquireUnlessFresh, self._store)
-                        won = await store.acquire(key, owner, self.lease_ttl, unless_fresh=rule)
-                    else:
-                        won = await self._store.acquire(key, owner, self.lease_ttl)
+                    won = await acquire_lease(self._store, key, owner, self.lease_ttl, unless_fresh=rule)
                     if won.lease is not None:
                         if waited:
                             self._obs.lease_waited(loop.time() - started)

@@ -42,7 +42,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -58,7 +58,6 @@ from ._errors import (
 from ._events import EventKind, TokenEvent
 from ._version import __version__
 from .store import (
-    AcquireUnlessFresh,
     Acquisition,
     ChangeListener,
     ClaimState,
@@ -70,6 +69,7 @@ from .store import (
     TenantKey,
     Update,
     Watch,
+    acquire_lease,
     acquires_unless_fresh,
 )
 
@@ -643,10 +643,7 @@ class InstrumentedStore:
     async def acquire(
         self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
     ) -> Acquisition:
-        if unless_fresh is None:
-            return await self._obs.store_call("acquire", key.tenant, self.inner.acquire(key, owner, ttl))
-        # The manager passes ``unless_fresh`` only to a store that takes it.
-        work = cast(AcquireUnlessFresh, self.inner).acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        work = acquire_lease(self.inner, key, owner, ttl, unless_fresh=unless_fresh)
         return await self._obs.store_call("acquire", key.tenant, work)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:

@@ -52,7 +52,7 @@ import inspect
 import secrets
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, TypeGuard, runtime_checkable
+from typing import Protocol, TypeGuard, cast, runtime_checkable
 
 from .._errors import StoreUnavailable
 from ._values import Acquisition, ClaimState, CodeClaim, Freshness, Lease, Record, TenantKey, Update
@@ -63,6 +63,7 @@ __all__ = [
     "Store",
     "Throttle",
     "Watch",
+    "acquire_lease",
     "acquire_within",
     "acquires_unless_fresh",
     "closed_error",
@@ -208,6 +209,17 @@ class Throttle(Protocol):
         ``interval`` seconds, ``burst`` at once) has room. 0 means admitted, and one unit
         of the budget was taken for ``ticket``."""
         ...
+
+
+async def acquire_lease(
+    store: Store, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+) -> Acquisition:
+    """``store.acquire``, with ``unless_fresh`` passed only when given, so that a store written
+    to the older contract never sees the keyword (give it only to a store that
+    :func:`acquires_unless_fresh` accepts); what wrappers forward with."""
+    if unless_fresh is None:
+        return await store.acquire(key, owner, ttl)
+    return await cast(AcquireUnlessFresh, store).acquire(key, owner, ttl, unless_fresh=unless_fresh)
 
 
 async def acquire_within(store: Store, key: TenantKey, ttl: float, wait: float) -> Acquisition | None:

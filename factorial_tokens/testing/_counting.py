@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import cast
 
 from ..store import (
-    AcquireUnlessFresh,
     Acquisition,
     ChangeListener,
     ClaimState,
@@ -21,6 +19,7 @@ from ..store import (
     Throttle,
     Update,
     Watch,
+    acquire_lease,
     acquires_unless_fresh,
 )
 
@@ -59,9 +58,7 @@ class CountingStore:
         self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
     ) -> Acquisition:
         self.calls["acquire"] += 1
-        if unless_fresh is None:
-            return await self.inner.acquire(key, owner, ttl)
-        return await cast(AcquireUnlessFresh, self.inner).acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        return await acquire_lease(self.inner, key, owner, ttl, unless_fresh=unless_fresh)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         self.calls["extend"] += 1

@@ -162,8 +162,12 @@ class Flights(Leases):
                 return (await self._obtain(tenant, newer_than=None)).tokens
             if entry is None:
                 record = await self._store.read(self._key(tenant))
-                # Remembered: the flight then knows this version is stale and does not read it again.
-                entry = self._remember(tenant, self._usable(tenant, record)) if record else None
+                entry = self._usable(tenant, record) if record else None
+                if entry is not None:
+                    # Remembered, so the flight knows this version is stale and does not read
+                    # it again; but the version to beat is the one read, not a newer one
+                    # cached meanwhile (that one may be the refresh this caller asked for).
+                    self._remember(tenant, entry)
             newer_than = entry.version if entry else 0
         return (await self._obtain(tenant, newer_than=newer_than)).tokens
 

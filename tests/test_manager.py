@@ -450,6 +450,39 @@ async def test_a_forced_refresh_by_a_cold_manager_is_single_flight(sim: FakeFact
     assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
 
 
+class _ReadsSentTogether(_LateReads):
+    """Every read is sent a turn later, so that every caller has read before the first one
+    starts the refresh; a late caller's read sees the record when sent and is answered only
+    after the first commit."""
+
+    async def read(self, key: TenantKey) -> Record | None:
+        await asyncio.sleep(0)
+        record = await self.inner.read(key)
+        if _LATE.get():
+            await self.committed.wait()
+        return record
+
+
+async def test_a_forced_refresh_whose_callers_all_read_first_is_single_flight(sim: FakeFactorial) -> None:
+    """Fifty concurrent refreshes on a cold manager, every caller's read sent before the
+    refresh starts and the late ones answered after it committed: still one refresh (a
+    caller must beat the version it read, not the newer one cached meanwhile)."""
+    shared = MemoryStore()
+    async with TokenManager(app_for(sim), shared) as first:
+        old = await connect(first, sim)
+    store = _ReadsSentTogether(shared)
+
+    async def late(tm: TokenManager) -> TokenSet:
+        _LATE.set(True)  # this caller's task only
+        return await tm.refresh("acme")
+
+    async with TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as cold:
+        results = await asyncio.gather(cold.refresh("acme"), *(late(cold) for _ in range(49)))
+    assert {r.access_token for r in results} != {old}
+    assert len({r.access_token for r in results}) == 1
+    assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
+
+
 class _DeathAnsweredLate(_LateReads):
     """The commit that marks the tenant dead lands, and its answer arrives only after the
     late callers' reads, sent once it landed, were answered (the reads on another connection,

@@ -85,9 +85,10 @@ def _shape(spec: dict[str, Any]) -> str:
 
 
 def _storm_target(spec: dict[str, Any], summary: dict[str, Any]) -> bool | None:
+    """Issue 13's target: p99 at most 5 ms above the same run's bare-HTTP p99 (Redis, Postgres)."""
     if spec["store"] not in ("redis", "postgres"):
         return None
-    return bool(summary["p99_ms"] <= spec["latency"] * 1000 + 10)
+    return bool(summary["p99_ms"] - summary.get("bare_p99_ms", math.nan) <= 5)
 
 
 def _storms(storms: list[dict[str, Any]]) -> list[str]:
@@ -100,9 +101,10 @@ def _storms(storms: list[dict[str, Any]]) -> list[str]:
         " strict: revoke at refresh + reuse detection)",
         "",
         "| store | PxCxT | rounds | refreshes / ideal | invalid_grant | broken tenants | errors "
-        "| p50 ms | p99 ms | p99 - L | p99 ≤ L + 10 ms | refresh committed p50 ms | waiter lag p99 ms "
-        "| bare HTTP refresh p50 / p99 ms | worker CPU per tenant ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|",
+        "| p50 ms | p99 ms | refresh committed p50 ms | waiter lag p99 ms "
+        "| bare HTTP refresh p50 / p99 ms | p99 - bare p99 | ≤ 5 ms "
+        "| bare HTTP + the same callers p99 ms | p99 - that | worker CPU per tenant ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|",
     ]
     for storm in storms:
         spec, s = storm["spec"], storm["summary"]
@@ -111,21 +113,26 @@ def _storms(storms: list[dict[str, Any]]) -> list[str]:
             f"| {s['refreshes']}/{s['ideal_refreshes']} = **{s['refresh_ratio']:.2f}** "
             f"| {s['invalid_grant']} | {s['broken_tenants']} | {_errors(s['errors'])} "
             f"| {_num(s['p50_ms'], 1)} | {_num(s['p99_ms'], 1)} "
-            f"| {_num(s['p99_ms'] - spec['latency'] * 1000, 1)} "
-            f"| {_yes(_storm_target(spec, s))} | {_num(s['refreshed_p50_ms'], 1)} "
-            f"| {_num(s['waiter_lag_p99_ms'], 1)} "
+            f"| {_num(s['refreshed_p50_ms'], 1)} | {_num(s['waiter_lag_p99_ms'], 1)} "
             f"| {_num(s.get('bare_p50_ms'), 1)} / {_num(s.get('bare_p99_ms'), 1)} "
+            f"| {_num(s['p99_ms'] - s.get('bare_p99_ms', math.nan), 1)} | {_yes(_storm_target(spec, s))} "
+            f"| {_num(s.get('bare_callers_p99_ms'), 1)} "
+            f"| {_num(s['p99_ms'] - s.get('bare_callers_p99_ms', math.nan), 1)} "
             f"| {_num(s.get('cpu_ms_per_tenant'), 2)} |"
         )
     lines += [
         "",
         "Times are from the common start instant to each caller holding a fresh token, median over"
-        " rounds of each round's p50/p99. The p99 target applies to Redis and Postgres (waiters woken by"
-        " notification); SQLite waiters poll. *Refresh committed*: when the lease holder had written the"
+        " rounds of each round's p50/p99. The target (p99 at most 5 ms above the bare-HTTP p99) applies to"
+        " Redis and Postgres (waiters woken by notification); SQLite waiters poll. *Refresh committed*:"
+        " when the lease holder had written the"
         " new tokens (its `REFRESHED` event); *waiter lag*: how long after that commit each caller of the"
         " tenant held the token (the wake-up path). *Bare HTTP refresh*: right after each round, the same"
         " P processes send one refresh per tenant straight to the simulator (no store, no manager, no"
-        " waiters): the floor this machine and simulator set at that moment. *Worker CPU per tenant*: CPU"
+        " waiters): the floor this machine and simulator set at that moment. *Bare HTTP + the same callers*:"
+        " then the same refreshes with the storm's C x T caller tasks in each process, started together, the"
+        " first of a tenant starting its refresh and the others awaiting it (no store, no manager): what"
+        " Python's tasks alone add to the floor. *Worker CPU per tenant*: CPU"
         " time of all worker processes during the storm divided by T (every caller included). All from"
         " the same run.",
         "",

@@ -106,6 +106,8 @@ class StormResult:
     spec: StormSpec
     rounds: list[RoundResult] = field(default_factory=list)
     bare: list[BareResult] = field(default_factory=list)
+    #: the same bare refreshes with the storm's caller tasks (no store, no manager)
+    bare_callers: list[BareResult] = field(default_factory=list)
 
     @property
     def ideal(self) -> int:
@@ -198,9 +200,11 @@ class StormResult:
                 "bare_all_s": median([b.seconds for b in self.bare]),
                 "bare_failures": sum(b.failures for b in self.bare),
                 "bare_cpu_ms_per_refresh": median([b.cpu_ms_per_refresh for b in self.bare]),
+                "bare_callers_p99_ms": median([b.p99_ms for b in self.bare_callers]),
             },
             "rounds": [asdict(r) for r in self.rounds],
             "bare_baseline": [asdict(b) for b in self.bare],
+            "bare_callers_baseline": [asdict(b) for b in self.bare_callers],
         }
 
 
@@ -379,13 +383,20 @@ async def _refresh_tokens_url(url: str, namespace: str, tenants: Sequence[str]) 
         await store.aclose()
 
 
-def _bare(spec: StormSpec, sim: FakeFactorial, client_id: str, tokens: Sequence[str]) -> BareResult:
-    """Bare HTTP refreshes of ``tokens`` with the storm's processes and pool (not counted in the round)."""
+def _bare(
+    spec: StormSpec, sim: FakeFactorial, client_id: str, tokens: Sequence[str]
+) -> tuple[BareResult, BareResult]:
+    """Bare HTTP refreshes of ``tokens`` with the storm's processes and pool (not counted in the
+    round); then of their successors with the storm's callers per process (see ``baseline``)."""
+    app = app_for(client_id, sim.base_url)
     before = sim.stats.refreshes
-    bare = bare_refresh(app_for(client_id, sim.base_url), tokens, spec.processes, CONNECTIONS_PER_PROCESS)
-    if sim.stats.refreshes - before != bare.refreshes:
+    bare, rotated = bare_refresh(app, tokens, spec.processes, CONNECTIONS_PER_PROCESS)
+    callers, _ = bare_refresh(
+        app, rotated, spec.processes, CONNECTIONS_PER_PROCESS, callers_per_token=spec.tasks * spec.processes
+    )
+    if sim.stats.refreshes - before != bare.refreshes + callers.refreshes:
         raise RuntimeError("the simulator saw a different number of bare refreshes than were answered")
-    return bare
+    return bare, callers
 
 
 def _lags(parts: Sequence[_Part]) -> list[float]:
@@ -448,7 +459,9 @@ async def _in_process(spec: StormSpec, place: Place, client_id: str, sim: FakeFa
                 result.rounds.append(_round_result(spec, sim, [part]))
                 if spec.baseline:
                     tokens = await _refresh_tokens(store, client_id, tenants)
-                    result.bare.append(await asyncio.to_thread(_bare, spec, sim, client_id, tokens))
+                    bare, callers = await asyncio.to_thread(_bare, spec, sim, client_id, tokens)
+                    result.bare.append(bare)
+                    result.bare_callers.append(callers)
     return result
 
 
@@ -492,7 +505,9 @@ def _multi_process(
                 result.rounds.append(_round_result(spec, sim, parts))
                 if spec.baseline:
                     tokens = asyncio.run(_refresh_tokens_url(url, client_id, tenants))
-                    result.bare.append(_bare(spec, sim, client_id, tokens))
+                    bare, callers = _bare(spec, sim, client_id, tokens)
+                    result.bare.append(bare)
+                    result.bare_callers.append(callers)
         for worker in workers:
             worker.join(timeout=60)
     finally:

@@ -140,6 +140,11 @@ async def test_schema_is_created_versioned_and_idempotent(base_url: str) -> None
         assert sorted(r["table_name"] for r in rows) == ["app_code_claims", "app_meta", "app_tenants"]
         meta = await _fetch(base_url, f'SELECT name, value FROM "{schema}"."app_meta"')
         assert [(r["name"], r["value"]) for r in meta] == [("schema_version", SCHEMA_VERSION)]
+        # room on each page for the two updates of every refresh (HOT, no index entry each)
+        options = await _fetch(
+            base_url, "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", f'"{schema}"."app_tenants"'
+        )
+        assert options[0]["reloptions"] == ["fillfactor=50"]
         # a newer schema than this package knows is refused, not silently used
         await _fetch(base_url, f'UPDATE "{schema}"."app_meta" SET value = {SCHEMA_VERSION + 1}')
         newer = PostgresStore.from_url(url)

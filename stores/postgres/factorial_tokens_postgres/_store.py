@@ -966,8 +966,10 @@ def _order(key: TenantKey) -> tuple[bytes, bytes]:
 
 
 def _rows(rows: list[list[str | None]]) -> str:
-    """The ``jsonb`` parameter of a batched statement: its rows, in order."""
-    return json.dumps(rows, separators=(",", ":"))
+    """The ``jsonb`` parameter of a batched statement: its rows, in order. Characters go
+    as they are (not ``\\u`` escapes), converted to the database's encoding like any text:
+    escapes above U+007F are refused by a database not in UTF8."""
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
 
 
 def _lease_row(lease: Lease) -> list[str | None]:

@@ -140,6 +140,11 @@ async def test_schema_is_created_versioned_and_idempotent(base_url: str) -> None
         assert sorted(r["table_name"] for r in rows) == ["app_code_claims", "app_meta", "app_tenants"]
         meta = await _fetch(base_url, f'SELECT name, value FROM "{schema}"."app_meta"')
         assert [(r["name"], r["value"]) for r in meta] == [("schema_version", SCHEMA_VERSION)]
+        # room on each page for the two updates of every refresh (HOT, no index entry each)
+        options = await _fetch(
+            base_url, "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", f'"{schema}"."app_tenants"'
+        )
+        assert options[0]["reloptions"] == ["fillfactor=50"]
         # a newer schema than this package knows is refused, not silently used
         await _fetch(base_url, f'UPDATE "{schema}"."app_meta" SET value = {SCHEMA_VERSION + 1}')
         newer = PostgresStore.from_url(url)
@@ -326,6 +331,22 @@ async def test_hostile_tenant_ids_are_stored_exactly(base_url: str) -> None:
         assert await store.commit(lease, _update(b"changed")) is not None
         untouched = await store.read(TenantKey(ns, "acme"))
         assert untouched is not None and untouched.payload == b"payload-0"
+        # all of them in one batch of each kind (one statement, every key in one parameter)
+        keys = [TenantKey(ns, tenant) for tenant in hostile]
+        records = await asyncio.gather(*(store.read(key) for key in keys))
+        assert [r.key.tenant if r else None for r in records] == hostile
+        won = await asyncio.gather(*(store.acquire(key, secrets.token_hex(8), 30) for key in keys))
+        leases = [w.lease for w in won]
+        assert all(lease is not None for lease in leases[2:])  # [1]: "a'b\"c" was committed
+        written = await asyncio.gather(
+            *(store.commit(lease, _update(f"batch-{i}".encode())) for i, lease in enumerate(leases) if lease)
+        )
+        assert all(record is not None for record in written)
+        rows = await _fetch(
+            base_url, f'SELECT tenant, payload FROM "{schema}".tenants WHERE namespace = $1', ns
+        )
+        stored = {r["tenant"]: r["payload"] for r in rows}
+        assert all(stored[t] == f"batch-{i}".encode() for i, t in enumerate(hostile) if leases[i])
     finally:
         await store.aclose()
 

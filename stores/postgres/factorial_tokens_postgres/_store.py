@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import json
 import logging
 import random
 import secrets
@@ -63,7 +64,6 @@ from factorial_tokens.store import (
     hold_digest,
     integer,
     number,
-    record_from_columns,
     text,
     url_options,
 )
@@ -215,6 +215,8 @@ class PostgresStore:
         self._origin = secrets.token_hex(8)
         self._sql = _Statements(self._names, self._origin)
         self._listener = _Listen(self)
+        # The event loop on which the listener was seen listening (``watch``'s shortcut).
+        self._listened_on: asyncio.AbstractEventLoop | None = None
         # Reads, acquisitions, commits and releases issued in one turn of the loop leave as
         # one statement per kind.
         self._reads: Batcher[TenantKey, Any] = Batcher(
@@ -463,9 +465,7 @@ class PostgresStore:
         async def run(pool: Any, replay: bool) -> Any:
             if self._absent:
                 return []
-            return await pool.fetch(
-                self._sql.read_many, [k.namespace for k in keys], [k.tenant for k in keys]
-            )
+            return await pool.fetch(self._sql.read_many, _rows([[k.namespace, k.tenant] for k in keys]))
 
         found: list[Any] = [None] * len(keys)
         for row in await self._call("read", run):
@@ -506,14 +506,8 @@ class PostgresStore:
         """Each plain acquisition's answer, in one statement per round (a key twice waits
         for the next round)."""
 
-        def columns(part: list[tuple[TenantKey, str, float]]) -> tuple[list[str], ...]:
-            return (
-                [key.namespace for key, _, _ in part],
-                [key.tenant for key, _, _ in part],
-                [key.digest for key, _, _ in part],
-                [owner for _, owner, _ in part],
-                [repr(ttl) for _, _, ttl in part],
-            )
+        def columns(part: list[tuple[TenantKey, str, float]]) -> str:
+            return _rows([[k.namespace, k.tenant, k.digest, owner, repr(ttl)] for k, owner, ttl in part])
 
         return await self._acquire_rounds("acquire", self._sql.acquire_many, items, columns, tries=3)
 
@@ -522,15 +516,20 @@ class PostgresStore:
     ) -> list[Acquisition]:
         """Each conditional acquisition's answer, in one statement per round."""
 
-        def columns(part: list[tuple[TenantKey, str, float, Freshness]]) -> tuple[list[str], ...]:
-            return (
-                [key.namespace for key, *_ in part],
-                [key.tenant for key, *_ in part],
-                [owner for _, owner, _, _ in part],
-                [repr(ttl) for _, _, ttl, _ in part],
-                [repr(float(rule.at)) for *_, rule in part],
-                [repr(float(rule.margin)) for *_, rule in part],
-                [repr(float(rule.share)) for *_, rule in part],
+        def columns(part: list[tuple[TenantKey, str, float, Freshness]]) -> str:
+            return _rows(
+                [
+                    [
+                        key.namespace,
+                        key.tenant,
+                        owner,
+                        repr(ttl),
+                        repr(float(rule.at)),
+                        repr(float(rule.margin)),
+                        repr(float(rule.share)),
+                    ]
+                    for key, owner, ttl, rule in part
+                ]
             )
 
         return await self._acquire_rounds(
@@ -542,7 +541,7 @@ class PostgresStore:
         op: str,
         statement: str,
         items: list[Any],
-        columns: Callable[[list[Any]], tuple[list[str], ...]],
+        columns: Callable[[list[Any]], str],
         *,
         tries: int,
     ) -> list[Acquisition]:
@@ -562,7 +561,7 @@ class PostgresStore:
                 for _ in range(tries):
                     for indices in _rounds([items[i][0] for i in pending]):
                         positions = sorted((pending[j] for j in indices), key=lambda i: _order(items[i][0]))
-                        rows = await con.fetch(statement, *columns([items[i] for i in positions]))
+                        rows = await con.fetch(statement, columns([items[i] for i in positions]))
                         for row in rows:
                             found[positions[row["i"] - 1]] = row
                     pending = [i for i in pending if found[i] is None]
@@ -611,8 +610,8 @@ class PostgresStore:
                 for indices in _rounds([lease.key for lease in leases]):
                     indices = sorted(indices, key=lambda i: _order(leases[i].key))
                     part = [leases[i] for i in indices]
-                    columns = _lease_columns(part)
-                    for row in await con.fetch(self._sql.release_many, *columns, self._names.channel):
+                    rows = _rows([_lease_row(lease) for lease in part])
+                    for row in await con.fetch(self._sql.release_many, rows, self._names.channel):
                         done[indices[row["i"] - 1]] = True
             return done
 
@@ -642,8 +641,8 @@ class PostgresStore:
                 for indices in _rounds([lease.key for lease, _ in commits]):
                     indices = sorted(indices, key=lambda i: _order(commits[i][0].key))
                     part = [commits[i] for i in indices]
-                    columns = _lease_columns([lease for lease, _ in part]) + _update_columns(part)
-                    rows = await con.fetch(self._sql.commit_many, *columns, self._names.channel)
+                    data = _rows([_lease_row(lease) + _update_row(update) for lease, update in part])
+                    rows = await con.fetch(self._sql.commit_many, data, self._names.channel)
                     for row in rows:
                         versions[indices[row["i"] - 1]] = int(row["version"])
                 for index, (lease, update) in enumerate(commits):
@@ -798,6 +797,8 @@ class PostgresStore:
 
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         """Register for changes of ``key``; starts the shared LISTEN connection if needed."""
+        if self.pgbouncer or self._closed or self._listened_on is _running_loop():
+            return self._notifier.watch(key)  # nothing to start or wait for
         return self._watch(key)
 
     @asynccontextmanager
@@ -806,6 +807,10 @@ class PostgresStore:
             # Registering must miss nothing: let the first LISTEN take effect before the
             # caller reads (the poll covers a database that does not answer).
             await self._listener.ready(5.0)
+            if self._listener.listening:
+                # Started on this loop and listened once: later watches of this loop go
+                # straight to the Notifier (a lost connection is the listener's to redo).
+                self._listened_on = asyncio.get_running_loop()
         async with self._notifier.watch(key) as watch:
             yield watch
 
@@ -888,6 +893,13 @@ class _Listen(PushListener):
                 con.terminate()
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 async def _keep_session(con: Any) -> None:
     """The pool's reset between two uses of a connection: nothing to undo.
 
@@ -906,12 +918,24 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}{f' ({code})' if code else ''}"
 
 
+#: The statuses by their column value (a lookup, not an Enum call, per row read).
+_STATUSES = {status.value: status for status in TenantStatus}
+
+
 def _record(key: TenantKey, row: Any) -> Record:
-    record = record_from_columns(
-        key, row["payload"], row["status"], row["version"], row["expires_at"], row["updated_at"]
+    """The record of a row with a payload. asyncpg already decodes the columns to their
+    Python types (bytes, str, int, float or None), so they go to ``Record`` as they are."""
+    payload = row["payload"]
+    assert payload is not None  # every caller selects rows with a payload
+    status = row["status"]
+    return Record(
+        key,
+        payload,
+        _STATUSES.get(status) or TenantStatus(status),
+        row["version"],
+        row["expires_at"],
+        row["updated_at"],
     )
-    assert record is not None  # every caller selects rows with a payload
-    return record
 
 
 def _rounds(keys: list[TenantKey]) -> list[list[int]]:
@@ -934,29 +958,42 @@ def _order(key: TenantKey) -> tuple[bytes, bytes]:
     return key.namespace.encode(), key.tenant.encode()
 
 
-# The batched writes take every array as text[] (cast in the statement): asyncpg encodes
-# text[] with a built-in codec, while bigint[], bytea[] or float8[] would each cost a type
-# introspection query on every new connection (about a second on a loaded server).
+# The batched statements take their items as ONE jsonb array of rows (one array per item,
+# every value a JSON string or null; numbers in exact text, cast in the statement). Not a
+# text[] per column: asyncpg's array encoder checks each element against three ABCs, which
+# made the encoding the largest client cost of a batch. Not bigint[], bytea[] or float8[]
+# either: each would cost a type introspection query on every new connection.
 
 
-def _lease_columns(leases: list[Lease]) -> tuple[list[str], ...]:
-    """Arrays of namespaces, tenants, fences and owners ($1-$4 of the batched writes)."""
-    return (
-        [lease.key.namespace for lease in leases],
-        [lease.key.tenant for lease in leases],
-        [str(lease.fence) for lease in leases],
-        [lease.owner for lease in leases],
-    )
+def _rows(rows: list[list[str | None]]) -> str:
+    """The ``jsonb`` parameter of a batched statement: its rows, in order. Characters go
+    as they are (not ``\\u`` escapes), converted to the database's encoding like any text:
+    escapes above U+007F are refused by a database not in UTF8."""
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
 
 
-def _update_columns(commits: list[tuple[Lease, Update]]) -> tuple[list[str | None], ...]:
-    """``commit_many``'s arrays $5-$8: payloads in hex, numbers as exact float text."""
-    return (
-        [update.payload.hex() for _, update in commits],
-        [update.status.value for _, update in commits],
-        [None if update.expires_at is None else repr(float(update.expires_at)) for _, update in commits],
-        [repr(float(update.updated_at)) for _, update in commits],
-    )
+def _lease_row(lease: Lease) -> list[str | None]:
+    """A lease's namespace, tenant, fence and owner (the first four values of a write's row)."""
+    key = lease.key
+    return [key.namespace, key.tenant, str(lease.fence), lease.owner]
+
+
+def _update_row(update: Update) -> list[str | None]:
+    """``commit_many``'s values 5-8 of a row: the payload in hex, numbers as exact float text."""
+    expires = update.expires_at
+    return [
+        update.payload.hex(),
+        update.status.value,
+        None if expires is None else repr(float(expires)),
+        repr(float(update.updated_at)),
+    ]
+
+
+def _items(*columns: str) -> str:
+    """A batched statement's items: one row per element of the jsonb array ``$1`` (see
+    ``_rows``), its values as text under ``columns``, and its position ``i`` (from 1)."""
+    values = ", ".join(f"r->>{index} AS {name}" for index, name in enumerate(columns))
+    return f"SELECT {values}, i FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS j(r, i)"
 
 
 class _Statements:
@@ -966,25 +1003,24 @@ class _Statements:
         assert origin.isalnum()  # pasted into the SQL as a literal
         t, c = n.tenants, n.claims
         cols = "payload, status, version, expires_at, updated_at"
-        # $1 namespaces, $2 tenants: the rows found, each with its key's position (from 1).
+        # $1 rows (namespace, tenant): the rows found, each with its key's position (from 1).
         self.read_many = f"""
             SELECT k.i, t.payload, t.status, t.version, t.expires_at, t.updated_at
-              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(namespace, tenant, i)
+              FROM ({_items("namespace", "tenant")}) k
               JOIN {t} t ON t.namespace = k.namespace AND t.tenant = k.tenant
              WHERE t.payload IS NOT NULL"""
         self.tenants = (
             f"SELECT tenant, {cols} FROM {t} WHERE namespace = $1 AND payload IS NOT NULL ORDER BY tenant"
         )
-        # Arrays (text[]), one element per acquisition, keys unique, in lock order:
-        # $1 namespaces, $2 tenants, $3 digests, $4 owners, $5 ttl seconds. Returns each
+        # $1 rows, one per acquisition, keys unique, in lock order: (namespace, tenant,
+        # digest, owner, ttl seconds). Returns each
         # one's position (from 1), whether it won, and the row: taken if free, expired, or
         # already this very owner's (a replay: owners are random per call), with a new
         # fence; the rows are locked in the order given (INSERT ... SELECT ... ORDER BY).
         # No row for a key means a concurrent first insert our snapshot could not see.
         self.acquire_many = f"""
             WITH u AS (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                    WITH ORDINALITY AS u(namespace, tenant, digest, owner, ttl, i)
+                {_items("namespace", "tenant", "digest", "owner", "ttl")}
             ), won AS (
                 INSERT INTO {t} AS t (namespace, tenant, digest, fence, lease_owner, lease_expires)
                 SELECT namespace, tenant, digest, 1, owner,
@@ -1006,21 +1042,19 @@ class _Statements:
             SELECT u.i, false, t.fence, t.payload, t.status, t.version, t.expires_at, t.updated_at
               FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
              WHERE NOT EXISTS (SELECT FROM won w WHERE w.namespace = u.namespace AND w.tenant = u.tenant)"""
-        # Arrays (text[]), one element per acquisition, keys unique, in lock order:
-        # $1 namespaces, $2 tenants, $3 owners, $4 ttl seconds, $5 at, $6 margin, $7 share
-        # (doubles in exact text): the lease only for an ACTIVE record that is not fresh by
-        # the rule (Freshness in the store kit, the same doubles as Python's); an absent row
-        # is left absent (no answer row). A replay (this owner's live lease) takes it again
-        # with a new fence. The rows to take are chosen and locked first, in the order given
-        # (FOR UPDATE rechecks a row changed meanwhile, as an UPDATE's WHERE would), so that
-        # the UPDATE, whatever its join order, waits for no one; rows left alone are not locked.
+        # $1 rows, one per acquisition, keys unique, in lock order: (namespace, tenant,
+        # owner, ttl seconds, at, margin, share), doubles in exact text: the lease only for
+        # an ACTIVE record that is not fresh by the rule (Freshness in the store kit, the
+        # same doubles as Python's); an absent row is left absent (no answer row). A replay
+        # (this owner's live lease) takes it again with a new fence. The rows to take are
+        # chosen and locked first, in the order given (FOR UPDATE rechecks a row changed
+        # meanwhile, as an UPDATE's WHERE would), so that the UPDATE, whatever its join
+        # order, waits for no one; rows left alone are not locked.
         self.acquire_if_due_many = f"""
             WITH u AS MATERIALIZED (
                 SELECT namespace, tenant, owner, ttl::float8 AS ttl, at::float8 AS at,
                        margin::float8 AS margin, share::float8 AS share, i
-                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::text[]) WITH ORDINALITY
-                    AS u(namespace, tenant, owner, ttl, at, margin, share, i)
+                  FROM ({_items("namespace", "tenant", "owner", "ttl", "at", "margin", "share")}) u
             ), due AS (
                 SELECT u.i, u.namespace, u.tenant, u.owner, u.ttl
                   FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
@@ -1050,15 +1084,14 @@ class _Statements:
         self.extend = f"""
             UPDATE {t} SET lease_expires = clock_timestamp() + make_interval(secs => $5)
              WHERE namespace = $1 AND tenant = $2 AND fence = $3 AND lease_owner = $4"""
-        # Arrays (text[]), one element per lease, keys unique, in lock order: $1 namespaces,
-        # $2 tenants, $3 fences, $4 owners; $5 channel. Returns the position (from 1) of each
+        # $1 rows, one per lease, keys unique, in lock order: (namespace, tenant, fence,
+        # owner); $2 channel. Returns the position (from 1) of each
         # lease given back. The rows are chosen and locked first, in the order given, as in
         # ``acquire_if_due_many`` (a plan-ordered UPDATE ... FROM deadlocked against an
         # acquisition batch, which locks every row it conflicts with, held ones too).
         self.release_many = f"""
             WITH u AS MATERIALIZED (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
-                    AS u(namespace, tenant, fence, owner, i)
+                {_items("namespace", "tenant", "fence", "owner")}
             ), mine AS (
                 SELECT u.i, u.namespace, u.tenant
                   FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
@@ -1072,17 +1105,17 @@ class _Statements:
                  WHERE t.namespace = m.namespace AND t.tenant = m.tenant
                 RETURNING m.i, t.digest
             )
-            SELECT i, pg_notify($5, digest || ' ' || '{origin}') IS NULL FROM up"""
-        # Arrays (text[], see _lease_columns), one element per commit, keys unique, in lock
-        # order: $1 namespaces, $2 tenants, $3 fences, $4 owners, $5 payloads, $6 statuses,
-        # $7 expires_at, $8 updated_at; $9 channel. Each row is fenced on its own; returns
+            SELECT i, pg_notify($2, digest || ' ' || '{origin}') IS NULL FROM up"""
+        # $1 rows (see _lease_row, _update_row), one per commit, keys unique, in lock order:
+        # (namespace, tenant, fence, owner, payload in hex, status, expires_at, updated_at);
+        # $2 channel. Each row is fenced on its own; returns
         # (position from 1, new version) per commit that landed. Rows locked first, in the
         # order given, as in ``release_many``.
         self.commit_many = f"""
             WITH u AS MATERIALIZED (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                     $6::text[], $7::text[], $8::text[]) WITH ORDINALITY
-                    AS u(namespace, tenant, fence, owner, payload, status, expires_at, updated_at, i)
+                {
+            _items("namespace", "tenant", "fence", "owner", "payload", "status", "expires_at", "updated_at")
+        }
             ), mine AS (
                 SELECT u.*
                   FROM u JOIN {t} t ON t.namespace = u.namespace AND t.tenant = u.tenant
@@ -1099,7 +1132,7 @@ class _Statements:
                  WHERE t.namespace = m.namespace AND t.tenant = m.tenant
                 RETURNING m.i, t.digest, t.version
             )
-            SELECT i, version, pg_notify($9, digest || ' ' || '{origin}') IS NULL FROM up"""
+            SELECT i, version, pg_notify($2, digest || ' ' || '{origin}') IS NULL FROM up"""
         # After a lost answer: did the commit with fence $3 land, with nothing since?
         self.committed = f"""
             SELECT version FROM {t}

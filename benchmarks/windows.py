@@ -60,6 +60,7 @@ async def _callers(config: dict[str, Any]) -> dict[str, Any]:
     stall = [0.0]
     errors: Counter[str] = Counter()
     async with TokenManager(app, config["url"], **config["manager"]) as tm:
+        late = max(0.0, time.time() - config["start"])  # a worker that came up after the start
         await asyncio.sleep(max(0.0, config["start"] - time.time()))
         end = config["start"] + config["duration"]
 
@@ -94,6 +95,7 @@ async def _callers(config: dict[str, Any]) -> dict[str, Any]:
         "firsts": firsts,
         "warm_max": warm[0],
         "stall_max": stall[0],
+        "late": late,
         "errors": dict(errors),
     }
 
@@ -158,6 +160,9 @@ def _rotation(
         "max_ms": max(r["warm_max"] for r in results) * 1e3,
         "first_max_ms": max(firsts, default=float("nan")) * 1e3,
         "stall_max_ms": max(r["stall_max"] for r in results) * 1e3,
+        # Over about 0.3 s, an outage row's callers may have met the outage cold, or not at
+        # all (the workers start 2 s after set-up, the outage when the tokens are due).
+        "late_start_s": max(r["late"] for r in results),
         "errors": dict(errors),
         "refreshes": stats.refreshes,
         "invalid_grant": stats.invalid_grant,

@@ -7,6 +7,10 @@
   how every release before the two windows behaved).
 * ``outage``: the same, with the token endpoint answering 503 for 1.5 s from the moment the
   tokens enter the leeway. Caller errors and the longest wait, beside the same baseline.
+
+Every row also shows the event loop's longest stall in the workers (how late a 10 ms
+timer fired): no call that yields can wait less, so it is the machine's floor under
+P x C x T busy callers, beside the longest wait it bounds.
 * ``budget``: N due tenants refreshed by P processes against a simulator that answers 429
   beyond R token requests per W seconds, with ``refresh_rate`` set to 90 % of that rate;
   baseline without a budget. 429s drawn and the time until all are fresh.
@@ -51,8 +55,12 @@ async def _callers(config: dict[str, Any]) -> dict[str, Any]:
     # The longest wait of a caller that already had a token (every call but each task's
     # first, which reads a cold process's store and is shown apart).
     warm = [0.0]
+    # The longest a timer due on the event loop waited past its instant: the floor of any
+    # call that yields (a store read, a refresh), whatever the library does.
+    stall = [0.0]
     errors: Counter[str] = Counter()
     async with TokenManager(app, config["url"], **config["manager"]) as tm:
+        late = max(0.0, time.time() - config["start"])  # a worker that came up after the start
         await asyncio.sleep(max(0.0, config["start"] - time.time()))
         end = config["start"] + config["duration"]
 
@@ -74,8 +82,22 @@ async def _callers(config: dict[str, Any]) -> dict[str, Any]:
                 first = False
                 await asyncio.sleep(config["pace"])
 
-        await asyncio.gather(*(task(t) for t in config["tenants"] for _ in range(config["tasks"])))
-    return {"waits": waits, "firsts": firsts, "warm_max": warm[0], "errors": dict(errors)}
+        async def stalls() -> None:
+            loop = asyncio.get_running_loop()
+            while time.time() < end:
+                due = loop.time() + 0.01
+                await asyncio.sleep(0.01)
+                stall[0] = max(stall[0], loop.time() - due)
+
+        await asyncio.gather(stalls(), *(task(t) for t in config["tenants"] for _ in range(config["tasks"])))
+    return {
+        "waits": waits,
+        "firsts": firsts,
+        "warm_max": warm[0],
+        "stall_max": stall[0],
+        "late": late,
+        "errors": dict(errors),
+    }
 
 
 def _worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +159,10 @@ def _rotation(
         "p99_ms": percentile(waits, 99) * 1e3,
         "max_ms": max(r["warm_max"] for r in results) * 1e3,
         "first_max_ms": max(firsts, default=float("nan")) * 1e3,
+        "stall_max_ms": max(r["stall_max"] for r in results) * 1e3,
+        # Over about 0.3 s, an outage row's callers may have met the outage cold, or not at
+        # all (the workers start 2 s after set-up, the outage when the tokens are due).
+        "late_start_s": max(r["late"] for r in results),
         "errors": dict(errors),
         "refreshes": stats.refreshes,
         "invalid_grant": stats.invalid_grant,

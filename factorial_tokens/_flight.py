@@ -101,9 +101,11 @@ class Flights(Leases):
 
     async def _valid(self, tenant: str) -> Entry:
         """An entry outside the mandatory window: the store's, or a refreshed one."""
-        if self._flights.get(tenant) in self._advisory:
+        if self._flights.get(tenant) in self._advisory and tenant not in self._cache:
             # A background refresh is under way and the cache was dropped (an announcement):
             # the stored token may still do, so read it rather than wait for the refresh.
+            # (A cached entry in the mandatory window is the newest this process knows of:
+            # its caller joins the refresh at once, a read would only add a round trip.)
             entry = self._usable(tenant, await self._store.read(self._key(tenant)))
             if time.time() < entry.must:
                 return self._remember(tenant, entry)
@@ -397,9 +399,9 @@ class Flights(Leases):
             deadline = loop.time() + self.refresh_deadline
             if held.lost.is_set():
                 return None
-            # A background refresh stops retrying when the mandatory window opens: callers
-            # who must wait then start a refresh of their own at once, rather than wait
-            # out this one's backoff.
+            # A background refresh stops retrying when the mandatory window opens, with a
+            # last try at its start: callers who must wait then start a refresh of their
+            # own at once, rather than wait out this one's backoff.
             retry_until = loop.time() + (entry.must - time.time()) if advisory else None
             try:
                 new = await self._oauth.refresh(old.refresh_token, deadline=deadline, retry_until=retry_until)

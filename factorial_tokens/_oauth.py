@@ -163,7 +163,9 @@ class OAuthClient:
         self, refresh_token: str, *, deadline: float, retry_until: float | None = None
     ) -> TokenSet:
         """Trade a refresh token for a new token set (the refresh token rotates).
-        ``retry_until``: no new attempt starts after it (each attempt keeps ``deadline``)."""
+        ``retry_until``: no new attempt starts after it (each attempt keeps ``deadline``);
+        a backoff that would end past it ends at it instead, for one last attempt, unless
+        the provider asked for a wait (a 429, or ``Retry-After``)."""
         form = {
             "client_id": self.app.client_id,
             "client_secret": self.app.client_secret,
@@ -257,6 +259,7 @@ class OAuthClient:
             )
             sent_at = time.time()
             retry_after: float | None = None
+            held = False  # the provider asked for a wait (a 429, or Retry-After)
             try:
                 async with self.session.request(
                     method, url, timeout=timeout, allow_redirects=False, **kwargs
@@ -269,6 +272,7 @@ class OAuthClient:
                         return status, body, sent_at
                     if status in (429, 503):
                         retry_after = _retry_after(resp.headers.get("Retry-After"))
+                        held = status == 429 or retry_after is not None
                         if throttled and self.on_retry_after is not None:
                             if retry_after is not None:
                                 self.on_retry_after(retry_after)
@@ -300,8 +304,13 @@ class OAuthClient:
             delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            if loop.time() + delay >= min(deadline, retry_until or deadline):
-                raise failure
+            now = loop.time()
+            if now + delay >= min(deadline, retry_until or deadline):
+                if held or retry_until is None or not now < retry_until < deadline:
+                    raise failure
+                # The last try goes at retry_until itself rather than nowhere: an outage that is
+                # over by then costs nobody a wait. A wait the provider asked for is never cut.
+                delay = retry_until - now
             attempt += 1
             await asyncio.sleep(delay)
 

@@ -23,7 +23,7 @@ from factorial_tokens import (
 )
 from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.store import MemoryStore, TenantKey, Update
-from factorial_tokens.testing import CountingStore, FakeFactorial
+from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
 from .conftest import SimFactory, app_for
 
@@ -243,6 +243,7 @@ async def test_a_caller_whose_read_lands_as_the_background_refresh_gives_up_refr
             assert await tm.access_token("acme") == old.access_token  # the background refresh starts
             store.flight = tm._flights["acme"]  # its first answer (a 503, and it gives up) at 2 s
             await asyncio.sleep(0.35)  # past min_valid: the next caller must wait
+            tm._forget_cached("acme")  # as an announcement does: that caller reads the store
             fresh = await tm.access_token("acme")
             assert store.crossed  # that caller's read was answered as the refresh gave up
         assert fresh != old.access_token and sim.is_active(fresh)
@@ -303,3 +304,62 @@ async def test_a_read_answered_after_a_newer_refresh_never_brings_the_older_toke
             assert new != old.access_token and sim.is_active(new)
             assert got == new
             assert sim.stats.refreshes == 1
+
+
+async def test_a_background_refresh_makes_its_last_try_as_the_mandatory_window_opens(
+    sim: FakeFactorial,
+) -> None:
+    """A failed try whose backoff would end past the mandatory window's start is followed
+    by one more try at that start, not by giving up: an outage that is over by then costs
+    no caller a wait. Found by the outage benchmark (the outage ends as the window opens);
+    this test failed before the fix (the background refresh gave up after its first 503)."""
+    events: list[TokenEvent] = []
+    async with TokenManager(app_for(sim), "memory://", leeway=LEEWAY, on_event=events.append) as tm:
+        tm._oauth.backoff = 10.0  # a first backoff of 5-10 s: far past the window's start
+        old = await place(tm, sim, left=16.0)  # mandatory window in 1 s
+        sent = sim.stats.token_requests
+        sim.inject(Fault.HTTP_503)
+        assert await tm.access_token("acme") == old.access_token  # the background refresh starts
+        await settle(tm)
+        await tm.flush_events()
+        assert sim.stats.token_requests - sent == 2  # the 503, then the try at the window's start
+        assert sim.stats.refreshes == 1
+        assert not [e for e in events if e.kind is EventKind.REFRESH_FAILED]
+        fresh = await tm.access_token("acme")  # from the cache, refreshed without a caller waiting
+        assert fresh != old.access_token and sim.is_active(fresh)
+
+
+async def test_a_retry_after_past_the_mandatory_window_is_not_cut_short(sim: FakeFactorial) -> None:
+    """The last try at the mandatory window's start never cuts a Retry-After hold short:
+    the background refresh gives up, and the whole fleet holds its refreshes."""
+    events: list[TokenEvent] = []
+    async with TokenManager(app_for(sim), "memory://", leeway=LEEWAY, on_event=events.append) as tm:
+        old = await place(tm, sim, left=16.0)  # mandatory window in 1 s
+        sent = sim.stats.token_requests
+        sim.inject(Fault.RATE_LIMITED, retry_after=5.0)
+        assert await tm.access_token("acme") == old.access_token
+        await settle(tm)
+        await tm.flush_events()
+        assert sim.stats.token_requests - sent == 1 and sim.stats.refreshes == 0
+        assert [e.kind for e in events if e.kind is EventKind.REFRESH_FAILED] == [EventKind.REFRESH_FAILED]
+        assert tm._not_before > time.time() + 3.0
+
+
+async def test_a_caller_in_the_mandatory_window_joins_the_background_refresh_without_a_read(
+    make_sim: SimFactory,
+) -> None:
+    """A caller whose cached token reached the mandatory window while the background
+    refresh flies waits for that refresh and reads nothing: its cache was not dropped (no
+    announcement came), so the store holds nothing newer. This test failed before the fix
+    (one store read per such caller, a round trip added to every mandatory wait)."""
+    store = CountingStore(MemoryStore())
+    async with make_sim(access_token_ttl=3600, latency=1.5) as sim:
+        async with TokenManager(app_for(sim), store, leeway=LEEWAY) as tm:
+            old = await place(tm, sim, left=15.3)  # mandatory window in 0.3 s
+            assert await tm.access_token("acme") == old.access_token  # starts the background refresh
+            await asyncio.sleep(0.4)  # past min_valid; the refresh's answer comes at 1.5 s
+            store.reset()
+            got = await asyncio.gather(*(tm.access_token("acme") for _ in range(20)))
+            assert len(set(got)) == 1 and old.access_token not in got
+            assert store.calls["read"] == 0
+            assert sim.stats.refreshes == sim.stats.refresh_attempts == 1

@@ -93,7 +93,8 @@ class TokenManager(Callbacks, Flights):
             second's worth, at least one).
         max_refreshes: refreshes this process runs at once (each holds a lease and a
             provider connection; aiohttp's default pool has 100). Others wait, without a
-            lease, so other workers can take those tenants.
+            lease, so other workers can take those tenants, and start in random order,
+            so workers handed the same tenants in the same order spread over them.
         telemetry: OpenTelemetry providers and options (:class:`Telemetry`); default:
             the global providers, when ``opentelemetry-api`` is installed.
 

@@ -16,8 +16,6 @@ import asyncio
 import random
 from types import TracebackType
 
-__all__ = ["Slots"]
-
 
 class Slots:
     """``async with slots:`` holds one of ``size`` slots; a released slot passes to a

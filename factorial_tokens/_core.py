@@ -25,6 +25,7 @@ from ._events import EventDispatcher, EventKind, TokenEvent
 from ._models import FactorialApp, TokenSet
 from ._oauth import OAuthClient
 from ._secret import AppSecret
+from ._slots import Slots
 from ._state import LinkSigner, StateSigner
 from ._telemetry import Observer
 from .sealing import PayloadCodec
@@ -33,6 +34,9 @@ from .store import Record, Store, TenantKey, TenantStatus, Update
 log = logging.getLogger("factorial_tokens")
 
 T = TypeVar("T")
+
+#: At most this many tenants' store keys are kept (past that they are made per call).
+KEYS_KEPT = 65_536
 
 
 @attrs.frozen
@@ -62,7 +66,7 @@ class Core:
     _interval: float
     _burst: int
     _hold_digest: str
-    _slots: asyncio.Semaphore
+    _slots: Slots
     _unless_fresh: bool  # the store takes a lease only for a due record (AcquireUnlessFresh)
     _not_before: float  # wall clock: no refresh is sent before (a 429's Retry-After)
     _codec: PayloadCodec
@@ -74,6 +78,7 @@ class Core:
     _hits: int
     _obs: Observer
     _digests: dict[str, str]
+    _keys: dict[str, TenantKey]  # the store keys of tenants asked for (up to KEYS_KEPT)
     _flights: dict[str, asyncio.Task[Entry]]
     _joined: dict[asyncio.Task[Entry], dict[asyncio.Future[Entry], None]]  # callers waiting per flight
     _advisory: set[asyncio.Task[Entry]]  # flights that are background refreshes
@@ -131,7 +136,13 @@ class Core:
         return entry
 
     def _key(self, tenant: str) -> TenantKey:
-        return TenantKey(self.app.client_id, tenant)
+        # Kept: a key hashes its tenant id, and a refresh asks for it several times.
+        key = self._keys.get(tenant)
+        if key is None:
+            key = TenantKey(self.app.client_id, tenant)
+            if len(self._keys) < KEYS_KEPT:
+                self._keys[tenant] = key
+        return key
 
     def _update(self, key: TenantKey, tokens: TokenSet) -> Update:
         return Update(

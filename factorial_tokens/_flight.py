@@ -12,6 +12,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 
 import attrs
 
@@ -28,7 +29,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from .store import Freshness, Lease, Record, Throttle, acquire_lease
+from .store import Freshness, Lease, Record, TenantStatus, Throttle, acquire_lease
 
 log = logging.getLogger("factorial_tokens")
 
@@ -302,10 +303,21 @@ class Flights(Leases):
         known_stale = cached is not None and not self._acceptable(cached, newer_than, advisory)
         conditional = newer_than is None and self._unless_fresh
         look = conditional and not known_stale  # a first look, by the acquisition itself
+        decoded: dict[tuple[int, bytes], Entry] = {}
+
+        def usable(record: Record | None) -> Entry:
+            """``_usable``, decoding a record seen again (read, then acquired on) once."""
+            if record is None or record.status is not TenantStatus.ACTIVE:
+                return self._usable(tenant, record)
+            entry = decoded.get((record.version, record.payload))
+            if entry is None:
+                entry = decoded[record.version, record.payload] = self._usable(tenant, record)
+            return entry
+
         while True:
             async with self._store.watch(key) as watch:
                 if not known_stale and not (look and not self._slots.locked()):
-                    entry = self._usable(tenant, await self._store.read(key))
+                    entry = usable(await self._store.read(key))
                     if self._acceptable(entry, newer_than, advisory):
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
@@ -322,7 +334,7 @@ class Flights(Leases):
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
                             waited = False
-                        found = await self._opened(tenant, won.lease, won.record)
+                        found = await self._opened(won.lease, won.record, usable)
                         before = won.record.version if won.record else None
                         result = await self._obs.refresh(
                             won.lease,
@@ -333,7 +345,7 @@ class Flights(Leases):
                             return self._remember(tenant, result)
                 again = won.lease is not None
                 if won.lease is None:
-                    seen = self._usable(tenant, won.record)
+                    seen = usable(won.record)
                     if self._acceptable(seen, newer_than, advisory):
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
@@ -357,12 +369,15 @@ class Flights(Leases):
                 waited = True
                 await watch.wait(remaining)
 
-    async def _opened(self, tenant: str, lease: Lease, record: Record | None) -> Entry:
-        """The entry of the ``record`` a lease was taken on; when there is none (forgotten,
-        dead, or sealed under a key this process lacks), the lease is given back untouched
-        and the error raised as a read's would be: no refresh was attempted."""
+    async def _opened(
+        self, lease: Lease, record: Record | None, usable: Callable[[Record | None], Entry]
+    ) -> Entry:
+        """The entry of the ``record`` a lease was taken on (``usable``: how it is made);
+        when there is none (forgotten, dead, or sealed under a key this process lacks), the
+        lease is given back untouched and the error raised as a read's would be: no
+        refresh was attempted."""
         try:
-            return self._usable(tenant, record)
+            return usable(record)
         except BaseException:
             with contextlib.suppress(FactorialTokensError):
                 await asyncio.shield(self._store.release(lease))
@@ -495,10 +510,11 @@ class Flights(Leases):
         ``refresh_rate``, with a unit of the shared budget. Raises ProviderError when that
         is later than ``deadline`` (callers with a valid token never see it)."""
         loop = asyncio.get_running_loop()
-        ticket = secrets.token_hex(8)
+        ticket: str | None = None  # only with a budget (a system call per refresh otherwise)
         while True:
             wait = self._not_before - time.time()
             if wait <= 0 and self._interval > 0 and isinstance(self._store, Throttle):
+                ticket = ticket or secrets.token_hex(8)
                 wait = await self._store.admit(self.app.client_id, ticket, self._interval, self._burst)
             if wait <= 0:
                 return

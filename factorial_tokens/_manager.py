@@ -39,6 +39,7 @@ from ._logs import install
 from ._models import Credentials, FactorialApp, TenantInfo, validate_tenant
 from ._oauth import OAuthClient
 from ._secret import AppSecret
+from ._slots import Slots
 from ._state import LinkSigner, StateSigner
 from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 from .sealing import JsonCodec, Keyring, PayloadCodec, SealedCodec
@@ -92,7 +93,8 @@ class TokenManager(Callbacks, Flights):
             second's worth, at least one).
         max_refreshes: refreshes this process runs at once (each holds a lease and a
             provider connection; aiohttp's default pool has 100). Others wait, without a
-            lease, so other workers can take those tenants.
+            lease, so other workers can take those tenants, and start in random order,
+            so workers handed the same tenants in the same order spread over them.
         telemetry: OpenTelemetry providers and options (:class:`Telemetry`); default:
             the global providers, when ``opentelemetry-api`` is installed.
 
@@ -159,7 +161,7 @@ class TokenManager(Callbacks, Flights):
         self._interval = 0.0 if refresh_rate is None else 60.0 / refresh_rate
         self._burst = refresh_burst or max(1, int((refresh_rate or 0) // 60))
         self._hold_digest = hold_digest(app.client_id)
-        self._slots = asyncio.Semaphore(max_refreshes)
+        self._slots = Slots(max_refreshes)
         self._not_before = 0.0  # wall clock: no refresh is sent before (a 429's Retry-After)
         if keyring is not None and codec is not None:
             raise ConfigurationError("pass a keyring or a codec, not both")
@@ -189,6 +191,7 @@ class TokenManager(Callbacks, Flights):
         install()  # structured fields on the records of loggers created since import (plugins)
         self._oauth.observer = self._obs.provider_answer
         self._digests = {}
+        self._keys = {}
         self._flights = {}
         self._joined = {}  # the callers waiting on each flight
         self._advisory = set()  # flights that are background refreshes

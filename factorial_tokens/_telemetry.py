@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import weakref
@@ -86,6 +87,8 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 T = TypeVar("T")
 
+_UNKNOWN = object()
+
 
 class _Versioned(Protocol):
     @property
@@ -135,8 +138,12 @@ class _Instruments:
         self.tracer = tracer
         self._trace = trace
         # The API's proxy provider: spans go nowhere until an SDK provider is set globally.
-        self._proxied = isinstance(tracer_provider, trace.ProxyTracerProvider)
-        self._noop = isinstance(tracer_provider, trace.NoOpTracerProvider)
+        # None: not known yet (the proxy, until a global provider is set: only once).
+        self._tracing: bool | None = None
+        if isinstance(tracer_provider, trace.NoOpTracerProvider):
+            self._tracing = False
+        elif not isinstance(tracer_provider, trace.ProxyTracerProvider):
+            self._tracing = True
         self.refreshes = meter.create_counter(
             "factorial_tokens.refreshes", unit="{refresh}", description="Refreshes made under a lease."
         )
@@ -199,12 +206,20 @@ class _Instruments:
     def tracing(self) -> bool:
         """False while a span would record nothing (no SDK tracer provider), so none is
         made: a no-op span still costs several microseconds per store call. Asked per
-        span, since a global provider may be set after the manager was built."""
-        if self._noop:
+        span, since a global provider may be set after the manager was built; once one
+        is, the answer is kept (the API sets the global provider only once)."""
+        if self._tracing is not None:
+            return self._tracing
+        # The API's module global, read directly: get_tracer_provider() looks the
+        # environment up on every call while none is set (a tenth of a store call's CPU).
+        # An API without it is asked the public way.
+        provider = getattr(self._trace, "_TRACER_PROVIDER", _UNKNOWN)
+        if provider is _UNKNOWN:
+            provider = self._trace.get_tracer_provider()
+        if provider is None or isinstance(provider, self._trace.ProxyTracerProvider):
             return False
-        return not (
-            self._proxied and isinstance(self._trace.get_tracer_provider(), self._trace.ProxyTracerProvider)
-        )
+        self._tracing = True
+        return True
 
     def _observe_cache(self, options: Any) -> Iterator[Any]:
         from opentelemetry.metrics import Observation
@@ -266,6 +281,7 @@ def store_scheme(store: object) -> str:
     return name.removesuffix("store") or "store"
 
 
+@functools.lru_cache(maxsize=64)  # a few URLs, asked once per provider request
 def _endpoint(url: str) -> str:
     path = urlsplit(url).path
     if path.endswith("/oauth/token"):
@@ -310,6 +326,8 @@ class Observer:
         self.last_answer_at: float | None = None
         self.tenant_counts: TenantCounts | None = None
         self._notes: dict[Lease, str] = {}
+        #: A store call's metric attributes by (primitive, outcome), made once (never changed).
+        self._labels: dict[tuple[str, str], dict[str, str]] = {}
         self._counting: asyncio.Task[None] | None = None
         self._lister = list_tenants
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -561,12 +579,14 @@ class Observer:
 
     async def store_call(self, primitive: str, tenant: str | None, work: Awaitable[T]) -> T:
         """Await one store primitive, counted, timed and traced."""
-        assert self._inst is not None
+        inst = self._inst
+        assert inst is not None
         started = time.monotonic()
         outcome = "ok"
         try:
-            span = self._span(f"factorial_tokens.store.{primitive}", tenant)
-            with span:
+            if not inst.tracing():  # no span, not even a no-op one: this runs per store call
+                return await work
+            with self._span(f"factorial_tokens.store.{primitive}", tenant):
                 return await work
         except StoreUnavailable:
             outcome = "unavailable"
@@ -575,9 +595,15 @@ class Observer:
             outcome = "error"
             raise
         finally:
-            labels = {"primitive": primitive, "outcome": outcome, "store": self.store}
-            self._inst.store_operations.add(1, labels)
-            self._inst.store_duration.record(time.monotonic() - started, labels)
+            labels = self._labels.get((primitive, outcome))
+            if labels is None:
+                labels = self._labels[primitive, outcome] = {
+                    "primitive": primitive,
+                    "outcome": outcome,
+                    "store": self.store,
+                }
+            inst.store_operations.add(1, labels)
+            inst.store_duration.record(time.monotonic() - started, labels)
 
 
 _TIMED = frozenset({EventKind.REFRESHED, EventKind.EXCHANGED, EventKind.REAUTHORIZATION_REQUIRED})

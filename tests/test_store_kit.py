@@ -3,6 +3,7 @@ its install hints, URL options, and what the top-level namespace no longer carri
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.metadata
 import pkgutil
@@ -12,10 +13,12 @@ import pytest
 
 import factorial_tokens
 import factorial_tokens.store
-from factorial_tokens import ConfigurationError
+from factorial_tokens import ConfigurationError, StoreUnavailable
 from factorial_tokens.store import (
     MemoryStore,
+    Notifier,
     SQLiteStore,
+    TenantKey,
     choice,
     flag,
     known_schemes,
@@ -131,3 +134,50 @@ def test_url_options() -> None:
     for bad, message in (("poll=soon", "number of seconds"), ("on=maybe", "true or false")):
         with pytest.raises(ConfigurationError, match=message):
             url_options(f"x://h?{bad}", {"poll": seconds, "on": flag}, store="x")
+
+
+# -- Notifier: the watches every store hands out -----------------------------------------
+
+
+async def test_a_watch_remembers_a_change_announced_before_it_waits() -> None:
+    notifier = Notifier()
+    key = TenantKey("app", "acme")
+    async with notifier.watch(key) as watch:
+        notifier.notify(key.digest)
+        assert await watch.wait(0)  # announced before the wait: no waiting
+        assert not await watch.wait(0.01)  # consumed: the next wait times out
+        waiting = asyncio.ensure_future(watch.wait(10))
+        await asyncio.sleep(0)
+        notifier.notify(TenantKey("app", "other").digest)  # another tenant's change
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        notifier.notify(key.digest)
+        assert await asyncio.wait_for(waiting, 1)
+    assert not notifier.watching
+
+
+async def test_a_cancelled_wait_leaves_the_watch_usable() -> None:
+    notifier = Notifier()
+    key = TenantKey("app", "acme")
+    async with notifier.watch(key) as watch:
+        waiting = asyncio.ensure_future(watch.wait(10))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        notifier.notify(key.digest)
+        assert await watch.wait(0)
+
+
+async def test_a_watch_whose_ready_step_fails_is_not_left_registered() -> None:
+    notifier = Notifier()
+    seen: list[bool] = []
+
+    async def ready() -> None:
+        seen.append(notifier.watching)  # registered before the step runs
+        raise StoreUnavailable("the subscription did not start")
+
+    with pytest.raises(StoreUnavailable):
+        async with notifier.watch(TenantKey("app", "acme"), ready):
+            pass
+    assert seen == [True] and not notifier.watching

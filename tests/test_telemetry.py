@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -409,3 +410,49 @@ asyncio.run(main())
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "OK 1"
+
+
+def test_a_global_tracer_provider_set_after_the_manager_was_built_gets_its_spans() -> None:
+    """Without a provider, no span is made (not even a no-op one); the global provider set
+    later, as an application's start-up may do, is picked up (in a process of its own:
+    the API sets the global provider once per process)."""
+    script = """
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from factorial_tokens import TokenManager
+from factorial_tokens.testing import FakeFactorial
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
+
+async def main():
+    spans = InMemorySpanExporter()
+    async with FakeFactorial(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI
+    ) as sim:
+        async with TokenManager(app_for(sim), "memory://") as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            await tm.refresh("acme")
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(spans))
+            trace.set_tracer_provider(provider)
+            await tm.refresh("acme")
+            await tm.refresh("acme")
+    names = [s.name for s in spans.get_finished_spans()]
+    print(names.count("factorial_tokens.refresh"), names.count("factorial_tokens.store.commit"))
+
+asyncio.run(main())
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["2", "2"]  # the two refreshes made after it was set

@@ -4,32 +4,96 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 
 from ._contract import ChangeListener, Watch
 from ._values import TenantKey
 
 __all__ = ["Notifier"]
 
+#: Run once a watch is registered, before the block (a store's subscription getting ready).
+Ready = Callable[[], Awaitable[None]]
+
 
 class _EventWatch:
-    __slots__ = ("_event", "_poll")
+    """One registration's wake-up: a flag, and a future only while someone waits.
 
-    def __init__(self, event: asyncio.Event, poll: float | None) -> None:
-        self._event = event
+    What an ``asyncio.Event`` with ``wait_for`` gives, for less: a manager enters a watch
+    for every tenant it refreshes or waits for, thousands at once in a cold start, and
+    ``wait_for`` costs a task per wait."""
+
+    __slots__ = ("_changed", "_poll", "_waiter")
+
+    def __init__(self, poll: float | None) -> None:
+        self._changed = False
         self._poll = poll
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._changed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def wait(self, timeout: float) -> bool:
         if self._poll is not None:
             # Jitter keeps many pollers from hitting the backend in lockstep.
             timeout = min(timeout, self._poll * random.uniform(0.5, 1.5))
-        try:
-            await asyncio.wait_for(self._event.wait(), max(timeout, 0.0))
-        except TimeoutError:
-            return False
-        self._event.clear()
+        if not self._changed:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(max(timeout, 0.0), _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._changed:
+                return False
+        self._changed = False
         return True
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Watching:
+    """``async with notifier.watch(key)``: registered on entry, removed on exit."""
+
+    __slots__ = ("_digest", "_notifier", "_ready", "_watch")
+
+    def __init__(self, notifier: Notifier, digest: str, ready: Ready | None) -> None:
+        self._notifier = notifier
+        self._digest = digest
+        self._ready = ready
+        self._watch = _EventWatch(notifier.poll)
+
+    async def __aenter__(self) -> Watch:
+        watchers = self._notifier._watchers.setdefault(self._digest, set())
+        watchers.add(self._watch)
+        if self._ready is not None:
+            try:
+                await self._ready()
+            except BaseException:
+                self._remove()
+                raise
+        return self._watch
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        watchers = self._notifier._watchers.get(self._digest)
+        if watchers is not None:
+            watchers.discard(self._watch)
+            if not watchers:
+                del self._notifier._watchers[self._digest]
 
 
 class Notifier:
@@ -42,42 +106,34 @@ class Notifier:
 
     def __init__(self, poll: float | None = None) -> None:
         self.poll = poll
-        self._events: dict[str, set[asyncio.Event]] = {}
+        self._watchers: dict[str, set[_EventWatch]] = {}
         self._listeners: list[ChangeListener] = []
 
     def notify(self, digest: str) -> None:
         """Wake every watcher of ``digest`` and tell every change listener."""
-        for event in self._events.get(digest, ()):
-            event.set()
+        for watch in self._watchers.get(digest, ()):
+            watch.set()
         for listener in list(self._listeners):
             listener(digest)
 
     def notify_all(self) -> None:
         """Wake every watcher and tell every listener that anything may have changed
         (``listener(None)``): after a reconnect, when announcements may have been lost."""
-        for events in self._events.values():
-            for event in events:
-                event.set()
+        for watchers in self._watchers.values():
+            for watch in watchers:
+                watch.set()
         for listener in list(self._listeners):
             listener(None)
 
-    @asynccontextmanager
-    async def watch(self, key: TenantKey) -> AsyncIterator[Watch]:
-        """Register a watcher for ``key`` for the duration of the block."""
-        event = asyncio.Event()
-        watchers = self._events.setdefault(key.digest, set())
-        watchers.add(event)
-        try:
-            yield _EventWatch(event, self.poll)
-        finally:
-            watchers.discard(event)
-            if not watchers:
-                self._events.pop(key.digest, None)
+    def watch(self, key: TenantKey, ready: Ready | None = None) -> AbstractAsyncContextManager[Watch]:
+        """Register a watcher for ``key`` for the duration of the block; ``ready``, if
+        given, is awaited once it is registered, before the block."""
+        return _Watching(self, key.digest, ready)
 
     @property
     def watching(self) -> bool:
         """True while any watcher or listener is registered."""
-        return bool(self._events or self._listeners)
+        return bool(self._watchers or self._listeners)
 
     def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Register a listener; returns the function that removes it."""

@@ -134,11 +134,18 @@ def record_from_columns(
     return Record(
         key=key,
         payload=payload.encode() if isinstance(payload, str) else bytes(payload),
-        status=TenantStatus(_text(status)),
+        status=_STATUSES.get(status) or TenantStatus(_text(status)),
         version=int(_text(version) or 0),
         expires_at=None if expires is None or expires == "" else float(expires),
         updated_at=float(_text(updated_at) or 0.0),
     )
+
+
+#: A status column as drivers return it, looked up without an Enum call (one per record read).
+_STATUSES: dict[object, TenantStatus] = {
+    **{s.value: s for s in TenantStatus},
+    **{s.value.encode(): s for s in TenantStatus},
+}
 
 
 def _text(value: object) -> str | None:

@@ -20,8 +20,8 @@ import asyncio
 import hashlib
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, suppress
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -560,15 +560,13 @@ class RedisStore:
 
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         """Register for changes of ``key``; starts the store's one subscription lazily."""
-        return self._watch(key)
+        return self._notifier.watch(key, self._subscribed)
 
-    @asynccontextmanager
-    async def _watch(self, key: TenantKey) -> AsyncIterator[Watch]:
-        async with self._notifier.watch(key) as watch:
-            if not self._closed:
-                self._listener.start()
-                await self._listener.ready(timeout=2.0)
-            yield watch
+    async def _subscribed(self) -> None:
+        """Once a watch is registered: the subscription is started and (at most 2 s) up."""
+        if not self._closed:
+            self._listener.start()
+            await self._listener.ready(timeout=2.0)
 
     def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Call ``callback(digest)`` on every change announced by any process."""

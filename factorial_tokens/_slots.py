@@ -1,0 +1,63 @@
+"""The provider slots of one process: at most ``max_refreshes`` refreshes at once, the
+waiting ones started in random order.
+
+Random, not first come first served: several workers handed the same burst of due
+tenants in the same order (a cold start, a cron fanning out) would otherwise reach each
+tenant at the same moment, and for every tenant one worker's lease would be refused and
+it would wait for the other's announcement and read again. In random order a worker
+mostly reaches a tenant after another worker committed it, and its acquisition answers
+with the fresh record (two store round trips for the pair less per tenant, and no
+wake-up). Every waiter's expected wait stays what it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from types import TracebackType
+
+
+class Slots:
+    """``async with slots:`` holds one of ``size`` slots; a released slot passes to a
+    waiter picked at random."""
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        # Cancelled waiters stay until picked, and are skipped then.
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def locked(self) -> bool:
+        """True when no slot is free (a caller would wait)."""
+        return self._free == 0
+
+    async def __aenter__(self) -> None:
+        if self._free > 0:  # a free slot means nobody waits: released slots pass to waiters
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot, then cancelled: pass it on
+            raise
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            index = random.randrange(len(waiters))
+            waiter = waiters[index]
+            waiters[index] = waiters[-1]
+            waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot is the waiter's now
+                return
+        self._free += 1

@@ -33,6 +33,9 @@ from .store import Freshness, Lease, Record, TenantStatus, Throttle, acquire_lea
 
 log = logging.getLogger("factorial_tokens")
 
+#: ``newer_than`` of a forced flight that beats the version it reads when it starts.
+_STORED = -1
+
 #: A failed background refresh is retried after this (doubling per failure, jittered) ...
 _ADVISORY_BACKOFF = 0.5
 
@@ -163,6 +166,10 @@ class Flights(Leases):
                 # anything this caller could read now, and a read answered after it committed
                 # would take it for an old one and force a second refresh.
                 return (await self._obtain(tenant, newer_than=None)).tokens
+            if entry is None and tenant not in self._flights:
+                # Nothing cached and nothing in flight: the flight itself reads the version to
+                # beat, so that the callers who come while it flies join it rather than read.
+                return (await self._obtain(tenant, newer_than=_STORED)).tokens
             if entry is None:
                 record = await self._store.read(self._key(tenant))
                 entry = self._usable(tenant, record) if record else None
@@ -300,7 +307,11 @@ class Flights(Leases):
         waited = False
         bind(OperationContext(tenant, "refresh", self._obs.store))  # for log records (own task)
         cached = self._cache.get(tenant)
-        known_stale = cached is not None and not self._acceptable(cached, newer_than, advisory)
+        known_stale = (
+            cached is not None
+            and newer_than != _STORED
+            and not self._acceptable(cached, newer_than, advisory)
+        )
         conditional = newer_than is None and self._unless_fresh
         look = conditional and not known_stale  # a first look, by the acquisition itself
         decoded: dict[tuple[int, bytes], Entry] = {}
@@ -318,7 +329,9 @@ class Flights(Leases):
             async with self._store.watch(key) as watch:
                 if not known_stale and not (look and not self._slots.locked()):
                     entry = usable(await self._store.read(key))
-                    if self._acceptable(entry, newer_than, advisory):
+                    if newer_than == _STORED:
+                        newer_than = entry.version
+                    elif self._acceptable(entry, newer_than, advisory):
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
                         return self._remember(tenant, entry)

@@ -11,6 +11,7 @@ so every ``factorial_tokens*`` module imported there comes from the wheels.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,9 +39,15 @@ REQUIRED = {
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    # Built from a copy: a build rewrites the checkout's *.egg-info, which the test
+    # suite's worker processes (run from the checkout) read their store entry points from.
+    source = tmp_path_factory.mktemp("source") / "checkout"
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".*", "*.egg-info", "__pycache__", "build", "dist")
+    )
     for folder in DISTS:
         done = subprocess.run(
-            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT / folder)],
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source / folder)],
             capture_output=True,
             text=True,
             timeout=300,

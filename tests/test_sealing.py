@@ -403,6 +403,7 @@ async def test_a_wrong_or_missing_key_loses_nothing(backend: Backend, make_sim: 
         assert sim.stats.token_requests == 1 and sim.stats.revocations == 0  # just the exchange
         after = await store.read(KEY)
         assert after == before  # same bytes, same version: nothing lost, nothing rewritten
+        sim.access_token_ttl = 3600  # the refreshed token is not due again before the count
         async with TokenManager(app_for(sim), store, keyring=right, **BUDGETS) as tm:
             assert (await tm.tokens("acme")).refresh_token == tokens.refresh_token
             fresh = await tm.access_token("acme")  # the right key: refreshed as usual

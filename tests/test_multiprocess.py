@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from factorial_tokens import TokenManager, TokenSet
+from factorial_tokens.store import Throttle
 from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
 from .conftest import SimFactory, app_for
@@ -225,9 +226,9 @@ async def test_a_provider_outage_inside_the_advisory_window_reaches_no_caller(
 
 async def test_a_429_seen_by_one_process_holds_every_process(store_url: str, make_sim: SimFactory) -> None:
     """Twelve tenants with 2 s tokens keep every process refreshing; one token request is
-    answered 429 with Retry-After: 5. Counted at the simulator: from shortly after that
-    answer (in-flight requests and the announcement's travel) until its 5 s are over, no
-    process sends a token request; afterwards refreshing resumes."""
+    answered 429 with Retry-After: 5. Counted at the simulator: from shortly after the hold
+    is in the store (in-flight requests and the announcement's travel) until its 5 s are
+    over, no process sends a token request; afterwards refreshing resumes."""
     tenants = {f"t{i}": 100 + i for i in range(12)}
     budgets: dict[str, Any] = {
         "leeway": 1.0,
@@ -244,14 +245,19 @@ async def test_a_429_seen_by_one_process_holds_every_process(store_url: str, mak
             async with TokenManager(app_for(sim), store_url, **budgets) as tm:
                 for tenant, cid in tenants.items():
                     await tm.exchange_code(tenant, sim.issue_code(company_id=cid))
-            pool.go()
-            async with asyncio.timeout(20):
-                while sim.stats.refreshes < 4:  # the fleet is refreshing
-                    await asyncio.sleep(0.01)
-                sim.inject(Fault.RATE_LIMITED, retry_after=5)
-                while sim.stats.faults_injected == 0:
-                    await asyncio.sleep(0.002)
-            answered = time.monotonic()
+                pool.go()
+                async with asyncio.timeout(20):
+                    while sim.stats.refreshes < 4:  # the fleet is refreshing
+                        await asyncio.sleep(0.01)
+                    sim.inject(Fault.RATE_LIMITED, retry_after=5)
+                    while sim.stats.faults_injected == 0:
+                        await asyncio.sleep(0.002)
+                    answered = time.monotonic()
+                    # The hold travels through the store: recorded (under load, this write
+                    # can wait a while), then announced and read by the other processes.
+                    assert isinstance(tm.store, Throttle)
+                    while await tm.store.hold(tm.app.client_id, 0.0) <= time.time():
+                        await asyncio.sleep(0.01)
             await asyncio.sleep(0.3)
             held_from = sim.stats.token_requests
             await asyncio.sleep(answered + 4.8 - time.monotonic())

@@ -1191,6 +1191,40 @@ async def test_two_stores_race_for_many_keys_one_lease_each(
         await asyncio.gather(*(s.aclose() for s in stores))
 
 
+async def test_a_deadlock_victim_is_retried_and_logged_as_one(
+    module_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that deadlocks with another transaction (here a client's own, locking the
+    rows in the other order) is rolled back whole by Postgres and sent again: both
+    acquisitions win, and the warning names the deadlock, not a lost connection."""
+    store = PostgresStore.from_url(module_url)
+    schema = module_url.split("schema=")[1].split("&")[0]
+    ns = f"deadlock-{secrets.token_hex(4)}"
+    first, second = TenantKey(ns, "a"), TenantKey(ns, "b")
+    lock = f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE'
+    blocked = "SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+    other = await asyncpg.connect(module_url.split("?")[0], timeout=5)
+    try:
+        for key in (first, second):
+            await store.replace(key, _due(b"x"))
+        async with other.transaction():
+            await other.execute("SET LOCAL deadlock_timeout = '30s'")  # the batch is the victim
+            await other.fetch(lock, ns, "b")
+            batch = asyncio.gather(store.acquire(first, "o1", 60), store.acquire(second, "o2", 60))
+            async with asyncio.timeout(10):
+                while not await other.fetchval(blocked):
+                    await asyncio.sleep(0.02)  # the batch holds row a and waits for row b
+            await other.fetch(lock, ns, "a")  # a cycle: Postgres breaks it after a second
+        won = await batch
+        assert [w.lease is not None for w in won] == [True, True]
+        warnings = [r.getMessage() for r in caplog.records if r.name == "factorial_tokens.postgres"]
+        assert any("deadlock's victim" in m for m in warnings), warnings
+        assert not any("lost its connection" in m for m in warnings), warnings
+    finally:
+        await other.close()
+        await store.aclose()
+
+
 async def test_a_reply_lost_mid_acquire_batch_is_replayed_for_every_caller(base_url: str) -> None:
     """The connection drops after the server ran a batch of acquisitions (plain, then
     conditional): the replay takes each caller's own lease again, and what each caller

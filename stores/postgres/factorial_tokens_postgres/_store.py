@@ -406,7 +406,12 @@ class PostgresStore:
                     raise StoreUnavailable(
                         f"Postgres store{self._where()}: {op} failed: {_describe(exc)}"
                     ) from exc
-                log.warning("postgres store: %s lost its connection (%s); retrying", op, _describe(exc))
+                what = (
+                    "was a deadlock's victim"
+                    if isinstance(exc, asyncpg.exceptions.DeadlockDetectedError)
+                    else "lost its connection"
+                )
+                log.warning("postgres store: %s %s (%s); retrying", op, what, _describe(exc))
                 await asyncio.sleep(min(0.05 * (3**attempt), 0.5) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")  # pragma: no cover
 

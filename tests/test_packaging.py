@@ -17,10 +17,12 @@ import sys
 import sysconfig
 import tarfile
 import textwrap
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTS = {
@@ -136,3 +138,17 @@ def test_the_readme_install_lines_name_the_checkouts_projects() -> None:
     assert folders and set(folders) <= set(DISTS), folders
     for folder in folders:
         assert (ROOT / folder / "pyproject.toml").is_file()
+
+
+def test_each_plugin_admits_the_core_of_this_checkout_and_no_next_minor() -> None:
+    """The store kit may change between minor releases before 1.0: a plugin names the
+    core's minor series it was written for, and a core version bump must update it."""
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    major, minor, _ = (int(part) for part in core.split("."))
+    for folder in DISTS:
+        if folder == ".":
+            continue
+        wanted = tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]["dependencies"]
+        (spec,) = [Requirement(r) for r in wanted if Requirement(r).name == "factorial-tokens"]
+        assert core in spec.specifier, (folder, str(spec))
+        assert f"{major}.{minor + 1}.0" not in spec.specifier, (folder, str(spec))

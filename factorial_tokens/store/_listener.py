@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import secrets
@@ -106,7 +107,10 @@ class PushListener(abc.ABC):
             self._task = None  # its loop is gone (a new asyncio.run): start over on this one
             self._tried = asyncio.Event()
         if self._task is None and not self._stopping:
-            self._task = loop.create_task(self._run(), name=f"factorial-tokens-{self.name}")
+            # Its own context: it outlives the caller who started it (and its log fields).
+            self._task = loop.create_task(
+                self._run(), name=f"factorial-tokens-{self.name}", context=contextvars.Context()
+            )
 
     async def ready(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for the first attempt to subscribe to finish."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -480,7 +481,9 @@ class SQLiteStore:
             return
         # None yet, or left behind by an event loop that is gone (one asyncio.run after another).
         self._baseline = asyncio.Event()
-        self._poller = loop.create_task(self._poll(self._baseline), name="factorial-tokens-sqlite-poll")
+        self._poller = loop.create_task(
+            self._poll(self._baseline), name="factorial-tokens-sqlite-poll", context=contextvars.Context()
+        )
 
     async def _poll(self, baseline: asyncio.Event) -> None:
         """While anyone watches: look for other processes' writes and announce them.

@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from factorial_tokens_redis import RedisStore
 
-from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable, TokenManager
+from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable, TokenManager, _logs
 from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, CountingStore, FakeFactorial, StoreConformance
 
@@ -375,6 +375,27 @@ async def test_a_lost_subscription_resubscribes_and_wakes_everyone(throwaway: Re
             await other.replace(key, _update(b"x"))
             await other.aclose()
             assert await _woken(watch, 5.0)  # and the new subscription delivers
+    finally:
+        await store.aclose()
+        await admin.aclose()
+
+
+async def test_the_store_s_own_tasks_do_not_log_in_the_first_caller_s_name(
+    throwaway: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The subscription's listener (and the pipeline's drainer) outlive the caller whose
+    call started them: their log records name no tenant, not that caller's."""
+    store = RedisStore.from_url(throwaway.url)
+    admin = aioredis.Redis.from_url(throwaway.url)
+    token = _logs.bind(_logs.OperationContext("first-caller", "refresh"))
+    try:
+        async with store.watch(TenantKey("ns", "acme")) as watch:
+            await _settled(store)
+            _logs.reset(token)
+            assert await admin.client_kill_filter(_type="pubsub") == 1
+            assert await _woken(watch, 5.0)
+        lost = [r for r in caplog.records if "subscription lost" in r.getMessage()]
+        assert lost and all(getattr(r, "tenant", None) is None for r in lost), [vars(r) for r in lost]
     finally:
         await store.aclose()
         await admin.aclose()

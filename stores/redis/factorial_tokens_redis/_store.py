@@ -17,6 +17,7 @@ as a hash field so listings can return it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import re
 import secrets
@@ -320,7 +321,7 @@ class RedisStore:
         if not self._collecting and self._pipelines < _PIPELINES:
             self._collecting = True
             self._pipelines += 1
-            drainer = asyncio.get_running_loop().create_task(self._drain())
+            drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
             self._drainers.add(drainer)
             drainer.add_done_callback(self._drainers.discard)
         return await future
@@ -345,7 +346,7 @@ class RedisStore:
                 # Left over (this drainer was cancelled): start another for it.
                 self._collecting = True
                 self._pipelines += 1
-                drainer = asyncio.get_running_loop().create_task(self._drain())
+                drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
                 self._drainers.add(drainer)
                 drainer.add_done_callback(self._drainers.discard)
 

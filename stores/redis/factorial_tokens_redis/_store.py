@@ -661,6 +661,11 @@ class _OwnedPubSub:
     async def get_message(self, **options: Any) -> Any:
         return await self._pubsub.get_message(**options)
 
+    @property
+    def connection(self) -> Any:
+        """The subscribed connection (``None`` before the first subscribe)."""
+        return self._pubsub.connection
+
     async def aclose(self) -> None:
         try:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -544,6 +544,29 @@ async def test_more_concurrent_calls_than_connections_wait_for_one(redis_url: st
         await store.aclose()
 
 
+async def test_queued_commands_without_hiredis_are_packed_by_redis_py(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hiredis is optional: without its packer the pipelined commands (binary payloads,
+    non-ASCII tenant ids) go out packed by redis-py, and each call gets its own reply."""
+    import factorial_tokens_redis._store as redis_store
+
+    monkeypatch.setattr(redis_store, "_pack_command", None)
+    store = RedisStore.from_url(_url(redis_url, prefix))
+    try:
+        keys = [TenantKey("ns", f"caf\u00e9-{i}") for i in range(20)]
+        payloads = [bytes([i, 0, 255]) + "é".encode() for i in range(20)]
+        for key, payload in zip(keys, payloads, strict=True):
+            await store.replace(key, _update(payload))
+        won = await asyncio.gather(*(store.acquire(key, "owner", 30) for key in keys))
+        assert [w.record.payload if w.record else None for w in won] == payloads
+        assert all(w.lease is not None for w in won)
+        records = await asyncio.gather(*(store.read(k) for k in keys))
+        assert [r.payload if r else None for r in records] == payloads
+    finally:
+        await store.aclose()
+
+
 async def test_calls_issued_at_once_share_pipelines_each_with_its_own_reply(throwaway: RedisServer) -> None:
     """Auto-pipelining: reads and scripts issued in one turn of the loop leave together,
     yet each call gets its own reply; scripts the server forgot (SCRIPT FLUSH) are loaded

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,14 +42,24 @@ class Listener(PushListener):
             await pubsub.subscribe(self._channel)
             await self._confirmed(pubsub)
             connected()
+            # Announcements are read straight from the subscribed connection, in windows of
+            # a second under one timer: redis-py's get_message costs several times the parse
+            # per message (a retry wrapper, a timer, a dict), and every process reads every
+            # announcement, its own included.
+            connection = pubsub.connection
             while not self.stopping:
                 # redis-py can swallow a cancellation that lands inside a read; the
-                # short read timeout and these checks end the loop regardless.
+                # window's end and these checks end the loop regardless.
                 if me is not None and me.cancelling():
                     raise asyncio.CancelledError
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None and message.get("type") == "message":
-                    self.deliver(message["data"])
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        while not self.stopping:
+                            reply = await connection.read_response(
+                                timeout=math.inf, disconnect_on_error=False, push_request=True
+                            )
+                            if isinstance(reply, list) and reply[0] == b"message":  # [kind, channel, data]
+                                self.deliver(reply[2])
         finally:
             if pubsub is not None:
                 await _close_quietly(pubsub.aclose())

@@ -23,6 +23,7 @@ from ._errors import (
 )
 from ._events import EventDispatcher, EventKind, TokenEvent
 from ._models import FactorialApp, TokenSet
+from ._notice import Notices
 from ._oauth import OAuthClient
 from ._secret import AppSecret
 from ._slots import Slots
@@ -71,6 +72,7 @@ class Core:
     _not_before: float  # wall clock: no refresh is sent before (a 429's Retry-After)
     _codec: PayloadCodec
     _secret: AppSecret
+    _notices: Notices  # seals and opens what commits' announcements carry
     _signer: StateSigner
     _links: LinkSigner
     _events: EventDispatcher

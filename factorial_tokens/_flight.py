@@ -29,7 +29,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from .store import Freshness, Lease, Record, TenantStatus, Throttle, acquire_lease
+from .store import Freshness, Lease, Record, TenantStatus, Throttle, acquire_lease, announced
 
 log = logging.getLogger("factorial_tokens")
 
@@ -298,7 +298,8 @@ class Flights(Leases):
         contract, when it is forced (judged by version, which the store does not know), or
         when no provider slot is free: a fresh token must not queue behind refreshes. When
         this process already knows its cached entry is stale, that read is left out; after
-        waiting for another worker's refresh, it reads (the likely answer is a fresh token).
+        waiting for another worker's refresh, it takes the record that refresh's announcement
+        carried (``_notice``), or else reads (the likely answer is a fresh token).
         """
         key = self._key(tenant)
         loop = asyncio.get_running_loop()
@@ -380,7 +381,16 @@ class Flights(Leases):
                     continue
                 log.debug("tenant %r: waiting for another worker's refresh", tenant)
                 waited = True
-                await watch.wait(remaining)
+                if await watch.wait(remaining):
+                    # The holder's commit may have announced its record: no read then. Only
+                    # one newer than what the refused acquisition saw (a replay is older).
+                    notice = announced(watch)
+                    carried = None if notice is None else self._notices.open(key, notice)
+                    if carried is not None and carried.version > (won.record.version if won.record else 0):
+                        seen = usable(carried)
+                        if self._acceptable(seen, newer_than, advisory):
+                            self._obs.lease_waited(loop.time() - started)
+                            return self._remember(tenant, seen)
 
     async def _opened(
         self, lease: Lease, record: Record | None, usable: Callable[[Record | None], Entry]
@@ -475,6 +485,9 @@ class Flights(Leases):
             if new.company_id is None:
                 new = attrs.evolve(new, company_id=old.company_id)
             update = self._update(lease.key, new)
+            # The commit's announcement carries the record (sealed), so that the workers
+            # waiting for this refresh need not read it. A commit writes version + 1.
+            update = attrs.evolve(update, notice=self._notices.seal(lease.key, record.version + 1, update))
             stored = await self._patiently(tenant, "refreshed tokens", lambda: held.commit(update))
             if stored is None:
                 self._obs.note(lease, "fenced_out")

@@ -37,6 +37,7 @@ from ._health import Health, check_health
 from ._keepalive import DEFAULT_CONCURRENCY, DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
 from ._logs import install
 from ._models import Credentials, FactorialApp, TenantInfo, validate_tenant
+from ._notice import Notices
 from ._oauth import OAuthClient
 from ._secret import AppSecret
 from ._slots import Slots
@@ -171,6 +172,7 @@ class TokenManager(Callbacks, Flights):
         self._codec = codec
         self.state_ttl = state_ttl
         self._secret = AppSecret(app)
+        self._notices = Notices(self._secret)
         self._signer = StateSigner(app, state_ttl)
         self._links = LinkSigner(app, 3600.0)
         self._events = EventDispatcher()

@@ -227,6 +227,41 @@ async def test_a_cold_caller_waiting_for_another_workers_refresh_sends_two_comma
     assert sim.stats.refreshes == 0
 
 
+async def test_a_caller_waiting_for_another_workers_refresh_takes_its_announcement(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """Two workers, one tenant due: the one refused the lease waits for the holder's commit
+    and takes the record its announcement carried (sealed under the app's secret): the
+    refused acquisition is its one command, no read. On a store whose announcements carry
+    no notice, once woken, a read. (A wake-up before the commit, a poll tick, costs a read
+    and an acquisition.) One refresh in all."""
+    async with TokenManager(app_for(sim), backend.store) as first:
+        await connect(first, sim)
+        await age(first, left=5)
+    holding = CountingStore(backend.open())
+    store = _InOrder(backend.open())
+    sim.latency = 0.5
+    async with (
+        TokenManager(app_for(sim), holding, lease_ttl=6.0, provider_timeout=2.0) as holder,
+        TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as waiter,
+    ):
+        store.reset()
+        refreshing = asyncio.ensure_future(holder.access_token("acme"))
+        for _ in range(500):  # until the holder has the lease (its request takes 0.5 s)
+            if holding.calls["acquire"]:
+                break
+            await asyncio.sleep(0.01)
+        token = await asyncio.wait_for(waiter.access_token("acme"), 10)
+        assert token == await refreshing
+    if backend.kind.announces_notices:
+        early = (len(store.order) - 1) // 2
+        assert store.order == ["acquire", *["read", "acquire"] * early]
+    else:
+        early = (len(store.order) - 2) // 2
+        assert store.order == ["acquire", *["read", "acquire"] * early, "read"]
+    assert sim.stats.refreshes == 1 and sim.is_active(token)
+
+
 class _OldContract:
     """A third party's store written before ``acquire`` took ``unless_fresh``: every
     primitive forwarded, ``acquire`` with its older signature, no capability declared."""

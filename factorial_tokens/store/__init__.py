@@ -34,6 +34,7 @@ from ._contract import (
     acquire_lease,
     acquire_within,
     acquires_unless_fresh,
+    announced,
     closed_error,
 )
 from ._listener import PushListener
@@ -83,6 +84,7 @@ __all__ = [
     "acquire_lease",
     "acquire_within",
     "acquires_unless_fresh",
+    "announced",
     "choice",
     "closed_error",
     "flag",

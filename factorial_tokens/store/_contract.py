@@ -16,7 +16,8 @@ Primitives (each one atomic, each one round trip where the backend allows):
 * ``claim_code`` / ``advance_code``: the first claimer of a code's hash wins; the others
   see the claim, its step (claimed, sent, done, failed) and its outcome.
 * ``watch`` / ``on_change``: wake-ups when a tenant's lease is released or its record
-  changes; a bounded, jittered poll is only the fallback.
+  changes; a bounded, jittered poll is only the fallback. A store may also carry a
+  commit's ``Update.notice`` to other instances' watchers (read with :func:`announced`).
 * ``tenants``, ``check`` (health), ``aclose``.
 
 A capability every shipped store has (:class:`AcquireUnlessFresh`): ``acquire`` with
@@ -66,6 +67,7 @@ __all__ = [
     "acquire_lease",
     "acquire_within",
     "acquires_unless_fresh",
+    "announced",
     "closed_error",
 ]
 
@@ -74,7 +76,10 @@ ChangeListener = Callable[[str | None], None]
 
 
 class Watch(Protocol):
-    """A registration for change notifications on one tenant, made before reading."""
+    """A registration for change notifications on one tenant, made before reading.
+
+    Optionally (see :func:`announced`), a ``notice`` attribute: what the newest
+    announcement carried, or ``None``."""
 
     async def wait(self, timeout: float) -> bool:
         """Return True when a change was announced, False after at most ``timeout`` seconds
@@ -237,6 +242,18 @@ async def acquire_within(store: Store, key: TenantKey, ttl: float, wait: float) 
             if remaining <= 0:
                 return None
             await watch.wait(remaining)
+
+
+def announced(watch: Watch) -> bytes | None:
+    """The notice (``Update.notice``) the newest announcement seen by ``watch`` carried:
+    that of a commit by another instance, byte for byte; ``None`` when the store's watches
+    keep none or that announcement carried none.
+
+    A store that carries notices sends each only once its commit is done, and in the order
+    of the writes; notices are not stored. Notices come from anyone who can announce on the
+    store's channel: a reader authenticates them (the manager seals them)."""
+    notice = getattr(watch, "notice", None)
+    return notice if isinstance(notice, bytes) else None
 
 
 def closed_error(kind: str, where: str = "") -> StoreUnavailable:

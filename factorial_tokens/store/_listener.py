@@ -13,6 +13,9 @@ the rest, the same for every backend:
 * announcements carry the writer's ``origin`` (``"<digest> <origin>"``); the store
   notifies its own writes locally at once, so their echo is skipped (it would only drop
   the cache entry the manager just filled);
+* a commit's announcement may go on with its ``Update.notice`` (``"<digest> <origin>
+  <notice>"``, in the form :meth:`PushListener.notice_of` reads): the watchers of the
+  tenant keep it, so that a worker waiting for that refresh need not read the record;
 * after a reconnect (or a first subscription that followed a failure) every watcher is
   woken with ``notify_all()``, since announcements may have been lost meanwhile. The
   Notifier's jittered poll bounds every wait in the meantime.
@@ -77,12 +80,25 @@ class PushListener(abc.ABC):
         """The announcement of a change of ``digest`` by this store."""
         return f"{digest} {self.origin}"
 
+    def notice_of(self, text: bytes) -> bytes:
+        """A notice from its form in an announcement: as it is (a channel that carries only
+        text overrides this, e.g. with hex)."""
+        return text
+
     def deliver(self, data: bytes | str) -> None:
         """Hand an announcement to the Notifier, unless it is this store's own echo."""
-        text = data.decode("ascii", "replace") if isinstance(data, bytes) else data
-        digest, _, origin = text.partition(" ")
-        if origin != self.origin:
-            self.notifier.notify(digest)
+        raw = data.encode() if isinstance(data, str) else data
+        parts = raw.split(b" ", 2)
+        origin = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
+        if origin == self.origin:
+            return
+        notice = None
+        if len(parts) == 3:
+            try:
+                notice = self.notice_of(parts[2])
+            except ValueError:
+                notice = None  # unreadable: its watchers read the record instead
+        self.notifier.notify(parts[0].decode("ascii", "replace"), notice)
 
     @property
     def started(self) -> bool:

@@ -22,16 +22,22 @@ class _EventWatch:
 
     What an ``asyncio.Event`` with ``wait_for`` gives, for less: a manager enters a watch
     for every tenant it refreshes or waits for, thousands at once in a cold start, and
-    ``wait_for`` costs a task per wait."""
+    ``wait_for`` costs a task per wait.
 
-    __slots__ = ("_changed", "_poll", "_waiter")
+    ``notice``: what the newest announcement carried (a commit's notice), or ``None``."""
+
+    __slots__ = ("_changed", "_poll", "_waiter", "notice")
 
     def __init__(self, poll: float | None) -> None:
         self._changed = False
         self._poll = poll
         self._waiter: asyncio.Future[None] | None = None
+        self.notice: bytes | None = None
 
-    def set(self) -> None:
+    def set(self, notice: bytes | None = None) -> None:
+        # An announcement without a notice (a release, a replace) may follow one with: its
+        # waiter reads then.
+        self.notice = notice
         self._changed = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -109,10 +115,11 @@ class Notifier:
         self._watchers: dict[str, set[_EventWatch]] = {}
         self._listeners: list[ChangeListener] = []
 
-    def notify(self, digest: str) -> None:
-        """Wake every watcher of ``digest`` and tell every change listener."""
+    def notify(self, digest: str, notice: bytes | None = None) -> None:
+        """Wake every watcher of ``digest`` and tell every change listener; ``notice``: what
+        the announcement carried (a commit's ``Update.notice``), kept by each watcher."""
         for watch in self._watchers.get(digest, ()):
-            watch.set()
+            watch.set(notice)
         for listener in list(self._listeners):
             listener(digest)
 

@@ -58,12 +58,18 @@ class TenantStatus(enum.Enum):
 
 @attrs.frozen
 class Update:
-    """What a write stores: the opaque payload plus the metadata listings need."""
+    """What a write stores: the opaque payload plus the metadata listings need.
+
+    ``notice``: opaque bytes (never stored) that a commit's announcement carries to other
+    instances' watchers, for a store that can (see :func:`~factorial_tokens.store.announced`);
+    the manager puts there what a worker waiting for this refresh needs to skip its read,
+    sealed under the app's secret."""
 
     payload: bytes = attrs.field(repr=False)
     status: TenantStatus = TenantStatus.ACTIVE
     expires_at: float | None = None
     updated_at: float = 0.0
+    notice: bytes | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen

@@ -149,7 +149,7 @@ class MemoryStore:
             )
         )
         slot.lease_owner = None
-        self._notifier.notify(key.digest)
+        self._notifier.notify(key.digest, None if update is None else update.notice)
         return slot.record
 
     async def commit(self, lease: Lease, update: Update) -> Record | None:

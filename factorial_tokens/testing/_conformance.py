@@ -43,6 +43,9 @@ flag (as SQLAlchemy's ``requirements.py`` does), and the tests of it are skipped
 * ``cross_instance_wakeups``: a write through one instance wakes the watchers and
   ``on_change`` listeners of another (False when other instances' writes are seen only
   by the poll of ``Watch.wait``, e.g. PostgreSQL behind PgBouncer);
+* ``announces_notices``: a commit's announcement carries its ``Update.notice`` to another
+  instance's watchers (:func:`~factorial_tokens.store.announced`), so a worker woken by
+  another's refresh need not read the record (False by default: it reads, as before);
 * ``persistent``: what an instance wrote outlives it (the backend keeps it);
 * ``throttle``: the store implements :class:`~factorial_tokens.store.Throttle`;
 * ``acquire_unless_fresh``: the store implements
@@ -71,6 +74,7 @@ from ..store import (
     Update,
     Watch,
     acquires_unless_fresh,
+    announced,
     hold_digest,
 )
 
@@ -109,6 +113,7 @@ class StoreConformance:
     #: Capability flags: what the store offers (see the module docstring).
     cross_instance = True
     cross_instance_wakeups = True
+    announces_notices = False
     persistent = True
     throttle = True
     acquire_unless_fresh = True
@@ -774,6 +779,38 @@ class StoreConformance:
             record = await peer.read(key)
             assert record is not None and record.payload == b"kept"
             assert (await peer.acquire(key, "other", 30)).lease is None
+
+    async def test_a_commit_announces_its_notice(self, store: Store) -> None:
+        """A commit's ``Update.notice`` reaches another instance's watcher byte for byte
+        (whatever bytes it holds) and is not stored; a release and a commit without one
+        carry none."""
+        self.require("announces_notices")
+        self.require("cross_instance_wakeups")
+        key = self.key()
+        notice = b"sealed \x00\xff\n " + bytes(range(256))
+        within = self.wakeup_within
+        async with self.peer(store) as peer:
+            await store.replace(key, _update(b"v1"))
+            won = await store.acquire(key, "one", 30)
+            assert won.lease is not None
+            async with peer.watch(key) as watch:
+                update = Update(b"v2", TenantStatus.ACTIVE, time.time() + 60, time.time(), notice)
+                committed = await store.commit(won.lease, update)
+                assert await _woken(watch, within), "a commit did not wake another instance's watcher"
+                assert announced(watch) == notice
+            assert committed is not None and await peer.read(key) == committed
+            won = await store.acquire(key, "two", 30)
+            assert won.lease is not None
+            async with peer.watch(key) as watch:
+                await store.release(won.lease)
+                assert await _woken(watch, within)
+                assert announced(watch) is None
+            won = await store.acquire(key, "three", 30)
+            assert won.lease is not None
+            async with peer.watch(key) as watch:
+                await store.commit(won.lease, _update(b"v3"))
+                assert await _woken(watch, within)
+                assert announced(watch) is None
 
     async def test_wakes_up_another_instance(self, store: Store) -> None:
         self.require("cross_instance_wakeups")

@@ -74,6 +74,10 @@ class StoreKind:
     #: :meth:`Backend.kill_connections` kills something (False: in-process, no connection).
     killable: bool
     _url: Callable[[Path], str] = attrs.field(alias="url")
+    #: A commit's announcement carries its notice (the record, sealed by the manager) to
+    #: the watchers of other instances (of the same one, for ``memory``): a woken waiter
+    #: does not read the record.
+    announces_notices: bool = True
 
     def url(self, tmp: Path | None = None) -> str:
         """The URL of a fresh, empty store (a file under ``tmp`` for SQLite), cleaned at exit."""
@@ -117,11 +121,11 @@ STORES: dict[str, StoreKind] = {
     kind.name: kind
     for kind in (
         StoreKind("memory", multiprocess=False, killable=False, url=_memory),
-        StoreKind("sqlite", multiprocess=True, killable=False, url=_sqlite),
+        StoreKind("sqlite", multiprocess=True, killable=False, url=_sqlite, announces_notices=False),
         StoreKind("redis", multiprocess=True, killable=True, url=_redis),
         StoreKind("redis-cluster", multiprocess=True, killable=True, url=_redis_cluster),
         StoreKind("postgres", multiprocess=True, killable=True, url=_postgres),
-        StoreKind("pgbouncer", multiprocess=True, killable=True, url=_pgbouncer),
+        StoreKind("pgbouncer", multiprocess=True, killable=True, url=_pgbouncer, announces_notices=False),
     )
 }
 

@@ -63,6 +63,8 @@ def module_url(base_url: str) -> Iterator[str]:
 
 
 class TestPostgresStore(StoreConformance):
+    announces_notices = True
+
     @pytest.fixture
     async def store(self, module_url: str) -> AsyncIterator[PostgresStore]:
         self.url = module_url

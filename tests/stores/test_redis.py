@@ -95,6 +95,8 @@ async def connect(tm: TokenManager, sim: FakeFactorial, tenant: str = "acme") ->
 class TestRedisStore(StoreConformance):
     """The shared contract on a single Redis server."""
 
+    announces_notices = True
+
     @pytest.fixture
     async def store(self, redis_url: str, prefix: str) -> AsyncIterator[RedisStore]:
         self.url = _url(redis_url, prefix)

@@ -133,6 +133,8 @@ _PRUNE_EVERY = 600.0
 #: statements of each kind in flight; what comes meanwhile waits for the next batch.
 _BATCH_SIZE = 500
 _BATCHES_IN_FLIGHT = 2
+#: A commit's notice rides in its NOTIFY (at most 8000 bytes) in hex up to this size.
+_NOTICE_MAX = 3800
 #: A batch failing with one of these may be one item's fault (a value the database
 #: refuses): each item then runs alone, so the others are not failed for it.
 _ITEM_FAULTS: tuple[type[BaseException], ...] = (
@@ -869,6 +871,10 @@ class _Listen(PushListener):
     def _on_notify(self, con: object, pid: int, channel: str, payload: str) -> None:
         self.deliver(payload)
 
+    def notice_of(self, text: bytes) -> bytes:
+        """A commit's notice rides in hex (NOTIFY carries text only)."""
+        return bytes.fromhex(text.decode("ascii"))
+
     async def listen(self, connected: Callable[[], None]) -> None:
         """LISTEN on a pooled connection until it is lost; a ``SELECT 1`` every 5 s finds a
         half-open socket."""
@@ -984,13 +990,16 @@ def _lease_row(lease: Lease) -> list[str | None]:
 
 
 def _update_row(update: Update) -> list[str | None]:
-    """``commit_many``'s values 5-8 of a row: the payload in hex, numbers as exact float text."""
+    """``commit_many``'s values 5-9 of a row: the payload in hex, numbers as exact float text,
+    the notice in hex (none when NOTIFY, at most 8000 bytes, could not take it)."""
     expires = update.expires_at
+    notice = update.notice
     return [
         update.payload.hex(),
         update.status.value,
         None if expires is None else repr(float(expires)),
         repr(float(update.updated_at)),
+        None if notice is None or len(notice) > _NOTICE_MAX else notice.hex(),
     ]
 
 
@@ -1112,14 +1121,25 @@ class _Statements:
             )
             SELECT i, pg_notify($2, digest || ' ' || '{origin}') IS NULL FROM up"""
         # $1 rows (see _lease_row, _update_row), one per commit, keys unique, in lock order:
-        # (namespace, tenant, fence, owner, payload in hex, status, expires_at, updated_at);
+        # (namespace, tenant, fence, owner, payload in hex, status, expires_at, updated_at,
+        # notice in hex or null: announced after the digest, not stored);
         # $2 channel. Each row is fenced on its own; returns
         # (position from 1, new version) per commit that landed. Rows locked first, in the
         # order given, as in ``release_many``.
         self.commit_many = f"""
             WITH u AS MATERIALIZED (
                 {
-            _items("namespace", "tenant", "fence", "owner", "payload", "status", "expires_at", "updated_at")
+            _items(
+                "namespace",
+                "tenant",
+                "fence",
+                "owner",
+                "payload",
+                "status",
+                "expires_at",
+                "updated_at",
+                "notice",
+            )
         }
             ), mine AS (
                 SELECT u.*
@@ -1135,9 +1155,12 @@ class _Statements:
                        lease_owner = NULL, lease_expires = NULL
                   FROM mine m
                  WHERE t.namespace = m.namespace AND t.tenant = m.tenant
-                RETURNING m.i, t.digest, t.version
+                RETURNING m.i, t.digest, t.version, m.notice
             )
-            SELECT i, version, pg_notify($2, digest || ' ' || '{origin}') IS NULL FROM up"""
+            SELECT i, version, pg_notify($2, digest || ' ' || '{
+            origin
+        }' || coalesce(' ' || notice, '')) IS NULL
+              FROM up"""
         # After a lost answer: did the commit with fence $3 land, with nothing since?
         self.committed = f"""
             SELECT version FROM {t}

@@ -479,7 +479,8 @@ class RedisStore:
         return bool(reply)
 
     async def commit(self, lease: Lease, update: Update) -> Record | None:
-        """Fenced write, release and announce (one script); ``None`` when fenced out."""
+        """Fenced write, release and announce (one script, its ``notice`` in the
+        announcement); ``None`` when fenced out."""
         key = lease.key
         version = await self._script(
             "commit",
@@ -490,6 +491,7 @@ class RedisStore:
                 self._channel,
                 self._message(key.digest),
                 *self._update_args(key, update),
+                update.notice or b"",
             ],
         )
         if not version:

@@ -13,6 +13,7 @@
 -- ARGV[8]  updated_at  float as text
 -- ARGV[9]  namespace   stored for listings
 -- ARGV[10] tenant      stored for listings
+-- ARGV[11] notice      optional: published after the message ("<message> <notice>"), not stored
 --
 -- Reply: the new version (> 0), or 0 when fenced out (nothing written). A replay finds its
 -- own write (same fence, nobody holding, the same values) and returns its version again.
@@ -31,5 +32,9 @@ redis.call('HSET', rec, 'payload', ARGV[5], 'status', ARGV[6], 'expires_at', ARG
   'updated_at', ARGV[8], 'ns', ARGV[9], 'tenant', ARGV[10])
 redis.call('HDEL', rec, 'holder')
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+if ARGV[11] and ARGV[11] ~= '' then
+  redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. ARGV[11])
+else
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
 return version

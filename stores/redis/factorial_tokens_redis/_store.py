@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import importlib
 import math
 import re
 import secrets
@@ -59,12 +60,17 @@ from ._listener import Listener
 
 __all__ = ["RedisStore"]
 
-#: hiredis packs commands in C (redis-py's asyncio client packs them in Python).
-_pack_command: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _pack_command
-except ImportError:  # pragma: no cover - hiredis is optional
-    _pack_command = None
+
+def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
+    """hiredis's ``pack_command`` when it is installed (optional): it packs commands in C,
+    where redis-py's asyncio client packs them in Python."""
+    try:
+        return importlib.import_module("hiredis").pack_command  # type: ignore[no-any-return]
+    except ImportError:
+        return None
+
+
+_pack_command = _hiredis_packer()
 
 T = TypeVar("T")
 

@@ -333,12 +333,17 @@ class RedisStore:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._batch.append((command, future))
         if not self._collecting and self._pipelines < _PIPELINES:
-            self._collecting = True
-            self._pipelines += 1
-            drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
-            self._drainers.add(drainer)
-            drainer.add_done_callback(self._drainers.discard)
+            self._start_drainer()
         return await future
+
+    def _start_drainer(self) -> None:
+        """Start a drainer that collects the queued commands. Its own context: it outlives
+        the caller who started it (and that caller's log fields)."""
+        self._collecting = True
+        self._pipelines += 1
+        drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
+        self._drainers.add(drainer)
+        drainer.add_done_callback(self._drainers.discard)
 
     async def _drain(self) -> None:
         """Send what is queued as one pipeline, hand out the replies; again while more is
@@ -357,12 +362,7 @@ class RedisStore:
         finally:
             self._pipelines -= 1
             if self._batch and not self._collecting and not self._closed:
-                # Left over (this drainer was cancelled): start another for it.
-                self._collecting = True
-                self._pipelines += 1
-                drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
-                self._drainers.add(drainer)
-                drainer.add_done_callback(self._drainers.discard)
+                self._start_drainer()  # left over (this drainer was cancelled)
 
     async def _send_batch(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         commands = [command for command, _ in batch]

@@ -35,8 +35,8 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -806,20 +806,18 @@ class PostgresStore:
         """Register for changes of ``key``; starts the shared LISTEN connection if needed."""
         if self.pgbouncer or self._closed or self._listened_on is _running_loop():
             return self._notifier.watch(key)  # nothing to start or wait for
-        return self._watch(key)
+        return self._notifier.watch(key, self._subscribed)
 
-    @asynccontextmanager
-    async def _watch(self, key: TenantKey) -> AsyncIterator[Watch]:
+    async def _subscribed(self) -> None:
+        """Once a watch is registered: the shared LISTEN started and (at most 5 s) in effect,
+        so that the caller's read that follows misses nothing (the poll covers a database
+        that does not answer)."""
         if self._start_listener():
-            # Registering must miss nothing: let the first LISTEN take effect before the
-            # caller reads (the poll covers a database that does not answer).
             await self._listener.ready(5.0)
             if self._listener.listening:
                 # Started on this loop and listened once: later watches of this loop go
                 # straight to the Notifier (a lost connection is the listener's to redo).
                 self._listened_on = asyncio.get_running_loop()
-        async with self._notifier.watch(key) as watch:
-            yield watch
 
     def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Call ``callback(digest)`` on every change announced (here or by other processes)."""

@@ -9,7 +9,6 @@ refresh. A listener that returns a coroutine has it scheduled on the manager's l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import inspect
 import logging
@@ -84,6 +83,9 @@ class EventDispatcher:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        # Events of one turn of the loop, handed to the thread together at its end: one
+        # wake-up of the thread per turn, not per event (a cold start emits thousands).
+        self._batch: list[tuple[TokenEvent, list[Listener]]] | None = None
 
     def add(self, listener: Listener) -> Callable[[], None]:
         """Add a listener; returns a function that removes it."""
@@ -94,10 +96,26 @@ class EventDispatcher:
         """Queue ``event`` for the listeners; returns at once."""
         if not self._listeners:
             return
-        if self._loop is None:
-            with contextlib.suppress(RuntimeError):
-                self._loop = asyncio.get_running_loop()
-        self._queue.put((event, list(self._listeners)))
+        item = (event, list(self._listeners))
+        if self._batch is not None:
+            self._batch.append(item)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._put([item])
+            return
+        self._loop = loop
+        self._batch = [item]
+        loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch:
+            self._put(batch)
+
+    def _put(self, item: object) -> None:
+        self._queue.put(item)
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -114,16 +132,18 @@ class EventDispatcher:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            event, listeners = item
-            for listener in listeners:
-                try:
-                    result = listener(event)
-                    if inspect.iscoroutine(result):
-                        self._schedule(result)
-                except Exception:
-                    log.exception(
-                        "event listener failed on %s", event.kind.value, extra={"event": "listener_failed"}
-                    )
+            for event, listeners in item:
+                for listener in listeners:
+                    try:
+                        result = listener(event)
+                        if inspect.iscoroutine(result):
+                            self._schedule(result)
+                    except Exception:
+                        log.exception(
+                            "event listener failed on %s",
+                            event.kind.value,
+                            extra={"event": "listener_failed"},
+                        )
 
     def _schedule(self, coro: Any) -> None:
         loop = self._loop
@@ -139,6 +159,7 @@ class EventDispatcher:
 
         Returns False if that took longer than ``timeout`` (a listener is stuck).
         """
+        self._hand_over()
         if self._thread is None:
             return True
         done = threading.Event()
@@ -147,6 +168,7 @@ class EventDispatcher:
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (for up to ``timeout``), then stop the thread."""
+        self._hand_over()
         thread = self._thread
         if thread is None:
             return

@@ -59,6 +59,15 @@ _FALLBACK_LIFETIME = 600.0
 AttemptObserver = Callable[[str, int | str, float, float | None], None]
 
 
+_FORM_TYPE = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def _form(fields: dict[str, str]) -> dict[str, Any]:
+    """A form body, encoded here: what aiohttp's ``data=dict`` sends (``FormData``,
+    urlencoded), for a fraction of the CPU (this runs once per refresh)."""
+    return {"data": urlencode(fields).encode(), "headers": _FORM_TYPE}
+
+
 def _excerpt(body: bytes, *secrets: str | None) -> str:
     """A short, whitespace-folded excerpt of a body with anything token-like removed:
     the values of secret keys (whole or cut), the given secrets, and long token-like runs."""
@@ -178,7 +187,7 @@ class OAuthClient:
         """Revoke an access or refresh token (either kills both); unknown tokens are fine."""
         form = {"client_id": self.app.client_id, "client_secret": self.app.client_secret, "token": token}
         url = f"{self.app.base_url}/oauth/revoke"
-        status, body, _ = await self._send("POST", url, deadline, token, idempotent=True, data=form)
+        status, body, _ = await self._send("POST", url, deadline, token, idempotent=True, **_form(form))
         if status != 200:
             raise self._error(status, body, token)
 
@@ -213,7 +222,7 @@ class OAuthClient:
             idempotent=False,
             throttled=True,
             retry_until=retry_until,
-            data=form,
+            **_form(form),
         )
         if status in _GATEWAY:
             raise RequestInDoubt(status, "gateway_error", _excerpt(body, secret, self.app.client_secret))

@@ -85,6 +85,7 @@ class Core:
     _joined: dict[asyncio.Task[Entry], dict[asyncio.Future[Entry], None]]  # callers waiting per flight
     _advisory: set[asyncio.Task[Entry]]  # flights that are background refreshes
     _forced: set[str]  # tenants whose flight forces a new token set
+    _queued: dict[str, asyncio.Future[None]]  # flights queued for a provider slot: done on an announcement
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
     _deaths: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # marked dead here: version, cause
     _dying: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # being marked: version held, cause

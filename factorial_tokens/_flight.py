@@ -29,7 +29,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from .store import Freshness, Lease, Record, TenantStatus, Throttle, acquire_lease, announced
+from .store import Freshness, Lease, Record, TenantKey, TenantStatus, Throttle, acquire_lease, announced
 
 log = logging.getLogger("factorial_tokens")
 
@@ -328,8 +328,10 @@ class Flights(Leases):
 
         while True:
             async with self._store.watch(key) as watch:
+                floor = cached.version if known_stale and cached is not None else 0  # version seen
                 if not known_stale and not (look and not self._slots.locked()):
                     entry = usable(await self._store.read(key))
+                    floor = entry.version
                     if newer_than == _STORED:
                         newer_than = entry.version
                     elif self._acceptable(entry, newer_than, advisory):
@@ -340,7 +342,17 @@ class Flights(Leases):
                 # A lease is taken only with a free provider slot: a lease held while its
                 # request queues for a connection could lapse under a large backlog, and
                 # the tenants this process cannot start yet stay free for other workers.
-                async with self._slots:
+                # While it queues, another worker's commit of the tenant ends the wait.
+                if not await self._take_slot(tenant, key):
+                    notice = announced(watch)
+                    carried = None if notice is None else self._notices.open(key, notice)
+                    if carried is not None and carried.version > floor:
+                        entry = usable(carried)
+                        if self._acceptable(entry, newer_than, advisory):
+                            self._obs.lease_waited(loop.time() - started)
+                            return self._remember(tenant, entry)
+                    continue  # read again
+                try:
                     owner = secrets.token_hex(16)
                     rule = self._freshness(advisory) if conditional else None
                     won = await acquire_lease(self._store, key, owner, self.lease_ttl, unless_fresh=rule)
@@ -357,6 +369,8 @@ class Flights(Leases):
                         )
                         if result is not None:
                             return self._remember(tenant, result)
+                finally:
+                    self._slots.release()
                 again = won.lease is not None
                 if won.lease is None:
                     seen = usable(won.record)
@@ -391,6 +405,21 @@ class Flights(Leases):
                         if self._acceptable(seen, newer_than, advisory):
                             self._obs.lease_waited(loop.time() - started)
                             return self._remember(tenant, seen)
+
+    async def _take_slot(self, tenant: str, key: TenantKey) -> bool:
+        """Take a provider slot (True); or, while queued for one, give up (False) when a
+        change of the tenant is announced (this process is told by ``_on_change``)."""
+        if not self._slots.locked():
+            return await self._slots.take()
+        stop = self._queued.get(tenant)
+        if stop is None or stop.done():
+            stop = self._queued[tenant] = asyncio.get_running_loop().create_future()
+        self._digests.setdefault(key.digest, tenant)
+        try:
+            return await self._slots.take(stop)
+        finally:
+            if self._queued.get(tenant) is stop:
+                del self._queued[tenant]
 
     async def _opened(
         self, lease: Lease, record: Record | None, usable: Callable[[Record | None], Entry]

@@ -198,6 +198,7 @@ class TokenManager(Callbacks, Flights):
         self._joined = {}  # the callers waiting on each flight
         self._advisory = set()  # flights that are background refreshes
         self._forced = set()  # tenants whose flight forces a new token set
+        self._queued = {}  # flights queued for a provider slot, ended by an announcement
         self._backoff = {}  # failed advisory refreshes, retry at
         self._deaths = {}  # tenants this process marked dead: stored version, cause
         self._dying = {}  # tenants this process is marking dead: version held, cause
@@ -390,7 +391,13 @@ class TokenManager(Callbacks, Flights):
                 return
         if digest is None:  # announcements were lost: trust nothing cached
             self._cache.clear()
+            for queued in self._queued.values():
+                if not queued.done():
+                    queued.set_result(None)
             return
         tenant = self._digests.get(digest)
         if tenant is not None:
             self._cache.pop(tenant, None)
+            stop = self._queued.get(tenant)
+            if stop is not None and not stop.done():
+                stop.set_result(None)  # a flight queued for a slot looks at the announcement

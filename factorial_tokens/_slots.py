@@ -25,32 +25,42 @@ class Slots:
 
     def __init__(self, size: int) -> None:
         self._free = size
-        # Cancelled waiters stay until picked, and are skipped then.
-        self._waiters: list[asyncio.Future[None]] = []
+        # Cancelled waiters, and those that gave up, stay until picked and are skipped then.
+        self._waiters: list[asyncio.Future[bool]] = []
 
     def locked(self) -> bool:
         """True when no slot is free (a caller would wait)."""
         return self._free == 0
 
-    async def __aenter__(self) -> None:
+    async def take(self, stop: asyncio.Future[None] | None = None) -> bool:
+        """Take a slot (True), waiting for one if none is free; or give up waiting (False,
+        no slot taken) once ``stop`` is done."""
         if self._free > 0:  # a free slot means nobody waits: released slots pass to waiters
             self._free -= 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return True
+        if stop is not None and stop.done():
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+
+        def give_up(_: object) -> None:
+            if not waiter.done():
+                waiter.set_result(False)  # stays in the list, skipped when picked
+
+        if stop is not None:
+            stop.add_done_callback(give_up)
         try:
-            await waiter
+            return await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot, then cancelled: pass it on
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.release()  # handed a slot, then cancelled: pass it on
             raise
+        finally:
+            if stop is not None:
+                stop.remove_done_callback(give_up)
 
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        self._release()
-
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give a taken slot back: to a waiter picked at random, or free."""
         waiters = self._waiters
         while waiters:
             index = random.randrange(len(waiters))
@@ -58,6 +68,14 @@ class Slots:
             waiters[index] = waiters[-1]
             waiters.pop()
             if not waiter.done():
-                waiter.set_result(None)  # the slot is the waiter's now
+                waiter.set_result(True)  # the slot is the waiter's now
                 return
         self._free += 1
+
+    async def __aenter__(self) -> None:
+        await self.take()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.release()

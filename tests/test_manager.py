@@ -262,6 +262,66 @@ async def test_a_caller_waiting_for_another_workers_refresh_takes_its_announceme
     assert sim.stats.refreshes == 1 and sim.is_active(token)
 
 
+class _ByTenant(CountingStore):
+    """Also records each read and acquisition with its tenant."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.order: list[tuple[str, str]] = []
+
+    async def read(self, key: TenantKey) -> Record | None:
+        self.order.append(("read", key.tenant))
+        return await super().read(key)
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        self.order.append(("acquire", key.tenant))
+        return await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
+
+
+async def test_a_caller_queued_for_a_provider_slot_takes_another_workers_commit(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """A worker whose provider slots are all busy reads a due tenant, then queues for a
+    slot; another worker's commit of that tenant, announced meanwhile, ends the wait: the
+    caller has the new token at once, without an acquisition (on a store whose
+    announcements carry the record, without another read either), while the worker's own
+    slow refresh still holds its only slot. (Through PgBouncer, which only polls, the
+    caller waits for the slot and its acquisition finds the record fresh.) Two refreshes."""
+    async with TokenManager(app_for(sim), backend.store) as first:
+        for tenant, company in (("acme", 1), ("busy", 2)):
+            await connect(first, sim, tenant, company)
+            await age(first, left=5, tenant=tenant)
+    store = _ByTenant(backend.open())
+    async with (
+        TokenManager(app_for(sim), backend.open(), lease_ttl=8.0, provider_timeout=5.0) as other,
+        TokenManager(app_for(sim), store, max_refreshes=1, lease_ttl=8.0, provider_timeout=5.0) as queued,
+    ):
+        sim.latency = 3.0
+        requests = sim.stats.token_requests
+        busy = asyncio.ensure_future(queued.access_token("busy"))  # holds the only slot
+        for _ in range(500):
+            if sim.stats.token_requests > requests:
+                break
+            await asyncio.sleep(0.01)
+        sim.latency = 0.3
+        refreshing = asyncio.ensure_future(other.access_token("acme"))
+        token = await asyncio.wait_for(queued.access_token("acme"), 10)
+        # The slot never came free: the announcement ended the wait.
+        assert busy.done() is not backend.kind.pushes_changes
+        assert token == await refreshing
+        await busy
+    acme = [op for op, tenant in store.order if tenant == "acme"]
+    if not backend.kind.pushes_changes:
+        assert acme == ["read", "acquire"]
+    elif backend.kind.announces_notices:
+        assert acme == ["read"]
+    else:
+        assert "acquire" not in acme and set(acme) == {"read"}
+    assert sim.stats.refreshes == 2 and sim.is_active(token)
+
+
 class _OldContract:
     """A third party's store written before ``acquire`` took ``unless_fresh``: every
     primitive forwarded, ``acquire`` with its older signature, no capability declared."""

@@ -78,6 +78,9 @@ class StoreKind:
     #: the watchers of other instances (of the same one, for ``memory``): a woken waiter
     #: does not read the record.
     announces_notices: bool = True
+    #: Another instance's write wakes this one's watchers and change listeners (PgBouncer:
+    #: no LISTEN, polls only).
+    pushes_changes: bool = True
 
     def url(self, tmp: Path | None = None) -> str:
         """The URL of a fresh, empty store (a file under ``tmp`` for SQLite), cleaned at exit."""
@@ -125,7 +128,14 @@ STORES: dict[str, StoreKind] = {
         StoreKind("redis", multiprocess=True, killable=True, url=_redis),
         StoreKind("redis-cluster", multiprocess=True, killable=True, url=_redis_cluster),
         StoreKind("postgres", multiprocess=True, killable=True, url=_postgres),
-        StoreKind("pgbouncer", multiprocess=True, killable=True, url=_pgbouncer, announces_notices=False),
+        StoreKind(
+            "pgbouncer",
+            multiprocess=True,
+            killable=True,
+            url=_pgbouncer,
+            announces_notices=False,
+            pushes_changes=False,
+        ),
     )
 }
 

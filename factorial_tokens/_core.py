@@ -8,6 +8,7 @@ TokenManager (``_manager``) sets the state; the parts (``_leases``, ``_flight``,
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -38,6 +39,10 @@ T = TypeVar("T")
 
 #: At most this many tenants' store keys are kept (past that they are made per call).
 KEYS_KEPT = 65_536
+
+#: The context of done callbacks that only keep the manager's books (they log nothing):
+#: asyncio would copy the caller's context for each, an object per callback per flight.
+BOOKS = contextvars.Context()
 
 
 @attrs.frozen
@@ -101,7 +106,7 @@ class Core:
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._tasks.discard, context=BOOKS)
         return task
 
     async def _patiently(self, tenant: str, what: str, write: Callable[[], Awaitable[T]]) -> T:

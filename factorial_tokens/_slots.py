@@ -13,8 +13,18 @@ wake-up). Every waiter's expected wait stays what it was.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import random
 from types import TracebackType
+
+#: The context ``_give_up`` runs in (asyncio would copy the caller's for each callback).
+_QUIET = contextvars.Context()
+
+
+def _give_up(waiter: asyncio.Future[bool], _: object) -> None:
+    if not waiter.done():
+        waiter.set_result(False)  # stays in the list, skipped when picked
 
 
 class Slots:
@@ -43,12 +53,9 @@ class Slots:
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
 
-        def give_up(_: object) -> None:
-            if not waiter.done():
-                waiter.set_result(False)  # stays in the list, skipped when picked
-
+        give_up = functools.partial(_give_up, waiter)
         if stop is not None:
-            stop.add_done_callback(give_up)
+            stop.add_done_callback(give_up, context=_QUIET)
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -90,7 +90,17 @@ class Flights(Leases):
             if entry is not None and time.time() < entry.must:
                 break
             try:
-                entry = await self._valid(tenant)
+                if self._flights.get(tenant) in self._advisory and tenant not in self._cache:
+                    # A background refresh is under way and the cache was dropped (an
+                    # announcement): the stored token may still do, so read it rather than
+                    # wait for the refresh. (A cached entry in the mandatory window is the
+                    # newest this process knows of: its caller joins the refresh at once, a
+                    # read would only add a round trip.)
+                    entry = self._usable(tenant, await self._store.read(self._key(tenant)))
+                    if time.time() < entry.must:
+                        entry = self._remember(tenant, entry)
+                        continue
+                entry = await self._obtain(tenant, newer_than=None)
             except StoreUnavailable as exc:
                 stale = self._cache.get(tenant)
                 if stale is not None and not stale.tokens.is_expired():
@@ -102,18 +112,6 @@ class Flights(Leases):
         if time.time() >= entry.due:
             self._advise(tenant)
         return entry
-
-    async def _valid(self, tenant: str) -> Entry:
-        """An entry outside the mandatory window: the store's, or a refreshed one."""
-        if self._flights.get(tenant) in self._advisory and tenant not in self._cache:
-            # A background refresh is under way and the cache was dropped (an announcement):
-            # the stored token may still do, so read it rather than wait for the refresh.
-            # (A cached entry in the mandatory window is the newest this process knows of:
-            # its caller joins the refresh at once, a read would only add a round trip.)
-            entry = self._usable(tenant, await self._store.read(self._key(tenant)))
-            if time.time() < entry.must:
-                return self._remember(tenant, entry)
-        return await self._obtain(tenant, newer_than=None)
 
     def _advise(self, tenant: str) -> None:
         """Start one background refresh of ``tenant`` unless one flies or a failed one

@@ -324,9 +324,10 @@ class Flights(Leases):
                 entry = decoded[record.version, record.payload] = self._usable(tenant, record)
             return entry
 
+        # The newest version this flight saw: a notice must be newer (a replay is older).
+        floor = cached.version if known_stale and cached is not None else 0
         while True:
             async with self._store.watch(key) as watch:
-                floor = cached.version if known_stale and cached is not None else 0  # version seen
                 if not known_stale and not (look and not self._slots.locked()):
                     entry = usable(await self._store.read(key))
                     floor = entry.version
@@ -382,6 +383,7 @@ class Flights(Leases):
                         # the lease and no announcement will come; ask again, plainly.
                         again = known_stale = True
                         conditional = False
+                        floor = seen.version  # not read again: what this acquisition saw
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     self._obs.refresh_timeout(tenant, loop.time() - started)

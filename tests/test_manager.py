@@ -322,6 +322,69 @@ async def test_a_caller_queued_for_a_provider_slot_takes_another_workers_commit(
     assert sim.stats.refreshes == 2 and sim.is_active(token)
 
 
+class _Recorded(CountingStore):
+    """Also keeps the notice each commit carried, and makes each acquisition take
+    ``acquire_delay`` seconds (a slow round trip)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.notices: list[bytes | None] = []
+        self.acquire_delay = 0.0
+        self.acquiring = 0  # acquisitions sent (counted before their delay)
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        self.acquiring += 1
+        if self.acquire_delay:
+            await asyncio.sleep(self.acquire_delay)
+        return await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
+
+    async def commit(self, lease: Lease, update: Update) -> Record | None:
+        self.notices.append(update.notice)
+        return await super().commit(lease, update)
+
+
+@MEMORY_ONLY
+async def test_a_queued_caller_refuses_a_replayed_notice_after_its_acquisition_aged(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """The acquisition judged the record fresh (at its own instant) but it was due by the
+    time the answer came: the caller asks again, plainly, and queues for the only slot. A
+    replayed notice of an older commit (genuine, sealed: anyone on the channel can send
+    it again) ends the wait; it must be refused, as a waiter for a lease refuses it: its
+    token was revoked by the refresh after it."""
+    store = _Recorded(backend.store)
+    async with TokenManager(app_for(sim), store) as first:
+        await connect(first, sim)
+        await age(first, left=5)
+        old = await first.access_token("acme")  # commit: its notice is kept
+        await age(first, left=5)
+        assert await first.access_token("acme") != old  # revokes ``old``
+        replayed = store.notices[0]
+        assert replayed is not None and not sim.is_active(old)
+    async with TokenManager(app_for(sim), store, max_refreshes=1) as queued:
+        # Fresh for 1 s more (min_valid is 15 s): the acquisition below answers later.
+        await age(queued, left=16)
+        store.acquiring, store.acquire_delay = 0, 1.5
+        refreshing = asyncio.ensure_future(queued.access_token("acme"))
+        while not store.acquiring:
+            await asyncio.sleep(0.01)
+        holder = asyncio.ensure_future(queued._slots.take())  # queued during the acquisition
+        for _ in range(500):
+            if "acme" in queued._queued:
+                break
+            await asyncio.sleep(0.01)
+        assert "acme" in queued._queued and await holder
+        store.acquire_delay = 0.0
+        digest = TenantKey(queued.app.client_id, "acme").digest
+        backend.store._notifier.notify(digest, replayed)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        queued._slots.release()  # the holder's slot
+        token = await asyncio.wait_for(refreshing, 10)
+    assert token != old and sim.is_active(token)
+
+
 class _OldContract:
     """A third party's store written before ``acquire`` took ``unless_fresh``: every
     primitive forwarded, ``acquire`` with its older signature, no capability declared."""

@@ -9,6 +9,8 @@ refresh. A listener that returns a coroutine has it scheduled on the manager's l
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import inspect
 import logging
@@ -72,6 +74,7 @@ class TokenEvent:
 Listener = Callable[[TokenEvent], object]
 
 _STOP = object()
+_WAKE = object()
 
 
 class EventDispatcher:
@@ -83,9 +86,11 @@ class EventDispatcher:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
-        # Events of one turn of the loop, handed to the thread together at its end: one
-        # wake-up of the thread per turn, not per event (a cold start emits thousands).
-        self._batch: list[tuple[TokenEvent, list[Listener]]] | None = None
+        # Events wait here; the thread is woken only when it may be asleep (``_woken``
+        # unset): a burst of events (a cold start emits thousands) costs one wake-up,
+        # not one each.
+        self._pending: collections.deque[tuple[TokenEvent, list[Listener]]] = collections.deque()
+        self._woken = False
 
     def add(self, listener: Listener) -> Callable[[], None]:
         """Add a listener; returns a function that removes it."""
@@ -96,23 +101,13 @@ class EventDispatcher:
         """Queue ``event`` for the listeners; returns at once."""
         if not self._listeners:
             return
-        item = (event, list(self._listeners))
-        if self._batch is not None:
-            self._batch.append(item)
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._put([item])
-            return
-        self._loop = loop
-        self._batch = [item]
-        loop.call_soon(self._hand_over)
-
-    def _hand_over(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch:
-            self._put(batch)
+        if self._loop is None:
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
+        self._pending.append((event, list(self._listeners)))
+        if not self._woken:
+            self._woken = True
+            self._put(_WAKE)
 
     def _put(self, item: object) -> None:
         self._queue.put(item)
@@ -127,12 +122,10 @@ class EventDispatcher:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if item is _STOP:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            for event, listeners in item:
+            # Unset before taking the events: one published from now on wakes the thread again.
+            self._woken = False
+            while self._pending:
+                event, listeners = self._pending.popleft()
                 for listener in listeners:
                     try:
                         result = listener(event)
@@ -144,6 +137,10 @@ class EventDispatcher:
                             event.kind.value,
                             extra={"event": "listener_failed"},
                         )
+            if item is _STOP:
+                return
+            if isinstance(item, threading.Event):
+                item.set()  # a flush: every event published before it was delivered above
 
     def _schedule(self, coro: Any) -> None:
         loop = self._loop
@@ -159,7 +156,6 @@ class EventDispatcher:
 
         Returns False if that took longer than ``timeout`` (a listener is stuck).
         """
-        self._hand_over()
         if self._thread is None:
             return True
         done = threading.Event()
@@ -168,7 +164,6 @@ class EventDispatcher:
 
     async def aclose(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (for up to ``timeout``), then stop the thread."""
-        self._hand_over()
         thread = self._thread
         if thread is None:
             return

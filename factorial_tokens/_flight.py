@@ -29,7 +29,17 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from .store import Freshness, Lease, Record, TenantKey, TenantStatus, Throttle, acquire_lease, announced
+from .store import (
+    Freshness,
+    Lease,
+    Record,
+    TenantKey,
+    TenantStatus,
+    Throttle,
+    Watch,
+    acquire_lease,
+    announced,
+)
 
 log = logging.getLogger("factorial_tokens")
 
@@ -342,7 +352,7 @@ class Flights(Leases):
                 # request queues for a connection could lapse under a large backlog, and
                 # the tenants this process cannot start yet stay free for other workers.
                 # While it queues, another worker's commit of the tenant ends the wait.
-                if not await self._take_slot(tenant, key):
+                if not await self._take_slot(tenant, key, watch):
                     notice = announced(watch)
                     carried = None if notice is None else self._notices.open(key, notice)
                     if carried is not None and carried.version > floor:
@@ -406,11 +416,14 @@ class Flights(Leases):
                             self._obs.lease_waited(loop.time() - started)
                             return self._remember(tenant, seen)
 
-    async def _take_slot(self, tenant: str, key: TenantKey) -> bool:
+    async def _take_slot(self, tenant: str, key: TenantKey, watch: Watch) -> bool:
         """Take a provider slot (True); or, while queued for one, give up (False) when a
-        change of the tenant is announced (this process is told by ``_on_change``)."""
+        change of the tenant is announced (this process is told by ``_on_change``), or
+        when ``watch`` already holds a commit's notice (announced during the read)."""
         if not self._slots.locked():
             return await self._slots.take()
+        if announced(watch) is not None:
+            return False
         stop = self._queued.get(tenant)
         if stop is None or stop.done():
             stop = self._queued[tenant] = asyncio.get_running_loop().create_future()

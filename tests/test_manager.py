@@ -385,6 +385,60 @@ async def test_a_queued_caller_refuses_a_replayed_notice_after_its_acquisition_a
     assert token != old and sim.is_active(token)
 
 
+class _HeldRead(_ByTenant):
+    """A read of ``tenant`` is answered by the backend, then held until ``release`` is set."""
+
+    def __init__(self, inner: Store, tenant: str) -> None:
+        super().__init__(inner)
+        self.tenant = tenant
+        self.answered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def read(self, key: TenantKey) -> Record | None:
+        record = await super().read(key)
+        if key.tenant == self.tenant and not self.release.is_set():
+            self.answered.set()
+            await self.release.wait()
+        return record
+
+
+async def test_a_notice_announced_while_the_read_was_answered_ends_the_queue_before_it_starts(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """Another worker's commit announced while this worker's read of the tenant was on its
+    way back (the read saw the record before it): with every provider slot busy, the
+    caller takes the announced record at once instead of queueing for a slot."""
+    if not backend.kind.announces_notices:
+        pytest.skip("the store's announcements carry no notice")
+    async with TokenManager(app_for(sim), backend.store) as first:
+        for tenant, company in (("acme", 1), ("busy", 2)):
+            await connect(first, sim, tenant, company)
+            await age(first, left=5, tenant=tenant)
+    store = _HeldRead(backend.open(), "acme")
+    async with (
+        TokenManager(app_for(sim), backend.open(), lease_ttl=8.0, provider_timeout=5.0) as other,
+        TokenManager(app_for(sim), store, max_refreshes=1, lease_ttl=8.0, provider_timeout=5.0) as queued,
+    ):
+        sim.latency = 3.0
+        requests = sim.stats.token_requests
+        busy = asyncio.ensure_future(queued.access_token("busy"))  # holds the only slot
+        for _ in range(500):
+            if sim.stats.token_requests > requests:
+                break
+            await asyncio.sleep(0.01)
+        sim.latency = 0.0
+        asking = asyncio.ensure_future(queued.access_token("acme"))
+        await asyncio.wait_for(store.answered.wait(), 5)  # the stale record is on its way
+        token = await asyncio.wait_for(other.access_token("acme"), 5)  # committed, announced
+        await asyncio.sleep(0.2)  # the announcement reaches the waiting worker
+        store.release.set()
+        assert await asyncio.wait_for(asking, 2) == token
+        assert not busy.done()
+        await busy
+    assert [op for op, tenant in store.order if tenant == "acme"] == ["read"]
+    assert sim.stats.refreshes == 2 and sim.is_active(token)
+
+
 class _OldContract:
     """A third party's store written before ``acquire`` took ``unless_fresh``: every
     primitive forwarded, ``acquire`` with its older signature, no capability declared."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ._core import BOOKS, Entry
+from ._core import BOOKS, Core, Entry
 from ._errors import (
     FactorialTokensError,
     ProviderError,
@@ -56,6 +56,30 @@ _ADVISORY_BACKOFF_MAX = 30.0
 def _renewable(tokens: TokenSet) -> bool:
     """False for tokens that never expire and cannot be refreshed (company tokens)."""
     return tokens.refresh_token is not None or tokens.expires_at is not None
+
+
+class _Decoding:
+    """``Core._usable`` for one flight, which decodes a record it sees again (read, then
+    acquired on) once. (A class, not a closure: a flight is made per due tenant, and a
+    closure costs several objects more for the garbage collector to walk.)"""
+
+    __slots__ = ("_core", "_entry", "_record", "_tenant")
+
+    def __init__(self, core: Core, tenant: str) -> None:
+        self._core = core
+        self._tenant = tenant
+        self._record: Record | None = None
+        self._entry: Entry | None = None
+
+    def __call__(self, record: Record | None) -> Entry:
+        if record is None or record.status is not TenantStatus.ACTIVE:
+            return self._core._usable(self._tenant, record)
+        seen = self._record
+        if seen is None or seen.version != record.version or seen.payload != record.payload:
+            self._entry = self._core._usable(self._tenant, record)
+            self._record = record
+        assert self._entry is not None
+        return self._entry
 
 
 class Flights(Leases):
@@ -323,16 +347,7 @@ class Flights(Leases):
         )
         conditional = newer_than is None and self._unless_fresh
         look = conditional and not known_stale  # a first look, by the acquisition itself
-        decoded: dict[tuple[int, bytes], Entry] = {}
-
-        def usable(record: Record | None) -> Entry:
-            """``_usable``, decoding a record seen again (read, then acquired on) once."""
-            if record is None or record.status is not TenantStatus.ACTIVE:
-                return self._usable(tenant, record)
-            entry = decoded.get((record.version, record.payload))
-            if entry is None:
-                entry = decoded[record.version, record.payload] = self._usable(tenant, record)
-            return entry
+        usable = _Decoding(self, tenant)
 
         # The newest version this flight saw: a notice must be newer (a replay is older).
         floor = cached.version if known_stale and cached is not None else 0

@@ -41,7 +41,7 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -663,14 +663,17 @@ class InstrumentedStore:
         """The inner store's capability (its attribute and its ``acquire``'s signature)."""
         return acquires_unless_fresh(self.inner)
 
-    async def read(self, key: TenantKey) -> Record | None:
-        return await self._obs.store_call("read", key.tenant, self.inner.read(key))
+    # The primitives of every refresh are plain functions that return store_call's
+    # coroutine: one coroutine less per store call (a cold start makes tens of thousands).
 
-    async def acquire(
+    def read(self, key: TenantKey) -> Coroutine[Any, Any, Record | None]:
+        return self._obs.store_call("read", key.tenant, self.inner.read(key))
+
+    def acquire(
         self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
-    ) -> Acquisition:
+    ) -> Coroutine[Any, Any, Acquisition]:
         work = acquire_lease(self.inner, key, owner, ttl, unless_fresh=unless_fresh)
-        return await self._obs.store_call("acquire", key.tenant, work)
+        return self._obs.store_call("acquire", key.tenant, work)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         return await self._obs.store_call("extend", lease.key.tenant, self.inner.extend(lease, ttl))
@@ -678,8 +681,8 @@ class InstrumentedStore:
     async def release(self, lease: Lease) -> bool:
         return await self._obs.store_call("release", lease.key.tenant, self.inner.release(lease))
 
-    async def commit(self, lease: Lease, update: Update) -> Record | None:
-        return await self._obs.store_call("commit", lease.key.tenant, self.inner.commit(lease, update))
+    def commit(self, lease: Lease, update: Update) -> Coroutine[Any, Any, Record | None]:
+        return self._obs.store_call("commit", lease.key.tenant, self.inner.commit(lease, update))
 
     async def replace(self, key: TenantKey, update: Update | None) -> None:
         await self._obs.store_call("replace", key.tenant, self.inner.replace(key, update))

@@ -492,7 +492,7 @@ class Flights(Leases):
             # The provider call gets its whole budget after the wait: a request cut short by
             # a spent deadline would be in doubt, and its retry could cost the grant.
             deadline = loop.time() + self.refresh_deadline
-            if held.lost.is_set():
+            if held.lost:
                 return None
             # A background refresh stops retrying when the mandatory window opens, with a
             # last try at its start: callers who must wait then start a refresh of their

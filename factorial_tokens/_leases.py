@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 from ._core import Core
 from ._errors import (
@@ -19,26 +18,53 @@ from ._errors import (
 )
 from ._events import EventKind, TokenEvent
 from .sealing import Keyring, SealedCodec
-from .store import Lease, Record, Store, TenantKey, TenantStatus, Update, acquire_within
+from .store import Lease, Record, TenantKey, TenantStatus, Update, acquire_within
 
 log = logging.getLogger("factorial_tokens")
 
 
 class Held:
-    """A lease being worked under (see ``TokenManager._holding``): its one fenced write."""
+    """A lease being worked under (see ``Leases._holding``): its one fenced write.
 
-    __slots__ = ("_store", "committed", "lease", "lost", "record")
+    ``async with`` it: the block ends with one fenced :meth:`commit`, or the lease is
+    released on the way out, shielded, so that a cancelled holder still gives it back.
+    With ``renew``, a watchdog extends the lease from a third of its TTL into the work on,
+    and sets ``lost`` if it was taken over. (A class, not a generator-based context
+    manager: one is made per refresh, thousands at once in a cold start.)"""
 
-    def __init__(self, store: Store, lease: Lease, record: Record | None) -> None:
-        self._store = store
+    __slots__ = ("_leases", "_renew", "_timer", "_watchdog", "committed", "lease", "lost", "record")
+
+    def __init__(self, leases: Leases, lease: Lease, record: Record | None, *, renew: bool = False) -> None:
+        self._leases = leases
+        self._renew = renew
+        self._timer: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self.lease = lease
         self.record = record  # what the store held when the lease was taken
         self.committed = False  # a commit was answered: the lease is over, written or fenced out
-        self.lost = asyncio.Event()  # the renewing watchdog found the lease taken over
+        self.lost = False  # the renewing watchdog found the lease taken over
+
+    async def __aenter__(self) -> Held:
+        if self._renew:
+            # No watchdog task for work that ends within a third of the lease (nearly all).
+            self._timer = asyncio.get_running_loop().call_later(self._leases.lease_ttl / 3, self._watch)
+        return self
+
+    def _watch(self) -> None:
+        self._watchdog = self._leases._spawn(self._leases._renew(self))
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if not self.committed:
+            with contextlib.suppress(FactorialTokensError):
+                await asyncio.shield(self._leases._store.release(self.lease))
 
     async def commit(self, update: Update) -> Record | None:
         """Write ``update`` fenced by the lease, which it ends; ``None`` when fenced out."""
-        stored = await self._store.commit(self.lease, update)
+        stored = await self._leases._store.commit(self.lease, update)
         self.committed = True
         return stored
 
@@ -124,35 +150,10 @@ class Leases(Core):
                 if await held.commit(update) is not None:
                     return 1
 
-    @contextlib.asynccontextmanager
-    async def _holding(
-        self, lease: Lease, record: Record | None, *, renew: bool = False
-    ) -> AsyncIterator[Held]:
+    def _holding(self, lease: Lease, record: Record | None, *, renew: bool = False) -> Held:
         """Work under ``lease`` (which found ``record``): every write under a lease goes
-        through this. The block ends with one fenced :meth:`Held.commit`, or the lease is
-        released on the way out, shielded, so that a cancelled holder still gives it back.
-        With ``renew``, a watchdog extends the lease from a third of its TTL into the work
-        on, and sets ``held.lost`` if it was taken over."""
-        held = Held(self._store, lease, record)
-        # No watchdog task for work that ends within a third of the lease (nearly all).
-        watchdog: list[asyncio.Task[None]] = []
-        timer = (
-            asyncio.get_running_loop().call_later(
-                self.lease_ttl / 3, lambda: watchdog.append(self._spawn(self._renew(lease, held.lost)))
-            )
-            if renew
-            else None
-        )
-        try:
-            yield held
-        finally:
-            if timer is not None:
-                timer.cancel()
-            for task in watchdog:
-                task.cancel()
-            if not held.committed:
-                with contextlib.suppress(FactorialTokensError):
-                    await asyncio.shield(self._store.release(lease))
+        through this (see :class:`Held`)."""
+        return Held(self, lease, record, renew=renew)
 
     async def _mark_dead(
         self,
@@ -183,13 +184,14 @@ class Leases(Core):
         self._deaths[tenant] = (stored.version, error, reason)
         return error(tenant, reason)
 
-    async def _renew(self, lease: Lease, lost: asyncio.Event) -> None:
+    async def _renew(self, held: Held) -> None:
         """Watchdog: keep the lease alive while its holder works (started a third of the
         lease into the work, then renewing every third)."""
+        lease = held.lease
         while True:
             try:
                 if not await self._store.extend(lease, self.lease_ttl):
-                    lost.set()
+                    held.lost = True
                     return
             except StoreUnavailable:
                 log.warning("tenant %r: could not renew the lease; retrying", lease.key.tenant)

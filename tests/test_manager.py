@@ -439,6 +439,37 @@ async def test_a_notice_announced_while_the_read_was_answered_ends_the_queue_bef
     assert sim.stats.refreshes == 2 and sim.is_active(token)
 
 
+async def test_a_refresh_that_outlives_a_third_of_its_lease_has_it_renewed(
+    sim: FakeFactorial, backend: Backend
+) -> None:
+    """The provider answers after 0.8 s of a 1.5 s lease: the holder's watchdog, due a third
+    of the TTL into the work, extends the lease; the refresh is committed, and the other
+    worker, asking meanwhile, waits for it. (No watchdog task for a refresh that ends
+    sooner, as nearly all do.)"""
+    async with TokenManager(app_for(sim), backend.store) as first:
+        await connect(first, sim)
+        await age(first, left=5)
+    holding = CountingStore(backend.open())
+    async with (
+        TokenManager(app_for(sim), holding, lease_ttl=1.5, provider_timeout=0.9) as holder,
+        TokenManager(app_for(sim), backend.open(), lease_ttl=1.5, provider_timeout=0.9) as other,
+    ):
+        sim.latency = 0.8
+        refreshing = asyncio.ensure_future(holder.access_token("acme"))
+        for _ in range(500):  # until the holder has the lease
+            if holding.calls["acquire"]:
+                break
+            await asyncio.sleep(0.01)
+        token = await asyncio.wait_for(other.access_token("acme"), 10)
+        assert token == await refreshing
+        assert holding.calls["extend"] >= 1
+        quick = holding.calls["extend"]
+        sim.latency = 0.0
+        await holder.refresh("acme")
+        assert holding.calls["extend"] == quick
+    assert sim.stats.refreshes == 2 and sim.stats.invalid_grant == 0
+
+
 class _OldContract:
     """A third party's store written before ``acquire`` took ``unless_fresh``: every
     primitive forwarded, ``acquire`` with its older signature, no capability declared."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.metadata
+import logging
 import pkgutil
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from factorial_tokens import ConfigurationError, StoreUnavailable
 from factorial_tokens.store import (
     MemoryStore,
     Notifier,
+    PushListener,
     SQLiteStore,
     TenantKey,
     choice,
@@ -181,3 +184,34 @@ async def test_a_watch_whose_ready_step_fails_is_not_left_registered() -> None:
         async with notifier.watch(TenantKey("app", "acme"), ready):
             pass
     assert seen == [True] and not notifier.watching
+
+
+class _Subscribing(PushListener):
+    """Subscribes at once, then delivers nothing until stopped."""
+
+    async def listen(self, connected: Callable[[], None]) -> None:
+        connected()
+        while not self.stopping:
+            await asyncio.sleep(0.01)
+
+
+def test_a_listener_is_settled_once_its_first_attempt_finished_on_the_running_loop() -> None:
+    """``settled``: a watch can skip waiting for the subscription (the Redis store does)."""
+    listener = _Subscribing(Notifier(), name="test", log=logging.getLogger("test"))
+
+    async def first_loop() -> None:
+        assert not listener.settled  # not started
+        listener.start()
+        assert not listener.settled  # started, first attempt not finished
+        await listener.ready(2.0)
+        assert listener.settled
+
+    async def second_loop() -> None:
+        assert not listener.settled  # its task ran on a loop that is gone
+        listener.start()
+        await listener.ready(2.0)
+        assert listener.settled
+        await listener.aclose()
+
+    asyncio.run(first_loop())
+    asyncio.run(second_loop())

@@ -106,6 +106,13 @@ class PushListener(abc.ABC):
         return self._task is not None
 
     @property
+    def settled(self) -> bool:
+        """True once the listener task runs on the running loop and its first attempt to
+        subscribe finished: :meth:`ready` would return at once."""
+        task = self._task
+        return task is not None and self._tried.is_set() and task.get_loop() is asyncio.get_running_loop()
+
+    @property
     def stopping(self) -> bool:
         """True once :meth:`aclose` was called."""
         return self._stopping

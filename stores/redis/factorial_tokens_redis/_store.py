@@ -605,6 +605,8 @@ class RedisStore:
 
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         """Register for changes of ``key``; starts the store's one subscription lazily."""
+        if self._listener.settled:
+            return self._notifier.watch(key)  # nothing to start or wait for
         return self._notifier.watch(key, self._subscribed)
 
     async def _subscribed(self) -> None:

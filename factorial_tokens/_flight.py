@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ._core import BOOKS, Core, Entry
+from ._core import BOOKS, Entry
 from ._errors import (
     FactorialTokensError,
     ProviderError,
@@ -59,24 +59,24 @@ def _renewable(tokens: TokenSet) -> bool:
 
 
 class _Decoding:
-    """``Core._usable`` for one flight, which decodes a record it sees again (read, then
-    acquired on) once. (A class, not a closure: a flight is made per due tenant, and a
-    closure costs several objects more for the garbage collector to walk.)"""
+    """``Core._usable`` (given as ``usable``) for one flight, which decodes a record it
+    sees again (read, then acquired on) once. (A class, not a closure: a flight is made
+    per due tenant, and a closure costs several objects more for the garbage collector.)"""
 
-    __slots__ = ("_core", "_entry", "_record", "_tenant")
+    __slots__ = ("_entry", "_record", "_tenant", "_usable")
 
-    def __init__(self, core: Core, tenant: str) -> None:
-        self._core = core
+    def __init__(self, usable: Callable[[str, Record | None], Entry], tenant: str) -> None:
+        self._usable = usable
         self._tenant = tenant
         self._record: Record | None = None
         self._entry: Entry | None = None
 
     def __call__(self, record: Record | None) -> Entry:
         if record is None or record.status is not TenantStatus.ACTIVE:
-            return self._core._usable(self._tenant, record)
+            return self._usable(self._tenant, record)
         seen = self._record
         if seen is None or seen.version != record.version or seen.payload != record.payload:
-            self._entry = self._core._usable(self._tenant, record)
+            self._entry = self._usable(self._tenant, record)
             self._record = record
         assert self._entry is not None
         return self._entry
@@ -347,7 +347,7 @@ class Flights(Leases):
         )
         conditional = newer_than is None and self._unless_fresh
         look = conditional and not known_stale  # a first look, by the acquisition itself
-        usable = _Decoding(self, tenant)
+        usable = _Decoding(self._usable, tenant)
 
         # The newest version this flight saw: a notice must be newer (a replay is older).
         floor = cached.version if known_stale and cached is not None else 0

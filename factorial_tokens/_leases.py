@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from ._core import Core
 from ._errors import (
@@ -18,7 +19,7 @@ from ._errors import (
 )
 from ._events import EventKind, TokenEvent
 from .sealing import Keyring, SealedCodec
-from .store import Lease, Record, TenantKey, TenantStatus, Update, acquire_within
+from .store import Lease, Record, Store, TenantKey, TenantStatus, Update, acquire_within
 
 log = logging.getLogger("factorial_tokens")
 
@@ -28,43 +29,64 @@ class Held:
 
     ``async with`` it: the block ends with one fenced :meth:`commit`, or the lease is
     released on the way out, shielded, so that a cancelled holder still gives it back.
-    With ``renew``, a watchdog extends the lease from a third of its TTL into the work on,
-    and sets ``lost`` if it was taken over. (A class, not a generator-based context
-    manager: one is made per refresh, thousands at once in a cold start.)"""
+    With a ``watchdog`` (``_holding(..., renew=True)``), it is started ``renew_after``
+    seconds into the work (a third of the lease) to extend the lease, and sets ``lost`` if
+    it was taken over. (A class, not a generator-based context manager: one is made per
+    refresh, thousands at once in a cold start.)"""
 
-    __slots__ = ("_leases", "_renew", "_timer", "_watchdog", "committed", "lease", "lost", "record")
+    __slots__ = (
+        "_renew_after",
+        "_store",
+        "_timer",
+        "_watchdog",
+        "_watching",
+        "committed",
+        "lease",
+        "lost",
+        "record",
+    )
 
-    def __init__(self, leases: Leases, lease: Lease, record: Record | None, *, renew: bool = False) -> None:
-        self._leases = leases
-        self._renew = renew
+    def __init__(
+        self,
+        store: Store,
+        lease: Lease,
+        record: Record | None,
+        *,
+        watchdog: Callable[[Held], asyncio.Task[None]] | None = None,
+        renew_after: float = 0.0,
+    ) -> None:
+        self._store = store
+        self._watchdog = watchdog  # starts the renewing watchdog, ``renew_after`` into the work
+        self._renew_after = renew_after
         self._timer: asyncio.TimerHandle | None = None
-        self._watchdog: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
         self.lease = lease
         self.record = record  # what the store held when the lease was taken
         self.committed = False  # a commit was answered: the lease is over, written or fenced out
         self.lost = False  # the renewing watchdog found the lease taken over
 
     async def __aenter__(self) -> Held:
-        if self._renew:
+        if self._watchdog is not None:
             # No watchdog task for work that ends within a third of the lease (nearly all).
-            self._timer = asyncio.get_running_loop().call_later(self._leases.lease_ttl / 3, self._watch)
+            self._timer = asyncio.get_running_loop().call_later(self._renew_after, self._watch)
         return self
 
     def _watch(self) -> None:
-        self._watchdog = self._leases._spawn(self._leases._renew(self))
+        assert self._watchdog is not None
+        self._watching = self._watchdog(self)
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        if self._watching is not None:
+            self._watching.cancel()
         if not self.committed:
             with contextlib.suppress(FactorialTokensError):
-                await asyncio.shield(self._leases._store.release(self.lease))
+                await asyncio.shield(self._store.release(self.lease))
 
     async def commit(self, update: Update) -> Record | None:
         """Write ``update`` fenced by the lease, which it ends; ``None`` when fenced out."""
-        stored = await self._leases._store.commit(self.lease, update)
+        stored = await self._store.commit(self.lease, update)
         self.committed = True
         return stored
 
@@ -153,7 +175,12 @@ class Leases(Core):
     def _holding(self, lease: Lease, record: Record | None, *, renew: bool = False) -> Held:
         """Work under ``lease`` (which found ``record``): every write under a lease goes
         through this (see :class:`Held`)."""
-        return Held(self, lease, record, renew=renew)
+        if not renew:
+            return Held(self._store, lease, record)
+        return Held(self._store, lease, record, watchdog=self._watchdog, renew_after=self.lease_ttl / 3)
+
+    def _watchdog(self, held: Held) -> asyncio.Task[None]:
+        return self._spawn(self._renew(held))
 
     async def _mark_dead(
         self,

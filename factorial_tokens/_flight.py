@@ -349,7 +349,7 @@ class Flights(Leases):
         look = conditional and not known_stale  # a first look, by the acquisition itself
         usable = _Decoding(self._usable, tenant)
 
-        # The newest version this flight saw: a notice must be newer (a replay is older).
+        # The newest version this flight saw (read, acquired on): a notice must be newer.
         floor = cached.version if known_stale and cached is not None else 0
         while True:
             async with self._store.watch(key) as watch:
@@ -368,13 +368,10 @@ class Flights(Leases):
                 # the tenants this process cannot start yet stay free for other workers.
                 # While it queues, another worker's commit of the tenant ends the wait.
                 if not await self._take_slot(tenant, key, watch):
-                    notice = announced(watch)
-                    carried = None if notice is None else self._notices.open(key, notice)
-                    if carried is not None and carried.version > floor:
-                        entry = usable(carried)
-                        if self._acceptable(entry, newer_than, advisory):
-                            self._obs.lease_waited(loop.time() - started)
-                            return self._remember(tenant, entry)
+                    carried = self._carried(key, watch, floor, usable)
+                    if carried is not None and self._acceptable(carried, newer_than, advisory):
+                        self._obs.lease_waited(loop.time() - started)
+                        return self._remember(tenant, carried)
                     continue  # read again
                 try:
                     owner = secrets.token_hex(16)
@@ -398,6 +395,7 @@ class Flights(Leases):
                 again = won.lease is not None
                 if won.lease is None:
                     seen = usable(won.record)
+                    floor = seen.version
                     if self._acceptable(seen, newer_than, advisory):
                         if waited:
                             self._obs.lease_waited(loop.time() - started)
@@ -408,7 +406,6 @@ class Flights(Leases):
                         # the lease and no announcement will come; ask again, plainly.
                         again = known_stale = True
                         conditional = False
-                        floor = seen.version  # not read again: what this acquisition saw
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     self._obs.refresh_timeout(tenant, loop.time() - started)
@@ -421,15 +418,23 @@ class Flights(Leases):
                 log.debug("tenant %r: waiting for another worker's refresh", tenant)
                 waited = True
                 if await watch.wait(remaining):
-                    # The holder's commit may have announced its record: no read then. Only
-                    # one newer than what the refused acquisition saw (a replay is older).
-                    notice = announced(watch)
-                    carried = None if notice is None else self._notices.open(key, notice)
-                    if carried is not None and carried.version > (won.record.version if won.record else 0):
-                        seen = usable(carried)
-                        if self._acceptable(seen, newer_than, advisory):
-                            self._obs.lease_waited(loop.time() - started)
-                            return self._remember(tenant, seen)
+                    # The holder's commit may have announced its record: no read then.
+                    carried = self._carried(key, watch, floor, usable)
+                    if carried is not None and self._acceptable(carried, newer_than, advisory):
+                        self._obs.lease_waited(loop.time() - started)
+                        return self._remember(tenant, carried)
+
+    def _carried(
+        self, key: TenantKey, watch: Watch, floor: int, usable: Callable[[Record | None], Entry]
+    ) -> Entry | None:
+        """The entry of the record the newest announcement ``watch`` saw carried (a
+        commit's notice), if it is newer than ``floor``, the newest version this flight saw
+        (a replayed or lagging notice is older); else ``None``: read."""
+        notice = announced(watch)
+        carried = None if notice is None else self._notices.open(key, notice)
+        if carried is None or carried.version <= floor:
+            return None
+        return usable(carried)
 
     async def _take_slot(self, tenant: str, key: TenantKey, watch: Watch) -> bool:
         """Take a provider slot (True); or, while queued for one, give up (False) when a

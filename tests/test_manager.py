@@ -280,6 +280,27 @@ class _ByTenant(CountingStore):
         return await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
 
 
+async def _acme_and_busy_due(sim: FakeFactorial, backend: Backend) -> None:
+    """Tenants "acme" and "busy" connected, both due."""
+    async with TokenManager(app_for(sim), backend.store) as first:
+        for tenant, company in (("acme", 1), ("busy", 2)):
+            await connect(first, sim, tenant, company)
+            await age(first, left=5, tenant=tenant)
+
+
+async def _hold_the_only_slot(tm: TokenManager, sim: FakeFactorial) -> asyncio.Future[str]:
+    """Start a refresh of "busy" that the provider answers in 3 s, in ``tm`` (made with
+    ``max_refreshes=1``); returned once its request reached the provider."""
+    sim.latency = 3.0
+    requests = sim.stats.token_requests
+    busy = asyncio.ensure_future(tm.access_token("busy"))
+    for _ in range(500):
+        if sim.stats.token_requests > requests:
+            break
+        await asyncio.sleep(0.01)
+    return busy
+
+
 async def test_a_caller_queued_for_a_provider_slot_takes_another_workers_commit(
     sim: FakeFactorial, backend: Backend
 ) -> None:
@@ -289,22 +310,13 @@ async def test_a_caller_queued_for_a_provider_slot_takes_another_workers_commit(
     announcements carry the record, without another read either), while the worker's own
     slow refresh still holds its only slot. (Through PgBouncer, which only polls, the
     caller waits for the slot and its acquisition finds the record fresh.) Two refreshes."""
-    async with TokenManager(app_for(sim), backend.store) as first:
-        for tenant, company in (("acme", 1), ("busy", 2)):
-            await connect(first, sim, tenant, company)
-            await age(first, left=5, tenant=tenant)
+    await _acme_and_busy_due(sim, backend)
     store = _ByTenant(backend.open())
     async with (
         TokenManager(app_for(sim), backend.open(), lease_ttl=8.0, provider_timeout=5.0) as other,
         TokenManager(app_for(sim), store, max_refreshes=1, lease_ttl=8.0, provider_timeout=5.0) as queued,
     ):
-        sim.latency = 3.0
-        requests = sim.stats.token_requests
-        busy = asyncio.ensure_future(queued.access_token("busy"))  # holds the only slot
-        for _ in range(500):
-            if sim.stats.token_requests > requests:
-                break
-            await asyncio.sleep(0.01)
+        busy = await _hold_the_only_slot(queued, sim)
         sim.latency = 0.3
         refreshing = asyncio.ensure_future(other.access_token("acme"))
         token = await asyncio.wait_for(queued.access_token("acme"), 10)
@@ -410,22 +422,13 @@ async def test_a_notice_announced_while_the_read_was_answered_ends_the_queue_bef
     caller takes the announced record at once instead of queueing for a slot."""
     if not backend.kind.announces_notices:
         pytest.skip("the store's announcements carry no notice")
-    async with TokenManager(app_for(sim), backend.store) as first:
-        for tenant, company in (("acme", 1), ("busy", 2)):
-            await connect(first, sim, tenant, company)
-            await age(first, left=5, tenant=tenant)
+    await _acme_and_busy_due(sim, backend)
     store = _HeldRead(backend.open(), "acme")
     async with (
         TokenManager(app_for(sim), backend.open(), lease_ttl=8.0, provider_timeout=5.0) as other,
         TokenManager(app_for(sim), store, max_refreshes=1, lease_ttl=8.0, provider_timeout=5.0) as queued,
     ):
-        sim.latency = 3.0
-        requests = sim.stats.token_requests
-        busy = asyncio.ensure_future(queued.access_token("busy"))  # holds the only slot
-        for _ in range(500):
-            if sim.stats.token_requests > requests:
-                break
-            await asyncio.sleep(0.01)
+        busy = await _hold_the_only_slot(queued, sim)
         sim.latency = 0.0
         asking = asyncio.ensure_future(queued.access_token("acme"))
         await asyncio.wait_for(store.answered.wait(), 5)  # the stale record is on its way

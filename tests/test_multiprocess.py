@@ -52,10 +52,16 @@ async def test_one_code_exchanged_by_every_process_at_once(store_url: str, sim: 
         assert (await tm.token_set("acme")).fingerprint in seen
 
 
+@pytest.mark.parametrize("crowded", [False, True], ids=["three-tenants", "twelve-tenants-one-slot"])
 async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
-    store_url: str, make_sim: SimFactory
+    store_url: str, make_sim: SimFactory, crowded: bool
 ) -> None:
-    tenants = {"north": 1, "south": 2, "east": 3}
+    """Every process's callers ask for every tenant without pause while the tokens expire
+    every 2 s. Crowded: 12 tenants that fall due together, one provider slot per process
+    and a provider answering after 0.15 s, so most refreshes queue for a slot and most
+    queued ones end on another process's announced commit."""
+    names = ["north", "south", "east"] + ([f"branch-{n}" for n in range(9)] if crowded else [])
+    tenants = {name: index + 1 for index, name in enumerate(names)}
     duration, ttl, leeway = 6.0, 2.0, 0.5
     budgets: dict[str, Any] = {
         "leeway": leeway,
@@ -63,6 +69,8 @@ async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
         "provider_timeout": 3.0,  # generous: a refresh in doubt would be retried (not counted once)
         "wait_timeout": 10.0,
     }
+    if crowded:
+        budgets["max_refreshes"] = 1
     scenario = Scenario(
         kind="traffic",
         tenants=list(tenants),
@@ -72,7 +80,7 @@ async def test_tokens_expiring_every_two_seconds_are_refreshed_once_per_expiry(
         api=True,
         manager=budgets,
     )
-    async with make_sim(access_token_ttl=ttl) as sim:
+    async with make_sim(access_token_ttl=ttl, latency=0.15 if crowded else 0.0) as sim:
         async with WorkerPool(store_url, sim, scenario, processes=PROCESSES) as pool:
             started = time.time()
             async with TokenManager(app_for(sim), store_url, **budgets) as tm:

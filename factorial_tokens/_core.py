@@ -8,7 +8,6 @@ TokenManager (``_manager``) sets the state; the parts (``_leases``, ``_flight``,
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -27,7 +26,7 @@ from ._models import FactorialApp, TokenSet
 from ._notice import Notices
 from ._oauth import OAuthClient
 from ._secret import AppSecret
-from ._slots import Slots
+from ._slots import BOOKS, Slots
 from ._state import LinkSigner, StateSigner
 from ._telemetry import Observer
 from .sealing import PayloadCodec
@@ -39,10 +38,6 @@ T = TypeVar("T")
 
 #: At most this many tenants' store keys are kept (past that they are made per call).
 KEYS_KEPT = 65_536
-
-#: The context of done callbacks that only keep the manager's books (they log nothing):
-#: asyncio would copy the caller's context for each, an object per callback per flight.
-BOOKS = contextvars.Context()
 
 
 @attrs.frozen

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ._core import BOOKS, Entry
+from ._core import Entry
 from ._errors import (
     FactorialTokensError,
     ProviderError,
@@ -29,6 +29,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
+from ._slots import BOOKS
 from .store import (
     Freshness,
     Lease,

@@ -18,8 +18,10 @@ import functools
 import random
 from types import TracebackType
 
-#: The context ``_give_up`` runs in (asyncio would copy the caller's for each callback).
-_QUIET = contextvars.Context()
+#: The context of done callbacks that only keep books (a slot waiter giving up; the
+#: manager's flights landing): asyncio would copy the caller's context for each, an object
+#: per callback per flight. They log nothing.
+BOOKS = contextvars.Context()
 
 
 def _give_up(waiter: asyncio.Future[bool], _: object) -> None:
@@ -55,7 +57,7 @@ class Slots:
 
         give_up = functools.partial(_give_up, waiter)
         if stop is not None:
-            stop.add_done_callback(give_up, context=_QUIET)
+            stop.add_done_callback(give_up, context=BOOKS)
         try:
             return await waiter
         except asyncio.CancelledError:

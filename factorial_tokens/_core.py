@@ -8,6 +8,7 @@ TokenManager (``_manager``) sets the state; the parts (``_leases``, ``_flight``,
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from ._models import FactorialApp, TokenSet
 from ._notice import Notices
 from ._oauth import OAuthClient
 from ._secret import AppSecret
-from ._slots import BOOKS, Slots
+from ._slots import Slots
 from ._state import LinkSigner, StateSigner
 from ._telemetry import Observer
 from .sealing import PayloadCodec
@@ -38,6 +39,11 @@ T = TypeVar("T")
 
 #: At most this many tenants' store keys are kept (past that they are made per call).
 KEYS_KEPT = 65_536
+
+#: The context of the manager's done callbacks that only keep books (a flight landing, its
+#: callers woken, the task set): asyncio would copy the caller's context for each, an
+#: object per callback per flight. They log nothing.
+BOOKS = contextvars.Context()
 
 
 @attrs.frozen
@@ -85,7 +91,9 @@ class Core:
     _joined: dict[asyncio.Task[Entry], dict[asyncio.Future[Entry], None]]  # callers waiting per flight
     _advisory: set[asyncio.Task[Entry]]  # flights that are background refreshes
     _forced: set[str]  # tenants whose flight forces a new token set
-    _queued: dict[str, asyncio.Future[None]]  # flights queued for a provider slot: done on an announcement
+    _queued: dict[
+        str, asyncio.Future[bool]
+    ]  # flights queued for a provider slot, set False on an announcement
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
     _deaths: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # marked dead here: version, cause
     _dying: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # being marked: version held, cause

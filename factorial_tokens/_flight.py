@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ._core import Entry
+from ._core import BOOKS, Entry
 from ._errors import (
     FactorialTokensError,
     ProviderError,
@@ -29,7 +29,6 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
-from ._slots import BOOKS
 from .store import (
     Freshness,
     Lease,
@@ -439,20 +438,18 @@ class Flights(Leases):
 
     async def _take_slot(self, tenant: str, key: TenantKey, watch: Watch) -> bool:
         """Take a provider slot (True); or, while queued for one, give up (False) when a
-        change of the tenant is announced (this process is told by ``_on_change``), or
-        when ``watch`` already holds a commit's notice (announced during the read)."""
-        if not self._slots.locked():
-            return await self._slots.take()
+        change of the tenant is announced (``_on_change`` sets the queued future to False),
+        or when ``watch`` already holds a commit's notice (announced during the read)."""
+        if self._slots.take_free():
+            return True
         if announced(watch) is not None:
             return False
-        stop = self._queued.get(tenant)
-        if stop is None or stop.done():
-            stop = self._queued[tenant] = asyncio.get_running_loop().create_future()
+        waiter = self._queued[tenant] = self._slots.queue()
         self._digests.setdefault(key.digest, tenant)
         try:
-            return await self._slots.take(stop)
+            return await self._slots.wait(waiter)
         finally:
-            if self._queued.get(tenant) is stop:
+            if self._queued.get(tenant) is waiter:
                 del self._queued[tenant]
 
     async def _opened(

@@ -391,13 +391,13 @@ class TokenManager(Callbacks, Flights):
                 return
         if digest is None:  # announcements were lost: trust nothing cached
             self._cache.clear()
-            for queued in self._queued.values():
-                if not queued.done():
-                    queued.set_result(None)
+            for waiting in self._queued.values():
+                if not waiting.done():
+                    waiting.set_result(False)
             return
         tenant = self._digests.get(digest)
         if tenant is not None:
             self._cache.pop(tenant, None)
-            stop = self._queued.get(tenant)
-            if stop is not None and not stop.done():
-                stop.set_result(None)  # a flight queued for a slot looks at the announcement
+            queued = self._queued.get(tenant)
+            if queued is not None and not queued.done():
+                queued.set_result(False)  # a flight queued for a slot looks at the announcement

@@ -13,20 +13,8 @@ wake-up). Every waiter's expected wait stays what it was.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import random
 from types import TracebackType
-
-#: The context of done callbacks that only keep books (a slot waiter giving up; the
-#: manager's flights landing): asyncio would copy the caller's context for each, an object
-#: per callback per flight. They log nothing.
-BOOKS = contextvars.Context()
-
-
-def _give_up(waiter: asyncio.Future[bool], _: object) -> None:
-    if not waiter.done():
-        waiter.set_result(False)  # stays in the list, skipped when picked
 
 
 class Slots:
@@ -37,36 +25,36 @@ class Slots:
 
     def __init__(self, size: int) -> None:
         self._free = size
-        # Cancelled waiters, and those that gave up, stay until picked and are skipped then.
+        # Cancelled waiters, and those set to False, stay until picked and are skipped then.
         self._waiters: list[asyncio.Future[bool]] = []
 
     def locked(self) -> bool:
         """True when no slot is free (a caller would wait)."""
         return self._free == 0
 
-    async def take(self, stop: asyncio.Future[None] | None = None) -> bool:
-        """Take a slot (True), waiting for one if none is free; or give up waiting (False,
-        no slot taken) once ``stop`` is done."""
+    def take_free(self) -> bool:
+        """Take a free slot (True); False when none is free."""
         if self._free > 0:  # a free slot means nobody waits: released slots pass to waiters
             self._free -= 1
             return True
-        if stop is not None and stop.done():
-            return False
+        return False
+
+    def queue(self) -> asyncio.Future[bool]:
+        """Queue for a slot: the future turns True once a released slot is handed to it.
+        Whoever no longer wants it sets it to False (it is skipped then); awaited with
+        :meth:`wait`, which passes on a slot handed to a waiter that was cancelled."""
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        return waiter
 
-        give_up = functools.partial(_give_up, waiter)
-        if stop is not None:
-            stop.add_done_callback(give_up, context=BOOKS)
+    async def wait(self, waiter: asyncio.Future[bool]) -> bool:
+        """Await a :meth:`queue` future: True when it was handed a slot."""
         try:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result():
                 self.release()  # handed a slot, then cancelled: pass it on
             raise
-        finally:
-            if stop is not None:
-                stop.remove_done_callback(give_up)
 
     def release(self) -> None:
         """Give a taken slot back: to a waiter picked at random, or free."""
@@ -82,7 +70,8 @@ class Slots:
         self._free += 1
 
     async def __aenter__(self) -> None:
-        await self.take()
+        if not self.take_free():
+            await self.wait(self.queue())
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None

@@ -382,12 +382,13 @@ async def test_a_queued_caller_refuses_a_replayed_notice_after_its_acquisition_a
         refreshing = asyncio.ensure_future(queued.access_token("acme"))
         while not store.acquiring:
             await asyncio.sleep(0.01)
-        holder = asyncio.ensure_future(queued._slots.take())  # queued during the acquisition
+        holder = asyncio.ensure_future(queued._slots.__aenter__())  # queued during the acquisition
         for _ in range(500):
             if "acme" in queued._queued:
                 break
             await asyncio.sleep(0.01)
-        assert "acme" in queued._queued and await holder
+        assert "acme" in queued._queued
+        await holder
         store.acquire_delay = 0.0
         digest = TenantKey(queued.app.client_id, "acme").digest
         backend.store._notifier.notify(digest, replayed)  # type: ignore[attr-defined]

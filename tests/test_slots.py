@@ -59,20 +59,17 @@ async def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_it_on() -> N
     assert not slots.locked()  # given back, not lost with the cancelled waiter
 
 
-async def test_a_waiter_that_gives_up_takes_no_slot_and_the_next_one_gets_it() -> None:
+async def test_a_waiter_set_to_false_takes_no_slot_and_the_next_one_gets_it() -> None:
     slots = Slots(1)
-    assert await slots.take()
-    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    giving_up = asyncio.ensure_future(slots.take(stop))
-    staying = asyncio.ensure_future(slots.take())
+    assert slots.take_free()
+    assert not slots.take_free()
+    giving_up, staying = slots.queue(), slots.queue()
+    waiting = asyncio.ensure_future(slots.wait(staying))
+    giving_up.set_result(False)  # what the manager does when the tenant's commit is announced
     await asyncio.sleep(0)
-    stop.set_result(None)
-    assert await giving_up is False
-    assert not staying.done()
+    assert not waiting.done()
     slots.release()  # passes to the waiter that stayed, never to the one that gave up
-    assert await staying is True
+    assert await waiting is True
     slots.release()
     assert not slots.locked()
-    assert await slots.take(stop) is True  # a free slot is taken whatever ``stop`` says
-    assert slots.locked()
-    assert await slots.take(stop) is False  # none free and ``stop`` done: no wait at all
+    assert slots.take_free()

@@ -18,9 +18,6 @@ import functools
 import random
 from types import TracebackType
 
-#: The context ``_give_up`` runs in (asyncio would copy the caller's for each callback).
-_QUIET = contextvars.Context()
-
 
 def _give_up(waiter: asyncio.Future[bool], _: object) -> None:
     if not waiter.done():
@@ -31,10 +28,13 @@ class Slots:
     """``async with slots:`` holds one of ``size`` slots; a released slot passes to a
     waiter picked at random."""
 
-    __slots__ = ("_free", "_waiters")
+    __slots__ = ("_free", "_quiet", "_waiters")
 
     def __init__(self, size: int) -> None:
         self._free = size
+        # The context ``_give_up`` runs in (asyncio would copy the caller's for each
+        # callback); one per instance: a context is entered by one thread at a time.
+        self._quiet = contextvars.Context()
         # Cancelled waiters, and those that gave up, stay until picked and are skipped then.
         self._waiters: list[asyncio.Future[bool]] = []
 
@@ -55,7 +55,7 @@ class Slots:
 
         give_up = functools.partial(_give_up, waiter)
         if stop is not None:
-            stop.add_done_callback(give_up, context=_QUIET)
+            stop.add_done_callback(give_up, context=self._quiet)
         try:
             return await waiter
         except asyncio.CancelledError:

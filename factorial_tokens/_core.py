@@ -40,11 +40,6 @@ T = TypeVar("T")
 #: At most this many tenants' store keys are kept (past that they are made per call).
 KEYS_KEPT = 65_536
 
-#: The context of the manager's done callbacks that only keep books (a flight landing, its
-#: callers woken, the task set): asyncio would copy the caller's context for each, an
-#: object per callback per flight. They log nothing.
-BOOKS = contextvars.Context()
-
 
 @attrs.frozen
 class Entry:
@@ -91,14 +86,17 @@ class Core:
     _joined: dict[asyncio.Task[Entry], dict[asyncio.Future[Entry], None]]  # callers waiting per flight
     _advisory: set[asyncio.Task[Entry]]  # flights that are background refreshes
     _forced: set[str]  # tenants whose flight forces a new token set
-    _queued: dict[
-        str, asyncio.Future[bool]
-    ]  # flights queued for a provider slot, set False on an announcement
+    _queued: dict[str, asyncio.Future[bool]]  # flights queued for a slot: set False on an announcement
     _backoff: dict[str, tuple[int, float]]  # failed advisory refreshes, retry at
     _deaths: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # marked dead here: version, cause
     _dying: dict[str, tuple[int, type[ReauthorizationRequired], str]]  # being marked: version held, cause
     _exchanges: dict[str, tuple[str, asyncio.Task[TokenSet]]]
     _tasks: set[asyncio.Task[Any]]
+    # The context of done callbacks that only keep the books (they log nothing): asyncio
+    # would copy the caller's context for each, an object per callback per flight. One per
+    # manager, not per process: a context is entered by one thread at a time, and managers
+    # on loops of their own in other threads run such callbacks at the same moment.
+    _books: contextvars.Context
     _unsubscribe: Callable[[], None] | None
     _closed: bool
 
@@ -109,7 +107,7 @@ class Core:
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard, context=BOOKS)
+        task.add_done_callback(self._tasks.discard, context=self._books)
         return task
 
     async def _patiently(self, tenant: str, what: str, write: Callable[[], Awaitable[T]]) -> T:

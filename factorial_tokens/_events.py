@@ -171,6 +171,13 @@ class EventDispatcher:
         self._queue.put(_STOP)
         await asyncio.to_thread(thread.join, 1.0)
         self._thread = None
+        if not thread.is_alive():
+            # The loop ran while the thread stopped: an event published after its last look
+            # set ``_woken`` with no thread to wake, and would keep every later one waiting.
+            self._woken = False
+            if self._pending:
+                self._woken = True
+                self._put(_WAKE)
 
 
 def _log_failure(future: Any) -> None:

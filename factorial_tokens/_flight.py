@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ._core import BOOKS, Entry
+from ._core import Entry
 from ._errors import (
     FactorialTokensError,
     ProviderError,
@@ -227,7 +227,7 @@ class Flights(Leases):
             self._forced.discard(tenant)
         else:
             self._forced.add(tenant)
-        flight.add_done_callback(functools.partial(self._land, tenant), context=BOOKS)
+        flight.add_done_callback(functools.partial(self._land, tenant), context=self._books)
         return flight
 
     async def _obtain(self, tenant: str, *, newer_than: int | None) -> Entry:
@@ -273,7 +273,7 @@ class Flights(Leases):
         waiters = self._joined.get(flight)
         if waiters is None:
             waiters = self._joined[flight] = {}
-            flight.add_done_callback(self._wake, context=BOOKS)
+            flight.add_done_callback(self._wake, context=self._books)
         waiter: asyncio.Future[Entry] = flight.get_loop().create_future()
         waiters[waiter] = None
         return waiter

@@ -23,6 +23,7 @@ This module keeps the constructor, the lifecycle and the remaining operations.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 
@@ -204,6 +205,7 @@ class TokenManager(Callbacks, Flights):
         self._dying = {}  # tenants this process is marking dead: version held, cause
         self._exchanges = {}
         self._tasks = set()
+        self._books = contextvars.Context()  # of the done callbacks that keep the books
         self._unsubscribe = None
         self._closed = False
 

@@ -109,3 +109,37 @@ def test_events_published_from_several_threads_are_all_delivered() -> None:
     assert len(seen) == 8_000
     for n in range(4):  # each thread's events in the order it published them
         assert [v for t, v in seen if t == f"thread-{n}"] == list(range(2_000))
+
+
+async def test_an_event_published_while_closing_is_delivered_and_so_are_later_ones() -> None:
+    """The loop runs while ``aclose`` waits for the thread to stop (a cancelled refresh
+    emits then): an event published after the thread's last look at the queue, before
+    ``aclose`` returned, took the wake-up for itself with no thread left to wake, and every
+    event after it waited for a wake-up that never came."""
+    dispatcher = EventDispatcher()
+    seen: list[int | None] = []
+    dispatcher.add(lambda event: seen.append(event.version))
+    dispatcher.publish(_event(0))
+    assert await dispatcher.flush()
+    thread = dispatcher._thread
+    assert thread is not None
+    published = threading.Event()
+    thread_join = thread.join
+
+    def join(timeout: float | None = None) -> None:
+        thread_join(timeout)  # the thread is gone
+        published.wait(5)  # and aclose has not returned: the loop runs meanwhile
+
+    thread.join = join  # type: ignore[method-assign]
+
+    async def late() -> None:
+        while thread.is_alive():
+            await asyncio.sleep(0.001)
+        dispatcher.publish(_event(1))
+        published.set()
+
+    await asyncio.gather(dispatcher.aclose(), late())
+    dispatcher.publish(_event(2))
+    assert await dispatcher.flush()
+    assert seen == [0, 1, 2]
+    await dispatcher.aclose()

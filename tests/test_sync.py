@@ -233,3 +233,50 @@ def test_close_from_a_thread_with_a_running_loop(tsim: FakeFactorial, stm: SyncT
 
     asyncio.run(inside())
     assert stm.closed and loop_threads() == []
+
+
+def test_managers_on_loops_of_their_own_in_two_threads_keep_their_books(tsim: FakeFactorial) -> None:
+    # Two managers, each on its own loop in its own thread (two SyncTokenManagers, or one
+    # beside an async app). A context is entered by one thread at a time: done callbacks
+    # that keep the books (a flight's landing, its callers' wake-up) in a context shared by
+    # every manager failed whenever the other loop was in one ("cannot enter context"), and
+    # did not run: the callers of that flight waited forever.
+    import asyncio
+
+    from factorial_tokens import TokenManager
+
+    failures: list[object] = []
+    start = threading.Barrier(2)
+
+    async def work(first: int) -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _, context: failures.append(context.get("exception", context["message"]))
+        )
+        async with TokenManager(app_for(tsim), "memory://", lease_ttl=6.0, provider_timeout=2.0) as tm:
+            tenants = [f"tenant-{first + i}" for i in range(64)]
+            for tenant in tenants:
+                await tm.exchange_code(tenant, tsim.issue_code(company_id=int(tenant.split("-")[1])))
+            start.wait()
+            until = time.monotonic() + 5.0
+            while time.monotonic() < until and not failures:
+                await asyncio.wait_for(
+                    asyncio.gather(*(tm.refresh(tenant) for tenant in tenants for _ in range(8))), 10.0
+                )
+
+    def run(first: int) -> None:
+        try:
+            asyncio.run(work(first))
+        except BaseException as exc:
+            failures.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, as under load
+    try:
+        threads = [threading.Thread(target=run, args=(first,)) for first in (1, 101)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []

@@ -215,3 +215,31 @@ def test_a_listener_is_settled_once_its_first_attempt_finished_on_the_running_lo
 
     asyncio.run(first_loop())
     asyncio.run(second_loop())
+
+
+class _LeakingCancellation(PushListener):
+    """Its first subscription dies with a CancelledError of the driver's own (the listener
+    task was not cancelled); the next one holds."""
+
+    attempts = 0
+
+    async def listen(self, connected: Callable[[], None]) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise asyncio.CancelledError  # e.g. a driver's read cut short on a dropped connection
+        connected()
+        while not self.stopping:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_subscription_that_dies_with_a_stray_cancellation_is_made_again() -> None:
+    listener = _LeakingCancellation(
+        Notifier(), name="test", log=logging.getLogger("test"), backoff=(0.01, 0.05)
+    )
+    listener.start()
+    for _ in range(300):
+        if listener.listening:
+            break
+        await asyncio.sleep(0.01)
+    assert listener.listening and listener.attempts == 2
+    await listener.aclose()

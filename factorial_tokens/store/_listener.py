@@ -155,9 +155,15 @@ class PushListener(abc.ABC):
         while not self._stopping:
             before = self.connections
             try:
-                await self.listen(self._connected)
-            except asyncio.CancelledError:
-                raise
+                try:
+                    await self.listen(self._connected)
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if self._stopping or task is None or task.cancelling():
+                        raise
+                    # Not this task's cancellation: a driver's own (a read cut short on a
+                    # dropped connection), a failure like any other.
+                    raise ConnectionError("the subscription was cancelled from within") from exc
             except Exception as exc:  # the listener must outlive any failure: retry
                 self._failed_once = True
                 if not self._stopping:

@@ -108,9 +108,15 @@ class PushListener(abc.ABC):
     @property
     def settled(self) -> bool:
         """True once the listener task runs on the running loop and its first attempt to
-        subscribe finished: :meth:`ready` would return at once."""
+        subscribe finished: :meth:`ready` would return at once, and :meth:`start` would do
+        nothing (a store's watch can skip both)."""
         task = self._task
-        return task is not None and self._tried.is_set() and task.get_loop() is asyncio.get_running_loop()
+        if task is None or not self._tried.is_set():
+            return False
+        try:
+            return task.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:  # no running loop
+            return False
 
     @property
     def stopping(self) -> bool:

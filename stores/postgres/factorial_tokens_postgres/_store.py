@@ -218,7 +218,6 @@ class PostgresStore:
         self._sql = _Statements(self._names, self._origin)
         self._listener = _Listen(self)
         # The event loop on which the listener was seen listening (``watch``'s shortcut).
-        self._listened_on: asyncio.AbstractEventLoop | None = None
         # Reads, acquisitions, commits and releases issued in one turn of the loop leave as
         # one statement per kind.
         self._reads: Batcher[TenantKey, Any] = Batcher(
@@ -804,7 +803,7 @@ class PostgresStore:
 
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         """Register for changes of ``key``; starts the shared LISTEN connection if needed."""
-        if self.pgbouncer or self._closed or self._listened_on is _running_loop():
+        if self.pgbouncer or self._closed or self._listener.settled:
             return self._notifier.watch(key)  # nothing to start or wait for
         return self._notifier.watch(key, self._subscribed)
 
@@ -814,10 +813,6 @@ class PostgresStore:
         that does not answer)."""
         if self._start_listener():
             await self._listener.ready(5.0)
-            if self._listener.listening:
-                # Started on this loop and listened once: later watches of this loop go
-                # straight to the Notifier (a lost connection is the listener's to redo).
-                self._listened_on = asyncio.get_running_loop()
 
     def on_change(self, callback: ChangeListener) -> Callable[[], None]:
         """Call ``callback(digest)`` on every change announced (here or by other processes)."""
@@ -900,13 +895,6 @@ class _Listen(PushListener):
         except _CLOSE_FAILURES:
             with contextlib.suppress(*_FAILURES):
                 con.terminate()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 async def _keep_session(con: Any) -> None:

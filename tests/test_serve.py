@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -43,7 +43,8 @@ async def client(tm: TokenManager) -> AsyncIterator[TestClient[web.Request, web.
         yield test_client
 
 
-Client = TestClient[web.Request, web.Application]
+if TYPE_CHECKING:  # TestClient is generic at run time only since aiohttp 3.11
+    Client = TestClient[web.Request, web.Application]
 
 
 def link_path(tm: TokenManager, tenant: str, **options: Any) -> str:

@@ -32,6 +32,8 @@ STEPS = 14
 @contextlib.asynccontextmanager
 async def _redis_store(kind: str) -> AsyncIterator[tuple[TcpProxy, Store]]:
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
     from factorial_tokens_redis import RedisStore
 
     with redis_server.shared_redis_url() as url:
@@ -40,10 +42,17 @@ async def _redis_store(kind: str) -> AsyncIterator[tuple[TcpProxy, Store]]:
             prefix = redis_server.unique_prefix()
             target = f"redis://127.0.0.1:{proxy.port}{parts.path or '/0'}"
             if kind == "retrying":
-                # redis-py's default Redis(...): retries on connection errors, so it resends a
-                # command whose reply was lost (from_url has no retries by default).
+                # A client that retries on connection errors, so it resends a command whose
+                # reply was lost: redis-py's default Redis(...) since 6.0, given explicitly for
+                # the 5.x it still supports (from_url has no retries by default).
                 db = int((parts.path or "/0").strip("/") or 0)
-                client = aioredis.Redis(host="127.0.0.1", port=proxy.port, db=db, socket_timeout=2)
+                client = aioredis.Redis(
+                    host="127.0.0.1",
+                    port=proxy.port,
+                    db=db,
+                    socket_timeout=2,
+                    retry=Retry(ExponentialBackoff(), 3),
+                )
                 assert client.get_retry() is not None
                 store: Any = RedisStore(client, prefix=prefix, poll=0.2)
             else:

@@ -32,9 +32,9 @@ STEPS = 14
 @contextlib.asynccontextmanager
 async def _redis_store(kind: str) -> AsyncIterator[tuple[TcpProxy, Store]]:
     import redis.asyncio as aioredis
+    from factorial_tokens_redis import RedisStore
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
-    from factorial_tokens_redis import RedisStore
 
     with redis_server.shared_redis_url() as url:
         parts = urlsplit(url)

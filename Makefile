@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck services bench clean
+.PHONY: demo test test-oldest lint typecheck services bench clean
 
 $(STAMP): pyproject.toml requirements-dev.txt $(wildcard stores/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,22 @@ TEST_WORKERS ?= 3
 test: $(STAMP) lint typecheck services
 	$(BIN)/pytest -n $(TEST_WORKERS)
 
+# The suite again with the oldest dependency versions the projects declare (on demand, not
+# part of `make test`): requirements-oldest.txt pins each runtime dependency's floor.
+OLDEST := .venv-oldest
+$(OLDEST)/.installed: pyproject.toml requirements-dev.txt requirements-oldest.txt $(wildcard stores/*/pyproject.toml)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q -e ".[cli]" $(foreach d,$(wildcard stores/*/pyproject.toml),-e $(dir $(d))) -r requirements-dev.txt -r requirements-oldest.txt
+	touch $@
+
+test-oldest: $(OLDEST)/.installed services
+	$(OLDEST)/bin/pytest -n $(TEST_WORKERS)
+
 # Benchmarks (on demand, not part of the tests): `make bench BENCH_ARGS="--quick"`; see benchmarks/README.md
 bench: $(STAMP) services
 	$(BIN)/python -m pip install -q -r benchmarks/requirements.txt
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTS = {
@@ -152,3 +153,26 @@ def test_each_plugin_admits_the_core_of_this_checkout_and_no_next_minor() -> Non
         (spec,) = [Requirement(r) for r in wanted if Requirement(r).name == "factorial-tokens"]
         assert core in spec.specifier, (folder, str(spec))
         assert f"{major}.{minor + 1}.0" not in spec.specifier, (folder, str(spec))
+
+
+def test_the_oldest_requirements_pin_every_declared_floor() -> None:
+    """``make test-oldest`` runs the suite with requirements-oldest.txt: it must pin exactly
+    the ``>=`` floor of every runtime dependency the three projects declare (but the core
+    itself, which a plugin names by its minor series)."""
+    floors: dict[str, str] = {}
+    for folder in DISTS:
+        for line in tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]["dependencies"]:
+            requirement = Requirement(line)
+            if requirement.name == "factorial-tokens":
+                continue
+            (lowest,) = [s.version for s in requirement.specifier if s.operator == ">="]
+            floors[requirement.name] = lowest
+    pinned: dict[str, str] = {}
+    for line in (ROOT / "requirements-oldest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (version,) = [s.version for s in requirement.specifier if s.operator == "=="]
+            pinned[requirement.name] = version
+    assert set(pinned) == set(floors), (sorted(pinned), sorted(floors))
+    for name, lowest in floors.items():
+        assert Version(pinned[name]) == Version(lowest), (name, pinned[name], lowest)

@@ -466,19 +466,20 @@ async def test_a_notice_announced_while_the_read_was_answered_ends_the_queue_bef
 async def test_a_refresh_that_outlives_a_third_of_its_lease_has_it_renewed(
     sim: FakeFactorial, backend: Backend
 ) -> None:
-    """The provider answers after 0.8 s of a 1.5 s lease: the holder's watchdog, due a third
-    of the TTL into the work, extends the lease; the refresh is committed, and the other
-    worker, asking meanwhile, waits for it. (No watchdog task for a refresh that ends
-    sooner, as nearly all do.)"""
+    """The provider answers after 2.6 s of a 6 s lease: the holder's watchdog, due a third
+    of the TTL (2 s) into the work, extends the lease; the refresh is committed, and the
+    other worker, asking meanwhile, waits for it. (No watchdog task for a refresh that ends
+    sooner, as nearly all do.) The provider timeout (4 s) leaves the slow answer 1.4 s of
+    room on a loaded machine."""
     async with TokenManager(app_for(sim), backend.store) as first:
         await connect(first, sim)
         await age(first, left=5)
     holding = CountingStore(backend.open())
     async with (
-        TokenManager(app_for(sim), holding, lease_ttl=1.5, provider_timeout=0.9) as holder,
-        TokenManager(app_for(sim), backend.open(), lease_ttl=1.5, provider_timeout=0.9) as other,
+        TokenManager(app_for(sim), holding, lease_ttl=6.0, provider_timeout=4.0) as holder,
+        TokenManager(app_for(sim), backend.open(), lease_ttl=6.0, provider_timeout=4.0) as other,
     ):
-        sim.latency = 0.8
+        sim.latency = 2.6
         refreshing = asyncio.ensure_future(holder.access_token("acme"))
         for _ in range(500):  # until the holder has the lease
             if holding.calls["acquire"]:

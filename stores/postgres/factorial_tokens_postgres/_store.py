@@ -217,7 +217,6 @@ class PostgresStore:
         self._origin = secrets.token_hex(8)
         self._sql = _Statements(self._names, self._origin)
         self._listener = _Listen(self)
-        # The event loop on which the listener was seen listening (``watch``'s shortcut).
         # Reads, acquisitions, commits and releases issued in one turn of the loop leave as
         # one statement per kind.
         self._reads: Batcher[TenantKey, Any] = Batcher(

@@ -680,6 +680,57 @@ async def test_store_down_from_the_start_is_a_typed_error() -> None:
         await store.aclose()
 
 
+async def test_a_pool_with_no_free_connection_is_a_typed_error_not_an_endless_wait(base_url: str) -> None:
+    # An application's own pool, every connection of it busy elsewhere: each store call
+    # (the first one, which migrates, included) gives up after acquire_timeout.
+    pool = await asyncpg.create_pool(base_url, min_size=0, max_size=2)
+    schema = postgres_server.unique_schema()
+    store_url(base_url, schema=schema)  # registers it for dropping
+    store = PostgresStore(pool, schema=schema, acquire_timeout=0.3)
+    key = TenantKey("busy", "acme")
+    held = [await pool.acquire() for _ in range(2)]
+    try:
+        calls: list[Callable[[], Awaitable[object]]] = [
+            store.check,  # the first use: the migration's own connection
+            lambda: store.read(key),
+            lambda: store.acquire(key, "me", 5.0),
+            lambda: store.replace(key, _update(b"x")),
+            lambda: store.tenants("busy"),
+            lambda: store.hold("busy", time.time() + 5),
+            lambda: store.claim_code(key, "c" * 64, "me", 5.0),
+        ]
+        for call in calls:
+            with pytest.raises(
+                StoreUnavailable, match=r"got no connection from the pool in time \(acquire_timeout=0\.3 s\)"
+            ):
+                await asyncio.wait_for(call(), 10.0)
+    finally:
+        for con in held:
+            await pool.release(con)
+    try:
+        await store.replace(key, _update(b"x"))
+        acquisition = await store.acquire(key, "me", 5.0)
+        assert acquisition.lease is not None
+        held = [await pool.acquire() for _ in range(2)]
+        try:
+            with pytest.raises(StoreUnavailable, match="commit got no connection from the pool"):
+                await asyncio.wait_for(store.commit(acquisition.lease, _update(b"y")), 10.0)
+        finally:
+            for con in held:
+                await pool.release(con)
+        assert await store.commit(acquisition.lease, _update(b"y")) is not None
+    finally:
+        await store.aclose()
+        await pool.close()
+
+
+def test_acquire_timeout_is_a_url_option() -> None:
+    store = PostgresStore.from_url("postgresql://u@h/db?acquire_timeout=2.5")
+    assert store._acquire_timeout == 2.5
+    with pytest.raises(ConfigurationError):
+        PostgresStore.from_url("postgresql://u@h/db?acquire_timeout=0")
+
+
 # -- batching: the calls of one turn of the loop go as one statement per kind -----------
 
 

@@ -35,7 +35,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -126,6 +126,7 @@ _URL_OPTIONS = {
     "max_size": integer,
     "command_timeout": number,
     "connect_timeout": number,
+    "acquire_timeout": number,
     "migrate": flag,
 }
 _PRUNE_EVERY = 600.0
@@ -159,6 +160,8 @@ class PostgresStore:
             cache, no session state; wake-ups by a shorter poll.
         poll: the fallback poll period (seconds); default 1.0, or 0.25 with ``pgbouncer``.
         min_size, max_size, command_timeout, connect_timeout: for the pool built from ``dsn``.
+        acquire_timeout: how long a store call waits for a free connection of the pool
+            (built or injected) before it raises StoreUnavailable.
         migrate: create or upgrade the schema on first use (the default). With ``False``
             (for read-only tools) a schema that does not exist yet reads as empty and is
             not created (a write then raises StoreUnavailable); a schema at another
@@ -184,18 +187,22 @@ class PostgresStore:
         max_size: int = 10,
         command_timeout: float = 10.0,
         connect_timeout: float = 5.0,
+        acquire_timeout: float = 10.0,
         migrate: bool = True,
     ) -> None:
         if (pool is None) == (dsn is None):
             raise ConfigurationError("PostgresStore needs exactly one of pool= or dsn=")
         if poll is not None and poll <= 0:
             raise ConfigurationError("poll must be positive")
+        if not acquire_timeout > 0:
+            raise ConfigurationError("acquire_timeout must be positive")
         if pool is None and not pgbouncer and max_size < 2:
             raise ConfigurationError("max_size must be at least 2: one connection is kept for LISTEN")
         self._names = Names(schema, table_prefix)
         self._pool: Any = pool
         self._dsn = dsn
         self._owns_pool = pool is None
+        self._acquire_timeout = float(acquire_timeout)
         self.pgbouncer = pgbouncer
         self._pool_options: dict[str, Any] = {
             "min_size": int(min_size),
@@ -268,7 +275,8 @@ class PostgresStore:
 
         Options (removed before the URL reaches asyncpg): ``schema``, ``table_prefix``,
         ``pgbouncer``, ``poll``, ``min_size``, ``max_size``, ``command_timeout``,
-        ``connect_timeout``, ``migrate``. Other query parameters (``sslmode``, ...) go to asyncpg.
+        ``connect_timeout``, ``acquire_timeout``, ``migrate``. Other query parameters
+        (``sslmode``, ...) go to asyncpg.
         """
         kwargs, dsn = url_options(url, _URL_OPTIONS, store="postgres", rest=True)
         return cls(dsn=dsn, **kwargs)
@@ -319,7 +327,7 @@ class PostgresStore:
         """With ``migrate=False``: True if the schema is at this package's version, False
         if it does not exist; ConfigurationError if it is at another version."""
         n = self._names
-        async with pool.acquire() as con:
+        async with self._connection(pool, "opening") as con:
             if not await con.fetchval("SELECT to_regclass($1) IS NOT NULL", n.meta):
                 return False
             version = await con.fetchval(f"SELECT value FROM {n.meta} WHERE name = 'schema_version'")
@@ -347,7 +355,7 @@ class PostgresStore:
 
     async def _migrate_once(self, pool: Any) -> None:
         n = self._names
-        async with pool.acquire() as con:
+        async with self._connection(pool, "migrating") as con:
             try:
                 version = await con.fetchval(f"SELECT value FROM {n.meta} WHERE name = 'schema_version'")
             except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.InvalidSchemaNameError):
@@ -378,6 +386,23 @@ class PostgresStore:
                     SCHEMA_VERSION,
                 )
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: Any, op: str) -> AsyncIterator[Any]:
+        """A connection of the pool for ``op``; StoreUnavailable if none is free within
+        ``acquire_timeout`` (a pool exhausted by its other users, or losing connections)."""
+        try:
+            con = await pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"Postgres store{self._where()}: {op} got no connection from the pool in time "
+                f"(acquire_timeout={self._acquire_timeout:g} s): all are busy, or the database "
+                "accepts no new one"
+            ) from None
+        try:
+            yield con
+        finally:
+            await pool.release(con)
+
     async def _call(
         self,
         op: str,
@@ -386,7 +411,7 @@ class PostgresStore:
         *,
         closing: bool = False,
     ) -> T:
-        """Run ``fn(pool, replay)``; the one place driver errors become StoreUnavailable.
+        """Run ``fn(connection, replay)``; the one place driver errors become StoreUnavailable.
 
         A connection lost mid-statement is retried on a fresh connection with
         ``replay=True`` (the first attempt may have committed); other failures are not.
@@ -399,7 +424,8 @@ class PostgresStore:
                         f"Postgres store{self._where()}: {op} refused: schema {self.schema!r} does not "
                         "exist and this store was opened with migrate=false (read-only)"
                     )
-                return await fn(pool, attempt > 0)
+                async with self._connection(pool, op) as con:
+                    return await fn(con, attempt > 0)
             except _FAILURES as exc:
                 retry = isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
                 if not retry or attempt + 1 == attempts or self._closed:
@@ -467,10 +493,10 @@ class PostgresStore:
     async def _read_batch(self, keys: list[TenantKey]) -> list[Any]:
         """Each key's row (or ``None``), read in one statement."""
 
-        async def run(pool: Any, replay: bool) -> Any:
+        async def run(con: Any, replay: bool) -> Any:
             if self._absent:
                 return []
-            return await pool.fetch(self._sql.read_many, _rows([[k.namespace, k.tenant] for k in keys]))
+            return await con.fetch(self._sql.read_many, _rows([[k.namespace, k.tenant] for k in keys]))
 
         found: list[Any] = [None] * len(keys)
         for row in await self._call("read", run):
@@ -557,21 +583,20 @@ class PostgresStore:
         plain acquisition finds no row when a concurrent first insert committed after its
         statement began (its snapshot cannot see the row it conflicted with)."""
 
-        async def run(pool: Any, replay: bool) -> list[Any]:
+        async def run(con: Any, replay: bool) -> list[Any]:
             found: list[Any] = [None] * len(items)
             if self._absent:
                 return found
-            async with pool.acquire() as con:
-                pending = list(range(len(items)))
-                for _ in range(tries):
-                    for indices in _rounds([items[i][0] for i in pending]):
-                        positions = sorted((pending[j] for j in indices), key=lambda i: _order(items[i][0]))
-                        rows = await con.fetch(statement, columns([items[i] for i in positions]))
-                        for row in rows:
-                            found[positions[row["i"] - 1]] = row
-                    pending = [i for i in pending if found[i] is None]
-                    if not pending:
-                        break
+            pending = list(range(len(items)))
+            for _ in range(tries):
+                for indices in _rounds([items[i][0] for i in pending]):
+                    positions = sorted((pending[j] for j in indices), key=lambda i: _order(items[i][0]))
+                    rows = await con.fetch(statement, columns([items[i] for i in positions]))
+                    for row in rows:
+                        found[positions[row["i"] - 1]] = row
+                pending = [i for i in pending if found[i] is None]
+                if not pending:
+                    break
             return found
 
         # Always replay-safe: a lease already held by this very owner (random per call) is
@@ -592,8 +617,8 @@ class PostgresStore:
         """Push the lease's expiry to ``ttl`` from now (database clock) if still ours."""
         key = lease.key
 
-        async def run(pool: Any, replay: bool) -> Any:
-            return await pool.execute(
+        async def run(con: Any, replay: bool) -> Any:
+            return await con.execute(
                 self._sql.extend, key.namespace, key.tenant, lease.fence, lease.owner, float(ttl)
             )
 
@@ -609,15 +634,14 @@ class PostgresStore:
         """Whether each lease was given back, in one statement; announces each.
         ``closing``: also while ``aclose`` waits for it (the leases of cancelled callers)."""
 
-        async def run(pool: Any, replay: bool) -> list[bool]:
+        async def run(con: Any, replay: bool) -> list[bool]:
             done = [False] * len(leases)
-            async with pool.acquire() as con:
-                for indices in _rounds([lease.key for lease in leases]):
-                    indices = sorted(indices, key=lambda i: _order(leases[i].key))
-                    part = [leases[i] for i in indices]
-                    rows = _rows([_lease_row(lease) for lease in part])
-                    for row in await con.fetch(self._sql.release_many, rows, self._names.channel):
-                        done[indices[row["i"] - 1]] = True
+            for indices in _rounds([lease.key for lease in leases]):
+                indices = sorted(indices, key=lambda i: _order(leases[i].key))
+                part = [leases[i] for i in indices]
+                rows = _rows([_lease_row(lease) for lease in part])
+                for row in await con.fetch(self._sql.release_many, rows, self._names.channel):
+                    done[indices[row["i"] - 1]] = True
             return done
 
         released = await self._call("release", run, closing=closing)
@@ -640,25 +664,24 @@ class PostgresStore:
         """Each commit's new version (``None``: fenced out), written in one statement;
         announces each commit that landed."""
 
-        async def run(pool: Any, replay: bool) -> list[int | None]:
+        async def run(con: Any, replay: bool) -> list[int | None]:
             versions: list[int | None] = [None] * len(commits)
-            async with pool.acquire() as con:
-                for indices in _rounds([lease.key for lease, _ in commits]):
-                    indices = sorted(indices, key=lambda i: _order(commits[i][0].key))
-                    part = [commits[i] for i in indices]
-                    data = _rows([_lease_row(lease) + _update_row(update) for lease, update in part])
-                    rows = await con.fetch(self._sql.commit_many, data, self._names.channel)
-                    for row in rows:
-                        versions[indices[row["i"] - 1]] = int(row["version"])
-                for index, (lease, update) in enumerate(commits):
-                    if versions[index] is None:
-                        # A resent statement (ours, or a client's after a lost reply) may
-                        # find its own commit done.
-                        key = lease.key
-                        found = await con.fetchval(
-                            self._sql.committed, key.namespace, key.tenant, lease.fence, update.payload
-                        )
-                        versions[index] = None if found is None else int(found)
+            for indices in _rounds([lease.key for lease, _ in commits]):
+                indices = sorted(indices, key=lambda i: _order(commits[i][0].key))
+                part = [commits[i] for i in indices]
+                data = _rows([_lease_row(lease) + _update_row(update) for lease, update in part])
+                rows = await con.fetch(self._sql.commit_many, data, self._names.channel)
+                for row in rows:
+                    versions[indices[row["i"] - 1]] = int(row["version"])
+            for index, (lease, update) in enumerate(commits):
+                if versions[index] is None:
+                    # A resent statement (ours, or a client's after a lost reply) may
+                    # find its own commit done.
+                    key = lease.key
+                    found = await con.fetchval(
+                        self._sql.committed, key.namespace, key.tenant, lease.fence, update.payload
+                    )
+                    versions[index] = None if found is None else int(found)
             return versions
 
         # A commit is the one write whose loss costs a rotated token: retry it harder. A
@@ -677,10 +700,10 @@ class PostgresStore:
         else:
             values = (update.payload, update.status.value, update.expires_at, update.updated_at)
 
-        async def run(pool: Any, replay: bool) -> Any:
+        async def run(con: Any, replay: bool) -> Any:
             if update is None:
-                return await pool.execute(self._sql.forget, key.namespace, key.tenant, self._names.channel)
-            return await pool.execute(
+                return await con.execute(self._sql.forget, key.namespace, key.tenant, self._names.channel)
+            return await con.execute(
                 self._sql.replace, key.namespace, key.tenant, key.digest, *values, self._names.channel
             )
 
@@ -694,14 +717,14 @@ class PostgresStore:
         if time.monotonic() - self._last_prune >= _PRUNE_EVERY:
             self._last_prune = time.monotonic()
 
-            async def prune(pool: Any, replay: bool) -> Any:
-                return await pool.execute(self._sql.prune, CLAIM_RETENTION)
+            async def prune(con: Any, replay: bool) -> Any:
+                return await con.execute(self._sql.prune, CLAIM_RETENTION)
 
             await self._call("prune code claims", prune)
 
-        async def run(pool: Any, replay: bool) -> Any:
+        async def run(con: Any, replay: bool) -> Any:
             for _ in range(3):
-                row = await pool.fetchrow(
+                row = await con.fetchrow(
                     self._sql.claim,
                     key.namespace,
                     code_hash,
@@ -734,8 +757,8 @@ class PostgresStore:
         """Move an owned claim to ``state`` and announce on its tenant."""
         hold = float(ttl) if state is ClaimState.SENT else CLAIM_RETENTION
 
-        async def run(pool: Any, replay: bool) -> Any:
-            return await pool.fetch(
+        async def run(con: Any, replay: bool) -> Any:
+            return await con.fetch(
                 self._sql.advance,
                 claim.key.namespace,
                 claim.code_hash,
@@ -759,8 +782,8 @@ class PostgresStore:
             raise InvalidTenant("namespaces must not contain NUL characters")
         digest = hold_digest(namespace)
 
-        async def run(pool: Any, replay: bool) -> Any:
-            return await pool.fetchrow(self._sql.hold, namespace, digest, float(until), self._names.channel)
+        async def run(con: Any, replay: bool) -> Any:
+            return await con.fetchrow(self._sql.hold, namespace, digest, float(until), self._names.channel)
 
         row = await self._call("hold", run)
         if row["raised"]:
@@ -775,10 +798,10 @@ class PostgresStore:
         digest = hold_digest(namespace)
         burst = max(burst, 1)
 
-        async def run(pool: Any, replay: bool) -> Any:
-            if await pool.fetchval(self._sql.admit, namespace, digest, ticket, float(interval), burst):
+        async def run(con: Any, replay: bool) -> Any:
+            if await con.fetchval(self._sql.admit, namespace, digest, ticket, float(interval), burst):
                 return 0.0
-            row = await pool.fetchrow(self._sql.throttle, namespace)
+            row = await con.fetchrow(self._sql.throttle, namespace)
             state = ThrottleState(row["not_before"] or 0.0, row["tat"] or 0.0, row["ticket"] or "")
             return state.admit(float(row["now"]), ticket, interval, burst)[0]
 
@@ -790,10 +813,10 @@ class PostgresStore:
         if "\x00" in namespace:
             raise InvalidTenant("namespaces must not contain NUL characters")
 
-        async def run(pool: Any, replay: bool) -> Any:
+        async def run(con: Any, replay: bool) -> Any:
             if self._absent:
                 return []
-            return await pool.fetch(self._sql.tenants, namespace)
+            return await con.fetch(self._sql.tenants, namespace)
 
         rows = await self._call("tenants", run)
         return [_record(TenantKey(namespace, row["tenant"]), row) for row in rows]
@@ -832,8 +855,8 @@ class PostgresStore:
     async def check(self) -> None:
         """Raise StoreUnavailable unless the database answers (and the schema is ready)."""
 
-        async def run(pool: Any, replay: bool) -> Any:
-            return await pool.fetchval("SELECT 1")
+        async def run(con: Any, replay: bool) -> Any:
+            return await con.fetchval("SELECT 1")
 
         await self._call("check", run)
 
@@ -871,7 +894,7 @@ class _Listen(PushListener):
         """LISTEN on a pooled connection until it is lost; a ``SELECT 1`` every 5 s finds a
         half-open socket."""
         pool = await self._store._ready()
-        con = await pool.acquire()
+        con = await pool.acquire(timeout=self._store._acquire_timeout)
         lost = asyncio.Event()
         try:
             con.add_termination_listener(lambda _con: lost.set())

@@ -1,0 +1,304 @@
+"""Adversarial review: hostile provider answers, callback values and store contents that
+the library does not yet handle as its rules say (typed errors, nothing lost, no piece of a
+secret anywhere, a tenant never rebound silently). Each test fails on the code it names."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from factorial_tokens import (
+    CompanyMismatch,
+    ConfigurationError,
+    FactorialApp,
+    FactorialTokensError,
+    InvalidState,
+    Keyring,
+    ProviderError,
+    TokenManager,
+    TokenSealError,
+)
+from factorial_tokens._oauth import OAuthClient
+from factorial_tokens.store import SQLiteStore, TenantKey, TenantStatus, Update
+from factorial_tokens.testing import FakeFactorial
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
+from .stores import BACKENDS, open_backend
+
+BUDGETS = {"lease_ttl": 6.0, "provider_timeout": 2.0}
+CODE = "c0de5ecret" + "9" * 54  # a 64-character authorization code, as Factorial issues
+REFRESH = "2efre5h" + "7" * 57
+
+
+@pytest.fixture
+async def raw_provider() -> AsyncIterator[dict[str, Any]]:
+    """An HTTP server whose /oauth/token answer each test sets (``holder["token"]``)."""
+    holder: dict[str, Any] = {}
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        holder["form"] = dict(await request.post())
+        result: web.StreamResponse = await holder["token"](request)
+        return result
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    holder["base_url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield holder
+    finally:
+        await runner.cleanup()
+
+
+def _client(base_url: str) -> OAuthClient:
+    app = FactorialApp(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, base_url=base_url
+    )
+    return OAuthClient(app, timeout=5.0)
+
+
+def _texts(exc: BaseException) -> str:
+    out = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        out += [str(seen), repr(seen), str(getattr(seen, "description", "")), str(getattr(seen, "error", ""))]
+        seen = seen.__cause__ or seen.__context__
+    return " | ".join(out)
+
+
+# -- 1. a 2xx answer with an access token and an enormous number is lost --------------------
+
+
+@pytest.mark.parametrize("field", ["expires_in", "created_at"])
+async def test_a_2xx_with_an_enormous_number_literal_keeps_its_tokens(raw_provider: Any, field: str) -> None:
+    """A valid JSON body whose ``expires_in`` (or ``created_at``) is an integer literal of
+    5000 digits: Python's json refuses it (int max str digits), so ``_json`` raises
+    RequestInDoubt and the issued access token is lost (the code was consumed)."""
+    body = '{"access_token":"issued-access-token","refresh_token":"r","' + field + '":1' + "0" * 5000 + "}"
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200, text=body, content_type="application/json")
+
+    raw_provider["token"] = answer
+    client = _client(raw_provider["base_url"])
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        tokens = await client.exchange_code(CODE, deadline=deadline)
+    finally:
+        await client.aclose()
+    assert tokens.access_token == "issued-access-token"
+
+
+# -- 2. the provider's `error` value reaches errors and logs unredacted ---------------------
+
+
+async def test_a_provider_error_code_echoing_the_refresh_token_is_redacted(raw_provider: Any) -> None:
+    """A 400 whose ``error`` echoes what was sent (a proxy, a buggy server): ``_error``
+    keeps ``data["error"][:64]`` as is, so the whole refresh token is in str(exc)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        sent = (await request.post())["refresh_token"]
+        return web.json_response({"error": sent}, status=400)
+
+    raw_provider["token"] = answer
+    client = _client(raw_provider["base_url"])
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        with pytest.raises(ProviderError) as info:
+            await client.refresh(REFRESH, deadline=deadline)
+    finally:
+        await client.aclose()
+    assert REFRESH[:12] not in _texts(info.value)
+
+
+async def test_a_provider_error_code_cannot_forge_log_lines(
+    raw_provider: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connect callback logs ``exc.error`` raw: a CR/LF in Factorial's (or a proxy's)
+    ``error`` value forges a log line, though the access log escapes control characters."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from factorial_tokens.web import connect_app
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": "invalid_grant\nCRITICAL forged line"}, status=400)
+
+    raw_provider["token"] = answer
+    app = FactorialApp(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        base_url=raw_provider["base_url"],
+    )
+    caplog.set_level(logging.DEBUG)
+    async with TokenManager(app, "memory://", **BUDGETS) as tm:
+        cookie = "b" * 43
+        url = tm.authorization_url("acme", binding=cookie)
+        state = url.split("state=")[1].split("&")[0]
+        async with TestClient(TestServer(connect_app(tm, open_routes=False))) as http:
+            http.session.cookie_jar.update_cookies({"factorial_tokens_binding": cookie})
+            resp = await http.get("/oauth/callback", params={"state": _unquote(state), "code": CODE})
+            assert resp.status == 502
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("factorial_tokens")]
+    assert not any("\n" in line for line in lines), lines
+
+
+def _unquote(text: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(text)
+
+
+# -- 3. the excerpt's 2000-character window leaves a piece of a secret ----------------------
+
+
+async def test_an_error_page_cut_inside_an_echoed_secret_shows_no_piece_of_it(raw_provider: Any) -> None:
+    """``_excerpt`` cuts the body at 2000 characters *before* redacting: a secret that
+    straddles the cut is no longer whole (not replaced) and its piece is shorter than the
+    20-character token pattern, so the piece survives whitespace folding into the error."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        sent = (await request.post())["code"]
+        return web.Response(status=400, text=" " * 1990 + f"{sent} was refused", content_type="text/html")
+
+    raw_provider["token"] = answer
+    client = _client(raw_provider["base_url"])
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        with pytest.raises(ProviderError) as info:
+            await client.exchange_code(CODE, deadline=deadline)
+    finally:
+        await client.aclose()
+    assert CODE[:8] not in _texts(info.value), _texts(info.value)
+
+
+# -- 4. tampered SQLite columns escape as ValueError ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("status", "bogus"), ("status", None), ("expires_at", "soon"), ("version", "x"), ("updated_at", "x")],
+)
+async def test_a_tampered_sqlite_column_is_a_typed_error(
+    tmp_path: Path, sim: FakeFactorial, column: str, value: object
+) -> None:
+    """SQLite keeps columns untyped; ``_call`` maps only sqlite3.Error, so
+    ``record_from_columns``'s ValueError escapes the store and the manager (the Redis store
+    maps the same case to StoreUnavailable)."""
+    path = tmp_path / "tokens.db"
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    conn = sqlite3.connect(path)
+    conn.execute(f"UPDATE tenants SET {column} = ?", (value,))
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(FactorialTokensError):
+            await store.read(TenantKey(CLIENT_ID, "acme"))
+        async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+            with pytest.raises(FactorialTokensError):
+                await tm.access_token("acme")
+    finally:
+        await store.aclose()
+
+
+# -- 5. a plain payload with wrong types or deep nesting -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'j1:{"access_token":["served-as-a-list"],"refresh_token":"r","expires_at":null}',
+        b'j1:{"access_token":"a","refresh_token":"r","expires_at":"soon"}',
+        b'j1:{"access_token":"a","refresh_token":5,"expires_at":1.0}',
+        b"j1:" + b"[" * 100_000,
+    ],
+    ids=["list-token", "string-expiry", "int-refresh", "deep-nesting"],
+)
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b in ("sqlite", "redis", "postgres")])
+async def test_a_tampered_plain_payload_is_a_seal_error(
+    name: str, payload: bytes, sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """``JsonCodec.decode`` builds ``TokenSet(**data)`` without checking types, and does not
+    catch RecursionError: a tampered record is served (a list as the access token) or
+    raises TypeError / AttributeError / RecursionError instead of TokenSealError."""
+    async with open_backend(name, tmp_path) as backend:
+        store = backend.store
+        async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            await store.replace(
+                TenantKey(CLIENT_ID, "acme"), Update(payload, TenantStatus.ACTIVE, None, time.time())
+            )
+            tm._forget_cached("acme")
+            with pytest.raises(TokenSealError):
+                await asyncio.wait_for(tm.access_token("acme"), 10)
+
+
+# -- 6. a record that cannot be opened is overwritten, and the company pin with it ----------
+
+
+async def test_a_record_that_cannot_be_opened_does_not_unpin_the_tenant(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """``_decode_replaced`` turns a TokenSealError into "nothing stored": a tenant pinned to
+    company 111 whose record cannot be opened (a key missing from the ring, or a record
+    garbled by someone with write access but no key) takes company 666's grant without
+    CompanyMismatch, the sealed record is overwritten (docs/security.md: "never
+    overwritten") and the old grant stays live at Factorial."""
+    ring = Keyring.generate("k1")
+    path = tmp_path / "tokens.db"
+    async with TokenManager(app_for(sim), SQLiteStore(path), keyring=ring, **BUDGETS) as tm:
+        first = await tm.exchange_code("victim", sim.issue_code(company_id=111))
+        # Write access without the key: garble the sealed payload, keep everything else.
+        key = TenantKey(CLIENT_ID, "victim")
+        record = await tm._store.read(key)
+        assert record is not None
+        await tm._store.replace(key, Update(record.payload[:-8] + b"AAAAAAAA", expires_at=record.expires_at))
+        with pytest.raises((CompanyMismatch, TokenSealError)):
+            await tm.exchange_code("victim", sim.issue_code(company_id=666))
+    assert sim.is_active(first.access_token)
+
+
+# -- 7. state and binding values the library cannot encode ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "binding"),
+    [("\ud800.AAAA", None), (None, "\udcff" * 40)],
+    ids=["surrogate-state", "surrogate-binding"],
+)
+async def test_unencodable_callback_values_are_invalid_state(
+    sim: FakeFactorial, state: str | None, binding: str | None
+) -> None:
+    """``_Signer._open`` computes the MAC of ``body.encode()`` outside its try, and
+    ``binding_hash`` encodes the binding: a lone surrogate (what aiohttp's surrogateescape
+    header decoding gives for a raw byte in a Cookie) raises UnicodeEncodeError."""
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+        if state is None:
+            url = tm.authorization_url("acme", binding="b" * 43)
+            state = _unquote(url.split("state=")[1].split("&")[0])
+        with pytest.raises(InvalidState):
+            await tm.complete_callback(state=state, code=CODE, binding=binding)
+
+
+# -- 8. a malformed store URL ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:pw-S3cret@[::1:5432/test", "redis://:pw-S3cret@[::1:6379/0"])
+def test_a_malformed_store_url_is_a_configuration_error(url: str) -> None:
+    from factorial_tokens.store import store_from_url
+
+    with pytest.raises(ConfigurationError):
+        store_from_url(url)

@@ -302,3 +302,34 @@ def test_a_malformed_store_url_is_a_configuration_error(url: str) -> None:
 
     with pytest.raises(ConfigurationError):
         store_from_url(url)
+
+
+# -- 9. a tampered code claim ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sqlite", "redis"])
+async def test_a_tampered_code_claim_is_a_typed_error(name: str, sim: FakeFactorial, tmp_path: Path) -> None:
+    """A claim whose state column/field was tampered with: SQLite's ``ClaimState(state)``
+    and Redis's ``ClaimState(_text(state))`` raise ValueError out of ``claim_code`` (the
+    record read maps the same kind of damage to StoreUnavailable on Redis)."""
+    import redis.asyncio as aioredis
+
+    async with open_backend(name, tmp_path) as backend:
+        store = backend.store
+        async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+            code = sim.issue_code(company_id=1)
+            await tm.exchange_code("acme", code)
+            code_hash = tm._secret.code_hash(code)
+            if name == "sqlite":
+                conn = sqlite3.connect(backend.url.removeprefix("sqlite:///"))
+                conn.execute("UPDATE claims SET state = 'bogus' WHERE code_hash = ?", (code_hash,))
+                conn.commit()
+                conn.close()
+            else:
+                client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+                try:
+                    assert await client.hset(store._claim(CLIENT_ID, code_hash), "state", "bogus") == 0
+                finally:
+                    await client.aclose()
+            with pytest.raises(FactorialTokensError):
+                await tm.exchange_code("acme", code)

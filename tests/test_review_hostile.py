@@ -333,3 +333,30 @@ async def test_a_tampered_code_claim_is_a_typed_error(name: str, sim: FakeFactor
                     await client.aclose()
             with pytest.raises(FactorialTokensError):
                 await tm.exchange_code("acme", code)
+
+
+# -- 10. an access token that cannot go into a header ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "access", ["a\\r\\nX-Injected: 1", "a\\u0000b", "a\\ud800"], ids=["crlf", "nul", "surrogate"]
+)
+async def test_an_access_token_unfit_for_a_header_is_a_typed_error(raw_provider: Any, access: str) -> None:
+    """``_token_set`` accepts any non-blank string as the access token; the exchange's
+    credentials call then fails inside aiohttp (ValueError: forbidden control character) or
+    in ``fingerprint`` (UnicodeEncodeError), untyped, leaving the code's claim SENT."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = '{"access_token":"' + access + '","refresh_token":"r","expires_in":7200}'
+        return web.Response(status=200, text=body, content_type="application/json")
+
+    raw_provider["token"] = answer
+    app = FactorialApp(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        base_url=raw_provider["base_url"],
+    )
+    async with TokenManager(app, "memory://", **BUDGETS) as tm:
+        with pytest.raises(FactorialTokensError):
+            await tm.exchange_code("acme", CODE)

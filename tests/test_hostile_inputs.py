@@ -1,6 +1,7 @@
-"""Adversarial review: hostile provider answers, callback values and store contents that
-the library does not yet handle as its rules say (typed errors, nothing lost, no piece of a
-secret anywhere, a tenant never rebound silently). Each test fails on the code it names."""
+"""Hostile provider answers, callback values, store URLs and store contents: each gets a
+typed error and loses nothing; no piece of a secret reaches an error or a log line; a
+tenant whose record cannot be opened is never rebound silently. (Found by an adversarial
+review; each test failed on the code its docstring names before the fix.)"""
 
 from __future__ import annotations
 

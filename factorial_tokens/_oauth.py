@@ -49,6 +49,16 @@ _KEYS = "|".join(_SECRET_KEYS)
 # in a form / query string.
 _SECRET_JSON = re.compile(rf'("(?:{_KEYS})"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^,}}\]\s]*)', re.IGNORECASE)
 _SECRET_FORM = re.compile(rf"((?:{_KEYS})=)[^&\s]*", re.IGNORECASE)
+#: An OAuth error code as Factorial (and RFC 6749) writes them: lowercase words joined by
+#: underscores. Anything else in ``error`` (an echo of what was sent, a control character)
+#: is not taken as a code.
+_ERROR_CODE = re.compile(r"[a-z][a-z_]{0,63}")
+#: What a token (access or refresh) may hold: printable ASCII, no space (RFC 6750's
+#: b64token is stricter). Anything else cannot go in a header or a form.
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+#: Integer literals longer than this are read as infinite (Python refuses to convert
+#: integers of thousands of digits, which would lose an answer that holds tokens).
+_MAX_INT_DIGITS = 40
 #: Accepted lifetimes: a year at most (beyond that, the value is taken as unreadable).
 _MAX_LIFETIME = 365 * 86400.0
 #: The lifetime assumed when a 2xx answer's ``expires_in`` cannot be read: the tokens are
@@ -70,8 +80,11 @@ def _form(fields: dict[str, str]) -> dict[str, Any]:
 
 def _excerpt(body: bytes, *secrets: str | None) -> str:
     """A short, whitespace-folded excerpt of a body with anything token-like removed:
-    the values of secret keys (whole or cut), the given secrets, and long token-like runs."""
-    text = body[:2000].decode("utf-8", "replace")
+    the values of secret keys (whole or cut), the given secrets, and long token-like runs.
+
+    The whole body (at most ``_MAX_BODY``) is redacted before it is cut: a cut made first
+    could split a secret, and its piece would no longer be recognised."""
+    text = body.decode("utf-8", "replace")
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
@@ -79,6 +92,29 @@ def _excerpt(body: bytes, *secrets: str | None) -> str:
     text = _SECRET_FORM.sub(r"\1[redacted]", text)
     text = _SECRETISH.sub("[redacted]", " ".join(text.split()))
     return text[:160] + ("…" if len(text) > 160 else "")
+
+
+def _int(literal: str) -> float:
+    """A JSON integer literal; one too long to convert is read as infinite (unreadable)."""
+    if len(literal) > _MAX_INT_DIGITS:
+        return -math.inf if literal.startswith("-") else math.inf
+    return int(literal)
+
+
+def _loads(body: bytes) -> Any:
+    """JSON as the provider sent it; ValueError or RecursionError if it is not JSON."""
+    return json.loads(body, parse_int=_int)
+
+
+def _error_code(value: object, *secrets: str | None) -> str | None:
+    """``value`` if it reads as an OAuth error code and shares no 8 characters with a
+    secret of this request; None otherwise."""
+    if not isinstance(value, str) or not _ERROR_CODE.fullmatch(value):
+        return None
+    for secret in secrets:
+        if secret and any(value[i : i + 8] in secret for i in range(len(value) - 7)):
+            return None
+    return value
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -335,7 +371,7 @@ class OAuthClient:
     def _json(self, status: int, body: bytes, secret: str, *, in_doubt: bool) -> dict[str, Any]:
         error = RequestInDoubt if in_doubt else ProviderError
         try:
-            data = json.loads(body)
+            data = _loads(body)
         except (ValueError, RecursionError):
             raise error(status, "invalid_response", _excerpt(body, secret, self.app.client_secret)) from None
         if not isinstance(data, dict):
@@ -344,17 +380,21 @@ class OAuthClient:
 
     def _error(self, status: int, body: bytes, secret: str) -> ProviderError:
         try:
-            data = json.loads(body)
+            data = _loads(body)
         except (ValueError, RecursionError):
             data = None
-        if isinstance(data, dict) and isinstance(data.get("error"), str):
+        code = (
+            _error_code(data.get("error"), secret, self.app.client_secret) if isinstance(data, dict) else None
+        )
+        if code is not None:
+            assert isinstance(data, dict)
             description = data.get("error_description")
             text = (
-                _excerpt(description.encode(), secret, self.app.client_secret)
+                _excerpt(description.encode("utf-8", "replace"), secret, self.app.client_secret)
                 if isinstance(description, str)
                 else ""
             )
-            return ProviderError(status, data["error"][:64], text)
+            return ProviderError(status, code, text)
         fallback = "server_error" if status >= 500 else "invalid_response"
         default = {429: "rate_limited", 401: "unauthorized"}.get(status, fallback)
         return ProviderError(status, default, _excerpt(body, secret, self.app.client_secret))
@@ -422,14 +462,17 @@ def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:
     raising would lose tokens the provider already issued.
     """
     access = data.get("access_token")
-    if not isinstance(access, str) or not access.strip():
-        what = "missing" if access is None else f"a {type(access).__name__}, not a non-empty string"
+    if not isinstance(access, str) or not _TOKEN_TEXT.fullmatch(access):
+        if isinstance(access, str):
+            what = "empty" if not access.strip() else "not printable ASCII without spaces"
+        else:
+            what = "missing" if access is None else f"a {type(access).__name__}, not a string"
         raise ValueError(f"access_token is {what}")
     token_type = data.get("token_type")
     if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
         log.warning("token answer with a token_type other than Bearer; using it as a Bearer token")
     refresh = data.get("refresh_token")
-    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+    if refresh is not None and (not isinstance(refresh, str) or not _TOKEN_TEXT.fullmatch(refresh)):
         if refresh != "":
             log.warning("token answer with an unreadable refresh_token; the current one is kept")
         refresh = None

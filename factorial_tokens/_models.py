@@ -160,11 +160,33 @@ class TokenSet:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokenSet:
-        """Rebuild a token set written by :meth:`to_dict`."""
+        """Rebuild a token set written by :meth:`to_dict`; ValueError if ``data`` is not
+        one (a field unknown, or of another type: a store's contents may be tampered with)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a token set is an object, not a {type(data).__name__}")
+        for name, value in data.items():
+            kinds = _STORED_KINDS.get(name)
+            if kinds is None:
+                raise ValueError(f"unknown token set field {name!r}")
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(f"token set field {name!r} is a {type(value).__name__}")
         return cls(**data)
 
     def __str__(self) -> str:
         return repr(self)
+
+
+#: The types :meth:`TokenSet.from_dict` accepts for each field (as JSON gives them back).
+_STORED_KINDS: dict[str, tuple[type, ...]] = {
+    "access_token": (str,),
+    "refresh_token": (str, type(None)),
+    "token_type": (str,),
+    "scope": (str, type(None)),
+    "expires_at": (int, float, type(None)),
+    "obtained_at": (int, float),
+    "created_at": (int, type(None)),
+    "company_id": (str, type(None)),
+}
 
 
 def _id(value: object) -> str | None:

@@ -45,7 +45,7 @@ class JsonCodec:
             )
         try:
             return TokenSet.from_dict(json.loads(payload[len(_PLAIN) :]))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise TokenSealError(f"the record of tenant {key.tenant!r} is corrupt") from exc
 
 

@@ -136,6 +136,8 @@ def record_from_columns(
     """
     if payload is None:
         return None
+    if not isinstance(payload, bytes | bytearray | memoryview | str):
+        raise TypeError(f"a payload is bytes, not {type(payload).__name__}")
     expires = _text(expires_at)
     return Record(
         key=key,

@@ -392,7 +392,10 @@ class SQLiteStore:
                 )
                 return CodeClaim(key, code_hash, owner, ClaimState.CLAIMED, won=True)
         tenant, held_by, state, expires, outcome = row
-        claim_state = ClaimState(state)
+        try:
+            claim_state = ClaimState(state)
+        except ValueError:
+            raise StoreUnavailable("the SQLite store holds a malformed code claim") from None
         expired = claim_state in (ClaimState.CLAIMED, ClaimState.SENT) and expires <= now
         return CodeClaim(
             TenantKey(key.namespace, tenant),
@@ -559,7 +562,13 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
 
 
 def _record(key: TenantKey, row: tuple[Any, ...]) -> Record | None:
-    return record_from_columns(key, *row[:5])
+    # SQLite columns take any type: a row written by someone else may not be a record.
+    try:
+        return record_from_columns(key, *row[:5])
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise StoreUnavailable(
+            f"the SQLite store holds a malformed record for tenant {key.tenant!r}"
+        ) from exc
 
 
 def _log_change(conn: sqlite3.Connection, digest: str) -> int:

@@ -568,12 +568,16 @@ class RedisStore:
             [self._claim(key.namespace, code_hash)],
             [owner, _ms(ttl), _ms(CLAIM_RETENTION), key.namespace, key.tenant, key.digest],
         )
-        claimant = TenantKey(_text(ns) or key.namespace, _text(tenant) or "")
+        try:
+            claimant = TenantKey(_text(ns) or key.namespace, _text(tenant) or "")
+            claim_state = ClaimState(_text(state))
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise StoreUnavailable("redis holds a malformed code claim") from None
         return CodeClaim(
             claimant,
             code_hash,
             owner,
-            ClaimState(_text(state)),
+            claim_state,
             won=bool(won),
             expired=bool(expired),
             outcome=_text(outcome),

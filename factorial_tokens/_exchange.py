@@ -52,6 +52,15 @@ def check_code(code: object) -> str:
     return code
 
 
+#: Why a new grant was refused over a stored record that cannot be opened.
+_UNREADABLE = (
+    "tenant {tenant!r}: the stored record cannot be opened (a missing or wrong key, or a tampered "
+    "record), so the new grant's company cannot be checked against it; the record was kept and the "
+    "new grant refused and revoked. Configure the key that sealed it, or forget the tenant (or pass "
+    "allow_company_change=True) to replace it"
+)
+
+
 def _claim_error(tenant: str, outcome: str | None) -> FactorialTokensError:
     """Rebuild the error a failed code claim recorded, for callers that did not send it."""
     try:
@@ -60,6 +69,8 @@ def _claim_error(tenant: str, outcome: str | None) -> FactorialTokensError:
         data = {}
     if not isinstance(data, dict) or data.get("in_doubt"):
         return ExchangeInDoubt(tenant, "the code was sent but the answer was lost")
+    if data.get("seal_error"):
+        return TokenSealError(_UNREADABLE.format(tenant=tenant))
     mismatch = data.get("company_mismatch")
     if isinstance(mismatch, list) and len(mismatch) == 2:
         return CompanyMismatch(tenant, str(mismatch[0]), str(mismatch[1]))
@@ -184,9 +195,12 @@ class Exchanges(Leases):
                 "exchanged tokens",
                 lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced),
             )
-        except (CompanyMismatch, ProviderError) as exc:
+        except (CompanyMismatch, ProviderError, TokenSealError) as exc:
             await self._fail_claim(claim, exc)
             await self._revoke_quietly(key.tenant, tokens, "the refused new grant")
+            if isinstance(exc, TokenSealError):
+                log.error("%s", exc)
+                self._emit(TokenEvent(EventKind.SEAL_ERROR, key.tenant, tokens.fingerprint, detail=str(exc)))
             if isinstance(exc, CompanyMismatch):
                 log.warning("%s", exc)
                 self._emit(
@@ -250,7 +264,7 @@ class Exchanges(Leases):
         won = await acquire_within(self._store, turn, self.lease_ttl, self.refresh_deadline)
         lease = won.lease if won is not None else None
         async with self._holding(lease, None) if lease is not None else contextlib.nullcontext():
-            old = self._decode_replaced(key, await self._store.read(key))
+            old = self._decode_replaced(key, await self._store.read(key), allow_change)
             if old is not None and old.access_token == tokens.access_token:
                 return  # a retry: this write landed before its reply was lost
             replaced[:] = [] if old is None else [old]
@@ -262,13 +276,18 @@ class Exchanges(Leases):
                     raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
             await self._store.replace(key, self._update(key, tokens))
 
-    def _decode_replaced(self, key: TenantKey, record: Record | None) -> TokenSet | None:
-        """The tokens a new grant replaces, or None (none stored, or unreadable)."""
+    def _decode_replaced(self, key: TenantKey, record: Record | None, allow_change: bool) -> TokenSet | None:
+        """The tokens a new grant replaces, or None (none stored).
+
+        A stored record that cannot be opened may hold another company's grant: it is
+        kept and the new grant refused (TokenSealError), unless ``allow_change``."""
         if record is None:
             return None
         try:
             return self._codec.decode(key, record.payload)
         except TokenSealError as exc:
+            if not allow_change:
+                raise TokenSealError(_UNREADABLE.format(tenant=key.tenant)) from exc
             log.warning("tenant %r: the replaced record cannot be opened (%s)", key.tenant, exc)
             return None
 
@@ -276,6 +295,8 @@ class Exchanges(Leases):
         """Record a code claim's failure so duplicates of its callback get the same error."""
         if isinstance(exc, CompanyMismatch):
             outcome: dict[str, Any] = {"company_mismatch": [exc.expected, exc.got]}
+        elif isinstance(exc, TokenSealError):
+            outcome = {"seal_error": True}
         elif isinstance(exc, ProviderError):
             outcome = {"status": exc.status, "error": exc.error, "description": exc.description}
         else:

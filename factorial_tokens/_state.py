@@ -65,6 +65,8 @@ class _Signer:
         what = self._what
         if not isinstance(value, str) or not value or len(value) > _MAX_STATE:
             raise InvalidState(f"{what} is missing or too long")
+        if not value.isascii():  # a signed value is base64 text; a lone surrogate cannot be hashed
+            raise InvalidState(f"{what} is malformed")
         body, sep, mac = value.partition(".")
         try:
             given = _unb64(mac)
@@ -86,7 +88,10 @@ class _Signer:
 
     def binding_hash(self, binding: str) -> str:
         """A keyed, non-reversible hash of a browser binding, as kept in a state."""
-        return _b64(hmac.new(self._key, b"binding\x00" + binding.encode(), hashlib.sha256).digest()[:18])
+        # surrogatepass: a cookie's raw bytes reach the app as lone surrogates (aiohttp
+        # decodes headers with surrogateescape); they hash, and simply do not match.
+        data = b"binding\x00" + binding.encode("utf-8", "surrogatepass")
+        return _b64(hmac.new(self._key, data, hashlib.sha256).digest()[:18])
 
 
 @attrs.frozen

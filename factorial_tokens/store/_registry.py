@@ -40,6 +40,13 @@ def known_schemes() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=STORE_GROUP)})
 
 
+#: Never the URL itself, nor urllib's words about it: it may hold a password.
+_MALFORMED = (
+    "the store URL is malformed: check its host (an IPv6 address goes in brackets), its port, "
+    "and that a password is percent-encoded"
+)
+
+
 def store_from_url(url: str) -> Store:
     """Build a store from its URL through the ``factorial_tokens.stores`` entry points.
 
@@ -47,7 +54,10 @@ def store_from_url(url: str) -> Store:
     known schemes and, when declared, what to install for the wanted one) and for a store
     package that is installed but cannot be imported (its own dependency missing).
     """
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        raise ConfigurationError(_MALFORMED) from None
     if not scheme:
         raise ConfigurationError("a store URL needs a scheme, e.g. sqlite:///tokens.db or redis://host")
     found = next(iter(entry_points(group=STORE_GROUP, name=scheme)), None)
@@ -60,7 +70,12 @@ def store_from_url(url: str) -> Store:
         raise ConfigurationError(
             f"the token store for {scheme}:// ({found.value}) cannot be imported: {exc}{_hint(scheme)}"
         ) from exc
-    return factory.from_url(url)
+    try:
+        return factory.from_url(url)
+    except ConfigurationError:
+        raise
+    except ValueError:  # urllib's, on a URL it cannot split (its message may quote a piece of it)
+        raise ConfigurationError(_MALFORMED) from None
 
 
 def _hint(scheme: str) -> str:

@@ -724,6 +724,67 @@ async def test_a_pool_with_no_free_connection_is_a_typed_error_not_an_endless_wa
         await pool.close()
 
 
+async def test_concurrent_first_calls_on_an_exhausted_pool_each_wait_at_most_acquire_timeout(base_url: str) -> None:
+    # The promise of acquire_timeout: a call waits at most that long for a pool connection.
+    # On first use every call migrates under the store's init lock, so with the pool
+    # exhausted N concurrent calls each wait their turn for the lock and then
+    # acquire_timeout again: the last one gives up only after N * acquire_timeout.
+    pool = await asyncpg.create_pool(base_url, min_size=0, max_size=1)
+    schema = postgres_server.unique_schema()
+    store_url(base_url, schema=schema)  # registers it for dropping
+    store = PostgresStore(pool, schema=schema, acquire_timeout=0.3)
+    held = await pool.acquire()
+    try:
+
+        async def timed() -> float:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="got no connection from the pool in time"):
+                await asyncio.wait_for(store.check(), 30.0)
+            return time.monotonic() - started
+
+        waits = await asyncio.gather(*(timed() for _ in range(8)))
+        assert max(waits) < 1.2, f"waits for a pool connection: {sorted(round(w, 2) for w in waits)}"
+    finally:
+        await pool.release(held)
+        await store.aclose()
+        await pool.close()
+
+
+async def test_a_connect_timeout_is_not_reported_as_an_exhausted_pool() -> None:
+    # A server that accepts TCP connections and never answers: each connection attempt
+    # ends at connect_timeout (0.5 s), long before acquire_timeout (30 s). asyncpg opens
+    # the connection inside pool.acquire, and _connection turns its TimeoutError into "got
+    # no connection from the pool in time (acquire_timeout=30 s): all are busy".
+    attempts = 0
+    sockets: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        sockets.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = PostgresStore.from_url(
+        f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.5&acquire_timeout=30"
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            await asyncio.wait_for(store.check(), 20.0)
+        elapsed = time.monotonic() - started
+        message = str(caught.value)
+        assert elapsed < 30.0
+        assert "acquire_timeout" not in message and "all are busy" not in message, (
+            f"after {elapsed:.1f} s and {attempts} connection attempt(s): {message}"
+        )
+    finally:
+        await store.aclose()
+        server.close()
+        for writer in sockets:
+            writer.close()
+
+
 def test_acquire_timeout_is_a_url_option() -> None:
     store = PostgresStore.from_url("postgresql://u@h/db?acquire_timeout=2.5")
     assert store._acquire_timeout == 2.5

@@ -880,6 +880,27 @@ async def _proxied(base_url: str, **options: str) -> AsyncIterator[tuple[TcpProx
             await store.aclose()
 
 
+async def test_a_caller_cancelled_during_a_stalled_statement_is_cancelled_not_retried(base_url: str) -> None:
+    """A caller cancelled while its statement's reply is stalled: asyncpg's release waits
+    for the server to acknowledge the cancellation, for at most the acquire timeout (it
+    is the release's default), then raises TimeoutError. Raised in _connection's finally,
+    that TimeoutError replaces the caller's CancelledError, and _call takes it for a lost
+    connection: the statement runs again and the cancelled call returns a result."""
+    async with _proxied(base_url, max_size="3", acquire_timeout="0.3", command_timeout="30") as (proxy, store):
+        ns = f"cancel-{secrets.token_hex(4)}"
+        await store.hold(ns, time.time() + 1)  # migrated; the statement prepared
+        proxy.drop_reply(1, stall=True)
+        task = asyncio.create_task(store.hold(ns, time.time() + 60))
+        await asyncio.sleep(0.5)
+        assert proxy.dropped == 1 and not task.done()
+        task.cancel()
+        await asyncio.wait({task}, timeout=10.0)
+        assert task.done()
+        assert task.cancelled(), (
+            f"the cancelled call ended with {task.exception() if task.exception() else task.result()!r}"
+        )
+
+
 async def test_reads_and_commits_of_one_turn_go_as_one_statement_each(base_url: str) -> None:
     """200 reads, 100 commits, 100 releases, each kind issued at once: one statement on the
     wire per kind, not one per call."""

@@ -785,6 +785,25 @@ async def test_a_connect_timeout_is_not_reported_as_an_exhausted_pool() -> None:
             writer.close()
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "host=127.0.0.1 user=postgres password=s3cret dbname=test",  # libpq keyword form
+        "postgresql://postgres:12/s3cret@127.0.0.1/test",  # a '/' left unescaped in the password
+    ],
+)
+async def test_errors_never_carry_the_dsn_password(dsn: str) -> None:
+    # _where() (in every StoreUnavailable, the new "got no connection" one included) takes
+    # the path of urlsplit(dsn): for these DSNs that path holds the password.
+    store = PostgresStore(dsn=dsn, acquire_timeout=1.0)
+    try:
+        with pytest.raises((StoreUnavailable, ConfigurationError)) as caught:
+            await asyncio.wait_for(store.check(), 20.0)
+        assert "s3cret" not in str(caught.value), str(caught.value)
+    finally:
+        await store.aclose()
+
+
 def test_acquire_timeout_is_a_url_option() -> None:
     store = PostgresStore.from_url("postgresql://u@h/db?acquire_timeout=2.5")
     assert store._acquire_timeout == 2.5

@@ -724,7 +724,9 @@ async def test_a_pool_with_no_free_connection_is_a_typed_error_not_an_endless_wa
         await pool.close()
 
 
-async def test_concurrent_first_calls_on_an_exhausted_pool_each_wait_at_most_acquire_timeout(base_url: str) -> None:
+async def test_concurrent_first_calls_on_an_exhausted_pool_each_wait_at_most_acquire_timeout(
+    base_url: str,
+) -> None:
     # The promise of acquire_timeout: a call waits at most that long for a pool connection.
     # On first use every call migrates under the store's init lock, so with the pool
     # exhausted N concurrent calls each wait their turn for the lock and then
@@ -732,7 +734,7 @@ async def test_concurrent_first_calls_on_an_exhausted_pool_each_wait_at_most_acq
     pool = await asyncpg.create_pool(base_url, min_size=0, max_size=1)
     schema = postgres_server.unique_schema()
     store_url(base_url, schema=schema)  # registers it for dropping
-    store = PostgresStore(pool, schema=schema, acquire_timeout=0.3)
+    store = PostgresStore(pool, schema=schema, acquire_timeout=1.0)
     held = await pool.acquire()
     try:
 
@@ -743,7 +745,9 @@ async def test_concurrent_first_calls_on_an_exhausted_pool_each_wait_at_most_acq
             return time.monotonic() - started
 
         waits = await asyncio.gather(*(timed() for _ in range(8)))
-        assert max(waits) < 1.2, f"waits for a pool connection: {sorted(round(w, 2) for w in waits)}"
+        # One acquire_timeout for the first call, the same answer at once for those queued
+        # behind it (the margin is for a loaded machine; queued in turn, the last waits 8 s).
+        assert max(waits) < 2.5, f"waits for a pool connection: {sorted(round(w, 2) for w in waits)}"
     finally:
         await pool.release(held)
         await store.aclose()
@@ -795,13 +799,14 @@ async def test_a_connect_timeout_is_not_reported_as_an_exhausted_pool() -> None:
 async def test_errors_never_carry_the_dsn_password(dsn: str) -> None:
     # _where() (in every StoreUnavailable, the new "got no connection" one included) takes
     # the path of urlsplit(dsn): for these DSNs that path holds the password.
-    store = PostgresStore(dsn=dsn, acquire_timeout=1.0)
-    try:
-        with pytest.raises((StoreUnavailable, ConfigurationError)) as caught:
+    # The keyword form is refused when the store is made; the mangled URL when it connects.
+    with pytest.raises((StoreUnavailable, ConfigurationError)) as caught:
+        store = PostgresStore(dsn=dsn, acquire_timeout=1.0)
+        try:
             await asyncio.wait_for(store.check(), 20.0)
-        assert "s3cret" not in str(caught.value), str(caught.value)
-    finally:
-        await store.aclose()
+        finally:
+            await store.aclose()
+    assert "s3cret" not in str(caught.value) and ":12/" not in str(caught.value), str(caught.value)
 
 
 def test_acquire_timeout_is_a_url_option() -> None:
@@ -905,7 +910,10 @@ async def test_a_caller_cancelled_during_a_stalled_statement_is_cancelled_not_re
     is the release's default), then raises TimeoutError. Raised in _connection's finally,
     that TimeoutError replaces the caller's CancelledError, and _call takes it for a lost
     connection: the statement runs again and the cancelled call returns a result."""
-    async with _proxied(base_url, max_size="3", acquire_timeout="0.3", command_timeout="30") as (proxy, store):
+    async with _proxied(base_url, max_size="3", acquire_timeout="0.3", command_timeout="30") as (
+        proxy,
+        store,
+    ):
         ns = f"cancel-{secrets.token_hex(4)}"
         await store.hold(ns, time.time() + 1)  # migrated; the statement prepared
         proxy.drop_reply(1, stall=True)

@@ -33,6 +33,7 @@ import functools
 import json
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -104,7 +105,8 @@ _NOT_RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DataError,
     asyncpg.exceptions.ClientConfigurationError,
 )
-_LISTEN_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, StoreUnavailable)
+#: A driver failure, or one this store already described.
+_ANY_FAILURE: tuple[type[BaseException], ...] = (*_FAILURES, StoreUnavailable)
 _CLOSE_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, asyncio.CancelledError)
 #: What a starter's CREATE ... IF NOT EXISTS raises when it did not see another's work.
 _CREATE_RACES: tuple[type[BaseException], ...] = (
@@ -114,6 +116,13 @@ _CREATE_RACES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DuplicateObjectError,
 )
 _MIGRATE_ATTEMPTS = 3
+#: How long giving a connection back may take (the server confirming a cancelled
+#: statement) before the connection is closed instead.
+_RELEASE_TIMEOUT = 5.0
+#: A TimeoutError this much earlier than acquire_timeout came from connecting, not waiting.
+_CLOCK_SLACK = 0.01
+#: A database name as shown in errors (anything else may be a piece of a mangled password).
+_DATABASE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,63}|\?")
 _ATTEMPTS = 3
 _COMMIT_ATTEMPTS = 6
 #: Options of ours in a store URL (removed before the URL reaches asyncpg).
@@ -192,6 +201,9 @@ class PostgresStore:
     ) -> None:
         if (pool is None) == (dsn is None):
             raise ConfigurationError("PostgresStore needs exactly one of pool= or dsn=")
+        if dsn is not None and urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+            # asyncpg reads URLs only; the keyword form would fail at connect time, quoted.
+            raise ConfigurationError("PostgresStore's dsn is a postgresql:// URL (libpq's URI form)")
         if poll is not None and poll <= 0:
             raise ConfigurationError("poll must be positive")
         if not acquire_timeout > 0:
@@ -214,6 +226,8 @@ class PostgresStore:
         }
         self._notifier = Notifier(poll=poll if poll is not None else (0.25 if pgbouncer else 1.0))
         self._init_lock = asyncio.Lock()
+        # When opening (pool, schema) last failed, and why: for the calls queued behind it.
+        self._open_failed: tuple[float, str] | None = None
         self._migrated = False
         self._migrate_schema = migrate
         self._absent = False  # migrate=False and the schema does not exist (yet)
@@ -310,17 +324,28 @@ class PostgresStore:
             raise closed_error("Postgres")
         if self._pool is not None and self._migrated:
             return self._pool
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
         async with self._init_lock:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
-            if not self._migrated:
-                if self._migrate_schema:
-                    await self._migrate(self._pool)
-                    self._migrated = True
-                else:
-                    # Looked up again on each use while absent: another process may create it.
-                    self._absent = not await self._schema_current(self._pool)
-                    self._migrated = not self._absent
+            failed = self._open_failed
+            if failed is not None and failed[0] >= queued_at:
+                # It failed while this call waited its turn: the same answer, not another wait.
+                raise StoreUnavailable(failed[1])
+            try:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
+                if not self._migrated:
+                    if self._migrate_schema:
+                        await self._migrate(self._pool)
+                        self._migrated = True
+                    else:
+                        # Looked up again on each use while absent: another process may create it.
+                        self._absent = not await self._schema_current(self._pool)
+                        self._migrated = not self._absent
+            except _ANY_FAILURE as exc:
+                text = str(exc) if isinstance(exc, StoreUnavailable) else _describe(exc)
+                self._open_failed = (loop.time(), f"Postgres store{self._where()}: opening failed: {text}")
+                raise
         return self._pool
 
     async def _schema_current(self, pool: Any) -> bool:
@@ -390,9 +415,13 @@ class PostgresStore:
     async def _connection(self, pool: Any, op: str) -> AsyncIterator[Any]:
         """A connection of the pool for ``op``; StoreUnavailable if none is free within
         ``acquire_timeout`` (a pool exhausted by its other users, or losing connections)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             con = await pool.acquire(timeout=self._acquire_timeout)
         except TimeoutError:
+            if loop.time() - started < self._acquire_timeout - _CLOCK_SLACK:
+                raise  # a new connection's own connect_timeout: a failure like any other
             raise StoreUnavailable(
                 f"Postgres store{self._where()}: {op} got no connection from the pool in time "
                 f"(acquire_timeout={self._acquire_timeout:g} s): all are busy, or the database "
@@ -401,7 +430,15 @@ class PostgresStore:
         try:
             yield con
         finally:
-            await pool.release(con)
+            # The caller gets the body's outcome (its result, error or cancellation); a
+            # release that fails (the server slow to confirm a cancelled statement) only
+            # closes the connection.
+            try:
+                await pool.release(con, timeout=_RELEASE_TIMEOUT)
+            except _FAILURES as exc:
+                log.info("postgres store: a connection could not be given back (%s); closed", _describe(exc))
+                with contextlib.suppress(*_FAILURES):
+                    con.terminate()
 
     async def _call(
         self,
@@ -428,7 +465,7 @@ class PostgresStore:
                     return await fn(con, attempt > 0)
             except _FAILURES as exc:
                 retry = isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
-                if not retry or attempt + 1 == attempts or self._closed:
+                if not retry or attempt + 1 == attempts or self._closed or _cancelling():
                     raise StoreUnavailable(
                         f"Postgres store{self._where()}: {op} failed: {_describe(exc)}"
                     ) from exc
@@ -462,14 +499,19 @@ class PostgresStore:
         return StoreUnavailable(f"Postgres store{self._where()}: the batch was cancelled before its answer")
 
     def _where(self) -> str:
-        """`` at host:port/database`` of the store's own DSN, for errors; never a password."""
+        """`` at host:port/database`` of the store's own DSN, for errors; never a password:
+        nothing at all for a DSN that does not split as a URL should (a password with an
+        unescaped ``/`` puts its pieces in the port and the path)."""
         if not self._dsn:
             return ""
         try:
             parts = urlsplit(self._dsn)
-            return f" at {parts.hostname or 'localhost'}:{parts.port or 5432}/{parts.path.lstrip('/') or '?'}"
+            host, port, database = parts.hostname or "localhost", parts.port or 5432, parts.path.lstrip("/")
         except ValueError:
             return ""
+        if not _DATABASE_NAME.fullmatch(database or "?"):
+            return ""
+        return f" at {host}:{port}/{database or '?'}"
 
     def _check_key(self, key: TenantKey) -> None:
         # Postgres text cannot hold NUL; refuse it as a bad id rather than a store failure.
@@ -917,6 +959,12 @@ class _Listen(PushListener):
         except _CLOSE_FAILURES:
             with contextlib.suppress(*_FAILURES):
                 con.terminate()
+
+
+def _cancelling() -> bool:
+    """True if the running task is being cancelled: its call is not retried."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _keep_session(con: Any) -> None:

@@ -138,7 +138,13 @@ class EventDispatcher:
                             extra={"event": "listener_failed"},
                         )
             if item is _STOP:
-                return
+                with self._lock:
+                    # An event published since the look above (its wake-up is queued) is
+                    # delivered before the thread goes; otherwise the next event starts a
+                    # new thread, never while this one still runs.
+                    if not self._pending:
+                        self._thread = None
+                        return
             if isinstance(item, threading.Event):
                 item.set()  # a flush: every event published before it was delivered above
 
@@ -163,21 +169,18 @@ class EventDispatcher:
         return await asyncio.to_thread(done.wait, timeout)
 
     async def aclose(self, timeout: float = 10.0) -> None:
-        """Deliver what is queued (for up to ``timeout``), then stop the thread."""
+        """Deliver what is queued (for up to ``timeout``), then stop the thread.
+
+        A thread stuck in a listener is left to finish: it stops after delivering what
+        was published meanwhile, and no other thread calls the listeners until then."""
         thread = self._thread
         if thread is None:
             return
         await self.flush(timeout)
         self._queue.put(_STOP)
         await asyncio.to_thread(thread.join, 1.0)
-        self._thread = None
-        if not thread.is_alive():
-            # The loop ran while the thread stopped: an event published after its last look
-            # set ``_woken`` with no thread to wake, and would keep every later one waiting.
-            self._woken = False
-            if self._pending:
-                self._woken = True
-                self._put(_WAKE)
+        if thread.is_alive():
+            log.warning("an event listener is still running; its events are delivered when it returns")
 
 
 def _log_failure(future: Any) -> None:

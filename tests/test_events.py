@@ -143,3 +143,41 @@ async def test_an_event_published_while_closing_is_delivered_and_so_are_later_on
     assert await dispatcher.flush()
     assert seen == [0, 1, 2]
     await dispatcher.aclose()
+
+
+async def test_a_listener_stuck_past_aclose_never_runs_beside_a_second_thread() -> None:
+    """``aclose`` gives up on a thread stuck in a listener. Events published after that
+    (a cancelled refresh emits while the manager closes) wait for the stuck thread; they
+    used to start a second thread, which called the listeners beside the first one, out
+    of order."""
+    dispatcher = EventDispatcher()
+    seen: list[int | None] = []
+    running = 0
+    overlapped = False
+    stuck, release = threading.Event(), threading.Event()
+
+    def listener(event: TokenEvent) -> None:
+        nonlocal running, overlapped
+        running += 1
+        overlapped = overlapped or running > 1
+        if event.version == 0:
+            stuck.set()
+            release.wait(10)
+        seen.append(event.version)
+        running -= 1
+
+    dispatcher.add(listener)
+    dispatcher.publish(_event(0))
+    assert await asyncio.to_thread(stuck.wait, 5)
+    await dispatcher.aclose(timeout=0.1)  # gives up on the stuck listener
+    for index in range(1, 4):
+        dispatcher.publish(_event(index))
+    await asyncio.sleep(0.2)  # a second thread, if one were started, would run now
+    release.set()
+    for _ in range(500):
+        if len(seen) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert (seen, overlapped) == ([0, 1, 2, 3], False)
+    await dispatcher.aclose()
+    assert dispatcher._thread is None

@@ -1,0 +1,73 @@
+"""Review of the hostile-input fixes (bf45377..4af9789): failing reproductions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from factorial_tokens import FactorialApp, ProviderError, TokenManager
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
+from .stores import open_backend
+from .test_hostile_inputs import BUDGETS, CODE, REFRESH, _client, _texts, raw_provider
+
+__all__ = ["raw_provider"]  # the fixture, shared with test_hostile_inputs
+
+
+def _echo_piece(field: str, where: str) -> Any:
+    """A 400 that quotes the first 16 characters of what was sent (a proxy, a server
+    that names the token it refused), either in ``error_description`` beside a real code
+    or in an ``error`` that is not a code."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        piece = str((await request.post())[field])[:16]
+        if where == "description":
+            body = {"error": "invalid_grant", "error_description": f"token {piece} was revoked"}
+        else:
+            body = {"error": f"token {piece} was revoked"}
+        return web.json_response(body, status=400)
+
+    return answer
+
+
+@pytest.mark.parametrize("where", ["description", "error"])
+async def test_a_piece_of_the_refresh_token_echoed_by_the_provider_is_redacted(
+    raw_provider: Any, where: str
+) -> None:
+    """``_error_code`` refuses a code sharing 8 characters with a secret, but the
+    description (and the excerpt of a body whose ``error`` is not a code) is redacted
+    only of whole secrets and runs of 20+ token characters: a 16-character piece stays."""
+    raw_provider["token"] = _echo_piece("refresh_token", where)
+    client = _client(raw_provider["base_url"])
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        with pytest.raises(ProviderError) as info:
+            await client.refresh(REFRESH, deadline=deadline)
+    finally:
+        await client.aclose()
+    assert REFRESH[:12] not in _texts(info.value), _texts(info.value)
+
+
+async def test_a_piece_of_the_code_echoed_by_the_provider_is_not_kept_in_the_claim(
+    raw_provider: Any, tmp_path: Path
+) -> None:
+    """The same piece, for a code: ``_fail_claim`` writes the description into the code
+    claim's outcome (in Redis, in clear), and a retried callback gets it back."""
+    raw_provider["token"] = _echo_piece("code", "description")
+    app = FactorialApp(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        base_url=raw_provider["base_url"],
+    )
+    async with open_backend("redis", tmp_path) as backend:
+        async with TokenManager(app, backend.store, **BUDGETS) as tm:
+            with pytest.raises(ProviderError):
+                await tm.exchange_code("acme", CODE)
+            with pytest.raises(ProviderError) as again:  # rebuilt from the stored claim
+                await tm.exchange_code("acme", CODE)
+    assert CODE[:12] not in _texts(again.value), _texts(again.value)

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 from factorial_tokens_postgres import PostgresStore
 
-from factorial_tokens import FactorialTokensError, StoreUnavailable
+from factorial_tokens import FactorialTokensError
 
 from .. import postgres_server
 from ..postgres_server import store_url

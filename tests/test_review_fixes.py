@@ -71,3 +71,24 @@ async def test_a_piece_of_the_code_echoed_by_the_provider_is_not_kept_in_the_cla
             with pytest.raises(ProviderError) as again:  # rebuilt from the stored claim
                 await tm.exchange_code("acme", CODE)
     assert CODE[:12] not in _texts(again.value), _texts(again.value)
+
+
+async def test_a_rotated_refresh_token_with_a_space_is_kept(raw_provider: Any) -> None:
+    """RFC 6749 (A.17) allows any VSCHAR (0x20-0x7E) in a refresh token, and a form
+    carries a space fine (``+``). ``_TOKEN_TEXT`` refuses the space, so the rotated
+    refresh token is dropped and the caller keeps the old one, which the rotation killed:
+    the next refresh is an ``invalid_grant`` (the company must connect again)."""
+    rotated = "new refresh token " + "f" * 40
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = {"access_token": "a" * 64, "refresh_token": rotated, "expires_in": 7200}
+        return web.json_response(body)
+
+    raw_provider["token"] = answer
+    client = _client(raw_provider["base_url"])
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        tokens = await client.refresh(REFRESH, deadline=deadline)
+    finally:
+        await client.aclose()
+    assert tokens.refresh_token == rotated

@@ -95,6 +95,9 @@ async def test_calls_queued_behind_an_opening_that_is_retried_are_not_failed(bas
         # An unescaped '?' early in the password: asyncpg's ValueError, untyped, quotes the
         # rest of the password ("bad query field: 'cdefgh5ecret@127.0.0.1/test'").
         "postgresql://postgres:ab?cdefgh5ecret@127.0.0.1/test",
+        # An unclosed '[': PostgresStore's new keyword-form check calls urlsplit itself,
+        # and its ValueError escapes the constructor untyped (store_from_url maps it).
+        "postgresql://postgres:pw-s3cretpiece@[::1:5432/test",
     ],
 )
 @pytest.mark.parametrize("via", ["dsn", "url"])

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from factorial_tokens import FactorialApp, ProviderError, TokenManager
+from factorial_tokens import FactorialApp, FactorialTokensError, ProviderError, TokenManager
+from factorial_tokens.store import SQLiteStore
+from factorial_tokens.testing import FakeFactorial
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
+from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
 from .stores import open_backend
 from .test_hostile_inputs import BUDGETS, CODE, REFRESH, _client, _texts, raw_provider
 
@@ -92,3 +95,24 @@ async def test_a_rotated_refresh_token_with_a_space_is_kept(raw_provider: Any) -
     finally:
         await client.aclose()
     assert tokens.refresh_token == rotated
+
+
+async def test_a_reconnection_over_a_tampered_sqlite_row_revokes_the_refused_grant(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """A tampered SQLite row (status 'bogus') is a record that cannot be read, like a
+    garbled sealed payload; but it is mapped to StoreUnavailable, an outage, so a
+    reconnection retries the read for lease_ttl, then gives up without failing the claim
+    or revoking the new grant: company 666's grant stays live at Factorial, stored
+    nowhere (the garbled-payload case refuses it with TokenSealError and revokes it)."""
+    path = tmp_path / "tokens.db"
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        await tm.exchange_code("victim", sim.issue_code(company_id=111))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE tenants SET status = 'bogus'")
+    conn.commit()
+    conn.close()
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        with pytest.raises(FactorialTokensError):
+            await asyncio.wait_for(tm.exchange_code("victim", sim.issue_code(company_id=666)), 30)
+    assert sim.live_pairs(666) == 0, "the refused grant of company 666 is still live at Factorial"

@@ -41,7 +41,10 @@ _RETRYABLE = frozenset({429, 500, 503})
 _GATEWAY = frozenset({502, 504})
 #: Connection attempts to a host that refuses before the error is raised.
 _CONNECT_TRIES = 5
-_SECRETISH = re.compile(r"[A-Za-z0-9_\-+/=.]{20,}")
+#: A run of token characters: redacted when 20 or longer, or when it shares
+#: ``_PIECE`` characters with a secret of the request.
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-+/=.~]{8,}")
+_PIECE = 8
 #: Keys whose values are secrets wherever they appear, whole or cut short.
 _SECRET_KEYS = ("access_token", "refresh_token", "code", "client_secret", "id_token")
 _KEYS = "|".join(_SECRET_KEYS)
@@ -53,9 +56,11 @@ _SECRET_FORM = re.compile(rf"((?:{_KEYS})=)[^&\s]*", re.IGNORECASE)
 #: underscores. Anything else in ``error`` (an echo of what was sent, a control character)
 #: is not taken as a code.
 _ERROR_CODE = re.compile(r"[a-z][a-z_]{0,63}")
-#: What a token (access or refresh) may hold: printable ASCII, no space (RFC 6750's
-#: b64token is stricter). Anything else cannot go in a header or a form.
-_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+#: What an access token may hold: printable ASCII, no space (RFC 6750's b64token is
+#: stricter); anything else cannot go in a header. A refresh token may also hold spaces
+#: (RFC 6749's VSCHAR): it goes in a form.
+_ACCESS_TEXT = re.compile(r"[\x21-\x7e]+")
+_REFRESH_TEXT = re.compile(r" *[\x21-\x7e][\x20-\x7e]*")
 #: Integer literals longer than this are read as infinite (Python refuses to convert
 #: integers of thousands of digits, which would lose an answer that holds tokens).
 _MAX_INT_DIGITS = 40
@@ -90,8 +95,20 @@ def _excerpt(body: bytes, *secrets: str | None) -> str:
             text = text.replace(secret, "[redacted]")
     text = _SECRET_JSON.sub(r'\1"[redacted]"', text)
     text = _SECRET_FORM.sub(r"\1[redacted]", text)
-    text = _SECRETISH.sub("[redacted]", " ".join(text.split()))
+
+    def token_like(run: re.Match[str]) -> str:
+        piece = run.group()
+        return "[redacted]" if len(piece) >= 20 or _shares_piece(piece, secrets) else piece
+
+    text = _TOKEN_RUN.sub(token_like, " ".join(text.split()))
     return text[:160] + ("…" if len(text) > 160 else "")
+
+
+def _shares_piece(text: str, secrets: tuple[str | None, ...]) -> bool:
+    """True if ``text`` holds ``_PIECE`` consecutive characters of one of ``secrets``."""
+    return any(
+        secret and text[i : i + _PIECE] in secret for secret in secrets for i in range(len(text) - _PIECE + 1)
+    )
 
 
 def _int(literal: str) -> float:
@@ -109,11 +126,8 @@ def _loads(body: bytes) -> Any:
 def _error_code(value: object, *secrets: str | None) -> str | None:
     """``value`` if it reads as an OAuth error code and shares no 8 characters with a
     secret of this request; None otherwise."""
-    if not isinstance(value, str) or not _ERROR_CODE.fullmatch(value):
+    if not isinstance(value, str) or not _ERROR_CODE.fullmatch(value) or _shares_piece(value, secrets):
         return None
-    for secret in secrets:
-        if secret and any(value[i : i + 8] in secret for i in range(len(value) - 7)):
-            return None
     return value
 
 
@@ -462,7 +476,7 @@ def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:
     raising would lose tokens the provider already issued.
     """
     access = data.get("access_token")
-    if not isinstance(access, str) or not _TOKEN_TEXT.fullmatch(access):
+    if not isinstance(access, str) or not _ACCESS_TEXT.fullmatch(access):
         if isinstance(access, str):
             what = "empty" if not access.strip() else "not printable ASCII without spaces"
         else:
@@ -472,7 +486,7 @@ def _token_set(data: dict[str, Any], sent_at: float) -> TokenSet:
     if token_type is not None and (not isinstance(token_type, str) or token_type.lower() != "bearer"):
         log.warning("token answer with a token_type other than Bearer; using it as a Bearer token")
     refresh = data.get("refresh_token")
-    if refresh is not None and (not isinstance(refresh, str) or not _TOKEN_TEXT.fullmatch(refresh)):
+    if refresh is not None and (not isinstance(refresh, str) or not _REFRESH_TEXT.fullmatch(refresh)):
         if refresh != "":
             log.warning("token answer with an unreadable refresh_token; the current one is kept")
         refresh = None

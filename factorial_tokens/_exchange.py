@@ -28,7 +28,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._models import TokenSet, validate_tenant
 from ._secret import SIGNING_PREFIX
-from .store import ClaimState, CodeClaim, Record, TenantKey, acquire_within
+from .store import ClaimState, CodeClaim, TenantKey, acquire_within
 
 log = logging.getLogger("factorial_tokens")
 
@@ -264,7 +264,7 @@ class Exchanges(Leases):
         won = await acquire_within(self._store, turn, self.lease_ttl, self.refresh_deadline)
         lease = won.lease if won is not None else None
         async with self._holding(lease, None) if lease is not None else contextlib.nullcontext():
-            old = self._decode_replaced(key, await self._store.read(key), allow_change)
+            old = await self._stored_grant(key, allow_change)
             if old is not None and old.access_token == tokens.access_token:
                 return  # a retry: this write landed before its reply was lost
             replaced[:] = [] if old is None else [old]
@@ -276,15 +276,15 @@ class Exchanges(Leases):
                     raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
             await self._store.replace(key, self._update(key, tokens))
 
-    def _decode_replaced(self, key: TenantKey, record: Record | None, allow_change: bool) -> TokenSet | None:
+    async def _stored_grant(self, key: TenantKey, allow_change: bool) -> TokenSet | None:
         """The tokens a new grant replaces, or None (none stored).
 
-        A stored record that cannot be opened may hold another company's grant: it is
-        kept and the new grant refused (TokenSealError), unless ``allow_change``."""
-        if record is None:
-            return None
+        A stored record that cannot be opened (its payload, or the row itself) may hold
+        another company's grant: it is kept and the new grant refused (TokenSealError),
+        unless ``allow_change``."""
         try:
-            return self._codec.decode(key, record.payload)
+            record = await self._store.read(key)
+            return None if record is None else self._codec.decode(key, record.payload)
         except TokenSealError as exc:
             if not allow_change:
                 raise TokenSealError(_UNREADABLE.format(tenant=key.tenant)) from exc

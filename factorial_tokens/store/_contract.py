@@ -33,7 +33,9 @@ per app. ``hold`` records a "not before" instant after the provider said 429 (or
 with ``Retry-After``) and announces it; ``admit`` answers how long to wait before the next
 provider call, by that instant and by an optional shared rate budget (a token bucket).
 
-Every failure of the backend surfaces as :class:`~factorial_tokens.StoreUnavailable`.
+Every failure of the backend surfaces as :class:`~factorial_tokens.StoreUnavailable`. A
+stored record the store cannot read back (its columns tampered with) is not an outage:
+it raises :class:`~factorial_tokens.TokenSealError`, as a payload that cannot be opened does.
 
 Every primitive must be safe to run twice (a client resends a command whose reply was
 lost): the second run answers as the first did and writes nothing more. ``acquire`` by

@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from .._errors import ConfigurationError, StoreUnavailable
+from .._errors import ConfigurationError, StoreUnavailable, TokenSealError
 from ._contract import ChangeListener, Watch, closed_error
 from ._notifier import Notifier
 from ._options import choice, seconds, url_options
@@ -562,13 +562,12 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
 
 
 def _record(key: TenantKey, row: tuple[Any, ...]) -> Record | None:
-    # SQLite columns take any type: a row written by someone else may not be a record.
+    # SQLite columns take any type: a row written by someone else may not be a record. That
+    # is not an outage (retrying cannot mend it) but a record that cannot be opened.
     try:
         return record_from_columns(key, *row[:5])
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise StoreUnavailable(
-            f"the SQLite store holds a malformed record for tenant {key.tenant!r}"
-        ) from exc
+        raise TokenSealError(f"the SQLite store holds a malformed record for tenant {key.tenant!r}") from exc
 
 
 def _log_change(conn: sqlite3.Connection, digest: str) -> int:

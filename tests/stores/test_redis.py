@@ -21,7 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 from factorial_tokens_redis import RedisStore
 
-from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable, TokenManager, _logs
+from factorial_tokens import (
+    ConfigurationError,
+    InvalidTenant,
+    StoreUnavailable,
+    TokenManager,
+    TokenSealError,
+    _logs,
+)
 from factorial_tokens.store import ClaimState, Store, TenantKey, TenantStatus, Update, store_from_url
 from factorial_tokens.testing import HOSTILE_TENANTS, CountingStore, FakeFactorial, StoreConformance
 
@@ -179,9 +186,10 @@ async def test_a_malformed_record_is_a_typed_error(store: RedisStore, redis_url:
         await client.hset(f"{prefix}:{{{key.digest}}}:rec", "status", "bogus")
     finally:
         await client.aclose()
-    with pytest.raises(StoreUnavailable):
+    # Not an outage to retry: a record that cannot be opened.
+    with pytest.raises(TokenSealError, match="malformed record"):
         await store.read(key)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(TokenSealError, match="malformed record"):
         await store.acquire(key, "o", 30)
 
 

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from factorial_tokens import ConfigurationError, StoreUnavailable
+from factorial_tokens import ConfigurationError, StoreUnavailable, TokenSealError
 from factorial_tokens.store import (
     CLAIM_RETENTION,
     Acquisition,
@@ -427,7 +427,8 @@ class RedisStore:
         try:
             return record_from_columns(key, *fields)
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise StoreUnavailable(f"redis holds a malformed record for tenant {key.tenant!r}") from exc
+            # Not an outage (retrying cannot mend it): a record that cannot be opened.
+            raise TokenSealError(f"redis holds a malformed record for tenant {key.tenant!r}") from exc
 
     def _update_args(self, key: TenantKey, update: Update) -> list[str | bytes]:
         return [

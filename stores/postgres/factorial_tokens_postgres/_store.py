@@ -201,9 +201,8 @@ class PostgresStore:
     ) -> None:
         if (pool is None) == (dsn is None):
             raise ConfigurationError("PostgresStore needs exactly one of pool= or dsn=")
-        if dsn is not None and urlsplit(dsn).scheme not in ("postgresql", "postgres"):
-            # asyncpg reads URLs only; the keyword form would fail at connect time, quoted.
-            raise ConfigurationError("PostgresStore's dsn is a postgresql:// URL (libpq's URI form)")
+        if dsn is not None:
+            _check_dsn(dsn)
         if poll is not None and poll <= 0:
             raise ConfigurationError("poll must be positive")
         if not acquire_timeout > 0:
@@ -292,6 +291,7 @@ class PostgresStore:
         ``connect_timeout``, ``acquire_timeout``, ``migrate``. Other query parameters
         (``sslmode``, ...) go to asyncpg.
         """
+        _check_dsn(url)  # as given: taking our options out re-encodes what is left
         kwargs, dsn = url_options(url, _URL_OPTIONS, store="postgres", rest=True)
         return cls(dsn=dsn, **kwargs)
 
@@ -342,9 +342,10 @@ class PostgresStore:
                         # Looked up again on each use while absent: another process may create it.
                         self._absent = not await self._schema_current(self._pool)
                         self._migrated = not self._absent
-            except _ANY_FAILURE as exc:
-                text = str(exc) if isinstance(exc, StoreUnavailable) else _describe(exc)
-                self._open_failed = (loop.time(), f"Postgres store{self._where()}: opening failed: {text}")
+            except StoreUnavailable as exc:
+                # No connection came from the pool in time: the calls queued meanwhile would
+                # each wait as long again. (A driver failure is retried by each call instead.)
+                self._open_failed = (loop.time(), str(exc))
                 raise
         return self._pool
 
@@ -419,6 +420,10 @@ class PostgresStore:
         started = loop.time()
         try:
             con = await pool.acquire(timeout=self._acquire_timeout)
+        except ValueError:  # asyncpg could not read the DSN; its words may quote it
+            raise ConfigurationError(
+                "PostgresStore's dsn could not be read by asyncpg (not shown: it may hold a password)"
+            ) from None
         except TimeoutError:
             if loop.time() - started < self._acquire_timeout - _CLOCK_SLACK:
                 raise  # a new connection's own connect_timeout: a failure like any other
@@ -959,6 +964,30 @@ class _Listen(PushListener):
         except _CLOSE_FAILURES:
             with contextlib.suppress(*_FAILURES):
                 con.terminate()
+
+
+def _check_dsn(dsn: str) -> None:
+    """ConfigurationError unless ``dsn`` is a well-formed ``postgresql://`` URL. A password
+    with an unescaped ``@``, ``/``, ``?`` or ``#`` moves its pieces into the host, the
+    path or the query, where errors (ours or asyncpg's) would show them: such a DSN is
+    refused without quoting any of it."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        parts = None
+    if parts is not None and parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError("PostgresStore's dsn is a postgresql:// URL (libpq's URI form)")
+    if (
+        parts is None
+        or not all("=" in field for field in parts.query.split("&") if field)
+        or parts.fragment
+        or parts.netloc.count("@") > 1
+        or "@" in parts.path
+    ):
+        raise ConfigurationError(
+            "PostgresStore's dsn is malformed (not shown: it may hold a password); "
+            "percent-encode the password's reserved characters (@ / ? # :)"
+        )
 
 
 def _cancelling() -> bool:

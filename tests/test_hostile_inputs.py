@@ -215,6 +215,40 @@ async def test_a_tampered_sqlite_column_is_a_typed_error(
         await store.aclose()
 
 
+@pytest.mark.parametrize("name", ["sqlite", "redis"])
+async def test_one_tampered_record_does_not_hide_the_others_from_the_listing(
+    name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``tenants`` (keepalive, the CLI's list) skips a record it cannot read, and says so,
+    rather than failing the whole listing for it."""
+    import redis.asyncio as aioredis
+
+    async with open_backend(name, tmp_path) as backend:
+        store = backend.store
+        for tenant in ("acme", "broken", "zeta"):
+            await store.replace(
+                TenantKey("ns", tenant), Update(b"j1:{}", TenantStatus.ACTIVE, None, time.time())
+            )
+        broken = TenantKey("ns", "broken")
+        if name == "sqlite":
+            conn = sqlite3.connect(backend.url.removeprefix("sqlite:///"))
+            conn.execute("UPDATE tenants SET status = 'bogus' WHERE tenant = 'broken'")
+            conn.commit()
+            conn.close()
+        else:
+            client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+            try:
+                await client.hset(store._rec(broken.digest), "status", "bogus")
+            finally:
+                await client.aclose()
+        with caplog.at_level(logging.WARNING):
+            records = await store.tenants("ns")
+        assert sorted(record.key.tenant for record in records) == ["acme", "zeta"]
+        assert "malformed record for tenant 'broken'; left out of the listing" in caplog.text
+        with pytest.raises(TokenSealError, match="malformed record"):
+            await store.read(broken)
+
+
 # -- 5. a plain payload with wrong types or deep nesting -----------------------------------
 
 

@@ -787,8 +787,16 @@ def _tenants(conn: sqlite3.Connection, namespace: str) -> list[Record]:
         "WHERE namespace = ? AND payload IS NOT NULL",
         (namespace,),
     ).fetchall()
-    records = (_record(TenantKey(namespace, row[0]), row[1:]) for row in rows)
-    return [record for record in records if record is not None]
+    records = []
+    for row in rows:
+        try:
+            record = _record(TenantKey(namespace, row[0]), row[1:])
+        except TokenSealError as exc:  # one broken record does not hide the others
+            log.warning("sqlite store: %s; left out of the listing", exc)
+            continue
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def _check(conn: sqlite3.Connection) -> None:

@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import hashlib
 import importlib
+import logging
 import math
 import re
 import secrets
@@ -59,6 +60,8 @@ from factorial_tokens.store import (
 from ._listener import Listener
 
 __all__ = ["RedisStore"]
+
+log = logging.getLogger("factorial_tokens.redis")
 
 
 def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
@@ -537,7 +540,11 @@ class RedisStore:
             ns, tenant = _text(row[5]), _text(row[6])
             if ns != namespace or tenant is None:
                 continue
-            record = self._record(TenantKey(ns, tenant), row[:5])
+            try:
+                record = self._record(TenantKey(ns, tenant), row[:5])
+            except TokenSealError as exc:  # one broken record does not hide the others
+                log.warning("redis store: %s; left out of the listing", exc)
+                continue
             if record is not None:
                 records.append(record)
         return records

@@ -99,3 +99,63 @@ async def test_rekey_does_not_report_success_over_a_row_it_could_not_read(
     async with TokenManager(app_for(sim), SQLiteStore(path), keyring=both, **BUDGETS) as tm:
         with pytest.raises(TokenSealError, match="broken"):
             await tm.rekey(both)
+
+
+async def test_a_tampered_row_is_reported_as_a_seal_error_event(sim: FakeFactorial, tmp_path: Path) -> None:
+    """A row that cannot be read back is now a TokenSealError "as a payload that cannot
+    be opened"; but only the payload case emits ``seal_error`` (in ``_usable``). The row
+    case raises from ``acquire``/``read`` before that: the caller gets TokenSealError and
+    the listeners (alerting) hear nothing."""
+    path = tmp_path / "tokens.db"
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=111))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE tenants SET status = 'bogus' WHERE tenant = 'acme'")
+    conn.commit()
+    conn.close()
+    seen: list[TokenEvent] = []
+    async with TokenManager(app_for(sim), SQLiteStore(path), on_event=seen.append, **BUDGETS) as tm:
+        with pytest.raises(TokenSealError):
+            await tm.access_token("acme")
+        await tm.flush_events()
+    assert [event.kind for event in seen] == [EventKind.SEAL_ERROR], seen
+
+
+async def test_a_piece_of_a_refresh_token_with_spaces_is_redacted() -> None:
+    """Refresh tokens may now hold spaces (VSCHAR), but the piece rule looks only inside
+    runs of token characters, which a space ends: a 16-character echo of such a token,
+    made of words under 8 characters, is kept whole in the error."""
+    from aiohttp import web
+
+    from factorial_tokens import FactorialApp, ProviderError
+    from factorial_tokens._oauth import OAuthClient
+
+    refresh = "rt0 kq7 zx9 mw2 plv ytr " + "f" * 40
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        piece = str((await request.post())["refresh_token"])[:16]
+        return web.json_response(
+            {"error": "invalid_grant", "error_description": f"token {piece} was revoked"}, status=400
+        )
+
+    server = web.Application()
+    server.router.add_post("/oauth/token", token)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    app = FactorialApp(
+        client_id="id",
+        client_secret="secret-4f9d2b7e1c",
+        redirect_uri="https://example.com/cb",
+        base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+    )
+    client = OAuthClient(app, timeout=5.0)
+    try:
+        with pytest.raises(ProviderError) as info:
+            await client.refresh(refresh, deadline=asyncio.get_running_loop().time() + 5)
+    finally:
+        await client.aclose()
+        await runner.cleanup()
+    assert refresh[:12] not in f"{info.value} {info.value!r} {info.value.description}", info.value.description
+

@@ -111,13 +111,12 @@ class EventDispatcher:
 
     def _put(self, item: object) -> None:
         self._queue.put(item)
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="factorial-tokens-events", daemon=True
-                    )
-                    self._thread.start()
+        # Under the lock, always (once per burst): a thread stopping decides under it too,
+        # so either it sees this item's event, or this sees it gone and starts another.
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="factorial-tokens-events", daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
         while True:

@@ -4,6 +4,7 @@ events wakes that thread once, not once per event."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 from typing import Any
@@ -181,3 +182,48 @@ async def test_a_listener_stuck_past_aclose_never_runs_beside_a_second_thread() 
     assert (seen, overlapped) == ([0, 1, 2, 3], False)
     await dispatcher.aclose()
     assert dispatcher._thread is None
+
+
+async def test_an_event_published_as_the_events_thread_stops_is_not_stranded() -> None:
+    """The events thread checks ``_pending`` under ``_lock``, but ``_put`` reads
+    ``_thread`` without it: an event published between that check and
+    ``self._thread = None`` sets ``_woken`` and queues a wake-up for a thread that is
+    about to return. Nothing starts another one: that event, and every later one
+    (``_woken`` stays set), is never delivered, and ``flush`` says all was."""
+    dispatcher = EventDispatcher()
+    got: list[str] = []
+    dispatcher.add(lambda event: got.append(event.tenant))
+    raced: list[bool] = []
+    armed: list[bool] = []
+
+    class Pending(collections.deque):  # type: ignore[type-arg]
+        def __bool__(self) -> bool:
+            answer = len(self) > 0
+            stopping = (
+                threading.current_thread().name == "factorial-tokens-events" and dispatcher._lock.locked()
+            )
+            if stopping and armed and not raced:
+                raced.append(True)
+                # Another thread (or the loop, while aclose awaits the join) publishes now,
+                # after this look: its event is appended, then it wakes the thread, which
+                # may wait for the lock this stop path holds.
+                other = threading.Thread(
+                    target=dispatcher.publish, args=(TokenEvent(EventKind.REFRESHED, "during-stop"),)
+                )
+                other.start()
+                other.join(0.2)
+            return answer
+
+    dispatcher._pending = Pending()
+    dispatcher.publish(TokenEvent(EventKind.REFRESHED, "before"))
+    assert await dispatcher.flush(2.0)
+    armed.append(True)  # from here the lock is taken only on the stop path
+    await dispatcher.aclose()
+    assert raced, "the stop path was not reached"
+    dispatcher.publish(TokenEvent(EventKind.REFRESHED, "after"))
+    assert await dispatcher.flush(2.0)
+    for _ in range(100):
+        if "after" in got:
+            break
+        await asyncio.sleep(0.02)
+    assert got == ["before", "during-stop", "after"], got

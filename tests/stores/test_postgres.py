@@ -1742,3 +1742,15 @@ async def test_a_mangled_password_never_reaches_an_error(dsn: str, via: str) -> 
             await store.aclose()
     text = f"{caught.value} {caught.value!r}"
     assert "s3cretpiece" not in text and "cdefgh5ecret" not in text, text
+
+
+async def test_an_unreadable_dsn_with_min_size_is_a_configuration_error() -> None:
+    """``ValueError`` from asyncpg's DSN reading is mapped to ConfigurationError only
+    around ``pool.acquire``; with ``min_size`` > 0 ``create_pool`` connects (and reads
+    the DSN) first, outside that mapping, and the caller gets a bare ValueError."""
+    store = PostgresStore(dsn="postgresql://postgres:hunter2@fe80::1:5432/test", min_size=1)
+    try:
+        with pytest.raises(ConfigurationError):
+            await store.read(TenantKey("ns", "acme"))
+    finally:
+        await store.aclose()

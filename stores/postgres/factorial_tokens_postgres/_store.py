@@ -333,7 +333,10 @@ class PostgresStore:
                 raise StoreUnavailable(failed[1])
             try:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
+                    try:
+                        self._pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
+                    except ValueError:  # with min_size > 0 it connects, and reads the DSN, here
+                        raise _unreadable_dsn() from None
                 if not self._migrated:
                     if self._migrate_schema:
                         await self._migrate(self._pool)
@@ -421,9 +424,7 @@ class PostgresStore:
         try:
             con = await pool.acquire(timeout=self._acquire_timeout)
         except ValueError:  # asyncpg could not read the DSN; its words may quote it
-            raise ConfigurationError(
-                "PostgresStore's dsn could not be read by asyncpg (not shown: it may hold a password)"
-            ) from None
+            raise _unreadable_dsn() from None
         except TimeoutError:
             if loop.time() - started < self._acquire_timeout - _CLOCK_SLACK:
                 raise  # a new connection's own connect_timeout: a failure like any other
@@ -988,6 +989,12 @@ def _check_dsn(dsn: str) -> None:
             "PostgresStore's dsn is malformed (not shown: it may hold a password); "
             "percent-encode the password's reserved characters (@ / ? # :)"
         )
+
+
+def _unreadable_dsn() -> ConfigurationError:
+    return ConfigurationError(
+        "PostgresStore's dsn could not be read by asyncpg (not shown: it may hold a password)"
+    )
 
 
 def _cancelling() -> bool:

@@ -41,9 +41,9 @@ _RETRYABLE = frozenset({429, 500, 503})
 _GATEWAY = frozenset({502, 504})
 #: Connection attempts to a host that refuses before the error is raised.
 _CONNECT_TRIES = 5
-#: A run of token characters: redacted when 20 or longer, or when it shares
-#: ``_PIECE`` characters with a secret of the request.
-_TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-+/=.~]{8,}")
+#: A run of token characters this long is redacted as a token, whoever's it is.
+_LONG_RUN = re.compile(r"[A-Za-z0-9_\-+/=.~]{20,}")
+#: Any stretch sharing this many characters with a secret of the request is redacted.
 _PIECE = 8
 #: Keys whose values are secrets wherever they appear, whole or cut short.
 _SECRET_KEYS = ("access_token", "refresh_token", "code", "client_secret", "id_token")
@@ -85,30 +85,39 @@ def _form(fields: dict[str, str]) -> dict[str, Any]:
 
 def _excerpt(body: bytes, *secrets: str | None) -> str:
     """A short, whitespace-folded excerpt of a body with anything token-like removed:
-    the values of secret keys (whole or cut), the given secrets, and long token-like runs.
+    the values of secret keys (whole or cut), every stretch holding ``_PIECE`` characters
+    of a given secret (the whole secret, or a piece of it), and long token-like runs.
 
     The whole body (at most ``_MAX_BODY``) is redacted before it is cut: a cut made first
     could split a secret, and its piece would no longer be recognised."""
-    text = body.decode("utf-8", "replace")
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
+    text = " ".join(body.decode("utf-8", "replace").split())
     text = _SECRET_JSON.sub(r'\1"[redacted]"', text)
     text = _SECRET_FORM.sub(r"\1[redacted]", text)
-
-    def token_like(run: re.Match[str]) -> str:
-        piece = run.group()
-        return "[redacted]" if len(piece) >= 20 or _shares_piece(piece, secrets) else piece
-
-    text = _TOKEN_RUN.sub(token_like, " ".join(text.split()))
+    text = _LONG_RUN.sub("[redacted]", _without_pieces(text, secrets))
     return text[:160] + ("…" if len(text) > 160 else "")
+
+
+def _without_pieces(text: str, secrets: tuple[str | None, ...]) -> str:
+    """``text`` with every stretch made of ``_PIECE``-character pieces of a secret (whitespace
+    folded, as in ``text``) replaced by ``[redacted]``."""
+    covered = [False] * len(text)
+    for secret in secrets:
+        folded = " ".join(secret.split()) if secret else ""
+        for i in range(len(folded) - _PIECE + 1):
+            window = folded[i : i + _PIECE]
+            at = text.find(window)
+            while at != -1:
+                covered[at : at + _PIECE] = [True] * _PIECE
+                at = text.find(window, at + 1)
+    if not any(covered):
+        return text
+    kept = (char if not hidden else "\0" for char, hidden in zip(text, covered, strict=True))
+    return re.sub("\0+", "[redacted]", "".join(kept))
 
 
 def _shares_piece(text: str, secrets: tuple[str | None, ...]) -> bool:
     """True if ``text`` holds ``_PIECE`` consecutive characters of one of ``secrets``."""
-    return any(
-        secret and text[i : i + _PIECE] in secret for secret in secrets for i in range(len(text) - _PIECE + 1)
-    )
+    return _without_pieces(text, secrets) != text
 
 
 def _int(literal: str) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -19,16 +20,18 @@ from aiohttp import web
 from factorial_tokens import (
     CompanyMismatch,
     ConfigurationError,
+    EventKind,
     FactorialApp,
     FactorialTokensError,
     InvalidState,
     Keyring,
     ProviderError,
+    TokenEvent,
     TokenManager,
     TokenSealError,
 )
 from factorial_tokens._oauth import OAuthClient
-from factorial_tokens.store import SQLiteStore, TenantKey, TenantStatus, Update
+from factorial_tokens.store import SQLiteStore, TenantKey, TenantStatus, Update, unreadable_record
 from factorial_tokens.testing import FakeFactorial
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
@@ -194,9 +197,9 @@ async def test_an_error_page_cut_inside_an_echoed_secret_shows_no_piece_of_it(ra
 async def test_a_tampered_sqlite_column_is_a_typed_error(
     tmp_path: Path, sim: FakeFactorial, column: str, value: object
 ) -> None:
-    """SQLite keeps columns untyped; ``_call`` maps only sqlite3.Error, so
-    ``record_from_columns``'s ValueError escapes the store and the manager (the Redis store
-    maps the same case to StoreUnavailable)."""
+    """SQLite keeps columns untyped: ``record_from_columns``'s ValueError escaped the store
+    and the manager. The row now reads as a record that cannot be opened: TokenSealError,
+    with a ``seal_error`` event."""
     path = tmp_path / "tokens.db"
     async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
         await tm.exchange_code("acme", sim.issue_code(company_id=1))
@@ -206,11 +209,16 @@ async def test_a_tampered_sqlite_column_is_a_typed_error(
     conn.close()
     store = SQLiteStore(path)
     try:
-        with pytest.raises(FactorialTokensError):
-            await store.read(TenantKey(CLIENT_ID, "acme"))
+        assert await store.read(TenantKey(CLIENT_ID, "acme")) == unreadable_record(
+            TenantKey(CLIENT_ID, "acme")
+        )
         async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
-            with pytest.raises(FactorialTokensError):
+            events: list[EventKind] = []
+            tm.add_listener(lambda event: events.append(event.kind))
+            with pytest.raises(TokenSealError):
                 await tm.access_token("acme")
+            assert await tm.flush_events()
+            assert events == [EventKind.SEAL_ERROR]
     finally:
         await store.aclose()
 
@@ -219,8 +227,8 @@ async def test_a_tampered_sqlite_column_is_a_typed_error(
 async def test_one_tampered_record_does_not_hide_the_others_from_the_listing(
     name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``tenants`` (keepalive, the CLI's list) skips a record it cannot read, and says so,
-    rather than failing the whole listing for it."""
+    """``tenants`` (keepalive, the CLI's list, rekey) neither fails the whole listing for a
+    record it cannot read nor hides it: the record is listed as one that cannot be opened."""
     import redis.asyncio as aioredis
 
     async with open_backend(name, tmp_path) as backend:
@@ -242,11 +250,11 @@ async def test_one_tampered_record_does_not_hide_the_others_from_the_listing(
             finally:
                 await client.aclose()
         with caplog.at_level(logging.WARNING):
-            records = await store.tenants("ns")
-        assert sorted(record.key.tenant for record in records) == ["acme", "zeta"]
-        assert "malformed record for tenant 'broken'; left out of the listing" in caplog.text
-        with pytest.raises(TokenSealError, match="malformed record"):
-            await store.read(broken)
+            records = {record.key.tenant: record for record in await store.tenants("ns")}
+        assert sorted(records) == ["acme", "broken", "zeta"]
+        assert records["broken"] == unreadable_record(broken) != records["acme"]
+        assert "the stored record of tenant 'broken' is malformed" in caplog.text
+        assert await store.read(broken) == unreadable_record(broken)
 
 
 # -- 5. a plain payload with wrong types or deep nesting -----------------------------------
@@ -495,3 +503,85 @@ async def test_a_reconnection_over_a_tampered_sqlite_row_revokes_the_refused_gra
         with pytest.raises(FactorialTokensError):
             await asyncio.wait_for(tm.exchange_code("victim", sim.issue_code(company_id=666)), 30)
     assert sim.live_pairs(666) == 0, "the refused grant of company 666 is still live at Factorial"
+
+
+async def test_rekey_does_not_report_success_over_a_row_it_could_not_read(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """``rekey`` promises TokenSealError naming every record it could not open, so an
+    operator never retires a key some record still needs. ``tenants()`` now drops a
+    tampered row with a log line, so rekey never sees it and answers success: the row
+    (its payload still sealed under k1) is left behind silently."""
+    path = tmp_path / "tokens.db"
+    raw = os.urandom(32)
+    k1 = Keyring([("k1", raw)])
+    both = Keyring([("k2", os.urandom(32)), ("k1", raw)])
+    async with TokenManager(app_for(sim), SQLiteStore(path), keyring=k1, **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=111))
+        await tm.exchange_code("broken", sim.issue_code(company_id=222))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE tenants SET updated_at = 'yesterday' WHERE tenant = 'broken'")
+    conn.commit()
+    conn.close()
+    async with TokenManager(app_for(sim), SQLiteStore(path), keyring=both, **BUDGETS) as tm:
+        with pytest.raises(TokenSealError, match="broken"):
+            await tm.rekey(both)
+
+
+async def test_a_tampered_row_is_reported_as_a_seal_error_event(sim: FakeFactorial, tmp_path: Path) -> None:
+    """A row that cannot be read back is now a TokenSealError "as a payload that cannot
+    be opened"; but only the payload case emits ``seal_error`` (in ``_usable``). The row
+    case raises from ``acquire``/``read`` before that: the caller gets TokenSealError and
+    the listeners (alerting) hear nothing."""
+    path = tmp_path / "tokens.db"
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=111))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE tenants SET status = 'bogus' WHERE tenant = 'acme'")
+    conn.commit()
+    conn.close()
+    seen: list[TokenEvent] = []
+    async with TokenManager(app_for(sim), SQLiteStore(path), on_event=seen.append, **BUDGETS) as tm:
+        with pytest.raises(TokenSealError):
+            await tm.access_token("acme")
+        await tm.flush_events()
+    assert [event.kind for event in seen] == [EventKind.SEAL_ERROR], seen
+
+
+async def test_a_piece_of_a_refresh_token_with_spaces_is_redacted() -> None:
+    """Refresh tokens may now hold spaces (VSCHAR), but the piece rule looks only inside
+    runs of token characters, which a space ends: a 16-character echo of such a token,
+    made of words under 8 characters, is kept whole in the error."""
+    from aiohttp import web
+
+    from factorial_tokens import FactorialApp, ProviderError
+    from factorial_tokens._oauth import OAuthClient
+
+    refresh = "rt0 kq7 zx9 mw2 plv ytr " + "f" * 40
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        piece = str((await request.post())["refresh_token"])[:16]
+        return web.json_response(
+            {"error": "invalid_grant", "error_description": f"token {piece} was revoked"}, status=400
+        )
+
+    server = web.Application()
+    server.router.add_post("/oauth/token", token)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    app = FactorialApp(
+        client_id="id",
+        client_secret="secret-4f9d2b7e1c",
+        redirect_uri="https://example.com/cb",
+        base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+    )
+    client = OAuthClient(app, timeout=5.0)
+    try:
+        with pytest.raises(ProviderError) as info:
+            await client.refresh(refresh, deadline=asyncio.get_running_loop().time() + 5)
+    finally:
+        await client.aclose()
+        await runner.cleanup()
+    assert refresh[:12] not in f"{info.value} {info.value!r} {info.value.description}", info.value.description

@@ -55,6 +55,7 @@ from ._values import (
     Update,
     hold_digest,
     record_from_columns,
+    unreadable_record,
 )
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
@@ -96,5 +97,6 @@ __all__ = [
     "seconds",
     "store_from_url",
     "text",
+    "unreadable_record",
     "url_options",
 ]

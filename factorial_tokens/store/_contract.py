@@ -34,8 +34,10 @@ with ``Retry-After``) and announces it; ``admit`` answers how long to wait befor
 provider call, by that instant and by an optional shared rate budget (a token bucket).
 
 Every failure of the backend surfaces as :class:`~factorial_tokens.StoreUnavailable`. A
-stored record the store cannot read back (its columns tampered with) is not an outage:
-it raises :class:`~factorial_tokens.TokenSealError`, as a payload that cannot be opened does.
+stored record whose columns do not make a record (tampered with) is not an outage: it is
+returned as :func:`~factorial_tokens.store.unreadable_record` (what
+:func:`~factorial_tokens.store.record_from_columns` gives), which the manager meets as a
+payload that cannot be opened (``TokenSealError``, a ``seal_error`` event), never hidden.
 
 Every primitive must be safe to run twice (a client resends a command whose reply was
 lost): the second run answers as the first did and writes nothing more. ``acquire`` by

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 
 import attrs
 
@@ -24,7 +25,10 @@ __all__ = [
     "Update",
     "hold_digest",
     "record_from_columns",
+    "unreadable_record",
 ]
+
+log = logging.getLogger("factorial_tokens.store")
 
 #: How long a finished code claim is remembered (seconds). Doorkeeper's codes live
 #: ten minutes; a day covers any retried callback.
@@ -132,21 +136,36 @@ def record_from_columns(
 ) -> Record | None:
     """A record from the five columns a store keeps, as a driver returns them (numbers as
     numbers or as text, text as ``str`` or ``bytes``); ``None`` when ``payload`` is (a
-    tenant forgotten, or never written). A malformed column raises ValueError or TypeError.
+    tenant forgotten, or never written).
+
+    Columns that do not make a record (tampered with, where the backend does not type
+    them) are logged and give :func:`unreadable_record`: not an outage to retry, but a
+    record that cannot be opened, met as such by every reader (refresh, listing, rekey,
+    a reconnection), never hidden.
     """
     if payload is None:
         return None
-    if not isinstance(payload, bytes | bytearray | memoryview | str):
-        raise TypeError(f"a payload is bytes, not {type(payload).__name__}")
-    expires = _text(expires_at)
-    return Record(
-        key=key,
-        payload=payload.encode() if isinstance(payload, str) else bytes(payload),
-        status=_STATUSES.get(status) or TenantStatus(_text(status)),
-        version=int(_text(version) or 0),
-        expires_at=None if expires is None or expires == "" else float(expires),
-        updated_at=float(_text(updated_at) or 0.0),
-    )
+    try:
+        if not isinstance(payload, bytes | bytearray | memoryview | str):
+            raise TypeError(f"a payload is bytes, not {type(payload).__name__}")
+        expires = _text(expires_at)
+        return Record(
+            key=key,
+            payload=payload.encode() if isinstance(payload, str) else bytes(payload),
+            status=_STATUSES.get(status) or TenantStatus(_text(status)),
+            version=int(_text(version) or 0),
+            expires_at=None if expires is None or expires == "" else float(expires),
+            updated_at=float(_text(updated_at) or 0.0),
+        )
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        log.warning("the stored record of tenant %r is malformed (%s); it cannot be opened", key.tenant, exc)
+        return unreadable_record(key)
+
+
+def unreadable_record(key: TenantKey) -> Record:
+    """The record a store gives for columns that do not make one: an empty payload, which
+    no codec opens (every payload it writes has a prefix), status ACTIVE, version 0."""
+    return Record(key, b"", TenantStatus.ACTIVE, 0, None, 0.0)
 
 
 #: A status column as drivers return it, looked up without an Enum call (one per record read).

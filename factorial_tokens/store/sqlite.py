@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from .._errors import ConfigurationError, StoreUnavailable, TokenSealError
+from .._errors import ConfigurationError, StoreUnavailable
 from ._contract import ChangeListener, Watch, closed_error
 from ._notifier import Notifier
 from ._options import choice, seconds, url_options
@@ -562,12 +562,7 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
 
 
 def _record(key: TenantKey, row: tuple[Any, ...]) -> Record | None:
-    # SQLite columns take any type: a row written by someone else may not be a record. That
-    # is not an outage (retrying cannot mend it) but a record that cannot be opened.
-    try:
-        return record_from_columns(key, *row[:5])
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise TokenSealError(f"the SQLite store holds a malformed record for tenant {key.tenant!r}") from exc
+    return record_from_columns(key, *row[:5])
 
 
 def _log_change(conn: sqlite3.Connection, digest: str) -> int:
@@ -787,16 +782,8 @@ def _tenants(conn: sqlite3.Connection, namespace: str) -> list[Record]:
         "WHERE namespace = ? AND payload IS NOT NULL",
         (namespace,),
     ).fetchall()
-    records = []
-    for row in rows:
-        try:
-            record = _record(TenantKey(namespace, row[0]), row[1:])
-        except TokenSealError as exc:  # one broken record does not hide the others
-            log.warning("sqlite store: %s; left out of the listing", exc)
-            continue
-        if record is not None:
-            records.append(record)
-    return records
+    records = (_record(TenantKey(namespace, row[0]), row[1:]) for row in rows)
+    return [record for record in records if record is not None]
 
 
 def _check(conn: sqlite3.Connection) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import contextvars
 import hashlib
 import importlib
-import logging
 import math
 import re
 import secrets
@@ -34,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from factorial_tokens import ConfigurationError, StoreUnavailable, TokenSealError
+from factorial_tokens import ConfigurationError, StoreUnavailable
 from factorial_tokens.store import (
     CLAIM_RETENTION,
     Acquisition,
@@ -60,8 +59,6 @@ from factorial_tokens.store import (
 from ._listener import Listener
 
 __all__ = ["RedisStore"]
-
-log = logging.getLogger("factorial_tokens.redis")
 
 
 def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
@@ -426,13 +423,6 @@ class RedisStore:
 
     # -- records ---------------------------------------------------------------------
 
-    def _record(self, key: TenantKey, fields: Sequence[Any]) -> Record | None:
-        try:
-            return record_from_columns(key, *fields)
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            # Not an outage (retrying cannot mend it): a record that cannot be opened.
-            raise TokenSealError(f"redis holds a malformed record for tenant {key.tenant!r}") from exc
-
     def _update_args(self, key: TenantKey, update: Update) -> list[str | bytes]:
         return [
             update.payload,
@@ -452,7 +442,7 @@ class RedisStore:
             else self._queued("HMGET", rec, *_RECORD_FIELDS)
         )
         fields = await self._call("read", command, queued=not self.cluster)
-        return self._record(key, fields)
+        return record_from_columns(key, *fields)
 
     async def acquire(
         self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
@@ -465,7 +455,7 @@ class RedisStore:
             args += [_float_text(rule.at), _float_text(rule.margin), _float_text(rule.share)]
         reply = await self._script("acquire", [self._rec(key.digest), self._lease(key.digest)], args)
         fence = int(reply[0])
-        record = self._record(key, reply[1:6])
+        record = record_from_columns(key, *reply[1:6])
         return Acquisition(Lease(key, owner, fence) if fence else None, record)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
@@ -540,11 +530,7 @@ class RedisStore:
             ns, tenant = _text(row[5]), _text(row[6])
             if ns != namespace or tenant is None:
                 continue
-            try:
-                record = self._record(TenantKey(ns, tenant), row[:5])
-            except TokenSealError as exc:  # one broken record does not hide the others
-                log.warning("redis store: %s; left out of the listing", exc)
-                continue
+            record = record_from_columns(TenantKey(ns, tenant), *row[:5])
             if record is not None:
                 records.append(record)
         return records

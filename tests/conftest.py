@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from factorial_tokens import FactorialApp, TokenManager
+from factorial_tokens._oauth import OAuthClient
 from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from .stores import STORES, Backend, open_backend
@@ -45,13 +47,13 @@ async def sim(make_sim: SimFactory) -> AsyncIterator[FakeFactorial]:
         yield simulator
 
 
-def app_for(sim: FakeFactorial, **options: Any) -> FactorialApp:
-    """The test app, pointed at ``sim``."""
+def app_for(sim: FakeFactorial | str, **options: Any) -> FactorialApp:
+    """The test app, pointed at ``sim`` (or at a base URL)."""
     return FactorialApp(
         client_id=CLIENT_ID,
         client_secret=CLIENT_SECRET,
         redirect_uri=REDIRECT_URI,
-        base_url=sim.base_url,
+        base_url=sim if isinstance(sim, str) else sim.base_url,
         **options,
     )
 
@@ -142,3 +144,31 @@ def make_thread_sim() -> ThreadSimFactory:
             yield sim
 
     return factory
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Any]:
+    """A tiny HTTP server whose /oauth/token handler each test sets."""
+    holder: dict[str, Any] = {}
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        result: web.StreamResponse = await holder["handler"](request)
+        return result
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    holder["base_url"] = f"http://127.0.0.1:{port}"
+    try:
+        yield holder
+    finally:
+        await runner.cleanup()
+
+
+def oauth_client(base_url: str) -> OAuthClient:
+    """An OAuth client of the test app, pointed at ``base_url``."""
+    return OAuthClient(app_for(base_url), timeout=5.0)

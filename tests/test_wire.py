@@ -10,7 +10,6 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from factorial_tokens.store import MemoryStore, TenantStatus, Update
 from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
 from ._replaying import HookedStore, ReplayingStore
-from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, SimFactory, app_for
+from .conftest import SimFactory, app_for, oauth_client
 from .stores import BACKENDS, open_backend
 
 
@@ -64,38 +63,6 @@ async def test_answers_in_pieces_are_read_whole(make_sim: SimFactory, chunked: b
         _clean(sim)
 
 
-@pytest.fixture
-async def raw_server() -> AsyncIterator[Any]:
-    """A tiny HTTP server whose /oauth/token handler each test sets."""
-    holder: dict[str, Any] = {}
-
-    async def token(request: web.Request) -> web.StreamResponse:
-        result: web.StreamResponse = await holder["handler"](request)
-        return result
-
-    app = web.Application()
-    app.router.add_post("/oauth/token", token)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    holder["base_url"] = f"http://127.0.0.1:{port}"
-    try:
-        yield holder
-    finally:
-        await runner.cleanup()
-
-
-def _client(base_url: str) -> OAuthClient:
-    from factorial_tokens import FactorialApp
-
-    app = FactorialApp(
-        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, base_url=base_url
-    )
-    return OAuthClient(app, timeout=5.0)
-
-
 async def test_a_chunked_body_over_the_limit_is_refused_by_what_was_read(raw_server: Any) -> None:
     async def huge(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -110,7 +77,7 @@ async def test_a_chunked_body_over_the_limit_is_refused_by_what_was_read(raw_ser
         return resp
 
     raw_server["handler"] = huge
-    client = _client(raw_server["base_url"])
+    client = oauth_client(raw_server["base_url"])
     try:
         deadline = asyncio.get_running_loop().time() + 5
         with pytest.raises(RequestInDoubt) as info:
@@ -129,7 +96,7 @@ async def test_no_piece_of_a_secret_value_reaches_an_error(raw_server: Any, key:
         return web.Response(status=400, text=f'{{"{key}": "{CUT}', content_type="application/json")
 
     raw_server["handler"] = cut
-    client = _client(raw_server["base_url"])
+    client = oauth_client(raw_server["base_url"])
     try:
         deadline = asyncio.get_running_loop().time() + 5
         with pytest.raises(ProviderError) as info:
@@ -282,7 +249,7 @@ _BAD_BODIES = st.one_of(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=_BAD_BODIES)
 def test_any_body_gives_tokens_or_a_typed_error(body: bytes) -> None:
-    client = _client("http://127.0.0.1:9")
+    client = oauth_client("http://127.0.0.1:9")
     try:
         tokens = client._token_answer(200, body, "secret-sent", 1.0)
     except RequestInDoubt as exc:

@@ -406,11 +406,9 @@ class OAuthClient:
             data = _loads(body)
         except (ValueError, RecursionError):
             data = None
-        code = (
-            _error_code(data.get("error"), secret, self.app.client_secret) if isinstance(data, dict) else None
-        )
-        if code is not None:
-            assert isinstance(data, dict)
+        if isinstance(data, dict) and (
+            code := _error_code(data.get("error"), secret, self.app.client_secret)
+        ):
             description = data.get("error_description")
             text = (
                 _excerpt(description.encode("utf-8", "replace"), secret, self.app.client_secret)

@@ -105,8 +105,6 @@ _NOT_RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DataError,
     asyncpg.exceptions.ClientConfigurationError,
 )
-#: A driver failure, or one this store already described.
-_ANY_FAILURE: tuple[type[BaseException], ...] = (*_FAILURES, StoreUnavailable)
 _CLOSE_FAILURES: tuple[type[BaseException], ...] = (*_FAILURES, asyncio.CancelledError)
 #: What a starter's CREATE ... IF NOT EXISTS raises when it did not see another's work.
 _CREATE_RACES: tuple[type[BaseException], ...] = (

@@ -99,15 +99,16 @@ def _excerpt(body: bytes, *secrets: str | None) -> str:
 
 def _without_pieces(text: str, secrets: tuple[str | None, ...]) -> str:
     """``text`` with every stretch made of ``_PIECE``-character pieces of a secret (whitespace
-    folded, as in ``text``) replaced by ``[redacted]``."""
+    folded, as in ``text``; the whole secret if it is shorter) replaced by ``[redacted]``."""
     covered = [False] * len(text)
     for secret in secrets:
         folded = " ".join(secret.split()) if secret else ""
-        for i in range(len(folded) - _PIECE + 1):
-            window = folded[i : i + _PIECE]
+        size = min(_PIECE, len(folded))  # a secret shorter than a piece: the whole of it
+        for i in range(len(folded) - size + 1) if size else ():
+            window = folded[i : i + size]
             at = text.find(window)
             while at != -1:
-                covered[at : at + _PIECE] = [True] * _PIECE
+                covered[at : at + size] = [True] * size
                 at = text.find(window, at + 1)
     if not any(covered):
         return text

@@ -75,6 +75,8 @@ Listener = Callable[[TokenEvent], object]
 
 _STOP = object()
 _WAKE = object()
+#: Seconds a stopping thread, kept by an event that came as it stopped, waits for more.
+_IDLE = 0.5
 
 
 class EventDispatcher:
@@ -119,8 +121,13 @@ class EventDispatcher:
                 self._thread.start()
 
     def _run(self) -> None:
+        stopping = False
         while True:
-            item = self._queue.get()
+            try:
+                # Once stopping, a thread with nothing to do goes (a late event starts another).
+                item = self._queue.get(timeout=_IDLE if stopping else None)
+            except queue.Empty:
+                item = _STOP
             # Unset before taking the events: one published from now on wakes the thread again.
             self._woken = False
             while self._pending:
@@ -137,6 +144,7 @@ class EventDispatcher:
                             extra={"event": "listener_failed"},
                         )
             if item is _STOP:
+                stopping = True
                 with self._lock:
                     # An event published since the look above (its wake-up is queued) is
                     # delivered before the thread goes; otherwise the next event starts a

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import queue
 import threading
+import time
 from typing import Any
 
 from factorial_tokens import EventKind, TokenEvent
@@ -227,3 +228,28 @@ async def test_an_event_published_as_the_events_thread_stops_is_not_stranded() -
             break
         await asyncio.sleep(0.02)
     assert got == ["before", "during-stop", "after"], got
+
+
+def test_an_event_published_as_the_events_thread_stops_does_not_keep_it_forever() -> None:
+    """On ``_STOP`` the thread stops "after delivering what was published meanwhile"; but an
+    event published between its last look and its stop check makes it go round again, and
+    the ``_STOP`` it consumed is gone: it delivers the event, then blocks on the queue
+    forever (a leaked thread per closed manager; ``aclose`` warns a listener is stuck)."""
+    from factorial_tokens._events import _STOP
+
+    seen: list[str] = []
+    dispatcher = EventDispatcher()
+    dispatcher.add(lambda event: seen.append(event.tenant))
+    dispatcher.publish(TokenEvent(EventKind.FORGOTTEN, "first"))
+    thread = dispatcher._thread
+    assert thread is not None
+    with dispatcher._lock:  # hold the thread at its stop check
+        dispatcher._queue.put(_STOP)
+        time.sleep(0.3)
+        late = threading.Thread(target=dispatcher.publish, args=(TokenEvent(EventKind.FORGOTTEN, "late"),))
+        late.start()
+        time.sleep(0.3)  # "late" is pending, its wake-up queued; publish waits for the lock
+    late.join(5)
+    thread.join(5)
+    assert seen == ["first", "late"]
+    assert not thread.is_alive(), "the events thread outlived its _STOP"

@@ -32,6 +32,16 @@ class PayloadCodec(Protocol):
 _PLAIN = b"j1:"
 
 
+def _check_written(key: TenantKey, payload: bytes) -> None:
+    """TokenSealError for the empty payload a store gives for a row it cannot read back
+    (``unreadable_record``): no codec ever writes one."""
+    if not payload:
+        raise TokenSealError(
+            f"the stored record of tenant {key.tenant!r} is malformed (its columns were changed "
+            "outside this library); forget the tenant and connect it again"
+        )
+
+
 class JsonCodec:
     """Plain JSON, prefixed ``j1:``: readable by anyone who can read the store."""
 
@@ -39,6 +49,7 @@ class JsonCodec:
         return _PLAIN + json.dumps(tokens.to_dict(), separators=(",", ":")).encode()
 
     def decode(self, key: TenantKey, payload: bytes) -> TokenSet:
+        _check_written(key, payload)
         if not payload.startswith(_PLAIN):
             raise TokenSealError(
                 f"the record of tenant {key.tenant!r} is not plain JSON (sealed? configure the keyring)"
@@ -89,6 +100,7 @@ class SealedCodec:
         return sealed_with(payload) == self.keyring.newest
 
     def _plaintext(self, key: TenantKey, payload: bytes) -> bytes:
+        _check_written(key, payload)
         if payload.startswith(SEALED):
             return self.keyring.unseal(key, payload)
         if payload.startswith(_PLAIN):

@@ -164,8 +164,10 @@ def record_from_columns(
 
 def unreadable_record(key: TenantKey) -> Record:
     """The record a store gives for columns that do not make one: an empty payload, which
-    no codec opens (every payload it writes has a prefix), status ACTIVE, version 0."""
-    return Record(key, b"", TenantStatus.ACTIVE, 0, None, 0.0)
+    no codec opens (every payload it writes has a prefix), status ACTIVE, version 0, and
+    long expired, so that keepalive and status show it due, never as a token that does
+    not expire."""
+    return Record(key, b"", TenantStatus.ACTIVE, 0, 0.0, 0.0)
 
 
 #: A status column as drivers return it, looked up without an Enum call (one per record read).

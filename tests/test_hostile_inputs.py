@@ -62,6 +62,25 @@ def _tamper(path: str | Path, statement: str, parameters: tuple[object, ...] = (
         conn.close()
 
 
+async def _tamper_status(name: str, backend: Any, key: TenantKey) -> None:
+    """Someone with write access but no key sets a status column the store cannot read
+    (SQLite or Redis; PostgreSQL's CHECK constraint refuses it)."""
+    if name == "sqlite":
+        _tamper(
+            backend.url.removeprefix("sqlite:///"),
+            "UPDATE tenants SET status = 'bogus' WHERE tenant = ?",
+            (key.tenant,),
+        )
+        return
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        await client.hset(backend.store._rec(key.digest), "status", "bogus")
+    finally:
+        await client.aclose()
+
+
 def _texts(exc: BaseException) -> str:
     out = []
     seen: BaseException | None = exc
@@ -195,8 +214,6 @@ async def test_one_tampered_record_does_not_hide_the_others_from_the_listing(
 ) -> None:
     """``tenants`` (keepalive, the CLI's list, rekey) neither fails the whole listing for a
     record it cannot read nor hides it: the record is listed as one that cannot be opened."""
-    import redis.asyncio as aioredis
-
     async with open_backend(name, tmp_path) as backend:
         store = backend.store
         for tenant in ("acme", "broken", "zeta"):
@@ -204,17 +221,7 @@ async def test_one_tampered_record_does_not_hide_the_others_from_the_listing(
                 TenantKey("ns", tenant), Update(b"j1:{}", TenantStatus.ACTIVE, None, time.time())
             )
         broken = TenantKey("ns", "broken")
-        if name == "sqlite":
-            _tamper(
-                backend.url.removeprefix("sqlite:///"),
-                "UPDATE tenants SET status = 'bogus' WHERE tenant = 'broken'",
-            )
-        else:
-            client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
-            try:
-                await client.hset(store._rec(broken.digest), "status", "bogus")
-            finally:
-                await client.aclose()
+        await _tamper_status(name, backend, broken)
         with caplog.at_level(logging.WARNING):
             records = {record.key.tenant: record for record in await store.tenants("ns")}
         assert sorted(records) == ["acme", "broken", "zeta"]
@@ -493,3 +500,45 @@ async def test_a_piece_of_a_refresh_token_with_spaces_is_redacted(raw_server: An
     with pytest.raises(ProviderError) as info:
         await _ask(raw_server, answer, lambda client, deadline: client.refresh(refresh, deadline=deadline))
     assert refresh[:12] not in _texts(info.value), info.value.description
+
+
+@pytest.mark.parametrize("name", ["sqlite", "redis"])
+async def test_keepalive_does_not_report_an_unreadable_record_as_healthy(
+    name: str, sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """A tampered row listed with no expiry was filed by keepalive under ``non_expiring``
+    (company tokens that never expire), never tried, and its report was ``ok`` (the CLI's
+    ``keepalive --once`` exited 0). It is listed long expired: tried, and ``failed``, as a
+    record sealed under a missing key is."""
+    async with open_backend(name, tmp_path) as backend:
+        async with TokenManager(app_for(sim), backend.store, **BUDGETS) as tm:
+            await tm.exchange_code("broken", sim.issue_code(company_id=1))
+            await _tamper_status(name, backend, TenantKey(CLIENT_ID, "broken"))
+            with pytest.raises(TokenSealError):  # the manager itself knows it cannot be opened
+                await tm.access_token("broken")
+            report = await tm.keep_alive(max_age=0.01, jitter=0, once=True)
+            assert "broken" not in report.non_expiring, report
+            assert report.ok is False, report
+
+
+async def test_an_echoed_short_client_secret_is_redacted(raw_server: Any) -> None:
+    """Pieces of a secret are 8 characters: a client secret shorter than that
+    (``FactorialApp`` accepts any) echoed by the provider reached the error verbatim."""
+    short = "hunter2"
+    app = FactorialApp(
+        client_id=CLIENT_ID, client_secret=short, redirect_uri=REDIRECT_URI, base_url=raw_server["base_url"]
+    )
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        sent = str((await request.post())["client_secret"])
+        return web.Response(status=500, text=f"<h1>Internal error</h1> bad client secret {sent}")
+
+    raw_server["handler"] = answer
+    client = OAuthClient(app, timeout=5.0)
+    try:
+        with pytest.raises(ProviderError) as info:
+            await client.refresh("r" * 40, deadline=asyncio.get_running_loop().time() + 5)
+    finally:
+        await client.aclose()
+    texts = f"{info.value} {info.value!r} {info.value.description}"
+    assert short not in texts, texts

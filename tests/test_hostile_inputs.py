@@ -90,7 +90,7 @@ def _texts(exc: BaseException) -> str:
     return " | ".join(out)
 
 
-# -- 1. a 2xx answer with an access token and an enormous number is lost --------------------
+# -- a 2xx answer with an enormous number keeps its tokens --------------------------------
 
 
 @pytest.mark.parametrize("field", ["expires_in", "created_at"])
@@ -109,7 +109,7 @@ async def test_a_2xx_with_an_enormous_number_literal_keeps_its_tokens(raw_server
     assert tokens.access_token == "issued-access-token"
 
 
-# -- 2. the provider's `error` value reaches errors and logs unredacted ---------------------
+# -- the provider's `error` value is a code, or nothing: never an echo, never a log line ---
 
 
 async def test_a_provider_error_code_echoing_the_refresh_token_is_redacted(raw_server: Any) -> None:
@@ -158,7 +158,7 @@ def _unquote(text: str) -> str:
     return unquote(text)
 
 
-# -- 3. the excerpt's 2000-character window leaves a piece of a secret ----------------------
+# -- an error excerpt is redacted before it is cut -----------------------------------------
 
 
 async def test_an_error_page_cut_inside_an_echoed_secret_shows_no_piece_of_it(raw_server: Any) -> None:
@@ -175,7 +175,7 @@ async def test_an_error_page_cut_inside_an_echoed_secret_shows_no_piece_of_it(ra
     assert CODE[:8] not in _texts(info.value), _texts(info.value)
 
 
-# -- 4. tampered SQLite columns escape as ValueError ----------------------------------------
+# -- tampered columns read as a record that cannot be opened --------------------------------
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,7 @@ async def test_one_tampered_record_does_not_hide_the_others_from_the_listing(
         assert await store.read(broken) == unreadable_record(broken)
 
 
-# -- 5. a plain payload with wrong types or deep nesting -----------------------------------
+# -- a plain payload with wrong types or deep nesting is a seal error -----------------------
 
 
 @pytest.mark.parametrize(
@@ -262,7 +262,7 @@ async def test_a_tampered_plain_payload_is_a_seal_error(
                 await asyncio.wait_for(tm.access_token("acme"), 10)
 
 
-# -- 6. a record that cannot be opened is overwritten, and the company pin with it ----------
+# -- a record that cannot be opened keeps its company pin -----------------------------------
 
 
 async def test_a_record_that_cannot_be_opened_does_not_unpin_the_tenant(
@@ -287,7 +287,7 @@ async def test_a_record_that_cannot_be_opened_does_not_unpin_the_tenant(
     assert sim.is_active(first.access_token)
 
 
-# -- 7. state and binding values the library cannot encode ----------------------------------
+# -- state and binding values that cannot be encoded are invalid states ----------------------
 
 
 @pytest.mark.parametrize(
@@ -309,7 +309,7 @@ async def test_unencodable_callback_values_are_invalid_state(
             await tm.complete_callback(state=state, code=CODE, binding=binding)
 
 
-# -- 8. a malformed store URL ---------------------------------------------------------------
+# -- a malformed store URL is a configuration error, quoted nowhere -------------------------
 
 
 @pytest.mark.parametrize("url", ["postgresql://u:pw-S3cret@[::1:5432/test", "redis://:pw-S3cret@[::1:6379/0"])
@@ -320,7 +320,7 @@ def test_a_malformed_store_url_is_a_configuration_error(url: str) -> None:
         store_from_url(url)
 
 
-# -- 9. a tampered code claim ---------------------------------------------------------------
+# -- a tampered code claim is a typed error ---------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["sqlite", "redis"])
@@ -352,7 +352,7 @@ async def test_a_tampered_code_claim_is_a_typed_error(name: str, sim: FakeFactor
                 await tm.exchange_code("acme", code)
 
 
-# -- 10. an access token that cannot go into a header ---------------------------------------
+# -- an access token that cannot go into a header is in doubt, typed -------------------------
 
 
 @pytest.mark.parametrize(
@@ -374,7 +374,7 @@ async def test_an_access_token_unfit_for_a_header_is_a_typed_error(raw_server: A
             await tm.exchange_code("acme", CODE)
 
 
-# -- pieces of secrets, spaces in refresh tokens, a tampered row on reconnection ----------
+# -- pieces of secrets, spaces in refresh tokens, tampered rows on reconnection and keepalive
 
 
 def _echo_piece(field: str, where: str) -> Any:

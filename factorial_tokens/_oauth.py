@@ -41,8 +41,9 @@ _RETRYABLE = frozenset({429, 500, 503})
 _GATEWAY = frozenset({502, 504})
 #: Connection attempts to a host that refuses before the error is raised.
 _CONNECT_TRIES = 5
-#: A run of token characters this long is redacted as a token, whoever's it is.
-_LONG_RUN = re.compile(r"[A-Za-z0-9_\-+/=.~]{20,}")
+#: The characters of a token; a run of them this long is redacted, whoever's it is.
+_TOKEN_CHARS = r"A-Za-z0-9_\-+/=.~"
+_LONG_RUN = re.compile(rf"[{_TOKEN_CHARS}]{{20,}}")
 #: Any stretch sharing this many characters with a secret of the request is redacted.
 _PIECE = 8
 #: Keys whose values are secrets wherever they appear, whole or cut short.
@@ -99,16 +100,22 @@ def _excerpt(body: bytes, *secrets: str | None) -> str:
 
 def _without_pieces(text: str, secrets: tuple[str | None, ...]) -> str:
     """``text`` with every stretch made of ``_PIECE``-character pieces of a secret (whitespace
-    folded, as in ``text``; the whole secret if it is shorter) replaced by ``[redacted]``."""
+    folded, as in ``text``; a shorter secret where it stands whole) replaced by
+    ``[redacted]``."""
     covered = [False] * len(text)
     for secret in secrets:
         folded = " ".join(secret.split()) if secret else ""
-        size = min(_PIECE, len(folded))  # a secret shorter than a piece: the whole of it
-        for i in range(len(folded) - size + 1) if size else ():
-            window = folded[i : i + size]
+        if 0 < len(folded) < _PIECE:
+            # Shorter than a piece: where it stands whole, not inside a word ("a" in
+            # "invalid_grant" is no secret, and hiding it there would hide the error code).
+            for found in re.finditer(rf"(?<![{_TOKEN_CHARS}]){re.escape(folded)}(?![{_TOKEN_CHARS}])", text):
+                covered[found.start() : found.end()] = [True] * len(folded)
+            continue
+        for i in range(len(folded) - _PIECE + 1):
+            window = folded[i : i + _PIECE]
             at = text.find(window)
             while at != -1:
-                covered[at : at + size] = [True] * size
+                covered[at : at + _PIECE] = [True] * _PIECE
                 at = text.find(window, at + 1)
     if not any(covered):
         return text

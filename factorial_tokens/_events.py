@@ -93,6 +93,7 @@ class EventDispatcher:
         # not one each.
         self._pending: collections.deque[tuple[TokenEvent, list[Listener]]] = collections.deque()
         self._woken = False
+        self._closed = False  # aclose was called: its threads stop once idle
 
     def add(self, listener: Listener) -> Callable[[], None]:
         """Add a listener; returns a function that removes it."""
@@ -121,7 +122,7 @@ class EventDispatcher:
                 self._thread.start()
 
     def _run(self) -> None:
-        stopping = False
+        stopping = self._closed  # a thread started by an event published after aclose
         while True:
             try:
                 # Once stopping, a thread with nothing to do goes (a late event starts another).
@@ -148,7 +149,10 @@ class EventDispatcher:
                 with self._lock:
                     # An event published since the look above (its wake-up is queued) is
                     # delivered before the thread goes; otherwise the next event starts a
-                    # new thread, never while this one still runs.
+                    # new thread, never while this one still runs. Unset before the look:
+                    # a publisher that comes after it must wake a thread (a wake-up queued
+                    # for what was just delivered is stale).
+                    self._woken = False
                     if not self._pending:
                         self._thread = None
                         return
@@ -184,6 +188,7 @@ class EventDispatcher:
         if thread is None:
             return
         await self.flush(timeout)
+        self._closed = True
         self._queue.put(_STOP)
         await asyncio.to_thread(thread.join, 1.0)
         if thread.is_alive():

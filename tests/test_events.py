@@ -30,6 +30,13 @@ def _event(index: int) -> TokenEvent:
     return TokenEvent(EventKind.REFRESHED, f"tenant-{index}", version=index)
 
 
+def _publish_elsewhere(dispatcher: EventDispatcher, tenant: str, *, wait: float) -> None:
+    """Another thread publishes an event of ``tenant`` now; waits for it up to ``wait`` s."""
+    other = threading.Thread(target=dispatcher.publish, args=(TokenEvent(EventKind.REFRESHED, tenant),))
+    other.start()
+    other.join(wait)
+
+
 async def test_a_burst_of_events_wakes_the_thread_a_few_times_and_arrives_in_order() -> None:
     dispatcher = EventDispatcher()
     counted = dispatcher._queue = _CountingQueue()
@@ -208,11 +215,7 @@ async def test_an_event_published_as_the_events_thread_stops_is_not_stranded() -
                 # Another thread (or the loop, while aclose awaits the join) publishes now,
                 # after this look: its event is appended, then it wakes the thread, which
                 # may wait for the lock this stop path holds.
-                other = threading.Thread(
-                    target=dispatcher.publish, args=(TokenEvent(EventKind.REFRESHED, "during-stop"),)
-                )
-                other.start()
-                other.join(0.2)
+                _publish_elsewhere(dispatcher, "during-stop", wait=0.2)
             return answer
 
     dispatcher._pending = Pending()
@@ -253,3 +256,69 @@ def test_an_event_published_as_the_events_thread_stops_does_not_keep_it_forever(
     thread.join(5)
     assert seen == ["first", "late"]
     assert not thread.is_alive(), "the events thread outlived its _STOP"
+
+
+async def test_a_thread_started_by_an_event_after_close_stops_too() -> None:
+    """``_run`` times out only once it saw a ``_STOP`` (``stopping``): a late event published
+    after ``aclose`` stopped the thread (a cancelled refresh emits while the manager closes
+    its store) starts a new thread, whose ``stopping`` is False: it blocks on the queue for
+    good, and the closed manager never calls ``aclose`` again (a leaked thread per manager)."""
+    dispatcher = EventDispatcher()
+    seen: list[str] = []
+    dispatcher.add(lambda event: seen.append(event.tenant))
+    dispatcher.publish(TokenEvent(EventKind.REFRESHED, "first"))
+    await dispatcher.aclose()
+    assert dispatcher._thread is None
+    dispatcher.publish(TokenEvent(EventKind.REFRESHED, "late"))  # after close
+    late = dispatcher._thread
+    assert late is not None
+    for _ in range(300):
+        if not late.is_alive():
+            break
+        await asyncio.sleep(0.01)
+    assert seen == ["first", "late"]
+    assert not late.is_alive(), "the thread started by an event after close never stops"
+
+
+def test_an_event_published_by_a_listener_as_the_thread_stops_does_not_strand_later_ones() -> None:
+    """An event published while the stopping thread drains (``_woken`` was just unset, so it
+    sets it and queues a wake-up) is delivered by that same drain; the thread then finds
+    nothing pending and goes, leaving ``_woken`` set and a stale wake-up queued. The next
+    event sees ``_woken`` set: it queues nothing, starts no thread, is never delivered, and
+    ``flush`` (no thread) says all was. Here the publish racing the stop is forced: it comes
+    as the thread takes ``_STOP`` (aclose), and its listener emits one more event."""
+    from factorial_tokens._events import _STOP
+
+    dispatcher = EventDispatcher()
+    seen: list[str] = []
+
+    def listener(event: TokenEvent) -> None:
+        seen.append(event.tenant)
+        if event.tenant == "racing":
+            dispatcher.publish(TokenEvent(EventKind.REFRESHED, "echo"))  # a listener that acts, and so emits
+
+    dispatcher.add(listener)
+    fired: list[bool] = []
+
+    class Queue(queue.SimpleQueue):  # type: ignore[type-arg]
+        def get(self, block: bool = True, timeout: float | None = None) -> object:
+            item = super().get(block, timeout)
+            if item is _STOP and not fired:
+                fired.append(True)
+                # another thread publishes just as the thread wakes with _STOP
+                _publish_elsewhere(dispatcher, "racing", wait=5)
+            return item
+
+    dispatcher._queue = Queue()
+    dispatcher.publish(TokenEvent(EventKind.REFRESHED, "first"))
+    asyncio.run(dispatcher.aclose())
+    assert fired
+    deadline = time.monotonic() + 3
+    while dispatcher._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dispatcher.publish(TokenEvent(EventKind.REFRESHED, "after"))
+    assert asyncio.run(dispatcher.flush(2.0))
+    deadline = time.monotonic() + 2
+    while "after" not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == ["first", "racing", "echo", "after"], seen

@@ -26,12 +26,13 @@ from factorial_tokens import (
     InvalidState,
     Keyring,
     ProviderError,
+    ReauthorizationRequired,
     TokenManager,
     TokenSealError,
 )
 from factorial_tokens._oauth import OAuthClient
 from factorial_tokens.store import SQLiteStore, TenantKey, TenantStatus, Update, unreadable_record
-from factorial_tokens.testing import FakeFactorial
+from factorial_tokens.testing import FakeFactorial, RefreshMode
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for, oauth_client
 from .stores import BACKENDS, open_backend
@@ -542,3 +543,34 @@ async def test_an_echoed_short_client_secret_is_redacted(raw_server: Any) -> Non
         await client.aclose()
     texts = f"{info.value} {info.value!r} {info.value.description}"
     assert short not in texts, texts
+
+
+@pytest.mark.parametrize("name", ["postgres", "redis"])
+@pytest.mark.parametrize("secret", ["a", "grant"])
+async def test_a_short_client_secret_does_not_hide_invalid_grant(
+    name: str, secret: str, tmp_path: Path
+) -> None:
+    """``_without_pieces`` redacts a secret shorter than 8 characters by matching the whole
+    of it anywhere, and ``_error_code`` drops any code it "shares a piece" with: with a
+    client secret ``a`` (or ``grant``) the provider's ``invalid_grant`` is dropped and read
+    as ``invalid_response``. A dead grant is then never marked: the tenant stays ACTIVE and
+    every caller asks Factorial again."""
+    async with FakeFactorial(
+        client_id=CLIENT_ID,
+        client_secret=secret,
+        redirect_uri=REDIRECT_URI,
+        refresh_mode=RefreshMode.REVOKE_AT_REFRESH,
+        reuse_detection=True,
+    ) as sim:
+        app = FactorialApp(
+            client_id=CLIENT_ID, client_secret=secret, redirect_uri=REDIRECT_URI, base_url=sim.base_url
+        )
+        async with open_backend(name, tmp_path) as backend:
+            async with TokenManager(app, backend.store, **BUDGETS) as tm:
+                await tm.exchange_code("acme", sim.issue_code(company_id=1))
+                sim.revoke_company(1)
+                with pytest.raises((ReauthorizationRequired, ProviderError)) as info:
+                    await tm.refresh("acme")
+                stored = await backend.store.read(TenantKey(CLIENT_ID, "acme"))
+                assert isinstance(info.value, ReauthorizationRequired), repr(info.value)
+                assert stored is not None and stored.status is TenantStatus.NEEDS_REAUTH

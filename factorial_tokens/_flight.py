@@ -39,6 +39,7 @@ from .store import (
     Watch,
     acquire_lease,
     announced,
+    changed,
 )
 
 log = logging.getLogger("factorial_tokens")
@@ -438,11 +439,13 @@ class Flights(Leases):
 
     async def _take_slot(self, tenant: str, key: TenantKey, watch: Watch) -> bool:
         """Take a provider slot (True); or, while queued for one, give up (False) when a
-        change of the tenant is announced (``_on_change`` sets the queued future to False),
-        or when ``watch`` already holds a commit's notice (announced during the read)."""
+        change of the tenant is announced (``_on_change`` sets the queued future to False).
+        Also when ``watch`` already saw one (during the read), with a commit's notice or
+        without (one without may follow one with): what was read is stale, so the caller
+        takes the notice or reads again rather than queueing."""
         if self._slots.take_free():
             return True
-        if announced(watch) is not None:
+        if changed(watch) or announced(watch) is not None:
             return False
         waiter = self._queued[tenant] = self._slots.queue()
         self._digests.setdefault(key.digest, tenant)

@@ -35,6 +35,7 @@ from ._contract import (
     acquire_within,
     acquires_unless_fresh,
     announced,
+    changed,
     closed_error,
 )
 from ._listener import PushListener
@@ -86,6 +87,7 @@ __all__ = [
     "acquire_within",
     "acquires_unless_fresh",
     "announced",
+    "changed",
     "choice",
     "closed_error",
     "flag",

@@ -72,6 +72,7 @@ __all__ = [
     "acquire_within",
     "acquires_unless_fresh",
     "announced",
+    "changed",
     "closed_error",
 ]
 
@@ -258,6 +259,12 @@ def announced(watch: Watch) -> bytes | None:
     store's channel: a reader authenticates them (the manager seals them)."""
     notice = getattr(watch, "notice", None)
     return notice if isinstance(notice, bytes) else None
+
+
+def changed(watch: Watch) -> bool:
+    """True if ``watch`` saw an announcement that no ``wait`` has taken yet (a notice or
+    not): what was read meanwhile may be stale. ``False`` for a watch that cannot tell."""
+    return getattr(watch, "changed", False) is True
 
 
 def closed_error(kind: str, where: str = "") -> StoreUnavailable:

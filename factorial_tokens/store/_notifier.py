@@ -43,6 +43,11 @@ class _EventWatch:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    @property
+    def changed(self) -> bool:
+        """True once an announcement came that no ``wait`` has taken yet."""
+        return self._changed
+
     async def wait(self, timeout: float) -> bool:
         if self._poll is not None:
             # Jitter keeps many pollers from hitting the backend in lockstep.

@@ -73,11 +73,16 @@ async def _tamper_status(name: str, backend: Any, key: TenantKey) -> None:
             (key.tenant,),
         )
         return
+    await _tamper_redis(backend.store._rec(key.digest), "status", "bogus")
+
+
+async def _tamper_redis(name: str, field: str, value: str) -> int:
+    """Change one field of a Redis store's hash behind its back; the count of new fields."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
     try:
-        await client.hset(backend.store._rec(key.digest), "status", "bogus")
+        return int(await client.hset(name, field, value))
     finally:
         await client.aclose()
 
@@ -329,8 +334,6 @@ async def test_a_tampered_code_claim_is_a_typed_error(name: str, sim: FakeFactor
     """A claim whose state column/field was tampered with: SQLite's ``ClaimState(state)``
     and Redis's ``ClaimState(_text(state))`` raise ValueError out of ``claim_code`` (the
     record read maps the same kind of damage to StoreUnavailable on Redis)."""
-    import redis.asyncio as aioredis
-
     async with open_backend(name, tmp_path) as backend:
         store = backend.store
         async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
@@ -344,11 +347,7 @@ async def test_a_tampered_code_claim_is_a_typed_error(name: str, sim: FakeFactor
                     (code_hash,),
                 )
             else:
-                client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
-                try:
-                    assert await client.hset(store._claim(CLIENT_ID, code_hash), "state", "bogus") == 0
-                finally:
-                    await client.aclose()
+                assert await _tamper_redis(store._claim(CLIENT_ID, code_hash), "state", "bogus") == 0
             with pytest.raises(FactorialTokensError):
                 await tm.exchange_code("acme", code)
 

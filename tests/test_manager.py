@@ -434,6 +434,31 @@ class _HeldRead(_ByTenant):
         return record
 
 
+async def _commit_announced_during_the_read(
+    sim: FakeFactorial, backend: Backend, *, then_without_notice: bool
+) -> None:
+    """``queued`` (every provider slot busy) reads "acme"; while that read is on its way
+    back, ``other`` commits a refresh of it, announced; with ``then_without_notice``, an
+    announcement without a notice follows. The caller must have ``other``'s token at once
+    (reads only: no acquisition, no wait for the busy slot)."""
+    store = _HeldRead(backend.open(), "acme")
+    async with _only_slot_busy(sim, backend, store) as (other, queued, busy):
+        sim.latency = 0.0
+        asking = asyncio.ensure_future(queued.access_token("acme"))
+        await asyncio.wait_for(store.answered.wait(), 5)  # the stale record is on its way
+        token = await asyncio.wait_for(other.access_token("acme"), 5)  # committed, announced
+        await asyncio.sleep(0.2)  # the announcement reaches the waiting worker (or not)
+        if then_without_notice:
+            store.inner._notifier.notify(TenantKey(CLIENT_ID, "acme").digest)
+        store.release.set()
+        assert await asyncio.wait_for(asking, 2) == token
+        assert not busy.done()
+        await busy
+    # A second read when an announcement without a notice followed the commit's.
+    assert set(op for op, tenant in store.order if tenant == "acme") == {"read"}
+    assert sim.stats.refreshes == 2 and sim.is_active(token)
+
+
 async def test_a_notice_announced_while_the_read_was_answered_ends_the_queue_before_it_starts(
     sim: FakeFactorial, backend: Backend
 ) -> None:
@@ -442,20 +467,7 @@ async def test_a_notice_announced_while_the_read_was_answered_ends_the_queue_bef
     caller takes the announced record at once instead of queueing for a slot."""
     if not backend.kind.announces_notices:
         pytest.skip("the store's announcements carry no notice")
-    store = _HeldRead(backend.open(), "acme")
-    async with _only_slot_busy(sim, backend, store) as (other, queued, busy):
-        sim.latency = 0.0
-        asking = asyncio.ensure_future(queued.access_token("acme"))
-        await asyncio.wait_for(store.answered.wait(), 5)  # the stale record is on its way
-        token = await asyncio.wait_for(other.access_token("acme"), 5)  # committed, announced
-        await asyncio.sleep(0.2)  # the announcement reaches the waiting worker
-        store.release.set()
-        assert await asyncio.wait_for(asking, 2) == token
-        assert not busy.done()
-        await busy
-    # A second read when an announcement without a notice followed the commit's (below).
-    assert set(op for op, tenant in store.order if tenant == "acme") == {"read"}
-    assert sim.stats.refreshes == 2 and sim.is_active(token)
+    await _commit_announced_during_the_read(sim, backend, then_without_notice=False)
 
 
 async def test_a_change_announced_during_the_read_without_a_notice_ends_the_queue_too(
@@ -465,20 +477,7 @@ async def test_a_change_announced_during_the_read_without_a_notice_ends_the_queu
     then an announcement without a notice follows (a release, a replace; seen on a loaded
     Redis Cluster): the watch keeps no notice, but the read is stale all the same. The
     caller reads again instead of queueing for a slot that a slow refresh holds."""
-    store = _HeldRead(backend.open(), "acme")
-    async with _only_slot_busy(sim, backend, store) as (other, queued, busy):
-        sim.latency = 0.0
-        asking = asyncio.ensure_future(queued.access_token("acme"))
-        await asyncio.wait_for(store.answered.wait(), 5)  # the stale record is on its way
-        token = await asyncio.wait_for(other.access_token("acme"), 5)  # committed, announced
-        await asyncio.sleep(0.2)  # the announcement reaches the waiting worker (or not)
-        store.inner._notifier.notify(TenantKey(CLIENT_ID, "acme").digest)  # no notice
-        store.release.set()
-        assert await asyncio.wait_for(asking, 2) == token
-        assert not busy.done()
-        await busy
-    assert set(op for op, tenant in store.order if tenant == "acme") == {"read"}
-    assert sim.stats.refreshes == 2 and sim.is_active(token)
+    await _commit_announced_during_the_read(sim, backend, then_without_notice=True)
 
 
 async def test_a_refresh_that_outlives_a_third_of_its_lease_has_it_renewed(

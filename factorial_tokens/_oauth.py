@@ -46,6 +46,13 @@ _TOKEN_CHARS = r"A-Za-z0-9_\-+/=.~"
 _LONG_RUN = re.compile(rf"[{_TOKEN_CHARS}]{{20,}}")
 #: Any stretch sharing this many characters with a secret of the request is redacted.
 _PIECE = 8
+#: An error's excerpt is taken from this much of the body, at most.
+_EXCERPT_BYTES = 16384
+#: Where a body is cut, the last characters of its text are redacted as they would not be
+#: in the whole body (a run or a piece cut short). Every rule decides a character by at
+#: most the 64 that follow it, and each such character yields at most 10 of the
+#: redacted text (a ``[redacted]``): this many characters at its end are dropped.
+_UNSURE_TAIL = 64 * 10
 #: Keys whose values are secrets wherever they appear, whole or cut short.
 _SECRET_KEYS = ("access_token", "refresh_token", "code", "client_secret", "id_token")
 _KEYS = "|".join(_SECRET_KEYS)
@@ -89,13 +96,19 @@ def _excerpt(body: bytes, *secrets: str | None) -> str:
     the values of secret keys (whole or cut), every stretch holding ``_PIECE`` characters
     of a given secret (the whole secret, or a piece of it), and long token-like runs.
 
-    The whole body (at most ``_MAX_BODY``) is redacted before it is cut: a cut made first
-    could split a secret, and its piece would no longer be recognised."""
-    text = " ".join(body.decode("utf-8", "replace").split())
+    Only the body's first ``_EXCERPT_BYTES`` are read (redacting a whole megabyte took
+    the event loop a third of a second, per failed request). They are redacted before
+    the excerpt is cut from them, and a cut body loses the end of its redacted text: a
+    secret split by the cut is no longer recognised, and what is left of it there must
+    not show, however much the redactions before it shrank the text."""
+    cut = len(body) > _EXCERPT_BYTES
+    text = " ".join(body[:_EXCERPT_BYTES].decode("utf-8", "replace").split())
     text = _SECRET_JSON.sub(r'\1"[redacted]"', text)
     text = _SECRET_FORM.sub(r"\1[redacted]", text)
     text = _LONG_RUN.sub("[redacted]", _without_pieces(text, secrets))
-    return text[:160] + ("…" if len(text) > 160 else "")
+    if cut:
+        text = text[: max(0, len(text) - _UNSURE_TAIL)]
+    return text[:160] + ("…" if len(text) > 160 or cut else "")
 
 
 def _without_pieces(text: str, secrets: tuple[str | None, ...]) -> str:

@@ -27,7 +27,7 @@ from factorial_tokens import (
     TokenEvent,
     TokenManager,
 )
-from factorial_tokens._oauth import OAuthClient, _excerpt, _token_set
+from factorial_tokens._oauth import _EXCERPT_BYTES, OAuthClient, _excerpt, _token_set
 from factorial_tokens.store import MemoryStore, TenantStatus, Update
 from factorial_tokens.testing import Dialect, FakeFactorial, Fault, RefreshMode
 
@@ -412,3 +412,33 @@ async def _rows(opened: Any, tmp_path: Path) -> object:
 def test_wire_options_are_checked(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         FakeFactorial(**options)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    secret=st.text(alphabet="QZXJKW", min_size=8, max_size=64),  # shorter: only whole words
+    into=st.integers(min_value=1, max_value=63),
+    filler=st.lists(
+        st.one_of(
+            st.integers(min_value=1, max_value=4000).map(lambda n: "a" * n),  # runs of 20+ collapse
+            st.text(alphabet="bcdefgh -", min_size=1, max_size=30),
+            st.just("ECHO"),  # the secret itself, whole: it collapses too
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_an_excerpt_of_a_long_body_shows_no_piece_of_a_secret_cut_at_its_end(
+    secret: str, into: int, filler: list[str]
+) -> None:
+    """Only the start of a long body is redacted (a whole megabyte cost the loop a third of
+    a second): a secret cut there, however much the redacted text before it shrank, shows
+    no piece of itself."""
+    parts = [secret if part == "ECHO" else part for part in filler]
+    at = _EXCERPT_BYTES - min(into, len(secret))  # the cut falls inside the secret (or after it)
+    head, index = "", 0
+    while len(head) + len(parts[index % len(parts)]) <= at:  # whole parts only: no piece
+        head += parts[index % len(parts)]
+        index += 1
+    body = (head + "b" * (at - len(head)) + secret + " tail " * 10).encode()
+    assert not set("QZXJKW") & set(_excerpt(body, secret)), _excerpt(body, secret)

@@ -22,6 +22,7 @@ from factorial_tokens import (
     AuthorizationDenied,
     CallbackResult,
     CompanyMismatch,
+    ConfigurationError,
     EventKind,
     InvalidCallback,
     InvalidState,
@@ -36,7 +37,15 @@ from factorial_tokens import (
 from factorial_tokens._models import validate_tenant
 from factorial_tokens._state import LinkSigner
 from factorial_tokens.sealing import JsonCodec
-from factorial_tokens.store import Acquisition, Freshness, MemoryStore, Record, TenantKey, Update
+from factorial_tokens.store import (
+    CLAIM_RETENTION,
+    Acquisition,
+    Freshness,
+    MemoryStore,
+    Record,
+    TenantKey,
+    Update,
+)
 from factorial_tokens.store.sqlite import SQLiteStore
 from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
@@ -455,3 +464,82 @@ async def test_sqlite_database_wal_and_shm_are_created_0600(tmp_path: Path, sim:
         await store.aclose()
     finally:
         os.umask(old)
+
+
+# -- a grant whose company could not be read is still pinned --------------------------------
+
+
+async def test_a_tenant_connected_while_its_company_was_unreadable_cannot_be_rebound(
+    sim: FakeFactorial,
+) -> None:
+    """acme connects while the credentials endpoint fails: its grant is stored with no
+    company. A grant of another company replaced it silently (and acme's grant was
+    revoked) without ``allow_company_change``; now the stored grant's company is asked of
+    Factorial with its own access token, and the stranger's grant is refused."""
+    async with TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+        sim.inject(Fault.HTTP_500, endpoint="api", times=50)
+        mine = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.clear_faults()
+        assert mine.company_id is None
+        with pytest.raises(CompanyMismatch) as info:
+            await tm.exchange_code("acme", sim.issue_code(company_id=2))
+        assert (info.value.expected, info.value.got) == ("1", "2")
+        assert await tm.tokens("acme") == mine and sim.is_active(mine.access_token)
+        again = await tm.exchange_code("acme", sim.issue_code(company_id=1))  # its own company: fine
+        assert again.company_id == "1" and not sim.is_active(mine.access_token)
+
+
+async def test_a_grant_of_unknown_company_whose_token_expired_is_not_replaced_blindly(
+    make_sim: SimFactory,
+) -> None:
+    """When the stored grant's company cannot be asked (its access token expired), no
+    grant replaces it unless the application allows a company change."""
+    async with make_sim(access_token_ttl=1) as sim, TokenManager(app_for(sim), "memory://", **BUDGETS) as tm:
+        sim.inject(Fault.HTTP_500, endpoint="api", times=50)
+        mine = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.clear_faults()
+        await asyncio.sleep(1.1)
+        with pytest.raises(CompanyMismatch) as info:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        assert (info.value.expected, info.value.got) == ("unknown", "1")
+        assert await tm.tokens("acme") == mine
+        moved = await tm.exchange_code("acme", sim.issue_code(company_id=1), allow_company_change=True)
+        assert moved.company_id == "1"
+
+
+# -- a revoke and a connection take turns ------------------------------------------------------
+
+
+async def test_a_revoke_in_flight_does_not_wipe_a_grant_connected_meanwhile(sim: FakeFactorial) -> None:
+    """``revoke`` read the grant under the tenant's lease, revoked it at Factorial, then
+    deleted the record unfenced: a connection stored meanwhile (its write fences the lease
+    out) was deleted too, though its callback succeeded and its grant is live at Factorial.
+    Now a revoke takes the tenant's connection turn: the connection waits for it."""
+    budgets = {"lease_ttl": 6.0, "provider_timeout": 2.0, "refresh_deadline": 3.0}
+    async with TokenManager(app_for(sim), "memory://", **budgets) as tm:
+        old = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.inject(Fault.SLOW, endpoint="revoke", delay=1.0)
+        revoking = asyncio.create_task(tm.revoke("acme"))
+        await asyncio.sleep(0.3)  # revoke holds the lease and waits for Factorial's answer
+        new = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        await revoking
+        assert await tm.tokens("acme") == new
+        assert sim.is_active(new.access_token) and not sim.is_active(old.access_token)
+
+
+# -- a state is single-use for as long as it is valid -----------------------------------------
+
+
+def test_a_state_cannot_outlive_the_claim_that_spends_it(sim: FakeFactorial) -> None:
+    """The claim that spends a state's nonce is kept for ``CLAIM_RETENTION`` (a day) once
+    finished: a state valid for longer (``state_ttl`` was unbounded) could complete a second
+    connection with another code after the claim was dropped."""
+    with pytest.raises(ConfigurationError, match="state_ttl"):
+        TokenManager(app_for(sim), "memory://", state_ttl=CLAIM_RETENTION + 1)
+    TokenManager(app_for(sim), "memory://", state_ttl=CLAIM_RETENTION)
+
+
+def test_a_binding_that_is_no_string_is_a_configuration_error(sim: FakeFactorial) -> None:
+    tm = TokenManager(app_for(sim), "memory://")
+    with pytest.raises(ConfigurationError, match="binding"):
+        tm.authorization_url("acme", binding=5)  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ class Callbacks(Exchanges):
         completed in another browser (a victim's admin sent this URL) is refused.
         """
         tenant = validate_tenant(tenant)
-        if binding is not None and not binding:
+        if binding is not None and (not isinstance(binding, str) or not binding):
             raise ConfigurationError("binding must be a non-empty string, or None")
         state = self._signer.sign(tenant, binding=binding)
         return self._oauth.authorization_url(state, company=company, scope=scope)
@@ -147,7 +147,11 @@ class Callbacks(Exchanges):
         key = self._key(tenant)
         for _ in range(3):
             claim = await self._store.claim_code(key, nonce_hash, binding, self.lease_ttl)
-            same = claim.won or (claim.outcome is not None and hmac.compare_digest(claim.outcome, binding))
+            # An outcome that is not ASCII was not written by a manager (compare_digest refuses it).
+            outcome = claim.outcome
+            same = claim.won or (
+                outcome is not None and outcome.isascii() and hmac.compare_digest(outcome, binding)
+            )
             if claim.key != key or not same:
                 return False
             if claim.state is not ClaimState.CLAIMED:

@@ -39,6 +39,12 @@ _MAX_CODE = 2048
 _CONNECT_TURN = "/connect-turn"
 
 
+def connect_turn(key: TenantKey) -> TenantKey:
+    """The key of the lease that a tenant's connections (and its revocation) take turns on:
+    beside the tenant's own, never holding a record."""
+    return TenantKey(key.namespace + _CONNECT_TURN, key.tenant)
+
+
 def check_code(code: object) -> str:
     """``code`` if it looks like an authorization code; raise InvalidCallback otherwise."""
     if (
@@ -93,7 +99,10 @@ class Exchanges(Leases):
         credentials endpoint and kept with the tokens (``TokenSet.company_id``): a tenant
         already connected to another company raises CompanyMismatch, keeps its stored
         tokens, and the unwanted grant is revoked at Factorial, unless
-        ``allow_company_change=True``. When the tenant had tokens, its previous grant is
+        ``allow_company_change=True``. A stored grant whose company could not be read when
+        it was connected is asked for its company with its own access token; if that fails
+        (expired, refused), the new grant is refused (CompanyMismatch, expected
+        ``unknown``). When the tenant had tokens, its previous grant is
         revoked at Factorial once the new tokens are stored, and a ``reconnected`` event
         names the old and the new company. A tenant that was forgotten or revoked has no
         company any more: its next connection pins a new one.
@@ -193,7 +202,7 @@ class Exchanges(Leases):
             await self._patiently(
                 key.tenant,
                 "exchanged tokens",
-                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced),
+                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced, deadline),
             )
         except (CompanyMismatch, ProviderError, TokenSealError) as exc:
             await self._fail_claim(claim, exc)
@@ -247,12 +256,14 @@ class Exchanges(Leases):
         allow_change: bool,
         unknown: ProviderError | None,
         replaced: list[TokenSet],
+        deadline: float,
     ) -> None:
         """Store a new grant's tokens unless they belong to another company than the
         stored ones; note in ``replaced`` the tokens they replace (none for a first
         connection). Safe to call again after a lost reply: a retry that finds the new
         tokens already stored keeps what the first attempt noted, and never takes the new
-        grant for the one it replaced.
+        grant for the one it replaced. A stored grant whose company was never read is
+        pinned all the same (see :meth:`_company_of`).
 
         Connections of one tenant take turns on a lease of their own (a second key beside
         the tenant's, never holding a record), so two that overlap are compared with each
@@ -260,21 +271,38 @@ class Exchanges(Leases):
         in flight. If that turn stays busy longer than a refresh may take (a holder that
         died), the comparison is made without it.
         """
-        turn = TenantKey(key.namespace + _CONNECT_TURN, key.tenant)
-        won = await acquire_within(self._store, turn, self.lease_ttl, self.refresh_deadline)
+        won = await acquire_within(self._store, connect_turn(key), self.lease_ttl, self.refresh_deadline)
         lease = won.lease if won is not None else None
         async with self._holding(lease, None) if lease is not None else contextlib.nullcontext():
             old = await self._stored_grant(key, allow_change)
             if old is not None and old.access_token == tokens.access_token:
                 return  # a retry: this write landed before its reply was lost
             replaced[:] = [] if old is None else [old]
-            pinned = old.company_id if old is not None else None
-            if pinned is not None and not allow_change:
+            if old is not None and not allow_change:
+                pinned = await self._company_of(key, old, tokens, deadline)
                 if unknown is not None:
                     raise unknown  # cannot tell the company: never replace a pinned tenant blindly
                 if tokens.company_id != pinned:
                     raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
             await self._store.replace(key, self._update(key, tokens))
+
+    async def _company_of(self, key: TenantKey, old: TokenSet, new: TokenSet, deadline: float) -> str:
+        """The company of the stored grant ``old`` that ``new`` would replace. One connected
+        while the credentials endpoint failed has none stored: it is asked of Factorial with
+        the grant's own access token; if that cannot be done (the token expired, or was
+        refused), the new grant is refused, since it may be a stranger's (CompanyMismatch,
+        expected ``unknown``)."""
+        if old.company_id is not None:
+            return old.company_id
+        if not old.is_expired():
+            try:
+                found = await self._oauth.credentials(old.access_token, deadline=deadline)
+            except ProviderError as exc:
+                log.warning("tenant %r: the stored grant's company is unknown: %s", key.tenant, exc.error)
+            else:
+                if found.company_id is not None:
+                    return found.company_id
+        raise CompanyMismatch(key.tenant, "unknown", new.company_id or "unknown")
 
     async def _stored_grant(self, key: TenantKey, allow_change: bool) -> TokenSet | None:
         """The tokens a new grant replaces, or None (none stored).

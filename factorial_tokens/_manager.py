@@ -33,6 +33,7 @@ from ._callback import Callbacks
 from ._client import TenantSession
 from ._errors import ConfigurationError, ProviderError, RefreshTimeout, TenantNotConnected
 from ._events import EventDispatcher, EventKind, Listener, TokenEvent
+from ._exchange import connect_turn
 from ._flight import Flights
 from ._health import Health, check_health
 from ._keepalive import DEFAULT_CONCURRENCY, DEFAULT_MAX_AGE, KeepAliveReport, keep_alive
@@ -45,7 +46,15 @@ from ._slots import Slots
 from ._state import LinkSigner, StateSigner
 from ._telemetry import Observer, Telemetry, TenantCounts, store_scheme
 from .sealing import JsonCodec, Keyring, PayloadCodec, SealedCodec
-from .store import Store, Throttle, acquire_within, acquires_unless_fresh, hold_digest, store_from_url
+from .store import (
+    CLAIM_RETENTION,
+    Store,
+    Throttle,
+    acquire_within,
+    acquires_unless_fresh,
+    hold_digest,
+    store_from_url,
+)
 
 __all__ = ["TokenManager"]
 
@@ -73,7 +82,8 @@ class TokenManager(Callbacks, Flights):
             default two thirds of ``lease_ttl``.
         wait_timeout: the longest a caller waits for another worker's refresh; default
             ``2 * lease_ttl``.
-        state_ttl: how long an authorization ``state`` stays valid.
+        state_ttl: how long an authorization ``state`` stays valid (at most a day,
+            ``CLAIM_RETENTION``: how long the store remembers that a state was used).
         session: an aiohttp session to use for Factorial (not closed by the manager).
         codec: how token sets are written to the store (plain JSON by default).
         keyring: seal token material at rest with AES-GCM under this keyring
@@ -144,6 +154,10 @@ class TokenManager(Callbacks, Flights):
             )
         if refresh_rate is not None and not refresh_rate > 0:
             raise ConfigurationError(f"refresh_rate must be positive, per minute (got {refresh_rate})")
+        if not 0 < state_ttl <= CLAIM_RETENTION:
+            # A state's nonce is spent in a claim the store keeps that long: a state that
+            # outlived it could connect the tenant a second time.
+            raise ConfigurationError(f"state_ttl must be in (0, {CLAIM_RETENTION:g}] (got {state_ttl})")
         if max_refreshes < 1:
             raise ConfigurationError(f"max_refreshes must be at least 1 (got {max_refreshes})")
         if refresh_burst is not None and refresh_burst < 1:
@@ -297,20 +311,27 @@ class TokenManager(Callbacks, Flights):
         return TenantSession(self, tenant, self._oauth.session, self.app.base_url)
 
     async def revoke(self, tenant: str) -> None:
-        """Revoke ``tenant``'s grant at Factorial, then forget it (under the lease)."""
+        """Revoke ``tenant``'s grant at Factorial, then forget it (under the lease, and in
+        the tenant's connection turn: a connection completed meanwhile is stored after it)."""
         self._check_open()
         tenant = validate_tenant(tenant)
         key = self._key(tenant)
         if await self._store.read(key) is None:
             raise TenantNotConnected(tenant)  # before the lease: leaves nothing behind
-        won = await acquire_within(self._store, key, self.lease_ttl, self.wait_timeout)
-        if won is None or won.lease is None:
-            raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
-        async with self._holding(won.lease, won.record):
-            tokens = self._usable(tenant, won.record, allow_reauth=True).tokens
-            deadline = asyncio.get_running_loop().time() + self.refresh_deadline
-            await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
-            await self._store.replace(key, None)
+        # The connection turn first: a connection stored while this revoke waits for
+        # Factorial would be deleted with the revoked grant (the delete is not fenced).
+        turn = await acquire_within(self._store, connect_turn(key), self.lease_ttl, self.wait_timeout)
+        if turn is None or turn.lease is None:
+            raise RefreshTimeout(f"tenant {key.tenant!r}: a connection of the tenant stayed busy")
+        async with self._holding(turn.lease, None, renew=True):
+            won = await acquire_within(self._store, key, self.lease_ttl, self.wait_timeout)
+            if won is None or won.lease is None:
+                raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
+            async with self._holding(won.lease, won.record):
+                tokens = self._usable(tenant, won.record, allow_reauth=True).tokens
+                deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+                await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
+                await self._store.replace(key, None)
         self._forget_cached(tenant)
         log.info("tenant %r: revoked and forgotten", tenant)
         self._emit(TokenEvent(EventKind.REVOKED, tenant, tokens.fingerprint))

@@ -1754,3 +1754,103 @@ async def test_an_unreadable_dsn_with_min_size_is_a_configuration_error() -> Non
             await store.read(TenantKey("ns", "acme"))
     finally:
         await store.aclose()
+
+
+async def test_calls_queued_behind_a_first_connect_that_times_out_get_its_answer() -> None:
+    """A connect that timed out was retried (TimeoutError is an OSError) by the first call,
+    then by every call queued behind it, one after the other under the opening lock: 8
+    callers made 24 connection attempts and the last waited 12 s with acquire_timeout=2.
+    The calls queued while the first one's attempts failed now get its answer."""
+    # A server that accepts TCP and never answers: each connect ends at connect_timeout.
+    sockets: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sockets.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = PostgresStore.from_url(
+        f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.5&acquire_timeout=2"
+    )
+    try:
+
+        async def timed() -> None:
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(store.check(), 60.0)
+
+        await asyncio.gather(*(timed() for _ in range(8)))
+        assert len(sockets) <= 3, f"{len(sockets)} connection attempts"  # the first call's
+    finally:
+        await store.aclose()
+        server.close()
+        for writer in sockets:
+            writer.close()
+
+
+async def test_aclose_during_the_first_call_closes_every_connection(base_url: str) -> None:
+    """``aclose`` while the first call opened the pool (``min_size`` > 0 connects then)
+    found no pool to close: the call then finished on the closed store and its
+    connections stayed open."""
+    app = f"rv_{secrets.token_hex(4)}"
+    store = PostgresStore.from_url(store_url(base_url, min_size="2", application_name=app))
+    task = asyncio.create_task(store.check())
+    await asyncio.sleep(0.005)  # the first call is opening the pool
+    await store.aclose()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0.5)
+    con = await asyncpg.connect(base_url, timeout=5)
+    try:
+        left = await con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app)
+    finally:
+        await con.close()
+    assert left == 0, f"{left} connection(s) of a closed store still open (task: {task!r})"
+
+
+async def test_a_caller_cancelled_during_a_stalled_migration_is_cancelled(base_url: str) -> None:
+    """The migration's transaction rolls back on the way out and waits for the server,
+    which never answers, until ``command_timeout``: that TimeoutError replaced the
+    cancellation, and the cancelled caller got StoreUnavailable."""
+    # The first call's migration: its reply to the statement inside the migration's
+    # transaction (pg_advisory_xact_lock) never comes. The caller is cancelled.
+
+    async with TcpProxy("127.0.0.1", urlsplit(base_url).port or 5432) as proxy:
+        app = f"rv_{secrets.token_hex(4)}"
+        url = store_url(
+            f"postgresql://postgres@127.0.0.1:{proxy.port}/test",
+            application_name=app,
+            command_timeout="2",
+            max_size="3",
+        )
+        store = PostgresStore.from_url(url)
+        try:
+            proxy.drop_reply(6, stall=True)  # startup, ..., BEGIN, the lock statement
+            task = asyncio.create_task(store.check())
+            await asyncio.sleep(0.5)
+            con = await asyncpg.connect(base_url, timeout=5)
+            try:
+                query = await con.fetchval(
+                    "SELECT query FROM pg_stat_activity WHERE application_name = $1", app
+                )
+            finally:
+                await con.close()
+            assert proxy.dropped == 1 and not task.done() and "pg_advisory_xact_lock" in query, query
+            task.cancel()
+            await asyncio.wait({task}, timeout=10.0)
+            assert task.done()
+            assert task.cancelled(), f"the cancelled call ended with {task.exception()!r}"
+        finally:
+            await store.aclose()
+
+
+async def test_an_out_of_range_port_is_a_typed_error() -> None:
+    """asyncpg's socket connect raised a raw OverflowError."""
+    from factorial_tokens import FactorialTokensError
+
+    store = PostgresStore.from_url(
+        "postgresql://postgres@127.0.0.1:99999/test?connect_timeout=1&acquire_timeout=2"
+    )
+    try:
+        with pytest.raises(FactorialTokensError):
+            await asyncio.wait_for(store.check(), 20.0)
+    finally:
+        await store.aclose()

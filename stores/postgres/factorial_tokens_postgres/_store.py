@@ -329,26 +329,47 @@ class PostgresStore:
             if failed is not None and failed[0] >= queued_at:
                 # It failed while this call waited its turn: the same answer, not another wait.
                 raise StoreUnavailable(failed[1])
-            try:
-                if self._pool is None:
-                    try:
-                        self._pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
-                    except ValueError:  # with min_size > 0 it connects, and reads the DSN, here
-                        raise _unreadable_dsn() from None
-                if not self._migrated:
-                    if self._migrate_schema:
-                        await self._migrate(self._pool)
-                        self._migrated = True
-                    else:
-                        # Looked up again on each use while absent: another process may create it.
-                        self._absent = not await self._schema_current(self._pool)
-                        self._migrated = not self._absent
-            except StoreUnavailable as exc:
-                # No connection came from the pool in time: the calls queued meanwhile would
-                # each wait as long again. (A driver failure is retried by each call instead.)
-                self._open_failed = (loop.time(), str(exc))
-                raise
+            for attempt in range(_ATTEMPTS):
+                try:
+                    await self._open()
+                    break
+                except StoreUnavailable as exc:
+                    # No connection came from the pool in time: the calls queued meanwhile
+                    # would each wait as long again, one after the other.
+                    self._open_failed = (loop.time(), str(exc))
+                    raise
+                except _FAILURES as exc:
+                    # Retried here, holding the lock: the calls queued meanwhile find the
+                    # store open, or get this answer (they would each try as long again).
+                    if _cancelling():
+                        raise asyncio.CancelledError() from exc  # it came of the cancellation
+                    if attempt + 1 == _ATTEMPTS or not _retryable(exc) or self._closed:
+                        message = f"Postgres store{self._where()}: opening failed: {_describe(exc)}"
+                        self._open_failed = (loop.time(), message)
+                        raise StoreUnavailable(message) from exc
+                    log.warning("postgres store: opening failed (%s); retrying", _describe(exc))
+                    await asyncio.sleep(_backoff(attempt))
         return self._pool
+
+    async def _open(self) -> None:
+        """Create the pool and migrate (or look up) the schema, whichever is not done yet."""
+        if self._pool is None:
+            try:
+                pool = await asyncpg.create_pool(self._dsn, **self._pool_options)
+            except ValueError:  # with min_size > 0 it connects, and reads the DSN, here
+                raise _unreadable_dsn() from None
+            if self._closed:  # aclose came meanwhile, and found no pool to close
+                await _close_pool(pool)
+                raise closed_error("Postgres")
+            self._pool = pool
+        if not self._migrated:
+            if self._migrate_schema:
+                await self._migrate(self._pool)
+                self._migrated = True
+            else:
+                # Looked up again on each use while absent: another process may create it.
+                self._absent = not await self._schema_current(self._pool)
+                self._migrated = not self._absent
 
     async def _schema_current(self, pool: Any) -> bool:
         """With ``migrate=False``: True if the schema is at this package's version, False
@@ -468,8 +489,11 @@ class PostgresStore:
                 async with self._connection(pool, op) as con:
                     return await fn(con, attempt > 0)
             except _FAILURES as exc:
-                retry = isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
-                if not retry or attempt + 1 == attempts or self._closed or _cancelling():
+                if _cancelling():
+                    # The failure came of the cancellation (a rollback the server never
+                    # confirmed, say): the caller is cancelled, as it asked.
+                    raise asyncio.CancelledError() from exc
+                if not _retryable(exc) or attempt + 1 == attempts or self._closed:
                     raise StoreUnavailable(
                         f"Postgres store{self._where()}: {op} failed: {_describe(exc)}"
                     ) from exc
@@ -479,7 +503,7 @@ class PostgresStore:
                     else "lost its connection"
                 )
                 log.warning("postgres store: %s %s (%s); retrying", op, what, _describe(exc))
-                await asyncio.sleep(min(0.05 * (3**attempt), 0.5) * random.uniform(0.5, 1.5))
+                await asyncio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _each(self, send: Callable[[list[T]], Awaitable[list[Any]]], items: list[T]) -> list[Any]:
@@ -915,10 +939,15 @@ class PostgresStore:
             await asyncio.wait(set(self._orphans), timeout=5.0)
         await self._listener.aclose()
         if self._owns_pool and self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), 5.0)
-            except _FAILURES:
-                self._pool.terminate()
+            await _close_pool(self._pool)
+
+
+async def _close_pool(pool: Any) -> None:
+    """Close ``pool``, waiting at most 5 s for its connections to come back."""
+    try:
+        await asyncio.wait_for(pool.close(), 5.0)
+    except _FAILURES:
+        pool.terminate()
 
 
 class _Listen(PushListener):
@@ -976,6 +1005,8 @@ def _check_dsn(dsn: str) -> None:
         parts = None
     if parts is not None and parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError("PostgresStore's dsn is a postgresql:// URL (libpq's URI form)")
+    if parts is not None and not all(_port_ok(host) for host in parts.netloc.rpartition("@")[2].split(",")):
+        raise ConfigurationError("PostgresStore's dsn names a port that is not a number in 1-65535")
     if (
         parts is None
         or not all("=" in field for field in parts.query.split("&") if field)
@@ -989,10 +1020,26 @@ def _check_dsn(dsn: str) -> None:
         )
 
 
+def _port_ok(host: str) -> bool:
+    """False if ``host`` (``name:port``, ``[v6]:port``) names a port out of range."""
+    _, colon, port = host.rpartition("]")[2].rpartition(":")
+    return not colon or not port or (port.isdigit() and 0 < int(port) < 65536)
+
+
 def _unreadable_dsn() -> ConfigurationError:
     return ConfigurationError(
         "PostgresStore's dsn could not be read by asyncpg (not shown: it may hold a password)"
     )
+
+
+def _retryable(exc: BaseException) -> bool:
+    """True for a connection-level failure, which a retry on a fresh connection may cure."""
+    return isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before retry number ``attempt + 1`` (jittered)."""
+    return min(0.05 * (3**attempt), 0.5) * random.uniform(0.5, 1.5)
 
 
 def _cancelling() -> bool:

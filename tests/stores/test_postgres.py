@@ -1854,3 +1854,43 @@ def test_a_port_out_of_range_is_a_configuration_error(port: str) -> None:
             build()
         assert "s3cret" not in str(caught.value)
     PostgresStore(dsn="postgresql://postgres@[::1]:5432,127.0.0.1:5433,localhost/test")  # well-formed
+
+
+async def test_aclose_gives_back_a_lease_won_in_flight_for_a_cancelled_caller(base_url: str) -> None:
+    """A lease won by a batch answered after ``aclose`` began, for a caller cancelled at
+    shutdown, was kept until its TTL: ``_give_back`` did nothing once closed, and ``aclose``
+    waited only for the give-backs already started."""
+    # A shutdown: the worker's acquire is in flight (its row locked by someone else for a
+    # moment), the worker is cancelled, then the store is closed.
+    from factorial_tokens.store import TenantKey, TenantStatus, Update
+
+    url = store_url(base_url, max_size="4")
+    schema = url.split("schema=")[1].split("&")[0]
+    store = PostgresStore.from_url(url)
+    key = TenantKey(f"inflight-{secrets.token_hex(4)}", "acme")
+    await store.replace(key, Update(b"x", TenantStatus.ACTIVE, None, time.time()))
+    locker = await asyncpg.connect(base_url, timeout=5)
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute(
+            f'SELECT 1 FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2 FOR UPDATE',
+            key.namespace,
+            key.tenant,
+        )
+        task = asyncio.create_task(store.acquire(key, "worker", 60))
+        await asyncio.sleep(0.3)  # the acquire batch waits for the row
+        task.cancel()
+        closing = asyncio.create_task(store.aclose())
+        await asyncio.sleep(0.1)
+        await locker.execute("ROLLBACK")
+        await asyncio.wait_for(closing, 10.0)
+        await asyncio.sleep(0.5)
+        owner = await locker.fetchval(
+            f'SELECT lease_owner FROM "{schema}".tenants WHERE namespace = $1 AND tenant = $2',
+            key.namespace,
+            key.tenant,
+        )
+    finally:
+        await locker.close()
+        await store.aclose()
+    assert owner is None, f"lease won for a cancelled caller still held by {owner!r} after aclose"

@@ -73,6 +73,11 @@ class Batcher(Generic[I, R]):
                 self._orphaned(future.result())
             raise
 
+    @property
+    def in_flight(self) -> set[asyncio.Task[None]]:
+        """The tasks sending batches now (a copy)."""
+        return set(self._drainers)
+
     def _kick(self) -> None:
         if self._queue and self._collector is None and len(self._drainers) < self._concurrency:
             # In an empty context: the batch is no one caller's (their log fields stay theirs).

@@ -588,8 +588,9 @@ class PostgresStore:
         return await self._acquires((key, owner, float(ttl)))
 
     def _give_back(self, acquisition: Acquisition) -> None:
-        """Release a lease won for a caller cancelled while its batch was out."""
-        if acquisition.lease is None or self._closed:
+        """Release a lease won for a caller cancelled while its batch was out (also while
+        closing: ``aclose`` waits for such batches, then for these releases)."""
+        if acquisition.lease is None:
             return
         task = asyncio.get_running_loop().create_task(
             self._release_orphan(acquisition.lease), context=contextvars.Context()
@@ -935,6 +936,9 @@ class PostgresStore:
         if self._closed:
             return
         self._closed = True
+        acquiring = self._acquires.in_flight | self._acquires_if_due.in_flight
+        if acquiring:  # their callers may be gone: what they win is given back
+            await asyncio.wait(acquiring, timeout=5.0)
         if self._orphans:  # leases being given back
             await asyncio.wait(set(self._orphans), timeout=5.0)
         await self._listener.aclose()

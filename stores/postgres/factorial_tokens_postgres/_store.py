@@ -1043,7 +1043,7 @@ def _retryable(exc: BaseException) -> bool:
 
 def _backoff(attempt: int) -> float:
     """Seconds before retry number ``attempt + 1`` (jittered)."""
-    return min(0.05 * (3**attempt), 0.5) * random.uniform(0.5, 1.5)
+    return min(0.05 * 3.0**attempt, 0.5) * random.uniform(0.5, 1.5)
 
 
 def _cancelling() -> bool:

@@ -103,6 +103,7 @@ def _excerpt(body: bytes, *secrets: str | None) -> str:
     not show, however much the redactions before it shrank the text."""
     cut = len(body) > _EXCERPT_BYTES
     text = " ".join(body[:_EXCERPT_BYTES].decode("utf-8", "replace").split())
+    text = text.replace("\0", "\ufffd")  # NUL marks what ``_without_pieces`` hides
     text = _SECRET_JSON.sub(r'\1"[redacted]"', text)
     text = _SECRET_FORM.sub(r"\1[redacted]", text)
     text = _LONG_RUN.sub("[redacted]", _without_pieces(text, secrets))

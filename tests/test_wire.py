@@ -414,10 +414,11 @@ def test_wire_options_are_checked(options: dict[str, Any]) -> None:
         FakeFactorial(**options)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    secret=st.text(alphabet="QZXJKW", min_size=8, max_size=64),  # shorter: only whole words
-    into=st.integers(min_value=1, max_value=63),
+    value=st.text(alphabet="QZXJKW", min_size=8, max_size=64),
+    shape=st.sampled_from(["secret", "run", "json", "form"]),
+    into=st.integers(min_value=1, max_value=90),
     filler=st.lists(
         st.one_of(
             st.integers(min_value=1, max_value=4000).map(lambda n: "a" * n),  # runs of 20+ collapse
@@ -428,17 +429,34 @@ def test_wire_options_are_checked(options: dict[str, Any]) -> None:
         max_size=60,
     ),
 )
-def test_an_excerpt_of_a_long_body_shows_no_piece_of_a_secret_cut_at_its_end(
-    secret: str, into: int, filler: list[str]
+def test_an_excerpt_of_a_long_body_shows_nothing_that_its_cut_split(
+    value: str, shape: str, into: int, filler: list[str]
 ) -> None:
     """Only the start of a long body is redacted (a whole megabyte cost the loop a third of
-    a second): a secret cut there, however much the redacted text before it shrank, shows
-    no piece of itself."""
-    parts = [secret if part == "ECHO" else part for part in filler]
-    at = _EXCERPT_BYTES - min(into, len(secret))  # the cut falls inside the secret (or after it)
+    a second). What the cut splits, however much the redactions before it shrank the text,
+    shows nothing of itself: a secret of the request, a long token-like run (``run``: 20+
+    characters, not a known secret), the value of a secret key in JSON or in a form."""
+    known = value if shape == "secret" else "not-in-the-body-0123456789"
+    piece = {
+        "secret": value,
+        "run": " " + value * 3,  # 24+ characters: a run the whole body hides
+        "json": '{"access_token": "' + value + '", "x": 1}',
+        "form": "refresh_token=" + value + "&x=1",
+    }[shape]
+    echoes = shape == "secret"  # an echo of anything else would be a whole, unhidden value
+    parts = [value if part == "ECHO" else part for part in filler if echoes or part != "ECHO"] or ["b"]
+    at = _EXCERPT_BYTES - min(into, len(piece))  # the cut falls inside the piece (or after it)
     head, index = "", 0
     while len(head) + len(parts[index % len(parts)]) <= at:  # whole parts only: no piece
         head += parts[index % len(parts)]
         index += 1
-    body = (head + "b" * (at - len(head)) + secret + " tail " * 10).encode()
-    assert not set("QZXJKW") & set(_excerpt(body, secret)), _excerpt(body, secret)
+    body = (head + "b" * (at - len(head)) + piece + " tail " * 10).encode()
+    excerpt = _excerpt(body, known)
+    assert not set("QZXJKW") & set(excerpt), excerpt
+
+
+def test_a_nul_in_an_error_body_reads_the_same_whether_or_not_a_secret_is_hidden() -> None:
+    """``_without_pieces`` marks what it hides with NUL: a body's own NULs were taken for
+    hidden text when a secret was found anywhere in it, and not otherwise."""
+    assert _excerpt(b"a\0b") == _excerpt(b"a\0b s3cret-value-1", "s3cret-value-1").removesuffix(" [redacted]")
+    assert _excerpt(b"a\0b") == "a\ufffdb"

@@ -611,3 +611,102 @@ async def test_calls_issued_at_once_share_pipelines_each_with_its_own_reply(thro
     finally:
         await admin.aclose()
         await store.aclose()
+
+
+# -- found by a reviewer: cancellation, tampered fields, URLs -------------------------------
+
+BUSY = (  # holds the single-threaded server for 0.5 s
+    "local t = redis.call('TIME'); local s = t[1] + t[2] / 1e6; "
+    "repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 > s + 0.5"
+)
+
+Tampering = tuple[RedisStore, aioredis.Redis]
+
+
+@pytest.fixture
+async def tampering() -> AsyncIterator[Tampering]:
+    """A store on a prefix of its own, and a plain client to change its keys behind it."""
+    with shared_redis_url() as url:
+        prefix = unique_prefix()
+        store = RedisStore.from_url(f"{url}?prefix={prefix}")
+        admin = aioredis.Redis.from_url(url)
+        try:
+            yield store, admin
+        finally:
+            await store.aclose()
+            keys = [k async for k in admin.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await admin.unlink(*keys)
+            await admin.aclose()
+
+
+async def test_a_cancelled_acquire_does_not_leave_the_lease_held(tampering: Tampering) -> None:
+    """The caller is cancelled after its EVALSHA left (queued behind a busy script): the
+    script still runs and wins the lease, whose reply nobody read; the lease stayed held
+    for its whole TTL (the Postgres store gives such a lease back)."""
+    store, admin = tampering
+    key = TenantKey("ns", "acme")
+    await store.replace(key, _update(b"x"))
+    warm = await store.acquire(key, "warm", 30)  # load the scripts
+    assert warm.lease is not None
+    await store.release(warm.lease)
+    busy = asyncio.create_task(admin.eval(BUSY, 0))
+    await asyncio.sleep(0.1)
+    task = asyncio.create_task(store.acquire(key, "cancelled-caller", 60))
+    await asyncio.sleep(0.1)  # sent, waiting inside Redis
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await busy
+    await asyncio.sleep(0.3)
+    holder = await admin.get(store._lease(key.digest))
+    assert holder is None, f"the lease of a cancelled caller is held by {holder!r}"
+    again = await store.acquire(key, "next", 30)
+    assert again.lease is not None
+
+
+async def test_a_tampered_claim_outcome_is_a_typed_error(tampering: Tampering) -> None:
+    store, admin = tampering
+    key = TenantKey("ns", "acme")
+    claim = await store.claim_code(key, "h", "o", 30)
+    assert await store.advance_code(claim, ClaimState.DONE, 30, "ok")
+    await admin.hset(store._claim("ns", "h"), "outcome", b"\xff")
+    with pytest.raises(StoreUnavailable):  # was a raw UnicodeDecodeError
+        await store.claim_code(key, "h", "other", 30)
+
+
+async def test_a_tampered_tenant_field_does_not_break_the_listing(tampering: Tampering) -> None:
+    store, admin = tampering
+    for tenant in ("acme", "broken"):
+        await store.replace(TenantKey("ns", tenant), _update(b"j1:{}"))
+    await admin.hset(store._rec(TenantKey("ns", "broken").digest), "tenant", b"\xff")
+    assert [r.key.tenant for r in await store.tenants("ns")] == ["acme"]  # was UnicodeDecodeError
+
+
+async def test_a_tampered_hold_instant_is_a_typed_error(tampering: Tampering) -> None:
+    """Lua's tonumber reads "0x10" (16), Python's float() does not: a raw ValueError."""
+    store, admin = tampering
+    await admin.hset(store._throttle("ns"), "not_before", "0x10")
+    with pytest.raises(StoreUnavailable):
+        await store.hold("ns", 0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:S3cretPw/tail@127.0.0.1:6379/0",
+        "redis://user:S3cretPw#tail@127.0.0.1:6379/0",
+        "redis+cluster://:S3cretPw/tail@127.0.0.1:7000",
+    ],
+)
+def test_a_password_with_a_reserved_character_is_quoted_nowhere(url: str) -> None:
+    """redis-py reads a password's piece after ``/`` or ``#`` as the port, and said so."""
+    with pytest.raises(ConfigurationError) as caught:
+        RedisStore.from_url(url)
+    assert "S3cret" not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://127.0.0.1:7000/1", "redis+cluster:///0"])
+def test_a_bad_cluster_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError):  # was a raw RedisClusterException
+        RedisStore.from_url(url)

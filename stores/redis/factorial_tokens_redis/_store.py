@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 import importlib
+import logging
 import math
 import re
 import secrets
@@ -31,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from factorial_tokens import ConfigurationError, StoreUnavailable
 from factorial_tokens.store import (
@@ -73,6 +75,7 @@ def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
 _pack_command = _hiredis_packer()
 
 T = TypeVar("T")
+log = logging.getLogger("factorial_tokens.redis")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 #: Options of ours in a store URL; everything else goes to redis-py.
@@ -96,6 +99,9 @@ Client = aioredis.Redis | RedisCluster
 _PIPELINES = 4
 #: A script the server does not know yet (``NOSCRIPT``): it did not run; send it on its own.
 _NOSCRIPT = object()
+#: A queued command, the future of its reply, and what gets the reply if that future's
+#: caller is gone.
+_Queued = tuple[tuple[Any, ...], asyncio.Future[Any], Callable[[Any], None] | None]
 
 
 def _load_scripts() -> dict[str, str]:
@@ -118,6 +124,15 @@ def _text(value: bytes | str | None) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _seconds(reply: Any, what: str) -> float:
+    """A script's numeric reply; StoreUnavailable if the stored value it came from was not
+    one Python reads (Lua's ``tonumber`` takes ``0x10``, say)."""
+    try:
+        return float(_text(reply) or 0.0)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise StoreUnavailable(f"redis holds a malformed {what} instant") from None
 
 
 def _bytes(value: bytes | str) -> bytes:
@@ -182,10 +197,11 @@ class RedisStore:
         # pipeline on one connection. With thousands of tenants due at once this saves a
         # connection checkout, a send and a task wake-up per command (most of a command's
         # client CPU); alone, a command waits one turn of the loop.
-        self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._batch: list[_Queued] = []
         self._collecting = False
         self._pipelines = 0
         self._drainers: set[asyncio.Task[None]] = set()
+        self._orphans: set[asyncio.Task[None]] = set()  # leases being given back
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -235,8 +251,12 @@ class RedisStore:
             else:
                 pool = aioredis.BlockingConnectionPool.from_url(target, retry=None)
                 client = aioredis.Redis.from_pool(pool)  # closes the pool with the client
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad redis URL: {exc}") from None
+        except (ValueError, TypeError, RedisError, RedisClusterException) as exc:
+            # redis-py's words may quote a piece of a password (read as a port, a path).
+            why = "not shown: it may hold a password" if "@" in url else str(exc)
+            raise ConfigurationError(
+                f"bad redis URL ({why}); percent-encode a password's reserved characters (@ / ? # :)"
+            ) from None
         store = cls(client, prefix=prefix, poll=poll)
         store._owned = True
         return store
@@ -315,11 +335,20 @@ class RedisStore:
                 await self._client.initialize()
             self._uninitialized = False
 
-    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
+    async def _script(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[str | bytes | int],
+        orphaned: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run a script; ``orphaned`` gets its reply if its caller is gone (cancelled)."""
         if not self.cluster:
             script = self._scripts[name]
             reply = await self._call(
-                name, self._queued("EVALSHA", script.sha, len(keys), *keys, *args), queued=True
+                name,
+                self._queued("EVALSHA", script.sha, len(keys), *keys, *args, orphaned=orphaned),
+                queued=True,
             )
             if reply is not _NOSCRIPT:
                 return reply
@@ -327,14 +356,26 @@ class RedisStore:
             # script object loads it and runs it.
         return await self._call(name, self._scripts[name](keys=keys, args=args))
 
-    async def _queued(self, *command: Any) -> Any:
+    async def _queued(self, *command: Any, orphaned: Callable[[Any], None] | None = None) -> Any:
         """Send ``command`` in the next pipeline of this store's queued commands; its reply
-        (a ``NOSCRIPT`` error becomes ``_NOSCRIPT``). Server errors raise as redis-py's."""
+        (a ``NOSCRIPT`` error becomes ``_NOSCRIPT``). Server errors raise as redis-py's.
+        ``orphaned`` gets the reply of a command sent for a caller cancelled meanwhile."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._batch.append((command, future))
+        self._batch.append((command, future, orphaned))
         if not self._collecting and self._pipelines < _PIPELINES:
             self._start_drainer()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Cancelled after its reply was set, before it ran again: as orphaned.
+            if (
+                orphaned is not None
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+            ):
+                orphaned(future.result())
+            raise
 
     def _start_drainer(self) -> None:
         """Start a drainer that collects the queued commands. Its own context: it outlives
@@ -351,7 +392,7 @@ class RedisStore:
         try:
             while self._batch:
                 self._collecting = False
-                batch = [(command, future) for command, future in self._batch if not future.done()]
+                batch = [entry for entry in self._batch if not entry[1].done()]
                 self._batch = []
                 if batch:
                     await self._send_batch(batch)
@@ -364,8 +405,8 @@ class RedisStore:
             if self._batch and not self._collecting and not self._closed:
                 self._start_drainer()  # left over (this drainer was cancelled)
 
-    async def _send_batch(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        commands = [command for command, _ in batch]
+    async def _send_batch(self, batch: list[_Queued]) -> None:
+        commands = [command for command, _, _ in batch]
         try:
             if self._slots is None:
                 replies = await self._exchange(commands)
@@ -373,7 +414,7 @@ class RedisStore:
                 async with self._slots:
                     replies = await self._exchange(commands)
         except BaseException as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     # A cancelled pipeline left its commands' fate unknown: an error of ours.
                     failure = exc if isinstance(exc, Exception) else RedisError("pipeline cancelled")
@@ -381,8 +422,10 @@ class RedisStore:
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
+        for (_, future, orphaned), reply in zip(batch, replies, strict=True):
             if future.done():
+                if orphaned is not None and not isinstance(reply, Exception):
+                    orphaned(reply)
                 continue
             if isinstance(reply, NoScriptError):
                 future.set_result(_NOSCRIPT)
@@ -453,10 +496,31 @@ class RedisStore:
         if unless_fresh is not None:
             rule = unless_fresh
             args += [_float_text(rule.at), _float_text(rule.margin), _float_text(rule.share)]
-        reply = await self._script("acquire", [self._rec(key.digest), self._lease(key.digest)], args)
+        reply = await self._script(
+            "acquire",
+            [self._rec(key.digest), self._lease(key.digest)],
+            args,
+            orphaned=functools.partial(self._give_back, key, owner),
+        )
         fence = int(reply[0])
         record = record_from_columns(key, *reply[1:6])
         return Acquisition(Lease(key, owner, fence) if fence else None, record)
+
+    def _give_back(self, key: TenantKey, owner: str, reply: Any) -> None:
+        """Release a lease won for a caller cancelled while its script was out."""
+        if not isinstance(reply, list) or not reply or not int(reply[0]):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._release_orphan(Lease(key, owner, int(reply[0]))), context=contextvars.Context()
+        )
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+
+    async def _release_orphan(self, lease: Lease) -> None:
+        try:
+            await self.release(lease)
+        except StoreUnavailable as exc:  # it expires on its own
+            log.info("redis store: could not give back an unclaimed lease: %s", exc)
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         """Push the lease's PX expiry (one script); False if fenced out or released."""
@@ -526,8 +590,14 @@ class RedisStore:
             pipe.hmget(self._rec(digest), [*_RECORD_FIELDS, "ns", "tenant"])
         rows = await self._call("tenants", pipe.execute())
         records = []
-        for row in rows:
-            ns, tenant = _text(row[5]), _text(row[6])
+        for digest, row in zip(ordered, rows, strict=True):
+            try:
+                ns, tenant = _text(row[5]), _text(row[6])
+            except UnicodeDecodeError:
+                log.warning(
+                    "redis store: record %s names no readable tenant; left out of the listing", digest
+                )
+                continue
             if ns != namespace or tenant is None:
                 continue
             record = record_from_columns(TenantKey(ns, tenant), *row[:5])
@@ -543,7 +613,7 @@ class RedisStore:
         reply = await self._script(
             "hold", [self._throttle(namespace)], [repr(float(until)), self._channel, self._message(digest)]
         )
-        in_force = float(_text(reply) or 0.0)
+        in_force = _seconds(reply, "hold")
         if until > 0 and in_force == until:  # raised now (or a resend: a spare wake-up)
             self._notifier.notify(digest)
         return in_force
@@ -553,7 +623,7 @@ class RedisStore:
         reply = await self._script(
             "admit", [self._throttle(namespace)], [ticket, repr(float(interval)), str(max(burst, 1))]
         )
-        return max(float(_text(reply) or 0.0), 0.0)
+        return max(_seconds(reply, "admission"), 0.0)
 
     async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
         """Claim a code (one script, expiry judged by Redis ``TIME``)."""
@@ -565,6 +635,7 @@ class RedisStore:
         try:
             claimant = TenantKey(_text(ns) or key.namespace, _text(tenant) or "")
             claim_state = ClaimState(_text(state))
+            claim_outcome = _text(outcome)
         except (ValueError, TypeError, UnicodeDecodeError):
             raise StoreUnavailable("redis holds a malformed code claim") from None
         return CodeClaim(
@@ -574,7 +645,7 @@ class RedisStore:
             claim_state,
             won=bool(won),
             expired=bool(expired),
-            outcome=_text(outcome),
+            outcome=claim_outcome,
         )
 
     async def advance_code(
@@ -651,6 +722,8 @@ class RedisStore:
         self._closed = True
         if self._drainers:  # commands already queued get their replies
             await asyncio.wait(set(self._drainers), timeout=10.0)
+        if self._orphans:  # leases won for cancelled callers, being given back
+            await asyncio.wait(set(self._orphans), timeout=5.0)
         await self._listener.aclose()
         if self._owned:
             with suppress(RedisError, OSError):

@@ -7,15 +7,16 @@ The multi-process proof that a 429 holds every process is in ``test_multiprocess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
 import attrs
 import pytest
 
-from factorial_tokens import ConfigurationError, TokenManager
+from factorial_tokens import ConfigurationError, ProviderError, TenantInfo, TokenManager, TokenSet
 from factorial_tokens._keepalive import keep_alive_pass
-from factorial_tokens.sealing import JsonCodec
+from factorial_tokens.sealing import JsonCodec, Keyring
 from factorial_tokens.store import (
     Acquisition,
     Freshness,
@@ -24,11 +25,13 @@ from factorial_tokens.store import (
     Record,
     Store,
     TenantKey,
+    Throttle,
     Update,
 )
-from factorial_tokens.testing import CountingStore, FakeFactorial
+from factorial_tokens.testing import CountingStore, FakeFactorial, Fault
 
 from .conftest import SimFactory, app_for
+from .stores import STORES, open_backend
 
 TENANTS = 40
 LIMIT = 20  # token requests per one-second window at the simulator
@@ -126,3 +129,68 @@ async def test_keepalive_over_many_tenants_is_concurrent_bounded_and_budgeted(ma
     assert sim.stats.refreshes == sim.stats.refresh_attempts == TENANTS
     assert sim.stats.rate_limited == 0 and sim.stats.invalid_grant == 0
     assert 2 <= store.most <= 8  # concurrent, and bounded
+
+
+async def test_a_worker_opened_during_a_fleet_hold_honours_it(make_sim: SimFactory, tmp_path: Path) -> None:
+    """Worker A is answered 429 Retry-After: 30 and records the hold in the store. Worker B
+    starts afterwards (a restart, a scale-out) on the same store: it must not send token
+    requests until the hold is over."""
+    url = STORES["redis"].url(tmp_path)
+    budgets = dict(lease_ttl=6.0, provider_timeout=2.0)
+    async with make_sim(access_token_ttl=3600) as sim:
+        async with TokenManager(app_for(sim), url, **budgets) as a:
+            await a.exchange_code("acme", sim.issue_code(company_id=1))
+            sim.inject(Fault.RATE_LIMITED, retry_after=30)
+            with pytest.raises(ProviderError):
+                await a.refresh("acme")
+            assert isinstance(a.store, Throttle)
+            async with asyncio.timeout(5):
+                while await a.store.hold(a.app.client_id, 0.0) <= time.time() + 20:
+                    await asyncio.sleep(0.01)
+            sent = sim.stats.token_requests
+            async with TokenManager(app_for(sim), url, **budgets) as b:  # opened during the hold
+                with contextlib.suppress(ProviderError):
+                    await b.refresh("acme")
+            assert sim.stats.token_requests == sent, "a worker sent a token request during the fleet's hold"
+
+
+class _RekeyedAfterListing:
+    """The manager as keepalive sees it, with an operator's ``rekey`` (documented as safe
+    while workers run) landing between the pass's listing and its refreshes: the version
+    rises with the same tokens, and ``refresh(newer_than=listed)`` took it for a refresh."""
+
+    def __init__(self, tm: TokenManager, keyring: Keyring) -> None:
+        self.tm, self.keyring = tm, keyring
+        self.app = tm.app
+        self.got: list[TokenSet] = []
+
+    async def tenants(self) -> list[TenantInfo]:
+        infos = await self.tm.tenants()
+        assert await self.tm.rekey(self.keyring) == 1
+        return infos
+
+    async def refresh(self, tenant: str, *, newer_than: int | None = None) -> TokenSet:
+        self.got.append(await self.tm.refresh(tenant, newer_than=newer_than))
+        return self.got[-1]
+
+
+async def test_keepalive_renews_a_tenant_rekeyed_since_the_listing(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    old = Keyring.generate("k1")
+    both = old.rotated("k2")
+    async with open_backend("redis", tmp_path) as backend:
+        async with TokenManager(
+            app_for(sim), backend.store, keyring=old, lease_ttl=6.0, provider_timeout=2.0
+        ) as tm:
+            before = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        async with TokenManager(
+            app_for(sim), backend.store, keyring=both, lease_ttl=6.0, provider_timeout=2.0
+        ) as tm:
+            renewer = _RekeyedAfterListing(tm, both)
+            report = await keep_alive_pass(renewer, max_age=3600, jitter=0, now=time.time() + 3 * 3600)
+            assert report.refreshed == ("acme",)
+            assert renewer.got[0].fingerprint != before.fingerprint, (
+                "keepalive reported 'refreshed' but refresh() returned the very token set it saw"
+            )
+    assert sim.stats.refreshes == 1

@@ -4,6 +4,7 @@ typed error, and recovery without a restart once the store is back."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from factorial_tokens.store import MemoryStore
 from factorial_tokens.testing import CountingStore, FakeFactorial
 
 from .conftest import SimFactory, app_for
+from .stores import open_backend
 
 
 class OutageStore(CountingStore):
@@ -81,3 +83,26 @@ async def test_tokens_issued_during_an_outage_are_not_lost(make_sim: SimFactory)
             assert sim.is_active(fresh.access_token)
             assert sim.stats.refreshes == 1 and sim.stats.invalid_grant == 0
             assert store.calls["commit"] == 1  # the calls that failed never reached the store
+
+
+async def test_cached_tokens_still_serve_an_outage_after_a_resubscription(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """A flapping Redis: the change subscription drops and comes back (announcements may
+    have been lost), then the store goes away. A token cached a moment ago, fresh for an hour,
+    must still be served until it expires."""
+    async with open_backend("redis", tmp_path) as backend:
+        store = OutageStore(backend.store)
+        async with TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            token = await tm.access_token("acme")  # cached, an hour to live
+            resubscribed = asyncio.Event()
+            stop = backend.store.on_change(lambda digest: digest is None and resubscribed.set())
+            assert await backend.kill_connections() > 0
+            await asyncio.wait_for(resubscribed.wait(), 15)
+            stop()
+            store.down = True  # ... and now the store goes away
+            try:
+                assert await tm.access_token("acme") == token
+            finally:
+                store.down = False

@@ -363,3 +363,32 @@ async def test_a_caller_in_the_mandatory_window_joins_the_background_refresh_wit
             assert len(set(got)) == 1 and old.access_token not in got
             assert store.calls["read"] == 0
             assert sim.stats.refreshes == sim.stats.refresh_attempts == 1
+
+
+async def test_a_successful_refresh_ends_the_background_backoff(sim: FakeFactorial) -> None:
+    """Background refreshes failed a few times (backing off to seconds); then a caller who
+    had to wait refreshed the tenant. The backoff was forgotten only when a background
+    refresh itself succeeded: the first background failure of a later episode waited the
+    old episode's 4-8 s instead of starting again from 0.25-0.5 s."""
+    failures: list[TokenEvent] = []
+    async with TokenManager(
+        app_for(sim),
+        "memory://",
+        leeway=60.0,
+        lease_ttl=3,
+        provider_timeout=0.5,
+        refresh_deadline=0.5,
+        on_event=lambda event: failures.append(event) if event.kind is EventKind.REFRESH_FAILED else None,
+    ) as tm:
+        await place(tm, sim, left=40)
+        sim.unavailable = True
+        async with asyncio.timeout(20):
+            while len(failures) < 3:  # three background failures: the next retry is 1-2 s away
+                await tm.access_token("acme")
+                await asyncio.sleep(0.02)
+                await tm.flush_events()
+        assert tm._backoff["acme"][0] >= 3
+        sim.unavailable = False
+        await place(tm, sim, left=10)  # mandatory: this caller waits for a refresh, which succeeds
+        assert sim.is_active(await tm.access_token("acme"))
+        assert "acme" not in tm._backoff

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -78,6 +79,7 @@ class Core:
     _links: LinkSigner
     _events: EventDispatcher
     _cache: dict[str, Entry]
+    _outage_fallback: dict[str, Entry]  # dropped after lost announcements; served only in an outage
     _hits: int
     _obs: Observer
     _digests: dict[str, str]
@@ -133,6 +135,7 @@ class Core:
 
     def _forget_cached(self, tenant: str) -> None:
         self._cache.pop(tenant, None)
+        self._outage_fallback.pop(tenant, None)
 
     def _remember(self, tenant: str, entry: Entry) -> Entry:
         """Cache ``entry`` and return it; but a read sent before a refresh landed may
@@ -141,6 +144,10 @@ class Core:
         if cached is not None and cached.version > entry.version:
             return cached
         self._cache[tenant] = entry
+        if self._outage_fallback:
+            self._outage_fallback.pop(tenant, None)
+        if self._backoff and time.time() < entry.due:
+            self._backoff.pop(tenant, None)  # renewed: a later background failure starts over
         self._digests.setdefault(self._key(tenant).digest, tenant)
         return entry
 

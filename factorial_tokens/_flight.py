@@ -137,7 +137,7 @@ class Flights(Leases):
                         continue
                 entry = await self._obtain(tenant, newer_than=None)
             except StoreUnavailable as exc:
-                stale = self._cache.get(tenant)
+                stale = self._cache.get(tenant) or self._outage_fallback.get(tenant)
                 if stale is not None and not stale.tokens.is_expired():
                     log.warning("store unavailable; serving tenant %r's cached token till it expires", tenant)
                     self._obs.stale_served(tenant, stale.tokens.fingerprint, exc)

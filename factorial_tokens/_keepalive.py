@@ -168,7 +168,11 @@ async def _visit(manager: Renewer, info: TenantInfo, now: float, max_age: float,
     try:
         # newer_than the listed version: if another worker renewed the tenant since the
         # listing, its result is taken instead of refreshing a second time.
-        await manager.refresh(tenant, newer_than=info.version)
+        tokens = await manager.refresh(tenant, newer_than=info.version)
+        if tokens.obtained_at <= info.refreshed_at:
+            # The version rose since the listing by a write that renewed nothing (a
+            # rekey): these are the listed tokens. Refresh them.
+            await manager.refresh(tenant)
     except ReauthorizationRequired as exc:
         log.error("keepalive: tenant %r needs re-authorization: %s", tenant, exc.reason)
         return "lost"

@@ -194,6 +194,7 @@ class TokenManager(Callbacks, Flights):
         if on_event is not None:
             self._events.add(on_event)
         self._cache = {}
+        self._outage_fallback = {}  # cached entries dropped after lost announcements
         self._hits = 0
         self._obs = Observer(
             telemetry,
@@ -242,6 +243,8 @@ class TokenManager(Callbacks, Flights):
         if self._unsubscribe is None:
             self._unsubscribe = self._store.on_change(self._on_change)
             self._obs.attach()
+            if isinstance(self._store, Throttle):
+                await self._learn_hold()  # a hold the fleet is under already
 
     async def aclose(self) -> None:
         """Let work in flight finish, then close what the manager created. Idempotent."""
@@ -412,7 +415,8 @@ class TokenManager(Callbacks, Flights):
                 self._spawn(self._learn_hold())
             if digest is not None:
                 return
-        if digest is None:  # announcements were lost: trust nothing cached
+        if digest is None:  # announcements were lost: trust nothing cached ...
+            self._outage_fallback.update(self._cache)  # ... but through a store outage
             self._cache.clear()
             for waiting in self._queued.values():
                 if not waiting.done():
@@ -421,6 +425,7 @@ class TokenManager(Callbacks, Flights):
         tenant = self._digests.get(digest)
         if tenant is not None:
             self._cache.pop(tenant, None)
+            self._outage_fallback.pop(tenant, None)
             queued = self._queued.get(tenant)
             if queued is not None and not queued.done():
                 queued.set_result(False)  # a flight queued for a slot looks at the announcement

@@ -656,7 +656,15 @@ class InstrumentedStore:
         return repr(self.inner)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        found = getattr(self.inner, name)
+        if name in ("hold", "admit"):  # the Throttle capability's round trips count too
+            return functools.partial(self._throttle_call, name, found)
+        return found
+
+    async def _throttle_call(
+        self, name: str, primitive: Callable[..., Awaitable[float]], *args: Any
+    ) -> float:
+        return await self._obs.store_call(name, None, primitive(*args))
 
     @property
     def acquires_unless_fresh(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from ..store import (
     Acquisition,
@@ -90,15 +91,19 @@ class CountingStore:
         self.calls["tenants"] += 1
         return await self.inner.tenants(namespace)
 
-    async def hold(self, namespace: str, until: float) -> float:
-        self.calls["hold"] += 1
-        assert isinstance(self.inner, Throttle)
-        return await self.inner.hold(namespace, until)
+    def __getattr__(self, name: str) -> Any:
+        # ``hold`` and ``admit`` (the Throttle capability) exist only when the inner store
+        # has them: a manager asks ``isinstance(store, Throttle)``, and must hear the truth.
+        inner = self.__dict__.get("inner")
+        if name not in ("hold", "admit") or not isinstance(inner, Throttle):
+            raise AttributeError(name)
+        primitive = getattr(inner, name)
 
-    async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
-        self.calls["admit"] += 1
-        assert isinstance(self.inner, Throttle)
-        return await self.inner.admit(namespace, ticket, interval, burst)
+        async def counted(*args: Any) -> Any:
+            self.calls[name] += 1
+            return await primitive(*args)
+
+        return counted
 
     def watch(self, key: TenantKey) -> AbstractAsyncContextManager[Watch]:
         return self.inner.watch(key)

@@ -30,6 +30,8 @@ from factorial_tokens import (
     Keyring,
     ProviderError,
     StateReused,
+    StoreUnavailable,
+    TenantNotConnected,
     TokenEvent,
     TokenManager,
     TokenSealError,
@@ -543,3 +545,59 @@ def test_a_binding_that_is_no_string_is_a_configuration_error(sim: FakeFactorial
     tm = TokenManager(app_for(sim), "memory://")
     with pytest.raises(ConfigurationError, match="binding"):
         tm.authorization_url("acme", binding=5)  # type: ignore[arg-type]
+
+
+async def test_a_revoke_waiting_for_a_refresh_revokes_the_grant_connected_meanwhile(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """``revoke`` held the connection turn while it waited for the tenant's lease (another
+    worker's slow refresh); a connection waits for the turn only ``refresh_deadline``, then
+    stored its grant without it, and the revoke deleted that grant, live at Factorial (a
+    lost grant). Now the turn is taken after the lease, and the record checked under it:
+    whatever is stored when the revoke acts is what it revokes and deletes."""
+    budgets = {"lease_ttl": 6.0, "provider_timeout": 2.9, "refresh_deadline": 3.0}
+    path = f"sqlite:///{tmp_path / 'tokens.db'}"
+    async with (
+        TokenManager(app_for(sim), path, **budgets) as one,
+        TokenManager(app_for(sim), path, **budgets) as two,
+    ):
+        old = await one.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.inject(Fault.SLOW, endpoint="token", delay=2.5)  # worker two's refresh is slow
+        refreshing = asyncio.create_task(two.refresh("acme"))
+        await asyncio.sleep(0.2)
+        sim.inject(Fault.SLOW, endpoint="revoke", delay=2.0)
+        revoking = asyncio.create_task(one.revoke("acme"))
+        await asyncio.sleep(0.2)  # revoke waits for the tenant's lease
+        new = await one.exchange_code("acme", sim.issue_code(company_id=1))
+        await asyncio.gather(refreshing, return_exceptions=True)
+        await revoking
+        with pytest.raises(TenantNotConnected):
+            await one.tokens("acme")
+        assert not sim.is_active(new.access_token) and not sim.is_active(old.access_token)
+
+
+class _WritesDownUntil(CountingStore):
+    """A real MemoryStore whose ``replace`` fails like a lost server until ``until`` (loop time)."""
+
+    until = 0.0
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        if asyncio.get_running_loop().time() < self.until:
+            raise StoreUnavailable("store is down (test outage)")
+        await super().replace(key, update)
+
+
+async def test_a_store_blip_past_the_exchange_deadline_does_not_refuse_the_same_company(
+    sim: FakeFactorial,
+) -> None:
+    """The stored grant's company is unknown and the same company connects again while the
+    store is down: the write is retried for ``lease_ttl``, and each retry asked Factorial
+    with the exchange's deadline, long passed: the timeout read as a company mismatch."""
+    store = _WritesDownUntil(MemoryStore())
+    async with TokenManager(app_for(sim), store, lease_ttl=6.0, provider_timeout=2.0) as tm:
+        sim.inject(Fault.HTTP_500, endpoint="api", times=50)
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.clear_faults()
+        store.until = asyncio.get_running_loop().time() + 4.5  # refresh_deadline is 4 s
+        new = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        assert new.company_id == "1" and await tm.tokens("acme") == new

@@ -262,7 +262,7 @@ class _HeldReads:
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
-    def hold(self) -> None:
+    def hold_reads(self) -> None:  # not ``hold``: that is the Throttle capability's name
         self._open = asyncio.Event()
 
     def answer(self) -> None:
@@ -293,7 +293,7 @@ async def test_a_read_answered_after_a_newer_refresh_never_brings_the_older_toke
             assert await tm.access_token("acme") == old.access_token  # starts the background refresh
             while sim.stats.token_requests == sent:  # ... which now waits on HTTP
                 await asyncio.sleep(0.005)
-            store.hold()
+            store.hold_reads()
             tm._forget_cached("acme")  # as another worker's announcement does
             late = asyncio.create_task(tm.access_token("acme"))  # reads the old record ...
             await store.sent.wait()

@@ -646,17 +646,7 @@ async def test_a_cancelled_acquire_does_not_leave_the_lease_held(tampering: Tamp
     for its whole TTL (the Postgres store gives such a lease back)."""
     store, admin = tampering
     key = TenantKey("ns", "acme")
-    await store.replace(key, _update(b"x"))
-    warm = await store.acquire(key, "warm", 30)  # load the scripts
-    assert warm.lease is not None
-    await store.release(warm.lease)
-    busy = asyncio.create_task(admin.eval(BUSY, 0))
-    await asyncio.sleep(0.1)
-    task = asyncio.create_task(store.acquire(key, "cancelled-caller", 60))
-    await asyncio.sleep(0.1)  # sent, waiting inside Redis
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    busy = await _cancel_an_acquire_behind_a_busy_script(store, admin, key, "cancelled-caller")
     await busy
     await asyncio.sleep(0.3)
     holder = await admin.get(store._lease(key.digest))
@@ -710,3 +700,47 @@ def test_a_password_with_a_reserved_character_is_quoted_nowhere(url: str) -> Non
 def test_a_bad_cluster_url_is_a_configuration_error(url: str) -> None:
     with pytest.raises(ConfigurationError):  # was a raw RedisClusterException
         RedisStore.from_url(url)
+
+
+async def _cancel_an_acquire_behind_a_busy_script(
+    store: RedisStore, admin: aioredis.Redis, key: TenantKey, owner: str
+) -> asyncio.Task[Any]:
+    """Send ``owner``'s acquisition while Redis runs a 0.5 s script, then cancel its caller:
+    the script runs and wins the lease after the caller is gone. Returns the busy script."""
+    await store.replace(key, _update(b"x"))
+    warm = await store.acquire(key, "warm", 30)  # load the scripts
+    assert warm.lease is not None
+    await store.release(warm.lease)
+    busy = asyncio.create_task(admin.eval(BUSY, 0))
+    await asyncio.sleep(0.1)
+    task = asyncio.create_task(store.acquire(key, owner, 60))
+    await asyncio.sleep(0.1)  # sent, waiting inside Redis
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return busy
+
+
+async def test_a_lease_won_for_a_caller_cancelled_at_shutdown_is_given_back(tampering: Tampering) -> None:
+    """``aclose`` waited for the give-back, but had set ``_closed`` first: the give-back's
+    release raised "closed" and the lease stayed held for its whole TTL."""
+    store, admin = tampering
+    key = TenantKey("ns", "acme")
+    busy = await _cancel_an_acquire_behind_a_busy_script(store, admin, key, "cancelled-at-shutdown")
+    await store.aclose()  # the reply comes while it waits
+    await busy
+    assert await admin.get(store._lease(key.digest)) is None
+
+
+async def test_a_resent_acquire_by_the_same_owner_keeps_its_lease(tampering: Tampering) -> None:
+    """A replay by the owner of a live lease returns it (the contract): the give-back of
+    the cancelled first send released the lease the resend holds."""
+    store, admin = tampering
+    key = TenantKey("ns", "acme")
+    busy = await _cancel_an_acquire_behind_a_busy_script(store, admin, key, "owner-1")
+    again = await store.acquire(key, "owner-1", 60)  # the resend
+    await busy
+    assert again.lease is not None
+    await asyncio.sleep(0.3)
+    assert await admin.get(store._lease(key.digest)) == b"owner-1"
+    assert await store.extend(again.lease, 60)

@@ -202,7 +202,7 @@ class Exchanges(Leases):
             await self._patiently(
                 key.tenant,
                 "exchanged tokens",
-                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced, deadline),
+                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced),
             )
         except (CompanyMismatch, ProviderError, TokenSealError) as exc:
             await self._fail_claim(claim, exc)
@@ -256,7 +256,6 @@ class Exchanges(Leases):
         allow_change: bool,
         unknown: ProviderError | None,
         replaced: list[TokenSet],
-        deadline: float,
     ) -> None:
         """Store a new grant's tokens unless they belong to another company than the
         stored ones; note in ``replaced`` the tokens they replace (none for a first
@@ -279,14 +278,14 @@ class Exchanges(Leases):
                 return  # a retry: this write landed before its reply was lost
             replaced[:] = [] if old is None else [old]
             if old is not None and not allow_change:
-                pinned = await self._company_of(key, old, tokens, deadline)
+                pinned = await self._company_of(key, old, tokens)
                 if unknown is not None:
                     raise unknown  # cannot tell the company: never replace a pinned tenant blindly
                 if tokens.company_id != pinned:
                     raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
             await self._store.replace(key, self._update(key, tokens))
 
-    async def _company_of(self, key: TenantKey, old: TokenSet, new: TokenSet, deadline: float) -> str:
+    async def _company_of(self, key: TenantKey, old: TokenSet, new: TokenSet) -> str:
         """The company of the stored grant ``old`` that ``new`` would replace. One connected
         while the credentials endpoint failed has none stored: it is asked of Factorial with
         the grant's own access token; if that cannot be done (the token expired, or was
@@ -295,6 +294,9 @@ class Exchanges(Leases):
         if old.company_id is not None:
             return old.company_id
         if not old.is_expired():
+            # A deadline of its own: a write retried while the store is down comes after
+            # the exchange's, and a timeout would read as a company mismatch.
+            deadline = asyncio.get_running_loop().time() + self.refresh_deadline
             try:
                 found = await self._oauth.credentials(old.access_token, deadline=deadline)
             except ProviderError as exc:

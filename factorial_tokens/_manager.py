@@ -315,26 +315,39 @@ class TokenManager(Callbacks, Flights):
 
     async def revoke(self, tenant: str) -> None:
         """Revoke ``tenant``'s grant at Factorial, then forget it (under the lease, and in
-        the tenant's connection turn: a connection completed meanwhile is stored after it)."""
+        the tenant's connection turn: a connection completed meanwhile is stored before it,
+        and its grant is the one revoked)."""
         self._check_open()
         tenant = validate_tenant(tenant)
         key = self._key(tenant)
         if await self._store.read(key) is None:
             raise TenantNotConnected(tenant)  # before the lease: leaves nothing behind
-        # The connection turn first: a connection stored while this revoke waits for
-        # Factorial would be deleted with the revoked grant (the delete is not fenced).
-        turn = await acquire_within(self._store, connect_turn(key), self.lease_ttl, self.wait_timeout)
-        if turn is None or turn.lease is None:
-            raise RefreshTimeout(f"tenant {key.tenant!r}: a connection of the tenant stayed busy")
-        async with self._holding(turn.lease, None, renew=True):
-            won = await acquire_within(self._store, key, self.lease_ttl, self.wait_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        while True:
+            won = await acquire_within(self._store, key, self.lease_ttl, deadline - loop.time())
             if won is None or won.lease is None:
                 raise RefreshTimeout(f"tenant {key.tenant!r}: the lease stayed busy")
-            async with self._holding(won.lease, won.record):
-                tokens = self._usable(tenant, won.record, allow_reauth=True).tokens
-                deadline = asyncio.get_running_loop().time() + self.refresh_deadline
-                await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
-                await self._store.replace(key, None)
+            async with self._holding(won.lease, won.record, renew=True):
+                # Then the connection turn (not held while waiting for the lease: a connection
+                # waits for it only refresh_deadline). While it is held no connection stores a
+                # grant, so the delete below (not fenced) removes only the grant revoked.
+                turn = await acquire_within(
+                    self._store, connect_turn(key), self.lease_ttl, deadline - loop.time()
+                )
+                if turn is None or turn.lease is None:
+                    raise RefreshTimeout(f"tenant {key.tenant!r}: a connection of the tenant stayed busy")
+                async with self._holding(turn.lease, None):
+                    record = await self._store.read(key)
+                    if record is not None and won.record is not None and record.version != won.record.version:
+                        continue  # a connection stored a grant meanwhile: revoke that one
+                    tokens = self._usable(tenant, record, allow_reauth=True).tokens
+                    provider_deadline = loop.time() + self.refresh_deadline
+                    await self._oauth.revoke(
+                        tokens.refresh_token or tokens.access_token, deadline=provider_deadline
+                    )
+                    await self._store.replace(key, None)
+            break
         self._forget_cached(tenant)
         log.info("tenant %r: revoked and forgotten", tenant)
         self._emit(TokenEvent(EventKind.REVOKED, tenant, tokens.fingerprint))

@@ -36,6 +36,7 @@ import random
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
@@ -251,6 +252,7 @@ class PostgresStore:
         )
         # A lease won for a caller cancelled meanwhile is given back at once, not left to expire.
         self._orphans: set[asyncio.Task[None]] = set()
+        self._acquiring: Counter[tuple[str, str]] = Counter()  # (digest, owner) being sent
         self._acquires: Batcher[tuple[TenantKey, str, float], Acquisition] = Batcher(
             functools.partial(self._each, self._acquire_batch),
             concurrency=_BATCHES_IN_FLIGHT,
@@ -583,9 +585,16 @@ class PostgresStore:
         Acquisitions issued in one turn of the event loop are sent as one statement per
         kind (plain, conditional), each row fenced on its own."""
         self._check_key(key)
-        if unless_fresh is not None:
-            return await self._acquires_if_due((key, owner, float(ttl), unless_fresh))
-        return await self._acquires((key, owner, float(ttl)))
+        sending = (key.digest, owner)
+        self._acquiring[sending] += 1
+        try:
+            if unless_fresh is not None:
+                return await self._acquires_if_due((key, owner, float(ttl), unless_fresh))
+            return await self._acquires((key, owner, float(ttl)))
+        finally:
+            self._acquiring[sending] -= 1
+            if not self._acquiring[sending]:
+                del self._acquiring[sending]
 
     def _give_back(self, acquisition: Acquisition) -> None:
         """Release a lease won for a caller cancelled while its batch was out (also while
@@ -599,6 +608,8 @@ class PostgresStore:
         task.add_done_callback(self._orphans.discard)
 
     async def _release_orphan(self, lease: Lease) -> None:
+        if self._acquiring[(lease.key.digest, lease.owner)]:
+            return  # its owner asks again: a resend of a live lease's owner gets it back
         try:
             await self._orphan_releases(lease)
         except StoreUnavailable as exc:  # it expires on its own

@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import secrets
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from importlib import resources
@@ -202,6 +203,7 @@ class RedisStore:
         self._pipelines = 0
         self._drainers: set[asyncio.Task[None]] = set()
         self._orphans: set[asyncio.Task[None]] = set()  # leases being given back
+        self._acquiring: Counter[tuple[str, str]] = Counter()  # (digest, owner) being sent
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -306,10 +308,11 @@ class RedisStore:
 
     # -- the one boundary where driver errors become ours ------------------------------
 
-    async def _call(self, what: str, operation: Any, *, queued: bool = False) -> Any:
+    async def _call(self, what: str, operation: Any, *, queued: bool = False, closing: bool = False) -> Any:
         """Await ``operation`` (a redis-py call, or ``queued``: one of :meth:`_queued`,
-        whose pipeline takes the connection slot), its errors as StoreUnavailable."""
-        if self._closed:
+        whose pipeline takes the connection slot), its errors as StoreUnavailable.
+        ``closing``: a lease given back while ``aclose`` waits, which it still allows."""
+        if self._closed and not closing:
             operation.close()  # never awaited: close it so it does not warn
             raise closed_error("redis")
         try:
@@ -341,6 +344,7 @@ class RedisStore:
         keys: Sequence[str],
         args: Sequence[str | bytes | int],
         orphaned: Callable[[Any], None] | None = None,
+        closing: bool = False,
     ) -> Any:
         """Run a script; ``orphaned`` gets its reply if its caller is gone (cancelled)."""
         if not self.cluster:
@@ -349,12 +353,13 @@ class RedisStore:
                 name,
                 self._queued("EVALSHA", script.sha, len(keys), *keys, *args, orphaned=orphaned),
                 queued=True,
+                closing=closing,
             )
             if reply is not _NOSCRIPT:
                 return reply
             # First use on this server (or after SCRIPT FLUSH): it did not run; redis-py's
             # script object loads it and runs it.
-        return await self._call(name, self._scripts[name](keys=keys, args=args))
+        return await self._call(name, self._scripts[name](keys=keys, args=args), closing=closing)
 
     async def _queued(self, *command: Any, orphaned: Callable[[Any], None] | None = None) -> Any:
         """Send ``command`` in the next pipeline of this store's queued commands; its reply
@@ -496,12 +501,19 @@ class RedisStore:
         if unless_fresh is not None:
             rule = unless_fresh
             args += [_float_text(rule.at), _float_text(rule.margin), _float_text(rule.share)]
-        reply = await self._script(
-            "acquire",
-            [self._rec(key.digest), self._lease(key.digest)],
-            args,
-            orphaned=functools.partial(self._give_back, key, owner),
-        )
+        sending = (key.digest, owner)
+        self._acquiring[sending] += 1
+        try:
+            reply = await self._script(
+                "acquire",
+                [self._rec(key.digest), self._lease(key.digest)],
+                args,
+                orphaned=functools.partial(self._give_back, key, owner),
+            )
+        finally:
+            self._acquiring[sending] -= 1
+            if not self._acquiring[sending]:
+                del self._acquiring[sending]
         fence = int(reply[0])
         record = record_from_columns(key, *reply[1:6])
         return Acquisition(Lease(key, owner, fence) if fence else None, record)
@@ -517,8 +529,10 @@ class RedisStore:
         task.add_done_callback(self._orphans.discard)
 
     async def _release_orphan(self, lease: Lease) -> None:
+        if self._acquiring[(lease.key.digest, lease.owner)]:
+            return  # its owner asks again: a resend of a live lease's owner gets it back
         try:
-            await self.release(lease)
+            await self._release(lease, closing=True)
         except StoreUnavailable as exc:  # it expires on its own
             log.info("redis store: could not give back an unclaimed lease: %s", exc)
 
@@ -532,11 +546,15 @@ class RedisStore:
 
     async def release(self, lease: Lease) -> bool:
         """Give the lease back and announce (one script); False if it was not ours."""
+        return await self._release(lease)
+
+    async def _release(self, lease: Lease, *, closing: bool = False) -> bool:
         digest = lease.key.digest
         reply = await self._script(
             "release",
             [self._rec(digest), self._lease(digest)],
             [str(lease.fence), lease.owner, self._channel, self._message(digest)],
+            closing=closing,
         )
         if reply:
             self._notifier.notify(digest)

@@ -627,7 +627,11 @@ def test_cli_keys_only_where_told_keygen_and_rekey(tmp_path: Path, monkeypatch: 
             assert material not in made.stdout
         with pytest.raises(TokenSealError, match="not sealed"):
             asyncio.run(read("globex", first))  # a keyring refuses the plain records...
-        moved = runner.invoke(main, ["rekey", "--keys-file", str(keys)])  # ...until rekey seals them
+        refused = runner.invoke(main, ["rekey", "--keys-file", str(keys)])  # a rotation seals none...
+        assert refused.exit_code == 6 and "2 could not be opened" in refused.output, refused.output
+        moved = runner.invoke(
+            main, ["rekey", "--keys-file", str(keys), "--allow-plaintext"]
+        )  # ...a migration
         assert moved.exit_code == 0, moved.output
         assert moved.stdout == f"re-sealed 2 tenant records under key {first.newest!r}\n"
         assert asyncio.run(read("globex", first)).access_token == issued[1].access_token
@@ -674,3 +678,27 @@ def test_cli_keys_only_where_told_keygen_and_rekey(tmp_path: Path, monkeypatch: 
         assert empty.exit_code == 2 and "does not exist" in empty.stderr
         nokeys = runner.invoke(main, ["rekey"])
         assert nokeys.exit_code == 2 and "no keys" in nokeys.stderr
+
+
+async def test_a_key_rotation_never_seals_a_planted_plain_record(tmp_path: Path, sim: FakeFactorial) -> None:
+    """``rekey`` opened records with ``allow_plaintext=True`` whatever the manager's setting:
+    a routine rotation sealed a plain record planted by someone without the key (another
+    company's tokens in a victim tenant), and strict managers then served it. Now only a
+    manager that reads plain records (a migration to sealing) seals them."""
+    store = SQLiteStore(tmp_path / "tokens.db")
+    ring = Keyring.generate("k1")
+    async with TokenManager(app_for(sim), store, keyring=ring, **BUDGETS) as tm:
+        await tm.exchange_code("victim", sim.issue_code(company_id=111))
+        attacker = await tm.exchange_code("attacker", sim.issue_code(company_id=666))
+        key = TenantKey(CLIENT_ID, "victim")
+        await store.replace(key, Update(JsonCodec().encode(key, attacker), expires_at=attacker.expires_at))
+        with pytest.raises(TokenSealError, match="not sealed"):
+            await tm.access_token("victim")
+        rotated = ring.rotated("k2")
+        with pytest.raises(TokenSealError, match="victim"):
+            await tm.rekey(rotated)  # the attacker's tenant is re-sealed; the planted record is not
+    async with TokenManager(app_for(sim), store, keyring=rotated, **BUDGETS) as tm:
+        with pytest.raises(TokenSealError):
+            await tm.access_token("victim")
+        assert (await tm.tokens("attacker")).company_id == "666"
+    await store.aclose()

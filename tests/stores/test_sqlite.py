@@ -401,3 +401,33 @@ async def test_eight_processes_create_the_schema_at_once(tmp_path: Path) -> None
     lines = out.decode().splitlines()
     assert proc.returncode == 0 and lines[-1] == "exits" + " 0" * 8, err.decode()[-2000:]
     assert sorted(lines[:-1]) == ["lost 0"] * 7 + ["won 1"]
+
+
+# -- found by a reviewer: values that got through and failed raw on first use ---------------
+
+
+@pytest.mark.parametrize("query", ["timeout=nan", "timeout=inf", "poll=inf"])
+def test_a_timeout_that_is_no_finite_number_is_a_configuration_error(tmp_path: Path, query: str) -> None:
+    """NaN and infinity passed ``<= 0``; ``int(busy_timeout * 1000)`` then raised on first use."""
+    with pytest.raises(ConfigurationError, match="finite"):
+        store_from_url(f"sqlite:///{tmp_path}/t.db?{query}")
+
+
+def test_a_nul_in_the_path_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="NUL"):  # was a raw ValueError on first use
+        store_from_url(f"sqlite:///{tmp_path}/t%00.db")
+
+
+async def test_a_damaged_schema_version_is_store_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.db"
+    store = SQLiteStore(path)
+    await store.check()
+    await store.aclose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = 'x' WHERE key = 'schema_version'")
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(StoreUnavailable):  # was a raw ValueError
+            await store.read(KEY)
+    finally:
+        await store.aclose()

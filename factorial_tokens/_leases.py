@@ -97,9 +97,12 @@ class Leases(Core):
     async def rekey(self, keyring: Keyring, *, wait_timeout: float | None = None) -> int:
         """Re-seal every record of this app under ``keyring``'s newest key; return how many.
 
-        Plain ``j1:`` records are sealed too: this completes a migration to sealing
-        (workers opened with ``allow_plaintext=True`` until then). Records already sealed
-        under the newest key are left alone.
+        Plain ``j1:`` records are sealed too when this manager reads them (no keyring, or
+        ``allow_plaintext=True``): this completes a migration to sealing. A manager that
+        refuses them counts them as records it could not open (TokenSealError): with a
+        keyring in force, a plain record was planted by someone without the key, and
+        sealing it would make it pass. Records already sealed under the newest key are
+        left alone.
 
         Safe while workers run: each tenant is re-sealed under its lease (a busy tenant is
         retried after the others, waiting up to ``wait_timeout``, default the manager's,
@@ -115,7 +118,8 @@ class Leases(Core):
         self._check_open()
         wait_timeout = self.wait_timeout if wait_timeout is None else wait_timeout
         namespace = self.app.client_id
-        codec = SealedCodec(keyring, allow_plaintext=True)
+        reads_plain = not isinstance(self._codec, SealedCodec) or self._codec.allow_plaintext
+        codec = SealedCodec(keyring, allow_plaintext=reads_plain)
         pending = [r.key for r in await self._store.tenants(namespace) if not codec.is_current(r.payload)]
         done = 0
         unopened: list[str] = []

@@ -881,20 +881,27 @@ def keygen(kid: str | None, keys_file: str | None) -> None:
 
 
 @main.command("rekey", epilog=_EPILOG)
+@click.option(
+    "--allow-plaintext",
+    is_flag=True,
+    help="Seal plain (unsealed) records too: only to complete a migration to sealing.",
+)
 @_config_options
-def rekey_command(cfg: Config) -> None:
+def rekey_command(cfg: Config, allow_plaintext: bool) -> None:
     """Re-seal every tenant's tokens under the newest key, while workers keep running.
 
-    Plain (unsealed) records are sealed too: this completes a migration to sealing. Each
-    tenant is re-sealed under its lease with a fenced write, so a concurrent refresh is
-    never overwritten. Records that cannot be opened are left intact (exit 6).
+    Plain (unsealed) records are sealed too with --allow-plaintext, which completes a
+    migration to sealing; without it they count as records that cannot be opened (once
+    sealing is on, a plain record was written by someone without the key). Each tenant is
+    re-sealed under its lease with a fenced write, so a concurrent refresh is never
+    overwritten. Records that cannot be opened are left intact (exit 6).
     """
 
     async def run() -> int:
         ring = cfg.keyring()
         if ring is None:
             raise ConfigurationError("no keys: set FACTORIAL_TOKENS_KEYS or pass --keys-file")
-        async with TokenManager(cfg.app(), cfg.store, keyring=ring) as tm:
+        async with TokenManager(cfg.app(), cfg.store, keyring=ring, allow_plaintext=allow_plaintext) as tm:
             moved = await tm.rekey(ring)
         click.echo(f"re-sealed {moved} tenant records under key {ring.newest!r}")
         return moved

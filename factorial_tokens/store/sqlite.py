@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -155,8 +156,10 @@ class SQLiteStore:
             raise ConfigurationError(
                 "SQLiteStore needs a file path (sqlite:///tokens.db); for one process use memory://"
             )
-        if busy_timeout <= 0 or poll_interval <= 0:
-            raise ConfigurationError("busy_timeout and poll_interval must be > 0")
+        if "\0" in raw:
+            raise ConfigurationError("SQLiteStore's path holds a NUL character")
+        if not (0 < busy_timeout < math.inf and 0 < poll_interval < math.inf):
+            raise ConfigurationError("busy_timeout and poll_interval must be > 0 (finite numbers of seconds)")
         if synchronous.lower() not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}")
         self.path = os.path.abspath(raw)
@@ -558,7 +561,13 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
         if "no such table" in str(exc):
             return None
         raise
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    try:
+        return int(row[0])
+    except (TypeError, ValueError):
+        # A damaged row: sqlite3 errors and this one are the store's StoreUnavailable.
+        raise sqlite3.DatabaseError("the meta table's schema_version is not a number") from None
 
 
 def _record(key: TenantKey, row: tuple[Any, ...]) -> Record | None:

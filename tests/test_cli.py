@@ -666,3 +666,10 @@ def test_read_only_commands_do_not_create_a_postgres_schema(env: dict[str, str])
     done = cli("keepalive", "--once", env=env)
     assert done.returncode == 0, done.stderr
     assert asyncio.run(exists())
+
+
+def test_connect_link_with_an_overflowing_ttl_is_a_usage_error(env: dict[str, str]) -> None:
+    """``1e400`` seconds read as infinity, and signing the link raised a traceback (exit 1)."""
+    done = cli("connect-link", "acme", "--ttl", "1" + "0" * 400, env=env)
+    assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2

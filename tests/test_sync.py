@@ -280,3 +280,62 @@ def test_managers_on_loops_of_their_own_in_two_threads_keep_their_books(tsim: Fa
     finally:
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+def test_close_lets_a_call_in_flight_from_another_thread_end(
+    make_thread_sim: ThreadSimFactory, tmp_path: Path
+) -> None:
+    """``close`` stopped the loop under a call another thread was waiting for: that thread
+    never got a result or an error."""
+    with make_thread_sim(latency=0.5) as sim:
+        stm = SyncTokenManager(app_for(sim), f"sqlite:///{tmp_path / 't.db'}")
+        stm.exchange_code("acme", sim.issue_code(company_id=1))
+        outcome: list[object] = []
+
+        def worker() -> None:
+            try:
+                outcome.append(stm.credentials("acme"))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        caller = threading.Thread(target=worker, daemon=True)
+        caller.start()
+        time.sleep(0.2)
+        stm.close()
+        caller.join(5.0)
+        assert not caller.is_alive(), "stm.credentials() never returns nor raises after close()"
+        assert len(outcome) == 1 and not isinstance(outcome[0], BaseException), outcome  # it finished first
+
+
+def test_the_interpreter_exits_while_a_worker_thread_is_mid_call(
+    make_thread_sim: ThreadSimFactory, tmp_path: Path
+) -> None:
+    """The exit hook (which runs before Python waits for plain threads) closed the manager
+    under a worker thread's call, which then waited forever, and so did the interpreter."""
+    with make_thread_sim(latency=1.0) as sim:
+        code = sim.issue_code(company_id=1)
+        script = f"""
+import threading, time
+from factorial_tokens import FactorialApp
+from factorial_tokens.sync import SyncTokenManager
+app = FactorialApp(client_id={app_for(sim).client_id!r}, client_secret={app_for(sim).client_secret!r},
+                   redirect_uri={app_for(sim).redirect_uri!r}, base_url={sim.base_url!r})
+stm = SyncTokenManager(app, {f"sqlite:///{tmp_path / 't.db'}"!r})
+stm.exchange_code("acme", {code!r})
+def work():
+    try:
+        stm.credentials("acme")
+        print("worker done", flush=True)
+    except Exception as exc:
+        print("worker raised", type(exc).__name__, flush=True)
+threading.Thread(target=work).start()   # a plain (non-daemon) worker thread
+time.sleep(0.3)
+# the main thread ends here; the interpreter must wait for the worker, then exit
+"""
+        try:
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                "the interpreter never exits: the worker's call hangs after the exit hook closed the manager"
+            )
+        assert done.returncode == 0 and "worker done" in done.stdout, done.stderr

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
 from factorial_tokens import TokenManager
 from factorial_tokens.testing import FakeFactorial
+
+from .test_sync import EMPLOYEES
 
 
 @pytest.mark.timeout(20)
@@ -34,3 +37,34 @@ async def test_a_newer_stored_token_is_used_without_refreshing(sim: FakeFactoria
     newer = await tm.refresh("acme")  # as if another worker had refreshed
     assert await tm.token_rejected("acme", old) == newer.access_token
     assert sim.stats.refreshes == 1
+
+
+async def test_a_401_to_a_stream_body_is_returned_not_retried_empty(
+    sim: FakeFactorial, tm: TokenManager
+) -> None:
+    """``tm.client`` retried a 401 with the same arguments: a stream, consumed by the first
+    send, went out empty the second time, and its answer (200) came back as if all was well."""
+    await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    token = await tm.access_token("acme")
+    sim.expire_access_tokens()  # the cached token now gets a 401
+    produced: list[bytes] = []
+
+    async def body() -> AsyncIterator[bytes]:  # a one-shot stream
+        for chunk in (b"hello ", b"world"):
+            produced.append(chunk)
+            yield chunk
+
+    before = sim.stats.api_calls
+    raised: BaseException | None = None
+    status = None
+    try:
+        async with tm.client("acme") as api:
+            async with api.get(EMPLOYEES, data=body()) as resp:
+                status = resp.status
+    except Exception as exc:
+        raised = exc
+    sent = sim.stats.api_calls - before
+    # Either the 401 comes back / an error says the body cannot be resent, or the body
+    # is really sent twice. A second request with an empty body must not be sent silently.
+    assert raised is None and status == 401 and sent == 1, (raised, status, sent)
+    assert await tm.access_token("acme") != token  # renewed for the next request

@@ -58,7 +58,8 @@ class TenantSession:
     Paths are joined to the app's ``base_url``; absolute URLs to any other origin are
     refused, so the token never leaves for another host. On a 401 the session reloads
     the token (or forces a refresh if the store has nothing newer) and retries once.
-    The body must be resendable (bytes, str, dict, ``json=``) for that retry.
+    A body that cannot be sent twice (a stream, a file, ``FormData``) is not: the 401 is
+    returned, and the token is renewed for the next request.
     """
 
     def __init__(
@@ -116,6 +117,16 @@ class TenantSession:
         response = await self._session.request(method, url, headers=headers, **kwargs)
         if response.status != 401:
             return response
+        if not _resendable(kwargs.get("data")):
+            # A stream or form was consumed by the first send: no retry (it would go out
+            # empty); the 401 is the answer, and the next request gets a renewed token.
+            await self._manager.token_rejected(self.tenant, token)
+            return response
         response.release()
         headers["Authorization"] = f"Bearer {await self._manager.token_rejected(self.tenant, token)}"
         return await self._session.request(method, url, headers=headers, **kwargs)
+
+
+def _resendable(data: object) -> bool:
+    """True for a request body aiohttp can send a second time as it was sent the first."""
+    return data is None or isinstance(data, bytes | bytearray | str | dict | list | tuple)

@@ -49,6 +49,7 @@ class _Runner:
     def __init__(self, build: Callable[[], TokenManager]) -> None:
         self.loop = asyncio.new_event_loop()
         self.pid = os.getpid()
+        self.calls: set[asyncio.Task[Any]] = set()  # of callers' threads (loop thread only)
         self.thread = threading.Thread(target=self._run, name="factorial-tokens", daemon=True)
         self.thread.start()
         try:
@@ -73,6 +74,27 @@ class _Runner:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def call(self, make: Callable[[TokenManager], Awaitable[T]]) -> T:
+        """``make(manager)``, counted among the calls in flight that :meth:`finish` awaits."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.calls.add(task)
+        try:
+            return await make(self.manager)
+        finally:
+            self.calls.discard(task)
+
+    async def finish(self) -> None:
+        """Let the calls in flight end (for as long as a caller may wait for a refresh),
+        close the manager, then cancel what is left: no caller's thread waits forever."""
+        if self.calls:
+            await asyncio.wait(set(self.calls), timeout=self.manager.wait_timeout)
+        await self.manager.aclose()
+        for task in self.calls:
+            task.cancel()
+        if self.calls:
+            await asyncio.wait(set(self.calls), timeout=5.0)
 
     def stop(self) -> None:
         # Everything runs on the loop's own thread: the caller's thread may have a running
@@ -156,10 +178,10 @@ class SyncTokenManager:
         if threading.current_thread() is runner.thread:
             raise RuntimeError("SyncTokenManager called from its own loop thread (an event listener?)")
 
-        async def job() -> T:
-            return await make(runner.manager)
-
-        return runner.submit(job()).result()
+        try:
+            return runner.submit(runner.call(make)).result()
+        except concurrent.futures.CancelledError:
+            raise ManagerClosed("the SyncTokenManager was closed during this call") from None
 
     def run(self, fn: Callable[[TokenManager], Awaitable[T]]) -> T:
         """Run ``fn(manager)`` on the facade's loop with the async manager; return its result.
@@ -177,7 +199,9 @@ class SyncTokenManager:
         return self._call(fn)
 
     def close(self) -> None:
-        """Close the manager (work in flight finishes first) and stop the loop thread.
+        """Close the manager and stop the loop thread. Calls in flight from other threads
+        finish first (for up to the manager's ``wait_timeout``); those still running then
+        raise ManagerClosed.
 
         Idempotent. After it every call raises ManagerClosed.
         """
@@ -189,7 +213,7 @@ class SyncTokenManager:
         if runner is None or runner.pid != os.getpid():
             return
         try:
-            runner.submit(runner.manager.aclose()).result()
+            runner.submit(runner.finish()).result()
         finally:
             runner.stop()
 

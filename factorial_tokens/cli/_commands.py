@@ -325,6 +325,8 @@ def _tenant(_: click.Context, __: click.Parameter, value: str) -> str:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: The longest duration taken (beyond it, or infinite, is a usage error).
+_LONGEST = 100 * 365 * 86400.0
 
 
 class Duration(click.ParamType[float]):
@@ -338,7 +340,12 @@ class Duration(click.ParamType[float]):
         match = _DURATION.match(str(value))
         if match is None:
             self.fail(f"{value!r} is not a duration (e.g. 90, 90s, 15m, 12h, 5d)", param, ctx)
-        return float(match.group(1)) * _UNITS[match.group(2)]
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if not seconds <= _LONGEST:
+            self.fail(
+                f"{str(value)[:40]!r} is too long (at most {_LONGEST / 86400 / 365:.0f} years)", param, ctx
+            )
+        return seconds
 
 
 def _when(timestamp: float | None, now: float) -> str:

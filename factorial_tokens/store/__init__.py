@@ -41,6 +41,7 @@ from ._contract import (
 from ._listener import PushListener
 from ._notifier import Notifier
 from ._options import OptionParser, choice, flag, integer, number, seconds, text, url_options
+from ._orphans import OrphanLeases
 from ._registry import known_schemes, store_from_url
 from ._values import (
     CLAIM_RETENTION,
@@ -73,6 +74,7 @@ __all__ = [
     "MemoryStore",
     "Notifier",
     "OptionParser",
+    "OrphanLeases",
     "PushListener",
     "Record",
     "SQLiteStore",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import json
 import logging
@@ -36,7 +35,6 @@ import random
 import re
 import secrets
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
@@ -54,6 +52,7 @@ from factorial_tokens.store import (
     Freshness,
     Lease,
     Notifier,
+    OrphanLeases,
     PushListener,
     Record,
     TenantKey,
@@ -250,22 +249,19 @@ class PostgresStore:
             size=_BATCH_SIZE,
             cancelled=self._cancelled,
         )
-        # A lease won for a caller cancelled meanwhile is given back at once, not left to expire.
-        self._orphans: set[asyncio.Task[None]] = set()
-        self._acquiring: Counter[tuple[str, str]] = Counter()  # (digest, owner) being sent
         self._acquires: Batcher[tuple[TenantKey, str, float], Acquisition] = Batcher(
             functools.partial(self._each, self._acquire_batch),
             concurrency=_BATCHES_IN_FLIGHT,
             size=_BATCH_SIZE,
             cancelled=self._cancelled,
-            orphaned=self._give_back,
+            orphaned=self._won_for_nobody,
         )
         self._acquires_if_due: Batcher[tuple[TenantKey, str, float, Freshness], Acquisition] = Batcher(
             functools.partial(self._each, self._acquire_if_due_batch),
             concurrency=_BATCHES_IN_FLIGHT,
             size=_BATCH_SIZE,
             cancelled=self._cancelled,
-            orphaned=self._give_back,
+            orphaned=self._won_for_nobody,
         )
         # The leases of cancelled callers go in batches of their own: ``aclose`` waits for
         # these and lets them run (a caller's own release after ``aclose`` is refused).
@@ -275,6 +271,8 @@ class PostgresStore:
             size=_BATCH_SIZE,
             cancelled=self._cancelled,
         )
+        # A lease won for a caller cancelled meanwhile is given back at once, not left to expire.
+        self._orphan_leases = OrphanLeases(self._orphan_releases, store="postgres")
         self._releases: Batcher[Lease, bool] = Batcher(
             functools.partial(self._each, self._release_batch),
             concurrency=_BATCHES_IN_FLIGHT,
@@ -585,35 +583,15 @@ class PostgresStore:
         Acquisitions issued in one turn of the event loop are sent as one statement per
         kind (plain, conditional), each row fenced on its own."""
         self._check_key(key)
-        sending = (key.digest, owner)
-        self._acquiring[sending] += 1
-        try:
+        with self._orphan_leases.sending(key, owner):
             if unless_fresh is not None:
                 return await self._acquires_if_due((key, owner, float(ttl), unless_fresh))
             return await self._acquires((key, owner, float(ttl)))
-        finally:
-            self._acquiring[sending] -= 1
-            if not self._acquiring[sending]:
-                del self._acquiring[sending]
 
-    def _give_back(self, acquisition: Acquisition) -> None:
-        """Release a lease won for a caller cancelled while its batch was out (also while
-        closing: ``aclose`` waits for such batches, then for these releases)."""
-        if acquisition.lease is None:
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._release_orphan(acquisition.lease), context=contextvars.Context()
-        )
-        self._orphans.add(task)
-        task.add_done_callback(self._orphans.discard)
-
-    async def _release_orphan(self, lease: Lease) -> None:
-        if self._acquiring[(lease.key.digest, lease.owner)]:
-            return  # its owner asks again: a resend of a live lease's owner gets it back
-        try:
-            await self._orphan_releases(lease)
-        except StoreUnavailable as exc:  # it expires on its own
-            log.info("postgres store: could not give back an unclaimed lease: %s", exc)
+    def _won_for_nobody(self, acquisition: Acquisition) -> None:
+        """A batch's answer for a caller cancelled while it was out (also while closing:
+        ``aclose`` waits for such batches): a lease won is given back."""
+        self._orphan_leases.give_back(acquisition.lease)
 
     async def _acquire_batch(self, items: list[tuple[TenantKey, str, float]]) -> list[Acquisition]:
         """Each plain acquisition's answer, in one statement per round (a key twice waits
@@ -950,8 +928,7 @@ class PostgresStore:
         acquiring = self._acquires.in_flight | self._acquires_if_due.in_flight
         if acquiring:  # their callers may be gone: what they win is given back
             await asyncio.wait(acquiring, timeout=5.0)
-        if self._orphans:  # leases being given back
-            await asyncio.wait(set(self._orphans), timeout=5.0)
+        await self._orphan_leases.wait(5.0)  # leases won for cancelled callers
         await self._listener.aclose()
         if self._owns_pool and self._pool is not None:
             await _close_pool(self._pool)

@@ -25,7 +25,6 @@ import logging
 import math
 import re
 import secrets
-from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from importlib import resources
@@ -46,6 +45,7 @@ from factorial_tokens.store import (
     Freshness,
     Lease,
     Notifier,
+    OrphanLeases,
     Record,
     TenantKey,
     Update,
@@ -202,8 +202,7 @@ class RedisStore:
         self._collecting = False
         self._pipelines = 0
         self._drainers: set[asyncio.Task[None]] = set()
-        self._orphans: set[asyncio.Task[None]] = set()  # leases being given back
-        self._acquiring: Counter[tuple[str, str]] = Counter()  # (digest, owner) being sent
+        self._orphan_leases = OrphanLeases(functools.partial(self._release, closing=True), store="redis")
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -501,40 +500,21 @@ class RedisStore:
         if unless_fresh is not None:
             rule = unless_fresh
             args += [_float_text(rule.at), _float_text(rule.margin), _float_text(rule.share)]
-        sending = (key.digest, owner)
-        self._acquiring[sending] += 1
-        try:
+        with self._orphan_leases.sending(key, owner):
             reply = await self._script(
                 "acquire",
                 [self._rec(key.digest), self._lease(key.digest)],
                 args,
-                orphaned=functools.partial(self._give_back, key, owner),
+                orphaned=functools.partial(self._won_for_nobody, key, owner),
             )
-        finally:
-            self._acquiring[sending] -= 1
-            if not self._acquiring[sending]:
-                del self._acquiring[sending]
         fence = int(reply[0])
         record = record_from_columns(key, *reply[1:6])
         return Acquisition(Lease(key, owner, fence) if fence else None, record)
 
-    def _give_back(self, key: TenantKey, owner: str, reply: Any) -> None:
-        """Release a lease won for a caller cancelled while its script was out."""
-        if not isinstance(reply, list) or not reply or not int(reply[0]):
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._release_orphan(Lease(key, owner, int(reply[0]))), context=contextvars.Context()
-        )
-        self._orphans.add(task)
-        task.add_done_callback(self._orphans.discard)
-
-    async def _release_orphan(self, lease: Lease) -> None:
-        if self._acquiring[(lease.key.digest, lease.owner)]:
-            return  # its owner asks again: a resend of a live lease's owner gets it back
-        try:
-            await self._release(lease, closing=True)
-        except StoreUnavailable as exc:  # it expires on its own
-            log.info("redis store: could not give back an unclaimed lease: %s", exc)
+    def _won_for_nobody(self, key: TenantKey, owner: str, reply: Any) -> None:
+        """An acquisition's reply that found its caller gone: a lease won is given back."""
+        if isinstance(reply, list) and reply and int(reply[0]):
+            self._orphan_leases.give_back(Lease(key, owner, int(reply[0])))
 
     async def extend(self, lease: Lease, ttl: float) -> bool:
         """Push the lease's PX expiry (one script); False if fenced out or released."""
@@ -740,8 +720,7 @@ class RedisStore:
         self._closed = True
         if self._drainers:  # commands already queued get their replies
             await asyncio.wait(set(self._drainers), timeout=10.0)
-        if self._orphans:  # leases won for cancelled callers, being given back
-            await asyncio.wait(set(self._orphans), timeout=5.0)
+        await self._orphan_leases.wait(5.0)  # leases won for cancelled callers
         await self._listener.aclose()
         if self._owned:
             with suppress(RedisError, OSError):

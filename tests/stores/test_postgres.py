@@ -756,35 +756,41 @@ async def test_concurrent_first_calls_on_an_exhausted_pool_each_wait_at_most_acq
 
 
 async def test_a_connect_timeout_is_not_reported_as_an_exhausted_pool() -> None:
-    # A server that accepts TCP connections and never answers: each connection attempt
-    # ends at connect_timeout (0.5 s), long before acquire_timeout (30 s). asyncpg opens
+    # Each connection attempt to a silent server ends at connect_timeout (0.5 s), long
+    # before acquire_timeout (30 s). asyncpg opens
     # the connection inside pool.acquire, and _connection turns its TimeoutError into "got
     # no connection from the pool in time (acquire_timeout=30 s): all are busy".
-    attempts = 0
+    async with _silent_server() as (port, sockets):
+        store = PostgresStore.from_url(
+            f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.5&acquire_timeout=30"
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as caught:
+                await asyncio.wait_for(store.check(), 20.0)
+            elapsed = time.monotonic() - started
+            message = str(caught.value)
+            assert elapsed < 30.0
+            assert "acquire_timeout" not in message and "all are busy" not in message, (
+                f"after {elapsed:.1f} s and {len(sockets)} connection attempt(s): {message}"
+            )
+        finally:
+            await store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _silent_server() -> AsyncIterator[tuple[int, list[asyncio.StreamWriter]]]:
+    """A server that accepts TCP connections and never answers (each connection attempt
+    ends at connect_timeout): its port, and the connections it accepted."""
     sockets: list[asyncio.StreamWriter] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal attempts
-        attempts += 1
         sockets.append(writer)
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    store = PostgresStore.from_url(
-        f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.5&acquire_timeout=30"
-    )
     try:
-        started = time.monotonic()
-        with pytest.raises(StoreUnavailable) as caught:
-            await asyncio.wait_for(store.check(), 20.0)
-        elapsed = time.monotonic() - started
-        message = str(caught.value)
-        assert elapsed < 30.0
-        assert "acquire_timeout" not in message and "all are busy" not in message, (
-            f"after {elapsed:.1f} s and {attempts} connection attempt(s): {message}"
-        )
+        yield server.sockets[0].getsockname()[1], sockets
     finally:
-        await store.aclose()
         server.close()
         for writer in sockets:
             writer.close()
@@ -1761,30 +1767,20 @@ async def test_calls_queued_behind_a_first_connect_that_times_out_get_its_answer
     then by every call queued behind it, one after the other under the opening lock: 8
     callers made 24 connection attempts and the last waited 12 s with acquire_timeout=2.
     The calls queued while the first one's attempts failed now get its answer."""
-    # A server that accepts TCP and never answers: each connect ends at connect_timeout.
-    sockets: list[asyncio.StreamWriter] = []
+    async with _silent_server() as (port, sockets):
+        store = PostgresStore.from_url(
+            f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.5&acquire_timeout=2"
+        )
+        try:
 
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sockets.append(writer)
+            async def failing() -> None:
+                with pytest.raises(StoreUnavailable):
+                    await asyncio.wait_for(store.check(), 60.0)
 
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    store = PostgresStore.from_url(
-        f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.5&acquire_timeout=2"
-    )
-    try:
-
-        async def timed() -> None:
-            with pytest.raises(StoreUnavailable):
-                await asyncio.wait_for(store.check(), 60.0)
-
-        await asyncio.gather(*(timed() for _ in range(8)))
-        assert len(sockets) <= 3, f"{len(sockets)} connection attempts"  # the first call's
-    finally:
-        await store.aclose()
-        server.close()
-        for writer in sockets:
-            writer.close()
+            await asyncio.gather(*(failing() for _ in range(8)))
+            assert len(sockets) <= 3, f"{len(sockets)} connection attempts"  # the first call's
+        finally:
+            await store.aclose()
 
 
 async def test_aclose_during_the_first_call_closes_every_connection(base_url: str) -> None:

@@ -194,3 +194,37 @@ async def test_keepalive_renews_a_tenant_rekeyed_since_the_listing(
                 "keepalive reported 'refreshed' but the tenant's tokens are those it listed"
             )
     assert sim.stats.refreshes == 1
+
+
+class _RekeyThenPeerRefreshes:
+    def __init__(self, tm: TokenManager, peer: TokenManager, keyring: Keyring) -> None:
+        self.tm, self.peer, self.keyring = tm, peer, keyring
+        self.app = tm.app
+
+    async def tenants(self) -> list[TenantInfo]:
+        infos = await self.tm.tenants()
+        assert await self.tm.rekey(self.keyring) == 1  # an operator's rekey after the listing
+        return infos
+
+    async def refresh(self, tenant: str, *, newer_than: int | None = None) -> TokenSet:
+        if newer_than is None:
+            await self.peer.refresh(tenant)  # another worker renews the tenant just now
+        return await self.tm.refresh(tenant, newer_than=newer_than)
+
+
+async def test_keepalive_never_refreshes_what_another_worker_just_refreshed(sim: FakeFactorial) -> None:
+    old = Keyring.generate("k1")
+    both = old.rotated("k2")
+    store = MemoryStore()
+    async with TokenManager(app_for(sim), store, keyring=old, lease_ttl=6.0, provider_timeout=2.0) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    async with (
+        TokenManager(app_for(sim), store, keyring=both, lease_ttl=6.0, provider_timeout=2.0) as tm,
+        TokenManager(app_for(sim), store, keyring=both, lease_ttl=6.0, provider_timeout=2.0) as peer,
+    ):
+        renewer = _RekeyThenPeerRefreshes(tm, peer, both)
+        report = await keep_alive_pass(renewer, max_age=3600, jitter=0, now=time.time() + 3 * 3600)
+        assert report.refreshed == ("acme",)
+    assert sim.stats.refreshes == 1, (
+        f"{sim.stats.refreshes} refreshes: the pass renewed the peer's fresh tokens"
+    )

@@ -10,8 +10,10 @@ import threading
 import time
 from typing import Any
 
-from factorial_tokens import EventKind, TokenEvent
+from factorial_tokens import EventKind, TokenEvent, TokenManager
 from factorial_tokens._events import EventDispatcher
+
+from .conftest import SimFactory, app_for
 
 
 class _CountingQueue(queue.SimpleQueue[Any]):
@@ -366,3 +368,60 @@ def test_events_racing_close_are_each_delivered_once_in_order_by_one_thread_at_a
         assert len(seen) == 450 and not overlapped and not left
         for n in range(3):
             assert [v for t, v in seen if t == f"p{n}"] == list(range(150))
+
+
+async def test_an_async_listener_is_never_run_concurrently(make_sim: SimFactory) -> None:
+    """Each event's coroutine was started without waiting for the previous one: one
+    listener handled several events at once, and a flush returned before they ran."""
+    running = 0
+    most = 0
+    seen: list[EventKind] = []
+
+    async def listener(event: TokenEvent) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.2)  # e.g. writing the audit row
+        seen.append(event.kind)
+        running -= 1
+
+    async with make_sim(access_token_ttl=3600) as sim:
+        async with TokenManager(
+            app_for(sim), "memory://", on_event=listener, lease_ttl=6.0, provider_timeout=2.0
+        ) as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            await tm.refresh("acme")
+            await tm.refresh("acme")
+            assert await tm.flush_events()
+            assert len(seen) == 3  # a flush counts an async listener's event once it ran
+    assert most == 1, f"an async listener ran {most} events at once"
+
+
+async def test_a_removed_listener_gets_no_event_after_removal(make_sim: SimFactory) -> None:
+    """Events queued before a listener's removal were still handed to it."""
+    release = threading.Event()
+    late: list[EventKind] = []
+    removed = threading.Event()
+
+    def slow(event: TokenEvent) -> None:
+        release.wait(10)
+
+    def audit(event: TokenEvent) -> None:
+        if removed.is_set():
+            late.append(event.kind)
+
+    async with make_sim(access_token_ttl=3600) as sim:
+        async with TokenManager(
+            app_for(sim), "memory://", on_event=slow, lease_ttl=6.0, provider_timeout=2.0
+        ) as tm:
+            remove = tm.add_listener(audit)
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))  # slow blocks on it
+            await tm.refresh("acme")
+            remove()
+            removed.set()
+            release.set()
+            assert await tm.flush_events()
+    assert late == [], f"removed listener was called with {late}"
+
+
+# 3. A failing meter breaks a refresh (store-call counting is not guarded).

@@ -14,8 +14,11 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.metrics._internal.instrument import NoOpCounter
 
 from factorial_tokens import (
     EventKind,
@@ -457,3 +460,29 @@ def _run(script: str, env: dict[str, str] | None = None) -> str:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+class _BrokenCounter(NoOpCounter):
+    def add(self, amount: Any, attributes: Any = None, context: Any = None) -> None:
+        raise RuntimeError("meter exporter broken")
+
+
+class _BrokenMeterProvider(NoOpMeterProvider):
+    def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+        meter = super().get_meter(*args, **kwargs)
+        meter.create_counter = lambda name, *a, **k: _BrokenCounter(name)  # type: ignore[method-assign]
+        return meter
+
+
+async def test_a_failing_meter_never_breaks_a_store_call(make_sim: SimFactory) -> None:
+    telemetry = Telemetry(meter_provider=_BrokenMeterProvider())
+    async with make_sim(access_token_ttl=3600) as sim:
+        store = MemoryStore()
+        async with TokenManager(app_for(sim), store, **BUDGETS) as plain:
+            await plain.exchange_code("acme", sim.issue_code(company_id=1))
+        async with TokenManager(app_for(sim), store, telemetry=telemetry, **BUDGETS) as tm:
+            tokens = await tm.refresh("acme")
+    assert tokens.access_token
+
+
+# 4. Keepalive's second refresh (after a rekey) re-refreshes what another worker just refreshed.

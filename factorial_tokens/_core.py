@@ -71,6 +71,7 @@ class Core:
     _hold_digest: str
     _slots: Slots
     _unless_fresh: bool  # the store takes a lease only for a due record (AcquireUnlessFresh)
+    _throttles: bool  # the store has the fleet's back-pressure (Throttle: hold, admit)
     _not_before: float  # wall clock: no refresh is sent before (a 429's Retry-After)
     _codec: PayloadCodec
     _secret: AppSecret

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import enum
 import inspect
@@ -134,6 +135,8 @@ class EventDispatcher:
             while self._pending:
                 event, listeners = self._pending.popleft()
                 for listener in listeners:
+                    if listener not in self._listeners:
+                        continue  # removed since the event was published
                     try:
                         result = listener(event)
                         if inspect.iscoroutine(result):
@@ -167,6 +170,19 @@ class EventDispatcher:
             return
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         future.add_done_callback(_log_failure)
+        # Its end is awaited, as a plain listener's return is: one event at a time, in
+        # order, and a flush counts it delivered once it ran. (So an async listener must
+        # not await flush_events: that would wait for itself, until flush's timeout.)
+        while True:
+            try:
+                future.result(timeout=_IDLE)
+                return
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed() or not loop.is_running():
+                    future.cancel()  # its loop is gone: it never runs
+                    return
+            except BaseException:  # it failed: _log_failure logs it
+                return
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event published so far was handed to the listeners.

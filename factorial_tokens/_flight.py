@@ -13,6 +13,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
+from typing import cast
 
 import attrs
 
@@ -576,21 +577,25 @@ class Flights(Leases):
             return
         self._not_before = until
         log.warning("the provider asked to hold refreshes for %.1fs; holding every worker", seconds)
-        if isinstance(self._store, Throttle) and not self._closed:
+        if self._throttles and not self._closed:
             self._spawn(self._share_hold(until))
 
+    @property
+    def _throttle(self) -> Throttle:
+        """The store as the fleet's back-pressure (only when ``_throttles``)."""
+        assert self._throttles
+        return cast(Throttle, self._store)
+
     async def _share_hold(self, until: float) -> None:
-        assert isinstance(self._store, Throttle)
         try:
-            await self._store.hold(self.app.client_id, until)
+            await self._throttle.hold(self.app.client_id, until)
         except StoreUnavailable as exc:
             log.warning("could not share the provider's hold with other workers: %s", exc)
 
     async def _learn_hold(self) -> None:
         """Another worker recorded a hold (or announcements were lost): read it."""
-        assert isinstance(self._store, Throttle)
         try:
-            self._not_before = max(self._not_before, await self._store.hold(self.app.client_id, 0.0))
+            self._not_before = max(self._not_before, await self._throttle.hold(self.app.client_id, 0.0))
         except StoreUnavailable as exc:
             log.warning("could not read the fleet's refresh hold: %s", exc)
 
@@ -602,9 +607,9 @@ class Flights(Leases):
         ticket: str | None = None  # only with a budget (a system call per refresh otherwise)
         while True:
             wait = self._not_before - time.time()
-            if wait <= 0 and self._interval > 0 and isinstance(self._store, Throttle):
+            if wait <= 0 and self._interval > 0 and self._throttles:
                 ticket = ticket or secrets.token_hex(8)
-                wait = await self._store.admit(self.app.client_id, ticket, self._interval, self._burst)
+                wait = await self._throttle.admit(self.app.client_id, ticket, self._interval, self._burst)
             if wait <= 0:
                 return
             if loop.time() + wait >= deadline:

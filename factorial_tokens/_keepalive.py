@@ -155,6 +155,10 @@ async def keep_alive_pass(
     return report
 
 
+#: How many writes that renew nothing (rekeys) a visit looks past before it gives up.
+_RENEWAL_TRIES = 3
+
+
 async def _visit(manager: Renewer, info: TenantInfo, now: float, max_age: float, jitter: float) -> str:
     """Refresh one tenant if due; return the report group it belongs to."""
     tenant = info.tenant
@@ -168,11 +172,21 @@ async def _visit(manager: Renewer, info: TenantInfo, now: float, max_age: float,
     try:
         # newer_than the listed version: if another worker renewed the tenant since the
         # listing, its result is taken instead of refreshing a second time.
-        tokens = await manager.refresh(tenant, newer_than=info.version)
+        seen = info.version
+        tokens = await manager.refresh(tenant, newer_than=seen)
+        while tokens.obtained_at <= info.refreshed_at and seen < info.version + _RENEWAL_TRIES:
+            # The version rose since the listing by a write that renewed nothing (a rekey):
+            # these are the listed tokens. Ask for a version above that one (another
+            # worker's renewal of it is taken as it is).
+            seen += 1
+            tokens = await manager.refresh(tenant, newer_than=seen)
         if tokens.obtained_at <= info.refreshed_at:
-            # The version rose since the listing by a write that renewed nothing (a
-            # rekey): these are the listed tokens. Refresh them.
-            await manager.refresh(tenant)
+            log.warning(
+                "keepalive: tenant %r was rewritten, not renewed, %d times; next pass",
+                tenant,
+                seen - info.version,
+            )
+            return "failed"
     except ReauthorizationRequired as exc:
         log.error("keepalive: tenant %r needs re-authorization: %s", tenant, exc.reason)
         return "lost"

@@ -49,11 +49,11 @@ from .sealing import JsonCodec, Keyring, PayloadCodec, SealedCodec
 from .store import (
     CLAIM_RETENTION,
     Store,
-    Throttle,
     acquire_within,
     acquires_unless_fresh,
     hold_digest,
     store_from_url,
+    throttles,
 )
 
 __all__ = ["TokenManager"]
@@ -206,6 +206,7 @@ class TokenManager(Callbacks, Flights):
         )
         self._store = self._obs.wrap_store(self._store)
         self._unless_fresh = acquires_unless_fresh(self._store)
+        self._throttles = throttles(self._store)
         install()  # structured fields on the records of loggers created since import (plugins)
         self._oauth.observer = self._obs.provider_answer
         self._digests = {}
@@ -243,7 +244,7 @@ class TokenManager(Callbacks, Flights):
         if self._unsubscribe is None:
             self._unsubscribe = self._store.on_change(self._on_change)
             self._obs.attach()
-            if isinstance(self._store, Throttle):
+            if self._throttles:
                 await self._learn_hold()  # a hold the fleet is under already
 
     async def aclose(self) -> None:
@@ -424,7 +425,7 @@ class TokenManager(Callbacks, Flights):
 
     def _on_change(self, digest: str | None) -> None:
         if digest is None or digest == self._hold_digest:
-            if isinstance(self._store, Throttle) and not self._closed:
+            if self._throttles and not self._closed:
                 self._spawn(self._learn_hold())
             if digest is not None:
                 return

@@ -328,6 +328,7 @@ class Observer:
         self._notes: dict[Lease, str] = {}
         #: A store call's metric attributes by (primitive, outcome), made once (never changed).
         self._labels: dict[tuple[str, str], dict[str, str]] = {}
+        self._store_metrics_failed = False  # logged once
         self._counting: asyncio.Task[None] | None = None
         self._lister = list_tenants
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -602,8 +603,13 @@ class Observer:
                     "outcome": outcome,
                     "store": self.store,
                 }
-            inst.store_operations.add(1, labels)
-            inst.store_duration.record(time.monotonic() - started, labels)
+            try:
+                inst.store_operations.add(1, labels)
+                inst.store_duration.record(time.monotonic() - started, labels)
+            except Exception:  # instrumentation never breaks a store call
+                if not self._store_metrics_failed:
+                    self._store_metrics_failed = True
+                    log.exception("recording a store call failed (logged once)")
 
 
 _TIMED = frozenset({EventKind.REFRESHED, EventKind.EXCHANGED, EventKind.REAUTHORIZATION_REQUIRED})

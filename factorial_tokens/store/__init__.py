@@ -37,6 +37,7 @@ from ._contract import (
     announced,
     changed,
     closed_error,
+    throttles,
 )
 from ._listener import PushListener
 from ._notifier import Notifier
@@ -101,6 +102,7 @@ __all__ = [
     "seconds",
     "store_from_url",
     "text",
+    "throttles",
     "unreadable_record",
     "url_options",
 ]

@@ -221,6 +221,13 @@ class Throttle(Protocol):
         ...
 
 
+def throttles(store: object) -> TypeGuard[Throttle]:
+    """True when ``store`` has the :class:`Throttle` primitives. Asked with ``getattr``, not
+    ``isinstance``: since Python 3.12 a runtime protocol check does not see attributes a
+    wrapper forwards through ``__getattr__``, so the capability would be lost behind one."""
+    return callable(getattr(store, "hold", None)) and callable(getattr(store, "admit", None))
+
+
 async def acquire_lease(
     store: Store, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
 ) -> Acquisition:

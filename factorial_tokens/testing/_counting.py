@@ -93,7 +93,7 @@ class CountingStore:
 
     def __getattr__(self, name: str) -> Any:
         # ``hold`` and ``admit`` (the Throttle capability) exist only when the inner store
-        # has them: a manager asks ``isinstance(store, Throttle)``, and must hear the truth.
+        # has them: a manager asks ``throttles(store)``, and must hear the truth.
         inner = self.__dict__.get("inner")
         if name not in ("hold", "admit") or not isinstance(inner, Throttle):
             raise AttributeError(name)

@@ -396,7 +396,8 @@ class TokenManager(Callbacks, Flights):
 
     def add_listener(self, callback: Listener) -> Callable[[], None]:
         """Call ``callback`` with every event (on a background thread, in order; a
-        coroutine it returns runs on the manager's loop); returns a function that removes it."""
+        coroutine it returns runs on the manager's loop, and the next event waits for it);
+        returns a function that removes it."""
         return self._events.add(callback)
 
     async def flush_events(self, timeout: float = 10.0) -> bool:

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from factorial_tokens import FactorialApp, ProviderError
+from factorial_tokens import FactorialApp, ProviderError, RequestInDoubt
 from factorial_tokens._oauth import OAuthClient, _excerpt, _retry_after, _token_set
-from factorial_tokens.testing import FakeFactorial
+from factorial_tokens.testing import FakeFactorial, Fault
 
-from .conftest import app_for
+from .conftest import SimFactory, app_for
 
 TOKEN = "de6780bc506a0446309bd9362820ba8aed28aa506c71eedbe1c5c4f9dd350e54"
 
@@ -91,3 +91,28 @@ async def test_an_injected_session_is_not_closed(sim: FakeFactorial) -> None:
 
 def test_repr_holds_no_secret(app: FactorialApp) -> None:
     assert app.client_secret not in repr(OAuthClient(app)) and app.client_secret not in repr(app)
+
+
+async def test_a_retry_is_not_sent_without_a_whole_attempt_left_before_the_deadline(
+    make_sim: SimFactory,
+) -> None:
+    """A refresh retried late in its budget went out with what was left of it, was answered
+    after the deadline (in doubt) though Factorial had rotated the token, and another worker
+    then sent the same refresh token again (in strict mode: invalid_grant, the grant lost; a
+    flake of the advisory-outage test on a loaded machine). A try of a token request now
+    starts only with its whole timeout left; otherwise the last answer (the 503) is the
+    outcome, and nothing was rotated."""
+    async with make_sim() as sim:
+        client = OAuthClient(app_for(sim), timeout=0.5, backoff=0.2)
+        try:
+            loop = asyncio.get_running_loop()
+            tokens = await client.exchange_code(sim.issue_code(company_id=1), deadline=loop.time() + 5)
+            assert tokens.refresh_token is not None
+            sim.inject(Fault.HTTP_503)
+            sim.inject(Fault.SLOW, delay=1.0)  # the retry would be answered after the deadline
+            with pytest.raises(ProviderError) as info:
+                await client.refresh(tokens.refresh_token, deadline=loop.time() + 0.6)
+            assert info.value.status == 503 and not isinstance(info.value, RequestInDoubt), repr(info.value)
+            assert sim.stats.refreshes == 0 and sim.pending_faults() == 1
+        finally:
+            await client.aclose()

@@ -340,9 +340,12 @@ class OAuthClient:
         failure: ProviderError | None = None
         while True:
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                # The backoff slept past the deadline (a busy loop): nothing more was sent,
-                # so the last answer is the truth to report.
+            if remaining <= 0 or (attempt and not idempotent and remaining < self.timeout):
+                # The backoff slept past the deadline (a busy loop), or a retry of a token
+                # request would have less than its whole timeout: cut short, it would be in
+                # doubt though the provider acted (a token rotated, which the next worker to
+                # send it would lose the grant over). Nothing more was sent, so the last
+                # answer is the truth to report.
                 raise failure or ProviderError(None, "timeout", "no answer before the deadline")
             timeout = aiohttp.ClientTimeout(
                 total=min(self.timeout, remaining), sock_connect=min(self.connect_timeout, remaining)

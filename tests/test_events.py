@@ -8,12 +8,14 @@ import collections
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from factorial_tokens import EventKind, TokenEvent, TokenManager
 from factorial_tokens._events import EventDispatcher
+from factorial_tokens.testing import FakeFactorial
 
-from .conftest import SimFactory, app_for
+from .conftest import SimFactory, ThreadSimFactory, app_for
 
 
 class _CountingQueue(queue.SimpleQueue[Any]):
@@ -425,3 +427,56 @@ async def test_a_removed_listener_gets_no_event_after_removal(make_sim: SimFacto
 
 
 # 3. A failing meter breaks a refresh (store-call counting is not guarded).
+
+
+def test_an_async_listener_runs_when_a_paused_loop_runs_again(
+    make_thread_sim: ThreadSimFactory, tmp_path: Path
+) -> None:
+    """A loop driven by run_until_complete (legacy code, a notebook) is idle between runs:
+    the events thread took it for a gone one and cancelled the listener's coroutine."""
+    seen: list[EventKind] = []
+
+    async def listener(event: TokenEvent) -> None:
+        await asyncio.sleep(0.2)
+        seen.append(event.kind)
+
+    with make_thread_sim(access_token_ttl=3600) as sim:
+        loop = asyncio.new_event_loop()
+        try:
+            tm = TokenManager(
+                app_for(sim),
+                f"sqlite:///{tmp_path / 't.db'}",
+                on_event=listener,
+                lease_ttl=6.0,
+                provider_timeout=2.0,
+            )
+            loop.run_until_complete(tm.open())
+            loop.run_until_complete(tm.exchange_code("acme", sim.issue_code(company_id=1)))
+            time.sleep(1.0)  # the application does something else between two runs
+            loop.run_until_complete(asyncio.sleep(1.0))
+            loop.run_until_complete(tm.aclose())
+        finally:
+            loop.close()
+    assert seen == [EventKind.EXCHANGED], seen
+
+
+async def test_an_async_listener_may_close_the_manager_without_a_stall(sim: FakeFactorial) -> None:
+    """An async listener that closes the manager (a one-tenant script, on
+    REAUTHORIZATION_REQUIRED): aclose's flush waited for the events thread, which waits for
+    this very coroutine, for flush's whole 10 s timeout."""
+    took: list[float] = []
+
+    async def listener(event: TokenEvent) -> None:
+        if event.kind is EventKind.EXCHANGED:
+            started = time.monotonic()
+            await tm.aclose()
+            took.append(time.monotonic() - started)
+
+    tm = TokenManager(app_for(sim), "memory://", on_event=listener, lease_ttl=6.0, provider_timeout=2.0)
+    await tm.open()
+    await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    for _ in range(300):
+        if took:
+            break
+        await asyncio.sleep(0.1)
+    assert took and took[0] < 3.0, f"aclose from an async listener took {took}"

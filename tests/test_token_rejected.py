@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
+from multidict import MultiDict
 
 from factorial_tokens import TokenManager
 from factorial_tokens.testing import FakeFactorial
@@ -68,3 +71,52 @@ async def test_a_401_to_a_stream_body_is_returned_not_retried_empty(
     # is really sent twice. A second request with an empty body must not be sent silently.
     assert raised is None and status == 401 and sent == 1, (raised, status, sent)
     assert await tm.access_token("acme") != token  # renewed for the next request
+
+
+def _fields_form() -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("note", "x" * 100)
+    return form
+
+
+@pytest.mark.parametrize(
+    "make_body",
+    [_fields_form, lambda: MultiDict([("note", "x" * 100)]), lambda: memoryview(b"x" * 100)],
+    ids=["FormData-fields", "MultiDict", "memoryview"],
+)
+async def test_a_401_to_a_resendable_body_is_still_retried(
+    sim: FakeFactorial, tm: TokenManager, make_body: object
+) -> None:
+    """aiohttp sends these bodies whole a second time: their 401 is retried, as before the
+    check for bodies a first send consumes (which turned them away at first)."""
+    await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    await tm.access_token("acme")
+    sim.expire_access_tokens()
+    async with tm.client("acme") as api, api.get(EMPLOYEES, data=make_body()) as resp:  # type: ignore[operator]
+        status = resp.status
+    assert status == 200, f"a resendable body's 401 was not retried (got {status})"
+
+
+class _CountingFile(io.BytesIO):
+    read_total = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self.read_total += len(chunk)
+        return chunk
+
+
+async def test_a_401_to_a_dict_with_a_file_is_not_retried_with_the_file_empty(
+    sim: FakeFactorial, tm: TokenManager
+) -> None:
+    """``data={"f": file}``: aiohttp makes a multipart form of it that consumes the file, and
+    the retry went out with the file empty (its 200 came back as if all was well)."""
+    await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    await tm.access_token("acme")
+    sim.expire_access_tokens()
+    upload = _CountingFile(b"x" * 100)
+    before = sim.stats.api_calls
+    async with tm.client("acme") as api, api.get(EMPLOYEES, data={"f": upload}) as resp:
+        status = resp.status
+    sent = sim.stats.api_calls - before
+    assert (status, sent, upload.read_total) == (401, 1, 100)

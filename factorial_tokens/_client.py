@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Mapping
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -128,5 +128,21 @@ class TenantSession:
 
 
 def _resendable(data: object) -> bool:
-    """True for a request body aiohttp can send a second time as it was sent the first."""
-    return data is None or isinstance(data, bytes | bytearray | str | dict | list | tuple)
+    """False for a request body that a first send consumes: a stream, a file, an async
+    iterable, or a form (a mapping, pairs, ``FormData``) holding one."""
+    if data is None or isinstance(data, bytes | bytearray | memoryview | str):
+        return True
+    if _consumable(data):
+        return False
+    if isinstance(data, aiohttp.FormData):
+        fields = getattr(data, "_fields", None)  # aiohttp keeps no public list of them
+        return fields is not None and not any(_consumable(field[-1]) for field in fields)
+    if isinstance(data, Mapping):
+        return not any(_consumable(value) for value in data.values())
+    if isinstance(data, list | tuple):
+        return not any(isinstance(pair, tuple) and pair and _consumable(pair[-1]) for pair in data)
+    return False  # a payload object, or something else: not known to be sent twice
+
+
+def _consumable(value: object) -> bool:
+    return hasattr(value, "read") or hasattr(value, "__aiter__") or hasattr(value, "__anext__")

@@ -95,6 +95,7 @@ class EventDispatcher:
         self._pending: collections.deque[tuple[TokenEvent, list[Listener]]] = collections.deque()
         self._woken = False
         self._closed = False  # aclose was called: its threads stop once idle
+        self._listener_task: asyncio.Task[Any] | None = None  # an async listener running
 
     def add(self, listener: Listener) -> Callable[[], None]:
         """Add a listener; returns a function that removes it."""
@@ -168,7 +169,7 @@ class EventDispatcher:
             coro.close()
             log.warning("an async event listener could not be scheduled: no running loop")
             return
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        future = asyncio.run_coroutine_threadsafe(self._listening(coro), loop)
         future.add_done_callback(_log_failure)
         # Its end is awaited, as a plain listener's return is: one event at a time, in
         # order, and a flush counts it delivered once it ran. (So an async listener must
@@ -178,19 +179,32 @@ class EventDispatcher:
                 future.result(timeout=_IDLE)
                 return
             except concurrent.futures.TimeoutError:
-                if loop.is_closed() or not loop.is_running():
+                if loop.is_closed():
                     future.cancel()  # its loop is gone: it never runs
                     return
+                # (A loop only paused between two run_until_complete runs it later.)
             except BaseException:  # it failed: _log_failure logs it
                 return
+
+    async def _listening(self, coro: Any) -> None:
+        """Run an async listener's coroutine, known as such while it runs: the events
+        thread waits for it, so a flush it asks for cannot wait for that thread."""
+        self._listener_task = asyncio.current_task()
+        try:
+            await coro
+        finally:
+            self._listener_task = None
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event published so far was handed to the listeners.
 
-        Returns False if that took longer than ``timeout`` (a listener is stuck).
+        Returns False if that took longer than ``timeout`` (a listener is stuck), and at
+        once when an async listener asks (the events thread is waiting for it).
         """
         if self._thread is None:
             return True
+        if asyncio.current_task() is self._listener_task:
+            return False
         done = threading.Event()
         self._queue.put(done)
         return await asyncio.to_thread(done.wait, timeout)
@@ -206,6 +220,8 @@ class EventDispatcher:
         await self.flush(timeout)
         self._closed = True
         self._queue.put(_STOP)
+        if asyncio.current_task() is self._listener_task:
+            return  # an async listener closes: the thread stops once it returns
         await asyncio.to_thread(thread.join, 1.0)
         if thread.is_alive():
             log.warning("an event listener is still running; its events are delivered when it returns")

@@ -79,7 +79,9 @@ class TokenManager(Callbacks, Flights):
         lease_ttl: how long a refresher's lease lives without renewal.
         provider_timeout: the longest one HTTP attempt may take.
         refresh_deadline: the whole budget of one refresh or exchange, retries included;
-            default two thirds of ``lease_ttl``.
+            default two thirds of ``lease_ttl``. A token request is retried only while a
+            whole attempt (``provider_timeout``) fits before it: an attempt cut short would
+            be in doubt though Factorial may have rotated the token.
         wait_timeout: the longest a caller waits for another worker's refresh; default
             ``2 * lease_ttl``.
         state_ttl: how long an authorization ``state`` stays valid (at most a day,

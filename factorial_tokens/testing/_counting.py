@@ -17,11 +17,11 @@ from ..store import (
     Record,
     Store,
     TenantKey,
-    Throttle,
     Update,
     Watch,
     acquire_lease,
     acquires_unless_fresh,
+    throttles,
 )
 
 __all__ = ["CountingStore"]
@@ -95,7 +95,7 @@ class CountingStore:
         # ``hold`` and ``admit`` (the Throttle capability) exist only when the inner store
         # has them: a manager asks ``throttles(store)``, and must hear the truth.
         inner = self.__dict__.get("inner")
-        if name not in ("hold", "admit") or not isinstance(inner, Throttle):
+        if name not in ("hold", "admit") or not throttles(inner):
             raise AttributeError(name)
         primitive = getattr(inner, name)
 

@@ -341,9 +341,7 @@ class PostgresStore:
                 except _FAILURES as exc:
                     # Retried here, holding the lock: the calls queued meanwhile find the
                     # store open, or get this answer (they would each try as long again).
-                    if _cancelling():
-                        raise asyncio.CancelledError() from exc  # it came of the cancellation
-                    if attempt + 1 == _ATTEMPTS or not _retryable(exc) or self._closed:
+                    if self._last_try(exc, attempt, _ATTEMPTS):
                         message = f"Postgres store{self._where()}: opening failed: {_describe(exc)}"
                         self._open_failed = (loop.time(), message)
                         raise StoreUnavailable(message) from exc
@@ -489,11 +487,7 @@ class PostgresStore:
                 async with self._connection(pool, op) as con:
                     return await fn(con, attempt > 0)
             except _FAILURES as exc:
-                if _cancelling():
-                    # The failure came of the cancellation (a rollback the server never
-                    # confirmed, say): the caller is cancelled, as it asked.
-                    raise asyncio.CancelledError() from exc
-                if not _retryable(exc) or attempt + 1 == attempts or self._closed:
+                if self._last_try(exc, attempt, attempts):
                     raise StoreUnavailable(
                         f"Postgres store{self._where()}: {op} failed: {_describe(exc)}"
                     ) from exc
@@ -505,6 +499,16 @@ class PostgresStore:
                 log.warning("postgres store: %s %s (%s); retrying", op, what, _describe(exc))
                 await asyncio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _last_try(self, exc: BaseException, attempt: int, attempts: int) -> bool:
+        """Whether a driver failure ends the call (else it is retried on a fresh
+        connection). A failure that came of the caller's cancellation (a rollback the
+        server never confirmed, say) raises CancelledError: the caller is cancelled, as it
+        asked."""
+        if _cancelling():
+            raise asyncio.CancelledError() from exc
+        retryable = isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
+        return not retryable or attempt + 1 == attempts or self._closed
 
     async def _each(self, send: Callable[[list[T]], Awaitable[list[Any]]], items: list[T]) -> list[Any]:
         """``send(items)``, one outcome per item; when the database refused the batch for
@@ -1022,11 +1026,6 @@ def _unreadable_dsn() -> ConfigurationError:
     return ConfigurationError(
         "PostgresStore's dsn could not be read by asyncpg (not shown: it may hold a password)"
     )
-
-
-def _retryable(exc: BaseException) -> bool:
-    """True for a connection-level failure, which a retry on a fresh connection may cure."""
-    return isinstance(exc, _RETRYABLE) and not isinstance(exc, _NOT_RETRYABLE)
 
 
 def _backoff(attempt: int) -> float:

@@ -117,13 +117,15 @@ class TenantSession:
         response = await self._session.request(method, url, headers=headers, **kwargs)
         if response.status != 401:
             return response
-        if not _resendable(kwargs.get("data")):
-            # A stream or form was consumed by the first send: no retry (it would go out
-            # empty); the 401 is the answer, and the next request gets a renewed token.
-            await self._manager.token_rejected(self.tenant, token)
+        # A body the first send consumed is not sent again (it would go out empty): the
+        # 401 is the answer, and the next request gets the renewed token.
+        retry = _resendable(kwargs.get("data"))
+        if retry:
+            response.release()
+        renewed = await self._manager.token_rejected(self.tenant, token)
+        if not retry:
             return response
-        response.release()
-        headers["Authorization"] = f"Bearer {await self._manager.token_rejected(self.tenant, token)}"
+        headers["Authorization"] = f"Bearer {renewed}"
         return await self._session.request(method, url, headers=headers, **kwargs)
 
 

@@ -673,3 +673,10 @@ def test_connect_link_with_an_overflowing_ttl_is_a_usage_error(env: dict[str, st
     done = cli("connect-link", "acme", "--ttl", "1" + "0" * 400, env=env)
     assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2
+
+
+def test_connect_link_with_a_script_link_base_is_refused(env: dict[str, str]) -> None:
+    """``--link-base javascript:alert(1)//`` printed a link that runs script when opened."""
+    done = cli("connect-link", "acme", "--link-base", "javascript:alert(1)//", env=env)
+    assert done.returncode == 2 and "javascript" not in done.stdout, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "link" in done.stderr

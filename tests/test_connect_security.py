@@ -363,6 +363,29 @@ async def test_connect_links_are_signed_expiring_and_per_tenant(tm: TokenManager
     assert tm.connect_link("a", base_url="https://x.example/f/").startswith("https://x.example/f/connect/a?")
 
 
+@pytest.mark.parametrize(
+    "base",
+    [
+        "javascript:alert(1)//",  # a link an admin clicks runs script
+        "data:text/html,<script>",
+        "//evil.example",  # no scheme
+        "ftp://x.example",
+        "x.example/f",  # relative
+        "https://x.example/f?next=1",  # the link's own query would be another value
+        "https://x.example/f#top",  # the signed token would be a fragment, never sent
+        "https://user:pass@x.example",  # a password in every link printed
+        "https://x.example/f\n",
+        "",
+    ],
+)
+def test_a_connect_link_base_that_is_no_web_origin_is_refused(tm: TokenManager, base: str) -> None:
+    """``connect-link --link-base javascript:`` printed a link that runs script when the
+    tenant's admin opens it; a query or fragment in the base lost the signed token."""
+    with pytest.raises(ConfigurationError, match="base_url") as info:
+        tm.connect_link("acme", base_url=base)
+    assert "pass" not in str(info.value)
+
+
 # -- tenant ids --------------------------------------------------------------------------------
 
 

@@ -24,6 +24,25 @@ def _oauth_error_code(error: object) -> str:
     return text or "unknown_error"
 
 
+def _check_link_base(base_url: object) -> None:
+    """Refuse a connect link's base that is not a plain web address: another scheme
+    (``javascript:``) would run in the admin's browser, a query or fragment would swallow
+    the signed token, and a password would be printed in every link."""
+    parts = urlsplit(base_url) if isinstance(base_url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        problem = "must be an absolute http(s) URL"
+    elif parts.query or parts.fragment or "?" in base_url or "#" in base_url:
+        problem = "must not hold a query or a fragment"
+    elif parts.username is not None or parts.password is not None:
+        problem = "must not hold user credentials"
+    elif any(ord(ch) < 0x21 or ch == "\x7f" for ch in base_url):
+        problem = "must not hold spaces or control characters"
+    else:
+        return
+    # The value is not quoted: it may hold a password.
+    raise ConfigurationError(f"a connect link's base_url {problem}")
+
+
 class Callbacks(Exchanges):
     """Authorization URLs, connect links and OAuth callbacks."""
 
@@ -66,6 +85,8 @@ class Callbacks(Exchanges):
         live under a prefix (``https://example.com/factorial``). ``connect_app`` refuses
         ``/connect/{tenant}`` without a valid link (403) unless built with ``open_routes=True``.
         Anyone holding the link can start the flow: send it to the tenant's admin only.
+        A ``base_url`` that is not a plain http(s) address (another scheme, a query, a
+        fragment, user credentials) raises ConfigurationError.
         """
         tenant = validate_tenant(tenant)
         if not ttl > 0:
@@ -73,6 +94,8 @@ class Callbacks(Exchanges):
         if base_url is None:
             parts = urlsplit(self.app.redirect_uri)
             base_url = f"{parts.scheme}://{parts.netloc}"
+        else:
+            _check_link_base(base_url)
         token = self._links.sign(tenant, ttl=ttl)
         return f"{base_url.rstrip('/')}/connect/{quote(tenant, safe='')}?{urlencode({'link': token})}"
 

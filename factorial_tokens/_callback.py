@@ -28,14 +28,15 @@ def _check_link_base(base_url: object) -> None:
     """Refuse a connect link's base that is not a plain web address: another scheme
     (``javascript:``) would run in the admin's browser, a query or fragment would swallow
     the signed token, and a password would be printed in every link."""
-    parts = urlsplit(base_url) if isinstance(base_url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    text = base_url if isinstance(base_url, str) else ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         problem = "must be an absolute http(s) URL"
-    elif parts.query or parts.fragment or "?" in base_url or "#" in base_url:
+    elif parts.query or parts.fragment or "?" in text or "#" in text:
         problem = "must not hold a query or a fragment"
     elif parts.username is not None or parts.password is not None:
         problem = "must not hold user credentials"
-    elif any(ord(ch) < 0x21 or ch == "\x7f" for ch in base_url):
+    elif any(ord(ch) < 0x21 or ch == "\x7f" for ch in text):
         problem = "must not hold spaces or control characters"
     else:
         return

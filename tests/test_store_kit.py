@@ -4,6 +4,7 @@ its install hints, URL options, and what the top-level namespace no longer carri
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import importlib.metadata
 import logging
@@ -17,6 +18,7 @@ import factorial_tokens
 import factorial_tokens.store
 from factorial_tokens import ConfigurationError, StoreUnavailable
 from factorial_tokens.store import (
+    Batcher,
     MemoryStore,
     Notifier,
     PushListener,
@@ -243,3 +245,27 @@ async def test_a_subscription_that_dies_with_a_stray_cancellation_is_made_again(
         await asyncio.sleep(0.01)
     assert listener.listening and listener.attempts == 2
     await listener.aclose()
+
+
+# -- Batcher -----------------------------------------------------------------------------
+
+
+async def test_a_batch_runs_in_no_callers_context() -> None:
+    """The batch's work (its log lines among it) carries no one caller's context variables,
+    such as the tenant the log fields name."""
+    tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="-")
+    seen: list[str] = []
+
+    async def send(items: list[str]) -> list[str]:
+        seen.append(tenant.get())
+        return [f"answer-{item}" for item in items]
+
+    batcher: Batcher[str, str] = Batcher(send, concurrency=1, size=10, cancelled=StoreUnavailable)
+
+    async def call(item: str) -> str:
+        tenant.set(item)
+        return await batcher(item)
+
+    assert await asyncio.gather(*(call(i) for i in "abc")) == ["answer-a", "answer-b", "answer-c"]
+    assert seen == ["-"]
+

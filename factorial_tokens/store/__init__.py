@@ -9,7 +9,9 @@ Their values: :class:`TenantKey`, :class:`Record`, :class:`Update`, :class:`Leas
 
 What a store reuses instead of rebuilding it: :class:`Notifier` (the in-process fan-out of
 change announcements behind ``watch``/``on_change``), :class:`PushListener` (a push
-channel's reconnect, backoff, first-try gate and own-echo filter),
+channel's reconnect, backoff, first-try gate and own-echo filter), :class:`Batcher` (the
+calls of one turn of the loop sent as one batch), :class:`OrphanLeases` (leases won for
+cancelled callers given back),
 :func:`url_options` and its parsers (options in a store URL), :func:`record_from_columns`
 (a record from a driver's row), :func:`closed_error` (what a closed store raises).
 
@@ -25,6 +27,7 @@ Applications need none of this: they pass a store URL (or a store) to
 :class:`factorial_tokens.TokenManager`.
 """
 
+from ._batch import Batcher
 from ._contract import (
     AcquireUnlessFresh,
     ChangeListener,
@@ -67,6 +70,7 @@ __all__ = [
     "CLAIM_RETENTION",
     "AcquireUnlessFresh",
     "Acquisition",
+    "Batcher",
     "ChangeListener",
     "ClaimState",
     "CodeClaim",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import multiprocessing
 import queue
 import random
@@ -1117,28 +1116,6 @@ async def test_a_value_the_database_refuses_fails_only_its_own_caller(module_url
         assert [r.key for r in good if isinstance(r, Record)] == keys
     finally:
         await store.aclose()
-
-
-async def test_a_batch_runs_in_no_callers_context() -> None:
-    """The batch's work (its log lines among it) carries no one caller's context variables,
-    such as the tenant the log fields name."""
-    from factorial_tokens_postgres._batch import Batcher
-
-    tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="-")
-    seen: list[str] = []
-
-    async def send(items: list[str]) -> list[str]:
-        seen.append(tenant.get())
-        return [f"answer-{item}" for item in items]
-
-    batcher: Batcher[str, str] = Batcher(send, concurrency=1, size=10, cancelled=StoreUnavailable)
-
-    async def call(item: str) -> str:
-        tenant.set(item)
-        return await batcher(item)
-
-    assert await asyncio.gather(*(call(i) for i in "abc")) == ["answer-a", "answer-b", "answer-c"]
-    assert seen == ["-"]
 
 
 # -- batched acquisitions ----------------------------------------------------------------

@@ -593,14 +593,14 @@ async def test_calls_issued_at_once_share_pipelines_each_with_its_own_reply(thro
         for key in keys:
             await store.replace(key, _update(key.tenant.encode()))
         await admin.script_flush()
-        sent = store._send_batch
+        sent = store._exchange
         batches: list[int] = []
 
-        async def counted(batch: Any) -> None:
-            batches.append(len(batch))
-            await sent(batch)
+        async def counted(commands: Any) -> Any:
+            batches.append(len(commands))
+            return await sent(commands)
 
-        store._send_batch = counted  # type: ignore[method-assign]
+        store._exchange = counted  # type: ignore[method-assign]
         won = await asyncio.gather(*(store.acquire(key, "owner", 30) for key in keys))
         assert [w.record.payload if w.record else None for w in won] == [k.tenant.encode() for k in keys]
         fences = {w.lease.fence if w.lease else None for w in won}

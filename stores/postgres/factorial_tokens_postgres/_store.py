@@ -46,6 +46,7 @@ from factorial_tokens import ConfigurationError, InvalidTenant, StoreUnavailable
 from factorial_tokens.store import (
     CLAIM_RETENTION,
     Acquisition,
+    Batcher,
     ChangeListener,
     ClaimState,
     CodeClaim,
@@ -69,7 +70,6 @@ from factorial_tokens.store import (
     url_options,
 )
 
-from ._batch import Batcher
 from ._schema import SCHEMA_VERSION, Names, migrations
 
 __all__ = ["PostgresStore"]
@@ -592,7 +592,7 @@ class PostgresStore:
                 return await self._acquires_if_due((key, owner, float(ttl), unless_fresh))
             return await self._acquires((key, owner, float(ttl)))
 
-    def _won_for_nobody(self, acquisition: Acquisition) -> None:
+    def _won_for_nobody(self, _: object, acquisition: Acquisition) -> None:
         """A batch's answer for a caller cancelled while it was out (also while closing:
         ``aclose`` waits for such batches): a lease won is given back."""
         self._orphan_leases.give_back(acquisition.lease)

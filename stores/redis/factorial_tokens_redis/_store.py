@@ -17,7 +17,6 @@ as a hash field so listings can return it.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import hashlib
 import importlib
@@ -39,6 +38,7 @@ from factorial_tokens import ConfigurationError, StoreUnavailable
 from factorial_tokens.store import (
     CLAIM_RETENTION,
     Acquisition,
+    Batcher,
     ChangeListener,
     ClaimState,
     CodeClaim,
@@ -96,13 +96,14 @@ _SCRIPTS = (
 
 Client = aioredis.Redis | RedisCluster
 
-#: Auto-pipelining: at most this many pipelines of queued commands in flight at once.
+#: Auto-pipelining: at most this many pipelines of queued commands in flight at once ...
 _PIPELINES = 4
+#: ... each of at most this many commands.
+_PIPELINE_SIZE = 1000
 #: A script the server does not know yet (``NOSCRIPT``): it did not run; send it on its own.
 _NOSCRIPT = object()
-#: A queued command, the future of its reply, and what gets the reply if that future's
-#: caller is gone.
-_Queued = tuple[tuple[Any, ...], asyncio.Future[Any], Callable[[Any], None] | None]
+#: A queued command, and what gets its reply if the caller is gone.
+_Queued = tuple[tuple[Any, ...], Callable[[Any], None] | None]
 
 
 def _load_scripts() -> dict[str, str]:
@@ -198,10 +199,13 @@ class RedisStore:
         # pipeline on one connection. With thousands of tenants due at once this saves a
         # connection checkout, a send and a task wake-up per command (most of a command's
         # client CPU); alone, a command waits one turn of the loop.
-        self._batch: list[_Queued] = []
-        self._collecting = False
-        self._pipelines = 0
-        self._drainers: set[asyncio.Task[None]] = set()
+        self._pipeline: Batcher[_Queued, Any] = Batcher(
+            self._send_pipeline,
+            concurrency=_PIPELINES,
+            size=_PIPELINE_SIZE,
+            cancelled=lambda: RedisError("pipeline cancelled"),  # its commands' fate unknown
+            orphaned=_orphaned_reply,
+        )
         self._orphan_leases = OrphanLeases(functools.partial(self._release, closing=True), store="redis")
 
     @classmethod
@@ -350,7 +354,7 @@ class RedisStore:
             script = self._scripts[name]
             reply = await self._call(
                 name,
-                self._queued("EVALSHA", script.sha, len(keys), *keys, *args, orphaned=orphaned),
+                self._pipeline((("EVALSHA", script.sha, len(keys), *keys, *args), orphaned)),
                 queued=True,
                 closing=closing,
             )
@@ -360,83 +364,16 @@ class RedisStore:
             # script object loads it and runs it.
         return await self._call(name, self._scripts[name](keys=keys, args=args), closing=closing)
 
-    async def _queued(self, *command: Any, orphaned: Callable[[Any], None] | None = None) -> Any:
-        """Send ``command`` in the next pipeline of this store's queued commands; its reply
-        (a ``NOSCRIPT`` error becomes ``_NOSCRIPT``). Server errors raise as redis-py's.
-        ``orphaned`` gets the reply of a command sent for a caller cancelled meanwhile."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._batch.append((command, future, orphaned))
-        if not self._collecting and self._pipelines < _PIPELINES:
-            self._start_drainer()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # Cancelled after its reply was set, before it ran again: as orphaned.
-            if (
-                orphaned is not None
-                and future.done()
-                and not future.cancelled()
-                and future.exception() is None
-            ):
-                orphaned(future.result())
-            raise
-
-    def _start_drainer(self) -> None:
-        """Start a drainer that collects the queued commands. Its own context: it outlives
-        the caller who started it (and that caller's log fields)."""
-        self._collecting = True
-        self._pipelines += 1
-        drainer = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context())
-        self._drainers.add(drainer)
-        drainer.add_done_callback(self._drainers.discard)
-
-    async def _drain(self) -> None:
-        """Send what is queued as one pipeline, hand out the replies; again while more is
-        queued and no other drainer collects it."""
-        try:
-            while self._batch:
-                self._collecting = False
-                batch = [entry for entry in self._batch if not entry[1].done()]
-                self._batch = []
-                if batch:
-                    await self._send_batch(batch)
-                if self._collecting:  # another drainer took over the next batch
-                    return
-                self._collecting = True
-            self._collecting = False
-        finally:
-            self._pipelines -= 1
-            if self._batch and not self._collecting and not self._closed:
-                self._start_drainer()  # left over (this drainer was cancelled)
-
-    async def _send_batch(self, batch: list[_Queued]) -> None:
-        commands = [command for command, _, _ in batch]
-        try:
-            if self._slots is None:
+    async def _send_pipeline(self, queued: list[_Queued]) -> list[Any]:
+        """The replies of ``queued`` commands sent as one pipeline: a server error is its
+        command's outcome, ``NOSCRIPT`` becomes ``_NOSCRIPT``."""
+        commands = [command for command, _ in queued]
+        if self._slots is None:
+            replies = await self._exchange(commands)
+        else:
+            async with self._slots:
                 replies = await self._exchange(commands)
-            else:
-                async with self._slots:
-                    replies = await self._exchange(commands)
-        except BaseException as exc:
-            for _, future, _ in batch:
-                if not future.done():
-                    # A cancelled pipeline left its commands' fate unknown: an error of ours.
-                    failure = exc if isinstance(exc, Exception) else RedisError("pipeline cancelled")
-                    future.set_exception(failure)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future, orphaned), reply in zip(batch, replies, strict=True):
-            if future.done():
-                if orphaned is not None and not isinstance(reply, Exception):
-                    orphaned(reply)
-                continue
-            if isinstance(reply, NoScriptError):
-                future.set_result(_NOSCRIPT)
-            elif isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        return [_NOSCRIPT if isinstance(reply, NoScriptError) else reply for reply in replies]
 
     async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write on one pooled connection and read their replies
@@ -486,7 +423,7 @@ class RedisStore:
         command = (
             self._client.hmget(rec, list(_RECORD_FIELDS))
             if self.cluster
-            else self._queued("HMGET", rec, *_RECORD_FIELDS)
+            else self._pipeline((("HMGET", rec, *_RECORD_FIELDS), None))
         )
         fields = await self._call("read", command, queued=not self.cluster)
         return record_from_columns(key, *fields)
@@ -718,8 +655,9 @@ class RedisStore:
         if self._closed:
             return
         self._closed = True
-        if self._drainers:  # commands already queued get their replies
-            await asyncio.wait(set(self._drainers), timeout=10.0)
+        in_flight = self._pipeline.in_flight
+        if in_flight:  # commands already queued get their replies
+            await asyncio.wait(in_flight, timeout=10.0)
         await self._orphan_leases.wait(5.0)  # leases won for cancelled callers
         await self._listener.aclose()
         if self._owned:
@@ -750,6 +688,13 @@ class _OwnedPubSub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         finally:
             await self._client.connection_pool.disconnect()
+
+
+def _orphaned_reply(queued: _Queued, reply: Any) -> None:
+    """A queued command's reply whose caller is gone goes to the command's own handler."""
+    handler = queued[1]
+    if handler is not None:
+        handler(reply)
 
 
 def _check_options(prefix: str, poll: float) -> None:

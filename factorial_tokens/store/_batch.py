@@ -1,9 +1,9 @@
 """Batcher: the calls of one kind made in one turn of the event loop, sent as one batch.
 
 With thousands of tenants due at once, most of a primitive's client CPU is not the
-statement but its plumbing: a pool checkout and return (a shielded task and two timers in
-asyncpg), a send, a task wake-up. A batch pays it once for many callers. Alone, a call
-waits one turn of the loop.
+command but its plumbing: a pool checkout and return, a send, a timer, a task wake-up. A
+batch (one statement for many rows in Postgres, one pipeline in Redis) pays it once for
+many callers. Alone, a call waits one turn of the loop.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class Batcher(Generic[I, R]):
     so batches grow with the load. A cancelled caller is left out of a batch not yet sent,
     and its result, if sent, goes to ``orphaned`` (or is dropped), even when it came
     before the cancellation but the caller never ran to see it; the other callers are
-    not affected.
+    not affected. ``orphaned`` gets the item and its result, so that a lease won for
+    nobody can be given back.
     """
 
     def __init__(
@@ -41,7 +42,7 @@ class Batcher(Generic[I, R]):
         concurrency: int,
         size: int,
         cancelled: Callable[[], BaseException],
-        orphaned: Callable[[R], None] | None = None,
+        orphaned: Callable[[I, R], None] | None = None,
     ) -> None:
         self._send = send
         self._orphaned = orphaned  # what to do with a result whose caller is gone
@@ -70,7 +71,7 @@ class Batcher(Generic[I, R]):
                 and not future.cancelled()
                 and future.exception() is None
             ):
-                self._orphaned(future.result())
+                self._orphaned(item, future.result())
             raise
 
     @property
@@ -122,10 +123,10 @@ class Batcher(Generic[I, R]):
             if failure is None:
                 raise
             return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
+        for (item, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 if self._orphaned is not None and not isinstance(outcome, BaseException):
-                    self._orphaned(outcome)
+                    self._orphaned(item, outcome)
                 continue
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)

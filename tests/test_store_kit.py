@@ -269,3 +269,22 @@ async def test_a_batch_runs_in_no_callers_context() -> None:
     assert await asyncio.gather(*(call(i) for i in "abc")) == ["answer-a", "answer-b", "answer-c"]
     assert seen == ["-"]
 
+
+class _Unrebuildable(Exception):
+    """An error whose constructor takes other arguments than its ``args``."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code}: {text}")
+
+
+async def test_a_batch_whose_send_raises_an_error_that_cannot_be_copied_fails_each_caller() -> None:
+    """Each caller gets its own copy of a failed batch's error; an error that cannot be
+    copied was raised in the drainer instead, and the batch's callers waited forever."""
+
+    async def send(items: list[str]) -> list[str]:
+        raise _Unrebuildable(7, "down")
+
+    batcher: Batcher[str, str] = Batcher(send, concurrency=1, size=10, cancelled=StoreUnavailable)
+    async with asyncio.timeout(5):
+        outcomes = await asyncio.gather(*(batcher(i) for i in "abc"), return_exceptions=True)
+    assert all(isinstance(o, _Unrebuildable) and str(o) == "7: down" for o in outcomes), outcomes

@@ -137,7 +137,10 @@ class Batcher(Generic[I, R]):
 def _own(exc: Exception) -> Exception:
     """A copy of ``exc`` for one caller (same type, message and cause): an exception object
     raised in several tasks would collect all their tracebacks."""
-    mine = copy.copy(exc)
+    try:
+        mine = copy.copy(exc)
+    except Exception:  # an exception type that cannot be rebuilt from its args: shared
+        return exc
     mine.__cause__ = exc.__cause__
     mine.__suppress_context__ = True
     return mine.with_traceback(None)

@@ -721,6 +721,43 @@ async def _cancel_an_acquire_behind_a_busy_script(
     return busy
 
 
+async def test_a_cancelled_acquire_on_a_cluster_does_not_leave_the_lease_held(
+    cluster: RedisClusterServers,
+) -> None:
+    """On a Cluster (no auto-pipelining) the caller's cancellation cancelled the script
+    call itself, after it left: the script still ran and won the lease, which nobody gave
+    back, and the tenant waited out the whole TTL."""
+    from redis.asyncio.cluster import RedisCluster
+
+    store = RedisStore.from_url(_url(cluster.url, unique_prefix()))
+    admin = RedisCluster.from_url(cluster.url.replace("redis+cluster://", "redis://"))
+    key = TenantKey("ns", "acme")
+    try:
+        await store.replace(key, _update(b"x"))
+        warm = await store.acquire(key, "warm", 30)  # load the scripts
+        assert warm.lease is not None
+        await store.release(warm.lease)
+        # The busy script runs on the node that holds the tenant's slot.
+        busy = asyncio.create_task(admin.eval(BUSY, 1, store._rec(key.digest)))
+        await asyncio.sleep(0.1)
+        task = asyncio.create_task(store.acquire(key, "cancelled-caller", 60))
+        await asyncio.sleep(0.1)  # sent, waiting inside Redis
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await busy
+        for _ in range(30):
+            holder = await admin.get(store._lease(key.digest))
+            if holder is None:
+                break
+            await asyncio.sleep(0.1)
+        assert holder is None, f"the lease of a cancelled caller is held by {holder!r}"
+        assert (await store.acquire(key, "next", 30)).lease is not None
+    finally:
+        await admin.aclose()
+        await store.aclose()
+
+
 async def test_a_lease_won_for_a_caller_cancelled_at_shutdown_is_given_back(tampering: Tampering) -> None:
     """``aclose`` waited for the give-back, but had set ``_closed`` first: the give-back's
     release raised "closed" and the lease stayed held for its whole TTL."""

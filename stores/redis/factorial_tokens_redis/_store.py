@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from importlib import resources
 from typing import Any, TypeVar
@@ -362,7 +362,11 @@ class RedisStore:
                 return reply
             # First use on this server (or after SCRIPT FLUSH): it did not run; redis-py's
             # script object loads it and runs it.
-        return await self._call(name, self._scripts[name](keys=keys, args=args), closing=closing)
+        script = self._scripts[name]
+        if orphaned is None:
+            return await self._call(name, script(keys=keys, args=args), closing=closing)
+        outliving = _outliving(lambda: script(keys=keys, args=args), orphaned)
+        return await self._call(name, outliving, closing=closing)
 
     async def _send_pipeline(self, queued: list[_Queued]) -> list[Any]:
         """The replies of ``queued`` commands sent as one pipeline: a server error is its
@@ -688,6 +692,23 @@ class _OwnedPubSub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         finally:
             await self._client.connection_pool.disconnect()
+
+
+async def _outliving(call: Callable[[], Awaitable[Any]], orphaned: Callable[[Any], None]) -> Any:
+    """``call()``'s reply, the call run in a task of its own: a caller cancelled after it
+    left does not cut it short (its reply would be lost with the connection), and its
+    reply goes to ``orphaned``."""
+    task = asyncio.ensure_future(call())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(functools.partial(_hand_on, orphaned))
+        raise
+
+
+def _hand_on(orphaned: Callable[[Any], None], task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        orphaned(task.result())
 
 
 def _orphaned_reply(queued: _Queued, reply: Any) -> None:

@@ -680,3 +680,12 @@ def test_connect_link_with_a_script_link_base_is_refused(env: dict[str, str]) ->
     done = cli("connect-link", "acme", "--link-base", "javascript:alert(1)//", env=env)
     assert done.returncode == 2 and "javascript" not in done.stdout, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr and "link" in done.stderr
+
+
+def test_connect_link_with_an_unparsable_link_base_is_a_usage_error(env: dict[str, str]) -> None:
+    """``--link-base 'http://[::1'`` (a missing bracket) raised ValueError from
+    ``urlsplit`` inside ``_check_link_base``: a traceback and exit 1 ("a guarantee was
+    broken") instead of a usage error (exit 2)."""
+    done = cli("connect-link", "acme", "--link-base", "http://[::1", env=env)
+    assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2

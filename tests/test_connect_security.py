@@ -386,6 +386,34 @@ def test_a_connect_link_base_that_is_no_web_origin_is_refused(tm: TokenManager, 
     assert "pass" not in str(info.value)
 
 
+@pytest.mark.parametrize("base", ["http://[::1", "https://[x.example]/f"])
+def test_a_connect_link_base_urlsplit_cannot_read_is_a_configuration_error(tm: TokenManager, base: str) -> None:
+    """``_check_link_base`` calls ``urlsplit`` unguarded: a base with an unclosed or
+    non-IP bracketed host raises a bare ValueError ("Invalid IPv6 URL"), not the
+    ConfigurationError the docstring promises (a caller catching FactorialTokensError
+    gets a crash; ``connect-link --link-base`` prints a traceback, exit 1)."""
+    with pytest.raises(ConfigurationError, match="base_url"):
+        tm.connect_link("acme", base_url=base)
+
+
+@pytest.mark.parametrize("char", ["\x85", "\x9b", "\u2028", "\u00a0"])
+def test_a_connect_link_base_with_c1_controls_or_unicode_breaks_is_refused(tm: TokenManager, char: str) -> None:
+    """The base check refuses "spaces or control characters" as ``ord(ch) < 0x21 or
+    ch == "\\x7f"`` only: C1 controls (U+0085 NEL, U+009B, the 8-bit CSI a terminal reads
+    as ESC [), the line separator U+2028 and the no-break space pass, and end up inside
+    the printed link (a broken or terminal-rewriting line handed to the admin)."""
+    with pytest.raises(ConfigurationError, match="base_url"):
+        tm.connect_link("acme", base_url=f"https://x.example/f{char}")
+
+
+def test_connect_link_with_an_infinite_ttl_is_a_configuration_error(tm: TokenManager) -> None:
+    """``connect_link(ttl=float("inf"))`` passes the ``ttl > 0`` check and then
+    ``int(issued + ttl)`` in LinkSigner.sign raises OverflowError: not a
+    FactorialTokensError (the CLI caps --ttl, the library API does not)."""
+    with pytest.raises(ConfigurationError, match="ttl"):
+        tm.connect_link("acme", ttl=float("inf"))
+
+
 # -- tenant ids --------------------------------------------------------------------------------
 
 

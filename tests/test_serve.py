@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import pytest
 from aiohttp import web
@@ -364,6 +364,19 @@ async def test_odd_tenant_ids_round_trip(
     assert [info.tenant for info in await tm.tenants()] == [tenant]
 
 
+@pytest.mark.parametrize("tenant", [".", ".."])
+async def test_connect_links_of_dot_tenants_reach_the_connect_route(
+    client: Client, tm: TokenManager, tenant: str
+) -> None:
+    """``validate_tenant`` accepts ``"."`` and ``".."``, and ``connect_link`` builds
+    ``/connect/..?link=...``: ``quote(tenant, safe="")`` leaves dots alone, so every
+    browser and HTTP client removes the dot segment (RFC 3986 5.2.4) and opens ``/?link=``
+    or ``/connect/?link=`` instead: the link such a tenant's admin gets can never work (404).
+    Seen here through aiohttp's client, which normalises like a browser."""
+    resp = await client.get(link_path(tm, tenant), allow_redirects=False)
+    assert resp.status == 302
+
+
 @pytest.mark.parametrize("raw", ["x" * 201, "%00", "a%0Ab", "%1B%5B31m", "a%7Fb", "%C2%85"])
 async def test_invalid_tenant_ids_are_refused(client: Client, sim: FakeFactorial, raw: str) -> None:
     # Refused before the link is even looked at.
@@ -438,6 +451,22 @@ async def test_connect_without_a_valid_link_is_403(
     resp = await client.get(f"/connect/acme?{other}", allow_redirects=False)
     assert resp.status == 403
     assert sim.stats.authorize_requests == 0 and await tm.tenants() == []
+
+
+async def test_connect_without_a_link_shows_nothing_of_the_path(client: Client, sim: FakeFactorial) -> None:
+    """Anyone can make the server's own origin show a sentence of their choosing: the 403
+    page for ``/connect/{tenant}`` without a valid link quotes the unverified tenant id from
+    the path (200 printable characters, spaces included), so a link to
+    ``/connect/Your account is locked. Call +1 555 0100`` renders that text on the app's
+    domain, under "Connect link required". The callback takes care to show nothing of an
+    unverified ``error=`` (test_an_error_without_a_valid_state_shows_nothing_of_it); the
+    connect route should likewise not echo what no link vouches for."""
+    text = "Your Factorial account is locked. Call +1 555 0100 to unlock it"
+    resp = await client.get(f"/connect/{quote(text, safe='')}", allow_redirects=False)
+    body = await resp.text()
+    assert resp.status == 403
+    assert "555" not in body and "locked" not in body
+    assert sim.stats.authorize_requests == 0
 
 
 async def test_connect_sets_an_httponly_samesite_cookie(sim: FakeFactorial) -> None:

@@ -115,3 +115,30 @@ async def test_lifespan_opens_and_closes_the_manager(sim: FakeFactorial) -> None
         assert await tm.access_token("acme")
     with pytest.raises(ManagerClosed):
         await tm.access_token("acme")
+
+
+async def test_head_never_exchanges_on_starlette(sim: FakeFactorial, stm: TokenManager) -> None:
+    """A HEAD request to the callback completes the connection on Starlette: the routes are
+    declared ``methods=["GET"]`` and Starlette's ``Route`` adds HEAD to every GET route, so
+    a HEAD (a link checker, a prefetcher in the admin's browser) spends the state and
+    exchanges the code, and answers with no page. The aiohttp routes refuse HEAD (405,
+    ``allow_head=False``, tests/test_serve.py::test_head_never_exchanges); both adapters
+    promise the same guarantees. HEAD /connect likewise sets the binding cookie."""
+    async with browser(stm) as client:
+        callback = await start(client, stm, sim)
+        resp = await client.head(callback)
+        assert sim.stats.exchange_attempts == 0 and await stm.tenants() == []
+        assert resp.status_code == 405
+        head = await client.head(stm.connect_link("globex", base_url="http://app/factorial"))
+        assert head.status_code == 405 and "set-cookie" not in head.headers
+
+
+async def test_a_tenant_id_with_a_slash_connects_on_starlette(sim: FakeFactorial, stm: TokenManager) -> None:
+    """``connect_link("a/b")`` gives ``/connect/a%2Fb``, which the aiohttp routes serve
+    (tests/test_serve.py::test_odd_tenant_ids_round_trip), but Starlette routes on the
+    percent-decoded path (``/connect/a/b``) and its ``{tenant}`` matches no slash: the
+    link answers 404, so a valid tenant id can never be connected through this adapter."""
+    async with browser(stm) as client:
+        callback = await start(client, stm, sim, "a/b")
+        assert (await client.get(callback)).status_code == 200
+    assert [info.tenant for info in await stm.tenants()] == ["a/b"]

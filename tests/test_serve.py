@@ -165,6 +165,24 @@ async def test_replayed_state_with_another_code_is_refused(
     assert_clean(body, other, token)
 
 
+async def test_reloading_the_callback_of_a_revoked_tenant_is_not_a_server_error(
+    client: Client, tm: TokenManager, sim: FakeFactorial
+) -> None:
+    """The admin reloads the callback page after the tenant was revoked (or forgotten):
+    the state's nonce and the code's claim are both DONE for that code, so
+    ``exchange_code`` reads the tenant's record, finds none, and raises
+    TenantNotConnected, which ``callback_failure`` does not know: the page is a 500
+    "The connection failed" (a server error for an ordinary, expected request), logged
+    as a refused callback. It should say the connection must be started again (4xx)."""
+    callback = await start(client, sim, "acme")
+    assert (await call(client, callback))[0] == 200
+    await tm.revoke("acme")
+    status, body = await call(client, callback)
+    assert status < 500, body
+    assert "Connected" not in body
+    assert sim.stats.exchange_attempts == 1
+
+
 # --------------------------------------------------------------------------- bad state
 
 

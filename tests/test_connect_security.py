@@ -387,7 +387,9 @@ def test_a_connect_link_base_that_is_no_web_origin_is_refused(tm: TokenManager, 
 
 
 @pytest.mark.parametrize("base", ["http://[::1", "https://[x.example]/f"])
-def test_a_connect_link_base_urlsplit_cannot_read_is_a_configuration_error(tm: TokenManager, base: str) -> None:
+def test_a_connect_link_base_urlsplit_cannot_read_is_a_configuration_error(
+    tm: TokenManager, base: str
+) -> None:
     """``_check_link_base`` calls ``urlsplit`` unguarded: a base with an unclosed or
     non-IP bracketed host raises a bare ValueError ("Invalid IPv6 URL"), not the
     ConfigurationError the docstring promises (a caller catching FactorialTokensError
@@ -397,7 +399,9 @@ def test_a_connect_link_base_urlsplit_cannot_read_is_a_configuration_error(tm: T
 
 
 @pytest.mark.parametrize("char", ["\x85", "\x9b", "\u2028", "\u00a0"])
-def test_a_connect_link_base_with_c1_controls_or_unicode_breaks_is_refused(tm: TokenManager, char: str) -> None:
+def test_a_connect_link_base_with_c1_controls_or_unicode_breaks_is_refused(
+    tm: TokenManager, char: str
+) -> None:
     """The base check refuses "spaces or control characters" as ``ord(ch) < 0x21 or
     ch == "\\x7f"`` only: C1 controls (U+0085 NEL, U+009B, the 8-bit CSI a terminal reads
     as ESC [), the line separator U+2028 and the no-break space pass, and end up inside

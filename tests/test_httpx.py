@@ -92,3 +92,37 @@ def test_sync_client_from_many_threads(tsim: FakeFactorial, tmp_path: Path) -> N
         assert tsim.stats.refreshes == 1 and tsim.stats.invalid_grant == 0
         with httpx.Client(base_url=tsim.base_url, auth=auth) as api, pytest.raises(ConfigurationError):
             api.get("http://example.invalid/")
+
+
+# -- review-sync: failing tests ------------------------------------------------------------
+
+
+def test_a_401_from_the_origin_a_redirect_led_to_forces_no_refresh(
+    tsim: FakeFactorial, tmp_path: Path
+) -> None:
+    """The auth flow sees the answer after httpx followed the redirects: a 401 from another
+    origin (where httpx rightly sent no token) is taken for Factorial refusing the token,
+    and ``token_rejected`` forces a refresh, a rotation for nothing, on every such request."""
+    from urllib.parse import urlencode
+
+    from .test_sync import other_origin
+
+    with (
+        SyncTokenManager(
+            app_for(tsim), f"sqlite:///{tmp_path / 't.db'}", lease_ttl=6.0, provider_timeout=2.0
+        ) as stm,
+        other_origin(401) as (elsewhere, seen),
+    ):
+        stm.exchange_code("acme", tsim.issue_code(company_id=1))
+        tsim.add_client("other-app", "other-secret", elsewhere + "/cb")
+        query = urlencode(
+            {"client_id": "other-app", "redirect_uri": elsewhere + "/cb", "response_type": "code"}
+        )
+        tsim.reset_stats()
+        with httpx.Client(
+            base_url=tsim.base_url, auth=FactorialAuth(stm, "acme"), follow_redirects=True
+        ) as api:
+            for _ in range(3):
+                assert api.get(f"/oauth/authorize?{query}").status_code == 401
+        assert seen and all(header is None for header in seen)  # httpx never sent it there
+        assert tsim.stats.refreshes == 0, f"{tsim.stats.refreshes} refreshes for 401s Factorial never sent"

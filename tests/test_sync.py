@@ -3,6 +3,9 @@ and the ``requests`` auth built on it. Counted against a simulator served from a
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import io
 import os
 import signal
 import subprocess
@@ -13,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -339,3 +343,167 @@ time.sleep(0.3)
                 "the interpreter never exits: the worker's call hangs after the exit hook closed the manager"
             )
         assert done.returncode == 0 and "worker done" in done.stdout, done.stderr
+
+
+# -- review-sync: failing tests ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def other_origin(status: int = 401) -> Iterator[tuple[str, list[str | None]]]:
+    """A plain HTTP server on another port (another origin) that answers ``status`` to
+    every GET and records the Authorization header of each request."""
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5.0)
+
+
+def test_repr_hides_the_store_url_password(tsim: FakeFactorial) -> None:
+    """``repr(SyncTokenManager)`` quotes the store URL as given, password included
+    (``redis://:pw@...``, ``postgresql://user:pw@...``), where every store's own repr and
+    the TokenManager's hide it: the password lands in logs, tracebacks and debuggers."""
+    stm = SyncTokenManager(app_for(tsim), "redis://:pw-S3cret-sync@127.0.0.1:1/0")
+    try:
+        assert "pw-S3cret-sync" not in repr(stm), repr(stm)
+    finally:
+        stm.close()
+
+
+def test_requests_auth_never_sends_the_token_where_a_redirect_led(
+    tsim: FakeFactorial, stm: SyncTokenManager
+) -> None:
+    """requests copies a request's hooks (the same dict) onto every redirected request, so
+    the 401-retry hook also sees the answer of the host a redirect led to: a 401 from that
+    other origin makes it force a refresh (Factorial never refused the token) and resend the
+    request *to that other origin* with a fresh Bearer token set by hand."""
+    connect(tsim, stm, ["acme"])
+    stm.access_token("acme")
+    with other_origin(401) as (elsewhere, seen):
+        tsim.add_client("other-app", "other-secret", elsewhere + "/cb")
+        query = urlencode(
+            {"client_id": "other-app", "redirect_uri": elsewhere + "/cb", "response_type": "code"}
+        )
+        tsim.reset_stats()
+        with requests.Session() as session:
+            resp = session.get(
+                f"{tsim.base_url}/oauth/authorize?{query}", auth=FactorialAuth(stm, "acme"), timeout=10
+            )
+        assert resp.status_code == 401  # the other origin's answer
+        leaked = [header for header in seen if header is not None]
+        assert leaked == [], f"the tenant's token was sent to another origin: {len(leaked)} time(s)"
+        assert tsim.stats.refreshes == 0, "a 401 from another origin forced a refresh"
+
+
+def test_requests_auth_renews_the_token_after_a_401_to_a_stream_body(
+    tsim: FakeFactorial, stm: SyncTokenManager
+) -> None:
+    """After a 401 to a request whose body is a file (not resendable), the hook returns the
+    401 without telling the manager (``token_rejected`` is only called on the retry path):
+    the rejected token stays cached, so every following upload gets a 401 too, for up to
+    the token's whole remaining lifetime. (``tm.client`` reports it either way.)"""
+    connect(tsim, stm, ["acme"])
+    stm.access_token("acme")
+    tsim.expire_access_tokens()  # Factorial now refuses the cached token
+    statuses = []
+    with requests.Session() as session:
+        session.auth = FactorialAuth(stm, "acme")
+        for _ in range(2):
+            resp = session.get(tsim.base_url + EMPLOYEES, data=io.BytesIO(b"upload"), timeout=10)
+            statuses.append(resp.status_code)
+    assert statuses == [401, 200], f"the rejected token was used again: {statuses}"
+
+
+def test_close_from_the_loop_thread_raises_instead_of_hanging(tmp_path: Path) -> None:
+    """Every facade call made on the loop thread (an async event listener, ``run``'s
+    function) raises RuntimeError, but ``close()`` has no such check: it submits
+    ``finish()`` to the loop it is blocking and waits for it forever; the loop thread, and
+    every thread that calls the facade after that, are stuck for good."""
+    script = f"""
+import os, threading
+from factorial_tokens import FactorialApp
+from factorial_tokens.sync import SyncTokenManager
+app = FactorialApp(client_id={CLIENT_ID!r}, client_secret={CLIENT_SECRET!r},
+                   redirect_uri={REDIRECT_URI!r}, base_url="http://127.0.0.1:9")
+stm = SyncTokenManager(app, {f"sqlite:///{tmp_path / 't.db'}"!r})
+outcome = []
+
+async def shut(tm):
+    stm.close()
+
+def caller():
+    try:
+        stm.run(shut)
+        outcome.append("returned")
+    except BaseException as exc:
+        outcome.append(type(exc).__name__)
+
+thread = threading.Thread(target=caller, daemon=True)
+thread.start()
+thread.join(2.0)
+print("hung" if thread.is_alive() else outcome[0], flush=True)
+os._exit(0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    assert done.stdout.strip() in ("RuntimeError", "returned"), (done.stdout, done.stderr)
+
+
+def test_a_facade_dropped_without_close_leaves_no_thread_running(tmp_path: Path) -> None:
+    """A SyncTokenManager that is garbage-collected without ``close()`` (made per request,
+    per task, in a helper) leaves its loop thread (and the store's threads and connections)
+    running for the rest of the process: the thread's target holds the runner, nothing
+    stops it when the facade goes, and ``_LIVE`` is a WeakSet, so even the exit hook never
+    closes that manager. Each such facade leaks a thread for good."""
+    script = f"""
+import gc, threading
+from factorial_tokens import FactorialApp
+from factorial_tokens.sync import SyncTokenManager
+app = FactorialApp(client_id={CLIENT_ID!r}, client_secret={CLIENT_SECRET!r},
+                   redirect_uri={REDIRECT_URI!r}, base_url="http://127.0.0.1:9")
+
+def once():
+    stm = SyncTokenManager(app, {f"sqlite:///{tmp_path / 't.db'}"!r})
+    stm.tenants()
+
+for _ in range(3):
+    once()
+gc.collect()
+print(sum(t.name.startswith("factorial-tokens") for t in threading.enumerate()), flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0", f"threads left running after 3 dropped facades: {done.stdout.strip()}"
+
+
+def test_close_closes_a_store_its_factory_built(tsim: FakeFactorial, tmp_path: Path) -> None:
+    """With ``store=`` a factory, the facade builds the store and hands it to TokenManager as
+    an instance, which the manager does not own (``_owns_store`` is for URLs) and never
+    closes; nobody else can (it lives on the facade's loop, which close() ends). After
+    ``close()`` its connection and its executor thread stay open for good (an SQLite
+    store's thread here; a Redis or Postgres store's pool likewise)."""
+    from factorial_tokens.store import SQLiteStore
+
+    before = set(threading.enumerate())
+    stm = SyncTokenManager(app_for(tsim), lambda: SQLiteStore(tmp_path / "t.db"))
+    stm.tenants()
+    stm.close()
+    started = [t for t in threading.enumerate() if t not in before and t.name.startswith("factorial-tokens")]
+    for thread in started:
+        thread.join(2.0)  # an executor shut down lets its idle thread go at once
+    assert [t.name for t in started if t.is_alive()] == [], "the factory's store was never closed"

@@ -120,3 +120,56 @@ async def test_a_401_to_a_dict_with_a_file_is_not_retried_with_the_file_empty(
         status = resp.status
     sent = sim.stats.api_calls - before
     assert (status, sent, upload.read_total) == (401, 1, 100)
+
+
+# -- review-sync: failing tests ------------------------------------------------------------
+
+
+async def test_a_401_to_a_multipart_form_holding_a_stream_is_not_resent(
+    sim: FakeFactorial, tm: TokenManager
+) -> None:
+    """``_resendable`` looks at ``FormData._fields`` *after* the first send, but aiohttp
+    empties that list when it builds a multipart body (``_gen_form_data`` clears it): a
+    form holding a one-shot stream looks like a form of nothing, and the request is sent a
+    second time with the stream already spent (its 200 comes back as if all was well)."""
+    await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    await tm.access_token("acme")
+    sim.expire_access_tokens()
+    produced: list[bytes] = []
+
+    async def stream() -> AsyncIterator[bytes]:  # a one-shot stream
+        for chunk in (b"hello ", b"world"):
+            produced.append(chunk)
+            yield chunk
+
+    form = aiohttp.FormData()
+    form.add_field("upload", stream(), filename="upload.bin")
+    before = sim.stats.api_calls
+    async with tm.client("acme") as api, api.get(EMPLOYEES, data=form) as resp:
+        status = resp.status
+    sent = sim.stats.api_calls - before
+    assert (status, sent) == (401, 1), f"a spent stream was sent again: status {status}, {sent} sends"
+
+
+async def test_a_401_from_the_origin_a_redirect_led_to_forces_no_refresh(
+    sim: FakeFactorial, tm: TokenManager
+) -> None:
+    """``tm.client`` lets aiohttp follow redirects (which drops the token on leaving the
+    origin) and then takes the final answer's 401 for Factorial's: a 401 from another
+    host forces a refresh (a rotation for nothing) and a resend, on every such request."""
+    from urllib.parse import urlencode
+
+    from .test_sync import other_origin
+
+    await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    with other_origin(401) as (elsewhere, _seen):
+        sim.add_client("other-app", "other-secret", elsewhere + "/cb")
+        query = urlencode(
+            {"client_id": "other-app", "redirect_uri": elsewhere + "/cb", "response_type": "code"}
+        )
+        sim.reset_stats()
+        async with tm.client("acme") as api:
+            for _ in range(3):
+                async with api.get(f"/oauth/authorize?{query}") as resp:
+                    assert resp.status == 401
+        assert sim.stats.refreshes == 0, f"{sim.stats.refreshes} refreshes for 401s Factorial never sent"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import re
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -29,15 +30,19 @@ def _check_link_base(base_url: object) -> None:
     (``javascript:``) would run in the admin's browser, a query or fragment would swallow
     the signed token, and a password would be printed in every link."""
     text = base_url if isinstance(base_url, str) else ""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+    except ValueError:  # an unclosed or invalid [IPv6] host
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
         problem = "must be an absolute http(s) URL"
+    elif not all("\x21" <= ch <= "\x7e" for ch in text):
+        problem = "must be printable ASCII, without spaces (percent-encode the rest)"
     elif parts.query or parts.fragment or "?" in text or "#" in text:
         problem = "must not hold a query or a fragment"
     elif parts.username is not None or parts.password is not None:
         problem = "must not hold user credentials"
-    elif any(ord(ch) < 0x21 or ch == "\x7f" for ch in text):
-        problem = "must not hold spaces or control characters"
     else:
         return
     # The value is not quoted: it may hold a password.
@@ -90,8 +95,8 @@ class Callbacks(Exchanges):
         fragment, user credentials) raises ConfigurationError.
         """
         tenant = validate_tenant(tenant)
-        if not ttl > 0:
-            raise ConfigurationError("a connect link's ttl must be positive")
+        if not (isinstance(ttl, int | float) and 0 < ttl < math.inf):
+            raise ConfigurationError("a connect link's ttl must be a positive, finite number of seconds")
         if base_url is None:
             parts = urlsplit(self.app.redirect_uri)
             base_url = f"{parts.scheme}://{parts.netloc}"

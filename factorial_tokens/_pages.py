@@ -18,11 +18,13 @@ from ._errors import (
     FactorialTokensError,
     InvalidCallback,
     InvalidState,
+    ManagerClosed,
     ProviderError,
     ReauthorizationRequired,
     RefreshTimeout,
     StateReused,
     StoreUnavailable,
+    TenantNotConnected,
 )
 
 __all__ = ["BINDING_COOKIE", "PAGE_HEADERS", "callback_failure", "page_html", "valid_binding"]
@@ -91,6 +93,9 @@ def callback_failure(exc: FactorialTokensError, tenant: str) -> tuple[int, str, 
         )
     if isinstance(exc, ReauthorizationRequired):
         return 409, "Connect again", f"{exc}."
+    if isinstance(exc, TenantNotConnected):
+        # This callback was completed before, and the tenant disconnected since (a reload).
+        return 409, "Connect again", f"Tenant {tenant!r} is not connected; start the connection again."
     if isinstance(exc, ProviderError):
         detail = f" ({exc.error})" if exc.error else ""
         return (
@@ -98,6 +103,6 @@ def callback_failure(exc: FactorialTokensError, tenant: str) -> tuple[int, str, 
             "Factorial refused the connection",
             f"Factorial did not accept the authorization of {tenant!r}{detail}; start the connection again.",
         )
-    if isinstance(exc, StoreUnavailable | RefreshTimeout):
+    if isinstance(exc, StoreUnavailable | RefreshTimeout | ManagerClosed):
         return 503, "Try again", "The token store is unavailable; try again in a moment."
     return 500, "Connection failed", "The connection failed; start it again."

@@ -139,13 +139,15 @@ class ConnectFlow(Generic[RequestT]):
             try:
                 self._tm.check_connect_link(query.get("link"), tenant)
             except InvalidState as exc:
+                # The tenant id is not shown: nothing vouches for it, and the page is on the
+                # app's own origin (a path of one's choosing would be a message of one's choosing).
                 return page(
                     403,
                     "Connect link required",
-                    f"Connecting {tenant!r} needs a valid connect link ({exc}); ask for a new one.",
+                    f"Connecting needs a valid connect link ({exc}); ask for a new one.",
                 )
         if not await self._allowed(request, tenant):
-            return page(404, "Unknown tenant", f"No tenant {tenant!r} may be connected here.")
+            return page(404, "Unknown tenant", "This tenant may not be connected here.")
         company = query.get("company", "") in ("1", "true", "yes")
         binding = valid_binding(cookie) or secrets.token_urlsafe(32)
         # The target is built from the app's configured base URL only, never from the request.

@@ -53,13 +53,16 @@ def validate_tenant(tenant: object) -> str:
     A tenant id is a non-empty string of at most 200 characters (after NFC normalisation)
     with no character of the categories Cc, Cf, Co, Cs, Zl or Zp, so two ids that look
     the same are the same id (``"acme\\u200b"`` is refused; a decomposed ``"café"`` is the
-    composed one). Stores never build keys or queries by pasting it in: they hash it or
-    bind it as a parameter.
+    composed one), and not ``"."`` or ``".."``, which no URL path can carry (a connect
+    link's ``/connect/..`` is read as the parent path). Stores never build keys or
+    queries by pasting it in: they hash it or bind it as a parameter.
     """
     if not isinstance(tenant, str):
         raise InvalidTenant(f"tenant id must be a string, not {type(tenant).__name__}")
     if not tenant:
         raise InvalidTenant("tenant id must not be empty")
+    if tenant in (".", ".."):
+        raise InvalidTenant("tenant id must not be '.' or '..' (URL paths drop such segments)")
     if len(tenant) > 4 * MAX_TENANT_LENGTH:
         raise InvalidTenant(f"tenant id is {len(tenant)} characters long; at most {MAX_TENANT_LENGTH}")
     if not (tenant.isascii() and tenant.isprintable()):

@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from ._connect import Answer, ConnectFlow, callback_path
 from ._manager import TokenManager
-from ._pages import BINDING_COOKIE
+from ._pages import BINDING_COOKIE, PAGE_HEADERS
 
 __all__ = ["StarletteConnectCheck", "connect_app", "lifespan"]
 
@@ -87,6 +87,8 @@ def connect_app(
     )
 
     async def connect(request: Request) -> Response:
+        if request.method != "GET":
+            return _not_get()
         return _response(
             await flow.connect(
                 request,
@@ -98,16 +100,26 @@ def connect_app(
         )
 
     async def callback(request: Request) -> Response:
+        if request.method != "GET":
+            return _not_get()
         return _response(
             await flow.callback(request, request.query_params, request.cookies.get(BINDING_COOKIE))
         )
 
     return Starlette(
         routes=[
-            Route("/connect/{tenant}", connect, methods=["GET"]),
+            # ``path``: a tenant id may hold a slash (its link quotes it, Starlette routes on
+            # the decoded path).
+            Route("/connect/{tenant:path}", connect, methods=["GET"]),
             Route(callback_path(manager.app.redirect_uri, prefix), callback, methods=["GET"]),
         ]
     )
+
+
+def _not_get() -> Response:
+    """Starlette answers HEAD on every GET route; a HEAD (a link checker, a prefetch) must
+    neither spend a state nor set the binding cookie."""
+    return Response(status_code=405, headers={**PAGE_HEADERS, "Allow": "GET"})
 
 
 def _response(answer: Answer) -> Response:

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from factorial_tokens import ConfigurationError, FactorialApp, TokenManager
+from factorial_tokens import ConfigurationError, FactorialApp, InvalidTenant, TokenManager
 from factorial_tokens._state import LinkSigner, StateSigner
 from factorial_tokens.testing import FakeFactorial, Fault
 from factorial_tokens.web import COOKIE, AccessLogger, callback_path, connect_app
@@ -383,16 +383,18 @@ async def test_odd_tenant_ids_round_trip(
 
 
 @pytest.mark.parametrize("tenant", [".", ".."])
-async def test_connect_links_of_dot_tenants_reach_the_connect_route(
+async def test_dot_tenant_ids_are_refused_since_no_link_could_reach_them(
     client: Client, tm: TokenManager, tenant: str
 ) -> None:
     """``validate_tenant`` accepts ``"."`` and ``".."``, and ``connect_link`` builds
     ``/connect/..?link=...``: ``quote(tenant, safe="")`` leaves dots alone, so every
     browser and HTTP client removes the dot segment (RFC 3986 5.2.4) and opens ``/?link=``
     or ``/connect/?link=`` instead: the link such a tenant's admin gets can never work (404).
-    Seen here through aiohttp's client, which normalises like a browser."""
-    resp = await client.get(link_path(tm, tenant), allow_redirects=False)
-    assert resp.status == 302
+    Such ids are refused now, where any other is."""
+    with pytest.raises(InvalidTenant, match=r"'\.' or '\.\.'"):
+        tm.connect_link(tenant)
+    resp = await client.get(f"/connect/{tenant}", allow_redirects=False)
+    assert resp.status in (400, 404) and "Location" not in resp.headers
 
 
 @pytest.mark.parametrize("raw", ["x" * 201, "%00", "a%0Ab", "%1B%5B31m", "a%7Fb", "%C2%85"])

@@ -114,17 +114,25 @@ class TenantSession:
         headers = dict(kwargs.pop("headers", None) or {})
         token = await self._manager.access_token(self.tenant)
         headers["Authorization"] = f"Bearer {token}"
+        # Asked before the first send, which may consume the body (a multipart form's
+        # fields included).
+        retry = _resendable(kwargs.get("data"))
         response = await self._session.request(method, url, headers=headers, **kwargs)
-        if response.status != 401:
+        if response.status != 401 or not same_origin(str(response.url), self.base_url):
+            # (A 401 from where a redirect led says nothing of the token: aiohttp sends it
+            # to no other origin.)
             return response
         # A body the first send consumed is not sent again (it would go out empty): the
         # 401 is the answer, and the next request gets the renewed token.
-        retry = _resendable(kwargs.get("data"))
-        if retry:
-            response.release()
-        renewed = await self._manager.token_rejected(self.tenant, token)
         if not retry:
+            try:
+                await self._manager.token_rejected(self.tenant, token)
+            except BaseException:
+                response.release()
+                raise
             return response
+        response.release()
+        renewed = await self._manager.token_rejected(self.tenant, token)
         headers["Authorization"] = f"Bearer {renewed}"
         return await self._session.request(method, url, headers=headers, **kwargs)
 

@@ -53,6 +53,12 @@ class FactorialAuth(httpx.Auth):
         if not same_origin(str(request.url), self.manager.app.base_url):
             raise ConfigurationError(f"refusing to send {self.tenant!r}'s token to another origin")
 
+    def _rejected(self, response: httpx.Response) -> bool:
+        """A 401 from the app's origin: the token was refused. (The response comes after
+        redirects; a 401 from where one led says nothing of the token, which httpx did
+        not send there.)"""
+        return response.status_code == 401 and same_origin(str(response.url), self.manager.app.base_url)
+
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         """Authenticate with the async manager; one retry after a 401."""
         manager = self.manager
@@ -62,7 +68,7 @@ class FactorialAuth(httpx.Auth):
         token = await manager.access_token(self.tenant)
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
-        if response.status_code == 401:
+        if self._rejected(response):
             token = await manager.token_rejected(self.tenant, token)
             request.headers["Authorization"] = f"Bearer {token}"
             yield request
@@ -76,7 +82,7 @@ class FactorialAuth(httpx.Auth):
         token = manager.access_token(self.tenant)
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
-        if response.status_code == 401:
+        if self._rejected(response):
             token = manager.token_rejected(self.tenant, token)
             request.headers["Authorization"] = f"Bearer {token}"
             yield request

@@ -12,7 +12,8 @@ token, else one refresh) and the request is sent once more. The token is only ev
 to the app's ``base_url`` origin: a request elsewhere raises ConfigurationError.
 
 Limitations: a request whose body is a stream or a generator is not resent after a 401
-(its body is spent); the 401 response is returned instead.
+(its body is spent); the 401 response is returned instead, the token reported all the
+same. A 401 from an origin a redirect led to is returned as it is.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ class FactorialAuth(requests.auth.AuthBase):
         self.manager = manager
         self.tenant = tenant
 
+    @property
+    def base_url(self) -> str:
+        """Where the token may go: the app's ``base_url``."""
+        return self.manager.app.base_url
+
     def __repr__(self) -> str:
         return f"FactorialAuth(tenant={self.tenant!r})"
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if not same_origin(request.url or "", self.manager.app.base_url):
+        if not same_origin(request.url or "", self.base_url):
             raise ConfigurationError(f"refusing to send {self.tenant!r}'s token to another origin")
         token = self.manager.access_token(self.tenant)
         request.headers["Authorization"] = f"Bearer {token}"
@@ -59,10 +65,15 @@ class _Retry:
 
     def __call__(self, response: requests.Response, **kwargs: Any) -> requests.Response:
         request = response.request
-        if self.done or response.status_code != 401 or not _resendable(request.body):
+        # requests runs this hook for the answers of redirects too, with the token off
+        # (another origin) or on: only a 401 from the app's origin is about the token, and
+        # only there may a retry carry it.
+        if self.done or response.status_code != 401 or not same_origin(request.url or "", self.auth.base_url):
             return response
         self.done = True
         token = self.auth.manager.token_rejected(self.auth.tenant, self.token)
+        if not _resendable(request.body):
+            return response  # its body is spent; the next request gets the renewed token
         response.content  # noqa: B018 - read it so the connection goes back to the pool
         response.close()
         retry = request.copy()

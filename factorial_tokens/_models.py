@@ -38,6 +38,19 @@ def fingerprint(secret: str | None) -> str:
     return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password (store URLs may hold one)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL urlsplit can read: nothing of it is shown
+        return "<unreadable URL>"
+    if password is None:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def _redacted(value: str | None) -> str:
     return "None" if value is None else f"<{fingerprint(value)}>"
 

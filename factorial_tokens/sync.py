@@ -13,9 +13,14 @@ lives as long as the facade, instead of one per ``asyncio.run`` call.
   starts its own loop thread and its own manager; the parent's connections are left
   untouched, never closed or reused from the child.
 
-Limitations: event listeners (``on_event``) run on the loop thread and must not call the
-facade (that would wait on itself; it raises RuntimeError instead). A store *instance*
-cannot follow a fork, so pass a URL, or a zero-argument factory that builds the store.
+* A facade dropped without :meth:`~SyncTokenManager.close` closes its manager and ends its
+  thread when it is collected, with a ResourceWarning. A store built by a factory is
+  closed with the facade.
+
+Limitations: async event listeners (``on_event``) run on the loop thread and must not
+call the facade, ``close`` included (that would wait on itself; it raises RuntimeError
+instead); plain listeners run on the events thread and may. A store *instance* cannot
+follow a fork, so pass a URL, or a zero-argument factory that builds the store.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook first, so ours runs before it
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -33,7 +39,7 @@ from typing import Any, TypeVar
 from ._errors import ManagerClosed
 from ._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
 from ._manager import TokenManager
-from ._models import CallbackResult, Credentials, FactorialApp, TenantInfo, TokenSet
+from ._models import CallbackResult, Credentials, FactorialApp, TenantInfo, TokenSet, redact_url
 from .store import MemoryStore, Store
 
 __all__ = ["SyncTokenManager"]
@@ -42,13 +48,19 @@ T = TypeVar("T")
 
 _LIVE: weakref.WeakSet[SyncTokenManager] = weakref.WeakSet()
 
+#: How long a dropped facade's finalizer waits for its manager to close.
+_ABANDON_WAIT = 10.0
+
 
 class _Runner:
-    """One event loop in one daemon thread, with the manager that lives on it."""
+    """One event loop in one daemon thread, with the manager that lives on it.
+    ``owns_store``: the manager's store was built for it (by a factory), and is closed
+    with it."""
 
-    def __init__(self, build: Callable[[], TokenManager]) -> None:
+    def __init__(self, build: Callable[[], TokenManager], *, owns_store: bool) -> None:
         self.loop = asyncio.new_event_loop()
         self.pid = os.getpid()
+        self.owns_store = owns_store
         self.calls: set[asyncio.Task[Any]] = set()  # of callers' threads (loop thread only)
         self.thread = threading.Thread(target=self._run, name="factorial-tokens", daemon=True)
         self.thread.start()
@@ -60,17 +72,27 @@ class _Runner:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
 
-    @staticmethod
-    async def _open(build: Callable[[], TokenManager]) -> TokenManager:
+    async def _open(self, build: Callable[[], TokenManager]) -> TokenManager:
         manager = build()
         try:
             await manager.open()
         except BaseException:
-            await manager.aclose()
+            await self._close(manager)
             raise
         return manager
+
+    async def _close(self, manager: TokenManager) -> None:
+        try:
+            await manager.aclose()
+        finally:
+            if self.owns_store:
+                await manager.store.aclose()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -90,19 +112,40 @@ class _Runner:
         close the manager, then cancel what is left: no caller's thread waits forever."""
         if self.calls:
             await asyncio.wait(set(self.calls), timeout=self.manager.wait_timeout)
-        await self.manager.aclose()
+        await self._close(self.manager)
         for task in self.calls:
             task.cancel()
         if self.calls:
             await asyncio.wait(set(self.calls), timeout=5.0)
 
     def stop(self) -> None:
-        # Everything runs on the loop's own thread: the caller's thread may have a running
-        # loop of its own (an async view), which forbids run_until_complete there.
-        self.submit(self.loop.shutdown_asyncgens()).result()
+        """End the loop thread (which closes the loop: the caller's thread may run a loop
+        of its own, an async view, which forbids run_until_complete there)."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
-        self.loop.close()
+
+    def abandon(self, facade: str) -> None:
+        """The facade was dropped without :meth:`close`: close its manager and end the
+        thread (waiting for it unless this runs on that very thread), then warn."""
+        if self.pid != os.getpid() or self.loop.is_closed():
+            return  # a forked child's copy of its parent's runner: not this process's
+
+        async def end() -> None:
+            try:
+                await self.finish()
+            finally:
+                self.loop.stop()
+
+        try:
+            self.loop.call_soon_threadsafe(self.loop.create_task, end())
+        except RuntimeError:  # the loop closed meanwhile
+            return
+        if threading.current_thread() is not self.thread:
+            self.thread.join(_ABANDON_WAIT)
+        # Last: a warning turned into an error must not keep the thread running.
+        warnings.warn(
+            f"unclosed {facade}: close it, or use it in a with block", ResourceWarning, stacklevel=2
+        )
 
 
 class SyncTokenManager:
@@ -135,11 +178,12 @@ class SyncTokenManager:
         self._options = options
         self._lock = threading.Lock()
         self._runner: _Runner | None = None
+        self._abandon: weakref.finalize[Any, Any] | None = None
         self._closed = False
         _LIVE.add(self)
 
     def __repr__(self) -> str:
-        where = self._store if isinstance(self._store, str) else "<factory>"
+        where = redact_url(self._store) if isinstance(self._store, str) else "<factory>"
         return f"SyncTokenManager(client_id={self.app.client_id!r}, store={where!r})"
 
     def __enter__(self) -> SyncTokenManager:
@@ -167,7 +211,9 @@ class SyncTokenManager:
                 # In a forked child the parent's loop thread does not exist: start afresh and
                 # leave the parent's loop and connections alone (closing them could tell a
                 # server goodbye on the parent's behalf).
-                runner = self._runner = _Runner(self._build)
+                runner = self._runner = _Runner(self._build, owns_store=not isinstance(self._store, str))
+                # Dropped without close(), the facade still ends its thread and manager.
+                self._abandon = weakref.finalize(self, runner.abandon, repr(self))
             return runner
 
     def _after_fork_in_child(self) -> None:
@@ -205,11 +251,16 @@ class SyncTokenManager:
 
         Idempotent. After it every call raises ManagerClosed.
         """
+        runner = self._runner
+        if runner is not None and threading.current_thread() is runner.thread:
+            raise RuntimeError("SyncTokenManager closed from its own loop thread (an event listener?)")
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             runner, self._runner = self._runner, None
+            if self._abandon is not None:
+                self._abandon.detach()
         if runner is None or runner.pid != os.getpid():
             return
         try:

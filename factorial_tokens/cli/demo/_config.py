@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 
 from ..._errors import ConfigurationError
 
-__all__ = ["DemoConfig", "DemoResult", "redact_url", "tenant_names"]
+__all__ = ["DemoConfig", "DemoResult", "tenant_names"]
 
 _NAMES = (
     "acme",
@@ -71,12 +70,3 @@ class DemoResult:
 def tenant_names(count: int) -> list[str]:
     """``count`` readable tenant ids."""
     return [_NAMES[i] if i < len(_NAMES) else f"company-{i + 1}" for i in range(count)]
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password (store URLs may hold one)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()

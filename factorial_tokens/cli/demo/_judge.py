@@ -6,7 +6,8 @@ import math
 from collections import Counter
 from typing import Any
 
-from ._config import DemoConfig, DemoResult, redact_url
+from ..._models import redact_url
+from ._config import DemoConfig, DemoResult
 
 __all__ = ["judge"]
 

@@ -23,10 +23,10 @@ from aiohttp import web
 from ..._errors import ConfigurationError, FactorialTokensError
 from ..._events import EventKind, TokenEvent
 from ..._manager import TokenManager
-from ..._models import FactorialApp
+from ..._models import FactorialApp, redact_url
 from ...store import store_from_url
 from ...web import connect_app
-from ._config import DemoConfig, DemoResult, redact_url, tenant_names
+from ._config import DemoConfig, DemoResult, tenant_names
 from ._judge import judge
 from ._render import Live
 from ._worker import READY_TIMEOUT, WorkerSpec, worker_main

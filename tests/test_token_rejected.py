@@ -173,3 +173,16 @@ async def test_a_401_from_the_origin_a_redirect_led_to_forces_no_refresh(
                 async with api.get(f"/oauth/authorize?{query}") as resp:
                     assert resp.status == 401
         assert sim.stats.refreshes == 0, f"{sim.stats.refreshes} refreshes for 401s Factorial never sent"
+
+
+async def test_tm_client_keeps_no_cookie_from_one_tenants_answer_for_another(tm: TokenManager) -> None:
+    """Every tenant's requests share the manager's HTTP session: a cookie Factorial set in
+    an answer to tenant A (a Rails session cookie, a load balancer's) went out with tenant
+    B's requests, one company's session beside another company's token."""
+    from yarl import URL
+
+    async with tm.client("acme") as api:
+        jar = api._session.cookie_jar
+    jar.update_cookies({"_factorial_session": "of-company-a"}, URL("http://api.factorial.example/"))
+    assert len(jar) == 0
+    assert jar.filter_cookies(URL("http://api.factorial.example/api")) == {}

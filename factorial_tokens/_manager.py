@@ -86,7 +86,9 @@ class TokenManager(Callbacks, Flights):
             ``2 * lease_ttl``.
         state_ttl: how long an authorization ``state`` stays valid (at most a day,
             ``CLAIM_RETENTION``: how long the store remembers that a state was used).
-        session: an aiohttp session to use for Factorial (not closed by the manager).
+        session: an aiohttp session to use for Factorial (not closed by the manager). The
+            manager's own keeps no cookies (every tenant's requests share it); give yours
+            ``cookie_jar=aiohttp.DummyCookieJar()`` too.
         codec: how token sets are written to the store (plain JSON by default).
         keyring: seal token material at rest with AES-GCM under this keyring
             (:class:`~factorial_tokens.sealing.SealedCodec`); default: the keyring in

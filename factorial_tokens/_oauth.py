@@ -212,8 +212,12 @@ class OAuthClient:
     def session(self) -> aiohttp.ClientSession:
         """The shared HTTP session (created on first use)."""
         if self._session is None or self._session.closed:
+            # No cookie jar: every tenant's requests share this session, and a cookie set in
+            # one company's answer must never go out with another's.
             self._session = aiohttp.ClientSession(
-                headers={"User-Agent": "factorial-tokens"}, raise_for_status=False
+                headers={"User-Agent": "factorial-tokens"},
+                raise_for_status=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._owns_session = True
         return self._session

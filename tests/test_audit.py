@@ -299,6 +299,23 @@ def test_store_url_errors_never_echo_a_password(url: str) -> None:
     assert assert_clean(exception_texts(info.value), {"pw-S3cret-kit"}, "a store URL error") > 0
 
 
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("base_url", "https://user:pw-S3cret-app@api.factorial.example"),  # sent in every link
+        ("redirect_uri", "https://user:pw-S3cret-app@app.example/cb"),
+        ("base_url", "ftp://user:pw-S3cret-app@api.factorial.example"),  # refused for its scheme
+    ],
+)
+def test_app_urls_with_credentials_are_refused_without_quoting_them(field: str, url: str) -> None:
+    """An app URL holding a password was accepted (and put in every authorization URL a
+    browser gets), and a refused one was quoted whole in the error, password included."""
+    urls = {"base_url": "https://api.factorial.example", "redirect_uri": "https://app.example/cb", field: url}
+    with pytest.raises(ValueError, match=field) as info:
+        FactorialApp(client_id="c", client_secret="s", **urls)
+    assert "pw-S3cret-app" not in str(info.value)
+
+
 async def test_a_lost_push_subscription_logs_no_password(caplog: pytest.LogCaptureFixture) -> None:
     """PushListener logs the class of a lost subscription's error, never its message (a
     driver's message may carry the URL, host or user)."""

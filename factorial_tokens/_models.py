@@ -97,9 +97,16 @@ def _strip_slash(url: str) -> str:
 
 
 def _check_url(name: str, value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{name} must be an absolute http(s) URL, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        credentials = parts.username is not None or parts.password is not None
+    except ValueError:  # an invalid [IPv6] host
+        parts, credentials = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{name} must be an absolute http(s) URL, got {redact_url(value)!r}")
+    if credentials:
+        # Not quoted: it holds a password.
+        raise ValueError(f"{name} must not hold user credentials (user:password@)")
 
 
 @attrs.frozen

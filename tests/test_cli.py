@@ -689,3 +689,15 @@ def test_connect_link_with_an_unparsable_link_base_is_a_usage_error(env: dict[st
     done = cli("connect-link", "acme", "--link-base", "http://[::1", env=env)
     assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2
+
+
+def test_serve_refuses_an_invalid_tenant_filter(env: dict[str, str]) -> None:
+    """``serve --tenant`` values were taken as given: an id no tenant can have (empty,
+    a control character) started a server that answers 404 to everyone, and a decomposed
+    ``café`` never matched the composed id the routes compare it with."""
+    for bad in ("", "acme\u200b"):
+        try:
+            done = cli("serve", "--port", "0", "--tenant", bad, env=env, timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve started with --tenant {bad!r}")
+        assert done.returncode == 2 and "tenant" in done.stderr, done.stderr

@@ -323,6 +323,11 @@ def _tenant(_: click.Context, __: click.Parameter, value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
+def _tenants(context: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`_tenant` for a repeatable option (ids NFC-normalised, as the routes compare them)."""
+    return tuple(_tenant(context, parameter, value) for value in values)
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 #: The longest duration taken (beyond it, or infinite, is a usage error).
@@ -693,6 +698,7 @@ def connect_link(cfg: Config, tenant: str, ttl: float, link_base: str | None, co
     "--tenant",
     "allowed",
     multiple=True,
+    callback=_tenants,
     metavar="ID",
     help="Only these tenants may connect (repeatable); others get 404. Default: any.",
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -507,6 +508,18 @@ async def test_connect_sets_an_httponly_samesite_cookie(sim: FakeFactorial) -> N
                 # A second connect in the same browser keeps its binding (two tabs both work).
                 again = await client.get(link_path(tm, "acme"), allow_redirects=False)
                 assert again.headers["Set-Cookie"].split(";")[0] == cookie.split(";")[0]
+
+
+async def test_a_state_ttl_under_a_second_still_sets_a_lasting_cookie(sim: FakeFactorial) -> None:
+    """The binding cookie's Max-Age was ``int(state_ttl)``: 0 for a state_ttl under a second,
+    which tells the browser to delete the cookie at once (every callback then refused)."""
+    async with (
+        TokenManager(app_for(sim), "memory://", lease_ttl=6, provider_timeout=2, state_ttl=0.5) as tm,
+        TestClient(TestServer(served(tm))) as client,
+    ):
+        resp = await client.get(link_path(tm, "acme"), allow_redirects=False)
+        max_age = int(re.search(r"Max-Age=(\d+)", resp.headers["Set-Cookie"]).group(1))  # type: ignore[union-attr]
+        assert max_age >= 1
 
 
 async def test_a_callback_from_another_browser_is_refused_without_a_provider_request(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -152,7 +153,8 @@ class ConnectFlow(Generic[RequestT]):
         binding = valid_binding(cookie) or secrets.token_urlsafe(32)
         # The target is built from the app's configured base URL only, never from the request.
         location = self._tm.authorization_url(tenant, company=company, binding=binding)
-        cookie_out = BindingCookie(binding, int(self._tm.state_ttl), self._cookie_path, self._secure or https)
+        max_age = math.ceil(self._tm.state_ttl)  # never 0, which deletes the cookie
+        cookie_out = BindingCookie(binding, max_age, self._cookie_path, self._secure or https)
         return Answer(302, {**PAGE_HEADERS, "Location": location}, cookie=cookie_out)
 
     async def callback(self, request: RequestT, query: Mapping[str, str], cookie: str | None) -> Answer:

@@ -507,3 +507,25 @@ def test_close_closes_a_store_its_factory_built(tsim: FakeFactorial, tmp_path: P
     for thread in started:
         thread.join(2.0)  # an executor shut down lets its idle thread go at once
     assert [t.name for t in started if t.is_alive()] == [], "the factory's store was never closed"
+
+
+def test_the_exit_hook_closes_every_facade_though_one_fails_to_close(
+    tsim: FakeFactorial, tmp_path: Path
+) -> None:
+    """At exit every facade is closed in turn; one whose close raised (its store would not
+    close) left the facades after it open, their threads and connections running."""
+    from factorial_tokens import StoreUnavailable
+    from factorial_tokens.store import SQLiteStore
+    from factorial_tokens.sync import _close_all
+
+    class Stuck(SQLiteStore):
+        async def aclose(self) -> None:
+            await super().aclose()
+            raise StoreUnavailable("the store would not close")
+
+    failing = SyncTokenManager(app_for(tsim), lambda: Stuck(tmp_path / "a.db"))
+    other = SyncTokenManager(app_for(tsim), f"sqlite:///{tmp_path / 'b.db'}")
+    failing.tenants()
+    other.tenants()
+    _close_all()
+    assert failing.closed and other.closed

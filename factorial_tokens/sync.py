@@ -29,6 +29,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # registers its exit hook first, so ours runs before it
+import logging
 import os
 import threading
 import warnings
@@ -43,6 +44,8 @@ from ._models import CallbackResult, Credentials, FactorialApp, TenantInfo, Toke
 from .store import MemoryStore, Store
 
 __all__ = ["SyncTokenManager"]
+
+log = logging.getLogger("factorial_tokens")
 
 T = TypeVar("T")
 
@@ -379,7 +382,10 @@ class SyncTokenManager:
 
 def _close_all() -> None:
     for facade in list(_LIVE):
-        facade.close()
+        try:
+            facade.close()
+        except Exception:  # the others are closed all the same
+            log.exception("closing %r at exit failed", facade)
 
 
 def _reset_in_child() -> None:

@@ -573,3 +573,61 @@ async def test_a_short_client_secret_does_not_hide_invalid_grant(
                 stored = await backend.store.read(TenantKey(CLIENT_ID, "acme"))
                 assert isinstance(info.value, ReauthorizationRequired), repr(info.value)
                 assert stored is not None and stored.status is TenantStatus.NEEDS_REAUTH
+
+
+# -- tampered lease, claim and tenant-id columns of an SQLite row ----------------------------
+
+
+async def test_a_tampered_sqlite_lease_expiry_is_a_typed_error(sim: FakeFactorial, tmp_path: Path) -> None:
+    """SQLite keeps columns untyped, and ``_acquire`` compares ``lease_expires`` with the
+    clock in Python (``row[7] > now``, factorial_tokens/store/sqlite.py ``_acquire``): a row
+    whose lease columns were set to text (``lease_owner = 'x', lease_expires = 'garbage'``)
+    makes ``acquire`` raise a raw TypeError ('>' not supported between 'str' and 'float'),
+    which escapes the store and the manager instead of StoreUnavailable or a record that
+    cannot be opened."""
+    path = tmp_path / "tokens.db"
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+    _tamper(path, "UPDATE tenants SET lease_owner = 'x', lease_expires = 'garbage'")
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        with pytest.raises(FactorialTokensError):
+            await asyncio.wait_for(tm.refresh("acme"), 20)
+
+
+async def test_a_tampered_sqlite_claim_expiry_is_a_typed_error(sim: FakeFactorial, tmp_path: Path) -> None:
+    """The claim's state column is checked (a tampered one is StoreUnavailable), its
+    ``expires`` column is not: ``_claim_code`` compares it in Python (``row[3] <= now``), so
+    a claim whose ``expires`` holds text makes ``claim_code`` (and the retried callback's
+    ``exchange_code``) raise a raw TypeError instead of a typed error."""
+    path = tmp_path / "tokens.db"
+    code = sim.issue_code(company_id=1)
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        await tm.exchange_code("acme", code)
+    _tamper(path, "UPDATE claims SET state = 'claimed', expires = 'later'")
+    async with TokenManager(app_for(sim), SQLiteStore(path), **BUDGETS) as tm:
+        with pytest.raises(FactorialTokensError):
+            await asyncio.wait_for(tm.exchange_code("acme", code), 20)
+
+
+async def test_a_tenant_id_column_tampered_to_a_blob_is_a_typed_error(
+    sim: FakeFactorial, tmp_path: Path
+) -> None:
+    """``_tenants`` builds ``TenantKey(namespace, row[0])`` from the tenant column as SQLite
+    returns it: a tenant id rewritten as a BLOB (``CAST(tenant AS BLOB)``) comes back as
+    ``bytes``. ``tm.tenants()`` then raises a raw TypeError (sorting bytes among str) and
+    ``rekey`` a raw AttributeError (``_aad`` calls ``bytes.encode``), aborting the rotation
+    for every other tenant, instead of listing the row as one that cannot be opened."""
+    path = tmp_path / "tokens.db"
+    ring = Keyring.generate("k1")
+    async with TokenManager(app_for(sim), SQLiteStore(path), keyring=ring, **BUDGETS) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        await tm.exchange_code("zeta", sim.issue_code(company_id=2))
+    _tamper(path, "UPDATE tenants SET tenant = CAST(tenant AS BLOB) WHERE tenant = 'zeta'")
+    async with TokenManager(app_for(sim), SQLiteStore(path), keyring=ring, **BUDGETS) as tm:
+        try:
+            listed = [info.tenant for info in await tm.tenants()]
+        except FactorialTokensError:
+            listed = None
+        assert listed is None or all(isinstance(tenant, str) for tenant in listed), listed
+        with pytest.raises(FactorialTokensError):
+            await asyncio.wait_for(tm.rekey(ring.rotated("k2")), 20)

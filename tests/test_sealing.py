@@ -702,3 +702,36 @@ async def test_a_key_rotation_never_seals_a_planted_plain_record(tmp_path: Path,
             await tm.access_token("victim")
         assert (await tm.tokens("attacker")).company_id == "666"
     await store.aclose()
+
+
+def test_cli_rekey_of_a_missing_sqlite_store_fails_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rekey_command`` opens ``cfg.store`` as given (not through ``Config.manager``, which
+    refuses to create a missing SQLite file the way ``status``/``tenants`` do): pointed at a
+    store that does not exist (a typo, or FACTORIAL_TOKENS_STORE unset in the operator's
+    shell, so the default path), it creates an empty database, answers "re-sealed 0 tenant
+    records under key ..." and exits 0. The operator reads that as a finished rotation and
+    retires the old key, locking every tenant of the real store out."""
+    from click.testing import CliRunner
+
+    from factorial_tokens.cli._commands import main
+
+    from .conftest import CLIENT_SECRET, REDIRECT_URI
+
+    monkeypatch.delenv("FACTORIAL_TOKENS_KEYS", raising=False)
+    keys = tmp_path / "tokens.keys"
+    Keyring.generate("k1").rotated("k2").save(keys)
+    missing = tmp_path / "typo-tokens.db"
+    runner = CliRunner(
+        env={
+            "FACTORIAL_CLIENT_ID": CLIENT_ID,
+            "FACTORIAL_CLIENT_SECRET": CLIENT_SECRET,
+            "FACTORIAL_REDIRECT_URI": REDIRECT_URI,
+            "FACTORIAL_BASE_URL": "http://127.0.0.1:9",
+            "FACTORIAL_TOKENS_STORE": f"sqlite:///{missing}",
+        }
+    )
+    result = runner.invoke(main, ["rekey", "--keys-file", str(keys)])
+    assert not missing.exists(), "rekey created a new, empty store"
+    assert result.exit_code != 0, result.output

@@ -116,6 +116,21 @@ def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:
         store_from_url(url)
 
 
+def test_a_fragment_in_the_url_is_not_silently_dropped(tmp_path: Path) -> None:
+    """``from_url`` reads ``urlsplit(url).path`` and ignores the fragment: an unencoded
+    ``#`` in the file name (``sqlite:////srv/tokens#prod.db``) silently opens another file
+    (``/srv/tokens``), which two deployments that differ only after the ``#`` then share
+    (leases, fences, records). A ``?`` is refused as an unknown option; a ``#`` must be
+    refused too (or kept as part of the name), never cut off."""
+    url = f"sqlite:///{tmp_path}/tokens#prod.db"
+    try:
+        store = store_from_url(url)
+    except ConfigurationError:
+        return
+    assert isinstance(store, SQLiteStore)
+    assert store.path == f"{tmp_path}/tokens#prod.db", store.path
+
+
 # -- the file ------------------------------------------------------------------------
 
 
@@ -143,6 +158,31 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="schema version 99"):
         await newer.check()
     await newer.aclose()
+
+
+async def test_a_newer_schema_is_refused_without_being_written(tmp_path: Path) -> None:
+    """``_create_schema`` starts its write transaction whenever the version is not its own,
+    runs every ``CREATE ... IF NOT EXISTS`` and COMMITs, and only then compares the version:
+    a file of a newer release (here: version 99, whose layout has no ``changes`` table) is
+    changed by the release that refuses it (the old table and index are created in it)."""
+    store = SQLiteStore(tmp_path / "t.db")
+    await store.check()
+    await store.aclose()
+    conn = sqlite3.connect(tmp_path / "t.db")
+    with conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+        conn.execute("DROP TABLE changes")
+    conn.close()
+    newer = SQLiteStore(tmp_path / "t.db")
+    with pytest.raises(ConfigurationError, match="schema version 99"):
+        await newer.check()
+    await newer.aclose()
+    conn = sqlite3.connect(tmp_path / "t.db")
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+    assert "changes" not in tables and "changes_at" not in tables, tables
 
 
 async def test_unwritable_path_is_store_unavailable(tmp_path: Path) -> None:

@@ -616,7 +616,9 @@ async def test_a_tenant_id_column_tampered_to_a_blob_is_a_typed_error(
     returns it: a tenant id rewritten as a BLOB (``CAST(tenant AS BLOB)``) comes back as
     ``bytes``. ``tm.tenants()`` then raises a raw TypeError (sorting bytes among str) and
     ``rekey`` a raw AttributeError (``_aad`` calls ``bytes.encode``), aborting the rotation
-    for every other tenant, instead of listing the row as one that cannot be opened."""
+    for every other tenant. Such a row is no tenant's (no text id finds it): it is left
+    out of the listing with a warning, as the Redis store leaves out a tampered tenant
+    field, and the rotation goes on for the others."""
     path = tmp_path / "tokens.db"
     ring = Keyring.generate("k1")
     async with TokenManager(app_for(sim), SQLiteStore(path), keyring=ring, **BUDGETS) as tm:
@@ -624,10 +626,9 @@ async def test_a_tenant_id_column_tampered_to_a_blob_is_a_typed_error(
         await tm.exchange_code("zeta", sim.issue_code(company_id=2))
     _tamper(path, "UPDATE tenants SET tenant = CAST(tenant AS BLOB) WHERE tenant = 'zeta'")
     async with TokenManager(app_for(sim), SQLiteStore(path), keyring=ring, **BUDGETS) as tm:
-        try:
-            listed = [info.tenant for info in await tm.tenants()]
-        except FactorialTokensError:
-            listed = None
-        assert listed is None or all(isinstance(tenant, str) for tenant in listed), listed
-        with pytest.raises(FactorialTokensError):
-            await asyncio.wait_for(tm.rekey(ring.rotated("k2")), 20)
+        assert [info.tenant for info in await tm.tenants()] == ["acme"]
+        assert await asyncio.wait_for(tm.rekey(ring.rotated("k2")), 20) == 1
+    with sqlite3.connect(path) as conn:
+        query = "SELECT payload FROM tenants WHERE tenant = ? AND payload IS NOT NULL"
+        payload = conn.execute(query, ("acme",)).fetchone()[0]
+    assert payload is not None and bytes(payload).startswith(b"s1:k2:"), payload

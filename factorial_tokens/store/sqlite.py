@@ -386,7 +386,7 @@ class SQLiteStore:
                 "WHERE namespace = ? AND code_hash = ?",
                 (key.namespace, code_hash),
             ).fetchone()
-            if row is None or (row[2] == ClaimState.CLAIMED.value and row[3] <= now):
+            if row is None or (row[2] == ClaimState.CLAIMED.value and _number(row[3], "code claim") <= now):
                 conn.execute(
                     "INSERT OR REPLACE INTO claims "
                     "(namespace, code_hash, tenant, owner, state, expires, outcome) "
@@ -399,6 +399,7 @@ class SQLiteStore:
             claim_state = ClaimState(state)
         except ValueError:
             raise StoreUnavailable("the SQLite store holds a malformed code claim") from None
+        expires = _number(expires, "code claim")
         expired = claim_state in (ClaimState.CLAIMED, ClaimState.SENT) and expires <= now
         return CodeClaim(
             TenantKey(key.namespace, tenant),
@@ -574,6 +575,14 @@ def _record(key: TenantKey, row: tuple[Any, ...]) -> Record | None:
     return record_from_columns(key, *row[:5])
 
 
+def _number(value: object, what: str) -> float:
+    """A numeric column's value. SQLite keeps whatever was written: a tampered one (text,
+    a blob) is a typed error, not a comparison's TypeError."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    raise StoreUnavailable(f"the SQLite store holds a malformed {what}")
+
+
 def _log_change(conn: sqlite3.Connection, digest: str) -> int:
     now = time.time()
     change = conn.execute("INSERT INTO changes (digest, at) VALUES (?, ?)", (digest, now)).lastrowid
@@ -611,12 +620,13 @@ def _acquire(
         now = time.time()
         row = conn.execute(_LEASE_ROW, (key.namespace, key.tenant)).fetchone()
         record = None if row is None else _record(key, row)
-        if row is not None and row[6] == owner and row[7] > now:
+        held = row is not None and row[6] is not None and _number(row[7], "lease") > now
+        if held and row[6] == owner:
             # A replay: owner tokens are unique per call, so this lease is the caller's own.
-            return Acquisition(Lease(key, owner, int(row[5])), record)
+            return Acquisition(Lease(key, owner, int(_number(row[5], "lease"))), record)
         if unless_fresh is not None and not unless_fresh.due(record):
             return Acquisition(None, record)  # written meanwhile: fresh (or gone) now
-        if row is not None and row[6] is not None and row[7] > now:
+        if held:
             return Acquisition(None, record)
         fence = conn.execute(
             "INSERT INTO tenants (namespace, tenant, digest, fence, lease_owner, lease_expires) "
@@ -791,8 +801,15 @@ def _tenants(conn: sqlite3.Connection, namespace: str) -> list[Record]:
         "WHERE namespace = ? AND payload IS NOT NULL",
         (namespace,),
     ).fetchall()
-    records = (_record(TenantKey(namespace, row[0]), row[1:]) for row in rows)
-    return [record for record in records if record is not None]
+    records = []
+    for row in rows:
+        if not isinstance(row[0], str):  # a tenant column tampered with (a blob): not a tenant
+            log.warning("the SQLite store holds a row whose tenant id is not text; skipped")
+            continue
+        record = _record(TenantKey(namespace, row[0]), row[1:])
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def _check(conn: sqlite3.Connection) -> None:

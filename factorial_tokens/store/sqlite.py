@@ -190,6 +190,9 @@ class SQLiteStore:
         parts = urlsplit(url)
         if parts.scheme.lower() != "sqlite":
             raise ConfigurationError(f"not an sqlite:// URL: {parts.scheme}://")
+        if "#" in url:
+            # urlsplit would drop what follows, and open another file than the one named.
+            raise ConfigurationError("an sqlite URL's path holds a '#': write it as %23")
         if parts.netloc and parts.netloc != "localhost":
             raise ConfigurationError(
                 "an sqlite URL names a local file: sqlite:///relative.db or sqlite:////absolute.db"
@@ -299,8 +302,12 @@ class SQLiteStore:
         found = _schema_version(conn)
         if found == SCHEMA_VERSION:
             return
+        self._check_version(found)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Again under the write lock: another process may have created it meanwhile. A
+            # schema this release does not know is refused before anything is written.
+            self._check_version(_schema_version(conn))
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(
@@ -311,7 +318,11 @@ class SQLiteStore:
         except BaseException:
             conn.rollback()
             raise
-        if found != SCHEMA_VERSION:
+        self._check_version(found)
+
+    def _check_version(self, found: int | None) -> None:
+        """Refuse a schema version other than this release's (``None``: none yet)."""
+        if found is not None and found != SCHEMA_VERSION:
             raise ConfigurationError(
                 f"{self.path} holds token store schema version {found}; this release reads "
                 f"version {SCHEMA_VERSION} (upgrade factorial-tokens)"

@@ -914,7 +914,12 @@ def rekey_command(cfg: Config, allow_plaintext: bool) -> None:
         ring = cfg.keyring()
         if ring is None:
             raise ConfigurationError("no keys: set FACTORIAL_TOKENS_KEYS or pass --keys-file")
-        async with TokenManager(cfg.app(), cfg.store, keyring=ring, allow_plaintext=allow_plaintext) as tm:
+        missing = cfg.sqlite_missing()
+        if missing is not None:
+            # Created empty, it would report a rotation done, and the old key be retired.
+            raise StoreUnavailable(f"no token store at {missing}: nothing to re-seal (check the store URL)")
+        store = cfg.read_store()  # a Postgres schema that does not exist is not made either
+        async with TokenManager(cfg.app(), store, keyring=ring, allow_plaintext=allow_plaintext) as tm:
             moved = await tm.rekey(ring)
         click.echo(f"re-sealed {moved} tenant records under key {ring.newest!r}")
         return moved

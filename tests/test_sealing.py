@@ -571,6 +571,28 @@ async def test_rekey_leaves_what_it_cannot_open_intact(backend: Backend, sim: Fa
     await store.release(taken.lease)
 
 
+async def test_rekey_reports_a_record_labelled_with_the_newest_key_that_it_cannot_open(
+    backend: Backend, sim: FakeFactorial
+) -> None:
+    """Records labelled with the newest key's id were taken as done without being opened:
+    a damaged one (or one sealed under another key of the same id) passed as rotated, and
+    rekey reported success; the operator then retires the old key with a record no worker
+    can open."""
+    store = backend.store
+    ring = Keyring.generate("k1").rotated("k2")
+    async with TokenManager(app_for(sim), store, keyring=ring, **BUDGETS) as tm:
+        await connect(tm, sim, "fine", 1)
+        await connect(tm, sim, "damaged", 2)
+    key = TenantKey(CLIENT_ID, "damaged")
+    record = await store.read(key)
+    assert record is not None and sealed_with(record.payload) == "k2"
+    garbled = record.payload[:-8] + bytes(8)
+    await store.replace(key, Update(garbled, record.status, record.expires_at, record.updated_at))
+    async with TokenManager(app_for(sim), store, keyring=ring, **BUDGETS) as tm:
+        with pytest.raises(TokenSealError, match=r"0 records re-sealed, 1 could not be opened.*'damaged'"):
+            await tm.rekey(ring)
+
+
 # -- the CLI -------------------------------------------------------------------------------
 
 

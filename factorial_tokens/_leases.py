@@ -102,7 +102,7 @@ class Leases(Core):
         refuses them counts them as records it could not open (TokenSealError): with a
         keyring in force, a plain record was planted by someone without the key, and
         sealing it would make it pass. Records already sealed under the newest key are
-        left alone.
+        opened (to find damaged ones) and left alone.
 
         Safe while workers run: each tenant is re-sealed under its lease (a busy tenant is
         retried after the others, waiting up to ``wait_timeout``, default the manager's,
@@ -120,9 +120,20 @@ class Leases(Core):
         namespace = self.app.client_id
         reads_plain = not isinstance(self._codec, SealedCodec) or self._codec.allow_plaintext
         codec = SealedCodec(keyring, allow_plaintext=reads_plain)
-        pending = [r.key for r in await self._store.tenants(namespace) if not codec.is_current(r.payload)]
-        done = 0
+        pending: list[TenantKey] = []
         unopened: list[str] = []
+        for record in await self._store.tenants(namespace):
+            if not codec.is_current(record.payload):
+                pending.append(record.key)
+                continue
+            # Labelled with the newest key: opened all the same, since a damaged record (or
+            # one sealed under another key of that id) would otherwise pass as rotated.
+            try:
+                codec.decode(record.key, record.payload)
+            except TokenSealError as exc:
+                log.error("rekey: %s", exc)
+                unopened.append(record.key.tenant)
+        done = 0
         busy: list[TenantKey] = []
         for key in pending:  # first pass: never wait, defer busy tenants
             outcome = await self._reseal(codec, key, wait=0.0)

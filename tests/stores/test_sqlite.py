@@ -109,6 +109,9 @@ def test_url_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("sqlite:///t.db?cache=shared", "unknown sqlite store option"),
         ("sqlite:///t.db?synchronous=sometimes", "synchronous must be"),
         ("sqlite:///t.db?poll=0", "must be > 0"),
+        # SQLite keeps its busy timeout in milliseconds in a 32-bit int: 30 days overflowed
+        # it and turned busy waiting off.
+        ("sqlite:///t.db?timeout=2592000", "at most a day"),
     ],
 )
 def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:

@@ -99,6 +99,9 @@ _SCHEMA = (
 
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
 #: Options of an sqlite URL, and the constructor arguments they set.
+#: The longest busy timeout taken, in seconds.
+_LONGEST_BUSY_TIMEOUT = 86400.0
+
 _URL_OPTIONS = {"timeout": seconds, "poll": seconds, "synchronous": choice(*_SYNCHRONOUS)}
 _URL_NAMES = {"timeout": "busy_timeout", "poll": "poll_interval"}
 _FINISHED = (ClaimState.DONE.value, ClaimState.FAILED.value)
@@ -160,6 +163,9 @@ class SQLiteStore:
             raise ConfigurationError("SQLiteStore's path holds a NUL character")
         if not (0 < busy_timeout < math.inf and 0 < poll_interval < math.inf):
             raise ConfigurationError("busy_timeout and poll_interval must be > 0 (finite numbers of seconds)")
+        if busy_timeout > _LONGEST_BUSY_TIMEOUT:
+            # SQLite keeps it in milliseconds in a 32-bit int (about 24.8 days): more overflows.
+            raise ConfigurationError(f"busy_timeout must be at most a day ({_LONGEST_BUSY_TIMEOUT:g} s)")
         if synchronous.lower() not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}")
         self.path = os.path.abspath(raw)

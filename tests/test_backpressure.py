@@ -228,3 +228,83 @@ async def test_keepalive_never_refreshes_what_another_worker_just_refreshed(sim:
     assert sim.stats.refreshes == 1, (
         f"{sim.stats.refreshes} refreshes: the pass renewed the peer's fresh tokens"
     )
+
+
+async def test_a_nan_retry_after_does_not_wedge_every_refresh(sim: FakeFactorial) -> None:
+    """A 429 whose ``Retry-After`` reads ``nan`` (a proxy's garbage; Python's ``float``
+    takes it) is parsed as NaN by ``_oauth._retry_after`` (``max(nan, 0.0)`` is NaN) and
+    ``_provider_held`` makes NaN the worker's ``_not_before``. From then on ``_admitted``
+    computes ``wait = nan``: neither ``<= 0`` nor past the deadline, so it calls
+    ``asyncio.sleep(nan)``, which returns at once, and loops forever: every later refresh
+    of every tenant in the process spins without end (no new 429 can ever reset it)."""
+    budgets = dict(lease_ttl=2.0, provider_timeout=1.0, wait_timeout=2.5)
+    async with TokenManager(app_for(sim), "memory://", **budgets) as tm:
+        await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        await tm.exchange_code("beta", sim.issue_code(company_id=2))
+        sim.inject(Fault.RATE_LIMITED, retry_after=float("nan"))
+        await tm.refresh("acme")  # the 429 is retried; this refresh goes through
+        try:
+            async with asyncio.timeout(2):
+                await tm.refresh("beta")
+        except TimeoutError:
+            pytest.fail("a refresh after a 429 with Retry-After: nan never ended (_admitted spins)")
+    assert sim.stats.refreshes == 2
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [float("inf"), 1_800_000_000.0],
+    ids=["infinite", "an-epoch-timestamp"],
+)
+async def test_an_absurd_retry_after_does_not_hold_the_fleet_for_ever(
+    make_sim: SimFactory, tmp_path: Path, retry_after: float
+) -> None:
+    """A 429 with ``Retry-After: inf`` (``float`` takes it) or an absolute Unix timestamp
+    sent as delay-seconds (a common proxy mistake: 1.8e9 s, 57 years) is recorded as is:
+    ``_retry_after`` caps nothing and ``_provider_held`` shares ``time.time() + seconds``
+    with the store, whose ``hold`` only ever raises the instant. Every worker of the fleet,
+    and every worker started later, then refuses every refresh for decades (for ever),
+    and nothing but editing the store by hand lifts it. The recorded hold must be bounded
+    (the provider's limit is per minute)."""
+    url = f"sqlite:///{tmp_path / 'tokens.db'}"
+    async with make_sim(access_token_ttl=3600) as sim:
+        async with TokenManager(app_for(sim), url, lease_ttl=6.0, provider_timeout=2.0) as tm:
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+            sim.inject(Fault.RATE_LIMITED, retry_after=retry_after)
+            with pytest.raises(ProviderError):
+                await tm.refresh("acme")
+            assert isinstance(tm.store, Throttle)
+            async with asyncio.timeout(5):
+                while await tm.store.hold(tm.app.client_id, 0.0) == 0.0:
+                    await asyncio.sleep(0.01)
+            held = await tm.store.hold(tm.app.client_id, 0.0)
+    assert held < time.time() + 3600, f"one 429 held every worker's refreshes for {held - time.time():.3g}s"
+
+
+async def test_a_nan_retry_after_does_not_disable_the_fleets_holds_in_postgres(
+    make_sim: SimFactory, tmp_path: Path
+) -> None:
+    """Worker A is answered 429 ``Retry-After: nan``; ``_share_hold`` records NaN in
+    Postgres (``hold`` writes ``$3`` when ``coalesce(t.expires_at, 0) < $3``, and
+    Postgres orders NaN above every number). From then on no hold is ever recorded again
+    (nothing is above NaN) and ``admit`` never sees one: worker B's real 429
+    ``Retry-After: 30`` is not shared, and worker C, started during that hold, reads NaN
+    (``max(0.0, nan)`` keeps 0.0) and sends token requests at once."""
+    url = STORES["postgres"].url(tmp_path)
+    budgets = dict(lease_ttl=2.0, provider_timeout=1.0, wait_timeout=2.5)
+    async with make_sim(access_token_ttl=3600) as sim:
+        async with TokenManager(app_for(sim), url, **budgets) as a:
+            await a.exchange_code("acme", sim.issue_code(company_id=1))
+            await a.exchange_code("beta", sim.issue_code(company_id=2))
+            sim.inject(Fault.RATE_LIMITED, retry_after=float("nan"))
+            await a.refresh("acme")  # the 429 is retried; this refresh goes through
+        async with TokenManager(app_for(sim), url, **budgets) as b:
+            sim.inject(Fault.RATE_LIMITED, retry_after=30)
+            with pytest.raises(ProviderError):
+                await b.refresh("beta")
+        # b's hold was shared before it closed (aclose waits for its tasks)
+        sent = sim.stats.token_requests
+        async with TokenManager(app_for(sim), url, **budgets) as c:  # opened during b's hold
+            with contextlib.suppress(ProviderError):
+                await c.refresh("beta")
+        assert sim.stats.token_requests == sent, "a worker sent a token request during the fleet's hold"

@@ -1867,3 +1867,35 @@ async def test_aclose_gives_back_a_lease_won_in_flight_for_a_cancelled_caller(ba
         await locker.close()
         await store.aclose()
     assert owner is None, f"lease won for a cancelled caller still held by {owner!r} after aclose"
+
+
+async def test_an_admit_that_queued_on_the_throttle_row_is_not_admitted_for_free(base_url: str) -> None:
+    """Every admit updates the app's one throttle row, so under load admits queue on its
+    row lock. The queued ``admit`` statement judges the budget by its
+    ``statement_timestamp()`` (when it started), finds no room and takes nothing; the
+    fallback that follows re-judges the row by ``clock_timestamp()`` (now, the interval
+    elapsed), computes a wait of 0 with ``ThrottleState.admit`` and returns 0.0 without
+    writing: the caller is admitted and no unit was taken, so the next caller is admitted
+    on the same unit. Here two admissions land together on a budget of one per interval."""
+    schema = postgres_server.unique_schema()
+    url = store_url(base_url, schema=schema)
+    store = store_from_url(url)
+    assert isinstance(store, PostgresStore)
+    ns, interval = f"budget-{secrets.token_hex(4)}", 0.5
+    con = await asyncpg.connect(base_url.split("?")[0], timeout=5)
+    try:
+        assert await store.admit(ns, secrets.token_hex(8), interval, 1) == 0  # the row exists
+        async with con.transaction():
+            await con.execute(
+                f'SELECT 1 FROM "{schema}"."tenants" WHERE namespace = $1 AND tenant = \'\' FOR UPDATE', ns
+            )
+            queued = asyncio.create_task(store.admit(ns, secrets.token_hex(8), interval, 1))
+            await asyncio.sleep(2 * interval)  # another admit's transaction holds the row; the unit frees
+        first = await queued
+        second = await store.admit(ns, secrets.token_hex(8), interval, 1)
+        assert [first, second].count(0.0) == 1, (
+            f"two admissions at once on a budget of one per {interval}s (waits {first}, {second})"
+        )
+    finally:
+        await con.close()
+        await store.aclose()

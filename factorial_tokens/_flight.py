@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
 import secrets
 import time
@@ -30,6 +31,7 @@ from ._events import EventKind, TokenEvent
 from ._leases import Leases
 from ._logs import OperationContext, bind
 from ._models import TokenSet, fingerprint, validate_tenant
+from ._oauth import MAX_RETRY_AFTER
 from .store import (
     Freshness,
     Lease,
@@ -572,6 +574,8 @@ class Flights(Leases):
 
     def _provider_held(self, seconds: float) -> None:
         """The token endpoint said 429 (or 503 with Retry-After): hold every worker."""
+        if not 0 <= seconds <= MAX_RETRY_AFTER:  # NaN included: it would wedge _admitted
+            seconds = MAX_RETRY_AFTER if seconds > MAX_RETRY_AFTER else 0.0
         until = time.time() + seconds
         if until <= self._not_before:
             return
@@ -595,7 +599,9 @@ class Flights(Leases):
     async def _learn_hold(self) -> None:
         """Another worker recorded a hold (or announcements were lost): read it."""
         try:
-            self._not_before = max(self._not_before, await self._throttle.hold(self.app.client_id, 0.0))
+            held = await self._throttle.hold(self.app.client_id, 0.0)
+            if math.isfinite(held):  # a damaged store value is no hold
+                self._not_before = max(self._not_before, min(held, time.time() + MAX_RETRY_AFTER))
         except StoreUnavailable as exc:
             log.warning("could not read the fleet's refresh hold: %s", exc)
 

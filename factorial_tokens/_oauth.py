@@ -38,6 +38,11 @@ log = logging.getLogger("factorial_tokens")
 
 _MAX_BODY = 1 << 20
 _RETRYABLE = frozenset({429, 500, 503})
+#: A ``Retry-After`` of delay-seconds (a fraction tolerated).
+_DELAY_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+#: The longest wait a ``Retry-After`` is taken for: the provider's limits are per minute;
+#: a longer one (a Unix timestamp sent as delay-seconds) would hold every worker for years.
+MAX_RETRY_AFTER = 600.0
 _GATEWAY = frozenset({502, 504})
 #: Connection attempts to a host that refuses before the error is raised.
 _CONNECT_TRIES = 5
@@ -163,16 +168,20 @@ def _error_code(value: object, *secrets: str | None) -> str | None:
 
 
 def _retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` asks for: delay-seconds or an HTTP-date (RFC 9110
+    10.2.3), at most ``MAX_RETRY_AFTER``; None for anything else (``nan``, ``inf``, ``-5``:
+    Python's ``float`` takes them all, and one would wedge or hold the fleet for ever)."""
     if not value:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    except (TypeError, ValueError):
-        return None
+    value = value.strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        seconds = float(value)
+    else:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 class OAuthClient:

@@ -78,6 +78,9 @@ log = logging.getLogger("factorial_tokens.postgres")
 
 T = TypeVar("T")
 
+#: How many times an admission refused while the budget row changed under it is asked again.
+_ADMIT_TRIES = 3
+
 #: Everything the driver raises for a failing backend.
 _FAILURES: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -863,11 +866,17 @@ class PostgresStore:
         burst = max(burst, 1)
 
         async def run(con: Any, replay: bool) -> Any:
-            if await con.fetchval(self._sql.admit, namespace, digest, ticket, float(interval), burst):
-                return 0.0
-            row = await con.fetchrow(self._sql.throttle, namespace)
-            state = ThrottleState(row["not_before"] or 0.0, row["tat"] or 0.0, row["ticket"] or "")
-            return state.admit(float(row["now"]), ticket, interval, burst)[0]
+            for _ in range(_ADMIT_TRIES):
+                if await con.fetchval(self._sql.admit, namespace, digest, ticket, float(interval), burst):
+                    return 0.0
+                row = await con.fetchrow(self._sql.throttle, namespace)
+                state = ThrottleState(row["not_before"] or 0.0, row["tat"] or 0.0, row["ticket"] or "")
+                wait = state.admit(float(row["now"]), ticket, interval, burst)[0]
+                if wait > 0 or state.ticket == ticket:  # held, out of budget, or a resend
+                    return wait
+                # Refused, yet free now: the row changed while the statement waited for its
+                # lock. Ask again: a caller let through here would take no unit.
+            return float(interval)
 
         return float(await self._call("admit", run))
 
@@ -1380,7 +1389,8 @@ class _Statements:
                    (SELECT count(*) FROM note) > 0 AS raised"""
         # $1 namespace, $2 hold digest, $3 ticket, $4 interval seconds (0: no budget), $5 burst.
         # One row when admitted (one unit taken); none when held, out of budget, or a resend.
-        now = "extract(epoch FROM statement_timestamp())::float8"
+        # The clock when the row's lock is had (an admit may wait for another's).
+        now = "extract(epoch FROM clock_timestamp())::float8"
         self.admit = f"""
             INSERT INTO {t} AS t (namespace, tenant, digest, expires_at, updated_at, lease_owner)
             VALUES ($1, '', $2, 0, {now} + $4, $3)

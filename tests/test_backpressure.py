@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from pathlib import Path
 
@@ -310,3 +311,25 @@ async def test_a_nan_retry_after_does_not_disable_the_fleets_holds_in_postgres(
             with contextlib.suppress(ProviderError):
                 await c.refresh("beta")
         assert sim.stats.token_requests == sent, "a worker sent a token request during the fleet's hold"
+
+
+async def test_a_keepalive_pass_during_a_long_hold_logs_a_line_per_tenant_not_a_traceback(
+    sim: FakeFactorial, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a provider hold longer than a refresh's deadline every visit of a keepalive
+    pass fails with ProviderError(429), an expected outcome; each was logged with a whole
+    traceback (10,000 tenants: 10,000 tracebacks a pass)."""
+    async with TokenManager(app_for(sim), "memory://", lease_ttl=6.0, provider_timeout=2.0) as tm:
+        for number, tenant in enumerate(("a", "b", "c"), start=1):
+            await tm.exchange_code(tenant, sim.issue_code(company_id=number))
+        sim.inject(Fault.RATE_LIMITED, times=3, retry_after=300)  # the visits start together
+        with caplog.at_level(logging.INFO, logger="factorial_tokens.keepalive"):
+            report = await tm.keep_alive(max_age=1e-6, jitter=0.0, once=True)
+    assert sorted(report.failed) == ["a", "b", "c"]
+    failures = [
+        r for r in caplog.records if r.name == "factorial_tokens.keepalive" and r.levelno >= logging.WARNING
+    ]
+    assert len(failures) == 3 and all(r.exc_info is None for r in failures), [
+        r.getMessage() for r in failures
+    ]
+    assert all("429" in r.getMessage() for r in failures)

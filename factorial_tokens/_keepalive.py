@@ -26,7 +26,13 @@ from typing import Protocol
 
 import attrs
 
-from ._errors import ConfigurationError, ReauthorizationRequired, StoreUnavailable
+from ._errors import (
+    ConfigurationError,
+    ProviderError,
+    ReauthorizationRequired,
+    RefreshTimeout,
+    StoreUnavailable,
+)
 from ._models import FactorialApp, TenantInfo, TokenSet
 
 __all__ = ["KeepAliveReport"]
@@ -190,6 +196,10 @@ async def _visit(manager: Renewer, info: TenantInfo, now: float, max_age: float,
     except ReauthorizationRequired as exc:
         log.error("keepalive: tenant %r needs re-authorization: %s", tenant, exc.reason)
         return "lost"
+    except (ProviderError, StoreUnavailable, RefreshTimeout) as exc:
+        # Expected outcomes (a provider hold, an outage): one line, not a traceback each.
+        log.warning("keepalive: tenant %r not renewed (%s); it is retried on the next pass", tenant, exc)
+        return "failed"
     except Exception:
         log.exception("keepalive: refreshing tenant %r failed; it is retried on the next pass", tenant)
         return "failed"

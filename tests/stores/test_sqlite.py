@@ -149,20 +149,6 @@ async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
         conn.close()
 
 
-async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "t.db")
-    await store.check()
-    await store.aclose()
-    conn = sqlite3.connect(tmp_path / "t.db")
-    with conn:
-        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    conn.close()
-    newer = SQLiteStore(tmp_path / "t.db")
-    with pytest.raises(ConfigurationError, match="schema version 99"):
-        await newer.check()
-    await newer.aclose()
-
-
 async def test_a_newer_schema_is_refused_without_being_written(tmp_path: Path) -> None:
     """``_create_schema`` starts its write transaction whenever the version is not its own,
     runs every ``CREATE ... IF NOT EXISTS`` and COMMITs, and only then compares the version:

@@ -139,9 +139,11 @@ class _Runner:
             finally:
                 self.loop.stop()
 
+        ending = end()
         try:
-            self.loop.call_soon_threadsafe(self.loop.create_task, end())
+            self.loop.call_soon_threadsafe(self.loop.create_task, ending)
         except RuntimeError:  # the loop closed meanwhile
+            ending.close()
             return
         if threading.current_thread() is not self.thread:
             self.thread.join(_ABANDON_WAIT)

@@ -5,6 +5,8 @@ from then on is swallowed *after the server executed the request*, and that conn
 closed (the client sees a dropped connection, and a retrying client resends); with
 ``stall=True`` the connection stays open and silent instead (the client waits for its own
 timeout). Everything else is forwarded unchanged. ``dropped`` counts swallowed replies.
+``hold(marker)`` holds back a request containing ``marker`` (and whatever follows it on that
+connection) until ``release()``: the server sees it late (a slow first subscription).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ __all__ = ["TcpProxy"]
 
 
 class _Link:
-    __slots__ = ("drop_next", "stall")
+    __slots__ = ("drop_next", "held", "stall")
 
     def __init__(self) -> None:
         self.drop_next = False
         self.stall = False
+        self.held = False
 
 
 class TcpProxy:
@@ -36,6 +39,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._marker: bytes | None = None
+        self._released = asyncio.Event()
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -54,6 +59,17 @@ class TcpProxy:
     def drop_reply(self, nth: int, *, stall: bool = False) -> None:
         """Lose the reply to the ``nth`` request from now on (1 = the next one)."""
         self._countdown, self._stall = nth, stall
+
+    def hold(self, marker: bytes) -> None:
+        """Hold back each request containing ``marker`` (and what follows it on its
+        connection) until :meth:`release`."""
+        self._marker = marker
+        self._released.clear()
+
+    def release(self) -> None:
+        """Let held requests through; hold nothing more."""
+        self._marker = None
+        self._released.set()
 
     def disarm(self) -> None:
         """Forget an armed drop that has not happened yet."""
@@ -81,6 +97,9 @@ class TcpProxy:
                     if self._countdown == 0:
                         link.drop_next, link.stall = True, self._stall
                         self._countdown = None
+                if link.held or (self._marker is not None and self._marker in data):
+                    link.held = True
+                    await self._released.wait()
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.IncompleteReadError):

@@ -14,6 +14,7 @@ these tests fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -224,3 +225,85 @@ async def test_a_mixed_acquire_batch_gives_each_caller_its_own_answer(module_url
         await mixed_acquire_batch(store, f"acq-{secrets.token_hex(4)}")
     finally:
         await store.aclose()
+
+
+# -- found by a reviewer: what other workers announce never reaches a PgBouncer worker ------
+
+
+async def test_another_workers_forget_evicts_a_pgbouncer_workers_cache(bouncer: TempPgBouncer) -> None:
+    """Worker B (PgBouncer mode) caches a tenant's token; worker A forgets the tenant. With
+    no LISTEN, B's ``on_change`` listeners only ever hear B's own writes, and the mode's
+    poll bounds the waits of watchers only: nothing drops B's cached entry, so B serves the
+    forgotten (still valid at Factorial) token for its whole lifetime, an hour here, where
+    the other stores evict it at once. Not even after eight of the mode's poll periods."""
+    from factorial_tokens import TenantNotConnected, TokenManager
+    from factorial_tokens.testing import FakeFactorial
+
+    from ..conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
+
+    url = store_url(bouncer)  # poll: 0.25 s
+    async with FakeFactorial(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, access_token_ttl=3600
+    ) as sim:
+        one, two = _pgbouncer_store(url), _pgbouncer_store(url)
+        try:
+            async with (
+                TokenManager(app_for(sim), one, lease_ttl=6.0, provider_timeout=2.0) as a,
+                TokenManager(app_for(sim), two, lease_ttl=6.0, provider_timeout=2.0) as b,
+            ):
+                token = (await a.exchange_code("acme", sim.issue_code(company_id=1))).access_token
+                assert await b.access_token("acme") == token  # cached by B
+                await a.forget("acme")
+                deadline = time.monotonic() + 8 * 0.25
+                while time.monotonic() < deadline:
+                    try:
+                        served = await b.access_token("acme")
+                    except TenantNotConnected:
+                        return
+                    assert served == token
+                    await asyncio.sleep(0.05)
+                pytest.fail("worker B still serves the forgotten tenant's token 2 s after the forget")
+        finally:
+            await one.aclose()
+            await two.aclose()
+
+
+async def test_a_pgbouncer_worker_honours_another_workers_429_hold(bouncer: TempPgBouncer) -> None:
+    """Worker A is answered 429 Retry-After: 30 and records the fleet's hold in the store
+    (and announces it). Worker B, in PgBouncer mode, was open already: it learns a hold only
+    from announcements (``_on_change`` of the hold digest) or at ``open()``, and without a
+    ``refresh_rate`` its refreshes never ask the store. So B sends its own token request
+    during the hold, when the fleet's back-pressure says no worker may (the other stores
+    hold B within one announcement)."""
+    from factorial_tokens import ProviderError, TokenManager
+    from factorial_tokens.testing import FakeFactorial, Fault
+
+    from ..conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
+
+    url = store_url(bouncer)
+    async with FakeFactorial(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, access_token_ttl=3600
+    ) as sim:
+        one, two = _pgbouncer_store(url), _pgbouncer_store(url)
+        try:
+            async with (
+                TokenManager(app_for(sim), one, lease_ttl=6.0, provider_timeout=2.0) as a,
+                TokenManager(app_for(sim), two, lease_ttl=6.0, provider_timeout=2.0) as b,
+            ):
+                await a.exchange_code("acme", sim.issue_code(company_id=1))
+                sim.inject(Fault.RATE_LIMITED, retry_after=30)
+                with pytest.raises(ProviderError):
+                    await a.refresh("acme")
+                async with asyncio.timeout(5):
+                    while await one.hold(CLIENT_ID, 0.0) <= time.time() + 20:
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(4 * 0.25)  # four of the mode's poll periods
+                sent = sim.stats.token_requests
+                with contextlib.suppress(ProviderError):
+                    await b.refresh("acme")
+                assert sim.stats.token_requests == sent, (
+                    "worker B sent a token request during the fleet's hold"
+                )
+        finally:
+            await one.aclose()
+            await two.aclose()

@@ -781,3 +781,63 @@ async def test_a_resent_acquire_by_the_same_owner_keeps_its_lease(tampering: Tam
     await asyncio.sleep(0.3)
     assert await admin.get(store._lease(key.digest)) == b"owner-1"
     assert await store.extend(again.lease, 60)
+
+
+# -- found by a reviewer: announcements lost around the first subscription ----------------
+
+
+async def _until(predicate: Any, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_first_subscription_slower_than_the_gate_tells_of_what_it_missed(
+    make_sim: SimFactory, redis_url: str, prefix: str
+) -> None:
+    """The first SUBSCRIBE takes longer than the first-try gate (2 s; a loaded server, a
+    slow link) but less than the confirmation's 5 s: the first watch gives up waiting,
+    reads the tenant and the manager caches it. Another worker forgets the tenant before
+    the subscription is in effect, so its announcement never arrives here. When the
+    subscription then succeeds, it is the first (``connections == 1``, no failure), so
+    ``PushListener._connected`` does not ``notify_all``: nothing tells this manager that
+    announcements were missed, and it keeps serving the forgotten tenant's token (for its
+    whole lifetime, an hour here) instead of ``TenantNotConnected``."""
+    from factorial_tokens import TenantNotConnected
+
+    from ..tcp_proxy import TcpProxy
+
+    host_port = redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = host_port.partition(":")
+    async with (
+        make_sim(access_token_ttl=3600) as sim,
+        TcpProxy(host or "127.0.0.1", int(port or 6379)) as proxy,
+    ):
+        direct = RedisStore.from_url(_url(redis_url, prefix))
+        slow = RedisStore.from_url(_url(f"redis://127.0.0.1:{proxy.port}/0", prefix))
+        try:
+            async with TokenManager(app_for(sim), direct, lease_ttl=6.0, provider_timeout=2.0) as other:
+                token = await connect(other, sim)
+                proxy.hold(b"SUBSCRIBE")  # the worker's first subscription is slow
+                async with TokenManager(app_for(sim), slow, lease_ttl=6.0, provider_timeout=2.0) as worker:
+                    assert await worker.access_token("acme") == token  # after the gate: cached
+                    assert not slow._listener.listening
+                    await other.forget("acme")  # announced before the subscription is in effect
+                    proxy.release()
+                    await _until(lambda: slow._listener.listening)
+                    # Everything announced since the subscription reaches the worker: a marker.
+                    marker = TenantKey("marker", "m")
+                    seen = asyncio.Event()
+                    stop = slow.on_change(lambda digest: digest == marker.digest and seen.set())
+                    await direct.replace(marker, _update(b"m"))
+                    await asyncio.wait_for(seen.wait(), 10)
+                    stop()
+                    with pytest.raises(TenantNotConnected):
+                        served = await worker.access_token("acme")
+                        pytest.fail(
+                            f"served the forgotten tenant's token (same as before: {served == token})"
+                        )
+        finally:
+            await slow.aclose()
+            await direct.aclose()

@@ -841,3 +841,46 @@ async def test_a_first_subscription_slower_than_the_gate_tells_of_what_it_missed
         finally:
             await slow.aclose()
             await direct.aclose()
+
+
+async def test_a_failing_change_listener_neither_drops_the_subscription_nor_starves_the_others(
+    redis_url: str, prefix: str
+) -> None:
+    """An ``on_change`` callback that raises (an application's own, registered on the shared
+    store before the manager's) breaks ``Notifier.notify``'s loop: the listeners after it,
+    the manager's cache eviction among them, never hear the announcement, and the exception
+    leaves ``PushListener.deliver`` inside ``listen``, so the Redis subscription is torn
+    down. Worse, the resubscription's ``connected()`` calls ``notify_all()``, where the same
+    listener raises again: every resubscription fails after it was counted as up, so the
+    backoff restarts at 0.05 s each time, a SUBSCRIBE loop at ~17 a second for ever, and no
+    announcement is delivered again (seen: 51 "subscription lost" in 3 s). The SQLite
+    store's poller contains such a failure ("a listener's bug must not stop the wake-ups of
+    everyone else"); the push stores do not."""
+    store = RedisStore.from_url(_url(redis_url, prefix))
+    other = RedisStore.from_url(_url(redis_url, prefix))
+    key = TenantKey("ns", "acme")
+    heard: list[str | None] = []
+    got = asyncio.Event()
+
+    def failing(digest: str | None) -> None:
+        raise RuntimeError("an application's listener bug")
+
+    def recording(digest: str | None) -> None:
+        heard.append(digest)
+        if digest == key.digest:
+            got.set()
+
+    try:
+        store.on_change(failing)
+        store.on_change(recording)
+        await _settled(store)
+        await other.replace(key, _update(b"v1"))
+        try:
+            await asyncio.wait_for(got.wait(), 3)
+        except TimeoutError:
+            pytest.fail(f"the listener after a failing one never heard the change (heard {heard})")
+        await asyncio.sleep(0.3)  # a resubscription would follow at once
+        assert store._listener.connections == 1, "the subscription was torn down by a listener's error"
+    finally:
+        await store.aclose()
+        await other.aclose()

@@ -18,12 +18,13 @@ __all__ = ["TcpProxy"]
 
 
 class _Link:
-    __slots__ = ("drop_next", "held", "stall")
+    __slots__ = ("dead", "drop_next", "held", "stall")
 
     def __init__(self) -> None:
         self.drop_next = False
         self.stall = False
         self.held = False
+        self.dead = False
 
 
 class TcpProxy:
@@ -41,6 +42,7 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._marker: bytes | None = None
         self._released = asyncio.Event()
+        self._links: set[_Link] = set()
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -71,6 +73,13 @@ class TcpProxy:
         self._marker = None
         self._released.set()
 
+    def blackhole(self) -> None:
+        """Every connection open now goes silent both ways, yet stays open (a NAT or load
+        balancer that dropped an idle flow): nothing is forwarded, nothing is closed.
+        Connections made afterwards work."""
+        for link in self._links:
+            link.dead = True
+
     def disarm(self) -> None:
         """Forget an armed drop that has not happened yet."""
         self._countdown = None
@@ -82,6 +91,7 @@ class TcpProxy:
             writer.close()
             return
         link = _Link()
+        self._links.add(link)
         self._writers |= {writer, up_writer}
         for coro in (self._requests(reader, up_writer, link), self._replies(up_reader, writer, link)):
             task = asyncio.get_running_loop().create_task(coro)
@@ -100,6 +110,8 @@ class TcpProxy:
                 if link.held or (self._marker is not None and self._marker in data):
                     link.held = True
                     await self._released.wait()
+                if link.dead:
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -117,6 +129,8 @@ class TcpProxy:
                         while await src.read(65536):
                             pass  # silent: the client waits for its own timeout
                     break
+                if link.dead:
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.IncompleteReadError):

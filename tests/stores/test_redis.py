@@ -884,3 +884,37 @@ async def test_a_failing_change_listener_neither_drops_the_subscription_nor_star
     finally:
         await store.aclose()
         await other.aclose()
+
+
+async def test_a_silently_dead_subscription_is_found_and_remade(redis_url: str, prefix: str) -> None:
+    """The subscribed connection's flow is dropped by something in between (a NAT or load
+    balancer idle timeout: no FIN, no RST). The listener reads it with ``timeout=math.inf``
+    and sends nothing (no PING, no keepalive; redis-py's ``health_check_interval`` is bypassed
+    by reading the connection directly), so it never notices: announcements stop for good,
+    no ``notify_all`` comes, and every manager on the store keeps serving cached tokens that
+    other workers forgot, revoked or replaced. (The Postgres listener sends ``SELECT 1``
+    every 5 s for exactly this.) Here: nothing within 12 s."""
+    from ..tcp_proxy import TcpProxy
+
+    host_port = redis_url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host, _, port = host_port.partition(":")
+    async with TcpProxy(host or "127.0.0.1", int(port or 6379)) as proxy:
+        store = RedisStore.from_url(_url(f"redis://127.0.0.1:{proxy.port}/0", prefix))
+        other = RedisStore.from_url(_url(redis_url, prefix))
+        key = TenantKey("ns", "acme")
+        told = asyncio.Event()
+        store.on_change(lambda digest: digest in (None, key.digest) and told.set())
+        try:
+            await _settled(store)
+            proxy.blackhole()  # the subscription (and the idle command connection) go silent
+            await other.replace(key, _update(b"v1"))  # lost on the dead flow
+            try:
+                await asyncio.wait_for(told.wait(), 12)
+            except TimeoutError:
+                pytest.fail(
+                    f"after 12 s the listener still trusts the dead subscription "
+                    f"(listening={store._listener.listening}, connections={store._listener.connections})"
+                )
+        finally:
+            await store.aclose()
+            await other.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -918,3 +919,47 @@ async def test_a_silently_dead_subscription_is_found_and_remade(redis_url: str, 
         finally:
             await store.aclose()
             await other.aclose()
+
+
+async def test_a_cluster_store_is_used_no_more_after_aclose(cluster: RedisClusterServers) -> None:
+    """On a Cluster an acquisition runs in ``_outliving``'s task of its own, which nothing
+    keeps: ``aclose`` waits only for the auto-pipelining drainers (none on a Cluster) and
+    for give-backs already started, then closes the client and returns. The acquisition of
+    a caller cancelled just before goes on after that on the closed client, and so does the
+    give-back of the lease it wins: redis-py's cluster client initializes itself again and
+    opens fresh connections to every node, which nobody closes (ResourceWarnings "Unclosed
+    RedisCluster client", "unclosed Connection" when collected)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    name = f"ft-{secrets.token_hex(4)}"
+    store = RedisStore.from_url(_url(cluster.url, unique_prefix(), client_name=name))
+    admin = RedisCluster.from_url(cluster.url.replace("redis+cluster://", "redis://"))
+    key = TenantKey("ns", "acme")
+
+    async def connections() -> int:
+        lists = await admin.client_list(target_nodes=RedisCluster.ALL_NODES)
+        clients = [c for node in lists.values() for c in node] if isinstance(lists, dict) else lists
+        return sum(client.get("name") == name for client in clients)
+
+    try:
+        await store.replace(key, _update(b"x"))
+        warm = await store.acquire(key, "warm", 30)  # load the scripts
+        assert warm.lease is not None
+        await store.release(warm.lease)
+        busy = asyncio.create_task(admin.eval(BUSY, 1, store._rec(key.digest)))
+        await asyncio.sleep(0.1)
+        task = asyncio.create_task(store.acquire(key, "cancelled-at-shutdown", 60))
+        await asyncio.sleep(0.1)  # sent, waiting inside Redis
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.aclose()  # the reply comes after it returned
+        await busy
+        await asyncio.sleep(0.5)
+        assert await admin.get(store._lease(key.digest)) is None
+        left = await connections()
+        assert left == 0, f"{left} connections of the closed store are open"
+    finally:
+        await admin.aclose()
+        with contextlib.suppress(Exception):
+            await store.client.aclose()  # what the store opened after its aclose

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import contextvars
 import logging
 import random
@@ -65,6 +64,7 @@ class PushListener(abc.ABC):
         self._task: asyncio.Task[None] | None = None
         self._tried = asyncio.Event()  # set once the first attempt has finished, either way
         self._failed_once = False
+        self._gave_up = False  # a ready() timed out before the first subscription
         self._stopping = False
         self._listening = False
         #: How many times the subscription was (re)made; for health checks and tests.
@@ -145,13 +145,17 @@ class PushListener(abc.ABC):
         """Wait (at most ``timeout``) for the first attempt to subscribe to finish."""
         if self._tried.is_set():
             return
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(asyncio.shield(self._tried.wait()), timeout)
+        except TimeoutError:
+            # The caller goes on unsubscribed (it reads, caches): what is announced before
+            # the subscription is in effect is lost, so its first connection tells all.
+            self._gave_up = True
 
     def _connected(self) -> None:
         self.connections += 1
         self._listening = True
-        if self.connections > 1 or self._failed_once:
+        if self.connections > 1 or self._failed_once or self._gave_up:
             self.notifier.notify_all()  # announcements may have been lost while away
         self._tried.set()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -10,6 +11,8 @@ from types import TracebackType
 
 from ._contract import ChangeListener, Watch
 from ._values import TenantKey
+
+log = logging.getLogger("factorial_tokens")
 
 __all__ = ["Notifier"]
 
@@ -125,8 +128,7 @@ class Notifier:
         the announcement carried (a commit's ``Update.notice``), kept by each watcher."""
         for watch in self._watchers.get(digest, ()):
             watch.set(notice)
-        for listener in list(self._listeners):
-            listener(digest)
+        self._tell(digest)
 
     def notify_all(self) -> None:
         """Wake every watcher and tell every listener that anything may have changed
@@ -134,8 +136,16 @@ class Notifier:
         for watchers in self._watchers.values():
             for watch in watchers:
                 watch.set()
+        self._tell(None)
+
+    def _tell(self, digest: str | None) -> None:
+        """Call every change listener; one that raises is logged and the others still told
+        (an application's callback must not starve the manager's, nor the subscription)."""
         for listener in list(self._listeners):
-            listener(None)
+            try:
+                listener(digest)
+            except Exception:
+                log.exception("a change listener failed")
 
     def watch(self, key: TenantKey, ready: Ready | None = None) -> AbstractAsyncContextManager[Watch]:
         """Register a watcher for ``key`` for the duration of the block; ``ready``, if

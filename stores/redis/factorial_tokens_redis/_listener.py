@@ -21,6 +21,11 @@ from factorial_tokens.store import Notifier, PushListener
 
 log = logging.getLogger("factorial_tokens.redis")
 
+#: A subscription silent this long (seconds) is sent a PING ...
+_PING_AFTER = 5.0
+#: ... and given up if no answer comes within this.
+_PONG_WAIT = 5.0
+
 #: Builds a fresh pub/sub object (on the server, or on one node of a cluster).
 PubSubFactory = Callable[[], Awaitable[Any]]
 
@@ -47,17 +52,29 @@ class Listener(PushListener):
             # per message (a retry wrapper, a timer, a dict), and every process reads every
             # announcement, its own included.
             connection = pubsub.connection
+            loop = asyncio.get_running_loop()
+            heard = loop.time()  # when the connection last said anything
+            pinged: float | None = None
             while not self.stopping:
                 # redis-py can swallow a cancellation that lands inside a read; the
                 # window's end and these checks end the loop regardless.
                 if me is not None and me.cancelling():
                     raise asyncio.CancelledError
+                # A flow dropped in between (a NAT's or a balancer's idle timeout) says
+                # nothing: a quiet subscription is asked for a PONG, and one that gives
+                # none is given up (the resubscription tells every watcher to read again).
+                if pinged is not None and loop.time() - pinged > _PONG_WAIT:
+                    raise RedisError("the subscription answered no PING")
+                if pinged is None and loop.time() - heard >= _PING_AFTER:
+                    await connection.send_command("PING")
+                    pinged = loop.time()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
                         while not self.stopping:
                             reply = await connection.read_response(
                                 timeout=math.inf, disconnect_on_error=False, push_request=True
                             )
+                            heard, pinged = loop.time(), None
                             if isinstance(reply, list) and reply[0] == b"message":  # [kind, channel, data]
                                 self.deliver(reply[2])
         finally:

@@ -207,6 +207,9 @@ class RedisStore:
             orphaned=_orphaned_reply,
         )
         self._orphan_leases = OrphanLeases(functools.partial(self._release, closing=True), store="redis")
+        # Acquisitions sent outside a pipeline (a Cluster, a NOSCRIPT fallback) whose caller
+        # may be gone: ``_outliving``.
+        self._outlivers: set[asyncio.Future[Any]] = set()
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -365,8 +368,21 @@ class RedisStore:
         script = self._scripts[name]
         if orphaned is None:
             return await self._call(name, script(keys=keys, args=args), closing=closing)
-        outliving = _outliving(lambda: script(keys=keys, args=args), orphaned)
+        outliving = self._outliving(lambda: script(keys=keys, args=args), orphaned)
         return await self._call(name, outliving, closing=closing)
+
+    async def _outliving(self, call: Callable[[], Awaitable[Any]], orphaned: Callable[[Any], None]) -> Any:
+        """``call()``'s reply, the call run in a task of its own: a caller cancelled after it
+        left does not cut it short (its reply would be lost with the connection), and its
+        reply goes to ``orphaned``. ``aclose`` waits for these tasks."""
+        task = asyncio.ensure_future(call())
+        self._outlivers.add(task)
+        task.add_done_callback(self._outlivers.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(_hand_on, orphaned))
+            raise
 
     async def _send_pipeline(self, queued: list[_Queued]) -> list[Any]:
         """The replies of ``queued`` commands sent as one pipeline: a server error is its
@@ -659,9 +675,11 @@ class RedisStore:
         if self._closed:
             return
         self._closed = True
-        in_flight = self._pipeline.in_flight
-        if in_flight:  # commands already queued get their replies
+        in_flight = self._pipeline.in_flight | self._outlivers
+        if in_flight:  # commands already sent get their replies (and a lease won, its give-back)
             await asyncio.wait(in_flight, timeout=10.0)
+        for task in self._outlivers:
+            task.cancel()  # still out after that: nothing more is sent for it
         await self._orphan_leases.wait(5.0)  # leases won for cancelled callers
         await self._listener.aclose()
         if self._owned:
@@ -692,18 +710,6 @@ class _OwnedPubSub:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         finally:
             await self._client.connection_pool.disconnect()
-
-
-async def _outliving(call: Callable[[], Awaitable[Any]], orphaned: Callable[[Any], None]) -> Any:
-    """``call()``'s reply, the call run in a task of its own: a caller cancelled after it
-    left does not cut it short (its reply would be lost with the connection), and its
-    reply goes to ``orphaned``."""
-    task = asyncio.ensure_future(call())
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(functools.partial(_hand_on, orphaned))
-        raise
 
 
 def _hand_on(orphaned: Callable[[Any], None], task: asyncio.Future[Any]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -238,6 +239,7 @@ class PostgresStore:
         self._origin = secrets.token_hex(8)
         self._sql = _Statements(self._names, self._origin)
         self._listener = _Listen(self)
+        self._changes = _ChangePoll(self)
         # Reads, acquisitions, commits and releases issued in one turn of the loop leave as
         # one statement per kind.
         self._reads: Batcher[TenantKey, Any] = Batcher(
@@ -565,7 +567,11 @@ class PostgresStore:
         Reads issued in one turn of the event loop are sent as one statement."""
         self._check_key(key)
         row = await self._reads(key)
-        return None if row is None else _record(key, row)
+        if row is None:
+            return None
+        record = _record(key, row)
+        self._changes.saw(key.namespace, key.tenant, key.digest, record.version)
+        return record
 
     async def _read_batch(self, keys: list[TenantKey]) -> list[Any]:
         """Each key's row (or ``None``), read in one statement."""
@@ -592,8 +598,12 @@ class PostgresStore:
         self._check_key(key)
         with self._orphan_leases.sending(key, owner):
             if unless_fresh is not None:
-                return await self._acquires_if_due((key, owner, float(ttl), unless_fresh))
-            return await self._acquires((key, owner, float(ttl)))
+                won = await self._acquires_if_due((key, owner, float(ttl), unless_fresh))
+            else:
+                won = await self._acquires((key, owner, float(ttl)))
+        if won.record is not None:
+            self._changes.saw(key.namespace, key.tenant, key.digest, won.record.version)
+        return won
 
     def _won_for_nobody(self, _: object, acquisition: Acquisition) -> None:
         """A batch's answer for a caller cancelled while it was out (also while closing:
@@ -725,6 +735,8 @@ class PostgresStore:
         version = await self._commits((lease, update))
         if version is None:
             return None
+        key = lease.key
+        self._changes.saw(key.namespace, key.tenant, key.digest, version)
         return Record(lease.key, update.payload, update.status, version, update.expires_at, update.updated_at)
 
     async def _commit_batch(self, commits: list[tuple[Lease, Update]]) -> list[int | None]:
@@ -775,6 +787,7 @@ class PostgresStore:
             )
 
         await self._call("replace", run)
+        self._changes.saw(key.namespace, key.tenant, key.digest, None)  # its version: polled
         self._announce(key.digest)
 
     async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
@@ -855,6 +868,7 @@ class PostgresStore:
         row = await self._call("hold", run)
         if row["raised"]:
             self._announce(digest)
+        self._changes.saw(namespace, "", digest, float(row["not_before"]))
         return float(row["not_before"])
 
     async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
@@ -914,6 +928,8 @@ class PostgresStore:
         unsubscribe = self._notifier.on_change(callback)
         with contextlib.suppress(RuntimeError):  # no running loop: the first watch starts it
             self._start_listener()
+            if self.pgbouncer and not self._closed:
+                self._changes.start()
         return unsubscribe
 
     def _start_listener(self) -> bool:
@@ -943,6 +959,7 @@ class PostgresStore:
             await asyncio.wait(acquiring, timeout=5.0)
         await self._orphan_leases.wait(5.0)  # leases won for cancelled callers
         await self._listener.aclose()
+        await self._changes.aclose()
         if self._owns_pool and self._pool is not None:
             await _close_pool(self._pool)
 
@@ -953,6 +970,64 @@ async def _close_pool(pool: Any) -> None:
         await asyncio.wait_for(pool.close(), 5.0)
     except _FAILURES:
         pool.terminate()
+
+
+class _ChangePoll:
+    """PgBouncer mode's stand-in for LISTEN, for change listeners (a manager's cache, the
+    fleet's hold): every two ``poll`` periods (at least half a second), the versions of the
+    rows this process has seen (the hold's instant for a namespace's hold row), read in one
+    statement; a row that changed is announced. Watchers need none of it: they poll."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self._every = max(0.5, 2 * (store._notifier.poll or 0.25))
+        # (namespace, tenant) -> (digest, the version or hold instant last seen; None: not yet)
+        self._seen: dict[tuple[str, str], tuple[str, float | None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def saw(self, namespace: str, tenant: str, digest: str, value: float | None) -> None:
+        """Note what this process read or wrote of a row (only in PgBouncer mode)."""
+        if self._store.pgbouncer:
+            self._seen[(namespace, tenant)] = (digest, value)
+
+    def start(self) -> None:
+        """Start polling unless it runs (needs a running loop)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="factorial-tokens-postgres-changes", context=contextvars.Context()
+            )
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._every * random.uniform(0.75, 1.25))
+            try:
+                await self.poll()
+            except StoreUnavailable as exc:  # the next round compares again
+                log.debug("PgBouncer change poll failed: %s", exc)
+
+    async def poll(self) -> None:
+        """Announce every seen row whose version (or hold instant) changed."""
+        keys = list(self._seen)
+        if not keys:
+            return
+        data = _rows([[namespace, tenant] for namespace, tenant in keys])
+
+        async def run(con: Any, replay: bool) -> Any:
+            return await con.fetch(self._store._sql.versions, data)
+
+        for row in await self._store._call("changes", run):
+            key = keys[row["i"] - 1]
+            digest, before = self._seen.get(key, ("", None))
+            now = float(row["expires_at"] or 0.0) if key[1] == "" else float(row["version"])
+            if now != before:
+                self._seen[key] = (digest, now)
+                self._store._notifier.notify(digest)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=5.0)
 
 
 class _Listen(PushListener):
@@ -1163,6 +1238,12 @@ class _Statements:
         self.tenants = (
             f"SELECT tenant, {cols} FROM {t} WHERE namespace = $1 AND payload IS NOT NULL ORDER BY tenant"
         )
+        # $1 rows (namespace, tenant): each row's version and expiry (the hold's instant for
+        # tenant ''), for PgBouncer mode's change poll.
+        self.versions = f"""
+            SELECT k.i, t.version, t.expires_at
+              FROM ({_items("namespace", "tenant")}) k
+              JOIN {t} t ON t.namespace = k.namespace AND t.tenant = k.tenant"""
         # $1 rows, one per acquisition, keys unique, in lock order: (namespace, tenant,
         # digest, owner, ttl seconds). Returns each
         # one's position (from 1), whether it won, and the row: taken if free, expired, or

@@ -288,3 +288,28 @@ async def test_a_batch_whose_send_raises_an_error_that_cannot_be_copied_fails_ea
     async with asyncio.timeout(5):
         outcomes = await asyncio.gather(*(batcher(i) for i in "abc"), return_exceptions=True)
     assert all(isinstance(o, _Unrebuildable) and str(o) == "7: down" for o in outcomes), outcomes
+
+
+async def test_a_batch_whose_orphan_handler_raises_still_answers_its_other_callers() -> None:
+    """The handler of a cancelled caller's result raised inside the batch's answering loop:
+    the callers after it in the batch were never answered and waited forever."""
+    gate = asyncio.Event()
+
+    async def send(items: list[str]) -> list[str]:
+        await gate.wait()
+        return [f"answer-{item}" for item in items]
+
+    def orphaned(item: str, result: str) -> None:
+        raise RuntimeError("the handler failed")
+
+    batcher: Batcher[str, str] = Batcher(
+        send, concurrency=1, size=10, cancelled=StoreUnavailable, orphaned=orphaned
+    )
+    first = asyncio.ensure_future(batcher("a"))
+    second = asyncio.ensure_future(batcher("b"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # both left in one batch
+    first.cancel()
+    gate.set()
+    async with asyncio.timeout(5):
+        assert await second == "answer-b"

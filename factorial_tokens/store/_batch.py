@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 __all__ = ["Batcher"]
+
+log = logging.getLogger("factorial_tokens")
 
 I = TypeVar("I")  # noqa: E741  # an item: what one caller asks
 R = TypeVar("R")  # its result
@@ -71,7 +74,10 @@ class Batcher(Generic[I, R]):
                 and not future.cancelled()
                 and future.exception() is None
             ):
-                self._orphaned(item, future.result())
+                try:
+                    self._orphaned(item, future.result())
+                except Exception:
+                    log.exception("the handler of a result whose caller is gone failed")
             raise
 
     @property
@@ -115,6 +121,8 @@ class Batcher(Generic[I, R]):
     async def _run(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
         try:
             outcomes = await self._send([item for item, _ in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} got {len(outcomes)} answers")
         except BaseException as exc:
             failure = exc if isinstance(exc, Exception) else None
             for _, future in batch:
@@ -126,7 +134,10 @@ class Batcher(Generic[I, R]):
         for (item, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 if self._orphaned is not None and not isinstance(outcome, BaseException):
-                    self._orphaned(item, outcome)
+                    try:
+                        self._orphaned(item, outcome)
+                    except Exception:  # the batch's other callers are answered all the same
+                        log.exception("the handler of a result whose caller is gone failed")
                 continue
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)

@@ -159,8 +159,9 @@ class SyncTokenManager:
     Args:
         app: the OAuth application.
         store: a store URL (``sqlite:///path``, ``redis://...``, ``postgresql://...``), or a
-            zero-argument callable returning a Store (called on the facade's loop thread,
-            and again in a forked child). ``memory://`` is one process only, as always.
+            zero-argument callable returning a new Store (called on the facade's loop
+            thread, and again in a forked child; the facade closes it). ``memory://`` is
+            one process only, as always.
         **options: passed to :class:`~factorial_tokens.TokenManager` (``leeway``,
             ``lease_ttl``, ``keyring``, ``on_event``, ...). ``session`` is refused: an
             aiohttp session belongs to one event loop.

@@ -325,20 +325,21 @@ async def test_a_caller_queued_for_a_provider_slot_takes_another_workers_commit(
     slot; another worker's commit of that tenant, announced meanwhile, ends the wait: the
     caller has the new token at once, without an acquisition (on a store whose
     announcements carry the record, without a read after the commit either), while the worker's own
-    slow refresh still holds its only slot. (Through PgBouncer, which only polls, the
-    caller waits for the slot and its acquisition finds the record fresh.) Two refreshes."""
+    slow refresh still holds its only slot. (Through PgBouncer, whose change poll runs every
+    half second, the caller either waits for the slot and its acquisition finds the record
+    fresh, or the poll ends its wait and it reads the record.) Two refreshes."""
     store = _ByTenant(backend.open())
     async with _only_slot_busy(sim, backend, store) as (other, queued, busy):
         sim.latency = 0.3
         refreshing = asyncio.ensure_future(other.access_token("acme"))
         token = await asyncio.wait_for(queued.access_token("acme"), 10)
-        # The slot never came free: the announcement ended the wait.
-        assert busy.done() is not backend.kind.pushes_changes
+        if backend.kind.pushes_changes:  # the slot never came free: the announcement ended the wait
+            assert not busy.done()
         assert token == await refreshing
         await busy
     acme = [op for op, tenant in store.order if tenant == "acme"]
     if not backend.kind.pushes_changes:
-        assert acme == ["read", "acquire"]
+        assert acme in (["read", "acquire"], ["read", "read"])
     elif backend.kind.announces_notices:
         assert set(acme) == {"read"}
         # The token came from the commit's announcement: every read was answered before the

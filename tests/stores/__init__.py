@@ -78,8 +78,8 @@ class StoreKind:
     #: the watchers of other instances (of the same one, for ``memory``): a woken waiter
     #: does not read the record.
     announces_notices: bool = True
-    #: Another instance's write wakes this one's watchers and change listeners (PgBouncer:
-    #: no LISTEN, polls only).
+    #: Another instance's write wakes this one's watchers and change listeners at once
+    #: (PgBouncer: no LISTEN; watchers poll, change listeners hear of it within a second).
     pushes_changes: bool = True
 
     def url(self, tmp: Path | None = None) -> str:

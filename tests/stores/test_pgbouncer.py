@@ -307,3 +307,84 @@ async def test_a_pgbouncer_worker_honours_another_workers_429_hold(bouncer: Temp
         finally:
             await one.aclose()
             await two.aclose()
+
+
+# -- found by a reviewer: the change poll compares with what the store saw, not what was cached --
+
+
+async def test_reading_a_tenant_outside_the_cache_hides_another_workers_change(
+    bouncer: TempPgBouncer,
+) -> None:
+    """Worker B caches a tenant's token; worker A connects the tenant again (a new grant,
+    the old one revoked at Factorial). Before B's change poll runs, B reads the tenant
+    through ``tm.tokens()``, which does not touch the cache; ``PostgresStore.read`` calls
+    ``_ChangePoll.saw`` with the new version all the same, so ``_seen`` now matches the
+    database and the poll never announces the change: B's cache keeps the old grant's
+    access token for its whole lifetime (an hour here). Without the ``tokens()`` call the
+    poll evicts it within two of its periods."""
+    from factorial_tokens import TokenManager
+    from factorial_tokens.testing import FakeFactorial
+
+    from ..conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
+
+    url = store_url(bouncer)  # poll: 0.25 s, change poll every ~0.5 s
+    async with FakeFactorial(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, access_token_ttl=3600
+    ) as sim:
+        one, two = _pgbouncer_store(url), _pgbouncer_store(url)
+        try:
+            async with (
+                TokenManager(app_for(sim), one, lease_ttl=6.0, provider_timeout=2.0) as a,
+                TokenManager(app_for(sim), two, lease_ttl=6.0, provider_timeout=2.0) as b,
+            ):
+                # Three tenants one after the other: a poll round that happens to fall
+                # between A's write and B's read (a few ms of its 0.5 s) evicts that one.
+                tokens: dict[str, tuple[str, str]] = {}
+                for tenant in ("acme", "globex", "initech"):
+                    old = (await a.exchange_code(tenant, sim.issue_code(company_id=1))).access_token
+                    assert await b.access_token(tenant) == old  # cached by B
+                    new = (await a.exchange_code(tenant, sim.issue_code(company_id=1))).access_token
+                    assert new != old
+                    assert (await b.tokens(tenant)).access_token == new  # B reads, does not cache
+                    tokens[tenant] = (old, new)
+                await asyncio.sleep(8 * 0.25)  # four rounds of the change poll
+                stale: dict[str, str] = {}
+                for tenant, (_old, new) in tokens.items():
+                    served = await b.access_token(tenant)
+                    if served != new:
+                        stale[tenant] = f"old grant's token, active at Factorial: {sim.is_active(served)}"
+                assert not stale, f"2 s after the change worker B still serves {stale}"
+        finally:
+            await one.aclose()
+            await two.aclose()
+
+
+async def test_a_damaged_hold_instant_is_announced_on_every_poll(bouncer: TempPgBouncer) -> None:
+    """The fleet's hold row holds NaN (a damaged value: the manager's ``_learn_hold``
+    already treats a non-finite hold as none). ``_ChangePoll.poll`` compares instants with
+    ``!=``, and NaN != NaN: the hold digest is announced on every round (~2 a second) in
+    every PgBouncer worker for ever, and each announcement makes every manager on the store
+    run ``_learn_hold`` (one more statement). Nothing changed: one announcement at most."""
+    from factorial_tokens.store import hold_digest
+
+    url = store_url(bouncer)
+    namespace = f"ns-{secrets.token_hex(4)}"
+    store = _pgbouncer_store(url)
+    heard: list[str | None] = []
+    try:
+        await store.hold(namespace, 1.0)  # the row exists (and the schema)
+        con = await asyncpg.connect(bouncer.target)
+        try:
+            await con.execute(
+                f"UPDATE {store._names.tenants} SET expires_at = 'NaN' WHERE namespace = $1 AND tenant = ''",
+                namespace,
+            )
+        finally:
+            await con.close()
+        store.on_change(heard.append)
+        await store.hold(namespace, 0.0)  # seen: NaN
+        await asyncio.sleep(2.5)  # about four rounds of the change poll
+        told = heard.count(hold_digest(namespace))
+        assert told <= 1, f"the unchanged hold was announced {told} times in 2.5 s"
+    finally:
+        await store.aclose()

@@ -963,3 +963,79 @@ async def test_a_cluster_store_is_used_no_more_after_aclose(cluster: RedisCluste
         await admin.aclose()
         with contextlib.suppress(Exception):
             await store.client.aclose()  # what the store opened after its aclose
+
+
+# -- found by a reviewer: the listener's PING goes through redis-py's health check ---------
+
+
+async def test_a_quiet_subscription_survives_redis_pys_health_check(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With redis-py's ``health_check_interval`` shorter than ``_PING_AFTER`` (a URL option
+    the store passes on; here 1 s, the listener's silence threshold cut to 1.5 s to keep the
+    test short), the listener's ``connection.send_command("PING")`` runs with redis-py's
+    default ``check_health=True``: ``Connection.check_health`` sends its own PING on the
+    subscribed connection and expects ``PONG``, but a subscribed RESP2 connection answers
+    ``[b"pong", b""]`` (or the next announcement, which it swallows): "Bad response from PING
+    health check", the connection is dropped and the subscription torn down. Every quiet
+    spell of the channel then costs a resubscription and a ``notify_all`` (every manager's
+    whole cache dropped, every watcher woken) and announcements are lost meanwhile. (redis-py's
+    own PubSub passes ``check_health=False`` once subscribed for exactly this reason.)"""
+    from factorial_tokens_redis import _listener
+
+    monkeypatch.setattr(_listener, "_PING_AFTER", 1.5)
+    store = RedisStore.from_url(_url(redis_url, prefix, health_check_interval="1"))
+    told: list[str | None] = []
+    try:
+        store.on_change(told.append)
+        await _settled(store)
+        await asyncio.sleep(5)  # quiet: about three PINGs
+        assert store._listener.connections == 1 and None not in told, (
+            f"a healthy quiet subscription was remade {store._listener.connections - 1} times "
+            f"({told.count(None)} notify_all)"
+        )
+    finally:
+        await store.aclose()
+
+
+# -- found by a reviewer: aclose cancels an acquisition whose caller is still waiting -------
+
+
+async def test_aclose_fails_a_live_callers_acquisition_with_store_unavailable_not_cancellation(
+    throwaway: RedisServer,
+) -> None:
+    """An acquisition outside a pipeline (here the NOSCRIPT fallback after SCRIPT FLUSH; on a
+    Cluster every acquisition) runs in ``_outliving``'s task. ``aclose`` waits 10 s for such
+    tasks, then cancels them; the caller, who was never cancelled, is awaiting the task
+    through ``asyncio.shield``, and a shielded task's cancellation cancels the shield: the
+    caller gets ``CancelledError`` out of ``store.acquire``, not ``StoreUnavailable``. An
+    uncancelled task that raises CancelledError is taken for cancelled by everything above
+    it (a manager's flight and its waiters, a TaskGroup, a web server's request handling)."""
+    from ..tcp_proxy import TcpProxy
+
+    host, _, port = throwaway.url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[2].partition(":")
+    admin = aioredis.Redis.from_url(throwaway.url)
+    async with TcpProxy(host or "127.0.0.1", int(port or 6379)) as proxy:
+        # No socket timeout (redis-py's own default for a client built by hand): the reply is
+        # awaited as long as the server takes.
+        store = RedisStore.from_url(f"redis://127.0.0.1:{proxy.port}/0?socket_timeout=60")
+        key = TenantKey("ns", "acme")
+        try:
+            await store.replace(key, _update(b"x"))
+            await admin.script_flush()
+            proxy.hold(b"LOAD")  # the fallback's SCRIPT LOAD waits in the network
+            task = asyncio.create_task(store.acquire(key, "owner", 30))
+            await asyncio.sleep(0.5)
+            assert not task.done()
+            await store.aclose()
+            try:
+                outcome: object = await task
+            except BaseException as exc:
+                outcome = exc
+            assert isinstance(outcome, StoreUnavailable), (
+                f"a caller nobody cancelled got {type(outcome).__name__} (task cancelled: {task.cancelled()})"
+            )
+        finally:
+            proxy.release()
+            await store.aclose()
+            await admin.aclose()

@@ -32,6 +32,7 @@ import contextvars
 import functools
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -736,7 +737,7 @@ class PostgresStore:
         if version is None:
             return None
         key = lease.key
-        self._changes.saw(key.namespace, key.tenant, key.digest, version)
+        self._changes.saw(key.namespace, key.tenant, key.digest, version, own=True)
         return Record(lease.key, update.payload, update.status, version, update.expires_at, update.updated_at)
 
     async def _commit_batch(self, commits: list[tuple[Lease, Update]]) -> list[int | None]:
@@ -787,7 +788,7 @@ class PostgresStore:
             )
 
         await self._call("replace", run)
-        self._changes.saw(key.namespace, key.tenant, key.digest, None)  # its version: polled
+        self._changes.saw(key.namespace, key.tenant, key.digest, None, own=True)  # its version: polled
         self._announce(key.digest)
 
     async def claim_code(self, key: TenantKey, code_hash: str, owner: str, ttl: float) -> CodeClaim:
@@ -868,7 +869,7 @@ class PostgresStore:
         row = await self._call("hold", run)
         if row["raised"]:
             self._announce(digest)
-        self._changes.saw(namespace, "", digest, float(row["not_before"]))
+        self._changes.saw(namespace, "", digest, float(row["not_before"]), own=True)
         return float(row["not_before"])
 
     async def admit(self, namespace: str, ticket: str, interval: float, burst: int) -> float:
@@ -972,6 +973,11 @@ async def _close_pool(pool: Any) -> None:
         pool.terminate()
 
 
+def _finite(value: float | None) -> float | None:
+    """``value``, with a damaged (NaN, infinite) number read as 0 (it equals itself)."""
+    return value if value is None or math.isfinite(value) else 0.0
+
+
 class _ChangePoll:
     """PgBouncer mode's stand-in for LISTEN, for change listeners (a manager's cache, the
     fleet's hold): every two ``poll`` periods (at least half a second), the versions of the
@@ -985,10 +991,19 @@ class _ChangePoll:
         self._seen: dict[tuple[str, str], tuple[str, float | None]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def saw(self, namespace: str, tenant: str, digest: str, value: float | None) -> None:
-        """Note what this process read or wrote of a row (only in PgBouncer mode)."""
-        if self._store.pgbouncer:
-            self._seen[(namespace, tenant)] = (digest, value)
+    def saw(
+        self, namespace: str, tenant: str, digest: str, value: float | None, *, own: bool = False
+    ) -> None:
+        """Note a row this process read (``own=False``: only a row not yet watched is taken
+        at that version; a read that bypasses the cache must not hide a change from it) or
+        wrote itself, or learnt the hold of (``own=True``: that version is the one it
+        holds). Only in PgBouncer mode."""
+        if not self._store.pgbouncer:
+            return
+        if own:
+            self._seen[(namespace, tenant)] = (digest, _finite(value))
+        else:
+            self._seen.setdefault((namespace, tenant), (digest, _finite(value)))
 
     def start(self) -> None:
         """Start polling unless it runs (needs a running loop)."""
@@ -998,12 +1013,16 @@ class _ChangePoll:
             )
 
     async def _run(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self._every * random.uniform(0.75, 1.25))
             try:
                 await self.poll()
-            except StoreUnavailable as exc:  # the next round compares again
-                log.debug("PgBouncer change poll failed: %s", exc)
+                failing = False
+            except Exception as exc:  # the next round compares again; said once per streak
+                if not failing:
+                    log.warning("PgBouncer change poll failed (%s); retrying", type(exc).__name__)
+                failing = True
 
     async def poll(self) -> None:
         """Announce every seen row whose version (or hold instant) changed."""
@@ -1018,7 +1037,7 @@ class _ChangePoll:
         for row in await self._store._call("changes", run):
             key = keys[row["i"] - 1]
             digest, before = self._seen.get(key, ("", None))
-            now = float(row["expires_at"] or 0.0) if key[1] == "" else float(row["version"])
+            now = _finite(row["expires_at"]) if key[1] == "" else float(row["version"])
             if now != before:
                 self._seen[key] = (digest, now)
                 self._store._notifier.notify(digest)

@@ -381,6 +381,10 @@ class RedisStore:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if task.cancelled() and me is not None and not me.cancelling():
+                # Cut short by aclose, not by this caller's own cancellation.
+                raise closed_error("redis") from None
             task.add_done_callback(functools.partial(_hand_on, orphaned))
             raise
 

@@ -1006,8 +1006,10 @@ class _ChangePoll:
             self._seen.setdefault((namespace, tenant), (digest, _finite(value)))
 
     def start(self) -> None:
-        """Start polling unless it runs (needs a running loop)."""
-        if self._task is None or self._task.done():
+        """Start polling unless it runs (needs a running loop; a task whose loop is gone,
+        a new ``asyncio.run``, is started over on this one)."""
+        task = self._task
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="factorial-tokens-postgres-changes", context=contextvars.Context()
             )

@@ -23,9 +23,9 @@ import asyncpg
 import pytest
 from factorial_tokens_postgres import SCHEMA_VERSION, PostgresStore
 
-from factorial_tokens import StoreUnavailable
+from factorial_tokens import StoreUnavailable, TokenManager
 from factorial_tokens.store import Store, TenantKey, TenantStatus, Update, store_from_url
-from factorial_tokens.testing import StoreConformance
+from factorial_tokens.testing import FakeFactorial, StoreConformance
 
 from .. import postgres_server
 from ..pgbouncer_server import TempPgBouncer, store_url
@@ -230,54 +230,12 @@ async def test_a_mixed_acquire_batch_gives_each_caller_its_own_answer(module_url
 # -- found by a reviewer: what other workers announce never reaches a PgBouncer worker ------
 
 
-async def test_another_workers_forget_evicts_a_pgbouncer_workers_cache(bouncer: TempPgBouncer) -> None:
-    """Worker B (PgBouncer mode) caches a tenant's token; worker A forgets the tenant. With
-    no LISTEN, B's ``on_change`` listeners only ever hear B's own writes, and the mode's
-    poll bounds the waits of watchers only: nothing drops B's cached entry, so B serves the
-    forgotten (still valid at Factorial) token for its whole lifetime, an hour here, where
-    the other stores evict it at once. Not even after eight of the mode's poll periods."""
-    from factorial_tokens import TenantNotConnected, TokenManager
-    from factorial_tokens.testing import FakeFactorial
-
-    from ..conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
-
-    url = store_url(bouncer)  # poll: 0.25 s
-    async with FakeFactorial(
-        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, access_token_ttl=3600
-    ) as sim:
-        one, two = _pgbouncer_store(url), _pgbouncer_store(url)
-        try:
-            async with (
-                TokenManager(app_for(sim), one, lease_ttl=6.0, provider_timeout=2.0) as a,
-                TokenManager(app_for(sim), two, lease_ttl=6.0, provider_timeout=2.0) as b,
-            ):
-                token = (await a.exchange_code("acme", sim.issue_code(company_id=1))).access_token
-                assert await b.access_token("acme") == token  # cached by B
-                await a.forget("acme")
-                deadline = time.monotonic() + 8 * 0.25
-                while time.monotonic() < deadline:
-                    try:
-                        served = await b.access_token("acme")
-                    except TenantNotConnected:
-                        return
-                    assert served == token
-                    await asyncio.sleep(0.05)
-                pytest.fail("worker B still serves the forgotten tenant's token 2 s after the forget")
-        finally:
-            await one.aclose()
-            await two.aclose()
-
-
-async def test_a_pgbouncer_worker_honours_another_workers_429_hold(bouncer: TempPgBouncer) -> None:
-    """Worker A is answered 429 Retry-After: 30 and records the fleet's hold in the store
-    (and announces it). Worker B, in PgBouncer mode, was open already: it learns a hold only
-    from announcements (``_on_change`` of the hold digest) or at ``open()``, and without a
-    ``refresh_rate`` its refreshes never ask the store. So B sends its own token request
-    during the hold, when the fleet's back-pressure says no worker may (the other stores
-    hold B within one announcement)."""
-    from factorial_tokens import ProviderError, TokenManager
-    from factorial_tokens.testing import FakeFactorial, Fault
-
+@contextlib.asynccontextmanager
+async def _two_workers(
+    bouncer: TempPgBouncer,
+) -> AsyncIterator[tuple[FakeFactorial, TokenManager, TokenManager, PostgresStore]]:
+    """A simulator and two managers, each on a PgBouncer-mode store of its own (poll 0.25 s,
+    the change poll every ~0.5 s); also the first manager's store."""
     from ..conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
 
     url = store_url(bouncer)
@@ -290,23 +248,60 @@ async def test_a_pgbouncer_worker_honours_another_workers_429_hold(bouncer: Temp
                 TokenManager(app_for(sim), one, lease_ttl=6.0, provider_timeout=2.0) as a,
                 TokenManager(app_for(sim), two, lease_ttl=6.0, provider_timeout=2.0) as b,
             ):
-                await a.exchange_code("acme", sim.issue_code(company_id=1))
-                sim.inject(Fault.RATE_LIMITED, retry_after=30)
-                with pytest.raises(ProviderError):
-                    await a.refresh("acme")
-                async with asyncio.timeout(5):
-                    while await one.hold(CLIENT_ID, 0.0) <= time.time() + 20:
-                        await asyncio.sleep(0.01)
-                await asyncio.sleep(4 * 0.25)  # four of the mode's poll periods
-                sent = sim.stats.token_requests
-                with contextlib.suppress(ProviderError):
-                    await b.refresh("acme")
-                assert sim.stats.token_requests == sent, (
-                    "worker B sent a token request during the fleet's hold"
-                )
+                yield sim, a, b, one
         finally:
             await one.aclose()
             await two.aclose()
+
+
+async def test_another_workers_forget_evicts_a_pgbouncer_workers_cache(bouncer: TempPgBouncer) -> None:
+    """Worker B (PgBouncer mode) caches a tenant's token; worker A forgets the tenant. With
+    no LISTEN, B's ``on_change`` listeners only ever hear B's own writes, and the mode's
+    poll bounds the waits of watchers only: nothing drops B's cached entry, so B serves the
+    forgotten (still valid at Factorial) token for its whole lifetime, an hour here, where
+    the other stores evict it at once. Not even after eight of the mode's poll periods."""
+    from factorial_tokens import TenantNotConnected
+
+    async with _two_workers(bouncer) as (sim, a, b, _):  # poll: 0.25 s
+        token = (await a.exchange_code("acme", sim.issue_code(company_id=1))).access_token
+        assert await b.access_token("acme") == token  # cached by B
+        await a.forget("acme")
+        deadline = time.monotonic() + 8 * 0.25
+        while time.monotonic() < deadline:
+            try:
+                served = await b.access_token("acme")
+            except TenantNotConnected:
+                return
+            assert served == token
+            await asyncio.sleep(0.05)
+        pytest.fail("worker B still serves the forgotten tenant's token 2 s after the forget")
+
+
+async def test_a_pgbouncer_worker_honours_another_workers_429_hold(bouncer: TempPgBouncer) -> None:
+    """Worker A is answered 429 Retry-After: 30 and records the fleet's hold in the store
+    (and announces it). Worker B, in PgBouncer mode, was open already: it learns a hold only
+    from announcements (``_on_change`` of the hold digest) or at ``open()``, and without a
+    ``refresh_rate`` its refreshes never ask the store. So B sends its own token request
+    during the hold, when the fleet's back-pressure says no worker may (the other stores
+    hold B within one announcement)."""
+    from factorial_tokens import ProviderError
+    from factorial_tokens.testing import Fault
+
+    from ..conftest import CLIENT_ID
+
+    async with _two_workers(bouncer) as (sim, a, b, one):
+        await a.exchange_code("acme", sim.issue_code(company_id=1))
+        sim.inject(Fault.RATE_LIMITED, retry_after=30)
+        with pytest.raises(ProviderError):
+            await a.refresh("acme")
+        async with asyncio.timeout(5):
+            while await one.hold(CLIENT_ID, 0.0) <= time.time() + 20:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(4 * 0.25)  # four of the mode's poll periods
+        sent = sim.stats.token_requests
+        with contextlib.suppress(ProviderError):
+            await b.refresh("acme")
+        assert sim.stats.token_requests == sent, "worker B sent a token request during the fleet's hold"
 
 
 # -- found by a reviewer: the change poll compares with what the store saw, not what was cached --
@@ -322,41 +317,25 @@ async def test_reading_a_tenant_outside_the_cache_hides_another_workers_change(
     database and the poll never announces the change: B's cache keeps the old grant's
     access token for its whole lifetime (an hour here). Without the ``tokens()`` call the
     poll evicts it within two of its periods."""
-    from factorial_tokens import TokenManager
-    from factorial_tokens.testing import FakeFactorial
 
-    from ..conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, app_for
-
-    url = store_url(bouncer)  # poll: 0.25 s, change poll every ~0.5 s
-    async with FakeFactorial(
-        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI, access_token_ttl=3600
-    ) as sim:
-        one, two = _pgbouncer_store(url), _pgbouncer_store(url)
-        try:
-            async with (
-                TokenManager(app_for(sim), one, lease_ttl=6.0, provider_timeout=2.0) as a,
-                TokenManager(app_for(sim), two, lease_ttl=6.0, provider_timeout=2.0) as b,
-            ):
-                # Three tenants one after the other: a poll round that happens to fall
-                # between A's write and B's read (a few ms of its 0.5 s) evicts that one.
-                tokens: dict[str, tuple[str, str]] = {}
-                for tenant in ("acme", "globex", "initech"):
-                    old = (await a.exchange_code(tenant, sim.issue_code(company_id=1))).access_token
-                    assert await b.access_token(tenant) == old  # cached by B
-                    new = (await a.exchange_code(tenant, sim.issue_code(company_id=1))).access_token
-                    assert new != old
-                    assert (await b.tokens(tenant)).access_token == new  # B reads, does not cache
-                    tokens[tenant] = (old, new)
-                await asyncio.sleep(8 * 0.25)  # four rounds of the change poll
-                stale: dict[str, str] = {}
-                for tenant, (_old, new) in tokens.items():
-                    served = await b.access_token(tenant)
-                    if served != new:
-                        stale[tenant] = f"old grant's token, active at Factorial: {sim.is_active(served)}"
-                assert not stale, f"2 s after the change worker B still serves {stale}"
-        finally:
-            await one.aclose()
-            await two.aclose()
+    async with _two_workers(bouncer) as (sim, a, b, _):  # poll: 0.25 s, change poll every ~0.5 s
+        # Three tenants one after the other: a poll round that happens to fall
+        # between A's write and B's read (a few ms of its 0.5 s) evicts that one.
+        tokens: dict[str, tuple[str, str]] = {}
+        for tenant in ("acme", "globex", "initech"):
+            old = (await a.exchange_code(tenant, sim.issue_code(company_id=1))).access_token
+            assert await b.access_token(tenant) == old  # cached by B
+            new = (await a.exchange_code(tenant, sim.issue_code(company_id=1))).access_token
+            assert new != old
+            assert (await b.tokens(tenant)).access_token == new  # B reads, does not cache
+            tokens[tenant] = (old, new)
+        await asyncio.sleep(8 * 0.25)  # four rounds of the change poll
+        stale: dict[str, str] = {}
+        for tenant, (_old, new) in tokens.items():
+            served = await b.access_token(tenant)
+            if served != new:
+                stale[tenant] = f"old grant's token, active at Factorial: {sim.is_active(served)}"
+        assert not stale, f"2 s after the change worker B still serves {stale}"
 
 
 async def test_a_damaged_hold_instant_is_announced_on_every_poll(bouncer: TempPgBouncer) -> None:

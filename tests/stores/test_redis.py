@@ -722,6 +722,25 @@ async def _cancel_an_acquire_behind_a_busy_script(
     return busy
 
 
+async def _cancel_a_cluster_acquire_behind_a_busy_script(
+    store: RedisStore, admin: Any, key: TenantKey, owner: str
+) -> asyncio.Task[Any]:
+    """On a Cluster: send ``owner``'s acquisition while the node holding the tenant's slot
+    runs a 0.5 s script, then cancel its caller. Returns the busy script."""
+    await store.replace(key, _update(b"x"))
+    warm = await store.acquire(key, "warm", 30)  # load the scripts
+    assert warm.lease is not None
+    await store.release(warm.lease)
+    busy = asyncio.create_task(admin.eval(BUSY, 1, store._rec(key.digest)))
+    await asyncio.sleep(0.1)
+    task = asyncio.create_task(store.acquire(key, owner, 60))
+    await asyncio.sleep(0.1)  # sent, waiting inside Redis
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return busy
+
+
 async def test_a_cancelled_acquire_on_a_cluster_does_not_leave_the_lease_held(
     cluster: RedisClusterServers,
 ) -> None:
@@ -734,18 +753,7 @@ async def test_a_cancelled_acquire_on_a_cluster_does_not_leave_the_lease_held(
     admin = RedisCluster.from_url(cluster.url.replace("redis+cluster://", "redis://"))
     key = TenantKey("ns", "acme")
     try:
-        await store.replace(key, _update(b"x"))
-        warm = await store.acquire(key, "warm", 30)  # load the scripts
-        assert warm.lease is not None
-        await store.release(warm.lease)
-        # The busy script runs on the node that holds the tenant's slot.
-        busy = asyncio.create_task(admin.eval(BUSY, 1, store._rec(key.digest)))
-        await asyncio.sleep(0.1)
-        task = asyncio.create_task(store.acquire(key, "cancelled-caller", 60))
-        await asyncio.sleep(0.1)  # sent, waiting inside Redis
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        busy = await _cancel_a_cluster_acquire_behind_a_busy_script(store, admin, key, "cancelled-caller")
         await busy
         for _ in range(30):
             holder = await admin.get(store._lease(key.digest))
@@ -942,17 +950,8 @@ async def test_a_cluster_store_is_used_no_more_after_aclose(cluster: RedisCluste
         return sum(client.get("name") == name for client in clients)
 
     try:
-        await store.replace(key, _update(b"x"))
-        warm = await store.acquire(key, "warm", 30)  # load the scripts
-        assert warm.lease is not None
-        await store.release(warm.lease)
-        busy = asyncio.create_task(admin.eval(BUSY, 1, store._rec(key.digest)))
-        await asyncio.sleep(0.1)
-        task = asyncio.create_task(store.acquire(key, "cancelled-at-shutdown", 60))
-        await asyncio.sleep(0.1)  # sent, waiting inside Redis
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        owner = "cancelled-at-shutdown"
+        busy = await _cancel_a_cluster_acquire_behind_a_busy_script(store, admin, key, owner)
         await store.aclose()  # the reply comes after it returned
         await busy
         await asyncio.sleep(0.5)

@@ -8,6 +8,7 @@ browser-bound state; a refused company's grant revoked; a replaced grant revoked
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -42,6 +43,8 @@ from factorial_tokens.sealing import JsonCodec
 from factorial_tokens.store import (
     CLAIM_RETENTION,
     Acquisition,
+    ClaimState,
+    CodeClaim,
     Freshness,
     MemoryStore,
     Record,
@@ -656,3 +659,83 @@ async def test_a_store_blip_past_the_exchange_deadline_does_not_refuse_the_same_
         store.until = asyncio.get_running_loop().time() + 4.5  # refresh_deadline is 4 s
         new = await tm.exchange_code("acme", sim.issue_code(company_id=1))
         assert new.company_id == "1" and await tm.tokens("acme") == new
+
+
+# -- a claim's outcome that cannot be recorded leaks no grant (review-exchange) ------------------
+
+
+class _ClaimStepsDown(CountingStore):
+    """A real MemoryStore on which moving a code claim to a state of ``down`` fails like a
+    store that is unreachable (nothing written); ``replace`` fails while ``writes_down``."""
+
+    down: frozenset[ClaimState] = frozenset()
+    writes_down = False
+
+    async def advance_code(
+        self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
+    ) -> bool:
+        if state in self.down:
+            raise StoreUnavailable("store is down (test outage)")
+        return await super().advance_code(claim, state, ttl, outcome)
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        if self.writes_down:
+            raise StoreUnavailable("store is down (test outage)")
+        await super().replace(key, update)
+
+
+SHORT = {"lease_ttl": 1.5, "provider_timeout": 0.5}
+
+
+async def test_a_stranger_grant_is_revoked_even_when_the_claim_failure_cannot_be_recorded(
+    sim: FakeFactorial,
+) -> None:
+    """acme is pinned to company 1; company 2's code is exchanged and refused. In
+    ``_exchange_holding`` the claim is marked FAILED (``_fail_claim``) *before* the refused
+    grant is revoked: when the store cannot record that step, StoreUnavailable escapes,
+    ``_revoke_quietly`` never runs, and company 2's grant stays live at Factorial, stored
+    nowhere (a leaked grant); the caller gets StoreUnavailable instead of CompanyMismatch."""
+    store = _ClaimStepsDown(MemoryStore())
+    async with TokenManager(app_for(sim), store, **SHORT) as tm:
+        mine = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        store.down = frozenset({ClaimState.FAILED})
+        with pytest.raises((CompanyMismatch, StoreUnavailable)):
+            await tm.exchange_code("acme", sim.issue_code(company_id=2))
+        assert await tm.tokens("acme") == mine
+        assert sim.live_pairs(2) == 0, "the refused stranger's grant is live at Factorial, stored nowhere"
+
+
+async def test_a_replaced_grant_is_revoked_even_when_the_claim_cannot_be_marked_done(
+    sim: FakeFactorial,
+) -> None:
+    """acme reconnects (same company): the new tokens are stored, then the claim is moved
+    to DONE under ``_patiently``; when that step keeps failing, StoreUnavailable escapes
+    ``_exchange_holding`` before ``_revoke_quietly(old)``: the replaced grant stays live at
+    Factorial though no store holds it any more (a leaked grant), and no EXCHANGED event
+    is emitted although the tenant is connected with the new grant."""
+    store = _ClaimStepsDown(MemoryStore())
+    async with TokenManager(app_for(sim), store, **SHORT) as tm:
+        old = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        store.down = frozenset({ClaimState.DONE})
+        with contextlib.suppress(StoreUnavailable):
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        stored = await tm.tokens("acme")
+        assert stored.access_token != old.access_token  # the new grant is what the store holds
+        assert not sim.is_active(old.access_token), "the replaced grant is live at Factorial, stored nowhere"
+
+
+async def test_exchanged_tokens_that_cannot_be_stored_are_revoked_not_leaked(sim: FakeFactorial) -> None:
+    """The code is exchanged, then every write of the new tokens fails until ``_patiently``
+    gives up (``lease_ttl``): StoreUnavailable is raised and the tokens exist nowhere but
+    at Factorial, live (``_exchange_holding`` only revokes on CompanyMismatch,
+    ProviderError and TokenSealError). The company sees itself connected, the tenant is
+    not, and the grant is never revoked."""
+    store = _ClaimStepsDown(MemoryStore())
+    async with TokenManager(app_for(sim), store, **SHORT) as tm:
+        store.writes_down = True
+        with pytest.raises(StoreUnavailable):
+            await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        store.writes_down = False
+        with pytest.raises(TenantNotConnected):
+            await tm.tokens("acme")
+        assert sim.live_pairs(1) == 0, "the exchanged grant is live at Factorial, stored nowhere"

@@ -1186,3 +1186,72 @@ async def test_revoke_on_first_use_mode_keeps_one_live_pair(make_sim: SimFactory
                         assert resp.status == 200
             assert sim.stats.refreshes == 2 and sim.stats.invalid_grant == 0
             assert sim.live_pairs(4) == 1
+
+
+# -- store replies lost around an exchange and a revoke (review-exchange) ----------------------
+
+
+class _LostReplies(CountingStore):
+    """A real MemoryStore that loses replies: ``sent_lost`` moves of a code claim to SENT are
+    made and then answered StoreUnavailable (a reply lost after the server acted);
+    ``deletes_down`` deletes (``replace(key, None)``) fail before acting."""
+
+    sent_lost = 0
+    deletes_down = 0
+
+    async def advance_code(
+        self, claim: CodeClaim, state: ClaimState, ttl: float, outcome: str | None = None
+    ) -> bool:
+        done = await super().advance_code(claim, state, ttl, outcome)
+        if state is ClaimState.SENT and self.sent_lost:
+            self.sent_lost -= 1
+            raise StoreUnavailable("the reply was lost (test outage)")
+        return done
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        if update is None and self.deletes_down:
+            self.deletes_down -= 1
+            raise StoreUnavailable("store is down (test outage)")
+        await super().replace(key, update)
+
+
+SHORT = {"lease_ttl": 1.5, "provider_timeout": 0.5}
+
+
+async def test_a_lost_reply_to_the_sent_step_does_not_burn_a_code_never_sent(sim: FakeFactorial) -> None:
+    """The claim's move to SENT is made but its reply is lost: ``_exchange`` lets the
+    StoreUnavailable escape (``_exchange.py:152``) without replaying the step (idempotent
+    by owner), so the code is never sent, yet the claim says SENT. Every retried callback
+    with that code then waits ``wait_timeout`` (a SENT claim's expiry wakes no waiter) and
+    gets RefreshTimeout, or ExchangeInDoubt ("the company must connect again") once the
+    claim expired, though Factorial never saw the code."""
+    store = _LostReplies(MemoryStore())
+    async with TokenManager(app_for(sim), store, **SHORT) as tm:
+        code = sim.issue_code(company_id=1)
+        store.sent_lost = 1
+        with contextlib.suppress(StoreUnavailable):
+            await tm.exchange_code("acme", code)
+        tokens = await tm.exchange_code("acme", code)  # the browser retries the callback
+        assert sim.is_active(tokens.access_token) and sim.stats.exchanges == 1
+
+
+async def test_a_revoke_whose_delete_fails_does_not_keep_serving_the_revoked_token(
+    sim: FakeFactorial,
+) -> None:
+    """``revoke`` revokes the grant at Factorial, then deletes the record once: when that
+    delete fails (one store blip) StoreUnavailable escapes before ``_forget_cached``, and
+    the grant, dead at Factorial, is still stored ACTIVE and cached: ``access_token``
+    keeps serving the revoked token (a stored-but-revoked grant) until it expires."""
+    store = _LostReplies(MemoryStore())
+    async with TokenManager(app_for(sim), store, **SHORT) as tm:
+        token = await connect(tm, sim)
+        assert await tm.access_token("acme") == token
+        store.deletes_down = 1
+        with contextlib.suppress(StoreUnavailable):
+            await tm.revoke("acme")
+        assert not sim.is_active(token)
+        try:
+            served = await tm.access_token("acme")
+        except TenantNotConnected:
+            return
+        assert served != token, "a token revoked at Factorial is still served"

@@ -739,3 +739,56 @@ async def test_exchanged_tokens_that_cannot_be_stored_are_revoked_not_leaked(sim
         with pytest.raises(TenantNotConnected):
             await tm.tokens("acme")
         assert sim.live_pairs(1) == 0, "the exchanged grant is live at Factorial, stored nowhere"
+
+
+class _FirstWriteReplyLost(CountingStore):
+    """A real MemoryStore: once ``armed``, the first write of tokens is made, then its reply
+    is lost (StoreUnavailable) as soon as another connection of the tenant queues for the
+    connection turn (an ``acquire`` of the turn that finds it busy)."""
+
+    armed = False
+
+    def __init__(self, inner: MemoryStore) -> None:
+        super().__init__(inner)
+        self.queued = asyncio.Event()
+
+    async def acquire(
+        self, key: TenantKey, owner: str, ttl: float, *, unless_fresh: Freshness | None = None
+    ) -> Acquisition:
+        won = await super().acquire(key, owner, ttl, unless_fresh=unless_fresh)
+        if key.namespace.endswith("/connect-turn") and won.lease is None:
+            self.queued.set()
+        return won
+
+    async def replace(self, key: TenantKey, update: Update | None) -> None:
+        await super().replace(key, update)
+        if self.armed and update is not None:
+            self.armed = False
+            await self.queued.wait()
+            raise StoreUnavailable("the reply was lost (test outage)")
+
+
+async def test_a_write_retried_after_a_lost_reply_does_not_overwrite_a_connection_made_meanwhile(
+    sim: FakeFactorial,
+) -> None:
+    """Connection A stores its grant but the reply is lost; it gives the connection turn
+    back and ``_patiently`` retries ``_pin_and_store`` 50 ms later. Connection B (same
+    company), queued for the turn, stores its grant in between and revokes A's as the one it
+    replaced. A's retry finds B's tokens, takes them for the grant it replaces
+    (``replaced[:] = [old]``, ``_exchange.py:279``), writes A's tokens over them and revokes
+    B's: the store ends holding A's grant, which B revoked (stored but revoked: the tenant
+    is dead), and the grant of the first connection, noted by A's first attempt, is never
+    revoked (leaked)."""
+    store = _FirstWriteReplyLost(MemoryStore())
+    async with TokenManager(app_for(sim), store, **BUDGETS) as tm:
+        first = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        store.armed = True
+        results = await asyncio.gather(
+            tm.exchange_code("acme", sim.issue_code(company_id=1)),
+            tm.exchange_code("acme", sim.issue_code(company_id=1)),
+            return_exceptions=True,
+        )
+        assert all(not isinstance(r, BaseException) for r in results), results
+        stored = await tm.tokens("acme")
+        assert sim.is_active(stored.access_token), "the stored grant was revoked at Factorial"
+        assert not sim.is_active(first.access_token), "the first grant was replaced but never revoked"

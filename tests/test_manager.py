@@ -1255,3 +1255,21 @@ async def test_a_revoke_whose_delete_fails_does_not_keep_serving_the_revoked_tok
         except TenantNotConnected:
             return
         assert served != token, "a token revoked at Factorial is still served"
+
+
+async def test_a_reconnection_during_a_refresh_does_not_leak_the_refreshed_pair(sim: FakeFactorial) -> None:
+    """A refresh of acme's grant was processed at Factorial (the old pair rotated), its
+    answer still on the way, when acme reconnects (same company). The exchange's ``replace``
+    fences the refresh out, then revokes the pair it read, already rotated (a no-op); the
+    refresh's commit is refused and ``_refresh_holding`` discards the new pair ("they are
+    discarded", ``_flight.py``) without revoking it: a live pair of the old grant that no
+    store holds (a leaked grant)."""
+    async with TokenManager(app_for(sim), "memory://", lease_ttl=6.0, provider_timeout=2.0) as tm:
+        await connect(tm, sim)
+        sim.inject(Fault.SLOW, endpoint="token", delay=1.0)
+        refreshing = asyncio.create_task(tm.refresh("acme"))
+        await asyncio.sleep(0.3)  # rotated at Factorial; the answer comes in 0.7 s
+        new = await tm.exchange_code("acme", sim.issue_code(company_id=1))
+        await asyncio.gather(refreshing, return_exceptions=True)
+        assert await tm.tokens("acme") == new and sim.is_active(new.access_token)
+        assert sim.live_pairs(1) == 1, "a refreshed pair of the replaced grant is live, stored nowhere"

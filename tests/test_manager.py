@@ -20,6 +20,7 @@ from factorial_tokens import (
     CodeReused,
     ConfigurationError,
     EventKind,
+    ExchangeInDoubt,
     FactorialApp,
     InvalidCallback,
     InvalidState,
@@ -1273,3 +1274,28 @@ async def test_a_reconnection_during_a_refresh_does_not_leak_the_refreshed_pair(
         await asyncio.gather(refreshing, return_exceptions=True)
         assert await tm.tokens("acme") == new and sim.is_active(new.access_token)
         assert sim.live_pairs(1) == 1, "a refreshed pair of the replaced grant is live, stored nowhere"
+
+
+async def test_a_retried_callback_learns_of_a_dead_exchanger_when_its_claim_expires(
+    sim: FakeFactorial,
+) -> None:
+    """Worker one sent the code and died before the answer (its claim stays SENT). Worker
+    two, retrying the callback, waits on the claim with ``watch.wait(remaining)``
+    (``_exchange.py:169``): nothing announces a claim's expiry, so it sleeps the whole
+    ``wait_timeout`` and raises RefreshTimeout ("took too long", a store problem to retry)
+    instead of ExchangeInDoubt at the claim's expiry ("the company must connect again")."""
+    store = MemoryStore()
+    async with (
+        TokenManager(app_for(sim), store, **SHORT) as dead,
+        TokenManager(app_for(sim), store, **SHORT) as alive,
+    ):
+        code = sim.issue_code(company_id=1)
+        sim.inject(Fault.SLOW, delay=5.0)
+        first = asyncio.create_task(dead.exchange_code("acme", code))
+        await asyncio.sleep(0.2)  # the code reached Factorial
+        for task in list(dead._tasks):
+            task.cancel()  # worker one is killed with its request in flight
+        await asyncio.gather(first, return_exceptions=True)
+        assert sim.stats.exchanges == 1
+        with pytest.raises(ExchangeInDoubt):
+            await alive.exchange_code("acme", code)

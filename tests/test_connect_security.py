@@ -792,3 +792,34 @@ async def test_a_write_retried_after_a_lost_reply_does_not_overwrite_a_connectio
         stored = await tm.tokens("acme")
         assert sim.is_active(stored.access_token), "the stored grant was revoked at Factorial"
         assert not sim.is_active(first.access_token), "the first grant was replaced but never revoked"
+
+
+async def test_a_retried_callback_is_not_told_to_reconnect_while_the_exchange_is_still_storing(
+    sim: FakeFactorial,
+) -> None:
+    """The SENT claim lives ``lease_ttl``, but the holder's step can take longer: after the
+    exchange (``refresh_deadline``) ``_company_of`` asks Factorial with a deadline of its own
+    (``_exchange.py:299``), and ``_patiently`` and the connection turn add more. A retried
+    callback arriving once the claim expired gets ExchangeInDoubt ("a worker that died",
+    the company must connect again) from ``_exchange.py:162`` while the holder is alive and
+    then connects the tenant with that very code."""
+    budgets = {"lease_ttl": 3.0, "provider_timeout": 2.5, "refresh_deadline": 2.5}
+    store = MemoryStore()
+    async with (
+        TokenManager(app_for(sim), store, **budgets) as one,
+        TokenManager(app_for(sim), store, **budgets) as two,
+    ):
+        sim.inject(Fault.HTTP_500, endpoint="api", times=50)
+        await one.exchange_code("acme", sim.issue_code(company_id=1))  # company unknown
+        sim.clear_faults()
+        code = sim.issue_code(company_id=1)
+        sim.inject(Fault.SLOW, endpoint="token", delay=1.5)
+        sim.inject(Fault.SLOW, endpoint="api", delay=0.0)  # the new grant's company
+        sim.inject(Fault.SLOW, endpoint="api", delay=2.0)  # the stored grant's company
+        holder = asyncio.create_task(one.exchange_code("acme", code))
+        await asyncio.sleep(3.2)  # the claim (SENT at ~0) expired; the holder is in _company_of
+        assert not holder.done()
+        retried = await asyncio.gather(two.exchange_code("acme", code), return_exceptions=True)
+        tokens = await holder
+        assert await one.tokens("acme") == tokens
+        assert retried == [tokens], f"the retried callback got {retried!r} though the tenant is connected"

@@ -186,3 +186,20 @@ async def test_tm_client_keeps_no_cookie_from_one_tenants_answer_for_another(tm:
     jar.update_cookies({"_factorial_session": "of-company-a"}, URL("http://api.factorial.example/"))
     assert len(jar) == 0
     assert jar.filter_cookies(URL("http://api.factorial.example/api")) == {}
+
+
+async def test_a_rejected_token_reported_under_the_decomposed_tenant_id_refreshes_that_tenant(
+    sim: FakeFactorial, tm: TokenManager
+) -> None:
+    """``token_rejected`` validates the tenant id but drops the NFC-normalised result
+    (``_manager.py:301``): ``_reload_after_401`` forgets the cache under the decomposed
+    id (a no-op), reads the cached (rejected) token under the normalised one, then forces
+    a refresh under the decomposed id, whose store key holds nothing: TenantNotConnected
+    for a connected tenant (``credentials`` has the same flaw)."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    await tm.exchange_code(composed, sim.issue_code(company_id=1))
+    old = await tm.access_token(composed)
+    sim.expire_access_tokens()
+    fresh = await tm.token_rejected(decomposed, old)
+    assert fresh != old and sim.is_active(fresh)
+    assert await tm.access_token(composed) == fresh

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -149,7 +150,14 @@ class Exchanges(Leases):
                         f"this code was already presented for another tenant, not {key.tenant!r}"
                     )
                 if claim.won:
-                    if await self._store.advance_code(claim, ClaimState.SENT, self.lease_ttl):
+                    # Patiently: a lost reply of a step that landed would leave the claim SENT
+                    # for a code never sent (a replay by this owner answers True).
+                    sent = await self._patiently(
+                        key.tenant,
+                        "the code claim's sent step",
+                        functools.partial(self._store.advance_code, claim, ClaimState.SENT, self.lease_ttl),
+                    )
+                    if sent:
                         return await self._obs.exchange(
                             key.tenant, self._exchange_holding(claim, code, allow_change)
                         )

@@ -277,6 +277,8 @@ class TokenManager(Callbacks, Flights):
 
     async def credentials(self, tenant: str) -> Credentials:
         """Who granted ``tenant``'s token (Factorial's credentials endpoint)."""
+        self._check_open()
+        tenant = validate_tenant(tenant)
         for attempt in (1, 2):
             token = await self.access_token(tenant)
             deadline = asyncio.get_running_loop().time() + self.refresh_deadline
@@ -298,7 +300,7 @@ class TokenManager(Callbacks, Flights):
         :meth:`access_token` raises.
         """
         self._check_open()
-        validate_tenant(tenant)
+        tenant = validate_tenant(tenant)
         await self._reload_after_401(tenant, token)
         return await self.access_token(tenant)
 
@@ -351,7 +353,14 @@ class TokenManager(Callbacks, Flights):
                     await self._oauth.revoke(
                         tokens.refresh_token or tokens.access_token, deadline=provider_deadline
                     )
-                    await self._store.replace(key, None)
+                    try:
+                        # Revoked at Factorial: the delete must land, or the revoked token
+                        # stays stored (and cached) as the tenant's.
+                        await self._patiently(
+                            tenant, "the revoked tenant's deletion", lambda: self._store.replace(key, None)
+                        )
+                    finally:
+                        self._forget_cached(tenant)
             break
         self._forget_cached(tenant)
         log.info("tenant %r: revoked and forgotten", tenant)

@@ -23,6 +23,8 @@ from ._errors import (
     ProviderError,
     RefreshTimeout,
     RequestInDoubt,
+    StoreUnavailable,
+    TenantNotConnected,
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
@@ -32,6 +34,21 @@ from ._secret import SIGNING_PREFIX
 from .store import ClaimState, CodeClaim, TenantKey, acquire_within
 
 log = logging.getLogger("factorial_tokens")
+
+
+@attrs.define
+class _Replacing:
+    """What a connection's first attempt to store its grant found stored (``old``), for
+    its retries after a lost reply."""
+
+    tried: bool = False
+    old: TokenSet | None = None
+
+
+def _grant(tokens: TokenSet | None) -> str | None:
+    """The access token that tells a stored grant from another (None: none stored)."""
+    return None if tokens is None else tokens.access_token
+
 
 _MAX_CODE = 2048
 
@@ -182,9 +199,7 @@ class Exchanges(Leases):
         try:
             tokens = await self._oauth.exchange_code(code, deadline=deadline)
         except RequestInDoubt as exc:
-            await self._store.advance_code(
-                claim, ClaimState.FAILED, self.lease_ttl, json.dumps({"in_doubt": True})
-            )
+            await self._fail_claim(claim, ExchangeInDoubt(key.tenant, exc.error or "in doubt"))
             log.error(
                 "tenant %r: code exchange in doubt (%s); the company must connect again",
                 key.tenant,
@@ -205,16 +220,27 @@ class Exchanges(Leases):
         except ProviderError as exc:
             unknown = exc
             log.warning("tenant %r: the new grant's company could not be read: %s", key.tenant, exc.error)
-        replaced: list[TokenSet] = []  # what the first attempt found stored (a retry may find ours)
+        replacing = _Replacing()
         try:
-            await self._patiently(
+            stored = await self._patiently(
                 key.tenant,
                 "exchanged tokens",
-                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replaced),
+                lambda: self._pin_and_store(key, tokens, allow_change, unknown, replacing),
             )
+        except (StoreUnavailable, RefreshTimeout, asyncio.CancelledError) as exc:
+            # Exchanged but maybe not stored: a grant stored nowhere would stay live at
+            # Factorial, unseen. Revoked (a write that did land then reads as a grant that
+            # needs re-authorization: seen, at least).
+            await asyncio.shield(
+                self._revoke_quietly(key.tenant, tokens, "a new grant that could not be stored")
+            )
+            if not isinstance(exc, asyncio.CancelledError):
+                await self._fail_claim(claim, ExchangeInDoubt(key.tenant, "not stored"))
+            raise
         except (CompanyMismatch, ProviderError, TokenSealError) as exc:
-            await self._fail_claim(claim, exc)
+            # Revoked first: recording the failure may fail too.
             await self._revoke_quietly(key.tenant, tokens, "the refused new grant")
+            await self._fail_claim(claim, exc)
             if isinstance(exc, TokenSealError):
                 log.error("%s", exc)
                 self._emit(TokenEvent(EventKind.SEAL_ERROR, key.tenant, tokens.fingerprint, detail=str(exc)))
@@ -231,18 +257,22 @@ class Exchanges(Leases):
                     )
                 )
             raise
-        await self._patiently(
-            key.tenant,
-            "exchange's outcome",
-            lambda: self._store.advance_code(claim, ClaimState.DONE, self.lease_ttl),
-        )
-        self._forget_cached(key.tenant)
+        old = replacing.old
+        try:
+            await self._patiently(
+                key.tenant,
+                "exchange's outcome",
+                lambda: self._store.advance_code(claim, ClaimState.DONE, self.lease_ttl),
+            )
+        finally:
+            # The new grant is stored whatever comes of the claim: the one it replaced goes.
+            self._forget_cached(key.tenant)
+            if old is not None:
+                await self._revoke_quietly(key.tenant, old, "the previous grant")
         log.info("tenant %r: code exchanged, access token %s", key.tenant, tokens.fingerprint)
         company = tokens.company_id
         self._emit(TokenEvent(EventKind.EXCHANGED, key.tenant, tokens.fingerprint, company_id=company))
-        old = replaced[0] if replaced else None
         if old is not None:
-            await self._revoke_quietly(key.tenant, old, "the previous grant")
             detail = f"company {old.company_id or 'unknown'} -> company {tokens.company_id or 'unknown'}"
             log.info("tenant %r: reconnected, %s", key.tenant, detail)
             self._emit(
@@ -255,7 +285,7 @@ class Exchanges(Leases):
                     previous_company_id=old.company_id,
                 )
             )
-        return tokens
+        return stored
 
     async def _pin_and_store(
         self,
@@ -263,14 +293,17 @@ class Exchanges(Leases):
         tokens: TokenSet,
         allow_change: bool,
         unknown: ProviderError | None,
-        replaced: list[TokenSet],
-    ) -> None:
+        replacing: _Replacing,
+    ) -> TokenSet:
         """Store a new grant's tokens unless they belong to another company than the
         stored ones; note in ``replaced`` the tokens they replace (none for a first
-        connection). Safe to call again after a lost reply: a retry that finds the new
-        tokens already stored keeps what the first attempt noted, and never takes the new
-        grant for the one it replaced. A stored grant whose company was never read is
-        pinned all the same (see :meth:`_company_of`).
+        connection) in ``replacing``. Safe to call again after a lost reply: a retry that
+        finds the new tokens already stored keeps what the first attempt noted, and never
+        takes the new grant for the one it replaced; one that finds another connection's
+        grant stored since (which replaced ours, if ours landed) writes nothing, revokes ours
+        and returns that grant: the later connection wins. Returns the tokens stored. A
+        stored grant whose company was never read is pinned all the same (see
+        :meth:`_company_of`).
 
         Connections of one tenant take turns on a lease of their own (a second key beside
         the tenant's, never holding a record), so two that overlap are compared with each
@@ -283,8 +316,13 @@ class Exchanges(Leases):
         async with self._holding(lease, None) if lease is not None else contextlib.nullcontext():
             old = await self._stored_grant(key, allow_change)
             if old is not None and old.access_token == tokens.access_token:
-                return  # a retry: this write landed before its reply was lost
-            replaced[:] = [] if old is None else [old]
+                return tokens  # a retry: this write landed before its reply was lost
+            if replacing.tried and _grant(old) != _grant(replacing.old):
+                await self._revoke_quietly(key.tenant, tokens, "a grant a later connection replaced")
+                if old is None:
+                    raise TenantNotConnected(key.tenant)  # forgotten meanwhile
+                return old
+            replacing.tried, replacing.old = True, old
             if old is not None and not allow_change:
                 pinned = await self._company_of(key, old, tokens)
                 if unknown is not None:
@@ -292,6 +330,7 @@ class Exchanges(Leases):
                 if tokens.company_id != pinned:
                     raise CompanyMismatch(key.tenant, pinned, tokens.company_id or "unknown")
             await self._store.replace(key, self._update(key, tokens))
+            return tokens
 
     async def _company_of(self, key: TenantKey, old: TokenSet, new: TokenSet) -> str:
         """The company of the stored grant ``old`` that ``new`` would replace. One connected
@@ -339,7 +378,12 @@ class Exchanges(Leases):
             outcome = {"status": exc.status, "error": exc.error, "description": exc.description}
         else:
             outcome = {"in_doubt": True}
-        await self._store.advance_code(claim, ClaimState.FAILED, self.lease_ttl, json.dumps(outcome))
+        try:
+            await self._store.advance_code(claim, ClaimState.FAILED, self.lease_ttl, json.dumps(outcome))
+        except StoreUnavailable as error:
+            # Best effort: the caller gets the failure itself; an unrecorded claim expires
+            # SENT, and its retried callbacks hear that the company must connect again.
+            log.warning("tenant %r: could not record the failed exchange: %s", claim.key.tenant, error)
 
     async def _revoke_quietly(self, tenant: str, tokens: TokenSet, what: str) -> None:
         """Revoke a grant at Factorial, logging (not raising) a failure."""

@@ -384,12 +384,3 @@ class Exchanges(Leases):
             # Best effort: the caller gets the failure itself; an unrecorded claim expires
             # SENT, and its retried callbacks hear that the company must connect again.
             log.warning("tenant %r: could not record the failed exchange: %s", claim.key.tenant, error)
-
-    async def _revoke_quietly(self, tenant: str, tokens: TokenSet, what: str) -> None:
-        """Revoke a grant at Factorial, logging (not raising) a failure."""
-        deadline = asyncio.get_running_loop().time() + self.refresh_deadline
-        try:
-            await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
-            log.info("tenant %r: %s (%s) revoked at Factorial", tenant, what, tokens.fingerprint)
-        except FactorialTokensError as exc:
-            log.warning("tenant %r: could not revoke %s (%s): %s", tenant, what, tokens.fingerprint, exc)

@@ -562,6 +562,9 @@ class Flights(Leases):
                     tenant,
                     new.fingerprint,
                 )
+                # Stored nowhere (a reconnection replaced the grant, or the lease lapsed):
+                # revoked, not left live at Factorial.
+                await self._revoke_quietly(tenant, new, "refreshed tokens that could not be stored")
                 return None
             log.info(
                 "tenant %r: refreshed, access token %s, expires in %s",

@@ -18,6 +18,7 @@ from ._errors import (
     TokenSealError,
 )
 from ._events import EventKind, TokenEvent
+from ._models import TokenSet
 from .sealing import Keyring, SealedCodec
 from .store import Lease, Record, Store, TenantKey, TenantStatus, Update, acquire_within
 
@@ -186,6 +187,15 @@ class Leases(Core):
                 update = Update(payload, record.status, record.expires_at, record.updated_at)
                 if await held.commit(update) is not None:
                     return 1
+
+    async def _revoke_quietly(self, tenant: str, tokens: TokenSet, what: str) -> None:
+        """Revoke a grant at Factorial, logging (not raising) a failure."""
+        deadline = asyncio.get_running_loop().time() + self.refresh_deadline
+        try:
+            await self._oauth.revoke(tokens.refresh_token or tokens.access_token, deadline=deadline)
+            log.info("tenant %r: %s (%s) revoked at Factorial", tenant, what, tokens.fingerprint)
+        except FactorialTokensError as exc:
+            log.warning("tenant %r: could not revoke %s (%s): %s", tenant, what, tokens.fingerprint, exc)
 
     def _holding(self, lease: Lease, record: Record | None, *, renew: bool = False) -> Held:
         """Work under ``lease`` (which found ``record``): every write under a lease goes

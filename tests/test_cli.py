@@ -759,3 +759,38 @@ def test_a_non_utf8_client_secret_or_id_is_a_usage_error(env: dict[str, str]) ->
         done = cli("connect-url", "acme", env=bad, timeout=20)
         assert "Traceback" not in done.stderr, (name, done.stderr.strip().splitlines()[-1])
         assert done.returncode == 2, name
+
+
+def test_keepalive_with_an_infinite_refresh_rate_is_a_usage_error(env: dict[str, str]) -> None:
+    """``--refresh-rate`` is ``click.FloatRange(0, min_open=True)``, which takes ``inf``;
+    ``TokenManager`` checks only ``refresh_rate > 0`` and then computes
+    ``int(refresh_rate // 60)`` (_manager.py, the burst): ValueError, a traceback and exit 1
+    instead of a usage error (2)."""
+    done = cli("keepalive", "--once", "--refresh-rate", "inf", env=env, timeout=20)
+    assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2
+
+
+def test_demo_with_a_long_think_time_still_ends(env: dict[str, str]) -> None:
+    """``demo --think`` is a bare float (no upper bound, ``inf`` accepted) and each demo
+    task sleeps the whole think time after checking the deadline (demo/_worker.py, task):
+    ``-d 1 --think inf`` never ends (nor does a think time of a day), instead of ending at
+    its duration or being refused as a usage error."""
+    command = [str(SCRIPT), "demo", "-t", "1", "-p", "1", "-c", "1", "-d", "1", "--think", "inf"]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("demo -d 1 --think inf still running after 30 s")
+    assert "Traceback" not in err
+    assert proc.returncode in (0, 2), out + err

@@ -794,3 +794,18 @@ def test_demo_with_a_long_think_time_still_ends(env: dict[str, str]) -> None:
         pytest.fail("demo -d 1 --think inf still running after 30 s")
     assert "Traceback" not in err
     assert proc.returncode in (0, 2), out + err
+
+
+def test_a_base_url_with_an_impossible_port_is_a_configuration_error(
+    env: dict[str, str], sim: FakeFactorial, store: str
+) -> None:
+    """``FACTORIAL_BASE_URL=http://127.0.0.1:99999`` passes ``FactorialApp``'s URL check
+    (_models.py ``_check_base`` -> ``_check_url`` never reads the port), so the bad setting
+    only surfaces when aiohttp refuses the URL at the first request: ``refresh`` reports
+    "connection_lost (the request was sent but no answer came)", a refresh *in doubt*, and
+    exits 5 (provider error) for what is bad configuration (2), and nothing was sent."""
+    seed(sim, store, "acme", 1)
+    env["FACTORIAL_BASE_URL"] = "http://127.0.0.1:99999"
+    done = cli("refresh", "acme", env=env, timeout=30)
+    assert "was sent" not in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr

@@ -101,3 +101,24 @@ def test_simulate_refuses_a_bad_fault() -> None:
         [str(SCRIPT), "simulate", "--fault", "meteor:1"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "KIND[:TIMES[:ENDPOINT]]" in done.stderr
+
+
+def test_simulate_refuses_a_fault_count_it_cannot_use() -> None:
+    """``--fault KIND:TIMES`` checks TIMES with ``str.isdigit()`` and then calls
+    ``int(times)`` and ``sim.inject(times=...)`` outside any handler (cli/_commands.py
+    ``_fault`` and ``simulate``): ``0`` (inject raises ``times must be >= 1``), ``²`` (a
+    digit to ``isdigit``, not to ``int``) and a 5000-digit count (over Python's
+    int-conversion limit) each end in a ValueError traceback and exit 1 instead of a usage
+    error (2) before anything listens."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FACTORIAL_")}
+    for times in ("0", "\u00b2", "9" * 5000):
+        done = subprocess.run(
+            [str(SCRIPT), "simulate", "--port", "0", "--fault", f"http_503:{times}"],
+            env=clean,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+        assert "Traceback" not in done.stderr, (times[:8], done.stderr.strip().splitlines()[-1][:120])
+        assert done.returncode == 2, times[:8]

@@ -809,3 +809,25 @@ def test_a_base_url_with_an_impossible_port_is_a_configuration_error(
     done = cli("refresh", "acme", env=env, timeout=30)
     assert "was sent" not in done.stderr, done.stderr
     assert done.returncode == 2, done.stderr
+
+
+def test_listings_do_not_write_terminal_escapes_from_the_store(env: dict[str, str], store: str) -> None:
+    """A tenant id is validated when the library writes it, but ``tenants`` and ``status``
+    print the ids the store lists as they are (cli/_commands.py ``tenants_command`` echoes
+    ``info.tenant``; ``status`` only escapes rich markup): a row written into the shared
+    store by anyone else, with ESC sequences in its id, retitles or clears the operator's
+    terminal. (``--json`` escapes them; the plain outputs should too, or skip the row.)"""
+
+    async def plant() -> None:
+        backend = store_from_url(store)
+        try:
+            key = TenantKey(CLIENT_ID, "evil\x1b]0;pwned\x07\x1b[2J")
+            await backend.replace(key, Update(b"{}", expires_at=time.time() + 3600, updated_at=time.time()))
+        finally:
+            await backend.aclose()
+
+    asyncio.run(plant())
+    for command in ("tenants", "status"):
+        done = cli(command, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "\x1b" not in done.stdout and "\x07" not in done.stdout, (command, done.stdout)

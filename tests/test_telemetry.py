@@ -486,3 +486,24 @@ async def test_a_failing_meter_never_breaks_a_store_call(make_sim: SimFactory) -
 
 
 # 4. Keepalive's second refresh (after a rekey) re-refreshes what another worker just refreshed.
+
+
+async def test_tenant_ids_left_out_of_spans_stay_out_of_recorded_errors(make_sim: SimFactory) -> None:
+    """With ``Telemetry(tenant_ids=False)`` (tenant ids are personal data) the tenant is
+    left out of span attributes, but ``Observer._span`` opens spans with
+    ``start_as_current_span``'s defaults (_telemetry.py, ``_span``): an error raised through
+    a span is recorded as an ``exception`` event whose message and stacktrace name the
+    tenant (``tenant 'acme-person' ...``), so the id reaches the tracing backend anyway."""
+    otel = Otel(tenant_ids=False)
+    async with make_sim() as sim:
+        async with TokenManager(app_for(sim), "memory://", telemetry=otel.telemetry, **BUDGETS) as tm:
+            await tm.exchange_code("acme-person", sim.issue_code(company_id=7))
+            sim.revoke_company(7)
+            with pytest.raises(ReauthorizationRequired):
+                await tm.refresh("acme-person")
+            with pytest.raises(ReauthorizationRequired):
+                await tm.access_token("acme-person")
+    spans = otel.spans.get_finished_spans()
+    assert spans
+    assert "acme-person" not in json.dumps([s.to_json() for s in spans])
+    otel.shutdown()

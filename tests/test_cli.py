@@ -831,3 +831,18 @@ def test_listings_do_not_write_terminal_escapes_from_the_store(env: dict[str, st
         done = cli(command, env=env)
         assert done.returncode == 0, done.stderr
         assert "\x1b" not in done.stdout and "\x07" not in done.stdout, (command, done.stdout)
+
+
+def test_serve_with_an_unparsable_success_url_is_a_usage_error(env: dict[str, str], tmp_path: Path) -> None:
+    """``serve --success-url 'http://[::1'`` (a missing bracket): ``check_success_url``
+    (_connect.py) lets urllib's ValueError out, and ``serve`` validates the URL only in
+    ``connect_app``, after the manager has opened (and created) the store: a traceback and
+    exit 1 instead of a usage error (2), and a store file left behind."""
+    data = tmp_path / "data"
+    env["FACTORIAL_TOKENS_STORE"] = "sqlite:///" + str(data / "tokens.db")
+    try:
+        done = cli("serve", "--port", "0", "--success-url", "http://[::1", env=env, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve started with an unparsable --success-url")
+    assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2

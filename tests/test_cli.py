@@ -846,3 +846,20 @@ def test_serve_with_an_unparsable_success_url_is_a_usage_error(env: dict[str, st
         pytest.fail("serve started with an unparsable --success-url")
     assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2
+
+
+def test_demo_report_into_a_missing_folder_is_not_a_broken_guarantee(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``demo --report PATH`` is a ``click.Path(writable=True)``, which checks nothing for a
+    file that does not exist yet; the report is opened only after the whole run
+    (cli/_commands.py ``demo``, ``open(report, "w")``, no handler): a folder that does not
+    exist ends a run whose guarantees all held in a FileNotFoundError traceback and exit 1,
+    the code that says a guarantee was broken, instead of a usage error (2, best before
+    the run)."""
+    report = tmp_path / "no-such-folder" / "report.json"
+    done = cli(
+        "demo", "-t", "1", "-p", "1", "-c", "1", "-d", "1", "--report", str(report), env=env, timeout=60
+    )
+    assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2

@@ -863,3 +863,26 @@ def test_demo_report_into_a_missing_folder_is_not_a_broken_guarantee(
     )
     assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2
+
+
+def test_status_json_survives_a_record_dated_past_year_9999(env: dict[str, str], store: str) -> None:
+    """``status --json`` turns each record's ``expires_at`` into ISO 8601 with
+    ``datetime.fromtimestamp`` (cli/_commands.py ``_iso``), unguarded: one record in the
+    store with an expiry beyond year 9999 (written by another tool or version; the plain
+    ``status`` table shows it) makes the whole listing a ValueError traceback, exit 1."""
+
+    async def plant() -> None:
+        backend = store_from_url(store)
+        try:
+            await backend.replace(
+                TenantKey(CLIENT_ID, "far"), Update(b"{}", expires_at=1e15, updated_at=time.time())
+            )
+        finally:
+            await backend.aclose()
+
+    asyncio.run(plant())
+    assert cli("status", env=env).returncode == 0
+    done = cli("status", "--json", env=env)
+    assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 0
+    assert [row["tenant"] for row in json.loads(done.stdout)] == ["far"]

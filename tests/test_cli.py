@@ -886,3 +886,18 @@ def test_status_json_survives_a_record_dated_past_year_9999(env: dict[str, str],
     assert "Traceback" not in done.stderr, done.stderr.strip().splitlines()[-1]
     assert done.returncode == 0
     assert [row["tenant"] for row in json.loads(done.stdout)] == ["far"]
+
+
+def test_status_watch_refuses_an_interval_of_zero(
+    env: dict[str, str], sim: FakeFactorial, store: str
+) -> None:
+    """``status --watch --interval 0`` is taken (``Duration`` accepts 0 and ``watch`` sleeps
+    ``interval`` between listings, _watch.py ``watch``): the watch lists the store and
+    redraws in a tight loop, a store query per iteration on every host an operator runs it
+    on, where ``keepalive --interval 0`` is refused as a usage error (2)."""
+    seed(sim, store, "acme", 1)
+    try:
+        done = cli("status", "--watch", "--interval", "0", env=env, timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("status --watch --interval 0 ran, listing the store without pause")
+    assert done.returncode == 2, done.stderr

@@ -90,8 +90,12 @@ def callback_path(redirect_uri: str, prefix: str = "") -> str:
 def check_success_url(success_url: str | None) -> None:
     """Raise ConfigurationError unless ``success_url`` is None or an absolute http(s) URL."""
     if success_url is not None:
-        parts = urlsplit(success_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        try:
+            parts = urlsplit(success_url)
+            parts.port  # noqa: B018 - a bad port raises here
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigurationError("success_url must be an absolute http(s) URL")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 from collections.abc import Callable
 
 import aiohttp
@@ -156,8 +157,10 @@ class TokenManager(Callbacks, Flights):
                 "time budgets must nest: 0 < provider_timeout <= refresh_deadline < lease_ttl "
                 f"< wait_timeout (got {provider_timeout}, {refresh_deadline}, {lease_ttl}, {wait_timeout})"
             )
-        if refresh_rate is not None and not refresh_rate > 0:
-            raise ConfigurationError(f"refresh_rate must be positive, per minute (got {refresh_rate})")
+        if refresh_rate is not None and not 0 < refresh_rate < math.inf:
+            raise ConfigurationError(
+                f"refresh_rate must be positive and finite, per minute (got {refresh_rate})"
+            )
         if not 0 < state_ttl <= CLAIM_RETENTION:
             # A state's nonce is spent in a claim the store keeps that long: a state that
             # outlived it could connect the tenant a second time.

@@ -102,11 +102,25 @@ def _check_url(name: str, value: str) -> None:
         credentials = parts.username is not None or parts.password is not None
     except ValueError:  # an invalid [IPv6] host
         parts, credentials = None, False
+    if parts is not None:
+        try:
+            parts.port  # noqa: B018 - an impossible port raises here
+        except ValueError:
+            parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{name} must be an absolute http(s) URL, got {redact_url(value)!r}")
     if credentials:
         # Not quoted: it holds a password.
         raise ValueError(f"{name} must not hold user credentials (user:password@)")
+
+
+def _check_encodable(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    """Refuse a value that is no text UTF-8 can carry (a lone surrogate from a mis-decoded
+    environment); the value itself is not shown (it may be the secret)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{attribute.name} is not valid UTF-8 text") from None
 
 
 @attrs.frozen
@@ -118,8 +132,12 @@ class FactorialApp:
     dated API version used for the credentials endpoint.
     """
 
-    client_id: str = attrs.field(validator=attrs.validators.min_len(1))
-    client_secret: str = attrs.field(repr=False, validator=attrs.validators.min_len(1))
+    client_id: str = attrs.field(
+        validator=attrs.validators.and_(attrs.validators.min_len(1), _check_encodable)
+    )
+    client_secret: str = attrs.field(
+        repr=False, validator=attrs.validators.and_(attrs.validators.min_len(1), _check_encodable)
+    )
     redirect_uri: str = attrs.field()
     base_url: str = attrs.field(default="https://api.factorialhr.com", converter=_strip_slash)
     scope: str | None = None

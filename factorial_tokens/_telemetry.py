@@ -369,9 +369,28 @@ class Observer:
         if self._inst is None or not self._inst.tracing():
             return contextlib.nullcontext(None)
         attrs_: dict[str, str] = {"factorial_tokens.store": self.store, **attributes}
-        if tenant is not None and self.config.tenant_ids:
-            attrs_["factorial_tokens.tenant"] = tenant
-        return self._inst.tracer.start_as_current_span(name, attributes=attrs_)  # type: ignore[no-any-return]
+        if self.config.tenant_ids:
+            if tenant is not None:
+                attrs_["factorial_tokens.tenant"] = tenant
+            return self._inst.tracer.start_as_current_span(name, attributes=attrs_)  # type: ignore[no-any-return]
+        return self._span_without_messages(name, attrs_)
+
+    @contextlib.contextmanager
+    def _span_without_messages(self, name: str, attributes: dict[str, str]) -> Iterator[Any]:
+        """A span whose error is told by its type only: error messages name the tenant,
+        which this telemetry was asked to keep out of traces."""
+        assert self._inst is not None
+        with self._inst.tracer.start_as_current_span(
+            name, attributes=attributes, record_exception=False, set_status_on_exception=False
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                from opentelemetry.trace import Status, StatusCode
+
+                span.set_attribute("exception.type", type(exc).__name__)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
 
     # -- refresh and exchange ----------------------------------------------------------
 

@@ -710,7 +710,7 @@ def test_status_watch_needs_only_the_client_id(env: dict[str, str], sim: FakeFac
     needs only the client id."""
     seed(sim, store, "acme", 1)
     del env["FACTORIAL_CLIENT_SECRET"], env["FACTORIAL_REDIRECT_URI"]
-    done = cli("status", "--watch", "--count", "1", "--interval", "0", env=env, timeout=20)
+    done = cli("status", "--watch", "--count", "1", "--interval", "0.1", env=env, timeout=20)
     assert done.returncode == 0, done.stderr
     assert "acme" in done.stdout
 
@@ -722,7 +722,7 @@ def test_status_watch_creates_no_file(env: dict[str, str], tmp_path: Path) -> No
     the README says read-only commands create no file."""
     data = tmp_path / "data"
     env["FACTORIAL_TOKENS_STORE"] = "sqlite:///" + str(data / "tokens.db")
-    done = cli("status", "--watch", "--count", "1", "--interval", "0", env=env, timeout=20)
+    done = cli("status", "--watch", "--count", "1", "--interval", "0.1", env=env, timeout=20)
     assert done.returncode == 0, done.stderr
     assert not data.exists(), sorted(str(p) for p in data.rglob("*"))
 

@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, NoReturn, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import click
 from aiohttp import web
@@ -206,7 +206,12 @@ class Config:
         if missing is not None:
             if tenant is not None:
                 raise TenantNotConnected(tenant)
-            os.makedirs(os.path.dirname(missing) or ".", mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(missing) or ".", mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot create the store's folder {os.path.dirname(missing)!r}: {exc.strerror}"
+                ) from None
         store = self.read_store() if read_only else self.store
         return TokenManager(app, store, keyring=self.keyring(), **options)
 
@@ -217,7 +222,7 @@ class Config:
 
         A tenant that exists lives in a current schema, so its refresh still writes.
         """
-        parts = urlsplit(self.store)
+        parts = _store_url_parts(self.store)
         if parts.scheme.lower() not in ("postgresql", "postgres"):
             return self.store
         query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "migrate"]
@@ -227,7 +232,7 @@ class Config:
     def sqlite_missing(self) -> str | None:
         """The path of an SQLite store file that does not exist yet (else None): read-only
         commands report it instead of creating it."""
-        if urlsplit(self.store).scheme.lower() != "sqlite":
+        if _store_url_parts(self.store).scheme.lower() != "sqlite":
             return None
         from ..store import SQLiteStore
 
@@ -339,6 +344,9 @@ class Duration(click.ParamType[float]):
 
     name = "duration"
 
+    def __init__(self, minimum: float = 0.0) -> None:
+        self.minimum = minimum
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, int | float):
             return float(value)
@@ -346,6 +354,8 @@ class Duration(click.ParamType[float]):
         if match is None:
             self.fail(f"{value!r} is not a duration (e.g. 90, 90s, 15m, 12h, 5d)", param, ctx)
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if seconds < self.minimum:
+            self.fail(f"{str(value)[:40]!r} is too short (at least {self.minimum:g} s)", param, ctx)
         if not seconds <= _LONGEST:
             self.fail(
                 f"{str(value)[:40]!r} is too long (at most {_LONGEST / 86400 / 365:.0f} years)", param, ctx
@@ -388,10 +398,32 @@ def _use_log_format(log_format: str) -> None:
         handler.setFormatter(JsonFormatter())
 
 
+def _store_url_parts(url: str) -> SplitResult:
+    """``urlsplit(url)``, or ConfigurationError for one it cannot read (not quoted: a store
+    URL may hold a password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError:
+        raise ConfigurationError("the store URL cannot be read (an unclosed [host] or a bad port)") from None
+    return parts
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a value read from the store (planted
+    there) must not drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
+    try:
+        return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):  # a stored instant no calendar holds
+        return None
 
 
 # --------------------------------------------------------------------------- commands
@@ -423,7 +455,13 @@ def main(verbose: int) -> None:
 @click.option("-d", "--duration", default=15.0, show_default=True, type=Duration(), help="Seconds to run.")
 @click.option("--token-ttl", default=3.0, show_default=True, type=Duration(), help="Access token lifetime.")
 @click.option("--leeway", default=1.0, show_default=True, type=Duration(), help="Refresh this early.")
-@click.option("--think", default=0.05, show_default=True, type=float, help="Seconds between a task's calls.")
+@click.option(
+    "--think",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0, 60),
+    help="Seconds between a task's calls.",
+)
 @click.option(
     "--store", default=None, metavar="URL", help="Store URL [default: SQLite file in a temp folder]."
 )
@@ -452,6 +490,8 @@ def demo(
 
     from .demo import DemoConfig, render, run_demo
 
+    if report and not os.path.isdir(os.path.dirname(os.path.abspath(report))):
+        _fail(f"error: --report: no folder {os.path.dirname(os.path.abspath(report))!r}", EXIT_USAGE)
     if store:
         password = _password(store)
         if password:
@@ -532,14 +572,18 @@ def tenants_command(cfg: Config, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     for info in infos:
-        click.echo(f"{info.tenant}\t{info.status.value}")
+        click.echo(f"{_printable(info.tenant)}\t{info.status.value}")
 
 
 @main.command(epilog=_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--watch", is_flag=True, help="Redraw a live table (refreshes/min, failures) until Ctrl-C.")
 @click.option(
-    "--interval", default=2.0, show_default=True, type=Duration(), help="--watch: time between redraws."
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=Duration(minimum=0.1),
+    help="--watch: time between redraws.",
 )
 @click.option("--count", default=0, type=click.IntRange(0), help="--watch: stop after this many redraws.")
 @_config_options
@@ -552,8 +596,16 @@ def status(cfg: Config, as_json: bool, watch: bool, interval: float, count: int)
 
         from ._watch import watch as watch_tenants
 
+        try:
+            missing = cfg.sqlite_missing()
+        except FactorialTokensError as exc:
+            _fail(f"error: {exc}", _exit_code(exc))
+        if missing is not None:  # a read-only command creates nothing
+            click.echo(f"No tenants in the store ({missing} does not exist yet).")
+            return
+
         async def live() -> int:
-            async with cfg.manager(read_only=True) as tm:
+            async with cfg.manager(read_only=True, listing=True) as tm:
                 return await watch_tenants(tm, Console(), interval=interval, count=count, when=_when)
 
         _run(live())
@@ -588,7 +640,7 @@ def status(cfg: Config, as_json: bool, watch: bool, interval: float, count: int)
         table.add_column(column)
     for info in infos:
         table.add_row(
-            escape(info.tenant),
+            escape(_printable(info.tenant)),
             info.status.value,
             _when(info.expires_at, now),
             _when(info.refreshed_at, now),
@@ -940,7 +992,11 @@ def _fault(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> li
         kind, _sep, rest = value.partition(":")
         times, _sep, endpoint = rest.partition(":")
         names = sorted(f.value for f in Fault)
-        if kind not in names or (times and not times.isdigit()) or (endpoint and endpoint not in ENDPOINTS):
+        if (
+            kind not in names
+            or (times and not re.fullmatch(r"[1-9][0-9]{0,5}", times))
+            or (endpoint and endpoint not in ENDPOINTS)
+        ):
             raise click.BadParameter(
                 f"{value!r}: expected KIND[:TIMES[:ENDPOINT]], KIND one of {', '.join(names)}, "
                 f"ENDPOINT one of {', '.join(ENDPOINTS)}"

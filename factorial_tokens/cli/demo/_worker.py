@@ -97,8 +97,9 @@ async def _worker(spec: WorkerSpec, out: Any, go: Any) -> None:
                     counts["ok" if status == 200 else "unauthorized" if status == 401 else "other"] += 1
                 except (FactorialTokensError, aiohttp.ClientError, TimeoutError) as exc:
                     errors[type(exc).__name__] += 1
-                if spec.think:
-                    await asyncio.sleep(spec.think * random.uniform(0.5, 1.5))
+                if spec.think:  # never past the run's end
+                    pause = spec.think * random.uniform(0.5, 1.5)
+                    await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
 
         async def report() -> None:
             while True:

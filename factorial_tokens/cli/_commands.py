@@ -582,7 +582,7 @@ def tenants_command(cfg: Config, as_json: bool) -> None:
     "--interval",
     default=2.0,
     show_default=True,
-    type=Duration(minimum=0.1),
+    type=Duration(minimum=0.01),
     help="--watch: time between redraws.",
 )
 @click.option("--count", default=0, type=click.IntRange(0), help="--watch: stop after this many redraws.")

@@ -704,29 +704,11 @@ def test_a_bad_cluster_url_is_a_configuration_error(url: str) -> None:
 
 
 async def _cancel_an_acquire_behind_a_busy_script(
-    store: RedisStore, admin: aioredis.Redis, key: TenantKey, owner: str
-) -> asyncio.Task[Any]:
-    """Send ``owner``'s acquisition while Redis runs a 0.5 s script, then cancel its caller:
-    the script runs and wins the lease after the caller is gone. Returns the busy script."""
-    await store.replace(key, _update(b"x"))
-    warm = await store.acquire(key, "warm", 30)  # load the scripts
-    assert warm.lease is not None
-    await store.release(warm.lease)
-    busy = asyncio.create_task(admin.eval(BUSY, 0))
-    await asyncio.sleep(0.1)
-    task = asyncio.create_task(store.acquire(key, owner, 60))
-    await asyncio.sleep(0.1)  # sent, waiting inside Redis
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    return busy
-
-
-async def _cancel_a_cluster_acquire_behind_a_busy_script(
     store: RedisStore, admin: Any, key: TenantKey, owner: str
 ) -> asyncio.Task[Any]:
-    """On a Cluster: send ``owner``'s acquisition while the node holding the tenant's slot
-    runs a 0.5 s script, then cancel its caller. Returns the busy script."""
+    """Send ``owner``'s acquisition while Redis (on a Cluster, the node holding the
+    tenant's slot) runs a 0.5 s script, then cancel its caller: the script runs and wins
+    the lease after the caller is gone. Returns the busy script."""
     await store.replace(key, _update(b"x"))
     warm = await store.acquire(key, "warm", 30)  # load the scripts
     assert warm.lease is not None
@@ -753,7 +735,7 @@ async def test_a_cancelled_acquire_on_a_cluster_does_not_leave_the_lease_held(
     admin = RedisCluster.from_url(cluster.url.replace("redis+cluster://", "redis://"))
     key = TenantKey("ns", "acme")
     try:
-        busy = await _cancel_a_cluster_acquire_behind_a_busy_script(store, admin, key, "cancelled-caller")
+        busy = await _cancel_an_acquire_behind_a_busy_script(store, admin, key, "cancelled-caller")
         await busy
         for _ in range(30):
             holder = await admin.get(store._lease(key.digest))
@@ -951,7 +933,7 @@ async def test_a_cluster_store_is_used_no_more_after_aclose(cluster: RedisCluste
 
     try:
         owner = "cancelled-at-shutdown"
-        busy = await _cancel_a_cluster_acquire_behind_a_busy_script(store, admin, key, owner)
+        busy = await _cancel_an_acquire_behind_a_busy_script(store, admin, key, owner)
         await store.aclose()  # the reply comes after it returned
         await busy
         await asyncio.sleep(0.5)

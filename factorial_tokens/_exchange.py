@@ -191,7 +191,9 @@ class Exchanges(Leases):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise RefreshTimeout(f"tenant {key.tenant!r}: another worker's exchange took too long")
-                await watch.wait(remaining)
+                # Asked again every quarter of the claim's life: nothing announces that a
+                # holder died, only its claim's expiry tells (ExchangeInDoubt, not a timeout).
+                await watch.wait(min(remaining, self.lease_ttl / 4))
 
     async def _exchange_holding(self, claim: CodeClaim, code: str, allow_change: bool) -> TokenSet:
         key = claim.key

@@ -1276,11 +1276,6 @@ async def test_a_reconnection_during_a_refresh_does_not_leak_the_refreshed_pair(
         assert sim.live_pairs(1) == 1, "a refreshed pair of the replaced grant is live, stored nowhere"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, not fixed yet: a waiter on a SENT claim sleeps until its own deadline "
-    "(claims carry no expiry to wait for)",
-)
 async def test_a_retried_callback_learns_of_a_dead_exchanger_when_its_claim_expires(
     sim: FakeFactorial,
 ) -> None:

@@ -298,8 +298,8 @@ class Exchanges(Leases):
         replacing: _Replacing,
     ) -> TokenSet:
         """Store a new grant's tokens unless they belong to another company than the
-        stored ones; note in ``replaced`` the tokens they replace (none for a first
-        connection) in ``replacing``. Safe to call again after a lost reply: a retry that
+        stored ones; note in ``replacing`` the tokens they replace (none for a first
+        connection). Safe to call again after a lost reply: a retry that
         finds the new tokens already stored keeps what the first attempt noted, and never
         takes the new grant for the one it replaced; one that finds another connection's
         grant stored since (which replaced ours, if ours landed) writes nothing, revokes ours

@@ -365,7 +365,6 @@ class TokenManager(Callbacks, Flights):
                     finally:
                         self._forget_cached(tenant)
             break
-        self._forget_cached(tenant)
         log.info("tenant %r: revoked and forgotten", tenant)
         self._emit(TokenEvent(EventKind.REVOKED, tenant, tokens.fingerprint))
 

@@ -74,11 +74,17 @@ class Batcher(Generic[I, R]):
                 and not future.cancelled()
                 and future.exception() is None
             ):
-                try:
-                    self._orphaned(item, future.result())
-                except Exception:
-                    log.exception("the handler of a result whose caller is gone failed")
+                self._hand_orphan(item, future.result())
             raise
+
+    def _hand_orphan(self, item: I, result: R) -> None:
+        """Give a result whose caller is gone to ``orphaned``; its failure is logged, so
+        that the batch's other callers are answered all the same."""
+        assert self._orphaned is not None
+        try:
+            self._orphaned(item, result)
+        except Exception:
+            log.exception("the handler of a result whose caller is gone failed")
 
     @property
     def in_flight(self) -> set[asyncio.Task[None]]:
@@ -134,10 +140,7 @@ class Batcher(Generic[I, R]):
         for (item, future), outcome in zip(batch, outcomes, strict=True):
             if future.done():
                 if self._orphaned is not None and not isinstance(outcome, BaseException):
-                    try:
-                        self._orphaned(item, outcome)
-                    except Exception:  # the batch's other callers are answered all the same
-                        log.exception("the handler of a result whose caller is gone failed")
+                    self._hand_orphan(item, outcome)
                 continue
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)

@@ -30,7 +30,7 @@ from ._errors import (
     RefreshTimeout,
     StoreUnavailable,
 )
-from ._models import validate_tenant
+from ._models import split_url, validate_tenant
 from ._pages import BINDING_COOKIE, PAGE_HEADERS, callback_failure, page_html, valid_binding
 
 if TYPE_CHECKING:
@@ -90,11 +90,7 @@ def callback_path(redirect_uri: str, prefix: str = "") -> str:
 def check_success_url(success_url: str | None) -> None:
     """Raise ConfigurationError unless ``success_url`` is None or an absolute http(s) URL."""
     if success_url is not None:
-        try:
-            parts = urlsplit(success_url)
-            parts.port  # noqa: B018 - a bad port raises here
-        except ValueError:
-            parts = None
+        parts = split_url(success_url)
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigurationError("success_url must be an absolute http(s) URL")
 

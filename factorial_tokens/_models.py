@@ -8,7 +8,7 @@ import math
 import time
 import unicodedata
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import attrs
 
@@ -96,20 +96,22 @@ def _strip_slash(url: str) -> str:
     return str(url).rstrip("/")
 
 
-def _check_url(name: str, value: str) -> None:
+def split_url(url: str) -> SplitResult | None:
+    """``urlsplit(url)``, or None when it cannot be read: an unclosed or invalid [host],
+    an impossible port (which ``urlsplit`` reports only when they are asked for)."""
     try:
-        parts = urlsplit(value)
-        credentials = parts.username is not None or parts.password is not None
-    except ValueError:  # an invalid [IPv6] host
-        parts, credentials = None, False
-    if parts is not None:
-        try:
-            parts.port  # noqa: B018 - an impossible port raises here
-        except ValueError:
-            parts = None
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - an impossible port (and a bad [host]) raises here
+    except ValueError:
+        return None
+    return parts
+
+
+def _check_url(name: str, value: str) -> None:
+    parts = split_url(value)
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{name} must be an absolute http(s) URL, got {redact_url(value)!r}")
-    if credentials:
+    if parts.username is not None or parts.password is not None:
         # Not quoted: it holds a password.
         raise ValueError(f"{name} must not hold user credentials (user:password@)")
 

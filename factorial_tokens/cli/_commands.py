@@ -41,7 +41,7 @@ from .._errors import (
 )
 from .._keepalive import DEFAULT_MAX_AGE, KeepAliveReport
 from .._manager import TokenManager
-from .._models import FactorialApp, validate_tenant
+from .._models import FactorialApp, split_url, validate_tenant
 from ..sealing import Keyring
 
 # The command line is the interface; nothing here is part of the library's API.
@@ -401,11 +401,9 @@ def _use_log_format(log_format: str) -> None:
 def _store_url_parts(url: str) -> SplitResult:
     """``urlsplit(url)``, or ConfigurationError for one it cannot read (not quoted: a store
     URL may hold a password)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - a bad port raises here
-    except ValueError:
-        raise ConfigurationError("the store URL cannot be read (an unclosed [host] or a bad port)") from None
+    parts = split_url(url)
+    if parts is None:
+        raise ConfigurationError("the store URL cannot be read (an unclosed [host] or a bad port)")
     return parts
 
 
